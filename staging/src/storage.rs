@@ -1,0 +1,349 @@
+//! Block storage under a WRL: preallocated files and raw block devices opened with `O_DIRECT`,
+//! and the simulated storage used by the crash-state tests.
+//!
+//! A [`Storage`] is positional (`pread`/`pwrite`) and `Sync`: the committer writes while relay
+//! readers read other offsets. Writes must be aligned to the WRL's `io_align`; the buffers come from
+//! [`AlignedBuf`].
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Positional, syncable block storage.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Usable bytes.
+    fn len(&self) -> u64;
+    /// Writes all of `buf` at `offset`. Offset and length are multiples of the WRL's `io_align`.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Fills all of `buf` from `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Makes every completed write durable (`fdatasync`).
+    fn sync(&self) -> io::Result<()>;
+    /// A name for messages (the path).
+    fn name(&self) -> String;
+}
+
+/// A heap buffer aligned to 4096 bytes, as `O_DIRECT` needs.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+pub const BUF_ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    pub fn with_capacity(cap: usize) -> Self {
+        let cap = cap.max(BUF_ALIGN).next_multiple_of(BUF_ALIGN);
+        let layout = std::alloc::Layout::from_size_align(cap, BUF_ALIGN).expect("layout");
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, cap, len: 0 }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+    /// Makes sure `additional` more bytes fit, keeping the contents.
+    pub fn reserve(&mut self, additional: usize) {
+        if self.len + additional > self.cap {
+            let mut bigger = AlignedBuf::with_capacity((self.len + additional).max(self.cap * 2));
+            bigger.extend_from_slice(self);
+            *self = bigger;
+        }
+    }
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.reserve(bytes.len());
+        self.spare()[..bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+    /// Appends `n` zero bytes.
+    pub fn extend_zero(&mut self, n: usize) {
+        self.reserve(n);
+        self.spare()[..n].fill(0);
+        self.len += n;
+    }
+    /// Sets the length to `len` (growing with zeros).
+    pub fn resize(&mut self, len: usize) {
+        if len > self.len {
+            self.extend_zero(len - self.len);
+        } else {
+            self.len = len;
+        }
+    }
+    fn spare(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is `cap` bytes, initialised (alloc_zeroed) and owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.len), self.cap - self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout");
+        // SAFETY: allocated in with_capacity with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes are initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and self is borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// A preallocated file or a raw block device.
+#[derive(Debug)]
+pub struct FileStorage {
+    path: PathBuf,
+    /// Opened with `O_DIRECT` where the filesystem allows it; used for writes.
+    direct: File,
+    /// Buffered descriptor for reads of unaligned lengths into ordinary buffers.
+    buffered: File,
+    len: u64,
+    is_direct: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file or block device.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let buffered = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = {
+            use std::io::Seek;
+            let mut f = &buffered;
+            f.seek(io::SeekFrom::End(0))?
+        };
+        let (direct, is_direct) =
+            match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
+                Ok(f) => (f, true),
+                // tmpfs and a few others refuse O_DIRECT; fdatasync still gives durability.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(path = %path.display(), "O_DIRECT not supported here; using buffered writes");
+                    (OpenOptions::new().read(true).write(true).open(path)?, false)
+                }
+                Err(e) => return Err(e),
+            };
+        Ok(FileStorage { path: path.to_owned(), direct, buffered, len, is_direct })
+    }
+
+    /// Creates a new file of `len` bytes and writes it full of zeros once, so later writes never
+    /// allocate and `fdatasync` has no file metadata to flush. Refuses to overwrite an existing file.
+    pub fn create_file(path: &Path, len: u64) -> io::Result<Self> {
+        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        f.set_len(len)?;
+        drop(f);
+        let s = Self::open(path)?;
+        let chunk = AlignedBuf::with_capacity(8 << 20);
+        let mut zeros = chunk;
+        zeros.resize(8 << 20);
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(zeros.len() as u64) as usize;
+            s.write_at(off, &zeros[..n])?;
+            off += n as u64;
+        }
+        s.sync()?;
+        if let Some(dir) = path.parent() {
+            File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })?.sync_all()?;
+        }
+        Ok(s)
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.is_direct
+    }
+}
+
+impl Storage for FileStorage {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.direct.write_all_at(buf, offset)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.buffered.read_exact_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.direct.sync_data()
+    }
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+pub mod sim {
+    //! Simulated storage for crash-state enumeration: every write and sync of every device goes into
+    //! one global trace, and [`SimWorld::crash_image`] rebuilds what a device could hold after a
+    //! power failure at any point of that trace, with unsynced writes kept, lost or torn per sector.
+
+    use super::Storage;
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    pub const SECTOR: usize = 512;
+
+    #[derive(Clone, Debug)]
+    pub enum Op {
+        Write { device: usize, offset: u64, data: Arc<Vec<u8>> },
+        Sync { device: usize },
+    }
+
+    #[derive(Debug, Default)]
+    pub struct SimWorld {
+        pub initial: Vec<Vec<u8>>,
+        /// Current contents as a reader sees them (every completed write).
+        pub current: Vec<Vec<u8>>,
+        pub trace: Vec<Op>,
+        /// Fail the write or sync with this trace index (I/O error injection).
+        pub fail_at: Option<usize>,
+    }
+
+    /// What happens to one unsynced write at the crash.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Fate {
+        Lost,
+        Kept,
+        /// Each sector is kept when the bit of `mask` for (sector index % 64) is set.
+        Torn(u64),
+    }
+
+    impl SimWorld {
+        pub fn new(device_bytes: &[u64]) -> Arc<Mutex<SimWorld>> {
+            let initial: Vec<Vec<u8>> = device_bytes.iter().map(|n| vec![0u8; *n as usize]).collect();
+            Arc::new(Mutex::new(SimWorld { current: initial.clone(), initial, trace: Vec::new(), fail_at: None }))
+        }
+
+        /// Starts a new run from the given images (the result of a crash), with an empty trace.
+        pub fn from_images(images: Vec<Vec<u8>>) -> Arc<Mutex<SimWorld>> {
+            Arc::new(Mutex::new(SimWorld {
+                current: images.clone(),
+                initial: images,
+                trace: Vec::new(),
+                fail_at: None,
+            }))
+        }
+
+        /// The indices of unsynced writes at crash point `at` (a crash before trace op `at`).
+        pub fn unsynced_writes(&self, at: usize) -> Vec<usize> {
+            let mut pending: Vec<Vec<usize>> = vec![Vec::new(); self.initial.len()];
+            for (i, op) in self.trace[..at].iter().enumerate() {
+                match op {
+                    Op::Write { device, .. } => pending[*device].push(i),
+                    Op::Sync { device } => pending[*device].clear(),
+                }
+            }
+            let mut all: Vec<usize> = pending.into_iter().flatten().collect();
+            all.sort_unstable();
+            all
+        }
+
+        /// The device images after a crash before trace op `at`. `fate(i)` decides what happened to
+        /// unsynced write `i`; synced writes are always kept.
+        pub fn crash_image(&self, at: usize, fate: &dyn Fn(usize) -> Fate) -> Vec<Vec<u8>> {
+            let unsynced = self.unsynced_writes(at);
+            let mut images = self.initial.clone();
+            for (i, op) in self.trace[..at].iter().enumerate() {
+                let Op::Write { device, offset, data } = op else { continue };
+                let f = if unsynced.binary_search(&i).is_ok() { fate(i) } else { Fate::Kept };
+                let img = &mut images[*device];
+                let off = *offset as usize;
+                match f {
+                    Fate::Lost => {}
+                    Fate::Kept => img[off..off + data.len()].copy_from_slice(data),
+                    Fate::Torn(mask) => {
+                        for (s, chunk) in data.chunks(SECTOR).enumerate() {
+                            if mask & (1 << (s % 64)) != 0 {
+                                let o = off + s * SECTOR;
+                                img[o..o + chunk.len()].copy_from_slice(chunk);
+                            }
+                        }
+                    }
+                }
+            }
+            images
+        }
+    }
+
+    /// One device of a [`SimWorld`].
+    #[derive(Debug, Clone)]
+    pub struct SimStorage {
+        world: Arc<Mutex<SimWorld>>,
+        device: usize,
+    }
+
+    impl SimStorage {
+        pub fn new(world: Arc<Mutex<SimWorld>>, device: usize) -> Self {
+            SimStorage { world, device }
+        }
+        /// One storage per device of the world.
+        pub fn all(world: &Arc<Mutex<SimWorld>>) -> Vec<Arc<dyn Storage>> {
+            let n = world.lock().expect("sim lock").initial.len();
+            (0..n).map(|d| Arc::new(SimStorage::new(world.clone(), d)) as Arc<dyn Storage>).collect()
+        }
+    }
+
+    fn injected() -> io::Error {
+        io::Error::other("simulated I/O error")
+    }
+
+    impl Storage for SimStorage {
+        fn len(&self) -> u64 {
+            self.world.lock().expect("sim lock").current[self.device].len() as u64
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            let mut w = self.world.lock().expect("sim lock");
+            if w.fail_at == Some(w.trace.len()) {
+                return Err(injected());
+            }
+            assert!(offset as usize % SECTOR == 0 && buf.len() % SECTOR == 0, "unaligned write");
+            let off = offset as usize;
+            w.current[self.device][off..off + buf.len()].copy_from_slice(buf);
+            w.trace.push(Op::Write { device: self.device, offset, data: Arc::new(buf.to_vec()) });
+            Ok(())
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let w = self.world.lock().expect("sim lock");
+            let img = &w.current[self.device];
+            let off = offset as usize;
+            if off + buf.len() > img.len() {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            buf.copy_from_slice(&img[off..off + buf.len()]);
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            let mut w = self.world.lock().expect("sim lock");
+            if w.fail_at == Some(w.trace.len()) {
+                return Err(injected());
+            }
+            w.trace.push(Op::Sync { device: self.device });
+            Ok(())
+        }
+        fn name(&self) -> String {
+            format!("sim{}", self.device)
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The staging write log (WRL): a segmented, append-only log over one or more preallocated files or
+//! raw block devices, with group commit, a bounded cache of not-yet-relayed records, trimming once
+//! downstream confirms, and recovery that tells a torn tail from corruption.
+//!
+//! Layers:
+//! - `core.rs`: the single-threaded log (create, recover, append one batch, trim, read back). All I/O
+//!   goes through [`Storage`], so the crash-state tests run it over simulated storage.
+//! - this file: [`Wrl`], the concurrent front. Appenders encrypt in their own thread, queue, and wait;
+//!   one committer thread takes everything queued (no artificial delay), writes it as one batch with
+//!   one `pwrite` and one `fdatasync`, and then completes every appender of the batch.
+//!
+//! **Invariant:** an append completes with `Ok` only after the record's batch is durable.
+
+mod cache;
+pub mod core;
+pub mod error;
+pub mod scan;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use drv_format::crypto::{VolumeKey, nonce};
+use drv_format::record::{Flags, RecordHeader, TAG_LEN, WriteDesc};
+
+use self::cache::Cache;
+use self::core::LogCore;
+pub use self::core::{CreateOptions, LogRecord, PendingRecord, Recovery, Table, Tail, VolumeLog, create, recover};
+pub use self::error::{Result, WrlError};
+use crate::storage::Storage;
+
+/// Limits of a running WRL. Every queue is bounded.
+#[derive(Clone, Debug)]
+pub struct WrlOptions {
+    /// Bytes of appends admitted but not yet durable; appenders wait beyond it (backpressure).
+    pub queue_bytes_limit: u64,
+    /// Largest batch one group commit writes (one record always goes, whatever its size).
+    pub batch_bytes_limit: u64,
+    /// Bytes of durable, unconfirmed records kept in memory for the relay.
+    pub cache_bytes_limit: u64,
+}
+
+impl Default for WrlOptions {
+    fn default() -> Self {
+        WrlOptions { queue_bytes_limit: 64 << 20, batch_bytes_limit: 8 << 20, cache_bytes_limit: 256 << 20 }
+    }
+}
+
+/// One write to log.
+#[derive(Clone, Copy, Debug)]
+pub struct AppendRequest<'a> {
+    pub volume_id: u64,
+    pub volume_seq: u64,
+    pub epoch: u64,
+    pub offset: u64,
+    pub flags: Flags,
+    pub data: &'a [u8],
+}
+
+/// A durable record.
+#[derive(Clone, Copy, Debug)]
+pub struct Appended {
+    pub header: RecordHeader,
+}
+
+/// Called once with the outcome of an append, from the committer thread: keep it short.
+pub type Completion = Box<dyn FnOnce(Result<Appended>) + Send>;
+
+/// Per-volume positions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumeState {
+    pub log: VolumeLog,
+    /// Downstream has every record of this volume up to this lsn.
+    pub confirmed_lsn: u64,
+}
+
+/// Counters for status and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub appends: AtomicU64,
+    pub batches: AtomicU64,
+    pub payload_bytes: AtomicU64,
+    pub cache_reads: AtomicU64,
+    pub disk_reads: AtomicU64,
+}
+
+/// A snapshot for `status`/`inspect`.
+#[derive(Clone, Debug)]
+pub struct WrlStatus {
+    pub first_lsn: u64,
+    pub durable_lsn: u64,
+    pub trim_lsn: u64,
+    pub used_segments: u64,
+    pub total_segments: u64,
+    pub segment_bytes: u64,
+    pub queued_bytes: u64,
+    pub cache_bytes: u64,
+    pub appends: u64,
+    pub batches: u64,
+    pub payload_bytes: u64,
+    pub cache_reads: u64,
+    pub disk_reads: u64,
+    pub failed: Option<String>,
+}
+
+struct Queued {
+    rec: PendingRecord,
+    done: Completion,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Queued>,
+    /// Bytes admitted: queued plus being encrypted.
+    admitted_bytes: u64,
+    failed: Option<String>,
+    closing: bool,
+    /// Highest lsn that every volume confirmed; the committer trims up to it.
+    trim_target: u64,
+    used_segments: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    room: Condvar,
+    table: Arc<RwLock<Table>>,
+    cache: Mutex<Cache>,
+    volumes: Mutex<BTreeMap<u64, VolumeState>>,
+    devices: Vec<Arc<dyn Storage>>,
+    nonce_next: AtomicU64,
+    wrl_id: u32,
+    record_bytes_limit: u64,
+    total_segments: u64,
+    segment_bytes: u64,
+    opts: WrlOptions,
+    stats: Stats,
+}
+
+/// An open write log.
+pub struct Wrl {
+    shared: Arc<Shared>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl Wrl {
+    /// Opens (recovers) a WRL and starts its committer thread.
+    pub fn open(devices: Vec<Arc<dyn Storage>>, opts: WrlOptions) -> Result<(Wrl, Recovery)> {
+        let (core, rec) = LogCore::open(devices.clone())?;
+        let volumes = rec
+            .volumes
+            .iter()
+            .map(|(id, log)| (*id, VolumeState { log: *log, confirmed_lsn: rec.meta.trim_lsn }))
+            .collect();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                trim_target: rec.meta.trim_lsn,
+                used_segments: core.used_segments(),
+                ..State::default()
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            table: core.table(),
+            cache: Mutex::new(Cache::new(opts.cache_bytes_limit)),
+            volumes: Mutex::new(volumes),
+            devices,
+            // Every counter below the durable high-water mark may be on disk already.
+            nonce_next: AtomicU64::new(core.nonce_hwm()),
+            wrl_id: core.wrl_id(),
+            record_bytes_limit: core.record_bytes_limit(),
+            total_segments: core.total_slots(),
+            segment_bytes: core.segment_bytes(),
+            opts,
+            stats: Stats::default(),
+        });
+        let s = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("wrl-commit".into())
+            .spawn(move || committer(s, core))
+            .map_err(|e| WrlError::io("spawn WRL committer thread", e))?;
+        Ok((Wrl { shared, committer: Some(committer) }, rec))
+    }
+
+    /// The largest write one record may hold.
+    pub fn record_bytes_limit(&self) -> u64 {
+        self.shared.record_bytes_limit
+    }
+
+    pub fn wrl_id(&self) -> u32 {
+        self.shared.wrl_id
+    }
+
+    /// Encrypts `req.data` with `key` and queues it; `done` runs once the record is durable (or
+    /// failed). Waits while the admitted bytes are over `queue_bytes_limit`. Appends submitted by one
+    /// thread are logged in the order submitted.
+    pub fn submit(&self, key: &VolumeKey, req: AppendRequest<'_>, done: Completion) {
+        let sh = &self.shared;
+        let len = req.data.len() as u64;
+        if len > sh.record_bytes_limit {
+            return done(Err(WrlError::RecordTooLarge { bytes: len, limit: sh.record_bytes_limit }));
+        }
+        if !req.flags.is_valid() {
+            return done(Err(WrlError::InvalidAppend(format!("unknown flags {:#x}", req.flags.0))));
+        }
+        let need = len + TAG_LEN as u64 + 96;
+        {
+            let mut st = sh.state.lock().expect("wrl state");
+            loop {
+                if let Some(f) = &st.failed {
+                    return done(Err(WrlError::Failed(f.clone())));
+                }
+                if st.closing {
+                    return done(Err(WrlError::Closed));
+                }
+                if st.admitted_bytes == 0 || st.admitted_bytes + need <= sh.opts.queue_bytes_limit {
+                    break;
+                }
+                st = sh.room.wait(st).expect("wrl state");
+            }
+            st.admitted_bytes += need;
+        }
+        let counter = sh.nonce_next.fetch_add(1, Ordering::Relaxed);
+        let desc = WriteDesc {
+            volume_id: req.volume_id,
+            volume_seq: req.volume_seq,
+            epoch: req.epoch,
+            offset: req.offset,
+            length: req.data.len() as u32,
+            flags: req.flags,
+            key_id: key.id(),
+            nonce: nonce(sh.wrl_id, counter),
+        };
+        let mut payload = Vec::with_capacity(req.data.len() + TAG_LEN);
+        key.seal(&desc, req.data, &mut payload);
+        let rec = PendingRecord { desc, payload: Arc::new(payload) };
+        let mut st = sh.state.lock().expect("wrl state");
+        st.queue.push_back(Queued { rec, done });
+        drop(st);
+        sh.work.notify_one();
+    }
+
+    /// Appends and waits until the record is durable.
+    pub fn append(&self, key: &VolumeKey, req: AppendRequest<'_>) -> Result<Appended> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            key,
+            req,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(WrlError::Closed))
+    }
+
+    /// Durable records from `from_lsn` on, about `max_bytes` of payload (at least one record if any).
+    /// Served from the cache when it holds `from_lsn`, else read back from the devices.
+    pub fn read(&self, from_lsn: u64, max_bytes: u64) -> Result<Vec<LogRecord>> {
+        let sh = &self.shared;
+        if let Some(recs) = sh.cache.lock().expect("cache").read(from_lsn, max_bytes) {
+            sh.stats.cache_reads.fetch_add(1, Ordering::Relaxed);
+            return Ok(recs);
+        }
+        let durable = sh.table.read().expect("table").durable_lsn;
+        if from_lsn > durable {
+            return Ok(Vec::new());
+        }
+        sh.stats.disk_reads.fetch_add(1, Ordering::Relaxed);
+        core::read_from_disk(&sh.devices, &sh.table, from_lsn, durable, max_bytes)
+    }
+
+    /// Downstream holds every record of `volume_id` up to `lsn` durably. Records every volume has
+    /// confirmed leave the cache and, a segment at a time, the log.
+    pub fn confirm(&self, volume_id: u64, lsn: u64) {
+        let sh = &self.shared;
+        let durable = sh.table.read().expect("table").durable_lsn;
+        let target = {
+            let mut vols = sh.volumes.lock().expect("volumes");
+            let v = vols.entry(volume_id).or_default();
+            v.confirmed_lsn = v.confirmed_lsn.max(lsn.min(durable));
+            // Every record up to `target` is confirmed by its volume.
+            vols.values().filter(|v| v.log.last_lsn > v.confirmed_lsn).map(|v| v.confirmed_lsn).min().unwrap_or(durable)
+        };
+        sh.cache.lock().expect("cache").drop_through(target);
+        let mut st = sh.state.lock().expect("wrl state");
+        if target > st.trim_target {
+            st.trim_target = target;
+            drop(st);
+            sh.work.notify_one();
+        }
+    }
+
+    pub fn volume(&self, volume_id: u64) -> Option<VolumeState> {
+        self.shared.volumes.lock().expect("volumes").get(&volume_id).copied()
+    }
+
+    pub fn volumes(&self) -> BTreeMap<u64, VolumeState> {
+        self.shared.volumes.lock().expect("volumes").clone()
+    }
+
+    pub fn status(&self) -> WrlStatus {
+        let sh = &self.shared;
+        // One lock at a time: the committer takes state, then table.
+        let (first_lsn, durable_lsn, trim_lsn) = {
+            let t = sh.table.read().expect("table");
+            ((t.trim_lsn + 1).max(t.segments.first().map(|s| s.first_lsn).unwrap_or(1)), t.durable_lsn, t.trim_lsn)
+        };
+        let cache_bytes = sh.cache.lock().expect("cache").bytes();
+        let st = sh.state.lock().expect("wrl state");
+        let s = &sh.stats;
+        WrlStatus {
+            first_lsn,
+            durable_lsn,
+            trim_lsn,
+            used_segments: st.used_segments,
+            total_segments: sh.total_segments,
+            segment_bytes: sh.segment_bytes,
+            queued_bytes: st.admitted_bytes,
+            cache_bytes,
+            appends: s.appends.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            payload_bytes: s.payload_bytes.load(Ordering::Relaxed),
+            cache_reads: s.cache_reads.load(Ordering::Relaxed),
+            disk_reads: s.disk_reads.load(Ordering::Relaxed),
+            failed: st.failed.clone(),
+        }
+    }
+}
+
+impl Drop for Wrl {
+    fn drop(&mut self) {
+        self.shared.state.lock().expect("wrl state").closing = true;
+        self.shared.work.notify_all();
+        self.shared.room.notify_all();
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The committer: takes whatever is queued, writes it as one batch, completes it. No timer: a
+/// batch grows only while the previous one is being written and synced.
+fn committer(sh: Arc<Shared>, mut core: LogCore) {
+    loop {
+        let mut st = sh.state.lock().expect("wrl state");
+        while st.queue.is_empty() && !st.closing && !trim_due(&sh, &core, st.trim_target) {
+            st = sh.work.wait(st).expect("wrl state");
+        }
+        if st.queue.is_empty() && st.closing {
+            return;
+        }
+        let trim_target = st.trim_target;
+        // Take a batch: everything queued, up to the batch limit and what the log can hold.
+        let mut batch: Vec<Queued> = Vec::new();
+        let mut record_bytes = 0u64;
+        while let Some(q) = st.queue.front() {
+            let b = q.rec.log_bytes();
+            let next = record_bytes + b;
+            if !batch.is_empty() && (next > sh.opts.batch_bytes_limit || !core.can_fit(core.batch_disk_bytes(next))) {
+                break;
+            }
+            record_bytes = next;
+            batch.push(st.queue.pop_front().expect("front exists"));
+        }
+        drop(st);
+
+        if trim_due(&sh, &core, trim_target) {
+            core.set_reader_hint(trim_target + 1);
+            if let Err(e) = core.trim(trim_target) {
+                fail(&sh, batch, e);
+                return;
+            }
+            sh.state.lock().expect("wrl state").used_segments = core.used_segments();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if !core.can_fit(core.batch_disk_bytes(record_bytes)) {
+            // Log full: refuse everything queued now, so no volume gets a gap in its order.
+            let mut st = sh.state.lock().expect("wrl state");
+            batch.extend(st.queue.drain(..));
+            let freed: u64 = batch.iter().map(|q| q.rec.log_bytes()).sum();
+            st.admitted_bytes -= freed;
+            drop(st);
+            sh.room.notify_all();
+            for q in batch {
+                (q.done)(Err(core.log_full()));
+            }
+            continue;
+        }
+        let recs: Vec<PendingRecord> =
+            batch.iter().map(|q| PendingRecord { desc: q.rec.desc, payload: q.rec.payload.clone() }).collect();
+        match core.append_batch(&recs) {
+            Ok(headers) => {
+                {
+                    let mut vols = sh.volumes.lock().expect("volumes");
+                    for h in &headers {
+                        vols.entry(h.desc.volume_id).or_default().log.note(h);
+                    }
+                }
+                {
+                    let mut cache = sh.cache.lock().expect("cache");
+                    for (h, r) in headers.iter().zip(&recs) {
+                        cache.push(LogRecord { header: *h, payload: r.payload.clone() });
+                    }
+                }
+                let payload: u64 = headers.iter().map(|h| h.desc.length as u64).sum();
+                sh.stats.appends.fetch_add(headers.len() as u64, Ordering::Relaxed);
+                sh.stats.batches.fetch_add(1, Ordering::Relaxed);
+                sh.stats.payload_bytes.fetch_add(payload, Ordering::Relaxed);
+                {
+                    let mut st = sh.state.lock().expect("wrl state");
+                    st.admitted_bytes -= record_bytes;
+                    st.used_segments = core.used_segments();
+                }
+                sh.room.notify_all();
+                for (q, h) in batch.into_iter().zip(headers) {
+                    (q.done)(Ok(Appended { header: h }));
+                }
+            }
+            Err(e @ WrlError::LogFull { .. }) => {
+                let mut st = sh.state.lock().expect("wrl state");
+                st.admitted_bytes -= record_bytes;
+                drop(st);
+                sh.room.notify_all();
+                drop(e);
+                for q in batch {
+                    (q.done)(Err(core.log_full()));
+                }
+            }
+            Err(e) => {
+                fail(&sh, batch, e);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether trimming up to `target` would free at least one whole segment (a trim costs a meta
+/// write and an fdatasync, so it is done a segment at a time).
+fn trim_due(sh: &Shared, _core: &LogCore, target: u64) -> bool {
+    let t = sh.table.read().expect("table");
+    t.segments.len() > 1 && target > t.trim_lsn && t.segments[0].next_lsn <= target + 1
+}
+
+/// Puts the WRL into the failed state after an I/O error: the batch gets the error, everything
+/// queued and everything later gets `Failed`.
+fn fail(sh: &Shared, batch: Vec<Queued>, e: WrlError) {
+    let msg = e.to_string();
+    tracing::error!(error = %msg, "WRL failed; reopen it to recover");
+    let queued: Vec<Queued> = {
+        let mut st = sh.state.lock().expect("wrl state");
+        st.failed = Some(msg.clone());
+        st.queue.drain(..).collect()
+    };
+    sh.room.notify_all();
+    let mut first = Some(e);
+    for q in batch.into_iter().chain(queued) {
+        let err = first.take().unwrap_or_else(|| WrlError::Failed(msg.clone()));
+        (q.done)(Err(err));
+    }
+}
