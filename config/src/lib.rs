@@ -1,1 +1,482 @@
-//! placeholder
+//! The typed drv configuration (volumes, WRLs and their devices, endpoints, key references) kept
+//! in a redb database. The config server of a later issue replicates this store to every
+//! component; for now `drv config set|get|list|delete` operate on a local file.
+//!
+//! Each kind is a redb table from name to the JSON of its struct. Ids that must be unique in the
+//! installation (volume ids, WRL nonce domains) are allocated here from a counter table, in the same
+//! transaction that stores the entry, and never change afterwards.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// What can go wrong with the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The database could not be opened, read or written.
+    #[error("configuration store {path}: {source}")]
+    Store { path: String, source: Box<redb::Error> },
+    /// An entry does not deserialize into its type (names the kind, entry and serde's reason).
+    #[error("{kind} {name:?}: {reason}")]
+    Invalid { kind: Kind, name: String, reason: String },
+    /// A `field=value` argument is malformed.
+    #[error("expected FIELD=VALUE, got {0:?}")]
+    BadAssignment(String),
+    /// An entry names another entry that does not exist or has the wrong role.
+    #[error("{kind} {name:?}: {reason}")]
+    Reference { kind: Kind, name: String, reason: String },
+    /// No entry by that name.
+    #[error("no {kind} named {name:?}")]
+    NotFound { kind: Kind, name: String },
+    /// An unknown kind was named.
+    #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key)")]
+    UnknownKind(String),
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// The kinds of configuration entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Endpoint,
+    Key,
+    Wrl,
+    Volume,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Endpoint, Kind::Key, Kind::Wrl, Kind::Volume];
+
+    fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(match self {
+            Kind::Endpoint => "endpoints",
+            Kind::Key => "keys",
+            Kind::Wrl => "wrls",
+            Kind::Volume => "volumes",
+        })
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Endpoint => "endpoint",
+            Kind::Key => "key",
+            Kind::Wrl => "wrl",
+            Kind::Volume => "volume",
+        })
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Kind> {
+        Ok(match s {
+            "endpoint" | "endpoints" => Kind::Endpoint,
+            "key" | "keys" => Kind::Key,
+            "wrl" | "wrls" => Kind::Wrl,
+            "volume" | "volumes" => Kind::Volume,
+            other => return Err(ConfigError::UnknownKind(other.to_owned())),
+        })
+    }
+}
+
+/// The role a node plays; certificates of a later issue carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Agent,
+    Staging,
+    Replica,
+    Config,
+}
+
+/// A node and where to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub role: Role,
+    /// `host:port`.
+    pub address: String,
+}
+
+/// A reference to a data key; the key material stays in its file, never in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRef {
+    /// Key version carried in every record (`key_id`).
+    #[serde(default = "one")]
+    pub key_id: u32,
+    /// Path of the 32-byte key file on the nodes that use it.
+    pub path: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A write log on a staging server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrlDef {
+    /// Nonce domain, unique in the installation; allocated by the store.
+    #[serde(default)]
+    pub id: u32,
+    /// The staging endpoint that runs it.
+    pub staging: String,
+    /// Files or block devices, in order.
+    pub devices: Vec<String>,
+    #[serde(default = "default_segment", deserialize_with = "de_size")]
+    pub segment_bytes: u64,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub capacity_bytes: Option<u64>,
+    #[serde(default = "default_cache", deserialize_with = "de_size")]
+    pub cache_bytes_limit: u64,
+    #[serde(default = "default_queue", deserialize_with = "de_size")]
+    pub queue_bytes_limit: u64,
+    #[serde(default = "default_batch", deserialize_with = "de_size")]
+    pub batch_bytes_limit: u64,
+}
+
+fn default_segment() -> u64 {
+    64 << 20
+}
+fn default_cache() -> u64 {
+    256 << 20
+}
+fn default_queue() -> u64 {
+    64 << 20
+}
+fn default_batch() -> u64 {
+    8 << 20
+}
+
+/// A protected volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Unique in the installation; allocated by the store.
+    #[serde(default)]
+    pub id: u64,
+    #[serde(deserialize_with = "de_size")]
+    pub size_bytes: u64,
+    /// The WRL its writes are logged in.
+    pub wrl: String,
+    /// Replica endpoints (one or more).
+    pub replicas: Vec<String>,
+    /// The data key.
+    pub key: String,
+    /// Block size of the change map.
+    #[serde(default = "default_block", deserialize_with = "de_size")]
+    pub block_bytes: u64,
+}
+
+fn default_block() -> u64 {
+    64 << 10
+}
+
+/// Parses `4096`, `64K`, `64KiB`, `1M`, `2G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    N(u64),
+    S(String),
+}
+
+impl Size {
+    fn bytes<E: serde::de::Error>(self) -> std::result::Result<u64, E> {
+        match self {
+            Size::N(n) => Ok(n),
+            Size::S(s) => parse_size(&s).ok_or_else(|| E::custom(format!("not a size: {s:?}"))),
+        }
+    }
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    Size::deserialize(d)?.bytes()
+}
+
+fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
+    Option::<Size>::deserialize(d)?.map(Size::bytes).transpose()
+}
+
+/// The configuration store.
+pub struct ConfigStore {
+    db: Database,
+    path: String,
+}
+
+impl ConfigStore {
+    /// Opens (or creates) the store at `path`, creating every table.
+    pub fn open(path: &Path) -> Result<ConfigStore> {
+        let p = path.display().to_string();
+        let err = |e: redb::Error| ConfigError::Store { path: p.clone(), source: Box::new(e) };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(redb::Error::Io(e)))?;
+        }
+        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let tx = db.begin_write().map_err(|e| err(e.into()))?;
+        for k in Kind::ALL {
+            tx.open_table(k.table()).map_err(|e| err(e.into()))?;
+        }
+        tx.open_table(COUNTERS).map_err(|e| err(e.into()))?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(ConfigStore { db, path: p })
+    }
+
+    fn err(&self) -> impl Fn(redb::Error) -> ConfigError + '_ {
+        |e| ConfigError::Store { path: self.path.clone(), source: Box::new(e) }
+    }
+
+    /// Creates or updates an entry from `field=value` assignments (a value is JSON if it parses
+    /// as JSON, else a string; sizes accept K/M/G/T). Checks the type and every reference, and
+    /// allocates ids, all in one transaction. Returns the stored entry.
+    pub fn set(&self, kind: Kind, name: &str, assignments: &[String]) -> Result<Value> {
+        let e = self.err();
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let stored = {
+            let mut table = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
+            let mut obj: Map<String, Value> = match table.get(name).map_err(|x| e(x.into()))? {
+                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+                None => Map::new(),
+            };
+            let old_id = obj.get("id").cloned();
+            for a in assignments {
+                let (k, v) = a.split_once('=').ok_or_else(|| ConfigError::BadAssignment(a.clone()))?;
+                let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+                obj.insert(k.trim().to_owned(), v);
+            }
+            if let Some(old) = old_id
+                && obj.get("id") != Some(&old)
+            {
+                return Err(ConfigError::Invalid { kind, name: name.into(), reason: "id cannot change".into() });
+            }
+            let mut value = Value::Object(obj);
+            // Type check (and defaults) by a round trip through the struct.
+            value = self.typed_round_trip(kind, name, value)?;
+            if matches!(kind, Kind::Wrl | Kind::Volume) && value["id"].as_u64() == Some(0) {
+                let mut counters = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+                let counter = if kind == Kind::Wrl { "wrl_id" } else { "volume_id" };
+                let next = counters.get(counter).map_err(|x| e(x.into()))?.map(|v| v.value()).unwrap_or(0) + 1;
+                counters.insert(counter, next).map_err(|x| e(x.into()))?;
+                value["id"] = Value::from(next);
+            }
+            let bytes = serde_json::to_vec(&value).expect("JSON of a Value");
+            table.insert(name, bytes.as_slice()).map_err(|x| e(x.into()))?;
+            value
+        };
+        self.check_references(&tx, kind, name, &stored)?;
+        tx.commit().map_err(|x| e(x.into()))?;
+        Ok(stored)
+    }
+
+    fn typed_round_trip(&self, kind: Kind, name: &str, value: Value) -> Result<Value> {
+        fn rt<T: Serialize + for<'de> Deserialize<'de>>(v: Value) -> std::result::Result<Value, String> {
+            let t: T = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            Ok(serde_json::to_value(t).expect("serializable"))
+        }
+        match kind {
+            Kind::Endpoint => rt::<Endpoint>(value),
+            Kind::Key => rt::<KeyRef>(value),
+            Kind::Wrl => rt::<WrlDef>(value),
+            Kind::Volume => rt::<Volume>(value),
+        }
+        .map_err(|reason| ConfigError::Invalid { kind, name: name.into(), reason })
+    }
+
+    fn check_references(&self, tx: &redb::WriteTransaction, kind: Kind, name: &str, v: &Value) -> Result<()> {
+        let e = self.err();
+        let get = |k: Kind, n: &str| -> Result<Option<Value>> {
+            let t = tx.open_table(k.table()).map_err(|x| e(x.into()))?;
+            let r = t.get(n).map_err(|x| e(x.into()))?;
+            Ok(r.and_then(|v| serde_json::from_slice(v.value()).ok()))
+        };
+        let bad = |reason: String| ConfigError::Reference { kind, name: name.into(), reason };
+        let endpoint_with_role = |n: &str, role: Role| -> Result<()> {
+            match get(Kind::Endpoint, n)? {
+                None => Err(bad(format!("endpoint {n:?} does not exist"))),
+                Some(ep) => {
+                    let ep: Endpoint = serde_json::from_value(ep).map_err(|x| bad(x.to_string()))?;
+                    if ep.role != role {
+                        return Err(bad(format!("endpoint {n:?} has role {:?}, expected {role:?}", ep.role)));
+                    }
+                    Ok(())
+                }
+            }
+        };
+        match kind {
+            Kind::Wrl => {
+                let w: WrlDef = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
+                endpoint_with_role(&w.staging, Role::Staging)?;
+                if w.devices.is_empty() {
+                    return Err(bad("a WRL needs at least one device".into()));
+                }
+            }
+            Kind::Volume => {
+                let vol: Volume = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
+                if get(Kind::Wrl, &vol.wrl)?.is_none() {
+                    return Err(bad(format!("wrl {:?} does not exist", vol.wrl)));
+                }
+                if get(Kind::Key, &vol.key)?.is_none() {
+                    return Err(bad(format!("key {:?} does not exist", vol.key)));
+                }
+                if vol.replicas.is_empty() {
+                    return Err(bad("a volume needs at least one replica".into()));
+                }
+                for r in &vol.replicas {
+                    endpoint_with_role(r, Role::Replica)?;
+                }
+            }
+            Kind::Endpoint | Kind::Key => {}
+        }
+        Ok(())
+    }
+
+    /// One entry as JSON.
+    pub fn get(&self, kind: Kind, name: &str) -> Result<Value> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
+        let v = t.get(name).map_err(|x| e(x.into()))?;
+        let v = v.ok_or_else(|| ConfigError::NotFound { kind, name: name.into() })?;
+        serde_json::from_slice(v.value())
+            .map_err(|x| ConfigError::Invalid { kind, name: name.into(), reason: x.to_string() })
+    }
+
+    /// One entry, typed.
+    pub fn get_typed<T: for<'de> Deserialize<'de>>(&self, kind: Kind, name: &str) -> Result<T> {
+        serde_json::from_value(self.get(kind, name)?)
+            .map_err(|x| ConfigError::Invalid { kind, name: name.into(), reason: x.to_string() })
+    }
+
+    /// Every entry of the given kinds, in name order.
+    pub fn list(&self, kinds: &[Kind]) -> Result<Vec<(Kind, String, Value)>> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for k in kinds {
+            let t = tx.open_table(k.table()).map_err(|x| e(x.into()))?;
+            for row in t.iter().map_err(|x| e(x.into()))? {
+                let (name, v) = row.map_err(|x| e(x.into()))?;
+                let v: Value = serde_json::from_slice(v.value()).unwrap_or(Value::Null);
+                out.push((*k, name.value().to_owned(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes an entry that nothing refers to.
+    pub fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        let users: Vec<String> = self
+            .list(&[Kind::Wrl, Kind::Volume])?
+            .into_iter()
+            .filter(|(k, _, v)| match (kind, k) {
+                (Kind::Endpoint, Kind::Wrl) => v["staging"] == name,
+                (Kind::Endpoint, Kind::Volume) => v["replicas"].as_array().is_some_and(|r| r.iter().any(|x| x == name)),
+                (Kind::Wrl, Kind::Volume) => v["wrl"] == name,
+                (Kind::Key, Kind::Volume) => v["key"] == name,
+                _ => false,
+            })
+            .map(|(k, n, _)| format!("{k} {n:?}"))
+            .collect();
+        if !users.is_empty() {
+            return Err(ConfigError::Reference {
+                kind,
+                name: name.into(),
+                reason: format!("still used by {}", users.join(", ")),
+            });
+        }
+        let e = self.err();
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let existed = {
+            let mut t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
+            t.remove(name).map_err(|x| e(x.into()))?.is_some()
+        };
+        tx.commit().map_err(|x| e(x.into()))?;
+        if !existed {
+            return Err(ConfigError::NotFound { kind, name: name.into() });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn typed_entries_references_and_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let st = ConfigStore::open(&path).unwrap();
+        st.set(Kind::Endpoint, "stg1", &s(&["role=staging", "address=127.0.0.1:7001"])).unwrap();
+        st.set(Kind::Endpoint, "rep1", &s(&["role=replica", "address=127.0.0.1:7002"])).unwrap();
+        st.set(Kind::Key, "k1", &s(&["path=/etc/drv/k1.key"])).unwrap();
+        // A volume that names a missing WRL is refused, naming it.
+        let e = st
+            .set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("wrl \"w0\" does not exist"), "{e}");
+        let w = st.set(Kind::Wrl, "w0", &s(&["staging=stg1", "devices=[\"/dev/sdb\"]", "segment_bytes=32M"])).unwrap();
+        assert_eq!(w["id"], 1);
+        assert_eq!(w["segment_bytes"], 32 << 20);
+        let w2 = st.set(Kind::Wrl, "w1", &s(&["staging=stg1", "devices=[\"/dev/sdc\"]"])).unwrap();
+        assert_eq!(w2["id"], 2, "nonce domains are unique");
+        // Wrong role is refused.
+        let e = st
+            .set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"stg1\"]", "key=k1"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("expected Replica"), "{e}");
+        let v = st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"])).unwrap();
+        assert_eq!(v["size_bytes"], 10u64 << 30);
+        // Unknown fields and bad types are named.
+        let e = st.set(Kind::Volume, "db", &s(&["colour=blue"])).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = st.set(Kind::Wrl, "w0", &s(&["id=9"])).unwrap_err();
+        assert!(e.to_string().contains("id cannot change"), "{e}");
+        drop(st);
+        // Survives reopen; typed access works.
+        let st = ConfigStore::open(&path).unwrap();
+        let vol: Volume = st.get_typed(Kind::Volume, "db").unwrap();
+        assert_eq!((vol.id, vol.wrl.as_str(), vol.block_bytes), (1, "w0", 64 << 10));
+        assert_eq!(st.list(&Kind::ALL).unwrap().len(), 6);
+        let e = st.delete(Kind::Wrl, "w0").unwrap_err();
+        assert!(e.to_string().contains("still used by volume \"db\""), "{e}");
+        st.delete(Kind::Volume, "db").unwrap();
+        st.delete(Kind::Wrl, "w0").unwrap();
+        assert!(matches!(st.get(Kind::Wrl, "w0"), Err(ConfigError::NotFound { .. })));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("1X"), None);
+    }
+}

@@ -1,1 +1,85 @@
-fn main() {}
+//! `drv`: one command line for every role of the drv disaster-recovery replicator.
+//!
+//! Subcommands are thin: parse, call the library crates, print (human text, or `--json` for
+//! scripts). Errors carry context in verb phrases and exit non-zero.
+
+mod config_cmd;
+mod demo;
+mod wrl_cmd;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "drv", version, about = "Block-level disaster-recovery replicator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a local, self-contained demonstration on temporary files (no root needed).
+    Demo(demo::DemoArgs),
+    /// Operate on a staging write log (WRL) offline.
+    #[command(subcommand)]
+    Wrl(wrl_cmd::WrlCommand),
+    /// Read and change the configuration store.
+    Config(config_cmd::ConfigArgs),
+    /// Manage data keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new random 32-byte AES-256 key file (mode 0600).
+    Generate {
+        path: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Writes a new random key file readable only by its owner.
+pub fn generate_key(path: &std::path::Path, force: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; drv_format::crypto::KEY_BYTES];
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("get random bytes: {e}"))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(0o600);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).with_context(|| format!("create key file {}", path.display()))?;
+    f.write_all(&key).and_then(|_| f.sync_all()).with_context(|| format!("write key file {}", path.display()))?;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DRV_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Wrl(c) => wrl_cmd::run(c),
+        Command::Config(c) => config_cmd::run(c),
+        Command::Key(KeyCommand::Generate { path, force }) => {
+            generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("drv: error: {e:#}");
+        std::process::exit(1);
+    }
+}

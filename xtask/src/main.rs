@@ -1,1 +1,237 @@
-fn main() {}
+//! `cargo xtask`: the project's own tasks.
+//!
+//! - `cargo xtask test`: the whole test suite (what `.ci/run` and the README run).
+//! - `cargo xtask bench wrl`: WRL benchmarks against baselines measured in the same run, then a
+//!   short fuzz run of the record decoder.
+//! - `cargo xtask fuzz [SECONDS]`: the fuzz run alone.
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build every binary, then run every test of the workspace.
+    Test,
+    /// Run a benchmark and print ratios against baselines measured in the same run.
+    Bench {
+        /// wrl
+        what: String,
+        /// Smaller sizes, for a quick look.
+        #[arg(long)]
+        quick: bool,
+        /// Seconds of fuzzing at the end (0 to skip).
+        #[arg(long, default_value_t = 30)]
+        fuzz_seconds: u64,
+    },
+    /// Fuzz the record decoder (needs the nightly toolchain; installs cargo-fuzz if missing).
+    Fuzz {
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Test => test(),
+        Cmd::Bench { what, quick, fuzz_seconds } => match what.as_str() {
+            "wrl" => bench_wrl(quick, fuzz_seconds),
+            other => bail!("unknown benchmark {other:?} (available: wrl)"),
+        },
+        Cmd::Fuzz { seconds } => fuzz(seconds),
+    }
+}
+
+fn test() -> Result<()> {
+    // The integration tests run the real `drv` binary: build it first.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace"]))?;
+    Ok(())
+}
+
+/// Median of a few samples.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn json_f64(s: &str, key: &str) -> Result<f64> {
+    let line = s.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line in output")?;
+    let pat = format!("\"{key}\":");
+    let at = line.find(&pat).with_context(|| format!("{key} missing in {line}"))? + pat.len();
+    let rest = &line[at..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().with_context(|| format!("parse {key} in {line}"))
+}
+
+/// Raw sequential O_DIRECT write of `bytes` over a prezeroed file with dd, 1 MiB blocks, one
+/// fdatasync at the end. Returns MB/s.
+fn dd_direct(path: &Path, bytes: u64) -> Result<f64> {
+    let count = bytes >> 20;
+    let t = Instant::now();
+    output(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={}", path.display()),
+        "bs=1M",
+        &format!("count={count}"),
+        "oflag=direct",
+        "conv=notrunc,fdatasync",
+        "status=none",
+    ]))?;
+    Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+/// 4 KiB O_DIRECT pwrite + fdatasync to a prezeroed file, `n` times; returns (p50, p99) in us.
+fn fdatasync_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("layout");
+    // SAFETY: non-zero layout; freed below.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    // SAFETY: 4096 initialised bytes owned here.
+    let buf = unsafe { std::slice::from_raw_parts(ptr, 4096) };
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f.write_all_at(buf, (i as u64 % 4096) * 4096)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    Ok((lat[n / 2], lat[n * 99 / 100]))
+}
+
+fn bench_wrl(quick: bool, fuzz_seconds: u64) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let drv = root().join("target/release/drv");
+    let dir = root().join("target/bench-wrl");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ingest: u64 = if quick { 512 << 20 } else { 2 << 30 };
+    let rounds = if quick { 1 } else { 3 };
+
+    // Same filesystem for everything: files under target/.
+    let raw = dir.join("raw");
+    output(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={}", raw.display()),
+        "bs=1M",
+        &format!("count={}", ingest >> 20),
+        "conv=fdatasync",
+        "status=none",
+    ]))?;
+    let wrl = dir.join("wrl");
+    output(Command::new(&drv).args(["wrl", "create", "--size", &format!("{}", ingest + (256 << 20))]).args([
+        "--segment-size",
+        "64M",
+        "--wrl-id",
+        "1",
+    ]).arg(&wrl))?;
+    let bench = |writers: usize, record: &str, total: u64| -> Result<String> {
+        output(
+            Command::new(&drv)
+                .args(["wrl", "bench-append", "--json", "--writers", &writers.to_string(), "--record-size", record])
+                .args(["--total", &total.to_string()])
+                .arg(&wrl),
+        )
+    };
+
+    // 1. Ingest: WRL (1 MiB records, 4 writers) vs raw O_DIRECT dd, alternated, medians.
+    let (mut raw_mbs, mut wrl_mbs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        raw_mbs.push(dd_direct(&raw, ingest)?);
+        wrl_mbs.push(json_f64(&bench(4, "1M", ingest)?, "mb_per_sec")?);
+    }
+    let (raw_m, wrl_m) = (median(raw_mbs), median(wrl_mbs));
+
+    // 2. Acknowledged appends/s: 32 writers vs 1 writer, 4 KiB records.
+    let one = bench(1, "4K", if quick { 16 << 20 } else { 40 << 20 })?;
+    let many = bench(32, "4K", if quick { 64 << 20 } else { 256 << 20 })?;
+    let (one_ops, many_ops) = (json_f64(&one, "appends_per_sec")?, json_f64(&many, "appends_per_sec")?);
+
+    // 3. Ack latency of one writer vs a bare 4 KiB write + fdatasync on the same filesystem.
+    let (sync_p50, sync_p99) = fdatasync_latency(&raw, if quick { 2000 } else { 5000 })?;
+    let (p50, p99) = (json_f64(&one, "ack_p50_us")?, json_f64(&one, "ack_p99_us")?);
+
+    println!();
+    println!("== cargo xtask bench wrl ({}) ==", if quick { "quick" } else { "full" });
+    println!("ingest, {} MiB of 1 MiB writes ({} rounds, medians):", ingest >> 20, rounds);
+    println!("  raw O_DIRECT dd         {raw_m:>10.1} MB/s");
+    println!("  WRL (4 writers, 1 MiB)  {wrl_m:>10.1} MB/s   ratio {:.3}  (goal >= 0.90)", wrl_m / raw_m);
+    println!("acknowledged 4 KiB appends/s:");
+    println!("  1 writer                {one_ops:>10.0}");
+    println!(
+        "  32 writers              {many_ops:>10.0}   ratio {:.1}x (goal >= 10x), {:.1} records per batch",
+        many_ops / one_ops,
+        json_f64(&many, "records_per_batch")?
+    );
+    println!("ack latency, 1 writer, 4 KiB:");
+    println!("  4 KiB pwrite+fdatasync  p50 {sync_p50:>8.1} us  p99 {sync_p99:>8.1} us");
+    println!(
+        "  WRL append ack          p50 {p50:>8.1} us  p99 {p99:>8.1} us   ratio p50 {:.2} p99 {:.2}",
+        p50 / sync_p50,
+        p99 / sync_p99
+    );
+    if fuzz_seconds > 0 {
+        fuzz(fuzz_seconds)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn fuzz(seconds: u64) -> Result<()> {
+    let have = Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !have {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let corpus = root().join("fuzz/corpus/record_decode");
+    std::fs::create_dir_all(&corpus)?;
+    run(Command::new("cargo")
+        .current_dir(root().join("fuzz"))
+        .args(["+nightly", "fuzz", "run", "record_decode", "--", &format!("-max_total_time={seconds}")]))?;
+    println!("fuzz: record_decode ran {seconds}s without a crash");
+    Ok(())
+}
