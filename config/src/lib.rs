@@ -360,14 +360,20 @@ impl ConfigStore {
         let t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
         let v = t.get(name).map_err(|x| e(x.into()))?;
         let v = v.ok_or_else(|| ConfigError::NotFound { kind, name: name.into() })?;
-        serde_json::from_slice(v.value())
-            .map_err(|x| ConfigError::Invalid { kind, name: name.into(), reason: x.to_string() })
+        serde_json::from_slice(v.value()).map_err(|x| ConfigError::Invalid {
+            kind,
+            name: name.into(),
+            reason: x.to_string(),
+        })
     }
 
     /// One entry, typed.
     pub fn get_typed<T: for<'de> Deserialize<'de>>(&self, kind: Kind, name: &str) -> Result<T> {
-        serde_json::from_value(self.get(kind, name)?)
-            .map_err(|x| ConfigError::Invalid { kind, name: name.into(), reason: x.to_string() })
+        serde_json::from_value(self.get(kind, name)?).map_err(|x| ConfigError::Invalid {
+            kind,
+            name: name.into(),
+            reason: x.to_string(),
+        })
     }
 
     /// Every entry of the given kinds, in name order.
@@ -438,9 +444,8 @@ mod tests {
         st.set(Kind::Endpoint, "rep1", &s(&["role=replica", "address=127.0.0.1:7002"])).unwrap();
         st.set(Kind::Key, "k1", &s(&["path=/etc/drv/k1.key"])).unwrap();
         // A volume that names a missing WRL is refused, naming it.
-        let e = st
-            .set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]))
-            .unwrap_err();
+        let e =
+            st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"])).unwrap_err();
         assert!(e.to_string().contains("wrl \"w0\" does not exist"), "{e}");
         let w = st.set(Kind::Wrl, "w0", &s(&["staging=stg1", "devices=[\"/dev/sdb\"]", "segment_bytes=32M"])).unwrap();
         assert_eq!(w["id"], 1);
@@ -448,9 +453,8 @@ mod tests {
         let w2 = st.set(Kind::Wrl, "w1", &s(&["staging=stg1", "devices=[\"/dev/sdc\"]"])).unwrap();
         assert_eq!(w2["id"], 2, "nonce domains are unique");
         // Wrong role is refused.
-        let e = st
-            .set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"stg1\"]", "key=k1"]))
-            .unwrap_err();
+        let e =
+            st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"stg1\"]", "key=k1"])).unwrap_err();
         assert!(e.to_string().contains("expected Replica"), "{e}");
         let v = st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"])).unwrap();
         assert_eq!(v["size_bytes"], 10u64 << 30);

@@ -48,13 +48,16 @@ enum ConfigCommand {
 fn show(kind: Kind, name: &str, v: &serde_json::Value) {
     let fields: Vec<String> = v
         .as_object()
-        .map(|o| o.iter().map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_owned).unwrap_or(v.to_string()))).collect())
+        .map(|o| {
+            o.iter().map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_owned).unwrap_or(v.to_string()))).collect()
+        })
         .unwrap_or_default();
     println!("{kind:<8} {name:<16} {}", fields.join(" "));
 }
 
 pub fn run(a: ConfigArgs) -> Result<()> {
-    let store = ConfigStore::open(&a.store).with_context(|| format!("open configuration store {}", a.store.display()))?;
+    let store =
+        ConfigStore::open(&a.store).with_context(|| format!("open configuration store {}", a.store.display()))?;
     match a.cmd {
         ConfigCommand::Set { kind, name, fields, json } => {
             let v = store.set(kind, &name, &fields)?;

@@ -63,7 +63,10 @@ fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     }
     let mut uuid = [0u8; 16];
     getrandom::fill(&mut uuid).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-    wrl::create(&devs, &CreateOptions { uuid, wrl_id: 1, segment_bytes: 16 << 20, io_align: 4096, capacity_bytes: None })?;
+    wrl::create(
+        &devs,
+        &CreateOptions { uuid, wrl_id: 1, segment_bytes: 16 << 20, io_align: 4096, capacity_bytes: None },
+    )?;
     let (w, _) = Wrl::open(devs, WrlOptions::default())?;
     let w = Arc::new(w);
     let started = Instant::now();
@@ -106,8 +109,10 @@ fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     drop(w);
 
     // Recover from the files alone, check every record and payload.
-    let devs: Vec<Arc<dyn Storage>> =
-        paths.iter().map(|p| FileStorage::open(p).map(|s| Arc::new(s) as Arc<dyn Storage>)).collect::<Result<_, _>>()?;
+    let devs: Vec<Arc<dyn Storage>> = paths
+        .iter()
+        .map(|p| FileStorage::open(p).map(|s| Arc::new(s) as Arc<dyn Storage>))
+        .collect::<Result<_, _>>()?;
     let (w, rec) = Wrl::open(devs, WrlOptions::default()).context("recover the WRL")?;
     let expected = a.writers * a.writes;
     ensure!(rec.records == expected, "recovered {} records, expected {expected}", rec.records);
@@ -116,7 +121,11 @@ fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     while lsn <= rec.last_lsn {
         for r in w.read(lsn, 16 << 20)? {
             let plain = key.open(&r.header.desc, &r.payload)?;
-            ensure!(plain == payload(r.header.desc.volume_id, r.header.desc.volume_seq), "payload of lsn {} differs", r.header.lsn);
+            ensure!(
+                plain == payload(r.header.desc.volume_id, r.header.desc.volume_seq),
+                "payload of lsn {} differs",
+                r.header.lsn
+            );
             checked += 1;
             lsn = r.header.lsn + 1;
         }

@@ -76,7 +76,7 @@ pub struct VerifyArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     d: DevicesArgs,
-    /// Concurrent writers (each its own volume).
+    /// Concurrent writers (each its own volume, one append in flight each).
     #[arg(long, default_value_t = 32)]
     writers: usize,
     #[arg(long, value_parser = size, default_value = "4K")]
@@ -96,7 +96,9 @@ pub fn open_devices(paths: &[PathBuf]) -> Result<Vec<Arc<dyn Storage>>> {
     paths
         .iter()
         .map(|p| {
-            FileStorage::open(p).map(|s| Arc::new(s) as Arc<dyn Storage>).with_context(|| format!("open {}", p.display()))
+            FileStorage::open(p)
+                .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                .with_context(|| format!("open {}", p.display()))
         })
         .collect()
 }
@@ -205,7 +207,10 @@ fn inspect(a: DevicesArgs) -> Result<()> {
         rec.segment_bytes,
         rec.io_align
     );
-    println!("  lsn: first {} last {} ({} records held), trimmed through {}", rec.first_lsn, rec.last_lsn, rec.records, rec.meta.trim_lsn);
+    println!(
+        "  lsn: first {} last {} ({} records held), trimmed through {}",
+        rec.first_lsn, rec.last_lsn, rec.records, rec.meta.trim_lsn
+    );
     println!("  meta generation {}, nonce high-water mark {}", rec.meta.generation, rec.meta.nonce_hwm);
     match &rec.tail {
         Tail::Clean => println!("  tail: clean"),
@@ -234,12 +239,7 @@ fn inspect(a: DevicesArgs) -> Result<()> {
 
 fn verify(a: VerifyArgs) -> Result<()> {
     let devs = open_devices(&a.d.devices)?;
-    let key = a
-        .key
-        .as_deref()
-        .map(|p| VolumeKey::load(a.key_id, p))
-        .transpose()
-        .context("load key")?;
+    let key = a.key.as_deref().map(|p| VolumeKey::load(a.key_id, p)).transpose().context("load key")?;
     let mut decrypted = 0u64;
     let mut auth_error: Option<String> = None;
     let started = Instant::now();
@@ -311,30 +311,56 @@ fn bench(a: BenchArgs) -> Result<()> {
         w.confirm(v, s.log.last_lsn);
     }
     let start_lsn = w.status().durable_lsn;
+    // Like the staging server: each writer has one append in flight; a pool of submitter threads
+    // (one per core, as a tokio runtime would have) encrypts and submits the next append of a
+    // writer when its previous one completes.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let pool = a.writers.min(cores);
     let started = Instant::now();
-    let threads: Vec<_> = (0..a.writers as u64)
-        .map(|t| {
+    let threads: Vec<_> = (0..pool)
+        .map(|tid| {
             let (w, key) = (w.clone(), key.clone());
-            let data = vec![(t as u8) ^ 0x5a; a.record_size as usize];
+            let mine: Vec<u64> = (0..a.writers as u64).filter(|x| *x as usize % pool == tid).collect();
+            let record = a.record_size;
             std::thread::spawn(move || -> Result<Vec<Duration>> {
-                let mut lat = Vec::with_capacity(per_writer as usize);
-                for i in 0..per_writer {
+                let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, Result<u64, drv_staging::WrlError>, Duration)>();
+                let data: Vec<Vec<u8>> = mine.iter().map(|t| vec![(*t as u8) ^ 0x5a; record as usize]).collect();
+                let submit = |idx: usize, i: u64| {
+                    let t = mine[idx];
+                    let tx = tx.clone();
                     let t0 = Instant::now();
-                    let r = w.append(
+                    w.submit(
                         &key,
                         AppendRequest {
                             volume_id: 1_000_000 + t,
                             volume_seq: i + 1,
                             epoch: i,
-                            offset: i * a.record_size,
+                            offset: i * record,
                             flags: Flags::default(),
-                            data: &data,
+                            data: &data[idx],
                         },
-                    )?;
-                    lat.push(t0.elapsed());
+                        Box::new(move |r| {
+                            let _ = tx.send((idx as u64, i, r.map(|a| a.header.lsn), t0.elapsed()));
+                        }),
+                    );
+                };
+                for idx in 0..mine.len() {
+                    submit(idx, 0);
+                }
+                let mut lat = Vec::with_capacity(per_writer as usize * mine.len());
+                let mut running = mine.len();
+                while running > 0 {
+                    let (idx, i, r, took) = rx.recv().expect("completions arrive");
+                    let lsn = r?;
+                    lat.push(took);
                     // Downstream "confirms" as it goes, so the log trims and never fills.
                     if i % 64 == 63 {
-                        w.confirm(1_000_000 + t, r.header.lsn);
+                        w.confirm(1_000_000 + mine[idx as usize], lsn);
+                    }
+                    if i + 1 < per_writer {
+                        submit(idx as usize, i + 1);
+                    } else {
+                        running -= 1;
                     }
                 }
                 Ok(lat)
@@ -385,4 +411,3 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
-

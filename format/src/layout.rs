@@ -79,7 +79,9 @@ impl DeviceHeader {
 
 /// Checks segment size and write alignment against the format's limits.
 pub fn validate_geometry(what: &'static str, segment_bytes: u64, io_align: u32) -> Result<(), FormatError> {
-    if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes) || segment_bytes % MIN_SEGMENT_BYTES != 0 {
+    if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes)
+        || !segment_bytes.is_multiple_of(MIN_SEGMENT_BYTES)
+    {
         return Err(FormatError::Invalid { what, field: "segment_bytes", value: segment_bytes });
     }
     if !(io_align == 512 || io_align == 4096) {

@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Usable bytes.
     fn len(&self) -> u64;
+    /// Whether the storage has no usable bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Writes all of `buf` at `offset`. Offset and length are multiples of the WRL's `io_align`.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// Fills all of `buf` from `offset`.
@@ -318,7 +322,7 @@ pub mod sim {
             if w.fail_at == Some(w.trace.len()) {
                 return Err(injected());
             }
-            assert!(offset as usize % SECTOR == 0 && buf.len() % SECTOR == 0, "unaligned write");
+            assert!((offset as usize).is_multiple_of(SECTOR) && buf.len().is_multiple_of(SECTOR), "unaligned write");
             let off = offset as usize;
             w.current[self.device][off..off + buf.len()].copy_from_slice(buf);
             w.trace.push(Op::Write { device: self.device, offset, data: Arc::new(buf.to_vec()) });

@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build every binary, then run every test of the workspace.
+    /// Check formatting and lints, build every binary, then run every test of the workspace.
     Test,
     /// Run a benchmark and print ratios against baselines measured in the same run.
     Bench {
@@ -81,6 +81,8 @@ fn main() -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests run the real `drv` binary: build it first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace"]))?;
@@ -164,12 +166,12 @@ fn bench_wrl(quick: bool, fuzz_seconds: u64) -> Result<()> {
         "status=none",
     ]))?;
     let wrl = dir.join("wrl");
-    output(Command::new(&drv).args(["wrl", "create", "--size", &format!("{}", ingest + (256 << 20))]).args([
-        "--segment-size",
-        "64M",
-        "--wrl-id",
-        "1",
-    ]).arg(&wrl))?;
+    output(
+        Command::new(&drv)
+            .args(["wrl", "create", "--size", &format!("{}", ingest + (256 << 20))])
+            .args(["--segment-size", "64M", "--wrl-id", "1"])
+            .arg(&wrl),
+    )?;
     let bench = |writers: usize, record: &str, total: u64| -> Result<String> {
         output(
             Command::new(&drv)
@@ -229,9 +231,58 @@ fn fuzz(seconds: u64) -> Result<()> {
     }
     let corpus = root().join("fuzz/corpus/record_decode");
     std::fs::create_dir_all(&corpus)?;
-    run(Command::new("cargo")
-        .current_dir(root().join("fuzz"))
-        .args(["+nightly", "fuzz", "run", "record_decode", "--", &format!("-max_total_time={seconds}")]))?;
+    seed_corpus(&corpus)?;
+    run(Command::new("cargo").current_dir(root().join("fuzz")).args([
+        "+nightly",
+        "fuzz",
+        "run",
+        "record_decode",
+        "--",
+        &format!("-max_total_time={seconds}"),
+    ]))?;
     println!("fuzz: record_decode ran {seconds}s without a crash");
+    Ok(())
+}
+
+/// Valid encodings of every structure, so the fuzzer starts past the checksums.
+fn seed_corpus(dir: &Path) -> Result<()> {
+    use drv_format::layout::{BatchHeader, MetaBlock, SegmentHeader};
+    use drv_format::record::{Flags, RecordHeader, WriteDesc};
+    let payload = vec![7u8; 40];
+    let desc = WriteDesc {
+        volume_id: 1,
+        volume_seq: 2,
+        epoch: 3,
+        offset: 4096,
+        length: 24,
+        flags: Flags::FUA,
+        key_id: 1,
+        nonce: drv_format::nonce(1, 9),
+    };
+    let h = RecordHeader { lsn: 5, prev_hash: 6, desc, stored_len: 40, payload_crc: drv_format::crc32c(&payload) };
+    let mut rec = h.encode().to_vec();
+    rec.extend_from_slice(&payload);
+    let seg = SegmentHeader {
+        wrl_uuid: [1; 16],
+        wrl_id: 1,
+        device_index: 0,
+        segment_id: 2,
+        first_lsn: 5,
+        prev_hash: 6,
+        slot: 0,
+        segment_bytes: 1 << 20,
+        io_align: 4096,
+        created_unix_ns: 0,
+    };
+    let meta = MetaBlock { wrl_uuid: [1; 16], generation: 3, nonce_hwm: 9, trim_lsn: 4, oldest_segment_id: 2 };
+    let batch = BatchHeader { segment_id: 2, first_lsn: 5, record_count: 1, batch_bytes: 64 + rec.len() as u32 };
+    for (name, bytes) in [
+        ("record", rec),
+        ("segment", seg.encode().to_vec()),
+        ("meta", meta.encode().to_vec()),
+        ("batch", batch.encode().to_vec()),
+    ] {
+        std::fs::write(dir.join(format!("seed-{name}")), bytes)?;
+    }
     Ok(())
 }

@@ -382,8 +382,7 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
             headers.insert(h.segment_id, h);
         }
     }
-    let mut expected_id = meta.oldest_segment_id;
-    for id in found.keys() {
+    for (expected_id, id) in (meta.oldest_segment_id..).zip(found.keys()) {
         if *id != expected_id {
             return Err(WrlError::Corrupt {
                 segment_id: expected_id,
@@ -394,7 +393,6 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
                 reason: format!("segment {expected_id} is missing (next found: {id})"),
             });
         }
-        expected_id += 1;
     }
     if found.is_empty() {
         return Err(WrlError::Corrupt {
