@@ -85,7 +85,35 @@ fn test() -> Result<()> {
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests run the real `drv` binary: build it first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run(cargo().args(["test", "--workspace"]))?;
+    // Stream the test output and add up the results, so the run ends with one summary line.
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]).stdout(std::process::Stdio::piped());
+    eprintln!("$ {cmd:?}");
+    let mut child = cmd.spawn().context("run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    for line in std::io::BufRead::lines(out) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|p| p.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let st = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !st.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
 }
 
