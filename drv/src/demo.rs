@@ -27,16 +27,7 @@ pub struct DemoArgs {
 }
 
 fn payload(volume: u64, seq: u64) -> Vec<u8> {
-    let len = 4096 * (1 + (seq % 4) as usize);
-    let mut x = (volume << 32 | seq).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    drv_format::pattern(volume << 32 | seq, 4096 * (1 + (seq % 4) as usize))
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {

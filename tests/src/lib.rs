@@ -7,18 +7,7 @@ pub fn test_key() -> VolumeKey {
     VolumeKey::from_bytes(1, &[0x5a; 32])
 }
 
-/// Deterministic payload bytes for a write, so any reader can check them.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use drv_format::pattern;
 
 /// The `drv` binary of this build (built by `cargo build --bins`, which `cargo xtask test` runs first).
 pub fn drv_bin() -> std::path::PathBuf {

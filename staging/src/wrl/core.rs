@@ -358,25 +358,22 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
             if h.wrl_uuid != dev0.wrl_uuid || h.segment_id < meta.oldest_segment_id {
                 continue;
             }
+            let bad_header = |reason: String| WrlError::Corrupt {
+                segment_id: h.segment_id,
+                device: dev.name(),
+                slot,
+                offset: 0,
+                expected_lsn: h.first_lsn,
+                reason,
+            };
             if h.slot != slot || h.device_index as usize != d {
-                return Err(WrlError::Corrupt {
-                    segment_id: h.segment_id,
-                    device: dev.name(),
-                    slot,
-                    offset: 0,
-                    expected_lsn: h.first_lsn,
-                    reason: format!("segment header names device {} slot {}", h.device_index, h.slot),
-                });
+                return Err(bad_header(format!("segment header names device {} slot {}", h.device_index, h.slot)));
             }
             if let Some(other) = found.get(&h.segment_id) {
-                return Err(WrlError::Corrupt {
-                    segment_id: h.segment_id,
-                    device: dev.name(),
-                    slot,
-                    offset: 0,
-                    expected_lsn: h.first_lsn,
-                    reason: format!("segment id also found on device {} slot {}", other.device, other.slot),
-                });
+                return Err(bad_header(format!(
+                    "segment id also found on device {} slot {}",
+                    other.device, other.slot
+                )));
             }
             found.insert(h.segment_id, SegmentLoc { id: h.segment_id, ..loc });
             headers.insert(h.segment_id, h);

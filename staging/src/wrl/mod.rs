@@ -343,7 +343,7 @@ impl Drop for Wrl {
 fn committer(sh: Arc<Shared>, mut core: LogCore) {
     loop {
         let mut st = sh.state.lock().expect("wrl state");
-        while st.queue.is_empty() && !st.closing && !trim_due(&sh, &core, st.trim_target) {
+        while st.queue.is_empty() && !st.closing && !trim_due(&sh, st.trim_target) {
             st = sh.work.wait(st).expect("wrl state");
         }
         if st.queue.is_empty() && st.closing {
@@ -364,7 +364,7 @@ fn committer(sh: Arc<Shared>, mut core: LogCore) {
         }
         drop(st);
 
-        if trim_due(&sh, &core, trim_target) {
+        if trim_due(&sh, trim_target) {
             core.set_reader_hint(trim_target + 1);
             if let Err(e) = core.trim(trim_target) {
                 fail(&sh, batch, e);
@@ -438,7 +438,7 @@ fn committer(sh: Arc<Shared>, mut core: LogCore) {
 
 /// Whether trimming up to `target` would free at least one whole segment (a trim costs a meta
 /// write and an fdatasync, so it is done a segment at a time).
-fn trim_due(sh: &Shared, _core: &LogCore, target: u64) -> bool {
+fn trim_due(sh: &Shared, target: u64) -> bool {
     let t = sh.table.read().expect("table");
     t.segments.len() > 1 && target > t.trim_lsn && t.segments[0].next_lsn <= target + 1
 }

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use drv_format::align_up;
 use drv_format::layout::{BATCH_HEADER_LEN, BatchHeader, DATA_START, SEGMENT_HEADER_BYTES};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader, chain_hash};
-use drv_format::{FormatError, align_up};
 
 use super::error::{Result, WrlError};
 use crate::storage::Storage;
@@ -171,9 +171,4 @@ pub fn parse_batch(
         return Err((record_offset(at), format!("batch has {} bytes after its last record", bytes.len() - at)));
     }
     Ok(())
-}
-
-/// Turns a decode failure into a message (used where a format error is surfaced as text).
-pub fn describe(e: &FormatError) -> String {
-    e.to_string()
 }
