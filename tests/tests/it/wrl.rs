@@ -259,3 +259,33 @@ fn verify_cli_reports_corruption_and_exits_1() {
 fn reopen_one(path: &std::path::Path) -> Vec<Arc<dyn Storage>> {
     vec![Arc::new(FileStorage::open(path).unwrap())]
 }
+
+#[test]
+fn io_error_fails_the_log_and_loses_nothing_acknowledged() {
+    use drv_staging::storage::sim::{SimStorage, SimWorld};
+    let world = SimWorld::new(&[(64 << 10) + (4 << 20)]);
+    let opts = CreateOptions { uuid: [2; 16], wrl_id: 8, segment_bytes: 1 << 20, io_align: 4096, capacity_bytes: None };
+    wrl::create(&SimStorage::all(&world), &opts).unwrap();
+    let key = test_key();
+    let (w, _) = Wrl::open(SimStorage::all(&world), WrlOptions::default()).unwrap();
+    let mut acked = 0;
+    for seq in 1..=20 {
+        acked = w.append(&key, req(1, seq, &pattern(seq, 1000))).unwrap().header.lsn;
+    }
+    // The next write or sync of the device fails.
+    {
+        let mut wl = world.lock().unwrap();
+        wl.fail_at = Some(wl.trace.len());
+    }
+    let first = w.append(&key, req(1, 21, b"lost")).unwrap_err();
+    assert!(matches!(first, WrlError::Io { .. }), "{first}");
+    assert!(first.to_string().contains("lsn 21"), "the error names the batch: {first}");
+    let later = w.append(&key, req(1, 22, b"refused")).unwrap_err();
+    assert!(matches!(later, WrlError::Failed(_)), "{later}");
+    assert!(w.status().failed.is_some());
+    drop(w);
+    world.lock().unwrap().fail_at = None;
+    let (w, rec) = Wrl::open(SimStorage::all(&world), WrlOptions::default()).unwrap();
+    assert_eq!(rec.last_lsn, acked);
+    assert_eq!(w.append(&key, req(1, 21, b"again")).unwrap().header.lsn, acked + 1);
+}
