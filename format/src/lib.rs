@@ -6,6 +6,7 @@
 
 mod codec;
 pub mod crypto;
+pub mod frame;
 pub mod layout;
 pub mod record;
 

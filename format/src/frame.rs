@@ -1,0 +1,404 @@
+//! Wire frames between drv nodes (`docs/formats.md`, "Wire frames"). Pure encode/decode: the header
+//! is checked (magic, version, type, length limit) before anything is allocated for the body, and
+//! the body is checked against the CRC and its type's layout.
+
+use crate::FormatError;
+use crate::codec::{Dec, Enc};
+use crate::record::{MAX_WRITE_BYTES, decode_record};
+
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"DRVF");
+pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_HEADER_LEN: usize = 16;
+/// No frame body is ever larger than this, whatever a node's configured limit says.
+pub const MAX_FRAME_BODY: u32 = 16 << 20;
+
+/// Frame types. The numbers are part of the wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    OpenVolume = 1,
+    VolumeState = 2,
+    Write = 3,
+    Ack = 4,
+    Error = 5,
+    RelayOpen = 6,
+    ReplicaPosition = 7,
+    Records = 8,
+    StatusRequest = 9,
+    StatusReply = 10,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<FrameType> {
+        use FrameType::*;
+        Some(match v {
+            1 => OpenVolume,
+            2 => VolumeState,
+            3 => Write,
+            4 => Ack,
+            5 => Error,
+            6 => RelayOpen,
+            7 => ReplicaPosition,
+            8 => Records,
+            9 => StatusRequest,
+            10 => StatusReply,
+            _ => return None,
+        })
+    }
+}
+
+/// Error codes carried by [`Frame::Error`].
+pub mod code {
+    /// The frame could not be decoded.
+    pub const MALFORMED: u16 = 1;
+    /// The volume is not configured on this node (or not for this peer).
+    pub const UNKNOWN_VOLUME: u16 = 2;
+    /// A write skipped sequence numbers.
+    pub const SEQUENCE_GAP: u16 = 3;
+    /// The write log is full: the agent should switch to its change map.
+    pub const LOG_FULL: u16 = 4;
+    /// Any other failure on the server side (I/O, failed log).
+    pub const SERVER: u16 = 5;
+    /// The write is not acceptable (too large, bad flags, epoch going backwards).
+    pub const INVALID: u16 = 6;
+}
+
+/// One decoded frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Agent -> staging: start sending writes of a volume.
+    OpenVolume {
+        volume_id: u64,
+    },
+    /// Staging -> agent: the volume's durable position.
+    VolumeState {
+        volume_id: u64,
+        last_seq: u64,
+        last_epoch: u64,
+    },
+    /// Agent -> staging: one write.
+    Write {
+        volume_id: u64,
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        flags: u32,
+        data: Vec<u8>,
+    },
+    /// Staging -> agent: the write with `seq` (and every earlier one) is durable in the log.
+    Ack {
+        volume_id: u64,
+        seq: u64,
+        lsn: u64,
+    },
+    /// Either way: a refusal, with a code from [`code`] and a message naming what was wrong.
+    Error {
+        code: u16,
+        message: String,
+    },
+    /// Staging -> replica: start relaying a volume.
+    RelayOpen {
+        volume_id: u64,
+    },
+    /// Replica -> staging: what it holds durably (DR log) and what it has applied.
+    ReplicaPosition {
+        volume_id: u64,
+        durable_seq: u64,
+        applied_seq: u64,
+    },
+    /// Staging -> replica: WRL records, unchanged (header + encrypted payload each).
+    Records {
+        volume_id: u64,
+        count: u32,
+        bytes: Vec<u8>,
+    },
+    StatusRequest,
+    StatusReply {
+        json: Vec<u8>,
+    },
+}
+
+/// A frame header, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub ftype: FrameType,
+    pub body_len: u32,
+    pub crc: u32,
+}
+
+const WHAT: &str = "frame";
+
+/// Checks a frame header against the format and `limit` (the receiver's body limit), before the
+/// body is read or allocated.
+pub fn decode_header(buf: &[u8; FRAME_HEADER_LEN], limit: u32) -> Result<FrameHeader, FormatError> {
+    let mut d = Dec::new(buf);
+    let magic = d.u32();
+    if magic != FRAME_MAGIC {
+        return Err(FormatError::BadMagic { what: WHAT, found: magic });
+    }
+    let [version, t] = d.array::<2>();
+    if version != FRAME_VERSION {
+        return Err(FormatError::BadVersion { what: WHAT, found: version as u16, supported: FRAME_VERSION as u16 });
+    }
+    let ftype = FrameType::from_u8(t).ok_or(FormatError::Invalid { what: WHAT, field: "type", value: t as u64 })?;
+    if d.u16() != 0 {
+        return Err(FormatError::ReservedNotZero { what: WHAT });
+    }
+    let body_len = d.u32();
+    let limit = limit.min(MAX_FRAME_BODY);
+    if body_len > limit {
+        return Err(FormatError::BadLength {
+            what: "frame body (over the limit)",
+            found: body_len as u64,
+            expected: limit as u64,
+        });
+    }
+    Ok(FrameHeader { ftype, body_len, crc: d.u32() })
+}
+
+fn frame_crc(header: &[u8], body: &[u8]) -> u32 {
+    crc32c::crc32c_append(crate::crc32c(&header[..12]), body)
+}
+
+/// Decodes a body read after `h`, checking the CRC and the body layout of its type.
+pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body: &[u8]) -> Result<Frame, FormatError> {
+    assert_eq!(body.len(), h.body_len as usize, "caller reads exactly body_len bytes");
+    let computed = frame_crc(header_bytes, body);
+    if computed != h.crc {
+        return Err(FormatError::Checksum { what: WHAT, stored: h.crc, computed });
+    }
+    let need = |n: usize| -> Result<(), FormatError> {
+        if body.len() < n {
+            Err(FormatError::Truncated { what: "frame body", need: n, have: body.len() })
+        } else {
+            Ok(())
+        }
+    };
+    let exact = |n: usize| -> Result<(), FormatError> {
+        need(n)?;
+        if body.len() != n {
+            return Err(FormatError::BadLength { what: "frame body", found: body.len() as u64, expected: n as u64 });
+        }
+        Ok(())
+    };
+    let mut d = Dec::new(body);
+    Ok(match h.ftype {
+        FrameType::OpenVolume => {
+            exact(8)?;
+            Frame::OpenVolume { volume_id: d.u64() }
+        }
+        FrameType::RelayOpen => {
+            exact(8)?;
+            Frame::RelayOpen { volume_id: d.u64() }
+        }
+        FrameType::VolumeState => {
+            exact(24)?;
+            Frame::VolumeState { volume_id: d.u64(), last_seq: d.u64(), last_epoch: d.u64() }
+        }
+        FrameType::Ack => {
+            exact(24)?;
+            Frame::Ack { volume_id: d.u64(), seq: d.u64(), lsn: d.u64() }
+        }
+        FrameType::ReplicaPosition => {
+            exact(24)?;
+            Frame::ReplicaPosition { volume_id: d.u64(), durable_seq: d.u64(), applied_seq: d.u64() }
+        }
+        FrameType::Write => {
+            need(40)?;
+            let (volume_id, seq, epoch, offset, flags, len) = (d.u64(), d.u64(), d.u64(), d.u64(), d.u32(), d.u32());
+            if len > MAX_WRITE_BYTES {
+                return Err(FormatError::Invalid { what: "write frame", field: "length", value: len as u64 });
+            }
+            exact(40 + len as usize)?;
+            Frame::Write { volume_id, seq, epoch, offset, flags, data: body[40..].to_vec() }
+        }
+        FrameType::Error => {
+            need(4)?;
+            let (code, len) = (d.u16(), d.u16());
+            exact(4 + len as usize)?;
+            let message = std::str::from_utf8(&body[4..])
+                .map_err(|_| FormatError::Invalid { what: "error frame", field: "message", value: 0 })?
+                .to_owned();
+            Frame::Error { code, message }
+        }
+        FrameType::Records => {
+            need(16)?;
+            let (volume_id, count) = (d.u64(), d.u32());
+            let _reserved = d.u32();
+            if body[12..16].iter().any(|b| *b != 0) {
+                return Err(FormatError::ReservedNotZero { what: "records frame" });
+            }
+            // Every record must decode and belong to the volume; the count must match.
+            let mut at = 16;
+            for _ in 0..count {
+                let (rh, _) = decode_record(&body[at..])?;
+                if rh.desc.volume_id != volume_id {
+                    return Err(FormatError::Invalid {
+                        what: "records frame",
+                        field: "volume_id",
+                        value: rh.desc.volume_id,
+                    });
+                }
+                at += rh.record_len();
+            }
+            if at != body.len() {
+                return Err(FormatError::BadLength {
+                    what: "records frame",
+                    found: body.len() as u64,
+                    expected: at as u64,
+                });
+            }
+            Frame::Records { volume_id, count, bytes: body[16..].to_vec() }
+        }
+        FrameType::StatusRequest => {
+            exact(0)?;
+            Frame::StatusRequest
+        }
+        FrameType::StatusReply => Frame::StatusReply { json: body.to_vec() },
+    })
+}
+
+impl Frame {
+    pub fn ftype(&self) -> FrameType {
+        match self {
+            Frame::OpenVolume { .. } => FrameType::OpenVolume,
+            Frame::VolumeState { .. } => FrameType::VolumeState,
+            Frame::Write { .. } => FrameType::Write,
+            Frame::Ack { .. } => FrameType::Ack,
+            Frame::Error { .. } => FrameType::Error,
+            Frame::RelayOpen { .. } => FrameType::RelayOpen,
+            Frame::ReplicaPosition { .. } => FrameType::ReplicaPosition,
+            Frame::Records { .. } => FrameType::Records,
+            Frame::StatusRequest => FrameType::StatusRequest,
+            Frame::StatusReply { .. } => FrameType::StatusReply,
+        }
+    }
+
+    /// Encodes header and body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body: Vec<u8> = Vec::new();
+        let mut put = |n: usize, f: &mut dyn FnMut(&mut Enc<'_>)| {
+            let start = body.len();
+            body.resize(start + n, 0);
+            f(&mut Enc::new(&mut body[start..]));
+        };
+        match self {
+            Frame::OpenVolume { volume_id } | Frame::RelayOpen { volume_id } => put(8, &mut |e| {
+                e.u64(*volume_id);
+            }),
+            Frame::VolumeState { volume_id, last_seq, last_epoch } => put(24, &mut |e| {
+                e.u64(*volume_id).u64(*last_seq).u64(*last_epoch);
+            }),
+            Frame::Ack { volume_id, seq, lsn } => put(24, &mut |e| {
+                e.u64(*volume_id).u64(*seq).u64(*lsn);
+            }),
+            Frame::ReplicaPosition { volume_id, durable_seq, applied_seq } => put(24, &mut |e| {
+                e.u64(*volume_id).u64(*durable_seq).u64(*applied_seq);
+            }),
+            Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
+                put(40, &mut |e| {
+                    e.u64(*volume_id).u64(*seq).u64(*epoch).u64(*offset).u32(*flags).u32(data.len() as u32);
+                });
+                body.extend_from_slice(data);
+            }
+            Frame::Error { code, message } => {
+                let m = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
+                put(4, &mut |e| {
+                    e.u16(*code).u16(m.len() as u16);
+                });
+                body.extend_from_slice(m);
+            }
+            Frame::Records { volume_id, count, bytes } => {
+                put(16, &mut |e| {
+                    e.u64(*volume_id).u32(*count).u32(0);
+                });
+                body.extend_from_slice(bytes);
+            }
+            Frame::StatusRequest => {}
+            Frame::StatusReply { json } => body.extend_from_slice(json),
+        }
+        assert!(body.len() <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
+        let mut out = vec![0u8; FRAME_HEADER_LEN];
+        Enc::new(&mut out)
+            .u32(FRAME_MAGIC)
+            .bytes(&[FRAME_VERSION, self.ftype() as u8])
+            .u16(0)
+            .u32(body.len() as u32)
+            .u32(0);
+        let crc = frame_crc(&out, &body);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+/// Decodes one whole frame from a buffer (header, body); for tests and the fuzz target.
+pub fn decode_frame(buf: &[u8], limit: u32) -> Result<(Frame, usize), FormatError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Err(FormatError::Truncated { what: WHAT, need: FRAME_HEADER_LEN, have: buf.len() });
+    }
+    let hb: &[u8; FRAME_HEADER_LEN] = buf[..FRAME_HEADER_LEN].try_into().expect("16");
+    let h = decode_header(hb, limit)?;
+    let end = FRAME_HEADER_LEN + h.body_len as usize;
+    if buf.len() < end {
+        return Err(FormatError::Truncated {
+            what: "frame body",
+            need: h.body_len as usize,
+            have: buf.len() - FRAME_HEADER_LEN,
+        });
+    }
+    Ok((decode_body(hb, &h, &buf[FRAME_HEADER_LEN..end])?, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::OpenVolume { volume_id: 3 },
+            Frame::VolumeState { volume_id: 3, last_seq: 10, last_epoch: 4 },
+            Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100] },
+            Frame::Ack { volume_id: 3, seq: 11, lsn: 77 },
+            Frame::Error { code: code::SEQUENCE_GAP, message: "gap".into() },
+            Frame::RelayOpen { volume_id: 3 },
+            Frame::ReplicaPosition { volume_id: 3, durable_seq: 9, applied_seq: 8 },
+            Frame::Records { volume_id: 3, count: 0, bytes: vec![] },
+            Frame::StatusRequest,
+            Frame::StatusReply { json: b"{}".to_vec() },
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_type() {
+        for f in samples() {
+            let b = f.encode();
+            assert_eq!(decode_frame(&b, MAX_FRAME_BODY).unwrap(), (f, b.len()));
+        }
+    }
+
+    #[test]
+    fn oversized_is_refused_from_the_header() {
+        let b = Frame::Write { volume_id: 1, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![0; 5000] }.encode();
+        let e = decode_frame(&b, 4096).unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_single_byte_change_is_detected(i in any::<prop::sample::Index>(), which in 0usize..10, xor in 1u8..) {
+            let mut b = samples()[which].encode();
+            let at = i.index(b.len());
+            b[at] ^= xor;
+            prop_assert!(decode_frame(&b, MAX_FRAME_BODY).is_err());
+        }
+
+        #[test]
+        fn truncation_is_detected(which in 0usize..10, cut in 1usize..40) {
+            let b = samples()[which].encode();
+            let n = b.len().saturating_sub(cut);
+            prop_assert!(decode_frame(&b[..n], MAX_FRAME_BODY).is_err());
+        }
+    }
+}

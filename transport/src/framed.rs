@@ -1,0 +1,77 @@
+//! Frames on a byte stream: the header is read and checked (including the receiver's size limit)
+//! before the body is allocated; the body is checked before it is decoded.
+
+use drv_format::frame::{FRAME_HEADER_LEN, Frame, decode_body, decode_header};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::TransportError;
+
+pub struct FrameReader<R> {
+    inner: R,
+    limit: u32,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// `limit`: the largest frame body accepted (named in configuration).
+    pub fn new(inner: R, limit: u32) -> Self {
+        FrameReader { inner, limit }
+    }
+
+    /// The next frame, or `None` when the peer finished the stream cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, TransportError> {
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        let mut got = 0;
+        while got < FRAME_HEADER_LEN {
+            let n = self.inner.read(&mut hb[got..]).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+            if n == 0 {
+                if got == 0 {
+                    return Ok(None);
+                }
+                return Err(TransportError::BadFrame(drv_format::FormatError::Truncated {
+                    what: "frame header",
+                    need: FRAME_HEADER_LEN,
+                    have: got,
+                }));
+            }
+            got += n;
+        }
+        let h = decode_header(&hb, self.limit)?;
+        let mut body = vec![0u8; h.body_len as usize];
+        if let Err(e) = self.inner.read_exact(&mut body).await {
+            return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                TransportError::BadFrame(drv_format::FormatError::Truncated {
+                    what: "frame body",
+                    need: h.body_len as usize,
+                    have: 0,
+                })
+            } else {
+                TransportError::Stream(e.to_string())
+            });
+        }
+        Ok(Some(decode_body(&hb, &h, &body)?))
+    }
+}
+
+pub struct FrameWriter<W> {
+    inner: W,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W) -> Self {
+        FrameWriter { inner }
+    }
+
+    pub async fn send(&mut self, f: &Frame) -> Result<(), TransportError> {
+        self.send_raw(&f.encode()).await
+    }
+
+    /// Sends already-encoded bytes (tests use it to send malformed frames).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.inner.write_all(bytes).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.inner.flush().await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    pub async fn finish(&mut self) -> Result<(), TransportError> {
+        self.inner.shutdown().await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+}

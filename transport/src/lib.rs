@@ -1,0 +1,81 @@
+//! Node-to-node transport of drv: the installation CA (`ca.rs`), QUIC endpoints with mutual TLS and
+//! role checks (`quic.rs`), and reading/writing checked frames on streams (`framed.rs`).
+
+pub mod ca;
+pub mod framed;
+pub mod quic;
+
+pub use ca::Identity;
+pub use framed::{FrameReader, FrameWriter};
+
+/// Roles a node certificate can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Agent,
+    Staging,
+    Replica,
+    Config,
+    /// An operator's tool (`drv status`).
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Staging => "staging",
+            Role::Replica => "replica",
+            Role::Config => "config",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = TransportError;
+    fn from_str(s: &str) -> Result<Role, TransportError> {
+        Ok(match s {
+            "agent" => Role::Agent,
+            "staging" => Role::Staging,
+            "replica" => Role::Replica,
+            "config" => Role::Config,
+            "admin" => Role::Admin,
+            other => return Err(TransportError::Certificate(format!("unknown role {other:?}"))),
+        })
+    }
+}
+
+/// Transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A certificate or key file could not be read or written.
+    #[error("{path}: {source}")]
+    File { path: String, source: std::io::Error },
+    /// Generating, parsing or using a certificate failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// Setting up the QUIC endpoint failed.
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(String),
+    /// Connecting to a peer failed (refused, wrong CA, wrong role, unreachable).
+    #[error("connect to {peer}: {reason}")]
+    Connect { peer: String, reason: String },
+    /// The stream failed or the peer closed it.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// The peer sent a frame that does not decode; names what was wrong.
+    #[error("bad frame from peer: {0}")]
+    BadFrame(#[from] drv_format::FormatError),
+}
+
+impl TransportError {
+    pub(crate) fn file(path: &std::path::Path, source: std::io::Error) -> Self {
+        TransportError::File { path: path.display().to_string(), source }
+    }
+}

@@ -1,0 +1,147 @@
+//! QUIC endpoints (s2n-quic, s2n-tls) with mutual TLS against the installation CA, and role checks
+//! on both sides: a server names the roles it accepts, a client names the role it expects the
+//! server to have. A refused peer is logged with the reason (wrong role in the certificate's name,
+//! or a handshake that failed, e.g. a certificate from another CA).
+
+use std::net::SocketAddr;
+
+use s2n_quic::provider::event::{ConnectionInfo, ConnectionMeta, Subscriber, events};
+use s2n_quic::provider::tls::default::callbacks::VerifyHostNameCallback;
+use s2n_quic::provider::tls::default::{Client as TlsClient, Server as TlsServer};
+use s2n_quic::{Client, Server, client::Connect};
+
+use crate::ca::parse_san;
+use crate::{Identity, Role, TransportError};
+
+const ALPN: &str = "drv/1";
+
+/// Accepts a peer certificate only if its `NAME.ROLE.drv` name carries an allowed role.
+struct RoleCheck {
+    allowed: Vec<Role>,
+    side: &'static str,
+}
+
+impl VerifyHostNameCallback for RoleCheck {
+    fn verify_host_name(&self, host_name: &str) -> bool {
+        match parse_san(host_name) {
+            Some((_, role)) if self.allowed.contains(&role) => true,
+            Some((name, role)) => {
+                tracing::warn!(
+                    peer = %name, role = %role, allowed = ?self.allowed,
+                    "refusing {} {name}: its certificate has role {role}, allowed here: {:?}", self.side, self.allowed
+                );
+                false
+            }
+            None => {
+                tracing::warn!(name = %host_name, "refusing {}: certificate name {host_name:?} is not a drv node name", self.side);
+                false
+            }
+        }
+    }
+}
+
+/// Logs connections that closed before their handshake completed (refused peers), with the reason.
+struct RefusalLog;
+
+pub struct ConnState {
+    handshake_done: bool,
+}
+
+impl Subscriber for RefusalLog {
+    type ConnectionContext = ConnState;
+
+    fn create_connection_context(&mut self, _meta: &ConnectionMeta, _info: &ConnectionInfo) -> ConnState {
+        ConnState { handshake_done: false }
+    }
+
+    fn on_handshake_status_updated(
+        &mut self,
+        context: &mut ConnState,
+        _meta: &ConnectionMeta,
+        event: &events::HandshakeStatusUpdated,
+    ) {
+        if matches!(event.status, events::HandshakeStatus::Complete { .. }) {
+            context.handshake_done = true;
+        }
+    }
+
+    fn on_connection_closed(
+        &mut self,
+        context: &mut ConnState,
+        _meta: &ConnectionMeta,
+        event: &events::ConnectionClosed,
+    ) {
+        if !context.handshake_done {
+            tracing::warn!(error = %event.error, "peer refused: TLS handshake failed: {}", event.error);
+        }
+    }
+}
+
+fn ep(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Endpoint(e.to_string())
+}
+
+/// A server endpoint on `addr` accepting peers whose certificates carry one of `allowed`.
+pub fn server(addr: SocketAddr, id: &Identity, allowed: &[Role]) -> Result<Server, TransportError> {
+    let tls = TlsServer::builder()
+        .with_empty_trust_store()
+        .map_err(ep)?
+        .with_trusted_certificate(id.ca_pem.as_str())
+        .map_err(ep)?
+        .with_certificate(id.cert_pem.as_str(), id.key_pem.as_str())
+        .map_err(ep)?
+        .with_client_authentication()
+        .map_err(ep)?
+        .with_verify_host_name_callback(RoleCheck { allowed: allowed.to_vec(), side: "client" })
+        .map_err(ep)?
+        .with_application_protocols([ALPN])
+        .map_err(ep)?
+        .build()
+        .map_err(ep)?;
+    Server::builder()
+        .with_tls(tls)
+        .map_err(ep)?
+        .with_io(addr)
+        .map_err(ep)?
+        .with_event(RefusalLog)
+        .map_err(ep)?
+        .start()
+        .map_err(ep)
+}
+
+/// A client endpoint that presents `id` and accepts only servers whose certificates carry `expect`.
+pub fn client(id: &Identity, expect: Role) -> Result<Client, TransportError> {
+    let tls = TlsClient::builder()
+        .with_empty_trust_store()
+        .map_err(ep)?
+        .with_certificate(id.ca_pem.as_str())
+        .map_err(ep)?
+        .with_client_identity(id.cert_pem.as_str(), id.key_pem.as_str())
+        .map_err(ep)?
+        .with_verify_host_name_callback(RoleCheck { allowed: vec![expect], side: "server" })
+        .map_err(ep)?
+        .with_application_protocols([ALPN])
+        .map_err(ep)?
+        .build()
+        .map_err(ep)?;
+    let any: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+    Client::builder()
+        .with_tls(tls)
+        .map_err(ep)?
+        .with_io(any)
+        .map_err(ep)?
+        .with_event(RefusalLog)
+        .map_err(ep)?
+        .start()
+        .map_err(ep)
+}
+
+/// Connects to `addr`, expecting the role the client was built for.
+pub async fn connect(client: &Client, addr: SocketAddr, role: Role) -> Result<s2n_quic::Connection, TransportError> {
+    let mut conn = client
+        .connect(Connect::new(addr).with_server_name(format!("{role}.drv")))
+        .await
+        .map_err(|e| TransportError::Connect { peer: addr.to_string(), reason: e.to_string() })?;
+    conn.keep_alive(true).map_err(|e| TransportError::Connect { peer: addr.to_string(), reason: e.to_string() })?;
+    Ok(conn)
+}
