@@ -103,6 +103,35 @@ pub struct Endpoint {
     pub role: Role,
     /// `host:port`.
     pub address: String,
+    /// Most concurrent peer connections a server accepts.
+    #[serde(default = "default_connections")]
+    pub max_connections: u32,
+    /// Largest frame body accepted from a peer.
+    #[serde(default = "default_frame", deserialize_with = "de_size")]
+    pub frame_bytes_limit: u64,
+    /// Bytes in flight per stream (agent writes not yet acknowledged; relayed records not yet
+    /// durable at the replica).
+    #[serde(default = "default_inflight", deserialize_with = "de_size")]
+    pub inflight_bytes_limit: u64,
+    /// Replica: directory of the DR log and of volume images without an explicit target.
+    #[serde(default)]
+    pub data_dir: Option<String>,
+    /// Replica: size of the DR log file created in `data_dir`.
+    #[serde(default = "default_drlog", deserialize_with = "de_size")]
+    pub drlog_bytes: u64,
+}
+
+fn default_connections() -> u32 {
+    256
+}
+fn default_frame() -> u64 {
+    8 << 20
+}
+fn default_inflight() -> u64 {
+    32 << 20
+}
+fn default_drlog() -> u64 {
+    1 << 30
 }
 
 /// A reference to a data key; the key material stays in its file, never in the store.
@@ -141,6 +170,9 @@ pub struct WrlDef {
     pub queue_bytes_limit: u64,
     #[serde(default = "default_batch", deserialize_with = "de_size")]
     pub batch_bytes_limit: u64,
+    /// Size of each device file, created by the staging server when none of them exists yet.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub device_bytes: Option<u64>,
 }
 
 fn default_segment() -> u64 {
@@ -174,6 +206,9 @@ pub struct Volume {
     /// Block size of the change map.
     #[serde(default = "default_block", deserialize_with = "de_size")]
     pub block_bytes: u64,
+    /// Replica name -> target file or block device (default: `DATA_DIR/NAME.img` on that replica).
+    #[serde(default)]
+    pub targets: std::collections::BTreeMap<String, String>,
 }
 
 fn default_block() -> u64 {
@@ -424,6 +459,72 @@ impl ConfigStore {
             return Err(ConfigError::NotFound { kind, name: name.into() });
         }
         Ok(())
+    }
+}
+
+/// Everything one volume involves, resolved by name.
+#[derive(Clone, Debug)]
+pub struct VolumeView {
+    pub name: String,
+    pub volume: Volume,
+    pub key: KeyRef,
+    pub wrl_name: String,
+    pub wrl: WrlDef,
+    pub staging: (String, Endpoint),
+    pub replicas: Vec<(String, Endpoint)>,
+}
+
+/// What one node needs to run: its endpoint, the WRLs it hosts (staging) and the volumes it serves.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    pub endpoint: Endpoint,
+    /// WRLs whose staging server is this node.
+    pub wrls: Vec<(String, WrlDef)>,
+    /// Volumes logged on this node (staging) or replicated to it (replica).
+    pub volumes: Vec<VolumeView>,
+}
+
+impl ConfigStore {
+    /// Resolves the configuration of node `name`.
+    pub fn node(&self, name: &str) -> Result<NodeConfig> {
+        let endpoint: Endpoint = self.get_typed(Kind::Endpoint, name)?;
+        let mut wrls = Vec::new();
+        for (_, n, v) in self.list(&[Kind::Wrl])? {
+            let w: WrlDef = serde_json::from_value(v).map_err(|e| ConfigError::Invalid {
+                kind: Kind::Wrl,
+                name: n.clone(),
+                reason: e.to_string(),
+            })?;
+            if w.staging == name {
+                wrls.push((n, w));
+            }
+        }
+        let mut volumes = Vec::new();
+        for (_, n, v) in self.list(&[Kind::Volume])? {
+            let volume: Volume = serde_json::from_value(v).map_err(|e| ConfigError::Invalid {
+                kind: Kind::Volume,
+                name: n.clone(),
+                reason: e.to_string(),
+            })?;
+            let wrl: WrlDef = self.get_typed(Kind::Wrl, &volume.wrl)?;
+            let mine = match endpoint.role {
+                Role::Staging => wrl.staging == name,
+                Role::Replica => volume.replicas.iter().any(|r| r == name),
+                Role::Agent | Role::Config => true,
+            };
+            if !mine {
+                continue;
+            }
+            let key: KeyRef = self.get_typed(Kind::Key, &volume.key)?;
+            let staging = (wrl.staging.clone(), self.get_typed(Kind::Endpoint, &wrl.staging)?);
+            let mut replicas = Vec::new();
+            for r in &volume.replicas {
+                replicas.push((r.clone(), self.get_typed(Kind::Endpoint, r)?));
+            }
+            volumes.push(VolumeView { name: n, wrl_name: volume.wrl.clone(), volume, key, wrl, staging, replicas });
+        }
+        Ok(NodeConfig { name: name.to_owned(), endpoint, wrls, volumes })
     }
 }
 

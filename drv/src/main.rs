@@ -5,6 +5,7 @@
 
 mod config_cmd;
 mod demo;
+mod servers;
 mod wrl_cmd;
 
 use std::path::PathBuf;
@@ -31,6 +32,26 @@ enum Command {
     /// Manage data keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The installation CA and node certificates.
+    #[command(subcommand)]
+    Ca(servers::CaCommand),
+    /// Run the staging server.
+    #[command(subcommand)]
+    Staging(RunCommand),
+    /// Run the replica server.
+    #[command(subcommand)]
+    Replica(RunCommand),
+    /// Show a server's volumes, positions, lag and peers.
+    Status(servers::StatusArgs),
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Run this node until stopped.
+    Run(servers::NodeArgs),
+    /// Replica only, offline: apply every complete epoch in the DR log and exit, leaving each
+    /// target at its last complete epoch (what `run` also does first).
+    Recover(servers::NodeArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +93,12 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Wrl(c) => wrl_cmd::run(c),
         Command::Config(c) => config_cmd::run(c),
+        Command::Ca(c) => servers::ca(c),
+        Command::Staging(RunCommand::Run(n)) => servers::staging_run(n),
+        Command::Staging(RunCommand::Recover(_)) => Err(anyhow::anyhow!("recover is a replica command")),
+        Command::Replica(RunCommand::Run(n)) => servers::replica_run(n),
+        Command::Replica(RunCommand::Recover(n)) => servers::replica_recover(n),
+        Command::Status(a) => servers::status(a),
         Command::Key(KeyCommand::Generate { path, force }) => {
             generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))
         }

@@ -1,6 +1,12 @@
-//! drv replica server: receives encrypted records from staging, logs them in its DR log and applies
-//! whole epochs in order to the target volume.
+//! drv replica server: receives encrypted records from staging, logs them unchanged in its DR log
+//! (a WRL, `drv_staging::wrl`), and applies whole epochs in order to the target volume, so the
+//! target is always at a crash-consistent point.
 //!
-//! Not built yet: the staging/replica servers issue brings the server, the DR log and the
-//! epoch-atomic apply. The crate exists now so the workspace has its final shape; the record format
-//! it will consume is `drv_format::record` (decrypt with `drv_format::VolumeKey::open`).
+//! - `server.rs`: the QUIC server, sequence checks, DR log appends, position reports, status.
+//! - `apply.rs`: the epoch-atomic apply loop, the durable applied position, and the one place a
+//!   block is about to be overwritten (`OverwriteObserver`, for copy-on-write snapshots).
+
+pub mod apply;
+pub mod server;
+
+pub use server::ReplicaServer;

@@ -2,6 +2,8 @@
 //! write lands in before the agent may write it locally. The network server and the relay to the
 //! replicas build on [`wrl::Wrl`].
 
+pub mod relay;
+pub mod server;
 pub mod storage;
 pub mod wrl;
 

@@ -17,3 +17,125 @@ pub fn drv_bin() -> std::path::PathBuf {
     assert!(bin.exists(), "{} not found: run `cargo build --bins` first (cargo xtask test does)", bin.display());
     bin
 }
+
+/// A free UDP port on loopback (bound and released; good enough for tests).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A small installation on loopback: CA and certificates, a key, a configuration store with one
+/// staging server, one or more replicas and one volume.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub certs: std::path::PathBuf,
+    pub config: std::path::PathBuf,
+    pub staging_addr: String,
+    pub replica_addrs: Vec<String>,
+    pub volume_id: u64,
+    pub volume_bytes: u64,
+}
+
+impl Cluster {
+    pub fn new(replicas: usize, volume_bytes: u64) -> Cluster {
+        use drv_config::{ConfigStore, Kind};
+        use drv_transport::{Role, ca};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        ca::init(&certs).expect("ca");
+        ca::issue(&certs, Role::Staging, "stg1").expect("issue");
+        ca::issue(&certs, Role::Agent, "host1").expect("issue");
+        ca::issue(&certs, Role::Admin, "admin").expect("issue");
+        let key = dir.path().join("vol.key");
+        std::fs::write(&key, [0x42u8; 32]).expect("key");
+        let config = dir.path().join("config.redb");
+        let st = ConfigStore::open(&config).expect("config");
+        let s = |v: &[String]| v.to_vec();
+        let staging_addr = format!("127.0.0.1:{}", free_udp_port());
+        st.set(Kind::Endpoint, "stg1", &s(&["role=staging".into(), format!("address={staging_addr}")])).unwrap();
+        let mut names = Vec::new();
+        let mut replica_addrs = Vec::new();
+        for i in 0..replicas {
+            let name = format!("rep{}", i + 1);
+            ca::issue(&certs, Role::Replica, &name).expect("issue");
+            let addr = format!("127.0.0.1:{}", free_udp_port());
+            let data = dir.path().join(&name);
+            st.set(
+                Kind::Endpoint,
+                &name,
+                &s(&[
+                    "role=replica".into(),
+                    format!("address={addr}"),
+                    format!("data_dir={}", data.display()),
+                    "drlog_bytes=64M".into(),
+                ]),
+            )
+            .unwrap();
+            names.push(format!("\"{name}\""));
+            replica_addrs.push(addr);
+        }
+        st.set(Kind::Key, "k1", &s(&[format!("path={}", key.display())])).unwrap();
+        let wrl = dir.path().join("wrl0");
+        st.set(
+            Kind::Wrl,
+            "w0",
+            &s(&[
+                "staging=stg1".into(),
+                format!("devices=[\"{}\"]", wrl.display()),
+                "segment_bytes=4M".into(),
+                "device_bytes=64M".into(),
+            ]),
+        )
+        .unwrap();
+        let v = st
+            .set(
+                Kind::Volume,
+                "vol1",
+                &s(&[
+                    format!("size_bytes={volume_bytes}"),
+                    "wrl=w0".into(),
+                    format!("replicas=[{}]", names.join(",")),
+                    "key=k1".into(),
+                ]),
+            )
+            .unwrap();
+        Cluster { certs, config, staging_addr, replica_addrs, volume_id: v["id"].as_u64().unwrap(), volume_bytes, dir }
+    }
+
+    /// Starts `drv staging run` or `drv replica run` for `name`, logging to `DIR/NAME.log`.
+    pub fn start(&self, role: &str, name: &str) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log");
+        std::process::Command::new(drv_bin())
+            .args([role, "run", "--name", name])
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--certs")
+            .arg(&self.certs)
+            .env("DRV_LOG", "info")
+            .stderr(log)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn drv")
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `drv status --json` of a server, if it answers.
+    pub fn status(&self, addr: &str, role: &str, cert: &str) -> Option<serde_json::Value> {
+        let out = std::process::Command::new(drv_bin())
+            .args(["status", "--json", "--server", addr, "--role", role, "--name", cert])
+            .arg("--certs")
+            .arg(&self.certs)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+}

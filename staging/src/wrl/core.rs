@@ -679,14 +679,19 @@ impl LogCore {
         let record_bytes: u64 = records.iter().map(|r| r.log_bytes()).sum();
         let disk_bytes = self.batch_disk_bytes(record_bytes);
         assert!(disk_bytes <= self.usable(), "batch of {disk_bytes} bytes exceeds a segment");
-        let mut max_counter = 0;
+        let mut max_counter = None;
         for r in records {
             let (domain, counter) = nonce_parts(&r.desc.nonce);
-            assert_eq!(domain, self.wrl_id, "record encrypted under another WRL's nonce domain");
             assert_eq!(r.payload.len(), r.desc.length as usize + TAG_LEN, "stored payload length");
-            max_counter = max_counter.max(counter);
+            // Records sealed elsewhere (a replica's DR log holds staging's records) carry their
+            // own nonce domain; only this WRL's own counters are covered by its high-water mark.
+            if domain == self.wrl_id {
+                max_counter = max_counter.max(Some(counter));
+            }
         }
-        self.reserve_nonces(max_counter)?;
+        if let Some(c) = max_counter {
+            self.reserve_nonces(c)?;
+        }
         let head_end = self.table.read().expect("table lock").segments.last().expect("head").end;
         if head_end + disk_bytes > self.segment_bytes {
             self.open_segment()?;

@@ -203,22 +203,8 @@ impl Wrl {
         if !req.flags.is_valid() {
             return done(Err(WrlError::InvalidAppend(format!("unknown flags {:#x}", req.flags.0))));
         }
-        let need = len + TAG_LEN as u64 + 96;
-        {
-            let mut st = sh.state.lock().expect("wrl state");
-            loop {
-                if let Some(f) = &st.failed {
-                    return done(Err(WrlError::Failed(f.clone())));
-                }
-                if st.closing {
-                    return done(Err(WrlError::Closed));
-                }
-                if st.admitted_bytes == 0 || st.admitted_bytes + need <= sh.opts.queue_bytes_limit {
-                    break;
-                }
-                st = sh.room.wait(st).expect("wrl state");
-            }
-            st.admitted_bytes += need;
+        if let Err(e) = self.admit(len + TAG_LEN as u64 + 96) {
+            return done(Err(e));
         }
         let counter = sh.nonce_next.fetch_add(1, Ordering::Relaxed);
         let desc = WriteDesc {
@@ -233,7 +219,54 @@ impl Wrl {
         };
         let mut payload = Vec::with_capacity(req.data.len() + TAG_LEN);
         key.seal(&desc, req.data, &mut payload);
-        let rec = PendingRecord { desc, payload: Arc::new(payload) };
+        self.enqueue(PendingRecord { desc, payload: Arc::new(payload) }, done);
+    }
+
+    /// Queues a record that was sealed elsewhere (a replica logging what staging relayed): the
+    /// descriptor and stored payload are logged unchanged. Same admission limits and order rules
+    /// as [`Wrl::submit`].
+    pub fn submit_sealed(&self, desc: WriteDesc, payload: Arc<Vec<u8>>, done: Completion) {
+        let sh = &self.shared;
+        if desc.length as u64 > sh.record_bytes_limit {
+            return done(Err(WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit }));
+        }
+        if payload.len() != desc.length as usize + TAG_LEN || !desc.flags.is_valid() {
+            return done(Err(WrlError::InvalidAppend(format!(
+                "sealed record of volume {} seq {}: payload of {} bytes for length {}",
+                desc.volume_id,
+                desc.volume_seq,
+                payload.len(),
+                desc.length
+            ))));
+        }
+        if let Err(e) = self.admit(payload.len() as u64 + 96) {
+            return done(Err(e));
+        }
+        self.enqueue(PendingRecord { desc, payload }, done);
+    }
+
+    /// Waits until `need` more bytes fit under `queue_bytes_limit`, then counts them as admitted.
+    fn admit(&self, need: u64) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.state.lock().expect("wrl state");
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(WrlError::Failed(f.clone()));
+            }
+            if st.closing {
+                return Err(WrlError::Closed);
+            }
+            if st.admitted_bytes == 0 || st.admitted_bytes + need <= sh.opts.queue_bytes_limit {
+                break;
+            }
+            st = sh.room.wait(st).expect("wrl state");
+        }
+        st.admitted_bytes += need;
+        Ok(())
+    }
+
+    fn enqueue(&self, rec: PendingRecord, done: Completion) {
+        let sh = &self.shared;
         let mut st = sh.state.lock().expect("wrl state");
         st.queue.push_back(Queued { rec, done });
         drop(st);

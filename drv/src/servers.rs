@@ -1,0 +1,198 @@
+//! `drv ca`, `drv staging run`, `drv replica run`, `drv status`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use drv_config::ConfigStore;
+use drv_format::frame::Frame;
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic};
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create the installation CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (NAME.pem, NAME.key) signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// agent, staging, replica, config or admin.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// The configuration store.
+    #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
+    config: PathBuf,
+    /// This node's name (its endpoint entry and certificate).
+    #[arg(long)]
+    name: String,
+    /// Directory with ca.pem, NAME.pem and NAME.key.
+    #[arg(long, env = "DRV_CERTS")]
+    certs: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// host:port of a staging or replica server.
+    #[arg(long)]
+    server: String,
+    /// The role the server must have: staging or replica.
+    #[arg(long, default_value = "staging")]
+    role: String,
+    /// Directory with ca.pem and the certificate to present.
+    #[arg(long, env = "DRV_CERTS")]
+    certs: PathBuf,
+    /// Name of the certificate to present (an admin certificate).
+    #[arg(long, default_value = "admin")]
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn ca(c: CaCommand) -> Result<()> {
+    match c {
+        CaCommand::Init { dir } => {
+            let p = ca::init(&dir).context("create installation CA")?;
+            println!("created CA {}", p.display());
+        }
+        CaCommand::Issue { dir, role, name } => {
+            let role: Role = role.parse()?;
+            let p = ca::issue(&dir, role, &name).with_context(|| format!("issue certificate for {name}"))?;
+            println!("issued {} ({role} {name})", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn addr(a: &str) -> Result<SocketAddr> {
+    a.to_socket_addrs()?.next().with_context(|| format!("resolve {a}"))
+}
+
+fn load(n: &NodeArgs) -> Result<(drv_config::NodeConfig, Identity, SocketAddr)> {
+    let store = ConfigStore::open(&n.config).with_context(|| format!("open configuration {}", n.config.display()))?;
+    let node = store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?;
+    let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load certificate of {}", n.name))?;
+    let a = addr(&node.endpoint.address)?;
+    Ok((node, id, a))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start async runtime")
+}
+
+pub fn staging_run(n: NodeArgs) -> Result<()> {
+    let (node, id, a) = load(&n)?;
+    if node.endpoint.role != drv_config::Role::Staging {
+        bail!("node {} has role {:?}, not staging", n.name, node.endpoint.role);
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let st = drv_staging::server::Staging::new(&node, id).context("start staging server")?;
+        eprintln!("staging {} serving {} volume(s) on {a}", n.name, st.volumes.len());
+        st.run(a).await.context("staging server")
+    })
+}
+
+pub fn replica_run(n: NodeArgs) -> Result<()> {
+    let (node, id, a) = load(&n)?;
+    if node.endpoint.role != drv_config::Role::Replica {
+        bail!("node {} has role {:?}, not replica", n.name, node.endpoint.role);
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let r = drv_replica::ReplicaServer::new(&node, id).context("start replica server")?;
+        eprintln!("replica {} serving {} volume(s) on {a}", n.name, r.volumes.len());
+        r.run(a).await.context("replica server")
+    })
+}
+
+pub fn replica_recover(n: NodeArgs) -> Result<()> {
+    let (node, id, _) = load(&n)?;
+    let r = drv_replica::ReplicaServer::new(&node, id).context("open replica")?;
+    r.catch_up().context("apply complete epochs")?;
+    println!("{}", r.status_json());
+    Ok(())
+}
+
+/// Fetches the status document of a server.
+pub async fn fetch_status(id: &Identity, server: SocketAddr, role: Role) -> Result<serde_json::Value> {
+    let client = quic::client(id, role)?;
+    let mut conn = quic::connect(&client, server, role).await?;
+    let s = conn.open_bidirectional_stream().await.context("open stream")?;
+    let (rx, tx) = s.split();
+    let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
+    w.send(&Frame::StatusRequest).await?;
+    match r.next().await? {
+        Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json).context("parse status")?),
+        Some(Frame::Error { message, .. }) => bail!("server refused: {message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+pub fn status(a: StatusArgs) -> Result<()> {
+    let id = Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
+    let role: Role = a.role.parse()?;
+    let server = addr(&a.server)?;
+    let rt = runtime()?;
+    let v = rt
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), fetch_status(&id, server, role)).await
+        })
+        .with_context(|| format!("no answer from {server} within 10 s"))??;
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{} {} (up {:.0}s), peers: {}",
+        v["role"].as_str().unwrap_or("?"),
+        v["name"].as_str().unwrap_or("?"),
+        v["uptime_seconds"].as_f64().unwrap_or(0.0),
+        v["peers"]
+    );
+    for vol in v["volumes"].as_array().into_iter().flatten() {
+        if role == Role::Staging {
+            println!(
+                "  volume {:<12} received {:>8} durable {:>8} replicated {:>8}  lag {} records, {} bytes, {:.1}s",
+                vol["name"].as_str().unwrap_or("?"),
+                vol["received_seq"],
+                vol["durable_seq"],
+                vol["replicated_seq"],
+                vol["lag_records"],
+                vol["lag_bytes"],
+                vol["lag_seconds"].as_f64().unwrap_or(0.0)
+            );
+            for r in vol["replicas"].as_array().into_iter().flatten() {
+                println!(
+                    "    -> {:<10} {} sent {} durable {} applied {}",
+                    r["replica"].as_str().unwrap_or("?"),
+                    if r["connected"] == true { "connected   " } else { "disconnected" },
+                    r["sent_seq"],
+                    r["durable_seq"],
+                    r["applied_seq"]
+                );
+            }
+        } else {
+            println!(
+                "  volume {:<12} {:<11} received {:>8} durable {:>8} applied {:>8} (epoch {})",
+                vol["name"].as_str().unwrap_or("?"),
+                vol["state"].as_str().unwrap_or("?"),
+                vol["received_seq"],
+                vol["durable_seq"],
+                vol["applied_seq"],
+                vol["applied_epoch"]
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! The replica server (`drv replica run`): accepts relay streams from staging servers over mTLS
+//! QUIC, logs every record unchanged in its DR log (a WRL), reports the durable and applied
+//! positions, and runs one apply loop per volume (`apply.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use drv_config::NodeConfig;
+use drv_format::crypto::VolumeKey;
+use drv_format::frame::{Frame, code};
+use drv_format::record::{RECORD_HEADER_LEN, decode_record};
+use drv_staging::storage::{FileStorage, Storage};
+use drv_staging::wrl::{self, CreateOptions, Wrl, WrlOptions};
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::apply::{self, NoSnapshots, ReplicaVolume};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("replica {0} has no data_dir in its endpoint configuration")]
+    NoDataDir(String),
+    #[error("DR log {path}: {reason}")]
+    DrLog { path: String, reason: String },
+    #[error("volume {name}: {reason}")]
+    Volume { name: String, reason: String },
+    #[error("{0}")]
+    Transport(#[from] drv_transport::TransportError),
+}
+
+pub struct ReplicaServer {
+    pub name: String,
+    pub identity: Identity,
+    pub drlog: Arc<Wrl>,
+    pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
+    frame_bytes_limit: u32,
+    max_connections: u32,
+    peers: Mutex<BTreeMap<u64, String>>,
+    next_peer: AtomicU64,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+}
+
+fn open_drlog(dir: &Path, bytes: u64) -> Result<Arc<Wrl>, ReplicaError> {
+    let path = dir.join("drlog");
+    let err = |reason: String| ReplicaError::DrLog { path: path.display().to_string(), reason };
+    let dev: Arc<dyn Storage> = if path.exists() {
+        Arc::new(FileStorage::open(&path).map_err(|e| err(e.to_string()))?)
+    } else {
+        let dev: Arc<dyn Storage> = Arc::new(FileStorage::create_file(&path, bytes).map_err(|e| err(e.to_string()))?);
+        // Eight or more segments of at most 64 MiB, in whole MiB.
+        let segment = ((bytes / 8) >> 20).clamp(1, 64) << 20;
+        let mut uuid = [0u8; 16];
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        uuid.copy_from_slice(&now.to_le_bytes());
+        // The DR log never encrypts anything itself: it stores staging's sealed records, so its own
+        // nonce domain (0) is never used.
+        let opts = CreateOptions { uuid, wrl_id: 0, segment_bytes: segment, io_align: 4096, capacity_bytes: None };
+        wrl::create(std::slice::from_ref(&dev), &opts).map_err(|e| err(e.to_string()))?;
+        dev
+    };
+    let (w, rec) = Wrl::open(vec![dev], WrlOptions::default()).map_err(|e| err(e.to_string()))?;
+    tracing::info!(first_lsn = rec.first_lsn, last_lsn = rec.last_lsn, tail = ?rec.tail, "DR log recovered");
+    Ok(Arc::new(w))
+}
+
+impl ReplicaServer {
+    pub fn new(node: &NodeConfig, identity: Identity) -> Result<Arc<ReplicaServer>, ReplicaError> {
+        let dir =
+            PathBuf::from(node.endpoint.data_dir.clone().ok_or_else(|| ReplicaError::NoDataDir(node.name.clone()))?);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ReplicaError::DrLog { path: dir.display().to_string(), reason: e.to_string() })?;
+        let drlog = open_drlog(&dir, node.endpoint.drlog_bytes)?;
+        let mut volumes = HashMap::new();
+        for v in &node.volumes {
+            let err = |reason: String| ReplicaError::Volume { name: v.name.clone(), reason };
+            let key = VolumeKey::load(v.key.key_id, Path::new(&v.key.path)).map_err(|e| err(e.to_string()))?;
+            let target = v
+                .volume
+                .targets
+                .get(&node.name)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| dir.join(format!("{}.img", v.name)));
+            let rv = ReplicaVolume::open(
+                v.volume.id,
+                &v.name,
+                key,
+                target,
+                v.volume.size_bytes,
+                dir.join(format!("{}.applied", v.name)),
+                &drlog,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            volumes.insert(v.volume.id, Arc::new(rv));
+        }
+        Ok(Arc::new(ReplicaServer {
+            name: node.name.clone(),
+            identity,
+            drlog,
+            volumes,
+            frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
+            max_connections: node.endpoint.max_connections,
+            peers: Mutex::new(BTreeMap::new()),
+            next_peer: AtomicU64::new(1),
+            stop: Arc::new(AtomicBool::new(false)),
+            started: Instant::now(),
+        }))
+    }
+
+    /// Applies every complete epoch the DR log holds (replaying one a crash interrupted).
+    pub fn catch_up(&self) -> Result<Vec<(u64, apply::Applier)>, ReplicaError> {
+        let mut out = Vec::new();
+        for v in self.volumes.values() {
+            let a = apply::catch_up(v, &self.drlog, &NoSnapshots)
+                .map_err(|reason| ReplicaError::Volume { name: v.name.clone(), reason })?;
+            let s = v.state.lock().expect("apply state");
+            tracing::info!(volume = %v.name, applied_seq = s.applied.seq, applied_epoch = s.applied.epoch, "caught up from the DR log");
+            drop(s);
+            out.push((v.id, a));
+        }
+        Ok(out)
+    }
+
+    pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ReplicaError> {
+        for (id, applier) in self.catch_up()? {
+            let v = self.volumes[&id].clone();
+            let (log, stop) = (self.drlog.clone(), self.stop.clone());
+            std::thread::Builder::new()
+                .name(format!("apply-{}", v.name))
+                .spawn(move || apply::run(v, log, Arc::new(NoSnapshots), stop, applier))
+                .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })?;
+        }
+        let mut server = quic::server(addr, &self.identity, &[Role::Staging, Role::Admin])?;
+        tracing::info!(%addr, "replica server {} listening", self.name);
+        let conns = Arc::new(tokio::sync::Semaphore::new(self.max_connections as usize));
+        while let Some(mut conn) = server.accept().await {
+            let peer = conn.remote_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = self.max_connections, "refusing connection: max_connections reached");
+                conn.close(1u32.into());
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let id = me.next_peer.fetch_add(1, Ordering::Relaxed);
+                me.peers.lock().expect("peers").insert(id, peer);
+                while let Ok(Some(stream)) = conn.accept_bidirectional_stream().await {
+                    let me = me.clone();
+                    tokio::spawn(async move {
+                        let (rx, tx) = stream.split();
+                        let mut r = FrameReader::new(rx, me.frame_bytes_limit);
+                        let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+                        let writer = tokio::spawn(drv_staging::server::write_frames(FrameWriter::new(tx), out_rx));
+                        if let Err(e) = me.serve_stream(&mut r, &out_tx).await {
+                            tracing::warn!("relay stream refused: {e}");
+                            let _ = out_tx.send(Frame::Error { code: code::MALFORMED, message: e });
+                        }
+                        drop(out_tx);
+                        let _ = writer.await;
+                    });
+                }
+                me.peers.lock().expect("peers").remove(&id);
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    async fn serve_stream<R: tokio::io::AsyncRead + Unpin>(
+        self: &Arc<Self>,
+        r: &mut FrameReader<R>,
+        out: &mpsc::UnboundedSender<Frame>,
+    ) -> Result<(), String> {
+        let mut volume: Option<Arc<ReplicaVolume>> = None;
+        while let Some(frame) = r.next().await.map_err(|e| e.to_string())? {
+            match frame {
+                Frame::StatusRequest => {
+                    let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
+                }
+                Frame::RelayOpen { volume_id } => {
+                    let Some(v) = self.volumes.get(&volume_id) else {
+                        let _ = out.send(Frame::Error {
+                            code: code::UNKNOWN_VOLUME,
+                            message: format!("volume {volume_id} is not configured on replica {}", self.name),
+                        });
+                        continue;
+                    };
+                    // Report a durable position: wait until what was submitted is durable.
+                    let v2 = v.clone();
+                    let (durable, applied) = tokio::task::spawn_blocking(move || {
+                        let mut s = v2.state.lock().expect("apply state");
+                        while s.durable_seq < s.submitted_seq {
+                            s = v2.changed.wait_timeout(s, std::time::Duration::from_millis(50)).expect("state").0;
+                        }
+                        (s.durable_seq, s.applied.seq)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    let _ = out.send(Frame::ReplicaPosition { volume_id, durable_seq: durable, applied_seq: applied });
+                    volume = Some(v.clone());
+                }
+                Frame::Records { volume_id, count, bytes } => {
+                    let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
+                        return Err(format!("records for volume {volume_id} before RelayOpen on this stream"));
+                    };
+                    self.log_records(v, count, &bytes, out)?;
+                }
+                other => return Err(format!("unexpected {:?} frame from a staging server", other.ftype())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a Records frame in the DR log (sequence checked), and reports the position once the
+    /// frame's last record is durable.
+    fn log_records(
+        &self,
+        v: &Arc<ReplicaVolume>,
+        count: u32,
+        bytes: &[u8],
+        out: &mpsc::UnboundedSender<Frame>,
+    ) -> Result<(), String> {
+        let mut at = 0usize;
+        let mut batch = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let (h, payload) = decode_record(&bytes[at..]).map_err(|e| format!("record in frame: {e}"))?;
+            at += RECORD_HEADER_LEN + payload.len();
+            batch.push((h, payload.to_vec()));
+        }
+        let mut st = v.state.lock().expect("apply state");
+        let mut last = None;
+        let mut to_log = Vec::new();
+        for (h, payload) in batch {
+            let seq = h.desc.volume_seq;
+            if seq <= st.submitted_seq {
+                continue; // already logged (a resend after reconnect)
+            }
+            if seq != st.submitted_seq + 1 {
+                return Err(format!(
+                    "volume {} record seq {seq} leaves a gap: the DR log holds up to seq {}",
+                    v.id, st.submitted_seq
+                ));
+            }
+            st.submitted_seq = seq;
+            last = Some(seq);
+            to_log.push((h, payload));
+        }
+        let Some(last) = last else {
+            let _ = out.send(Frame::ReplicaPosition {
+                volume_id: v.id,
+                durable_seq: st.durable_seq,
+                applied_seq: st.applied.seq,
+            });
+            return Ok(());
+        };
+        // Submitted under the volume's lock: the DR log holds the volume in sequence order.
+        for (h, payload) in to_log {
+            let seq = h.desc.volume_seq;
+            let (v2, out2) = (v.clone(), out.clone());
+            self.drlog.submit_sealed(
+                h.desc,
+                Arc::new(payload),
+                Box::new(move |r| match r {
+                    Ok(_) => {
+                        v2.logged(seq);
+                        if seq == last {
+                            let applied = v2.state.lock().expect("apply state").applied.seq;
+                            let _ = out2.send(Frame::ReplicaPosition {
+                                volume_id: v2.id,
+                                durable_seq: seq,
+                                applied_seq: applied,
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = v2.id, seq, "DR log append failed: {e}");
+                        let mut s = v2.state.lock().expect("apply state");
+                        s.submitted_seq = s.submitted_seq.min(seq - 1);
+                        let _ = out2.send(Frame::Error { code: code::SERVER, message: format!("DR log: {e}") });
+                    }
+                }),
+            );
+        }
+        drop(st);
+        Ok(())
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let mut vs: Vec<_> = self.volumes.values().collect();
+        vs.sort_by_key(|v| v.id);
+        let volumes: Vec<_> = vs
+            .iter()
+            .map(|v| {
+                let s = v.state.lock().expect("apply state").clone();
+                json!({
+                    "volume_id": v.id,
+                    "name": v.name,
+                    "target": v.target_path.display().to_string(),
+                    "state": if s.error.is_some() { "error" } else if s.resyncing { "resyncing" } else { "replicating" },
+                    "received_seq": s.submitted_seq,
+                    "durable_seq": s.durable_seq,
+                    "applied_seq": s.applied.seq,
+                    "applied_epoch": s.applied.epoch,
+                    "apply_lag_records": s.durable_seq.saturating_sub(s.applied.seq),
+                    "pending_records": s.pending_records,
+                    "applied_units": s.applied_units,
+                    "error": s.error,
+                })
+            })
+            .collect();
+        let d = self.drlog.status();
+        json!({
+            "role": "replica",
+            "name": self.name,
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "peers": self.peers.lock().expect("peers").values().cloned().collect::<Vec<_>>(),
+            "volumes": volumes,
+            "drlog": { "first_lsn": d.first_lsn, "durable_lsn": d.durable_lsn, "used_segments": d.used_segments,
+                       "total_segments": d.total_segments, "cache_bytes": d.cache_bytes, "failed": d.failed },
+        })
+    }
+
+    /// A snapshot can only be taken at an epoch boundary outside a resync.
+    pub fn snapshot_allowed(&self, volume_id: u64) -> Result<(), String> {
+        let v = self.volumes.get(&volume_id).ok_or_else(|| format!("volume {volume_id} is not on this replica"))?;
+        let s = v.state.lock().expect("apply state");
+        if s.resyncing {
+            return Err(format!("volume {} is resyncing: a snapshot now would not be consistent", v.name));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,223 @@
+//! Relay of one volume to one replica: asynchronous, in order, with bounded in-flight bytes,
+//! reconnect with backoff, and resume from the replica's durable position. Records leave the WRL
+//! unchanged (header + AES-GCM payload); staging never decrypts them.
+//!
+//! The WRL trims a volume's records only after every replica of it reported them durable
+//! (`VolumeCtx::confirm_replicated`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drv_format::frame::Frame;
+use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
+use tokio::sync::mpsc;
+
+use crate::server::{Staging, VolumeCtx};
+use crate::wrl::WrlError;
+
+/// Largest Records frame body the relay builds.
+const RECORDS_FRAME_BYTES: u64 = 4 << 20;
+
+pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: SocketAddr) {
+    let client = match quic::client(&st.identity, Role::Replica) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(volume = v.id, %replica, "relay cannot start: {e}");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match session(&st, &v, &replica, &client, addr).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                tracing::warn!(volume = v.id, %replica, %addr, "relay interrupted: {e}; retrying in {backoff:?}");
+            }
+        }
+        if let Some(p) = v.progress.lock().expect("progress").get_mut(&replica) {
+            p.connected = false;
+            p.reconnects += 1;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("WRL: {0}")]
+    Wrl(#[from] WrlError),
+    #[error("replica refused: {0}")]
+    Refused(String),
+    #[error("replica closed the stream")]
+    Closed,
+    #[error("replica reports durable seq {got}, but only up to {sent} was sent")]
+    Ahead { got: u64, sent: u64 },
+    #[error("replica needs seq {need} but the log holds this volume from seq {first}: a full resync is required")]
+    Missing { need: u64, first: u64 },
+}
+
+async fn session(
+    st: &Arc<Staging>,
+    v: &Arc<VolumeCtx>,
+    replica: &str,
+    client: &s2n_quic::Client,
+    addr: SocketAddr,
+) -> Result<(), RelayError> {
+    let mut conn = quic::connect(client, addr, Role::Replica).await?;
+    let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    let (rx, tx) = stream.split();
+    let mut r = FrameReader::new(rx, st.frame_bytes_limit);
+    let mut w = FrameWriter::new(tx);
+    w.send(&Frame::RelayOpen { volume_id: v.id }).await?;
+    let (mut durable_seq, applied) = match r.next().await? {
+        Some(Frame::ReplicaPosition { durable_seq, applied_seq, .. }) => (durable_seq, applied_seq),
+        Some(Frame::Error { message, .. }) => return Err(RelayError::Refused(message)),
+        _ => return Err(RelayError::Closed),
+    };
+    tracing::info!(volume = v.id, %replica, durable_seq, applied, "relay connected; resuming after seq {durable_seq}");
+    {
+        let mut p = v.progress.lock().expect("progress");
+        let e = p.entry(replica.to_owned()).or_default();
+        e.connected = true;
+        e.durable_seq = e.durable_seq.max(durable_seq);
+        e.applied_seq = applied;
+        e.sent_seq = durable_seq;
+    }
+    // Positions come back on their own task; the sender waits on them for in-flight room.
+    let (pos_tx, mut pos_rx) = mpsc::unbounded_channel::<Result<(u64, u64), RelayError>>();
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = match r.next().await {
+                Ok(Some(Frame::ReplicaPosition { durable_seq, applied_seq, .. })) => Ok((durable_seq, applied_seq)),
+                Ok(Some(Frame::Error { message, .. })) => Err(RelayError::Refused(message)),
+                Ok(Some(_)) | Ok(None) => Err(RelayError::Closed),
+                Err(e) => Err(e.into()),
+            };
+            let stop = m.is_err();
+            if pos_tx.send(m).is_err() || stop {
+                return;
+            }
+        }
+    });
+    let result = pump(st, v, replica, &mut w, &mut pos_rx, &mut durable_seq).await;
+    reader.abort();
+    result
+}
+
+/// Sends records after the replica's durable position, keeping at most the in-flight limit of
+/// unacknowledged bytes, and applies position reports as they arrive.
+async fn pump<W: tokio::io::AsyncWrite + Unpin>(
+    st: &Arc<Staging>,
+    v: &Arc<VolumeCtx>,
+    replica: &str,
+    w: &mut FrameWriter<W>,
+    pos_rx: &mut mpsc::UnboundedReceiver<Result<(u64, u64), RelayError>>,
+    durable_seq: &mut u64,
+) -> Result<(), RelayError> {
+    // In flight: (seq, lsn, bytes) sent but not yet durable at the replica.
+    let mut inflight: VecDeque<(u64, u64, u64)> = VecDeque::new();
+    let mut inflight_bytes = 0u64;
+    let mut sent_seq = *durable_seq;
+    let mut cursor = v.wrl.status().first_lsn;
+    let limit = st.inflight_bytes_limit.max(RECORDS_FRAME_BYTES);
+    loop {
+        // Apply every position report that is waiting.
+        while let Ok(m) = pos_rx.try_recv() {
+            let (d, a) = m?;
+            ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
+        }
+        let notified = st.appended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if inflight_bytes >= limit {
+            let (d, a) = pos_rx.recv().await.ok_or(RelayError::Closed)??;
+            ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
+            continue;
+        }
+        let recs = v.wrl.read(cursor, RECORDS_FRAME_BYTES)?;
+        let mut bytes = Vec::new();
+        let mut count = 0u32;
+        let mut frame_payload = 0u64;
+        for rec in &recs {
+            cursor = rec.header.lsn + 1;
+            if rec.header.desc.volume_id != v.id {
+                continue;
+            }
+            let seq = rec.header.desc.volume_seq;
+            if seq <= sent_seq {
+                // Already at the replica (resume): it counts as confirmed here.
+                continue;
+            }
+            if seq != sent_seq + 1 {
+                // The replica needs records this log no longer holds (trimmed, or a new replica).
+                return Err(RelayError::Missing { need: sent_seq + 1, first: seq });
+            }
+            bytes.extend_from_slice(&rec.header.encode());
+            bytes.extend_from_slice(&rec.payload);
+            count += 1;
+            sent_seq = seq;
+            let b = rec.header.desc.length as u64;
+            frame_payload += b;
+            inflight.push_back((seq, rec.header.lsn, b));
+            inflight_bytes += b + 112;
+            if frame_payload >= RECORDS_FRAME_BYTES {
+                break;
+            }
+        }
+        if count > 0 {
+            w.send(&Frame::Records { volume_id: v.id, count, bytes }).await?;
+            if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
+                p.sent_seq = sent_seq;
+            }
+            continue;
+        }
+        if !recs.is_empty() {
+            continue; // other volumes' records only: read on
+        }
+        // Nothing new: wait for an append or a position report.
+        tokio::select! {
+            _ = &mut notified => {}
+            m = pos_rx.recv() => {
+                let (d, a) = m.ok_or(RelayError::Closed)??;
+                ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+fn ack(
+    v: &Arc<VolumeCtx>,
+    replica: &str,
+    durable: u64,
+    applied: u64,
+    inflight: &mut VecDeque<(u64, u64, u64)>,
+    inflight_bytes: &mut u64,
+    sent_seq: u64,
+) -> Result<(), RelayError> {
+    if durable > sent_seq {
+        return Err(RelayError::Ahead { got: durable, sent: sent_seq });
+    }
+    let mut lsn = None;
+    while inflight.front().is_some_and(|e| e.0 <= durable) {
+        let (_, l, b) = inflight.pop_front().expect("front");
+        *inflight_bytes -= b + 112;
+        lsn = Some(l);
+    }
+    {
+        let mut p = v.progress.lock().expect("progress");
+        let e = p.entry(replica.to_owned()).or_default();
+        e.durable_seq = e.durable_seq.max(durable);
+        e.applied_seq = e.applied_seq.max(applied);
+        if let Some(l) = lsn {
+            e.durable_lsn = e.durable_lsn.max(l);
+        }
+    }
+    v.confirm_replicated();
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! The staging server (`drv staging run`): accepts agents over mTLS QUIC, logs their writes in the
+//! volume's WRL and acknowledges each after group commit; relays every volume to its replicas
+//! (`relay.rs`); answers status requests.
+//!
+//! Per volume, writes are taken in sequence: a retried sequence number is acknowledged again (once it
+//! is durable) without a second append; a gap is refused naming both positions; an epoch going
+//! backwards is refused. Appends of one volume are submitted in order, under the volume's lock, so
+//! the WRL holds them in sequence order.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use drv_config::{NodeConfig, VolumeView};
+use drv_format::crypto::VolumeKey;
+use drv_format::frame::{Frame, code};
+use drv_format::record::Flags;
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::storage::{FileStorage, Storage};
+use crate::wrl::{self, AppendRequest, CreateOptions, Wrl, WrlError, WrlOptions};
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("WRL {name}: {source}")]
+    Wrl { name: String, source: Box<WrlError> },
+    #[error("volume {name}: {reason}")]
+    Volume { name: String, reason: String },
+    #[error("{0}")]
+    Transport(#[from] drv_transport::TransportError),
+    #[error("address {0:?} is not host:port")]
+    Address(String),
+}
+
+/// One replica of a volume, as the relay sees it.
+#[derive(Debug, Default)]
+pub struct ReplicaProgress {
+    pub connected: bool,
+    /// Highest sequence sent to the replica.
+    pub sent_seq: u64,
+    /// Highest sequence durable in the replica's DR log.
+    pub durable_seq: u64,
+    pub applied_seq: u64,
+    /// WRL lsn of `durable_seq` (what may be trimmed for this replica).
+    pub durable_lsn: u64,
+    pub reconnects: u64,
+}
+
+/// Per-volume state on the staging server.
+pub struct VolumeCtx {
+    pub id: u64,
+    pub name: String,
+    pub wrl: Arc<Wrl>,
+    pub wrl_name: String,
+    pub key: VolumeKey,
+    pub replicas: Vec<(String, SocketAddr)>,
+    /// Sequence positions: submitted (in order) and durable.
+    pub seq: Mutex<SeqState>,
+    /// Durable sequence, for retried writes waiting on an in-flight original.
+    pub durable_tx: watch::Sender<u64>,
+    pub progress: Mutex<BTreeMap<String, ReplicaProgress>>,
+    /// (seq, payload bytes, time acknowledged) of records not yet durable on every replica.
+    pub unreplicated: Mutex<VecDeque<(u64, u64, Instant)>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SeqState {
+    pub submitted_seq: u64,
+    pub last_epoch: u64,
+    pub durable_seq: u64,
+}
+
+/// Caps the lag bookkeeping (entries); beyond it the oldest entries are dropped and lag in
+/// records/bytes is taken from the sequence numbers alone.
+const UNREPLICATED_ENTRIES_LIMIT: usize = 1 << 20;
+
+impl VolumeCtx {
+    /// Records every replica holds durably now: confirm them to the WRL (which trims).
+    pub fn confirm_replicated(&self) {
+        let (min_seq, min_lsn) = {
+            let p = self.progress.lock().expect("progress");
+            let seq = p.values().map(|r| r.durable_seq).min().unwrap_or(0);
+            let lsn = p.values().map(|r| r.durable_lsn).min().unwrap_or(0);
+            (seq, lsn)
+        };
+        if min_lsn > 0 {
+            self.wrl.confirm(self.id, min_lsn);
+        }
+        let mut u = self.unreplicated.lock().expect("unreplicated");
+        while u.front().is_some_and(|e| e.0 <= min_seq) {
+            u.pop_front();
+        }
+    }
+}
+
+/// Shared server state.
+pub struct Staging {
+    pub name: String,
+    pub volumes: HashMap<u64, Arc<VolumeCtx>>,
+    pub wrls: BTreeMap<String, Arc<Wrl>>,
+    /// Signalled after every durable append, so relays wake up.
+    pub appended: Arc<tokio::sync::Notify>,
+    pub identity: Identity,
+    pub frame_bytes_limit: u32,
+    pub inflight_bytes_limit: u64,
+    pub max_connections: u32,
+    pub peers: Mutex<BTreeMap<u64, String>>,
+    next_peer: AtomicU64,
+    started: Instant,
+}
+
+fn parse_addr(a: &str) -> Result<SocketAddr, ServerError> {
+    use std::net::ToSocketAddrs;
+    a.to_socket_addrs().ok().and_then(|mut i| i.next()).ok_or_else(|| ServerError::Address(a.to_owned()))
+}
+
+/// Opens (creating where configured) the WRLs of this node.
+fn open_wrls(node: &NodeConfig) -> Result<BTreeMap<String, Arc<Wrl>>, ServerError> {
+    let mut out = BTreeMap::new();
+    for (name, def) in &node.wrls {
+        let err = |source| ServerError::Wrl { name: name.clone(), source: Box::new(source) };
+        let paths: Vec<&Path> = def.devices.iter().map(Path::new).collect();
+        let create_size = def.device_bytes.filter(|_| paths.iter().all(|p| !p.exists()));
+        let devs: Vec<Arc<dyn Storage>> = if let Some(n) = create_size {
+            let devs: Vec<Arc<dyn Storage>> = paths
+                .iter()
+                .map(|p| {
+                    FileStorage::create_file(p, n)
+                        .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                        .map_err(|e| err(WrlError::io(format!("create {}", p.display()), e)))
+                })
+                .collect::<Result<_, _>>()?;
+            let mut uuid = [0u8; 16];
+            uuid[..8].copy_from_slice(&(def.id as u64).to_le_bytes());
+            uuid[8..].copy_from_slice(
+                &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+                    as u64)
+                    .to_le_bytes(),
+            );
+            let opts = CreateOptions {
+                uuid,
+                wrl_id: def.id,
+                segment_bytes: def.segment_bytes,
+                io_align: 4096,
+                capacity_bytes: def.capacity_bytes,
+            };
+            wrl::create(&devs, &opts).map_err(err)?;
+            tracing::info!(wrl = %name, "created WRL on {:?}", def.devices);
+            devs
+        } else {
+            paths
+                .iter()
+                .map(|p| {
+                    FileStorage::open(p)
+                        .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                        .map_err(|e| err(WrlError::io(format!("open {}", p.display()), e)))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let opts = WrlOptions {
+            queue_bytes_limit: def.queue_bytes_limit,
+            batch_bytes_limit: def.batch_bytes_limit,
+            cache_bytes_limit: def.cache_bytes_limit,
+        };
+        let (w, rec) = Wrl::open(devs, opts).map_err(err)?;
+        if w.wrl_id() != def.id {
+            return Err(err(WrlError::Geometry(format!(
+                "the devices hold WRL id {} but the configuration says {}",
+                w.wrl_id(),
+                def.id
+            ))));
+        }
+        tracing::info!(wrl = %name, first_lsn = rec.first_lsn, last_lsn = rec.last_lsn, tail = ?rec.tail, "WRL recovered");
+        out.insert(name.clone(), Arc::new(w));
+    }
+    Ok(out)
+}
+
+impl Staging {
+    pub fn new(node: &NodeConfig, identity: Identity) -> Result<Arc<Staging>, ServerError> {
+        let wrls = open_wrls(node)?;
+        let mut volumes = HashMap::new();
+        for v in &node.volumes {
+            let ctx = volume_ctx(v, &wrls)?;
+            volumes.insert(ctx.id, Arc::new(ctx));
+        }
+        Ok(Arc::new(Staging {
+            name: node.name.clone(),
+            volumes,
+            wrls,
+            appended: Arc::new(tokio::sync::Notify::new()),
+            identity,
+            frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
+            inflight_bytes_limit: node.endpoint.inflight_bytes_limit,
+            max_connections: node.endpoint.max_connections,
+            peers: Mutex::new(BTreeMap::new()),
+            next_peer: AtomicU64::new(1),
+            started: Instant::now(),
+        }))
+    }
+
+    /// Serves agents and status requests on `addr` and relays every volume, until the task is dropped.
+    pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ServerError> {
+        let mut server = quic::server(addr, &self.identity, &[Role::Agent, Role::Admin])?;
+        tracing::info!(%addr, "staging server {} listening", self.name);
+        for v in self.volumes.values() {
+            for (replica, raddr) in &v.replicas {
+                tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), *raddr));
+            }
+        }
+        let conns = Arc::new(Semaphore::new(self.max_connections as usize));
+        while let Some(conn) = server.accept().await {
+            let peer = conn.remote_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = self.max_connections, "refusing connection: max_connections reached");
+                conn.close(1u32.into());
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let id = me.next_peer.fetch_add(1, Ordering::Relaxed);
+                me.peers.lock().expect("peers").insert(id, peer.clone());
+                me.serve_connection(conn).await;
+                me.peers.lock().expect("peers").remove(&id);
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    async fn serve_connection(self: &Arc<Self>, mut conn: s2n_quic::Connection) {
+        while let Ok(Some(stream)) = conn.accept_bidirectional_stream().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (rx, tx) = stream.split();
+                let mut r = FrameReader::new(rx, me.frame_bytes_limit);
+                let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+                let writer = tokio::spawn(write_frames(FrameWriter::new(tx), out_rx));
+                if let Err(e) = me.serve_stream(&mut r, &out_tx).await {
+                    tracing::warn!(error = %e, "agent stream ended: {e}");
+                    let _ = out_tx.send(Frame::Error { code: code::MALFORMED, message: e.to_string() });
+                }
+                drop(out_tx);
+                let _ = writer.await;
+            });
+        }
+    }
+
+    async fn serve_stream<R: tokio::io::AsyncRead + Unpin>(
+        self: &Arc<Self>,
+        r: &mut FrameReader<R>,
+        out: &mpsc::UnboundedSender<Frame>,
+    ) -> Result<(), drv_transport::TransportError> {
+        let mut volume: Option<Arc<VolumeCtx>> = None;
+        // In-flight bytes of this stream, in 4 KiB units: reading stops while the limit is used up.
+        let units = (self.inflight_bytes_limit / 4096).clamp(1, u32::MAX as u64) as u32;
+        let inflight = Arc::new(Semaphore::new(units as usize));
+        while let Some(frame) = r.next().await? {
+            match frame {
+                Frame::StatusRequest => {
+                    let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
+                }
+                Frame::OpenVolume { volume_id } => match self.volumes.get(&volume_id) {
+                    Some(v) => {
+                        let s = *v.seq.lock().expect("seq");
+                        // Wait for in-flight appends so the reported position is durable.
+                        let mut rx = v.durable_tx.subscribe();
+                        let _ = rx.wait_for(|d| *d >= s.submitted_seq).await;
+                        let _ = out.send(Frame::VolumeState {
+                            volume_id,
+                            last_seq: s.submitted_seq,
+                            last_epoch: s.last_epoch,
+                        });
+                        volume = Some(v.clone());
+                    }
+                    None => {
+                        let _ = out.send(Frame::Error {
+                            code: code::UNKNOWN_VOLUME,
+                            message: format!("volume {volume_id} is not configured on staging server {}", self.name),
+                        });
+                    }
+                },
+                Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
+                    let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
+                        let _ = out.send(Frame::Error {
+                            code: code::UNKNOWN_VOLUME,
+                            message: format!("write for volume {volume_id} before OpenVolume on this stream"),
+                        });
+                        continue;
+                    };
+                    let need = (data.len() as u32).div_ceil(4096).clamp(1, units);
+                    let permit = inflight.clone().acquire_many_owned(need).await.expect("semaphore open");
+                    self.write(v, seq, epoch, offset, flags, &data, out, permit).await;
+                }
+                other => {
+                    let _ = out.send(Frame::Error {
+                        code: code::MALFORMED,
+                        message: format!("unexpected {:?} frame from an agent", other.ftype()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write(
+        &self,
+        v: &Arc<VolumeCtx>,
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        flags: u32,
+        data: &[u8],
+        out: &mpsc::UnboundedSender<Frame>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let refuse = |code, message: String| {
+            let _ = out.send(Frame::Error { code, message });
+        };
+        let flags = Flags(flags);
+        if !flags.is_valid() {
+            return refuse(code::INVALID, format!("volume {} seq {seq}: unknown flags {:#x}", v.id, flags.0));
+        }
+        let mut st = v.seq.lock().expect("seq");
+        if seq <= st.submitted_seq {
+            // A retry: acknowledge again once the original is durable, without a second append.
+            drop(st);
+            let mut rx = v.durable_tx.subscribe();
+            let out = out.clone();
+            let vid = v.id;
+            tokio::spawn(async move {
+                if rx.wait_for(|d| *d >= seq).await.is_ok() {
+                    let _ = out.send(Frame::Ack { volume_id: vid, seq, lsn: 0 });
+                }
+                drop(permit);
+            });
+            return;
+        }
+        if seq != st.submitted_seq + 1 {
+            let have = st.submitted_seq;
+            drop(st);
+            return refuse(
+                code::SEQUENCE_GAP,
+                format!(
+                    "volume {} write seq {seq} leaves a gap: the log holds up to seq {have} (expected {})",
+                    v.id,
+                    have + 1
+                ),
+            );
+        }
+        if epoch < st.last_epoch {
+            let last = st.last_epoch;
+            drop(st);
+            return refuse(code::INVALID, format!("volume {} seq {seq}: epoch {epoch} is before epoch {last}", v.id));
+        }
+        st.submitted_seq = seq;
+        st.last_epoch = epoch;
+        let out2 = out.clone();
+        let ctx = v.clone();
+        let appended = self.appended.clone();
+        let len = data.len() as u64;
+        // Submitted under the volume lock: the WRL takes this volume's writes in sequence order.
+        v.wrl.submit(
+            &v.key,
+            AppendRequest { volume_id: v.id, volume_seq: seq, epoch, offset, flags, data },
+            Box::new(move |r| {
+                match r {
+                    Ok(a) => {
+                        {
+                            let mut s = ctx.seq.lock().expect("seq");
+                            s.durable_seq = s.durable_seq.max(seq);
+                        }
+                        ctx.durable_tx.send_modify(|d| *d = (*d).max(seq));
+                        let mut u = ctx.unreplicated.lock().expect("unreplicated");
+                        if u.len() < UNREPLICATED_ENTRIES_LIMIT {
+                            u.push_back((seq, len, Instant::now()));
+                        }
+                        drop(u);
+                        let _ = out2.send(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
+                        appended.notify_waiters();
+                    }
+                    Err(e) => {
+                        // Not logged: later writes of this volume would leave a gap, so the
+                        // position moves back and the agent must resend from here.
+                        let mut s = ctx.seq.lock().expect("seq");
+                        s.submitted_seq = s.submitted_seq.min(seq - 1);
+                        let c = if matches!(e, WrlError::LogFull { .. }) { code::LOG_FULL } else { code::SERVER };
+                        let _ =
+                            out2.send(Frame::Error { code: c, message: format!("volume {} seq {seq}: {e}", ctx.id) });
+                    }
+                }
+                drop(permit);
+            }),
+        );
+        drop(st);
+    }
+
+    /// The status document of `drv status`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let volumes: Vec<_> = {
+            let mut vs: Vec<_> = self.volumes.values().collect();
+            vs.sort_by_key(|v| v.id);
+            vs.iter()
+                .map(|v| {
+                    let s = *v.seq.lock().expect("seq");
+                    let p = v.progress.lock().expect("progress");
+                    let u = v.unreplicated.lock().expect("unreplicated");
+                    let min_durable = p.values().map(|r| r.durable_seq).min().unwrap_or(s.durable_seq);
+                    let lag_bytes: u64 = u.iter().map(|e| e.1).sum();
+                    let lag_secs = u.front().map(|e| now.duration_since(e.2).as_secs_f64()).unwrap_or(0.0);
+                    json!({
+                        "volume_id": v.id,
+                        "name": v.name,
+                        "wrl": v.wrl_name,
+                        "received_seq": s.submitted_seq,
+                        "durable_seq": s.durable_seq,
+                        "last_epoch": s.last_epoch,
+                        "replicated_seq": min_durable,
+                        "lag_records": s.durable_seq.saturating_sub(min_durable),
+                        "lag_bytes": lag_bytes,
+                        "lag_seconds": lag_secs,
+                        "replicas": p.iter().map(|(name, r)| json!({
+                            "replica": name, "connected": r.connected, "sent_seq": r.sent_seq,
+                            "durable_seq": r.durable_seq, "applied_seq": r.applied_seq, "reconnects": r.reconnects,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect()
+        };
+        let wrls: Vec<_> = self
+            .wrls
+            .iter()
+            .map(|(name, w)| {
+                let s = w.status();
+                json!({
+                    "wrl": name, "first_lsn": s.first_lsn, "durable_lsn": s.durable_lsn, "trim_lsn": s.trim_lsn,
+                    "used_segments": s.used_segments, "total_segments": s.total_segments,
+                    "cache_bytes": s.cache_bytes, "appends": s.appends, "batches": s.batches,
+                    "cache_reads": s.cache_reads, "disk_reads": s.disk_reads, "failed": s.failed,
+                })
+            })
+            .collect();
+        json!({
+            "role": "staging",
+            "name": self.name,
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "peers": self.peers.lock().expect("peers").values().cloned().collect::<Vec<_>>(),
+            "volumes": volumes,
+            "wrls": wrls,
+        })
+    }
+}
+
+fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<VolumeCtx, ServerError> {
+    let err = |reason: String| ServerError::Volume { name: v.name.clone(), reason };
+    let wrl = wrls.get(&v.wrl_name).ok_or_else(|| err(format!("its WRL {} is not on this node", v.wrl_name)))?.clone();
+    let key = VolumeKey::load(v.key.key_id, Path::new(&v.key.path)).map_err(|e| err(e.to_string()))?;
+    let replicas = v
+        .replicas
+        .iter()
+        .map(|(n, ep)| parse_addr(&ep.address).map(|a| (n.clone(), a)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The durable position comes from the log itself (recovered at open).
+    let log = wrl.volume(v.volume.id).map(|s| s.log).unwrap_or_default();
+    let (durable_tx, _) = watch::channel(log.last_seq);
+    Ok(VolumeCtx {
+        id: v.volume.id,
+        name: v.name.clone(),
+        wrl,
+        wrl_name: v.wrl_name.clone(),
+        key,
+        progress: Mutex::new(replicas.iter().map(|(n, _)| (n.clone(), ReplicaProgress::default())).collect()),
+        replicas,
+        seq: Mutex::new(SeqState {
+            submitted_seq: log.last_seq,
+            last_epoch: log.last_epoch,
+            durable_seq: log.last_seq,
+        }),
+        durable_tx,
+        unreplicated: Mutex::new(VecDeque::new()),
+    })
+}
+
+/// Sends queued frames on a stream until every sender is gone.
+pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    mut w: FrameWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+) {
+    while let Some(f) = rx.recv().await {
+        if w.send(&f).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.finish().await;
+}
