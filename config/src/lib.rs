@@ -256,9 +256,14 @@ fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Op
     Option::<Size>::deserialize(d)?.map(Size::bytes).transpose()
 }
 
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
 /// The configuration store.
 pub struct ConfigStore {
-    db: Database,
+    db: Db,
     path: String,
 }
 
@@ -277,7 +282,40 @@ impl ConfigStore {
         }
         tx.open_table(COUNTERS).map_err(|e| err(e.into()))?;
         tx.commit().map_err(|e| err(e.into()))?;
-        Ok(ConfigStore { db, path: p })
+        Ok(ConfigStore { db: Db::ReadWrite(db), path: p })
+    }
+
+    /// Opens an existing store for reading only, as servers do at start-up: several processes may
+    /// do this at once. Waits up to five seconds while another process holds it for writing.
+    pub fn open_read_only(path: &Path) -> Result<ConfigStore> {
+        let p = path.display().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match redb::ReadOnlyDatabase::open(path) {
+                Ok(db) => return Ok(ConfigStore { db: Db::ReadOnly(db), path: p }),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(ConfigError::Store { path: p, source: Box::new(e.into()) }),
+            }
+        }
+    }
+
+    fn writable(&self) -> Result<&Database> {
+        match &self.db {
+            Db::ReadWrite(db) => Ok(db),
+            Db::ReadOnly(_) => Err(ConfigError::Store {
+                path: self.path.clone(),
+                source: Box::new(redb::Error::Io(std::io::Error::other("opened read-only"))),
+            }),
+        }
+    }
+
+    fn begin_read(&self) -> std::result::Result<redb::ReadTransaction, redb::TransactionError> {
+        match &self.db {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
     }
 
     fn err(&self) -> impl Fn(redb::Error) -> ConfigError + '_ {
@@ -289,7 +327,7 @@ impl ConfigStore {
     /// allocates ids, all in one transaction. Returns the stored entry.
     pub fn set(&self, kind: Kind, name: &str, assignments: &[String]) -> Result<Value> {
         let e = self.err();
-        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let tx = self.writable()?.begin_write().map_err(|x| e(x.into()))?;
         let stored = {
             let mut table = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
             let mut obj: Map<String, Value> = match table.get(name).map_err(|x| e(x.into()))? {
@@ -391,7 +429,7 @@ impl ConfigStore {
     /// One entry as JSON.
     pub fn get(&self, kind: Kind, name: &str) -> Result<Value> {
         let e = self.err();
-        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
         let t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
         let v = t.get(name).map_err(|x| e(x.into()))?;
         let v = v.ok_or_else(|| ConfigError::NotFound { kind, name: name.into() })?;
@@ -414,7 +452,7 @@ impl ConfigStore {
     /// Every entry of the given kinds, in name order.
     pub fn list(&self, kinds: &[Kind]) -> Result<Vec<(Kind, String, Value)>> {
         let e = self.err();
-        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
         let mut out = Vec::new();
         for k in kinds {
             let t = tx.open_table(k.table()).map_err(|x| e(x.into()))?;
@@ -449,7 +487,7 @@ impl ConfigStore {
             });
         }
         let e = self.err();
-        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let tx = self.writable()?.begin_write().map_err(|x| e(x.into()))?;
         let existed = {
             let mut t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
             t.remove(name).map_err(|x| e(x.into()))?.is_some()

@@ -79,7 +79,8 @@ fn addr(a: &str) -> Result<SocketAddr> {
 }
 
 fn load(n: &NodeArgs) -> Result<(drv_config::NodeConfig, Identity, SocketAddr)> {
-    let store = ConfigStore::open(&n.config).with_context(|| format!("open configuration {}", n.config.display()))?;
+    let store =
+        ConfigStore::open_read_only(&n.config).with_context(|| format!("open configuration {}", n.config.display()))?;
     let node = store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?;
     let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load certificate of {}", n.name))?;
     let a = addr(&node.endpoint.address)?;

@@ -158,3 +158,56 @@ fn kills_of_staging_and_replica_keep_the_replica_epoch_consistent() {
     assert!(a == b, "replica differs from the source at the end");
     assert!(staging_kills + replica_kills > 0);
 }
+
+#[test]
+fn one_volume_to_two_replicas_trims_only_what_both_hold() {
+    let size = 4u64 << 20;
+    let cl = Cluster::new(2, size);
+    let source = cl.dir.path().join("source.img");
+    let mut staging = cl.start("staging", "stg1");
+    let mut rep1 = cl.start("replica", "rep1");
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_agent-writer"))
+        .arg(&cl.certs)
+        .args(["host1", &cl.staging_addr, &cl.volume_id.to_string(), &size.to_string()])
+        .arg(&source)
+        .arg(cl.dir.path().join("history"))
+        .args(["600", "7", "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(writer.wait().unwrap().success());
+    let last = 600;
+    let wait = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = cl.status(&cl.staging_addr, "staging", "admin")
+                && f(&s)
+            {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {:?}", cl.status(&cl.staging_addr, "staging", "admin"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // rep1 has everything; rep2 is down, so nothing is confirmed and nothing is trimmed.
+    let s = wait("rep1 durable", &|s| s["volumes"][0]["replicas"][0]["durable_seq"].as_u64() == Some(last + 1));
+    assert_eq!(s["volumes"][0]["replicated_seq"], 0, "{s}");
+    assert_eq!(s["wrls"][0]["trim_lsn"], 0, "records were trimmed before every replica had them: {s}");
+    assert_eq!(s["volumes"][0]["lag_records"], last + 1);
+    // rep2 comes up: it catches up from the log, and both replicas equal the source.
+    let mut rep2 = cl.start("replica", "rep2");
+    wait("rep2 durable", &|s| s["volumes"][0]["replicated_seq"].as_u64() == Some(last + 1));
+    let src = std::fs::read(&source).unwrap();
+    for (name, addr) in [("rep1", &cl.replica_addrs[0]), ("rep2", &cl.replica_addrs[1])] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cl.status(addr, "replica", "admin").and_then(|s| s["volumes"][0]["applied_seq"].as_u64()) != Some(last) {
+            assert!(Instant::now() < deadline, "{name} did not apply everything");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let img = std::fs::read(cl.dir.path().join(name).join("vol1.img")).unwrap();
+        assert!(img == src, "{name} differs from the source");
+    }
+    for c in [&mut staging, &mut rep1, &mut rep2] {
+        kill(c);
+    }
+}

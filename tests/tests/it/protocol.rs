@@ -1,0 +1,183 @@
+//! The agent protocol against a real staging server (and replica), frame by frame: refused peers
+//! (other CA, wrong role), malformed/truncated/oversized/corrupted frames, unknown volumes, sequence
+//! gaps and retries, and a RESYNC run that is applied only once complete.
+
+use std::time::{Duration, Instant};
+
+use drv_format::frame::{Frame, code};
+use drv_format::record::Flags;
+use drv_tests::Cluster;
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic};
+
+type Reader = FrameReader<s2n_quic::stream::ReceiveStream>;
+type Writer = FrameWriter<s2n_quic::stream::SendStream>;
+
+async fn open(client: &s2n_quic::Client, addr: std::net::SocketAddr) -> (Reader, Writer) {
+    let mut conn = quic::connect(client, addr, Role::Staging).await.expect("connect");
+    let s = conn.open_bidirectional_stream().await.expect("stream");
+    // Keep the connection alive as long as the stream: leak the handle into the task.
+    tokio::spawn(async move {
+        let _conn = conn;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    });
+    let (rx, tx) = s.split();
+    (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx))
+}
+
+async fn next(r: &mut Reader) -> Frame {
+    tokio::time::timeout(Duration::from_secs(10), r.next())
+        .await
+        .expect("answer in time")
+        .expect("frame")
+        .expect("open")
+}
+
+fn write(vid: u64, seq: u64, epoch: u64, flags: Flags, byte: u8) -> Frame {
+    Frame::Write { volume_id: vid, seq, epoch, offset: seq * 4096, flags: flags.0, data: vec![byte; 4096] }
+}
+
+async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
+    let cl = Cluster::new(1, 1 << 20);
+    let mut staging = cl.start("staging", "stg1");
+    let mut replica = cl.start("replica", "rep1");
+    let addr: std::net::SocketAddr = cl.staging_addr.parse().unwrap();
+    let agent = Identity::load(&cl.certs, "host1").unwrap();
+    let client = quic::client(&agent, Role::Staging).unwrap();
+    let vid = cl.volume_id;
+    // Wait until staging listens.
+    assert!(wait_for(Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await);
+
+    // A certificate from another CA, and a certificate with the wrong role, are refused and logged.
+    let other = cl.dir.path().join("other-ca");
+    ca::init(&other).unwrap();
+    ca::issue(&other, Role::Admin, "admin").unwrap();
+    std::fs::copy(cl.certs.join("ca.pem"), other.join("ca.pem")).unwrap(); // it even trusts the right CA
+    let out = std::process::Command::new(drv_tests::drv_bin())
+        .args(["status", "--server", &cl.staging_addr, "--name", "admin"])
+        .arg("--certs")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a certificate from another CA was accepted");
+    assert!(cl.status(&cl.staging_addr, "staging", "rep1").is_none(), "a replica certificate was accepted by staging");
+    let log_has = |s: &str| cl.log("stg1").contains(s);
+    assert!(
+        wait_for(Duration::from_secs(5), || log_has("its certificate has role replica")).await,
+        "wrong role not logged:\n{}",
+        cl.log("stg1")
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || log_has("peer refused: TLS handshake failed")).await,
+        "{}",
+        cl.log("stg1")
+    );
+
+    // An unknown volume is refused by number.
+    let (mut r, mut w) = open(&client, addr).await;
+    w.send(&Frame::OpenVolume { volume_id: 999 }).await.unwrap();
+    match next(&mut r).await {
+        Frame::Error { code: c, message } => {
+            assert_eq!(c, code::UNKNOWN_VOLUME);
+            assert!(message.contains("volume 999"), "{message}");
+        }
+        f => panic!("{f:?}"),
+    }
+
+    // Malformed frames: each on its own stream, each refused with a message naming the problem.
+    let good = write(vid, 1, 1, Flags::default(), 1).encode();
+    let mut bad_magic = good.clone();
+    bad_magic[0] ^= 0xff;
+    let mut corrupt = good.clone();
+    corrupt[100] ^= 1;
+    let mut oversized = good.clone();
+    oversized[8..12].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let truncated = good[..good.len() - 100].to_vec();
+    for (bytes, expect) in [
+        (bad_magic, "bad magic"),
+        (corrupt, "checksum mismatch"),
+        (oversized, "over the limit"),
+        (truncated, "truncated"),
+    ] {
+        let (mut r, mut w) = open(&client, addr).await;
+        w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+        assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
+        w.send_raw(&bytes).await.unwrap();
+        w.finish().await.unwrap();
+        match next(&mut r).await {
+            Frame::Error { code: c, message } => {
+                assert_eq!(c, code::MALFORMED);
+                assert!(message.contains(expect), "expected {expect:?} in {message:?}");
+            }
+            f => panic!("{expect}: {f:?}"),
+        }
+    }
+    let s = cl.status(&cl.staging_addr, "staging", "admin").unwrap();
+    assert_eq!(s["volumes"][0]["durable_seq"], 0, "nothing from a bad frame is logged");
+
+    // The server keeps serving: writes, a retry acknowledged without a second append, a gap refused.
+    let (mut r, mut w) = open(&client, addr).await;
+    w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+    assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
+    for seq in 1..=3 {
+        w.send(&write(vid, seq, 1, Flags::default(), seq as u8)).await.unwrap();
+        assert!(matches!(next(&mut r).await, Frame::Ack { seq: s, .. } if s == seq));
+    }
+    w.send(&write(vid, 2, 1, Flags::default(), 2)).await.unwrap();
+    assert!(matches!(next(&mut r).await, Frame::Ack { seq: 2, .. }));
+    w.send(&write(vid, 9, 2, Flags::default(), 9)).await.unwrap();
+    match next(&mut r).await {
+        Frame::Error { code: c, message } => {
+            assert_eq!(c, code::SEQUENCE_GAP);
+            assert!(message.contains("seq 9") && message.contains("up to seq 3"), "{message}");
+        }
+        f => panic!("{f:?}"),
+    }
+    let s = cl.status(&cl.staging_addr, "staging", "admin").unwrap();
+    assert_eq!(s["wrls"][0]["appends"], 3, "the retry was not appended again: {s}");
+
+    // A RESYNC run is logged but not applied until it is complete.
+    for seq in 4..=6 {
+        w.send(&write(vid, seq, 2, Flags::RESYNC, 0x70 + seq as u8)).await.unwrap();
+        assert!(matches!(next(&mut r).await, Frame::Ack { .. }));
+    }
+    let rep = |c: &Cluster| c.status(&c.replica_addrs[0], "replica", "admin");
+    assert!(
+        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s["volumes"][0]["state"] == "resyncing")).await,
+        "replica never reported resyncing: {:?}\n{}",
+        rep(&cl),
+        cl.log("rep1")
+    );
+    let s = rep(&cl).unwrap();
+    assert_eq!(s["volumes"][0]["applied_seq"], 3, "nothing of the resync run is applied yet: {s}");
+    // The run ends with the next ordered write; that completes it.
+    w.send(&write(vid, 7, 3, Flags::default(), 7)).await.unwrap();
+    assert!(matches!(next(&mut r).await, Frame::Ack { seq: 7, .. }));
+    w.send(&write(vid, 8, 4, Flags::FLUSH, 8)).await.unwrap();
+    assert!(matches!(next(&mut r).await, Frame::Ack { seq: 8, .. }));
+    assert!(
+        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s["volumes"][0]["applied_seq"] == 7)).await,
+        "{:?}",
+        rep(&cl)
+    );
+    let img = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    for seq in 1..=7u64 {
+        let expect = if (4..=6).contains(&seq) { 0x70 + seq as u8 } else { seq as u8 };
+        assert!(img[seq as usize * 4096..(seq as usize + 1) * 4096].iter().all(|b| *b == expect), "block {seq}");
+    }
+    let _ = staging.kill();
+    let _ = replica.kill();
+    let _ = staging.wait();
+    let _ = replica.wait();
+}
