@@ -274,61 +274,72 @@ impl Frame {
         }
     }
 
-    /// Encodes header and body.
+    /// Encodes header and body (the body is written in place after the header: bulk frames are
+    /// copied once).
     pub fn encode(&self) -> Vec<u8> {
-        let mut body: Vec<u8> = Vec::new();
-        let mut put = |n: usize, f: &mut dyn FnMut(&mut Enc<'_>)| {
-            let start = body.len();
-            body.resize(start + n, 0);
-            f(&mut Enc::new(&mut body[start..]));
+        let mut out: Vec<u8> = Vec::with_capacity(FRAME_HEADER_LEN + self.body_len_hint());
+        out.resize(FRAME_HEADER_LEN, 0);
+        let put = |out: &mut Vec<u8>, n: usize, f: &mut dyn FnMut(&mut Enc<'_>)| {
+            let start = out.len();
+            out.resize(start + n, 0);
+            f(&mut Enc::new(&mut out[start..]));
         };
         match self {
-            Frame::OpenVolume { volume_id } | Frame::RelayOpen { volume_id } => put(8, &mut |e| {
+            Frame::OpenVolume { volume_id } | Frame::RelayOpen { volume_id } => put(&mut out, 8, &mut |e| {
                 e.u64(*volume_id);
             }),
-            Frame::VolumeState { volume_id, last_seq, last_epoch } => put(24, &mut |e| {
+            Frame::VolumeState { volume_id, last_seq, last_epoch } => put(&mut out, 24, &mut |e| {
                 e.u64(*volume_id).u64(*last_seq).u64(*last_epoch);
             }),
-            Frame::Ack { volume_id, seq, lsn } => put(24, &mut |e| {
+            Frame::Ack { volume_id, seq, lsn } => put(&mut out, 24, &mut |e| {
                 e.u64(*volume_id).u64(*seq).u64(*lsn);
             }),
-            Frame::ReplicaPosition { volume_id, durable_seq, applied_seq } => put(24, &mut |e| {
+            Frame::ReplicaPosition { volume_id, durable_seq, applied_seq } => put(&mut out, 24, &mut |e| {
                 e.u64(*volume_id).u64(*durable_seq).u64(*applied_seq);
             }),
             Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
-                put(40, &mut |e| {
+                put(&mut out, 40, &mut |e| {
                     e.u64(*volume_id).u64(*seq).u64(*epoch).u64(*offset).u32(*flags).u32(data.len() as u32);
                 });
-                body.extend_from_slice(data);
+                out.extend_from_slice(data);
             }
             Frame::Error { code, message } => {
                 let m = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
-                put(4, &mut |e| {
+                put(&mut out, 4, &mut |e| {
                     e.u16(*code).u16(m.len() as u16);
                 });
-                body.extend_from_slice(m);
+                out.extend_from_slice(m);
             }
             Frame::Records { volume_id, count, bytes } => {
-                put(16, &mut |e| {
+                put(&mut out, 16, &mut |e| {
                     e.u64(*volume_id).u32(*count).u32(0);
                 });
-                body.extend_from_slice(bytes);
+                out.extend_from_slice(bytes);
             }
             Frame::StatusRequest => {}
-            Frame::StatusReply { json } => body.extend_from_slice(json),
+            Frame::StatusReply { json } => out.extend_from_slice(json),
         }
-        assert!(body.len() <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
-        let mut out = vec![0u8; FRAME_HEADER_LEN];
-        Enc::new(&mut out)
+        let body_len = out.len() - FRAME_HEADER_LEN;
+        assert!(body_len <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
+        Enc::new(&mut out[..FRAME_HEADER_LEN])
             .u32(FRAME_MAGIC)
             .bytes(&[FRAME_VERSION, self.ftype() as u8])
             .u16(0)
-            .u32(body.len() as u32)
+            .u32(body_len as u32)
             .u32(0);
-        let crc = frame_crc(&out, &body);
+        let crc = frame_crc(&out[..FRAME_HEADER_LEN], &out[FRAME_HEADER_LEN..]);
         out[12..16].copy_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&body);
         out
+    }
+
+    fn body_len_hint(&self) -> usize {
+        match self {
+            Frame::Write { data, .. } => 40 + data.len(),
+            Frame::Records { bytes, .. } => 16 + bytes.len(),
+            Frame::StatusReply { json } => json.len(),
+            Frame::Error { message, .. } => 4 + message.len(),
+            _ => 24,
+        }
     }
 }
 

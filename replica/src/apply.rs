@@ -164,6 +164,10 @@ impl Applier {
         if recs.is_empty() {
             return Ok(false);
         }
+        // Complete units are applied together: one fdatasync and one position update for all of
+        // them (the position still ends a unit, and a crash replays from the previous one).
+        let mut ready: Vec<LogRecord> = Vec::new();
+        let mut units = 0u64;
         for r in recs {
             self.cursor = r.header.lsn + 1;
             if r.header.desc.volume_id != v.id || r.header.desc.volume_seq <= self.last_read_seq {
@@ -173,10 +177,13 @@ impl Applier {
             if let Some(first) = self.pending.first()
                 && unit_of(first) != unit_of(&r)
             {
-                let unit = std::mem::take(&mut self.pending);
-                apply_unit(v, drlog, observer, &unit)?;
+                ready.append(&mut self.pending);
+                units += 1;
             }
             self.pending.push(r);
+        }
+        if !ready.is_empty() {
+            apply_units(v, drlog, observer, &ready, units)?;
         }
         let mut s = v.state.lock().expect("apply state");
         s.pending_records = self.pending.len() as u64;
@@ -220,14 +227,16 @@ pub fn run(
     }
 }
 
-fn apply_unit(
+/// Applies whole units (`records` ends at a unit boundary), then makes them and the new position durable.
+fn apply_units(
     v: &ReplicaVolume,
     drlog: &Wrl,
     observer: &dyn OverwriteObserver,
-    unit: &[LogRecord],
+    records: &[LogRecord],
+    units: u64,
 ) -> Result<(), String> {
-    let last = unit.last().expect("units are not empty");
-    for r in unit {
+    let last = records.last().expect("units are not empty");
+    for r in records {
         let d = &r.header.desc;
         let plain = v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;
         if plain.is_empty() {
@@ -248,7 +257,7 @@ fn apply_unit(
     drlog.confirm(v.id, last.header.lsn);
     let mut s = v.state.lock().expect("apply state");
     s.applied = applied;
-    s.applied_records += unit.len() as u64;
-    s.applied_units += 1;
+    s.applied_records += records.len() as u64;
+    s.applied_units += units;
     Ok(())
 }

@@ -135,11 +135,15 @@ async fn pump<W: tokio::io::AsyncWrite + Unpin>(
         tokio::pin!(notified);
         notified.as_mut().enable();
         if inflight_bytes >= limit {
+            let t = std::time::Instant::now();
             let (d, a) = pos_rx.recv().await.ok_or(RelayError::Closed)??;
+            tracing::debug!(waited_us = t.elapsed().as_micros() as u64, inflight_bytes, "relay window full");
             ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
             continue;
         }
+        let t = std::time::Instant::now();
         let recs = v.wrl.read(cursor, RECORDS_FRAME_BYTES)?;
+        let read_us = t.elapsed().as_micros() as u64;
         let mut bytes = Vec::new();
         let mut count = 0u32;
         let mut frame_payload = 0u64;
@@ -170,7 +174,9 @@ async fn pump<W: tokio::io::AsyncWrite + Unpin>(
             }
         }
         if count > 0 {
+            let t = std::time::Instant::now();
             w.send(&Frame::Records { volume_id: v.id, count, bytes }).await?;
+            tracing::debug!(read_us, send_us = t.elapsed().as_micros() as u64, count, inflight_bytes, "relay frame");
             if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
                 p.sent_seq = sent_seq;
             }

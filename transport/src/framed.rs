@@ -61,13 +61,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter { inner }
     }
 
+    /// Queues a frame on the stream. QUIC sends as soon as flow control allows; this does not
+    /// wait for the peer (s2n-quic's `flush` waits for the peer's acknowledgement, which would
+    /// cost a delayed-ACK interval per frame).
     pub async fn send(&mut self, f: &Frame) -> Result<(), TransportError> {
         self.send_raw(&f.encode()).await
     }
 
-    /// Sends already-encoded bytes (tests use it to send malformed frames).
+    /// Queues already-encoded bytes (tests use it to send malformed frames).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
-        self.inner.write_all(bytes).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.inner.write_all(bytes).await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Waits until everything queued was received by the peer.
+    pub async fn flush(&mut self) -> Result<(), TransportError> {
         self.inner.flush().await.map_err(|e| TransportError::Stream(e.to_string()))
     }
 

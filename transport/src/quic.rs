@@ -81,6 +81,20 @@ fn ep(e: impl std::fmt::Display) -> TransportError {
     TransportError::Endpoint(e.to_string())
 }
 
+/// Flow-control windows sized for bulk relay: the defaults (a few hundred KiB per stream) cap a
+/// stream at window / round trip, which on a busy two-core host is far below the link.
+fn limits() -> Result<s2n_quic::provider::limits::Limits, TransportError> {
+    s2n_quic::provider::limits::Limits::new()
+        .with_data_window(64 << 20)
+        .map_err(ep)?
+        .with_bidirectional_local_data_window(32 << 20)
+        .map_err(ep)?
+        .with_bidirectional_remote_data_window(32 << 20)
+        .map_err(ep)?
+        .with_max_send_buffer_size(16 << 20)
+        .map_err(ep)
+}
+
 /// A server endpoint on `addr` accepting peers whose certificates carry one of `allowed`.
 pub fn server(addr: SocketAddr, id: &Identity, allowed: &[Role]) -> Result<Server, TransportError> {
     let tls = TlsServer::builder()
@@ -102,6 +116,8 @@ pub fn server(addr: SocketAddr, id: &Identity, allowed: &[Role]) -> Result<Serve
         .with_tls(tls)
         .map_err(ep)?
         .with_io(addr)
+        .map_err(ep)?
+        .with_limits(limits()?)
         .map_err(ep)?
         .with_event(RefusalLog)
         .map_err(ep)?

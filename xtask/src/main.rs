@@ -13,6 +13,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod relay;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -26,7 +28,7 @@ enum Cmd {
     Test,
     /// Run a benchmark and print ratios against baselines measured in the same run.
     Bench {
-        /// wrl
+        /// wrl or relay
         what: String,
         /// Smaller sizes, for a quick look.
         #[arg(long)]
@@ -74,7 +76,8 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Bench { what, quick, fuzz_seconds } => match what.as_str() {
             "wrl" => bench_wrl(quick, fuzz_seconds),
-            other => bail!("unknown benchmark {other:?} (available: wrl)"),
+            "relay" => bench_relay(quick),
+            other => bail!("unknown benchmark {other:?} (available: wrl, relay)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
     }
@@ -250,6 +253,15 @@ fn bench_wrl(quick: bool, fuzz_seconds: u64) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+fn bench_relay(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-relay");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // The directory (server logs) stays under target/ for a look afterwards.
+    relay::bench(&root().join("target/release/drv"), &dir, quick)
 }
 
 fn fuzz(seconds: u64) -> Result<()> {

@@ -1,0 +1,369 @@
+//! `cargo xtask bench relay`: relay throughput staging -> replica (QUIC + mTLS, records with
+//! AES-GCM payloads, through to the replica's durable DR log) against two baselines moving the same
+//! bytes over loopback in the same run: a raw TCP copy and a TCP + TLS copy (rustls, AES-GCM). CPU
+//! seconds per GiB for all three; then replica lag p99 under a sustained load at 50% of the measured
+//! relay capacity.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use drv_config::{ConfigStore, Kind};
+use drv_format::frame::Frame;
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic};
+
+const CHUNK: usize = 1 << 20;
+
+/// User + system CPU seconds of this process.
+fn self_cpu() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// User + system CPU seconds of another process.
+fn proc_cpu(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is [0]; utime [11], stime [12].
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (get(11) + get(12)) / tick
+}
+
+/// Copies `bytes` over a loopback TCP connection; returns (MB/s, CPU seconds).
+fn tcp_copy(bytes: u64) -> Result<(f64, f64)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<u64> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0u64;
+        loop {
+            let r = s.read(&mut buf)?;
+            if r == 0 {
+                return Ok(n);
+            }
+            n += r as u64;
+        }
+    });
+    let (c0, t0) = (self_cpu(), Instant::now());
+    let mut c = TcpStream::connect(addr)?;
+    let buf = vec![7u8; CHUNK];
+    let mut sent = 0;
+    while sent < bytes {
+        c.write_all(&buf)?;
+        sent += CHUNK as u64;
+    }
+    drop(c);
+    let got = server.join().map_err(|_| anyhow::anyhow!("server thread"))??;
+    anyhow::ensure!(got == sent, "TCP copy lost bytes");
+    Ok((bytes as f64 / t0.elapsed().as_secs_f64() / 1e6, self_cpu() - c0))
+}
+
+/// The same over TLS 1.3 (rustls, AES-GCM); returns (MB/s, CPU seconds, cipher suite).
+fn tls_copy(bytes: u64) -> Result<(f64, f64, String)> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let mut server_cfg =
+        rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert.clone()], key)?;
+    // No session tickets: the client never reads, and unread tickets would make its close a reset.
+    server_cfg.send_tls13_tickets = 0;
+    let server_cfg = Arc::new(server_cfg);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let client_cfg = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<u64> {
+        let (s, _) = l.accept()?;
+        let conn = rustls::ServerConnection::new(server_cfg)?;
+        let mut tls = rustls::StreamOwned::new(conn, s);
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0u64;
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) => return Ok(n),
+                Ok(r) => n += r as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(n),
+                Err(e) => return Err(anyhow::Error::from(e).context("server read")),
+            }
+        }
+    });
+    let (c0, t0) = (self_cpu(), Instant::now());
+    let conn = rustls::ClientConnection::new(client_cfg, ServerName::try_from("localhost")?)?;
+    let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr)?);
+    let buf = vec![7u8; CHUNK];
+    let mut sent = 0;
+    while sent < bytes {
+        tls.write_all(&buf).context("client write")?;
+        sent += CHUNK as u64;
+    }
+    let suite = tls.conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+    tls.conn.send_close_notify();
+    tls.flush()?;
+    drop(tls);
+    let got = server.join().map_err(|_| anyhow::anyhow!("server thread"))?.context("TLS server")?;
+    anyhow::ensure!(got == sent, "TLS copy lost bytes");
+    Ok((bytes as f64 / t0.elapsed().as_secs_f64() / 1e6, self_cpu() - c0, suite))
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(47000)
+}
+
+struct Setup {
+    certs: std::path::PathBuf,
+    config: std::path::PathBuf,
+    staging: SocketAddr,
+    volume_id: u64,
+}
+
+fn setup(dir: &Path, wrl_bytes: u64) -> Result<Setup> {
+    let certs = dir.join("certs");
+    ca::init(&certs)?;
+    for (r, n) in [(Role::Staging, "stg1"), (Role::Replica, "rep1"), (Role::Agent, "host1"), (Role::Admin, "admin")] {
+        ca::issue(&certs, r, n)?;
+    }
+    let key = dir.join("vol.key");
+    std::fs::write(&key, [9u8; 32])?;
+    let config = dir.join("config.redb");
+    let st = ConfigStore::open(&config)?;
+    let staging: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let replica: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let s = |v: Vec<String>| v;
+    st.set(Kind::Endpoint, "stg1", &s(vec!["role=staging".into(), format!("address={staging}")]))?;
+    st.set(
+        Kind::Endpoint,
+        "rep1",
+        &s(vec![
+            "role=replica".into(),
+            format!("address={replica}"),
+            format!("data_dir={}", dir.join("rep1").display()),
+            format!("drlog_bytes={}", wrl_bytes + (256 << 20)),
+        ]),
+    )?;
+    st.set(Kind::Key, "k1", &s(vec![format!("path={}", key.display())]))?;
+    st.set(
+        Kind::Wrl,
+        "w0",
+        &s(vec![
+            "staging=stg1".into(),
+            format!("devices=[\"{}\"]", dir.join("wrl0").display()),
+            "segment_bytes=64M".into(),
+            format!("device_bytes={wrl_bytes}"),
+        ]),
+    )?;
+    let v = st.set(
+        Kind::Volume,
+        "vol1",
+        &s(vec!["size_bytes=64M".into(), "wrl=w0".into(), "replicas=[\"rep1\"]".into(), "key=k1".into()]),
+    )?;
+    Ok(Setup { certs, config, staging, volume_id: v["id"].as_u64().context("volume id")? })
+}
+
+fn start(drv: &Path, s: &Setup, role: &str, name: &str, log: &Path) -> Result<Child> {
+    Ok(Command::new(drv)
+        .args([role, "run", "--name", name])
+        .arg("--config")
+        .arg(&s.config)
+        .arg("--certs")
+        .arg(&s.certs)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?)
+}
+
+async fn status(id: &Identity, addr: SocketAddr) -> Result<serde_json::Value> {
+    let c = quic::client(id, Role::Staging)?;
+    let mut conn = quic::connect(&c, addr, Role::Staging).await?;
+    let st = conn.open_bidirectional_stream().await?;
+    let (rx, tx) = st.split();
+    let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
+    w.send(&Frame::StatusRequest).await?;
+    match r.next().await? {
+        Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json)?),
+        other => bail!("unexpected status answer {other:?}"),
+    }
+}
+
+/// An agent stream writing `write_bytes`-sized writes; `rate` (bytes/s) paces it when set.
+/// Returns the last sequence written.
+async fn agent_load(
+    id: &Identity,
+    addr: SocketAddr,
+    volume_id: u64,
+    total: u64,
+    write_bytes: usize,
+    rate: Option<f64>,
+    first_seq: u64,
+) -> Result<u64> {
+    let c = quic::client(id, Role::Staging)?;
+    let mut conn = quic::connect(&c, addr, Role::Staging).await?;
+    let st = conn.open_bidirectional_stream().await?;
+    let (rx, tx) = st.split();
+    let (mut r, mut w) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
+    w.send(&Frame::OpenVolume { volume_id }).await?;
+    match r.next().await? {
+        Some(Frame::VolumeState { .. }) => {}
+        other => bail!("staging refused the volume: {other:?}"),
+    }
+    let n = total / write_bytes as u64;
+    let data = vec![0x5au8; write_bytes];
+    let started = Instant::now();
+    let (mut sent, mut acked) = (0u64, 0u64);
+    let window = 32u64;
+    while acked < n {
+        while sent < n && sent - acked < window {
+            if let Some(rate) = rate {
+                let due = Duration::from_secs_f64(sent as f64 * write_bytes as f64 / rate);
+                if started.elapsed() < due {
+                    break;
+                }
+            }
+            let seq = first_seq + sent;
+            let offset = (seq % (64 << 20) as u64 / write_bytes as u64) * write_bytes as u64;
+            w.send(&Frame::Write { volume_id, seq, epoch: seq, offset, flags: 0, data: data.clone() }).await?;
+            sent += 1;
+        }
+        let wait = if sent < n && sent - acked < window { Duration::from_millis(2) } else { Duration::from_secs(30) };
+        match tokio::time::timeout(wait, r.next()).await {
+            Ok(Ok(Some(Frame::Ack { .. }))) => acked += 1,
+            Ok(Ok(Some(other))) => bail!("staging answered {other:?}"),
+            Ok(Ok(None)) => bail!("staging closed the stream"),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) if wait < Duration::from_secs(1) => {}
+            Err(_) => bail!("no acknowledgement for 30 s"),
+        }
+    }
+    Ok(first_seq + n - 1)
+}
+
+fn replicated(s: &serde_json::Value) -> u64 {
+    s["volumes"][0]["replicated_seq"].as_u64().unwrap_or(0)
+}
+
+pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
+    let bytes: u64 = if quick { 256 << 20 } else { 1 << 30 };
+    let rounds = if quick { 1 } else { 3 };
+    let mut tcp = Vec::new();
+    let mut tls = Vec::new();
+    let mut suite = String::new();
+    for _ in 0..rounds {
+        tcp.push(tcp_copy(bytes).context("raw TCP copy")?);
+        let (mbs, cpu, s) = tls_copy(bytes).context("TLS copy")?;
+        suite = s;
+        tls.push((mbs, cpu));
+    }
+    let med = |mut v: Vec<(f64, f64)>| {
+        v.sort_by(|a, b| a.0.partial_cmp(&b.0).expect("no NaN"));
+        v[v.len() / 2]
+    };
+    let (tcp_mbs, tcp_cpu) = med(tcp);
+    let (tls_mbs, tls_cpu) = med(tls);
+
+    // Relay: load the staging WRL while the replica is down, then time the catch-up.
+    let s = setup(dir, bytes + (512 << 20))?;
+    let mut staging = start(drv, &s, "staging", "stg1", &dir.join("stg1.log"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let agent = Identity::load(&s.certs, "host1")?;
+    let admin = Identity::load(&s.certs, "admin")?;
+    let result = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status(&admin, s.staging).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "staging did not start: see {}", dir.join("stg1.log").display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let tl = Instant::now();
+        let last = agent_load(&agent, s.staging, s.volume_id, bytes, CHUNK, None, 1).await?;
+        eprintln!("agent -> staging ingest: {:.1} MB/s", bytes as f64 / tl.elapsed().as_secs_f64() / 1e6);
+        let mut replica = start(drv, &s, "replica", "rep1", &dir.join("rep1.log"))?;
+        // The relay retries with backoff while the replica is down: time from when it is connected.
+        let w0 = Instant::now();
+        loop {
+            if let Ok(st) = status(&admin, s.staging).await
+                && st["volumes"][0]["replicas"][0]["connected"] == true
+            {
+                break;
+            }
+            anyhow::ensure!(w0.elapsed() < Duration::from_secs(30), "relay did not connect");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (st0, t0) = (proc_cpu(staging.id()), Instant::now());
+        let rep0 = proc_cpu(replica.id());
+        loop {
+            if let Ok(st) = status(&admin, s.staging).await
+                && replicated(&st) >= last
+            {
+                break;
+            }
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(600), "relay did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let (stg_cpu, rep_cpu) = (proc_cpu(staging.id()) - st0, proc_cpu(replica.id()) - rep0);
+        eprintln!("relay CPU: staging {stg_cpu:.2} s, replica {rep_cpu:.2} s");
+        let cpu = stg_cpu + rep_cpu;
+        let relay_mbs = bytes as f64 / secs / 1e6;
+
+        // Lag under a sustained load at half the relay capacity (and of what staging ingests).
+        let rate = relay_mbs * 1e6 * 0.5;
+        let duration = if quick { 5.0 } else { 15.0 };
+        let write = 256 << 10;
+        let load_bytes = ((rate * duration) as u64 / write as u64).max(1) * write as u64;
+        let sampler = {
+            let admin = admin.clone();
+            let addr = s.staging;
+            tokio::spawn(async move {
+                let mut lags = Vec::new();
+                let end = Instant::now() + Duration::from_secs_f64(duration + 1.0);
+                while Instant::now() < end {
+                    if let Ok(st) = status(&admin, addr).await {
+                        lags.push(st["volumes"][0]["lag_seconds"].as_f64().unwrap_or(0.0));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                lags
+            })
+        };
+        let t1 = Instant::now();
+        agent_load(&agent, s.staging, s.volume_id, load_bytes, write, Some(rate), last + 1).await?;
+        let achieved = load_bytes as f64 / t1.elapsed().as_secs_f64() / 1e6;
+        let mut lags = sampler.await?;
+        lags.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        let p99 = lags[((lags.len() as f64 * 0.99) as usize).min(lags.len() - 1)];
+        let p50 = lags[lags.len() / 2];
+        let _ = replica.kill();
+        let _ = replica.wait();
+        Ok::<_, anyhow::Error>((relay_mbs, cpu, rate / 1e6, achieved, p50, p99, lags.len()))
+    });
+    let _ = staging.kill();
+    let _ = staging.wait();
+    let (relay_mbs, relay_cpu, target, achieved, p50, p99, samples) = result?;
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    println!();
+    println!("== cargo xtask bench relay ({}) ==", if quick { "quick" } else { "full" });
+    println!("loopback, {} MiB each ({} rounds for the baselines, medians):", bytes >> 20, rounds);
+    println!("  raw TCP copy            {tcp_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB", tcp_cpu / gib);
+    println!("  TCP + TLS (rustls)      {tls_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB   ({suite})", tls_cpu / gib);
+    println!(
+        "  drv relay -> DR log     {relay_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB   ratio vs TLS {:.2} (goal >= 0.50), vs raw TCP {:.2}",
+        relay_cpu / gib,
+        relay_mbs / tls_mbs,
+        relay_mbs / tcp_mbs
+    );
+    println!(
+        "replica lag at 50% of relay capacity ({target:.0} MB/s offered, {achieved:.0} MB/s achieved, {samples} samples):"
+    );
+    println!("  lag p50 {p50:.3} s, p99 {p99:.3} s (goal p99 <= 1 s)");
+    Ok(())
+}
