@@ -119,6 +119,13 @@ pub struct Endpoint {
     /// Replica: size of the DR log file created in `data_dir`.
     #[serde(default = "default_drlog", deserialize_with = "de_size")]
     pub drlog_bytes: u64,
+    /// Largest IP packet QUIC may probe for (path MTU discovery keeps only what the path carries).
+    #[serde(default = "default_mtu")]
+    pub max_mtu: u16,
+}
+
+fn default_mtu() -> u16 {
+    9000
 }
 
 fn default_connections() -> u32 {

@@ -40,6 +40,7 @@ pub struct ReplicaServer {
     pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
     frame_bytes_limit: u32,
     max_connections: u32,
+    quic: quic::QuicOptions,
     peers: Mutex<BTreeMap<u64, String>>,
     next_peer: AtomicU64,
     stop: Arc<AtomicBool>,
@@ -105,6 +106,7 @@ impl ReplicaServer {
             volumes,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             max_connections: node.endpoint.max_connections,
+            quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu },
             peers: Mutex::new(BTreeMap::new()),
             next_peer: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
@@ -135,7 +137,7 @@ impl ReplicaServer {
                 .spawn(move || apply::run(v, log, Arc::new(NoSnapshots), stop, applier))
                 .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })?;
         }
-        let mut server = quic::server(addr, &self.identity, &[Role::Staging, Role::Admin])?;
+        let mut server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "replica server {} listening", self.name);
         let conns = Arc::new(tokio::sync::Semaphore::new(self.max_connections as usize));
         while let Some(mut conn) = server.accept().await {

@@ -21,7 +21,7 @@ use crate::wrl::WrlError;
 const RECORDS_FRAME_BYTES: u64 = 4 << 20;
 
 pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: SocketAddr) {
-    let client = match quic::client(&st.identity, Role::Replica) {
+    let client = match quic::client_with(&st.identity, Role::Replica, &st.quic) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(volume = v.id, %replica, "relay cannot start: {e}");

@@ -110,6 +110,7 @@ pub struct Staging {
     pub frame_bytes_limit: u32,
     pub inflight_bytes_limit: u64,
     pub max_connections: u32,
+    pub quic: quic::QuicOptions,
     pub peers: Mutex<BTreeMap<u64, String>>,
     next_peer: AtomicU64,
     started: Instant,
@@ -199,6 +200,7 @@ impl Staging {
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             inflight_bytes_limit: node.endpoint.inflight_bytes_limit,
             max_connections: node.endpoint.max_connections,
+            quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu },
             peers: Mutex::new(BTreeMap::new()),
             next_peer: AtomicU64::new(1),
             started: Instant::now(),
@@ -207,7 +209,7 @@ impl Staging {
 
     /// Serves agents and status requests on `addr` and relays every volume, until the task is dropped.
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ServerError> {
-        let mut server = quic::server(addr, &self.identity, &[Role::Agent, Role::Admin])?;
+        let mut server = quic::server_with(addr, &self.identity, &[Role::Agent, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "staging server {} listening", self.name);
         for v in self.volumes.values() {
             for (replica, raddr) in &v.replicas {

@@ -95,8 +95,43 @@ fn limits() -> Result<s2n_quic::provider::limits::Limits, TransportError> {
         .map_err(ep)
 }
 
+/// Endpoint options.
+#[derive(Clone, Copy, Debug)]
+pub struct QuicOptions {
+    /// Largest IP packet the endpoint may probe for (path MTU discovery starts at 1228 bytes and
+    /// only keeps a size the path confirmed). Jumbo-frame networks and loopback allow far more than
+    /// 1500, and packet count is what QUIC's cost scales with.
+    pub max_mtu: u16,
+}
+
+impl Default for QuicOptions {
+    fn default() -> Self {
+        QuicOptions { max_mtu: 9000 }
+    }
+}
+
+fn io(addr: SocketAddr, o: &QuicOptions) -> Result<s2n_quic::provider::io::tokio::Provider, TransportError> {
+    s2n_quic::provider::io::tokio::Builder::default()
+        .with_receive_address(addr)
+        .map_err(ep)?
+        .with_max_mtu(o.max_mtu)
+        .map_err(ep)?
+        .build()
+        .map_err(ep)
+}
+
 /// A server endpoint on `addr` accepting peers whose certificates carry one of `allowed`.
 pub fn server(addr: SocketAddr, id: &Identity, allowed: &[Role]) -> Result<Server, TransportError> {
+    server_with(addr, id, allowed, &QuicOptions::default())
+}
+
+/// [`server`] with explicit options.
+pub fn server_with(
+    addr: SocketAddr,
+    id: &Identity,
+    allowed: &[Role],
+    o: &QuicOptions,
+) -> Result<Server, TransportError> {
     let tls = TlsServer::builder()
         .with_empty_trust_store()
         .map_err(ep)?
@@ -115,7 +150,7 @@ pub fn server(addr: SocketAddr, id: &Identity, allowed: &[Role]) -> Result<Serve
     Server::builder()
         .with_tls(tls)
         .map_err(ep)?
-        .with_io(addr)
+        .with_io(io(addr, o)?)
         .map_err(ep)?
         .with_limits(limits()?)
         .map_err(ep)?
@@ -127,6 +162,11 @@ pub fn server(addr: SocketAddr, id: &Identity, allowed: &[Role]) -> Result<Serve
 
 /// A client endpoint that presents `id` and accepts only servers whose certificates carry `expect`.
 pub fn client(id: &Identity, expect: Role) -> Result<Client, TransportError> {
+    client_with(id, expect, &QuicOptions::default())
+}
+
+/// [`client`] with explicit options.
+pub fn client_with(id: &Identity, expect: Role, o: &QuicOptions) -> Result<Client, TransportError> {
     let tls = TlsClient::builder()
         .with_empty_trust_store()
         .map_err(ep)?
@@ -144,7 +184,7 @@ pub fn client(id: &Identity, expect: Role) -> Result<Client, TransportError> {
     Client::builder()
         .with_tls(tls)
         .map_err(ep)?
-        .with_io(any)
+        .with_io(io(any, o)?)
         .map_err(ep)?
         .with_event(RefusalLog)
         .map_err(ep)?

@@ -183,6 +183,31 @@ fn start(drv: &Path, s: &Setup, role: &str, name: &str, log: &Path) -> Result<Ch
         .spawn()?)
 }
 
+/// One status connection, reused for every poll (a handshake per poll would load staging).
+struct StatusConn {
+    _client: s2n_quic::Client,
+    conn: s2n_quic::Connection,
+}
+
+impl StatusConn {
+    async fn open(id: &Identity, addr: SocketAddr) -> Result<StatusConn> {
+        let c = quic::client(id, Role::Staging)?;
+        let conn = quic::connect(&c, addr, Role::Staging).await?;
+        Ok(StatusConn { _client: c, conn })
+    }
+
+    async fn get(&mut self) -> Result<serde_json::Value> {
+        let st = self.conn.open_bidirectional_stream().await?;
+        let (rx, tx) = st.split();
+        let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
+        w.send(&Frame::StatusRequest).await?;
+        match r.next().await? {
+            Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json)?),
+            other => bail!("unexpected status answer {other:?}"),
+        }
+    }
+}
+
 async fn status(id: &Identity, addr: SocketAddr) -> Result<serde_json::Value> {
     let c = quic::client(id, Role::Staging)?;
     let mut conn = quic::connect(&c, addr, Role::Staging).await?;
@@ -287,10 +312,11 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         let last = agent_load(&agent, s.staging, s.volume_id, bytes, CHUNK, None, 1).await?;
         eprintln!("agent -> staging ingest: {:.1} MB/s", bytes as f64 / tl.elapsed().as_secs_f64() / 1e6);
         let mut replica = start(drv, &s, "replica", "rep1", &dir.join("rep1.log"))?;
+        let mut sc = StatusConn::open(&admin, s.staging).await?;
         // The relay retries with backoff while the replica is down: time from when it is connected.
         let w0 = Instant::now();
         loop {
-            if let Ok(st) = status(&admin, s.staging).await
+            if let Ok(st) = sc.get().await
                 && st["volumes"][0]["replicas"][0]["connected"] == true
             {
                 break;
@@ -300,8 +326,9 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         }
         let (st0, t0) = (proc_cpu(staging.id()), Instant::now());
         let rep0 = proc_cpu(replica.id());
+        eprintln!("relay connected");
         loop {
-            if let Ok(st) = status(&admin, s.staging).await
+            if let Ok(st) = sc.get().await
                 && replicated(&st) >= last
             {
                 break;
@@ -326,8 +353,9 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
             tokio::spawn(async move {
                 let mut lags = Vec::new();
                 let end = Instant::now() + Duration::from_secs_f64(duration + 1.0);
+                let Ok(mut sc) = StatusConn::open(&admin, addr).await else { return lags };
                 while Instant::now() < end {
-                    if let Ok(st) = status(&admin, addr).await {
+                    if let Ok(st) = sc.get().await {
                         lags.push(st["volumes"][0]["lag_seconds"].as_f64().unwrap_or(0.0));
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
