@@ -12,7 +12,7 @@ use std::time::Instant;
 use drv_config::NodeConfig;
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code};
-use drv_format::record::{RECORD_HEADER_LEN, decode_record};
+use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
 use drv_staging::storage::{FileStorage, Storage};
 use drv_staging::wrl::{self, CreateOptions, Wrl, WrlOptions};
 use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
@@ -227,11 +227,15 @@ impl ReplicaServer {
         bytes: &[u8],
         out: &mpsc::UnboundedSender<Frame>,
     ) -> Result<(), String> {
+        // The frame decoder already checked every record (header and payload checksums, volume);
+        // here the header is decoded again only to find the boundaries.
         let mut at = 0usize;
         let mut batch = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let (h, payload) = decode_record(&bytes[at..]).map_err(|e| format!("record in frame: {e}"))?;
-            at += RECORD_HEADER_LEN + payload.len();
+            let h = RecordHeader::decode(&bytes[at..]).map_err(|e| format!("record in frame: {e}"))?;
+            let payload = &bytes[at + RECORD_HEADER_LEN..at + h.record_len()];
+            debug_assert!(h.check_payload(payload).is_ok(), "frame decoder checked the payload");
+            at += h.record_len();
             batch.push((h, payload.to_vec()));
         }
         let mut st = v.state.lock().expect("apply state");
