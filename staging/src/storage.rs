@@ -188,7 +188,12 @@ impl Storage for FileStorage {
         self.direct.write_all_at(buf, offset)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.buffered.read_exact_at(buf, offset)
+        // Aligned reads into aligned memory go around the page cache (one DMA, no copy).
+        let aligned = self.is_direct
+            && offset.is_multiple_of(BUF_ALIGN as u64)
+            && buf.len().is_multiple_of(BUF_ALIGN)
+            && (buf.as_ptr() as usize).is_multiple_of(BUF_ALIGN);
+        if aligned { self.direct.read_exact_at(buf, offset) } else { self.buffered.read_exact_at(buf, offset) }
     }
     fn sync(&self) -> io::Result<()> {
         self.direct.sync_data()

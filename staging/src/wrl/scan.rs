@@ -8,7 +8,7 @@ use drv_format::layout::{BATCH_HEADER_LEN, BatchHeader, DATA_START, SEGMENT_HEAD
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader, chain_hash};
 
 use super::error::{Result, WrlError};
-use crate::storage::Storage;
+use crate::storage::{AlignedBuf, Storage};
 
 /// Bytes read from a device per window refill.
 const WINDOW_BYTES: usize = 4 << 20;
@@ -52,22 +52,23 @@ pub struct SegmentCursor {
     dev: Arc<dyn Storage>,
     pub loc: SegmentLoc,
     pub pos: u64,
-    window: Vec<u8>,
+    window: AlignedBuf,
     win_start: u64,
 }
 
 thread_local! {
     /// One window buffer per thread, reused across cursors: a fresh 4 MiB buffer per read-back
     /// costs a zero fill and page faults.
-    static SPARE_WINDOW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_WINDOW: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Drop for SegmentCursor {
     fn drop(&mut self) {
-        let w = std::mem::take(&mut self.window);
+        let w = std::mem::replace(&mut self.window, AlignedBuf::with_capacity(0));
         SPARE_WINDOW.with(|s| {
-            if s.borrow().capacity() < w.capacity() {
-                *s.borrow_mut() = w;
+            let mut s = s.borrow_mut();
+            if s.as_ref().is_none_or(|old| old.capacity() < w.capacity()) {
+                *s = Some(w);
             }
         });
     }
@@ -76,7 +77,8 @@ impl Drop for SegmentCursor {
 impl SegmentCursor {
     pub fn new(dev: Arc<dyn Storage>, loc: SegmentLoc, pos: u64) -> Self {
         debug_assert!(pos >= SEGMENT_HEADER_BYTES);
-        let window = SPARE_WINDOW.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let window =
+            SPARE_WINDOW.with(|s| s.borrow_mut().take()).unwrap_or_else(|| AlignedBuf::with_capacity(WINDOW_BYTES));
         // `win_start` past the segment end: nothing in the (reused) window is valid yet.
         SegmentCursor { dev, win_start: u64::MAX / 2, loc, pos, window }
     }
@@ -88,8 +90,15 @@ impl SegmentCursor {
         }
         let have = pos >= self.win_start && pos + len as u64 <= self.win_start + self.window.len() as u64;
         if !have {
-            let n = (len.max(WINDOW_BYTES) as u64).min(self.loc.segment_bytes - pos) as usize;
-            self.window.resize(n, 0);
+            // Whole aligned blocks from an aligned offset, so the device can read them with O_DIRECT
+            // (no page-cache copy); batches start aligned, segments end aligned.
+            let align = self.loc.io_align as u64;
+            let start = pos - pos % align;
+            let want = (pos - start + len as u64).max(WINDOW_BYTES as u64).next_multiple_of(align);
+            let n = want.min(self.loc.segment_bytes - start) as usize;
+            let pos = start;
+            self.window.clear();
+            self.window.resize(n);
             self.dev.read_at(self.loc.base() + pos, &mut self.window).map_err(|e| {
                 WrlError::io(format!("read segment {} on {} at offset {pos}", self.loc.id, self.dev.name()), e)
             })?;
