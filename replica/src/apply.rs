@@ -89,6 +89,8 @@ pub struct ReplicaVolume {
     applied_path: PathBuf,
     pub state: Mutex<ApplyState>,
     pub changed: Condvar,
+    /// The applied sequence, for relay streams that report it back to staging as it moves.
+    pub applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl ReplicaVolume {
@@ -123,6 +125,7 @@ impl ReplicaVolume {
                 ..Default::default()
             }),
             changed: Condvar::new(),
+            applied_tx: tokio::sync::watch::channel(applied.seq).0,
         })
     }
 
@@ -259,5 +262,7 @@ fn apply_units(
     s.applied = applied;
     s.applied_records += records.len() as u64;
     s.applied_units += units;
+    drop(s);
+    v.applied_tx.send_replace(applied.seq);
     Ok(())
 }

@@ -179,6 +179,16 @@ impl ReplicaServer {
         out: &mpsc::UnboundedSender<Frame>,
     ) -> Result<(), String> {
         let mut volume: Option<Arc<ReplicaVolume>> = None;
+        // Tasks that live as long as this stream (aborted on every way out).
+        struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                for h in &self.0 {
+                    h.abort();
+                }
+            }
+        }
+        let mut tasks = AbortOnDrop(Vec::new());
         while let Some(frame) = r.next().await.map_err(|e| e.to_string())? {
             match frame {
                 Frame::StatusRequest => {
@@ -204,6 +214,26 @@ impl ReplicaServer {
                     .await
                     .map_err(|e| e.to_string())?;
                     let _ = out.send(Frame::ReplicaPosition { volume_id, durable_seq: durable, applied_seq: applied });
+                    // Report the applied position as it moves (status on staging shows it), until
+                    // the stream's writer is gone.
+                    let (v2, out2) = (v.clone(), out.clone());
+                    tasks.0.push(tokio::spawn(async move {
+                        let mut rx = v2.applied_tx.subscribe();
+                        while rx.changed().await.is_ok() {
+                            let applied = *rx.borrow_and_update();
+                            let durable = v2.state.lock().expect("apply state").durable_seq;
+                            if out2
+                                .send(Frame::ReplicaPosition {
+                                    volume_id: v2.id,
+                                    durable_seq: durable,
+                                    applied_seq: applied,
+                                })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }));
                     volume = Some(v.clone());
                 }
                 Frame::Records { volume_id, count, bytes } => {
