@@ -223,32 +223,7 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
         }
         FrameType::Records => {
             need(16)?;
-            let (volume_id, count) = (d.u64(), d.u32());
-            let _reserved = d.u32();
-            if body[12..16].iter().any(|b| *b != 0) {
-                return Err(FormatError::ReservedNotZero { what: "records frame" });
-            }
-            // Every record must decode and belong to the volume; the count must match.
-            let mut at = 16;
-            for _ in 0..count {
-                let (rh, _) = decode_record(&body[at..])?;
-                if rh.desc.volume_id != volume_id {
-                    return Err(FormatError::Invalid {
-                        what: "records frame",
-                        field: "volume_id",
-                        value: rh.desc.volume_id,
-                    });
-                }
-                at += rh.record_len();
-            }
-            if at != body.len() {
-                return Err(FormatError::BadLength {
-                    what: "records frame",
-                    found: body.len() as u64,
-                    expected: at as u64,
-                });
-            }
-            Frame::Records { volume_id, count, bytes: body[16..].to_vec() }
+            return decode_records(body, &mut d);
         }
         FrameType::StatusRequest => {
             exact(0)?;
@@ -256,6 +231,27 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
         }
         FrameType::StatusReply => Frame::StatusReply { json: body.to_vec() },
     })
+}
+
+fn decode_records(body: &[u8], d: &mut Dec<'_>) -> Result<Frame, FormatError> {
+    const WHAT: &str = "records frame";
+    let (volume_id, count) = (d.u64(), d.u32());
+    if body[12..16].iter().any(|b| *b != 0) {
+        return Err(FormatError::ReservedNotZero { what: WHAT });
+    }
+    // Every record must decode and belong to the volume; the count must match.
+    let mut at = 16;
+    for _ in 0..count {
+        let (rh, _) = decode_record(&body[at..])?;
+        if rh.desc.volume_id != volume_id {
+            return Err(FormatError::Invalid { what: WHAT, field: "volume_id", value: rh.desc.volume_id });
+        }
+        at += rh.record_len();
+    }
+    if at != body.len() {
+        return Err(FormatError::BadLength { what: WHAT, found: body.len() as u64, expected: at as u64 });
+    }
+    Ok(Frame::Records { volume_id, count, bytes: body[16..].to_vec() })
 }
 
 impl Frame {
@@ -343,6 +339,53 @@ impl Frame {
     }
 }
 
+/// Builds a Records frame in place: records are appended straight into the frame buffer (one copy
+/// of each payload), and the header is filled in at the end.
+pub struct RecordsFrameBuilder {
+    out: Vec<u8>,
+    count: u32,
+}
+
+impl RecordsFrameBuilder {
+    pub fn new(volume_id: u64, capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + 16 + capacity);
+        out.resize(FRAME_HEADER_LEN + 16, 0);
+        Enc::new(&mut out[FRAME_HEADER_LEN..]).u64(volume_id);
+        RecordsFrameBuilder { out, count: 0 }
+    }
+
+    pub fn push(&mut self, header: &[u8; crate::record::RECORD_HEADER_LEN], payload: &[u8]) {
+        self.out.extend_from_slice(header);
+        self.out.extend_from_slice(payload);
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Body bytes so far.
+    pub fn body_len(&self) -> usize {
+        self.out.len() - FRAME_HEADER_LEN
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        let body_len = self.body_len();
+        assert!(body_len <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
+        let count = self.count;
+        Enc::new(&mut self.out[FRAME_HEADER_LEN + 8..FRAME_HEADER_LEN + 16]).u32(count).u32(0);
+        Enc::new(&mut self.out[..FRAME_HEADER_LEN])
+            .u32(FRAME_MAGIC)
+            .bytes(&[FRAME_VERSION, FrameType::Records as u8])
+            .u16(0)
+            .u32(body_len as u32)
+            .u32(0);
+        let crc = frame_crc(&self.out[..FRAME_HEADER_LEN], &self.out[FRAME_HEADER_LEN..]);
+        self.out[12..16].copy_from_slice(&crc.to_le_bytes());
+        self.out
+    }
+}
+
 /// Decodes one whole frame from a buffer (header, body); for tests and the fuzz target.
 pub fn decode_frame(buf: &[u8], limit: u32) -> Result<(Frame, usize), FormatError> {
     if buf.len() < FRAME_HEADER_LEN {
@@ -387,6 +430,35 @@ mod tests {
             let b = f.encode();
             assert_eq!(decode_frame(&b, MAX_FRAME_BODY).unwrap(), (f, b.len()));
         }
+    }
+
+    #[test]
+    fn records_builder_matches_encode() {
+        use crate::record::{Flags, RecordHeader, WriteDesc};
+        let payload = vec![3u8; 40];
+        let h = RecordHeader {
+            lsn: 9,
+            prev_hash: 1,
+            desc: WriteDesc {
+                volume_id: 5,
+                volume_seq: 2,
+                epoch: 1,
+                offset: 0,
+                length: 24,
+                flags: Flags::default(),
+                key_id: 1,
+                nonce: [0; 12],
+            },
+            stored_len: 40,
+            payload_crc: crate::crc32c(&payload),
+        };
+        let mut b = RecordsFrameBuilder::new(5, 0);
+        b.push(&h.encode(), &payload);
+        let built = b.finish();
+        let mut bytes = h.encode().to_vec();
+        bytes.extend_from_slice(&payload);
+        assert_eq!(built, Frame::Records { volume_id: 5, count: 1, bytes }.encode());
+        assert!(decode_frame(&built, MAX_FRAME_BODY).is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drv_format::frame::Frame;
+use drv_format::frame::{Frame, RecordsFrameBuilder};
 use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
 use tokio::sync::mpsc;
 
@@ -144,8 +144,7 @@ async fn pump<W: tokio::io::AsyncWrite + Unpin>(
         let t = std::time::Instant::now();
         let recs = v.wrl.read(cursor, RECORDS_FRAME_BYTES)?;
         let read_us = t.elapsed().as_micros() as u64;
-        let mut bytes = Vec::new();
-        let mut count = 0u32;
+        let mut frame = RecordsFrameBuilder::new(v.id, RECORDS_FRAME_BYTES as usize + (64 << 10));
         let mut frame_payload = 0u64;
         for rec in &recs {
             cursor = rec.header.lsn + 1;
@@ -161,9 +160,7 @@ async fn pump<W: tokio::io::AsyncWrite + Unpin>(
                 // The replica needs records this log no longer holds (trimmed, or a new replica).
                 return Err(RelayError::Missing { need: sent_seq + 1, first: seq });
             }
-            bytes.extend_from_slice(&rec.header.encode());
-            bytes.extend_from_slice(&rec.payload);
-            count += 1;
+            frame.push(&rec.header.encode(), &rec.payload);
             sent_seq = seq;
             let b = rec.header.desc.length as u64;
             frame_payload += b;
@@ -173,9 +170,10 @@ async fn pump<W: tokio::io::AsyncWrite + Unpin>(
                 break;
             }
         }
+        let count = frame.count();
         if count > 0 {
             let t = std::time::Instant::now();
-            w.send(&Frame::Records { volume_id: v.id, count, bytes }).await?;
+            w.send_raw(&frame.finish()).await?;
             tracing::debug!(read_us, send_us = t.elapsed().as_micros() as u64, count, inflight_bytes, "relay frame");
             if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
                 p.sent_seq = sent_seq;

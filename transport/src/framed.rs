@@ -36,17 +36,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             got += n;
         }
         let h = decode_header(&hb, self.limit)?;
-        let mut body = vec![0u8; h.body_len as usize];
-        if let Err(e) = self.inner.read_exact(&mut body).await {
-            return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                TransportError::BadFrame(drv_format::FormatError::Truncated {
+        // Read into spare capacity (no zero fill of a buffer that is about to be overwritten).
+        let need = h.body_len as usize;
+        let mut body = Vec::with_capacity(need);
+        while body.len() < need {
+            let mut limited = (&mut self.inner).take((need - body.len()) as u64);
+            let n = limited.read_buf(&mut body).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+            if n == 0 {
+                return Err(TransportError::BadFrame(drv_format::FormatError::Truncated {
                     what: "frame body",
-                    need: h.body_len as usize,
-                    have: 0,
-                })
-            } else {
-                TransportError::Stream(e.to_string())
-            });
+                    need,
+                    have: body.len(),
+                }));
+            }
         }
         Ok(Some(decode_body(&hb, &h, &body)?))
     }
