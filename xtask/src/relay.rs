@@ -117,6 +117,46 @@ fn tls_copy(bytes: u64) -> Result<(f64, f64, String)> {
     Ok((bytes as f64 / t0.elapsed().as_secs_f64() / 1e6, self_cpu() - c0, suite))
 }
 
+/// The same bytes over one s2n-quic stream with drv's endpoint settings (mTLS, windows, MTU), to
+/// show the transport's own ceiling on this host; returns (MB/s, CPU seconds).
+fn quic_copy(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
+    let certs = dir.join("quic-certs");
+    let _ = std::fs::remove_dir_all(&certs);
+    ca::init(&certs)?;
+    ca::issue(&certs, Role::Replica, "sink")?;
+    ca::issue(&certs, Role::Staging, "source")?;
+    let sink = Identity::load(&certs, "sink")?;
+    let source = Identity::load(&certs, "source")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let mut server = quic::server("127.0.0.1:0".parse()?, &sink, &[Role::Staging])?;
+        let addr = server.local_addr()?;
+        let recv = tokio::spawn(async move {
+            let mut conn = server.accept().await.context("accept")?;
+            let mut s = conn.accept_receive_stream().await?.context("stream")?;
+            let mut n = 0u64;
+            while let Some(chunk) = s.receive().await? {
+                n += chunk.len() as u64;
+            }
+            Ok::<u64, anyhow::Error>(n)
+        });
+        let client = quic::client(&source, Role::Replica)?;
+        let (c0, t0) = (self_cpu(), Instant::now());
+        let mut conn = quic::connect(&client, addr, Role::Replica).await?;
+        let mut s = conn.open_send_stream().await?;
+        let chunk = bytes::Bytes::from(vec![7u8; CHUNK]);
+        let mut sent = 0;
+        while sent < bytes {
+            s.send(chunk.clone()).await?;
+            sent += CHUNK as u64;
+        }
+        s.finish()?;
+        let got = recv.await??;
+        anyhow::ensure!(got == sent, "QUIC copy lost bytes");
+        Ok((bytes as f64 / t0.elapsed().as_secs_f64() / 1e6, self_cpu() - c0))
+    })
+}
+
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(47000)
 }
@@ -295,6 +335,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     };
     let (tcp_mbs, tcp_cpu) = med(tcp);
     let (tls_mbs, tls_cpu) = med(tls);
+    let (quic_mbs, quic_cpu) = quic_copy(dir, bytes).context("QUIC copy")?;
 
     // Relay: load the staging WRL while the replica is down, then time the catch-up.
     let s = setup(dir, bytes + (512 << 20))?;
@@ -383,6 +424,10 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     println!("loopback, {} MiB each ({} rounds for the baselines, medians):", bytes >> 20, rounds);
     println!("  raw TCP copy            {tcp_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB", tcp_cpu / gib);
     println!("  TCP + TLS (rustls)      {tls_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB   ({suite})", tls_cpu / gib);
+    println!(
+        "  s2n-quic stream (mTLS)  {quic_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB   (the transport's ceiling here)",
+        quic_cpu / gib
+    );
     println!(
         "  drv relay -> DR log     {relay_mbs:>9.1} MB/s   CPU {:>6.2} s/GiB   ratio vs TLS {:.2} (goal >= 0.50), vs raw TCP {:.2}",
         relay_cpu / gib,
