@@ -301,6 +301,7 @@ impl ReplicaServer {
             self.drlog.submit_sealed(
                 h.desc,
                 Arc::new(payload),
+                h.payload_crc,
                 Box::new(move |r| match r {
                     Ok(_) => {
                         v2.logged(seq);

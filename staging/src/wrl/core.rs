@@ -43,9 +43,18 @@ pub struct PendingRecord {
     pub desc: WriteDesc,
     /// Ciphertext and tag, `desc.length + 16` bytes.
     pub payload: Arc<Vec<u8>>,
+    /// CRC-32C of `payload`, computed by whoever produced it (the appender's thread, or the sender
+    /// of a relayed record whose frame was checked), so the committer does not pass over the bytes
+    /// again.
+    pub payload_crc: u32,
 }
 
 impl PendingRecord {
+    pub fn new(desc: WriteDesc, payload: Arc<Vec<u8>>) -> Self {
+        let payload_crc = crc32c(&payload);
+        PendingRecord { desc, payload, payload_crc }
+    }
+
     pub fn log_bytes(&self) -> u64 {
         (RECORD_HEADER_LEN + self.payload.len()) as u64
     }
@@ -717,12 +726,13 @@ impl LogCore {
         let mut lsn = first_lsn;
         let mut hash = self.last_hash;
         for r in records {
+            debug_assert_eq!(r.payload_crc, crc32c(&r.payload), "payload checksum given with the record");
             let h = RecordHeader {
                 lsn,
                 prev_hash: hash,
                 desc: r.desc,
                 stored_len: r.payload.len() as u32,
-                payload_crc: crc32c(&r.payload),
+                payload_crc: r.payload_crc,
             };
             let enc = h.encode();
             // Pair the encoder with the decoder before anything reaches the disk.

@@ -219,13 +219,14 @@ impl Wrl {
         };
         let mut payload = Vec::with_capacity(req.data.len() + TAG_LEN);
         key.seal(&desc, req.data, &mut payload);
-        self.enqueue(PendingRecord { desc, payload: Arc::new(payload) }, done);
+        self.enqueue(PendingRecord::new(desc, Arc::new(payload)), done);
     }
 
     /// Queues a record that was sealed elsewhere (a replica logging what staging relayed): the
     /// descriptor and stored payload are logged unchanged. Same admission limits and order rules
     /// as [`Wrl::submit`].
-    pub fn submit_sealed(&self, desc: WriteDesc, payload: Arc<Vec<u8>>, done: Completion) {
+    /// `payload_crc` is the record's checksum as received (the caller checked it against the payload).
+    pub fn submit_sealed(&self, desc: WriteDesc, payload: Arc<Vec<u8>>, payload_crc: u32, done: Completion) {
         let sh = &self.shared;
         if desc.length as u64 > sh.record_bytes_limit {
             return done(Err(WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit }));
@@ -242,7 +243,7 @@ impl Wrl {
         if let Err(e) = self.admit(payload.len() as u64 + 96) {
             return done(Err(e));
         }
-        self.enqueue(PendingRecord { desc, payload }, done);
+        self.enqueue(PendingRecord { desc, payload, payload_crc }, done);
     }
 
     /// Waits until `need` more bytes fit under `queue_bytes_limit`, then counts them as admitted.
@@ -422,7 +423,7 @@ fn committer(sh: Arc<Shared>, mut core: LogCore) {
             continue;
         }
         let recs: Vec<PendingRecord> =
-            batch.iter().map(|q| PendingRecord { desc: q.rec.desc, payload: q.rec.payload.clone() }).collect();
+            batch.iter().map(|q| PendingRecord { payload: q.rec.payload.clone(), ..q.rec }).collect();
         match core.append_batch(&recs) {
             Ok(headers) => {
                 {

@@ -79,7 +79,7 @@ fn workload(seed: u64, io_align: u32) -> (SimWorld, Vec<Appended>, Vec<(usize, u
             };
             let mut payload = Vec::with_capacity(len + TAG_LEN);
             key.seal(&desc, &pattern(counter, len), &mut payload);
-            recs.push(PendingRecord { desc, payload: Arc::new(payload) });
+            recs.push(PendingRecord::new(desc, Arc::new(payload)));
         }
         let headers = core.append_batch(&recs).unwrap();
         let at = world.lock().unwrap().trace.len();
@@ -142,8 +142,9 @@ fn check_state(
             nonce: nonce(11, counter),
         };
         let payload = Arc::new(vec![1u8; 100 + TAG_LEN]);
-        let h =
-            core.append_batch(&[PendingRecord { desc, payload }]).map_err(|e| format!("append after recovery: {e}"))?;
+        let h = core
+            .append_batch(&[PendingRecord::new(desc, payload)])
+            .map_err(|e| format!("append after recovery: {e}"))?;
         if h[0].lsn != rec.last_lsn + 1 {
             return Err(format!("append after recovery got lsn {}, expected {}", h[0].lsn, rec.last_lsn + 1));
         }
