@@ -2,11 +2,11 @@
 //! QUIC, logs every record unchanged in its DR log (a WRL), reports the durable and applied
 //! positions, and runs one apply loop per volume (`apply.rs`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use drv_config::NodeConfig;
@@ -15,7 +15,7 @@ use drv_format::frame::{Frame, code};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
 use drv_staging::storage::{FileStorage, Storage};
 use drv_staging::wrl::{self, CreateOptions, Wrl, WrlOptions};
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use drv_transport::{FrameReader, Identity, Role, quic, serve};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -41,8 +41,7 @@ pub struct ReplicaServer {
     frame_bytes_limit: u32,
     max_connections: u32,
     quic: quic::QuicOptions,
-    peers: Mutex<BTreeMap<u64, String>>,
-    next_peer: AtomicU64,
+    peers: Arc<serve::Peers>,
     stop: Arc<AtomicBool>,
     started: Instant,
 }
@@ -107,8 +106,7 @@ impl ReplicaServer {
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             max_connections: node.endpoint.max_connections,
             quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu },
-            peers: Mutex::new(BTreeMap::new()),
-            next_peer: AtomicU64::new(1),
+            peers: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
         }))
@@ -137,39 +135,20 @@ impl ReplicaServer {
                 .spawn(move || apply::run(v, log, Arc::new(NoSnapshots), stop, applier))
                 .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })?;
         }
-        let mut server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
+        let server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "replica server {} listening", self.name);
-        let conns = Arc::new(tokio::sync::Semaphore::new(self.max_connections as usize));
-        while let Some(mut conn) = server.accept().await {
-            let peer = conn.remote_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-            let Ok(permit) = conns.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = self.max_connections, "refusing connection: max_connections reached");
-                conn.close(1u32.into());
-                continue;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let id = me.next_peer.fetch_add(1, Ordering::Relaxed);
-                me.peers.lock().expect("peers").insert(id, peer);
-                while let Ok(Some(stream)) = conn.accept_bidirectional_stream().await {
-                    let me = me.clone();
-                    tokio::spawn(async move {
-                        let (rx, tx) = stream.split();
-                        let mut r = FrameReader::new(rx, me.frame_bytes_limit);
-                        let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
-                        let writer = tokio::spawn(drv_staging::server::write_frames(FrameWriter::new(tx), out_rx));
-                        if let Err(e) = me.serve_stream(&mut r, &out_tx).await {
-                            tracing::warn!("relay stream refused: {e}");
-                            let _ = out_tx.send(Frame::Error { code: code::MALFORMED, message: e });
-                        }
-                        drop(out_tx);
-                        let _ = writer.await;
-                    });
-                }
-                me.peers.lock().expect("peers").remove(&id);
-                drop(permit);
-            });
-        }
+        let me = self.clone();
+        serve::accept_loop(
+            server,
+            self.max_connections,
+            self.frame_bytes_limit,
+            self.peers.clone(),
+            move |mut r, out| {
+                let me = me.clone();
+                async move { me.serve_stream(&mut r, &out).await }
+            },
+        )
+        .await;
         Ok(())
     }
 
@@ -355,7 +334,7 @@ impl ReplicaServer {
             "role": "replica",
             "name": self.name,
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "peers": self.peers.lock().expect("peers").values().cloned().collect::<Vec<_>>(),
+            "peers": self.peers.list(),
             "volumes": volumes,
             "drlog": { "first_lsn": d.first_lsn, "durable_lsn": d.durable_lsn, "used_segments": d.used_segments,
                        "total_segments": d.total_segments, "cache_bytes": d.cache_bytes, "failed": d.failed },

@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -18,7 +17,7 @@ use drv_config::{NodeConfig, VolumeView};
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code};
 use drv_format::record::Flags;
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use drv_transport::{FrameReader, Identity, Role, quic, serve};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -111,8 +110,7 @@ pub struct Staging {
     pub inflight_bytes_limit: u64,
     pub max_connections: u32,
     pub quic: quic::QuicOptions,
-    pub peers: Mutex<BTreeMap<u64, String>>,
-    next_peer: AtomicU64,
+    pub peers: Arc<serve::Peers>,
     started: Instant,
 }
 
@@ -201,57 +199,33 @@ impl Staging {
             inflight_bytes_limit: node.endpoint.inflight_bytes_limit,
             max_connections: node.endpoint.max_connections,
             quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu },
-            peers: Mutex::new(BTreeMap::new()),
-            next_peer: AtomicU64::new(1),
+            peers: Arc::default(),
             started: Instant::now(),
         }))
     }
 
     /// Serves agents and status requests on `addr` and relays every volume, until the task is dropped.
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ServerError> {
-        let mut server = quic::server_with(addr, &self.identity, &[Role::Agent, Role::Admin], &self.quic)?;
+        let server = quic::server_with(addr, &self.identity, &[Role::Agent, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "staging server {} listening", self.name);
         for v in self.volumes.values() {
             for (replica, raddr) in &v.replicas {
                 tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), *raddr));
             }
         }
-        let conns = Arc::new(Semaphore::new(self.max_connections as usize));
-        while let Some(conn) = server.accept().await {
-            let peer = conn.remote_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-            let Ok(permit) = conns.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = self.max_connections, "refusing connection: max_connections reached");
-                conn.close(1u32.into());
-                continue;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let id = me.next_peer.fetch_add(1, Ordering::Relaxed);
-                me.peers.lock().expect("peers").insert(id, peer.clone());
-                me.serve_connection(conn).await;
-                me.peers.lock().expect("peers").remove(&id);
-                drop(permit);
-            });
-        }
+        let me = self.clone();
+        serve::accept_loop(
+            server,
+            self.max_connections,
+            self.frame_bytes_limit,
+            self.peers.clone(),
+            move |mut r, out| {
+                let me = me.clone();
+                async move { me.serve_stream(&mut r, &out).await.map_err(|e| e.to_string()) }
+            },
+        )
+        .await;
         Ok(())
-    }
-
-    async fn serve_connection(self: &Arc<Self>, mut conn: s2n_quic::Connection) {
-        while let Ok(Some(stream)) = conn.accept_bidirectional_stream().await {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let (rx, tx) = stream.split();
-                let mut r = FrameReader::new(rx, me.frame_bytes_limit);
-                let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
-                let writer = tokio::spawn(write_frames(FrameWriter::new(tx), out_rx));
-                if let Err(e) = me.serve_stream(&mut r, &out_tx).await {
-                    tracing::warn!(error = %e, "agent stream ended: {e}");
-                    let _ = out_tx.send(Frame::Error { code: code::MALFORMED, message: e.to_string() });
-                }
-                drop(out_tx);
-                let _ = writer.await;
-            });
-        }
     }
 
     async fn serve_stream<R: tokio::io::AsyncRead + Unpin>(
@@ -454,7 +428,7 @@ impl Staging {
             "role": "staging",
             "name": self.name,
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "peers": self.peers.lock().expect("peers").values().cloned().collect::<Vec<_>>(),
+            "peers": self.peers.list(),
             "volumes": volumes,
             "wrls": wrls,
         })
@@ -489,17 +463,4 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         durable_tx,
         unreplicated: Mutex::new(VecDeque::new()),
     })
-}
-
-/// Sends queued frames on a stream until every sender is gone.
-pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
-    mut w: FrameWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-) {
-    while let Some(f) = rx.recv().await {
-        if w.send(&f).await.is_err() {
-            return;
-        }
-    }
-    let _ = w.finish().await;
 }

@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod framed;
 pub mod quic;
+pub mod serve;
 
 pub use ca::Identity;
 pub use framed::{FrameReader, FrameWriter};

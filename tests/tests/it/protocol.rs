@@ -114,7 +114,8 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
         w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
         assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
         w.send_raw(&bytes).await.unwrap();
-        w.finish().await.unwrap();
+        // The server may already have abandoned the stream (it stops reading after a bad frame).
+        let _ = w.finish().await;
         match next(&mut r).await {
             Frame::Error { code: c, message } => {
                 assert_eq!(c, code::MALFORMED);
