@@ -131,6 +131,6 @@ fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     for (v, s) in &rec.volumes {
         ensure!(s.last_seq == a.writes, "volume {v} ends at seq {}", s.last_seq);
     }
-    println!("demo OK (replication to a replica arrives with the staging/replica servers)");
+    println!("demo OK: staging write log (the replicated demo, agent -> staging -> replica, comes with the agent)");
     Ok(())
 }
