@@ -111,11 +111,11 @@ async fn session(
 
 /// Sends records after the replica's durable position, keeping at most the in-flight limit of
 /// unacknowledged bytes, and applies position reports as they arrive.
-async fn pump<W: tokio::io::AsyncWrite + Unpin>(
+async fn pump(
     st: &Arc<Staging>,
     v: &Arc<VolumeCtx>,
     replica: &str,
-    w: &mut FrameWriter<W>,
+    w: &mut FrameWriter<s2n_quic::stream::SendStream>,
     pos_rx: &mut mpsc::UnboundedReceiver<Result<(u64, u64), RelayError>>,
     durable_seq: &mut u64,
 ) -> Result<(), RelayError> {
@@ -173,7 +173,7 @@ async fn pump<W: tokio::io::AsyncWrite + Unpin>(
         let count = frame.count();
         if count > 0 {
             let t = std::time::Instant::now();
-            w.send_raw(&frame.finish()).await?;
+            w.send_owned(frame.finish()).await?;
             tracing::debug!(read_us, send_us = t.elapsed().as_micros() as u64, count, inflight_bytes, "relay frame");
             if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
                 p.sent_seq = sent_seq;

@@ -84,3 +84,15 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner.shutdown().await.map_err(|e| TransportError::Stream(e.to_string()))
     }
 }
+
+impl FrameWriter<s2n_quic::stream::SendStream> {
+    /// Sends an encoded frame without copying it: s2n-quic takes ownership of the buffer.
+    pub async fn send_owned(&mut self, bytes: Vec<u8>) -> Result<(), TransportError> {
+        self.inner.send(bytes::Bytes::from(bytes)).await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Encodes and sends a frame (one buffer, handed over without a copy).
+    pub async fn send_frame(&mut self, f: &Frame) -> Result<(), TransportError> {
+        self.send_owned(f.encode()).await
+    }
+}
