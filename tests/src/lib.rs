@@ -9,6 +9,25 @@ pub fn test_key() -> VolumeKey {
 
 pub use drv_format::pattern;
 
+/// A seeded xorshift generator: tests and helpers replay any run from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// The `drv` binary of this build (built by `cargo build --bins`, which `cargo xtask test` runs first).
 pub fn drv_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");

@@ -248,19 +248,6 @@ impl StatusConn {
     }
 }
 
-async fn status(id: &Identity, addr: SocketAddr) -> Result<serde_json::Value> {
-    let c = quic::client(id, Role::Staging)?;
-    let mut conn = quic::connect(&c, addr, Role::Staging).await?;
-    let st = conn.open_bidirectional_stream().await?;
-    let (rx, tx) = st.split();
-    let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
-    w.send(&Frame::StatusRequest).await?;
-    match r.next().await? {
-        Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json)?),
-        other => bail!("unexpected status answer {other:?}"),
-    }
-}
-
 /// An agent stream writing `write_bytes`-sized writes; `rate` (bytes/s) paces it when set.
 /// Returns the last sequence written.
 async fn agent_load(
@@ -345,15 +332,19 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let admin = Identity::load(&s.certs, "admin")?;
     let result = rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while status(&admin, s.staging).await.is_err() {
+        let mut sc = loop {
+            if let Ok(mut sc) = StatusConn::open(&admin, s.staging).await
+                && sc.get().await.is_ok()
+            {
+                break sc;
+            }
             anyhow::ensure!(Instant::now() < deadline, "staging did not start: see {}", dir.join("stg1.log").display());
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
         let tl = Instant::now();
         let last = agent_load(&agent, s.staging, s.volume_id, bytes, CHUNK, None, 1).await?;
         eprintln!("agent -> staging ingest: {:.1} MB/s", bytes as f64 / tl.elapsed().as_secs_f64() / 1e6);
         let mut replica = start(drv, &s, "replica", "rep1", &dir.join("rep1.log"))?;
-        let mut sc = StatusConn::open(&admin, s.staging).await?;
         // The relay retries with backoff while the replica is down: time from when it is connected.
         let w0 = Instant::now();
         loop {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use drv_format::frame::Frame;
 use drv_format::record::Flags;
-use drv_tests::pattern;
+use drv_tests::{Rng, pattern};
 use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
 
 struct W {
@@ -24,16 +24,6 @@ struct W {
     offset: u64,
     data: Vec<u8>,
     flags: u32,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -54,7 +44,7 @@ async fn main() {
     let count: u64 = a[7].parse().unwrap();
     let seed: u64 = a[8].parse().unwrap();
     let window: usize = a[9].parse().unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let client = quic::client(&id, Role::Staging).expect("client");
 
     let blocks = size / 4096;

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drv_tests::{Cluster, drv_bin, pattern};
+use drv_tests::{Cluster, Rng, drv_bin, pattern};
 
 struct Hist {
     seq: u64,
@@ -55,16 +55,6 @@ fn recover_replica(cl: &Cluster, name: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 #[test]
 fn kills_of_staging_and_replica_keep_the_replica_epoch_consistent() {
     let seed: u64 = std::env::var("DRV_RELAY_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261126);
@@ -85,7 +75,7 @@ fn kills_of_staging_and_replica_keep_the_replica_epoch_consistent() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let started = Instant::now();
     let (mut staging_kills, mut replica_kills, mut samples) = (0, 0, 0);
     while writer.try_wait().unwrap().is_none() {

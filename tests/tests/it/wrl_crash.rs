@@ -16,23 +16,10 @@ use drv_format::record::{Flags, TAG_LEN, WriteDesc};
 use drv_staging::storage::sim::{Fate, Op, SimStorage, SimWorld};
 use drv_staging::wrl::core::{LogCore, PendingRecord};
 use drv_staging::wrl::{self, CreateOptions};
-use drv_tests::pattern;
+use drv_tests::{Rng, pattern};
 
 const SEGMENT: u64 = 1 << 20;
 const DEVICE: u64 = (64 << 10) + 3 * SEGMENT;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Appended {
     lsn: u64,
@@ -53,7 +40,7 @@ fn workload(seed: u64, io_align: u32) -> (SimWorld, Vec<Appended>, Vec<(usize, u
     let devs = SimStorage::all(&world);
     let (mut core, _) = LogCore::open(devs).unwrap();
     let key = VolumeKey::from_bytes(1, &[3; 32]);
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut appended = Vec::new();
     let mut acks = Vec::new();
     let mut counter = 0u64;
@@ -166,7 +153,7 @@ fn check_state(
 
 fn enumerate(seed: u64, io_align: u32) -> (usize, usize) {
     let (world, appended, acks) = workload(seed, io_align);
-    let mut rng = Rng(seed.wrapping_mul(31) | 1);
+    let mut rng = Rng::new(seed.wrapping_mul(31));
     let mut distinct = HashSet::new();
     let mut checked = 0;
     let mut failures = Vec::new();
@@ -178,14 +165,14 @@ fn enumerate(seed: u64, io_align: u32) -> (usize, usize) {
         let mut fates: Vec<Box<dyn Fn(usize) -> Fate>> = vec![Box::new(|_| Fate::Lost), Box::new(|_| Fate::Kept)];
         if !unsynced.is_empty() {
             for _ in 0..if after_sync { 2 } else { 4 } {
-                let masks: Vec<(usize, u64)> = unsynced.iter().map(|i| (*i, rng.next())).collect();
+                let masks: Vec<(usize, u64)> = unsynced.iter().map(|i| (*i, rng.next_u64())).collect();
                 fates.push(Box::new(move |i| {
                     let m = masks.iter().find(|(j, _)| *j == i).map(|(_, m)| *m).unwrap_or(0);
                     Fate::Torn(m)
                 }));
                 // Tear only the last write (a crash while it was in flight).
                 let last = *unsynced.last().unwrap();
-                let m = rng.next();
+                let m = rng.next_u64();
                 fates.push(Box::new(move |i| if i == last { Fate::Torn(m) } else { Fate::Kept }));
             }
         }
