@@ -78,10 +78,14 @@ fn addr(a: &str) -> Result<SocketAddr> {
     a.to_socket_addrs()?.next().with_context(|| format!("resolve {a}"))
 }
 
-fn load(n: &NodeArgs) -> Result<(drv_config::NodeConfig, Identity, SocketAddr)> {
+/// Loads node `n.name`'s configuration (which must have `role`), its certificate and its address.
+fn load(n: &NodeArgs, role: drv_config::Role) -> Result<(drv_config::NodeConfig, Identity, SocketAddr)> {
     let store =
         ConfigStore::open_read_only(&n.config).with_context(|| format!("open configuration {}", n.config.display()))?;
     let node = store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?;
+    if node.endpoint.role != role {
+        bail!("node {} has role {:?}, not {role:?}", n.name, node.endpoint.role);
+    }
     let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load certificate of {}", n.name))?;
     let a = addr(&node.endpoint.address)?;
     Ok((node, id, a))
@@ -92,10 +96,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn staging_run(n: NodeArgs) -> Result<()> {
-    let (node, id, a) = load(&n)?;
-    if node.endpoint.role != drv_config::Role::Staging {
-        bail!("node {} has role {:?}, not staging", n.name, node.endpoint.role);
-    }
+    let (node, id, a) = load(&n, drv_config::Role::Staging)?;
     let rt = runtime()?;
     rt.block_on(async {
         let st = drv_staging::server::Staging::new(&node, id).context("start staging server")?;
@@ -105,10 +106,7 @@ pub fn staging_run(n: NodeArgs) -> Result<()> {
 }
 
 pub fn replica_run(n: NodeArgs) -> Result<()> {
-    let (node, id, a) = load(&n)?;
-    if node.endpoint.role != drv_config::Role::Replica {
-        bail!("node {} has role {:?}, not replica", n.name, node.endpoint.role);
-    }
+    let (node, id, a) = load(&n, drv_config::Role::Replica)?;
     let rt = runtime()?;
     rt.block_on(async {
         let r = drv_replica::ReplicaServer::new(&node, id).context("start replica server")?;
@@ -118,7 +116,7 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
 }
 
 pub fn replica_recover(n: NodeArgs) -> Result<()> {
-    let (node, id, _) = load(&n)?;
+    let (node, id, _) = load(&n, drv_config::Role::Replica)?;
     let r = drv_replica::ReplicaServer::new(&node, id).context("open replica")?;
     r.catch_up().context("apply complete epochs")?;
     println!("{}", r.status_json());
