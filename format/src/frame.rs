@@ -2,6 +2,8 @@
 //! is checked (magic, version, type, length limit) before anything is allocated for the body, and
 //! the body is checked against the CRC and its type's layout.
 
+use bytes::Bytes;
+
 use crate::FormatError;
 use crate::codec::{Dec, Enc};
 use crate::record::{MAX_WRITE_BYTES, decode_record};
@@ -83,7 +85,7 @@ pub enum Frame {
         epoch: u64,
         offset: u64,
         flags: u32,
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// Staging -> agent: the write with `seq` (and every earlier one) is durable in the log.
     Ack {
@@ -110,7 +112,8 @@ pub enum Frame {
     Records {
         volume_id: u64,
         count: u32,
-        bytes: Vec<u8>,
+        /// The records, a view into the received frame body (no copy).
+        bytes: Bytes,
     },
     StatusRequest,
     StatusReply {
@@ -161,9 +164,10 @@ fn frame_crc(header: &[u8], body: &[u8]) -> u32 {
 }
 
 /// Decodes a body read after `h`, checking the CRC and the body layout of its type.
-pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body: &[u8]) -> Result<Frame, FormatError> {
+/// Bulk fields (`Write::data`, `Records::bytes`) are views into `body`, not copies.
+pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body: Bytes) -> Result<Frame, FormatError> {
     assert_eq!(body.len(), h.body_len as usize, "caller reads exactly body_len bytes");
-    let computed = frame_crc(header_bytes, body);
+    let computed = frame_crc(header_bytes, &body);
     if computed != h.crc {
         return Err(FormatError::Checksum { what: WHAT, stored: h.crc, computed });
     }
@@ -181,7 +185,7 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
         }
         Ok(())
     };
-    let mut d = Dec::new(body);
+    let mut d = Dec::new(&body);
     Ok(match h.ftype {
         FrameType::OpenVolume => {
             exact(8)?;
@@ -210,7 +214,7 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
                 return Err(FormatError::Invalid { what: "write frame", field: "length", value: len as u64 });
             }
             exact(40 + len as usize)?;
-            Frame::Write { volume_id, seq, epoch, offset, flags, data: body[40..].to_vec() }
+            Frame::Write { volume_id, seq, epoch, offset, flags, data: body.slice(40..) }
         }
         FrameType::Error => {
             need(4)?;
@@ -223,7 +227,8 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
         }
         FrameType::Records => {
             need(16)?;
-            return decode_records(body, &mut d);
+            let (volume_id, count) = (d.u64(), d.u32());
+            return decode_records(volume_id, count, body);
         }
         FrameType::StatusRequest => {
             exact(0)?;
@@ -233,9 +238,8 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
     })
 }
 
-fn decode_records(body: &[u8], d: &mut Dec<'_>) -> Result<Frame, FormatError> {
+fn decode_records(volume_id: u64, count: u32, body: Bytes) -> Result<Frame, FormatError> {
     const WHAT: &str = "records frame";
-    let (volume_id, count) = (d.u64(), d.u32());
     if body[12..16].iter().any(|b| *b != 0) {
         return Err(FormatError::ReservedNotZero { what: WHAT });
     }
@@ -251,7 +255,7 @@ fn decode_records(body: &[u8], d: &mut Dec<'_>) -> Result<Frame, FormatError> {
     if at != body.len() {
         return Err(FormatError::BadLength { what: WHAT, found: body.len() as u64, expected: at as u64 });
     }
-    Ok(Frame::Records { volume_id, count, bytes: body[16..].to_vec() })
+    Ok(Frame::Records { volume_id, count, bytes: body.slice(16..) })
 }
 
 impl Frame {
@@ -339,25 +343,37 @@ impl Frame {
     }
 }
 
-/// Builds a Records frame in place: records are appended straight into the frame buffer (one copy
-/// of each payload), and the header is filled in at the end.
+/// Builds a Records frame as a list of chunks for a vectored send: large payloads are sent from
+/// their own buffers (no copy); record headers and small payloads are gathered into shared
+/// chunks. The frame header goes first and is filled in by [`RecordsFrameBuilder::finish`].
 pub struct RecordsFrameBuilder {
-    out: Vec<u8>,
+    /// Records header (volume id, count, reserved).
+    volume_id: u64,
+    chunks: Vec<Bytes>,
+    /// Small bytes not yet cut into a chunk.
+    small: Vec<u8>,
     count: u32,
+    body_len: usize,
 }
 
+/// Payloads at least this large travel as their own chunk.
+const OWN_CHUNK_BYTES: usize = 16 << 10;
+
 impl RecordsFrameBuilder {
-    pub fn new(volume_id: u64, capacity: usize) -> Self {
-        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + 16 + capacity);
-        out.resize(FRAME_HEADER_LEN + 16, 0);
-        Enc::new(&mut out[FRAME_HEADER_LEN..]).u64(volume_id);
-        RecordsFrameBuilder { out, count: 0 }
+    pub fn new(volume_id: u64) -> Self {
+        RecordsFrameBuilder { volume_id, chunks: Vec::new(), small: Vec::new(), count: 0, body_len: 16 }
     }
 
-    pub fn push(&mut self, header: &[u8; crate::record::RECORD_HEADER_LEN], payload: &[u8]) {
-        self.out.extend_from_slice(header);
-        self.out.extend_from_slice(payload);
+    pub fn push(&mut self, header: &[u8; crate::record::RECORD_HEADER_LEN], payload: &Bytes) {
+        self.small.extend_from_slice(header);
+        if payload.len() >= OWN_CHUNK_BYTES {
+            self.chunks.push(Bytes::from(std::mem::take(&mut self.small)));
+            self.chunks.push(payload.clone());
+        } else {
+            self.small.extend_from_slice(payload);
+        }
         self.count += 1;
+        self.body_len += header.len() + payload.len();
     }
 
     pub fn count(&self) -> u32 {
@@ -366,23 +382,33 @@ impl RecordsFrameBuilder {
 
     /// Body bytes so far.
     pub fn body_len(&self) -> usize {
-        self.out.len() - FRAME_HEADER_LEN
+        self.body_len
     }
 
-    pub fn finish(mut self) -> Vec<u8> {
-        let body_len = self.body_len();
-        assert!(body_len <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
-        let count = self.count;
-        Enc::new(&mut self.out[FRAME_HEADER_LEN + 8..FRAME_HEADER_LEN + 16]).u32(count).u32(0);
-        Enc::new(&mut self.out[..FRAME_HEADER_LEN])
+    /// The frame as chunks, in order: frame header + records header, then the records.
+    pub fn finish(mut self) -> Vec<Bytes> {
+        assert!(self.body_len <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
+        if !self.small.is_empty() {
+            self.chunks.push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+        let mut head = [0u8; FRAME_HEADER_LEN + 16];
+        Enc::new(&mut head[FRAME_HEADER_LEN..]).u64(self.volume_id).u32(self.count).u32(0);
+        Enc::new(&mut head[..FRAME_HEADER_LEN])
             .u32(FRAME_MAGIC)
             .bytes(&[FRAME_VERSION, FrameType::Records as u8])
             .u16(0)
-            .u32(body_len as u32)
+            .u32(self.body_len as u32)
             .u32(0);
-        let crc = frame_crc(&self.out[..FRAME_HEADER_LEN], &self.out[FRAME_HEADER_LEN..]);
-        self.out[12..16].copy_from_slice(&crc.to_le_bytes());
-        self.out
+        let mut crc = frame_crc(&head[..FRAME_HEADER_LEN], &head[FRAME_HEADER_LEN..]);
+        for c in &self.chunks {
+            crc = crc32c::crc32c_append(crc, c);
+        }
+        head[12..16].copy_from_slice(&crc.to_le_bytes());
+        let mut out = Vec::with_capacity(self.chunks.len() + 1);
+        out.push(Bytes::copy_from_slice(&head));
+        out.append(&mut self.chunks);
+        debug_assert_eq!(out.iter().map(|c| c.len()).sum::<usize>(), FRAME_HEADER_LEN + self.body_len);
+        out
     }
 }
 
@@ -401,7 +427,7 @@ pub fn decode_frame(buf: &[u8], limit: u32) -> Result<(Frame, usize), FormatErro
             have: buf.len() - FRAME_HEADER_LEN,
         });
     }
-    Ok((decode_body(hb, &h, &buf[FRAME_HEADER_LEN..end])?, end))
+    Ok((decode_body(hb, &h, Bytes::copy_from_slice(&buf[FRAME_HEADER_LEN..end]))?, end))
 }
 
 #[cfg(test)]
@@ -413,12 +439,12 @@ mod tests {
         vec![
             Frame::OpenVolume { volume_id: 3 },
             Frame::VolumeState { volume_id: 3, last_seq: 10, last_epoch: 4 },
-            Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100] },
+            Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100].into() },
             Frame::Ack { volume_id: 3, seq: 11, lsn: 77 },
             Frame::Error { code: code::SEQUENCE_GAP, message: "gap".into() },
             Frame::RelayOpen { volume_id: 3 },
             Frame::ReplicaPosition { volume_id: 3, durable_seq: 9, applied_seq: 8 },
-            Frame::Records { volume_id: 3, count: 0, bytes: vec![] },
+            Frame::Records { volume_id: 3, count: 0, bytes: Bytes::new() },
             Frame::StatusRequest,
             Frame::StatusReply { json: b"{}".to_vec() },
         ]
@@ -435,35 +461,43 @@ mod tests {
     #[test]
     fn records_builder_matches_encode() {
         use crate::record::{Flags, RecordHeader, WriteDesc};
-        let payload = vec![3u8; 40];
-        let h = RecordHeader {
-            lsn: 9,
-            prev_hash: 1,
-            desc: WriteDesc {
-                volume_id: 5,
-                volume_seq: 2,
-                epoch: 1,
-                offset: 0,
-                length: 24,
-                flags: Flags::default(),
-                key_id: 1,
-                nonce: [0; 12],
-            },
-            stored_len: 40,
-            payload_crc: crate::crc32c(&payload),
-        };
-        let mut b = RecordsFrameBuilder::new(5, 0);
-        b.push(&h.encode(), &payload);
-        let built = b.finish();
-        let mut bytes = h.encode().to_vec();
-        bytes.extend_from_slice(&payload);
-        assert_eq!(built, Frame::Records { volume_id: 5, count: 1, bytes }.encode());
-        assert!(decode_frame(&built, MAX_FRAME_BODY).is_ok());
+        // Small payloads share chunks with the headers, large ones travel as their own chunk.
+        for sizes in [&[40usize][..], &[40, 20 << 10, 56, 16 << 10, 16], &[64 << 10]] {
+            let mut b = RecordsFrameBuilder::new(5);
+            let mut bytes = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let payload = vec![i as u8 + 3; n];
+                let h = RecordHeader {
+                    lsn: 9 + i as u64,
+                    prev_hash: 1,
+                    desc: WriteDesc {
+                        volume_id: 5,
+                        volume_seq: 2 + i as u64,
+                        epoch: 1,
+                        offset: 0,
+                        length: n as u32 - 16,
+                        flags: Flags::default(),
+                        key_id: 1,
+                        nonce: [0; 12],
+                    },
+                    stored_len: n as u32,
+                    payload_crc: crate::crc32c(&payload),
+                };
+                b.push(&h.encode(), &Bytes::from(payload.clone()));
+                bytes.extend_from_slice(&h.encode());
+                bytes.extend_from_slice(&payload);
+            }
+            let built: Vec<u8> = b.finish().concat();
+            let count = sizes.len() as u32;
+            assert_eq!(built, Frame::Records { volume_id: 5, count, bytes: bytes.into() }.encode());
+            assert!(decode_frame(&built, MAX_FRAME_BODY).is_ok());
+        }
     }
 
     #[test]
     fn oversized_is_refused_from_the_header() {
-        let b = Frame::Write { volume_id: 1, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![0; 5000] }.encode();
+        let b =
+            Frame::Write { volume_id: 1, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![0; 5000].into() }.encode();
         let e = decode_frame(&b, 4096).unwrap_err();
         assert!(e.to_string().contains("over the limit"), "{e}");
     }

@@ -105,7 +105,7 @@ impl ReplicaServer {
             volumes,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             max_connections: node.endpoint.max_connections,
-            quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu },
+            quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu, ..Default::default() },
             peers: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
@@ -233,7 +233,7 @@ impl ReplicaServer {
         &self,
         v: &Arc<ReplicaVolume>,
         count: u32,
-        bytes: &[u8],
+        bytes: &bytes::Bytes,
         out: &mpsc::UnboundedSender<Frame>,
     ) -> Result<(), String> {
         // The frame decoder already checked every record (header and payload checksums, volume);
@@ -242,10 +242,11 @@ impl ReplicaServer {
         let mut batch = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let h = RecordHeader::decode(&bytes[at..]).map_err(|e| format!("record in frame: {e}"))?;
-            let payload = &bytes[at + RECORD_HEADER_LEN..at + h.record_len()];
-            debug_assert!(h.check_payload(payload).is_ok(), "frame decoder checked the payload");
+            // A view into the frame body: the payload is copied once, into the DR log's batch.
+            let payload = bytes.slice(at + RECORD_HEADER_LEN..at + h.record_len());
+            debug_assert!(h.check_payload(&payload).is_ok(), "frame decoder checked the payload");
             at += h.record_len();
-            batch.push((h, payload.to_vec()));
+            batch.push((h, payload));
         }
         let mut st = v.state.lock().expect("apply state");
         let mut last = None;
@@ -279,7 +280,7 @@ impl ReplicaServer {
             let (v2, out2) = (v.clone(), out.clone());
             self.drlog.submit_sealed(
                 h.desc,
-                Arc::new(payload),
+                payload,
                 h.payload_crc,
                 Box::new(move |r| match r {
                     Ok(_) => {

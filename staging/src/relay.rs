@@ -15,7 +15,7 @@ use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
 use tokio::sync::mpsc;
 
 use crate::server::{Staging, VolumeCtx};
-use crate::wrl::WrlError;
+use crate::wrl::{LogRecord, WrlError};
 
 /// Largest Records frame body the relay builds.
 const RECORDS_FRAME_BYTES: u64 = 4 << 20;
@@ -53,6 +53,8 @@ enum RelayError {
     Wrl(#[from] WrlError),
     #[error("replica refused: {0}")]
     Refused(String),
+    #[error("WRL read-back task: {0}")]
+    Task(String),
     #[error("replica closed the stream")]
     Closed,
     #[error("replica reports durable seq {got}, but only up to {sent} was sent")]
@@ -109,6 +111,9 @@ async fn session(
     result
 }
 
+/// A WRL read running on the blocking pool.
+type ReadAhead = tokio::task::JoinHandle<Result<Vec<LogRecord>, WrlError>>;
+
 /// Sends records after the replica's durable position, keeping at most the in-flight limit of
 /// unacknowledged bytes, and applies position reports as they arrive.
 async fn pump(
@@ -125,6 +130,10 @@ async fn pump(
     let mut sent_seq = *durable_seq;
     let mut cursor = v.wrl.status().first_lsn;
     let limit = st.inflight_bytes_limit.max(RECORDS_FRAME_BYTES);
+    // Read back but not yet sent (a read returns whole batches, a frame takes about 4 MiB).
+    let mut pending: VecDeque<LogRecord> = VecDeque::new();
+    // The next read, started early: (from lsn, task).
+    let mut ahead: Option<(u64, ReadAhead)> = None;
     loop {
         // Apply every position report that is waiting.
         while let Ok(m) = pos_rx.try_recv() {
@@ -141,13 +150,31 @@ async fn pump(
             ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
             continue;
         }
-        let t = std::time::Instant::now();
-        let recs = v.wrl.read(cursor, RECORDS_FRAME_BYTES)?;
-        let read_us = t.elapsed().as_micros() as u64;
-        let mut frame = RecordsFrameBuilder::new(v.id, RECORDS_FRAME_BYTES as usize + (64 << 10));
+        // Records read but not sent yet carry over; otherwise take the read that was started
+        // while the previous frames were being sent (disk read-back overlaps the network), or
+        // read now.
+        let mut read_us = 0;
+        let mut read_any = false;
+        if pending.is_empty() {
+            let t = std::time::Instant::now();
+            let recs = match ahead.take() {
+                Some((from, h)) if from == cursor => h.await.map_err(|e| RelayError::Task(e.to_string()))??,
+                _ => v.wrl.read(cursor, RECORDS_FRAME_BYTES)?,
+            };
+            read_us = t.elapsed().as_micros() as u64;
+            if let Some(last) = recs.last() {
+                cursor = last.header.lsn + 1;
+                let (next, wrl) = (cursor, v.wrl.clone());
+                ahead = Some((next, tokio::task::spawn_blocking(move || wrl.read(next, RECORDS_FRAME_BYTES))));
+            }
+            read_any = !recs.is_empty();
+            pending.extend(recs);
+        }
+        let mut frame = RecordsFrameBuilder::new(v.id);
         let mut frame_payload = 0u64;
-        for rec in &recs {
-            cursor = rec.header.lsn + 1;
+        while frame_payload < RECORDS_FRAME_BYTES
+            && let Some(rec) = pending.pop_front()
+        {
             if rec.header.desc.volume_id != v.id {
                 continue;
             }
@@ -166,21 +193,18 @@ async fn pump(
             frame_payload += b;
             inflight.push_back((seq, rec.header.lsn, b));
             inflight_bytes += b + 112;
-            if frame_payload >= RECORDS_FRAME_BYTES {
-                break;
-            }
         }
         let count = frame.count();
         if count > 0 {
             let t = std::time::Instant::now();
-            w.send_owned(frame.finish()).await?;
+            w.send_chunks(&mut frame.finish()).await?;
             tracing::debug!(read_us, send_us = t.elapsed().as_micros() as u64, count, inflight_bytes, "relay frame");
             if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
                 p.sent_seq = sent_seq;
             }
             continue;
         }
-        if !recs.is_empty() {
+        if read_any || !pending.is_empty() {
             continue; // other volumes' records only: read on
         }
         // Nothing new: wait for an append or a position report.

@@ -198,7 +198,7 @@ impl Staging {
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             inflight_bytes_limit: node.endpoint.inflight_bytes_limit,
             max_connections: node.endpoint.max_connections,
-            quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu },
+            quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu, ..Default::default() },
             peers: Arc::default(),
             started: Instant::now(),
         }))

@@ -50,7 +50,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }));
             }
         }
-        Ok(Some(decode_body(&hb, &h, &body)?))
+        Ok(Some(decode_body(&hb, &h, bytes::Bytes::from(body))?))
     }
 }
 
@@ -89,6 +89,11 @@ impl FrameWriter<s2n_quic::stream::SendStream> {
     /// Sends an encoded frame without copying it: s2n-quic takes ownership of the buffer.
     pub async fn send_owned(&mut self, bytes: Vec<u8>) -> Result<(), TransportError> {
         self.inner.send(bytes::Bytes::from(bytes)).await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Sends a frame given as chunks (e.g. from `RecordsFrameBuilder`), none of them copied.
+    pub async fn send_chunks(&mut self, chunks: &mut [bytes::Bytes]) -> Result<(), TransportError> {
+        self.inner.send_vectored(chunks).await.map_err(|e| TransportError::Stream(e.to_string()))
     }
 
     /// Encodes and sends a frame (one buffer, handed over without a copy).

@@ -3,6 +3,7 @@
 //! - `cargo xtask test`: the whole test suite (what `.ci/run` and the README run).
 //! - `cargo xtask bench wrl`: WRL benchmarks against baselines measured in the same run, then a
 //!   short fuzz run of the record decoder.
+//! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
 //! - `cargo xtask fuzz [SECONDS]`: the fuzz run alone.
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -258,6 +259,16 @@ fn bench_wrl(quick: bool, fuzz_seconds: u64) -> Result<()> {
 }
 
 fn bench_relay(quick: bool) -> Result<()> {
+    // The baselines (rustls, s2n-quic) run inside this process: measure them optimised, as the
+    // relay is. A dev-profile xtask hands the benchmark to a release build of itself.
+    if cfg!(debug_assertions) {
+        let mut c = cargo();
+        c.args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", "relay"]);
+        if quick {
+            c.arg("--quick");
+        }
+        return run(&mut c);
+    }
     run(cargo().args(["build", "--release", "-p", "drv"]))?;
     let dir = root().join("target/bench-relay");
     let _ = std::fs::remove_dir_all(&dir);

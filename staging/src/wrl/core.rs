@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use drv_format::crypto::nonce_parts;
 use drv_format::layout::{
     BATCH_HEADER_LEN, BLOCK_BYTES, BatchHeader, DATA_START, DeviceHeader, META_OFFSETS, MetaBlock,
@@ -42,7 +43,7 @@ pub struct CreateOptions {
 pub struct PendingRecord {
     pub desc: WriteDesc,
     /// Ciphertext and tag, `desc.length + 16` bytes.
-    pub payload: Arc<Vec<u8>>,
+    pub payload: Bytes,
     /// CRC-32C of `payload`, computed by whoever produced it (the appender's thread, or the sender
     /// of a relayed record whose frame was checked), so the committer does not pass over the bytes
     /// again.
@@ -50,7 +51,7 @@ pub struct PendingRecord {
 }
 
 impl PendingRecord {
-    pub fn new(desc: WriteDesc, payload: Arc<Vec<u8>>) -> Self {
+    pub fn new(desc: WriteDesc, payload: Bytes) -> Self {
         let payload_crc = crc32c(&payload);
         PendingRecord { desc, payload, payload_crc }
     }
@@ -798,11 +799,12 @@ impl LogCore {
 pub struct LogRecord {
     pub header: RecordHeader,
     /// Ciphertext and tag.
-    pub payload: Arc<Vec<u8>>,
+    pub payload: Bytes,
 }
 
-/// Reads durable records from `from_lsn` on, up to `max_bytes` of payload (at least one record)
-/// and never past `until_lsn`. Every record is checked again as it is read.
+/// Reads durable records from `from_lsn` on and never past `until_lsn`: whole batches, until at
+/// least `max_bytes` of payload were read (a batch is never cut: the next read would have to read
+/// and check it again). Every record is checked again as it is read.
 pub fn read_from_disk(
     devices: &[Arc<dyn Storage>],
     table: &RwLock<Table>,
@@ -849,8 +851,12 @@ pub fn read_from_disk(
             });
             let mut got: Vec<LogRecord> = Vec::new();
             let offset = batch.offset;
+            // One copy of the batch out of the reused window; records are views into it.
+            let all = Bytes::copy_from_slice(batch.records);
+            let base = batch.records.as_ptr() as usize;
             parse_batch(&batch, &mut expected, &mut prev, &mut |h, p| {
-                got.push(LogRecord { header: *h, payload: Arc::new(p.to_vec()) })
+                let at = p.as_ptr() as usize - base;
+                got.push(LogRecord { header: *h, payload: all.slice(at..at + p.len()) })
             })
             .map_err(|(at, reason)| WrlError::Corrupt {
                 segment_id: seg.loc.id,
@@ -862,7 +868,7 @@ pub fn read_from_disk(
             })?;
             hash = Some(prev);
             for r in got {
-                if r.header.lsn < lsn || r.header.lsn > until_lsn || (!out.is_empty() && bytes >= max_bytes) {
+                if r.header.lsn < lsn || r.header.lsn > until_lsn {
                     continue;
                 }
                 bytes += r.header.desc.length as u64;

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use drv_format::crypto::{VolumeKey, nonce};
 use drv_format::record::{Flags, RecordHeader, TAG_LEN, WriteDesc};
 
@@ -219,14 +220,14 @@ impl Wrl {
         };
         let mut payload = Vec::with_capacity(req.data.len() + TAG_LEN);
         key.seal(&desc, req.data, &mut payload);
-        self.enqueue(PendingRecord::new(desc, Arc::new(payload)), done);
+        self.enqueue(PendingRecord::new(desc, Bytes::from(payload)), done);
     }
 
     /// Queues a record that was sealed elsewhere (a replica logging what staging relayed): the
     /// descriptor and stored payload are logged unchanged. Same admission limits and order rules
     /// as [`Wrl::submit`].
     /// `payload_crc` is the record's checksum as received (the caller checked it against the payload).
-    pub fn submit_sealed(&self, desc: WriteDesc, payload: Arc<Vec<u8>>, payload_crc: u32, done: Completion) {
+    pub fn submit_sealed(&self, desc: WriteDesc, payload: Bytes, payload_crc: u32, done: Completion) {
         let sh = &self.shared;
         if desc.length as u64 > sh.record_bytes_limit {
             return done(Err(WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit }));
@@ -287,8 +288,8 @@ impl Wrl {
         rx.recv().unwrap_or(Err(WrlError::Closed))
     }
 
-    /// Durable records from `from_lsn` on, about `max_bytes` of payload (at least one record if any).
-    /// Served from the cache when it holds `from_lsn`, else read back from the devices.
+    /// Durable records from `from_lsn` on, about `max_bytes` of payload (at least one record if any;
+    /// whole batches when read back from the devices). Served from the cache when it holds `from_lsn`.
     pub fn read(&self, from_lsn: u64, max_bytes: u64) -> Result<Vec<LogRecord>> {
         let sh = &self.shared;
         if let Some(recs) = sh.cache.lock().expect("cache").read(from_lsn, max_bytes) {

@@ -88,7 +88,7 @@ async fn main() {
                 epoch: wr.epoch,
                 offset: wr.offset,
                 flags: wr.flags,
-                data: wr.data.clone(),
+                data: wr.data.clone().into(),
             };
             if w.send(&f).await.is_err() {
                 continue 'session;
@@ -129,7 +129,7 @@ async fn main() {
                 };
                 writeln!(history, "{seq} {epoch} {offset} {}", data.len()).unwrap();
                 history.flush().unwrap();
-                let f = Frame::Write { volume_id, seq, epoch, offset, flags, data: data.clone() };
+                let f = Frame::Write { volume_id, seq, epoch, offset, flags, data: data.clone().into() };
                 inflight.insert(seq, W { epoch, offset, data, flags });
                 next_seq += 1;
                 if w.send(&f).await.is_err() {

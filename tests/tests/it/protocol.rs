@@ -33,7 +33,7 @@ async fn next(r: &mut Reader) -> Frame {
 }
 
 fn write(vid: u64, seq: u64, epoch: u64, flags: Flags, byte: u8) -> Frame {
-    Frame::Write { volume_id: vid, seq, epoch, offset: seq * 4096, flags: flags.0, data: vec![byte; 4096] }
+    Frame::Write { volume_id: vid, seq, epoch, offset: seq * 4096, flags: flags.0, data: vec![byte; 4096].into() }
 }
 
 async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

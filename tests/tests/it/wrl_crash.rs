@@ -9,7 +9,6 @@
 //! - the recovered log takes new appends, and recovers again with them.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use drv_format::crypto::{VolumeKey, nonce};
 use drv_format::record::{Flags, TAG_LEN, WriteDesc};
@@ -24,7 +23,7 @@ const DEVICE: u64 = (64 << 10) + 3 * SEGMENT;
 struct Appended {
     lsn: u64,
     desc: WriteDesc,
-    payload: Arc<Vec<u8>>,
+    payload: bytes::Bytes,
 }
 
 /// Runs the workload; returns the world (with its trace), every appended record in lsn order,
@@ -66,7 +65,7 @@ fn workload(seed: u64, io_align: u32) -> (SimWorld, Vec<Appended>, Vec<(usize, u
             };
             let mut payload = Vec::with_capacity(len + TAG_LEN);
             key.seal(&desc, &pattern(counter, len), &mut payload);
-            recs.push(PendingRecord::new(desc, Arc::new(payload)));
+            recs.push(PendingRecord::new(desc, payload.into()));
         }
         let headers = core.append_batch(&recs).unwrap();
         let at = world.lock().unwrap().trace.len();
@@ -110,7 +109,7 @@ fn check_state(
     }
     for (i, (h, p)) in seen.iter().enumerate() {
         let want = &appended[(h.lsn - 1) as usize];
-        if h.lsn != first + i as u64 || want.lsn != h.lsn || want.desc != h.desc || **want.payload != **p {
+        if h.lsn != first + i as u64 || want.lsn != h.lsn || want.desc != h.desc || want.payload[..] != p[..] {
             return Err(format!("record lsn {} differs from what was appended", h.lsn));
         }
     }
@@ -128,7 +127,7 @@ fn check_state(
             key_id: 1,
             nonce: nonce(11, counter),
         };
-        let payload = Arc::new(vec![1u8; 100 + TAG_LEN]);
+        let payload = bytes::Bytes::from(vec![1u8; 100 + TAG_LEN]);
         let h = core
             .append_batch(&[PendingRecord::new(desc, payload)])
             .map_err(|e| format!("append after recovery: {e}"))?;
