@@ -83,7 +83,19 @@ pub fn generate_key(path: &std::path::Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Frames and WRL batches are multi-MiB buffers allocated and freed at a high rate. Above glibc's
+/// (adaptive) mmap threshold each one is a fresh mapping whose every page faults on first touch;
+/// keep them on the heap and keep freed heap memory, so buffers are reused warm.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DRV_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

@@ -219,10 +219,36 @@ impl ReplicaServer {
                     let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
                         return Err(format!("records for volume {volume_id} before RelayOpen on this stream"));
                     };
+                    self.wait_for_room(v, bytes.len() as u64).await?;
                     self.log_records(v, count, &bytes, out)?;
                 }
                 other => return Err(format!("unexpected {:?} frame from a staging server", other.ftype())),
             }
+        }
+        Ok(())
+    }
+
+    /// Waits until the DR log has room for `bytes` more (plus a segment of slack for batch
+    /// overhead): the DR log frees space only as the apply step confirms what it applied. While
+    /// this stream waits it reads nothing more, so QUIC flow control and staging's in-flight limit
+    /// hold the relay back: a full DR log is backpressure, never a refused record.
+    async fn wait_for_room(&self, v: &ReplicaVolume, bytes: u64) -> Result<(), String> {
+        let need = bytes + self.drlog.status().segment_bytes;
+        if need > self.drlog.capacity_bytes() / 2 {
+            return Err(format!(
+                "a records frame of {bytes} bytes does not fit the DR log ({} bytes): raise drlog_bytes",
+                self.drlog.capacity_bytes()
+            ));
+        }
+        let mut applied = v.applied_tx.subscribe();
+        let mut waited = false;
+        while self.drlog.room_bytes() < need {
+            if !waited {
+                tracing::debug!(volume = v.id, room = self.drlog.room_bytes(), need, "DR log full: waiting for apply");
+                waited = true;
+            }
+            // Apply progress frees space; the timeout covers the trim that follows it.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(10), applied.changed()).await;
         }
         Ok(())
     }

@@ -81,6 +81,10 @@ fn ep(e: impl std::fmt::Display) -> TransportError {
     TransportError::Endpoint(e.to_string())
 }
 
+/// How long a silent peer is given before its connection is closed (the default is 30 s, which
+/// would leave a relay waiting that long on a replica that was restarted).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// Flow-control windows sized for bulk relay: the defaults (a few hundred KiB per stream) cap a
 /// stream at window / round trip, which on a busy two-core host is far below the link.
 fn limits() -> Result<s2n_quic::provider::limits::Limits, TransportError> {
@@ -92,6 +96,12 @@ fn limits() -> Result<s2n_quic::provider::limits::Limits, TransportError> {
         .with_bidirectional_remote_data_window(32 << 20)
         .map_err(ep)?
         .with_max_send_buffer_size(16 << 20)
+        .map_err(ep)?
+        // A peer that died without closing (SIGKILL, host loss) is noticed within the idle
+        // timeout; live connections ping well inside it (keep-alive is on for every connection).
+        .with_max_idle_timeout(IDLE_TIMEOUT)
+        .map_err(ep)?
+        .with_max_keep_alive_period(IDLE_TIMEOUT / 3)
         .map_err(ep)
 }
 
@@ -162,6 +172,8 @@ pub fn server_with(
         .map_err(ep)?
         .with_limits(limits()?)
         .map_err(ep)?
+        .with_congestion_controller(s2n_quic::provider::congestion_controller::Bbr::default())
+        .map_err(ep)?
         .with_event(RefusalLog)
         .map_err(ep)?
         .start()
@@ -193,6 +205,10 @@ pub fn client_with(id: &Identity, expect: Role, o: &QuicOptions) -> Result<Clien
         .with_tls(tls)
         .map_err(ep)?
         .with_io(io(any, o)?)
+        .map_err(ep)?
+        .with_limits(limits()?)
+        .map_err(ep)?
+        .with_congestion_controller(s2n_quic::provider::congestion_controller::Bbr::default())
         .map_err(ep)?
         .with_event(RefusalLog)
         .map_err(ep)?

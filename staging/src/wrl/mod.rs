@@ -333,6 +333,18 @@ impl Wrl {
         self.shared.volumes.lock().expect("volumes").clone()
     }
 
+    /// Bytes the log can take for certain: its free segments (the open segment's remainder is not
+    /// counted). A receiver that must not be refused for a full log waits for this to grow.
+    pub fn room_bytes(&self) -> u64 {
+        let used = self.shared.state.lock().expect("wrl state").used_segments;
+        self.shared.total_segments.saturating_sub(used) * self.shared.segment_bytes
+    }
+
+    /// Bytes of all segments together.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.shared.total_segments * self.shared.segment_bytes
+    }
+
     pub fn status(&self) -> WrlStatus {
         let sh = &self.shared;
         // One lock at a time: the committer takes state, then table.
