@@ -6,6 +6,7 @@
 mod config_cmd;
 mod demo;
 mod servers;
+mod snapshot_cmd;
 mod wrl_cmd;
 
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ enum Command {
     Replica(RunCommand),
     /// Show a server's volumes, positions, lag and peers.
     Status(servers::StatusArgs),
+    /// Snapshots of replica volumes.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
 }
 
 #[derive(Subcommand)]
@@ -111,6 +115,7 @@ fn main() {
         Command::Replica(RunCommand::Run(n)) => servers::replica_run(n),
         Command::Replica(RunCommand::Recover(n)) => servers::replica_recover(n),
         Command::Status(a) => servers::status(a),
+        Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Key(KeyCommand::Generate { path, force }) => {
             generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))
         }

@@ -74,7 +74,7 @@ pub fn ca(c: CaCommand) -> Result<()> {
     Ok(())
 }
 
-fn addr(a: &str) -> Result<SocketAddr> {
+pub fn addr(a: &str) -> Result<SocketAddr> {
     a.to_socket_addrs()?.next().with_context(|| format!("resolve {a}"))
 }
 
@@ -91,7 +91,7 @@ fn load(n: &NodeArgs, role: drv_config::Role) -> Result<(drv_config::NodeConfig,
     Ok((node, id, a))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start async runtime")
 }
 
@@ -183,13 +183,14 @@ pub fn status(a: StatusArgs) -> Result<()> {
             }
         } else {
             println!(
-                "  volume {:<12} {:<11} received {:>8} durable {:>8} applied {:>8} (epoch {})",
+                "  volume {:<12} {:<11} received {:>8} durable {:>8} applied {:>8} (epoch {}), {} snapshot(s)",
                 vol["name"].as_str().unwrap_or("?"),
                 vol["state"].as_str().unwrap_or("?"),
                 vol["received_seq"],
                 vol["durable_seq"],
                 vol["applied_seq"],
-                vol["applied_epoch"]
+                vol["applied_epoch"],
+                vol["snapshots"].as_array().map(|a| a.len()).unwrap_or(0)
             );
         }
     }

@@ -28,6 +28,8 @@ pub enum FrameType {
     Records = 8,
     StatusRequest = 9,
     StatusReply = 10,
+    SnapshotRequest = 11,
+    SnapshotReply = 12,
 }
 
 impl FrameType {
@@ -44,6 +46,8 @@ impl FrameType {
             8 => Records,
             9 => StatusRequest,
             10 => StatusReply,
+            11 => SnapshotRequest,
+            12 => SnapshotReply,
             _ => return None,
         })
     }
@@ -63,6 +67,8 @@ pub mod code {
     pub const SERVER: u16 = 5;
     /// The write is not acceptable (too large, bad flags, epoch going backwards).
     pub const INVALID: u16 = 6;
+    /// The request cannot be served in the current state (e.g. a snapshot while resyncing).
+    pub const BUSY: u16 = 7;
 }
 
 /// One decoded frame.
@@ -117,6 +123,15 @@ pub enum Frame {
     },
     StatusRequest,
     StatusReply {
+        json: Vec<u8>,
+    },
+    /// Admin -> replica: take a snapshot of a volume at its applied epoch.
+    SnapshotRequest {
+        volume_id: u64,
+        name: String,
+    },
+    /// Replica -> admin: the snapshot taken (JSON).
+    SnapshotReply {
         json: Vec<u8>,
     },
 }
@@ -235,6 +250,16 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             Frame::StatusRequest
         }
         FrameType::StatusReply => Frame::StatusReply { json: body.to_vec() },
+        FrameType::SnapshotRequest => {
+            need(10)?;
+            let (volume_id, len) = (d.u64(), d.u16());
+            exact(10 + len as usize)?;
+            let name = std::str::from_utf8(&body[10..])
+                .map_err(|_| FormatError::Invalid { what: "snapshot request", field: "name", value: 0 })?
+                .to_owned();
+            Frame::SnapshotRequest { volume_id, name }
+        }
+        FrameType::SnapshotReply => Frame::SnapshotReply { json: body.to_vec() },
     })
 }
 
@@ -271,6 +296,8 @@ impl Frame {
             Frame::Records { .. } => FrameType::Records,
             Frame::StatusRequest => FrameType::StatusRequest,
             Frame::StatusReply { .. } => FrameType::StatusReply,
+            Frame::SnapshotRequest { .. } => FrameType::SnapshotRequest,
+            Frame::SnapshotReply { .. } => FrameType::SnapshotReply,
         }
     }
 
@@ -317,7 +344,14 @@ impl Frame {
                 out.extend_from_slice(bytes);
             }
             Frame::StatusRequest => {}
-            Frame::StatusReply { json } => out.extend_from_slice(json),
+            Frame::StatusReply { json } | Frame::SnapshotReply { json } => out.extend_from_slice(json),
+            Frame::SnapshotRequest { volume_id, name } => {
+                let n = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+                put(&mut out, 10, &mut |e| {
+                    e.u64(*volume_id).u16(n.len() as u16);
+                });
+                out.extend_from_slice(n);
+            }
         }
         let body_len = out.len() - FRAME_HEADER_LEN;
         assert!(body_len <= MAX_FRAME_BODY as usize, "frame body over the format's maximum");
@@ -336,7 +370,8 @@ impl Frame {
         match self {
             Frame::Write { data, .. } => 40 + data.len(),
             Frame::Records { bytes, .. } => 16 + bytes.len(),
-            Frame::StatusReply { json } => json.len(),
+            Frame::StatusReply { json } | Frame::SnapshotReply { json } => json.len(),
+            Frame::SnapshotRequest { name, .. } => 10 + name.len(),
             Frame::Error { message, .. } => 4 + message.len(),
             _ => 24,
         }
@@ -447,6 +482,8 @@ mod tests {
             Frame::Records { volume_id: 3, count: 0, bytes: Bytes::new() },
             Frame::StatusRequest,
             Frame::StatusReply { json: b"{}".to_vec() },
+            Frame::SnapshotRequest { volume_id: 3, name: "before-upgrade".into() },
+            Frame::SnapshotReply { json: b"{}".to_vec() },
         ]
     }
 
@@ -504,7 +541,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_single_byte_change_is_detected(i in any::<prop::sample::Index>(), which in 0usize..10, xor in 1u8..) {
+        fn any_single_byte_change_is_detected(i in any::<prop::sample::Index>(), which in 0usize..12, xor in 1u8..) {
             let mut b = samples()[which].encode();
             let at = i.index(b.len());
             b[at] ^= xor;
@@ -512,7 +549,7 @@ mod tests {
         }
 
         #[test]
-        fn truncation_is_detected(which in 0usize..10, cut in 1usize..40) {
+        fn truncation_is_detected(which in 0usize..12, cut in 1usize..40) {
             let b = samples()[which].encode();
             let n = b.len().saturating_sub(cut);
             prop_assert!(decode_frame(&b[..n], MAX_FRAME_BODY).is_err());

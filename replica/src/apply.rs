@@ -91,6 +91,9 @@ pub struct ReplicaVolume {
     pub changed: Condvar,
     /// The applied sequence, for relay streams that report it back to staging as it moves.
     pub applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Held while units are applied: whoever else holds it (a snapshot) sees the target at a unit
+    /// boundary that does not move.
+    pub apply_gate: Mutex<()>,
 }
 
 impl ReplicaVolume {
@@ -126,6 +129,7 @@ impl ReplicaVolume {
             }),
             changed: Condvar::new(),
             applied_tx: tokio::sync::watch::channel(applied.seq).0,
+            apply_gate: Mutex::new(()),
         })
     }
 
@@ -252,6 +256,7 @@ fn apply_units(
     units: u64,
 ) -> Result<(), String> {
     let last = records.last().expect("units are not empty");
+    let _gate = v.apply_gate.lock().expect("apply gate");
     for r in records {
         let d = &r.header.desc;
         let plain = v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;

@@ -5,8 +5,10 @@
 //! - `server.rs`: the QUIC server, sequence checks, DR log appends, position reports, status.
 //! - `apply.rs`: the epoch-atomic apply loop, the durable applied position, and the one place a
 //!   block is about to be overwritten (`OverwriteObserver`, for copy-on-write snapshots).
+//! - `snapshot.rs`: point-in-time copies of a volume at a unit boundary (`drv snapshot create`).
 
 pub mod apply;
 pub mod server;
+pub mod snapshot;
 
 pub use server::ReplicaServer;

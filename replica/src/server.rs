@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::apply::{self, NoSnapshots, ReplicaVolume};
+use crate::snapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -38,6 +39,8 @@ pub struct ReplicaServer {
     pub identity: Identity,
     pub drlog: Arc<Wrl>,
     pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
+    /// The data directory (DR log, applied positions, default targets, snapshots).
+    pub dir: PathBuf,
     frame_bytes_limit: u32,
     max_connections: u32,
     quic: quic::QuicOptions,
@@ -103,6 +106,7 @@ impl ReplicaServer {
             identity,
             drlog,
             volumes,
+            dir,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             max_connections: node.endpoint.max_connections,
             quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu, ..Default::default() },
@@ -172,6 +176,31 @@ impl ReplicaServer {
             match frame {
                 Frame::StatusRequest => {
                     let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
+                }
+                Frame::SnapshotRequest { volume_id, name } => {
+                    let reply = match self.volumes.get(&volume_id) {
+                        None => Frame::Error {
+                            code: code::UNKNOWN_VOLUME,
+                            message: format!("volume {volume_id} is not configured on replica {}", self.name),
+                        },
+                        Some(v) => {
+                            let (v, dir) = (v.clone(), self.dir.clone());
+                            match tokio::task::spawn_blocking(move || snapshot::create(&dir, &v, &name)).await {
+                                Ok(Ok(info)) => {
+                                    Frame::SnapshotReply { json: serde_json::to_vec(&info).expect("serializable") }
+                                }
+                                Ok(Err(e @ snapshot::SnapshotError::Refused(_))) => {
+                                    Frame::Error { code: code::BUSY, message: e.to_string() }
+                                }
+                                Ok(Err(
+                                    e @ (snapshot::SnapshotError::BadName(_) | snapshot::SnapshotError::Exists(..)),
+                                )) => Frame::Error { code: code::INVALID, message: e.to_string() },
+                                Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
+                                Err(e) => Frame::Error { code: code::SERVER, message: format!("snapshot task: {e}") },
+                            }
+                        }
+                    };
+                    let _ = out.send(reply);
                 }
                 Frame::RelayOpen { volume_id } => {
                     let Some(v) = self.volumes.get(&volume_id) else {
@@ -353,6 +382,7 @@ impl ReplicaServer {
                     "pending_records": s.pending_records,
                     "applied_units": s.applied_units,
                     "error": s.error,
+                    "snapshots": snapshot::list(&self.dir, v),
                 })
             })
             .collect();
@@ -366,16 +396,6 @@ impl ReplicaServer {
             "drlog": { "first_lsn": d.first_lsn, "durable_lsn": d.durable_lsn, "used_segments": d.used_segments,
                        "total_segments": d.total_segments, "cache_bytes": d.cache_bytes, "failed": d.failed },
         })
-    }
-
-    /// A snapshot can only be taken at an epoch boundary outside a resync.
-    pub fn snapshot_allowed(&self, volume_id: u64) -> Result<(), String> {
-        let v = self.volumes.get(&volume_id).ok_or_else(|| format!("volume {volume_id} is not on this replica"))?;
-        let s = v.state.lock().expect("apply state");
-        if s.resyncing {
-            return Err(format!("volume {} is resyncing: a snapshot now would not be consistent", v.name));
-        }
-        Ok(())
     }
 }
 

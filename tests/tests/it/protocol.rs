@@ -1,6 +1,7 @@
 //! The agent protocol against a real staging server (and replica), frame by frame: refused peers
 //! (other CA, wrong role), malformed/truncated/oversized/corrupted frames, unknown volumes, sequence
-//! gaps and retries, and a RESYNC run that is applied only once complete.
+//! gaps and retries, a RESYNC run that is applied only once complete (snapshots refused meanwhile),
+//! and snapshots taken at the applied epoch.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,20 @@ async fn next(r: &mut Reader) -> Frame {
 
 fn write(vid: u64, seq: u64, epoch: u64, flags: Flags, byte: u8) -> Frame {
     Frame::Write { volume_id: vid, seq, epoch, offset: seq * 4096, flags: flags.0, data: vec![byte; 4096].into() }
+}
+
+/// Runs `drv snapshot ARGS` against the first replica; (success, stdout + stderr).
+fn snapshot(cl: &Cluster, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(drv_tests::drv_bin())
+        .arg("snapshot")
+        .args(args)
+        .args(["--server", &cl.replica_addrs[0], "--certs"])
+        .arg(&cl.certs)
+        .output()
+        .expect("run drv snapshot");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
 }
 
 async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -162,6 +177,9 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     );
     let s = rep(&cl).unwrap();
     assert_eq!(s["volumes"][0]["applied_seq"], 3, "nothing of the resync run is applied yet: {s}");
+    // A snapshot now is refused, with the reason.
+    let (ok, out) = snapshot(&cl, &["create", "vol1", "during-resync"]);
+    assert!(!ok && out.contains("resyncing"), "snapshot during a resync: {out}");
     // The run ends with the next ordered write; that completes it.
     w.send(&write(vid, 7, 3, Flags::default(), 7)).await.unwrap();
     assert!(matches!(next(&mut r).await, Frame::Ack { seq: 7, .. }));
@@ -177,6 +195,19 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
         let expect = if (4..=6).contains(&seq) { 0x70 + seq as u8 } else { seq as u8 };
         assert!(img[seq as usize * 4096..(seq as usize + 1) * 4096].iter().all(|b| *b == expect), "block {seq}");
     }
+    // Resync complete: a snapshot is taken at the applied epoch and shows exactly that state.
+    let (ok, out) = snapshot(&cl, &["create", "vol1", "after-resync", "--json"]);
+    assert!(ok, "snapshot: {out}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["seq"], 7, "{info}");
+    assert_eq!(std::fs::read(info["path"].as_str().unwrap()).unwrap(), img, "the snapshot is the applied image");
+    let (ok, out) = snapshot(&cl, &["create", "vol1", "after-resync"]);
+    assert!(!ok && out.contains("exists"), "a second snapshot of the same name: {out}");
+    let (ok, out) = snapshot(&cl, &["create", "vol1", "../escape"]);
+    assert!(!ok && out.contains("snapshot name"), "a bad name: {out}");
+    let (ok, out) = snapshot(&cl, &["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert!(ok && list.as_array().is_some_and(|l| l.len() == 1 && l[0]["name"] == "after-resync"), "{out}");
     let _ = staging.kill();
     let _ = replica.kill();
     let _ = staging.wait();

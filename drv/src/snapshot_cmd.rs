@@ -1,0 +1,119 @@
+//! `drv snapshot create|list`: snapshots of a replica volume, asked of a running replica server.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use drv_format::frame::Frame;
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+
+use crate::servers::{addr, fetch_status, runtime};
+
+#[derive(Args)]
+pub struct Target {
+    /// host:port of the replica server.
+    #[arg(long)]
+    server: String,
+    /// Directory with ca.pem and the certificate to present.
+    #[arg(long, env = "DRV_CERTS")]
+    certs: PathBuf,
+    /// Name of the certificate to present (an admin certificate).
+    #[arg(long, default_value = "admin")]
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of VOLUME (name or id) at its applied epoch. Refused while the volume is
+    /// resyncing.
+    Create {
+        volume: String,
+        snapshot: String,
+        #[command(flatten)]
+        t: Target,
+    },
+    /// List the snapshots of every volume (or of VOLUME).
+    List {
+        volume: Option<String>,
+        #[command(flatten)]
+        t: Target,
+    },
+}
+
+fn matches(vol: &serde_json::Value, want: &str) -> bool {
+    vol["name"].as_str() == Some(want) || vol["volume_id"].as_u64().is_some_and(|id| id.to_string() == want)
+}
+
+pub fn run(c: SnapshotCommand) -> Result<()> {
+    match c {
+        SnapshotCommand::Create { volume, snapshot, t } => create(&volume, &snapshot, &t),
+        SnapshotCommand::List { volume, t } => list(volume.as_deref(), &t),
+    }
+}
+
+fn create(volume: &str, snapshot: &str, t: &Target) -> Result<()> {
+    let id = Identity::load(&t.certs, &t.name).with_context(|| format!("load certificate {}", t.name))?;
+    let server = addr(&t.server)?;
+    let rt = runtime()?;
+    let info = rt.block_on(async {
+        let st = fetch_status(&id, server, Role::Replica).await?;
+        let Some(vol) = st["volumes"].as_array().into_iter().flatten().find(|v| matches(v, volume)) else {
+            bail!("volume {volume} is not on replica {}", st["name"].as_str().unwrap_or("?"));
+        };
+        let volume_id = vol["volume_id"].as_u64().context("volume id in status")?;
+        let client = quic::client(&id, Role::Replica)?;
+        let mut conn = quic::connect(&client, server, Role::Replica).await?;
+        let s = conn.open_bidirectional_stream().await.context("open stream")?;
+        let (rx, tx) = s.split();
+        let (mut r, mut w) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
+        w.send(&Frame::SnapshotRequest { volume_id, name: snapshot.to_owned() }).await?;
+        match r.next().await? {
+            Some(Frame::SnapshotReply { json }) => Ok(serde_json::from_slice::<serde_json::Value>(&json)?),
+            Some(Frame::Error { message, .. }) => bail!("snapshot refused: {message}"),
+            other => bail!("unexpected answer: {other:?}"),
+        }
+    })?;
+    if t.json {
+        println!("{info}");
+    } else {
+        println!(
+            "snapshot {} of {} at seq {} (epoch {}): {}",
+            info["name"].as_str().unwrap_or("?"),
+            info["volume"].as_str().unwrap_or("?"),
+            info["seq"],
+            info["epoch"],
+            info["path"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn list(volume: Option<&str>, t: &Target) -> Result<()> {
+    let id = Identity::load(&t.certs, &t.name).with_context(|| format!("load certificate {}", t.name))?;
+    let server = addr(&t.server)?;
+    let st = runtime()?.block_on(fetch_status(&id, server, Role::Replica))?;
+    let snaps: Vec<&serde_json::Value> = st["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| volume.is_none_or(|want| matches(v, want)))
+        .flat_map(|v| v["snapshots"].as_array().into_iter().flatten())
+        .collect();
+    if t.json {
+        println!("{}", serde_json::Value::Array(snaps.into_iter().cloned().collect()));
+        return Ok(());
+    }
+    for s in snaps {
+        println!(
+            "{:<12} {:<24} seq {:>8} epoch {:>8}  {}",
+            s["volume"].as_str().unwrap_or("?"),
+            s["name"].as_str().unwrap_or("?"),
+            s["seq"],
+            s["epoch"],
+            s["path"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
