@@ -26,7 +26,11 @@ impl Flags {
     pub const FUA: Flags = Flags(2);
     /// An unordered resync write (change-map or initial sync), not part of the epoch order.
     pub const RESYNC: Flags = Flags(4);
-    pub const ALL: Flags = Flags(7);
+    /// The last record of its epoch: the agent had no write in flight after it, so every write of
+    /// the epoch is logged and the replica may apply the epoch without waiting for a later one.
+    /// Sent as a zero-length write when the volume goes idle.
+    pub const EPOCH_END: Flags = Flags(8);
+    pub const ALL: Flags = Flags(15);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0

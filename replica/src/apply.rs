@@ -1,6 +1,7 @@
 //! Epoch-atomic apply: takes a volume's records from the DR log in sequence order, groups them into
 //! units (one epoch; or one whole run of RESYNC records), and applies a unit only when it is
-//! complete (the next record belongs to a later unit) and every record of it is durable in the DR log.
+//! complete (the next record belongs to a later unit, or it ends with an EPOCH_END record) and every
+//! record of it is durable in the DR log.
 //! After a unit's writes are synced, the applied position is persisted; a crash in between replays
 //! the unit from the DR log on restart (the writes are idempotent).
 //!
@@ -187,7 +188,13 @@ impl Applier {
                 ready.append(&mut self.pending);
                 units += 1;
             }
+            let ends_epoch = r.header.desc.flags.contains(Flags::EPOCH_END);
             self.pending.push(r);
+            if ends_epoch {
+                // The agent says no later record belongs to this epoch: it is complete now.
+                ready.append(&mut self.pending);
+                units += 1;
+            }
         }
         if !ready.is_empty() {
             apply_units(v, drlog, observer, &ready, units)?;
