@@ -1,11 +1,21 @@
-//! The synchronous path: each write goes to staging; the local write is performed only after the
-//! staging acknowledgement; the write completes after both. In-flight writes are bounded.
+//! The synchronous path, the change map and resync.
 //!
-//! One QUIC stream per volume carries `Write` frames in sequence order (they are queued under the
-//! same lock that assigns sequence and epoch); a reader task resolves waiters from the cumulative
-//! `Ack` frames. An idle task ends the current epoch with an `EPOCH_END` record once nothing has
-//! been in flight for `epoch_close_idle`, so the replica applies the last writes of a burst
-//! without waiting for the next one.
+//! **Sync mode.** A write is given a sequence number and an epoch and queued to staging on the
+//! session's one QUIC stream (under the lock that assigns them, so frames leave in sequence order);
+//! the reader task resolves waiters from the cumulative `Ack` frames; the local write runs only
+//! after the acknowledgement and the write completes after both. In-flight bytes are bounded.
+//! Overlapping writes are never in flight together (the local disk and staging would otherwise see
+//! them in different orders). An idle volume gets an `EPOCH_END` record.
+//!
+//! **Change-map mode.** When staging is unreachable, too slow (`ack_timeout`) or reports its log
+//! full, the agent marks each write's blocks in the persistent change map (durably) before the local
+//! write, and writes go local only; the write that failed is handled the same way, so nothing is
+//! lost. A background task reconnects.
+//!
+//! **Resync.** Once connected again, the agent ships the marked blocks as `RESYNC` records read from
+//! the local disk, in passes (writes keep going to the change map meanwhile and are shipped by the
+//! next pass). The last pass holds new writes back, ships what is left, clears the map and returns to
+//! sync mode; an `EPOCH_END` record then ends the resync run so the replica applies it at once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,8 +27,9 @@ use bytes::Bytes;
 use drv_format::frame::{Frame, code};
 use drv_format::record::{Flags, MAX_WRITE_BYTES};
 use drv_transport::{FrameReader, FrameWriter, Identity, Role, TransportError, quic};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, RwLock, Semaphore, mpsc, oneshot};
 
+use crate::changemap::{ChangeMap, ChangeMapError};
 use crate::epoch::EpochClock;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +38,7 @@ pub enum AgentError {
     Transport(#[from] TransportError),
     #[error("staging refused volume {volume}: {message}")]
     Refused { volume: u64, message: String },
-    /// Staging reported its write log full (the agent's cue for its change map).
+    /// Staging reported its write log full (the cue for the change map).
     #[error("staging write log full: {0}")]
     LogFull(String),
     #[error("staging did not acknowledge seq {seq} within {timeout:?}")]
@@ -38,11 +49,16 @@ pub enum AgentError {
     TooLarge(usize),
     #[error("local write at offset {offset}: {source}")]
     Local { offset: u64, source: std::io::Error },
+    #[error("{0}")]
+    ChangeMap(#[from] ChangeMapError),
+    #[error("staging is unavailable and this agent has no change map: the write at offset {offset} failed: {why}")]
+    Unprotected { offset: u64, why: String },
 }
 
 /// The local disk of a protected volume: where a write goes once staging has it.
 pub trait LocalDisk: Send + Sync + 'static {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// Makes every completed write stable (FLUSH; and after a FUA write).
     fn flush(&self) -> std::io::Result<()>;
 }
@@ -54,6 +70,9 @@ impl LocalDisk for FileDisk {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
     }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
     fn flush(&self) -> std::io::Result<()> {
         self.0.sync_data()
     }
@@ -63,10 +82,15 @@ impl LocalDisk for FileDisk {
 pub struct AgentOptions {
     /// Bytes of writes between issue and completion; writers wait beyond it.
     pub inflight_bytes_limit: u64,
-    /// How long a write may wait for the staging acknowledgement.
+    /// How long a write may wait for the staging acknowledgement before the agent switches to its
+    /// change map.
     pub ack_timeout: Duration,
     /// Nothing in flight for this long ends the current epoch (an `EPOCH_END` record).
     pub epoch_close_idle: Duration,
+    /// Delay between reconnection attempts while in change-map mode.
+    pub reconnect_interval: Duration,
+    /// A resync pass this small (in blocks) is the last one: new writes wait while it runs.
+    pub final_pass_blocks: usize,
 }
 
 impl Default for AgentOptions {
@@ -75,7 +99,30 @@ impl Default for AgentOptions {
             inflight_bytes_limit: 32 << 20,
             ack_timeout: Duration::from_secs(5),
             epoch_close_idle: Duration::from_millis(20),
+            reconnect_interval: Duration::from_millis(500),
+            final_pass_blocks: 256,
         }
+    }
+}
+
+/// Where the volume's writes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// To staging, then the local disk.
+    Sync,
+    /// Local only, marked in the change map (staging away, too slow, or full).
+    ChangeMap,
+    /// Local only and marked, while the marked blocks are shipped to staging.
+    Resyncing,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Sync => "sync",
+            Mode::ChangeMap => "change-map",
+            Mode::Resyncing => "resyncing",
+        })
     }
 }
 
@@ -85,13 +132,133 @@ pub struct AgentStats {
     pub writes: AtomicU64,
     pub bytes: AtomicU64,
     pub epochs_closed: AtomicU64,
+    /// Writes that went to the change map instead of staging.
+    pub mapped_writes: AtomicU64,
+    pub resync_blocks: AtomicU64,
+    pub resync_bytes: AtomicU64,
+    pub mode_switches: AtomicU64,
+}
+
+type Waiters = BTreeMap<u64, oneshot::Sender<Result<(), AgentError>>>;
+/// Resolves when staging acknowledged the write (or the session failed).
+type AckWait = oneshot::Receiver<Result<(), AgentError>>;
+
+/// One connection to staging.
+struct Session {
+    out: mpsc::UnboundedSender<Frame>,
+    waiters: Mutex<Waiters>,
+    broken: Mutex<Option<String>>,
+}
+
+impl Session {
+    fn acked(&self, seq: u64) {
+        let mut w = self.waiters.lock().expect("waiters");
+        let rest = w.split_off(&(seq + 1));
+        let done = std::mem::replace(&mut *w, rest);
+        drop(w);
+        for (_, tx) in done {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    /// The stream is gone: every waiting write fails (the oldest with `first`).
+    fn fail(&self, why: String, first: AgentError) {
+        let mut b = self.broken.lock().expect("broken");
+        if b.is_none() {
+            tracing::warn!("agent stream to staging ended: {why}");
+            *b = Some(why);
+        }
+        drop(b);
+        let waiters = std::mem::take(&mut *self.waiters.lock().expect("waiters"));
+        let mut first = Some(first);
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(first.take().unwrap_or(AgentError::Disconnected)));
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.lock().expect("broken").is_some()
+    }
+
+    /// Queues a frame after registering its waiter.
+    fn send(&self, seq: u64, f: Frame) -> Option<AckWait> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters").insert(seq, tx);
+        if self.is_broken() || self.out.send(f).is_err() {
+            self.waiters.lock().expect("waiters").remove(&seq);
+            return None;
+        }
+        Some(rx)
+    }
+}
+
+/// Connects and opens the volume: the session and staging's (last_seq, last_epoch).
+async fn open_session(
+    id: &Identity,
+    staging: SocketAddr,
+    volume_id: u64,
+) -> Result<(Arc<Session>, u64, u64), AgentError> {
+    let client = quic::client(id, Role::Staging)?;
+    let mut conn = quic::connect(&client, staging, Role::Staging).await?;
+    let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    let (rx, tx) = stream.split();
+    let mut r = FrameReader::new(rx, 1 << 20);
+    let mut w = FrameWriter::new(tx);
+    w.send_frame(&Frame::OpenVolume { volume_id }).await?;
+    let (last_seq, last_epoch) = match r.next().await? {
+        Some(Frame::VolumeState { last_seq, last_epoch, .. }) => (last_seq, last_epoch),
+        Some(Frame::Error { message, .. }) => return Err(AgentError::Refused { volume: volume_id, message }),
+        _ => return Err(AgentError::Disconnected),
+    };
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let s = Arc::new(Session { out, waiters: Mutex::default(), broken: Mutex::default() });
+    let ws = Arc::downgrade(&s);
+    tokio::spawn(async move {
+        // The connection lives as long as its writer.
+        let (_conn, _client) = (conn, client);
+        while let Some(f) = out_rx.recv().await {
+            if let Err(e) = w.send_frame(&f).await {
+                if let Some(s) = ws.upgrade() {
+                    s.fail(format!("send to staging: {e}"), AgentError::Disconnected);
+                }
+                return;
+            }
+        }
+    });
+    let rs = Arc::downgrade(&s);
+    tokio::spawn(async move {
+        loop {
+            let m = r.next().await;
+            let Some(s) = rs.upgrade() else { return };
+            match m {
+                Ok(Some(Frame::Ack { seq, .. })) => s.acked(seq),
+                Ok(Some(Frame::Error { code: c, message })) => {
+                    let e = if c == code::LOG_FULL {
+                        AgentError::LogFull(message.clone())
+                    } else {
+                        AgentError::Refused { volume: volume_id, message: message.clone() }
+                    };
+                    return s.fail(message, e);
+                }
+                Ok(Some(other)) => {
+                    return s
+                        .fail(format!("unexpected {:?} frame from staging", other.ftype()), AgentError::Disconnected);
+                }
+                Ok(None) => return s.fail("staging closed the stream".into(), AgentError::Disconnected),
+                Err(e) => return s.fail(format!("receive from staging: {e}"), AgentError::Disconnected),
+            }
+        }
+    });
+    Ok((s, last_seq, last_epoch))
 }
 
 struct Order {
     next_seq: u64,
     clock: EpochClock,
-    /// Byte ranges of writes in flight, `start -> end`; they never overlap (see `write_with`).
+    /// Byte ranges of writes in flight, `start -> end`; they never overlap.
     ranges: BTreeMap<u64, u64>,
+    mode: Mode,
+    session: Option<Arc<Session>>,
 }
 
 impl Order {
@@ -99,28 +266,34 @@ impl Order {
         if start == end {
             return false;
         }
-        // The range starting at or before `start`, and any starting inside [start, end).
         self.ranges.range(..=start).next_back().is_some_and(|(_, e)| *e > start)
             || self.ranges.range(start..end).next().is_some()
     }
-}
 
-type Waiters = BTreeMap<u64, oneshot::Sender<Result<(), AgentError>>>;
-/// Resolves when staging acknowledged the write (or the stream failed).
-type AckWait = oneshot::Receiver<Result<(), AgentError>>;
+    /// Assigns a sequence number and queues `f` (built from it) on the session.
+    fn send(&mut self, f: impl FnOnce(u64) -> Frame) -> Option<(u64, AckWait)> {
+        let s = self.session.clone()?;
+        let seq = self.next_seq;
+        let rx = s.send(seq, f(seq))?;
+        self.next_seq += 1;
+        Some((seq, rx))
+    }
+}
 
 struct Inner {
     volume_id: u64,
+    volume_bytes: u64,
+    id: Identity,
+    staging: SocketAddr,
     disk: Arc<dyn LocalDisk>,
+    map: Option<Arc<ChangeMap>>,
     order: Mutex<Order>,
-    out: mpsc::UnboundedSender<Frame>,
-    waiters: Mutex<Waiters>,
-    /// Why the stream ended, once it has.
-    broken: Mutex<Option<String>>,
+    /// Writes hold it shared; the last resync pass holds it exclusively.
+    gate: RwLock<()>,
     inflight: Semaphore,
-    /// A range left `Order::ranges`.
     range_freed: Notify,
-    idle: Notify,
+    idle: Arc<Notify>,
+    degraded: Arc<Notify>,
     opts: AgentOptions,
     stats: AgentStats,
 }
@@ -136,105 +309,115 @@ fn units(bytes: usize) -> u32 {
     (bytes.div_ceil(4096).max(1)).min(u32::MAX as usize) as u32
 }
 
+/// How a write was issued.
+enum Issued {
+    Staging(u64, AckWait),
+    Local,
+}
+
 impl Agent {
-    /// Connects to staging and opens `volume_id`; later writes continue after staging's durable
-    /// position for the volume.
-    pub async fn connect(
+    /// Starts the agent of `volume_id` (`volume_bytes` long). With a change map the agent keeps
+    /// protecting the volume when staging is away, and starts by resyncing whatever the map holds
+    /// from an earlier run; without one, writes fail while staging is away.
+    pub async fn start(
         id: &Identity,
         staging: SocketAddr,
         volume_id: u64,
+        volume_bytes: u64,
         disk: Arc<dyn LocalDisk>,
+        map: Option<Arc<ChangeMap>>,
         opts: AgentOptions,
     ) -> Result<Agent, AgentError> {
-        let client = quic::client(id, Role::Staging)?;
-        let mut conn = quic::connect(&client, staging, Role::Staging).await?;
-        let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
-        let (rx, tx) = stream.split();
-        let mut r = FrameReader::new(rx, 1 << 20);
-        let mut w = FrameWriter::new(tx);
-        w.send_frame(&Frame::OpenVolume { volume_id }).await?;
-        let (last_seq, last_epoch) = match r.next().await? {
-            Some(Frame::VolumeState { last_seq, last_epoch, .. }) => (last_seq, last_epoch),
-            Some(Frame::Error { message, .. }) => return Err(AgentError::Refused { volume: volume_id, message }),
-            _ => return Err(AgentError::Disconnected),
-        };
-        tracing::info!(volume_id, last_seq, last_epoch, "agent connected to staging {staging}");
-        let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
         let permits = (opts.inflight_bytes_limit / 4096).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        let dirty = map.as_ref().is_some_and(|m| m.dirty_bytes() > 0);
         let inner = Arc::new(Inner {
             volume_id,
+            volume_bytes,
+            id: id.clone(),
+            staging,
             disk,
+            map,
             order: Mutex::new(Order {
-                next_seq: last_seq + 1,
-                clock: EpochClock::new(last_epoch),
+                next_seq: 1,
+                clock: EpochClock::new(0),
                 ranges: BTreeMap::new(),
+                mode: Mode::ChangeMap,
+                session: None,
             }),
-            range_freed: Notify::new(),
-            out,
-            waiters: Mutex::new(BTreeMap::new()),
-            broken: Mutex::new(None),
+            gate: RwLock::new(()),
             inflight: Semaphore::new(permits),
-            idle: Notify::new(),
+            range_freed: Notify::new(),
+            idle: Arc::default(),
+            degraded: Arc::default(),
             opts,
             stats: AgentStats::default(),
         });
-        // Writer: frames leave in the order they were queued (sequence order). The connection
-        // handle lives here, as long as the stream.
-        let wi = inner.clone();
-        tokio::spawn(async move {
-            let _conn = conn;
-            let _client = client;
-            while let Some(f) = out_rx.recv().await {
-                if let Err(e) = w.send_frame(&f).await {
-                    wi.fail_all(format!("send to staging: {e}"));
-                    return;
-                }
+        let first = open_session(id, staging, volume_id).await;
+        match first {
+            Ok((s, last_seq, last_epoch)) if !dirty => {
+                let mut o = inner.order.lock().expect("order");
+                o.next_seq = last_seq + 1;
+                o.clock = EpochClock::new(last_epoch);
+                o.session = Some(s);
+                o.mode = Mode::Sync;
+                tracing::info!(volume_id, last_seq, last_epoch, "agent connected to staging {staging}");
             }
-        });
-        // Reader: cumulative acknowledgements.
-        let ri = inner.clone();
+            Ok((s, last_seq, last_epoch)) => {
+                // Marked blocks from an earlier run: resync them first.
+                let i = inner.clone();
+                tokio::spawn(async move { i.resync(s, last_seq, last_epoch).await });
+            }
+            Err(e) if inner.map.is_some() => {
+                tracing::warn!("staging not reachable, protecting with the change map: {e}")
+            }
+            Err(e) => return Err(e),
+        }
+        // Reconnect and resync whenever the agent is in change-map mode.
+        let (wi, degraded_n) = (Arc::downgrade(&inner), inner.degraded.clone());
         tokio::spawn(async move {
             loop {
-                match r.next().await {
-                    Ok(Some(Frame::Ack { seq, .. })) => ri.acked(seq),
-                    Ok(Some(Frame::Error { code: c, message })) => {
-                        let e = if c == code::LOG_FULL {
-                            AgentError::LogFull(message.clone())
-                        } else {
-                            AgentError::Refused { volume: ri.volume_id, message: message.clone() }
-                        };
-                        ri.fail_all_with(message, e);
-                        return;
+                let degraded = degraded_n.notified();
+                let Some(i) = wi.upgrade() else { return };
+                let interval = i.opts.reconnect_interval;
+                let mode = i.order.lock().expect("order").mode;
+                if mode == Mode::ChangeMap && i.map.is_some() {
+                    match open_session(&i.id, i.staging, i.volume_id).await {
+                        Ok((s, last_seq, last_epoch)) => i.resync(s, last_seq, last_epoch).await,
+                        Err(e) => tracing::debug!("staging still unreachable: {e}"),
                     }
-                    Ok(Some(other)) => {
-                        ri.fail_all(format!("unexpected {:?} frame from staging", other.ftype()));
-                        return;
-                    }
-                    Ok(None) => {
-                        ri.fail_all("staging closed the stream".into());
-                        return;
-                    }
-                    Err(e) => {
-                        ri.fail_all(format!("receive from staging: {e}"));
-                        return;
+                    drop(i);
+                    tokio::time::sleep(interval).await;
+                } else {
+                    drop(i);
+                    tokio::select! {
+                        _ = degraded => {}
+                        _ = tokio::time::sleep(interval) => {}
                     }
                 }
             }
         });
         // Idle epoch closer.
-        let ci = inner.clone();
+        let (ci, idle_n, wait) = (Arc::downgrade(&inner), inner.idle.clone(), inner.opts.epoch_close_idle);
         tokio::spawn(async move {
-            while ci.broken.lock().expect("broken").is_none() {
-                ci.idle.notified().await;
-                tokio::time::sleep(ci.opts.epoch_close_idle).await;
-                ci.close_idle_epoch();
+            loop {
+                // The timer only rechecks that the agent still exists.
+                tokio::select! {
+                    _ = idle_n.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if ci.strong_count() == 0 { return }
+                        continue;
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                let Some(i) = ci.upgrade() else { return };
+                i.close_idle_epoch();
             }
         });
         Ok(Agent { inner })
     }
 
     /// The write of `data` at `offset`: to staging, then (after its acknowledgement) to the local
-    /// disk; returns when both are done.
+    /// disk; returns when both are done. In change-map mode: marked, then local.
     pub async fn write(&self, offset: u64, data: Bytes, flags: Flags) -> Result<(), AgentError> {
         let disk = self.inner.disk.clone();
         let d = data.clone();
@@ -251,8 +434,8 @@ impl Agent {
     }
 
     /// For capture paths that perform the local write themselves (a kernel module releasing the
-    /// held bio, a userspace device writing its image): `local` runs once staging has the write,
-    /// and the write is complete when this returns.
+    /// held bio, a userspace device writing its image): `local` runs once staging has the write
+    /// (or the change map has it marked), and the write is complete when this returns.
     pub async fn write_with<F>(&self, offset: u64, data: Bytes, flags: Flags, local: F) -> Result<(), AgentError>
     where
         F: FnOnce() -> std::io::Result<()> + Send + 'static,
@@ -261,34 +444,43 @@ impl Agent {
         if data.len() > MAX_WRITE_BYTES as usize {
             return Err(AgentError::TooLarge(data.len()));
         }
-        let n = units(data.len());
-        let permit = i.inflight.acquire_many(n).await.map_err(|_| AgentError::Disconnected)?;
+        let _gate = i.gate.read().await;
+        let permit = i.inflight.acquire_many(units(data.len())).await.map_err(|_| AgentError::Disconnected)?;
         let len = data.len() as u64;
         let end = offset + len;
-        // Overlapping writes in flight together would reach staging in one order and the local
-        // disk in possibly another, and source and replica would differ. So a write waits until
-        // no write in flight overlaps it (it then lands in a later epoch, as it must).
         let mut data = Some(data);
-        let (seq, rx) = loop {
+        let issued = loop {
             let freed = i.range_freed.notified();
-            match i.try_issue(offset, flags, &mut data)? {
-                Some(issued) => break issued,
-                None => freed.await,
+            if let Some(x) = i.try_issue(offset, flags, &mut data) {
+                break x;
             }
+            freed.await;
         };
-        let acked = match tokio::time::timeout(i.opts.ack_timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(AgentError::Disconnected),
-            Err(_) => Err(AgentError::AckTimeout { seq, timeout: i.opts.ack_timeout }),
+        let mut result = match issued {
+            Issued::Staging(seq, rx) => {
+                let acked = match tokio::time::timeout(i.opts.ack_timeout, rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(AgentError::Disconnected),
+                    Err(_) => Err(AgentError::AckTimeout { seq, timeout: i.opts.ack_timeout }),
+                };
+                match acked {
+                    Ok(()) => Ok(()),
+                    // Staging may or may not have it: the change map covers it either way.
+                    Err(e) => match i.degrade(&e) {
+                        Ok(()) => i.mark(offset, len).await,
+                        Err(x) => Err(x),
+                    },
+                }
+            }
+            Issued::Local => i.mark(offset, len).await,
         };
-        let result = match acked {
-            Ok(()) => match tokio::task::spawn_blocking(local).await {
+        if result.is_ok() {
+            result = match tokio::task::spawn_blocking(local).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(source)) => Err(AgentError::Local { offset, source }),
                 Err(e) => Err(AgentError::Local { offset, source: std::io::Error::other(e.to_string()) }),
-            },
-            Err(e) => Err(e),
-        };
+            };
+        }
         {
             let mut o = i.order.lock().expect("order");
             o.clock.complete();
@@ -319,93 +511,228 @@ impl Agent {
         (o.next_seq, o.clock.current())
     }
 
+    pub fn mode(&self) -> Mode {
+        self.inner.order.lock().expect("order").mode
+    }
+
+    /// Bytes marked in the change map (what a resync will ship).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.inner.map.as_ref().map(|m| m.dirty_bytes()).unwrap_or(0)
+    }
+
     pub fn stats(&self) -> &AgentStats {
         &self.inner.stats
     }
+
+    /// Mode, positions, dirty bytes and counters.
+    pub fn status(&self) -> AgentStatus {
+        let (next_seq, epoch) = self.position();
+        let s = self.stats();
+        AgentStatus {
+            volume_id: self.inner.volume_id,
+            mode: self.mode(),
+            next_seq,
+            epoch,
+            dirty_bytes: self.dirty_bytes(),
+            writes: s.writes.load(Ordering::Relaxed),
+            mapped_writes: s.mapped_writes.load(Ordering::Relaxed),
+            resync_bytes: s.resync_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What `Agent::status` reports.
+#[derive(Clone, Debug)]
+pub struct AgentStatus {
+    pub volume_id: u64,
+    pub mode: Mode,
+    pub next_seq: u64,
+    pub epoch: u64,
+    pub dirty_bytes: u64,
+    pub writes: u64,
+    pub mapped_writes: u64,
+    pub resync_bytes: u64,
 }
 
 impl Inner {
-    /// Issues the write (sequence, epoch, frame queued, range registered), or `None` while a
-    /// write in flight overlaps it.
-    fn try_issue(
-        &self,
-        offset: u64,
-        flags: Flags,
-        data: &mut Option<Bytes>,
-    ) -> Result<Option<(u64, AckWait)>, AgentError> {
+    /// Issues the write: to staging in sync mode, else for the change map. `None` while a write in
+    /// flight overlaps it.
+    fn try_issue(&self, offset: u64, flags: Flags, data: &mut Option<Bytes>) -> Option<Issued> {
         let len = data.as_ref().map(|d| d.len() as u64).unwrap_or(0);
         let end = offset + len;
         let mut o = self.order.lock().expect("order");
         if o.overlaps(offset, end) {
-            return Ok(None);
+            return None;
         }
-        if let Some(why) = self.broken.lock().expect("broken").clone() {
-            tracing::debug!("write refused: {why}");
-            return Err(AgentError::Disconnected);
-        }
-        let seq = o.next_seq;
-        o.next_seq += 1;
         let epoch = o.clock.issue();
-        let (tx, rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters").insert(seq, tx);
-        let data = data.take().expect("issued once");
-        let f = Frame::Write { volume_id: self.volume_id, seq, epoch, offset, flags: flags.0, data };
-        if self.out.send(f).is_err() {
-            self.waiters.lock().expect("waiters").remove(&seq);
-            o.clock.complete();
-            return Err(AgentError::Disconnected);
-        }
         if end > offset {
             o.ranges.insert(offset, end);
         }
-        Ok(Some((seq, rx)))
+        if o.mode == Mode::Sync {
+            let d = data.clone().expect("issued once");
+            let volume_id = self.volume_id;
+            if let Some((seq, rx)) =
+                o.send(|seq| Frame::Write { volume_id, seq, epoch, offset, flags: flags.0, data: d })
+            {
+                return Some(Issued::Staging(seq, rx));
+            }
+        }
+        Some(Issued::Local)
     }
 
-    fn acked(&self, seq: u64) {
-        let mut w = self.waiters.lock().expect("waiters");
-        let rest = w.split_off(&(seq + 1));
-        let done = std::mem::replace(&mut *w, rest);
-        drop(w);
-        for (_, tx) in done {
-            let _ = tx.send(Ok(()));
+    /// Marks a write's blocks before its local write (change-map mode).
+    async fn mark(&self, offset: u64, len: u64) -> Result<(), AgentError> {
+        let Some(map) = self.map.clone() else {
+            return Err(AgentError::Unprotected { offset, why: "not connected to staging".into() });
+        };
+        self.stats.mapped_writes.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || map.mark(offset, len))
+            .await
+            .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
+        Ok(())
+    }
+
+    /// Staging failed a write: leave sync mode (once), so the reconnect task takes over.
+    fn degrade(&self, why: &AgentError) -> Result<(), AgentError> {
+        if self.map.is_none() {
+            return Err(AgentError::Unprotected { offset: 0, why: why.to_string() });
+        }
+        let mut o = self.order.lock().expect("order");
+        if o.mode == Mode::Sync {
+            tracing::warn!(volume = self.volume_id, "switching to the change map: {why}");
+            o.mode = Mode::ChangeMap;
+            if let Some(s) = o.session.take() {
+                s.fail(format!("left sync mode: {why}"), AgentError::Disconnected);
+            }
+            self.stats.mode_switches.fetch_add(1, Ordering::Relaxed);
+            self.degraded.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Ships every marked block over `s`, then returns to sync mode. On failure the agent stays
+    /// in change-map mode (the map still holds every block) and the reconnect task tries again.
+    async fn resync(self: &Arc<Self>, s: Arc<Session>, last_seq: u64, last_epoch: u64) {
+        let map = self.map.clone().expect("resync needs a change map");
+        {
+            let mut o = self.order.lock().expect("order");
+            o.next_seq = last_seq + 1;
+            o.clock.resume_after(last_epoch);
+            o.session = Some(s.clone());
+            o.mode = Mode::Resyncing;
+        }
+        tracing::info!(volume = self.volume_id, dirty_bytes = map.dirty_bytes(), "resync started");
+        let r = self.resync_passes(&map, &s).await;
+        let mut o = self.order.lock().expect("order");
+        match r {
+            Ok(()) => tracing::info!(volume = self.volume_id, "resync complete: back in sync mode"),
+            Err(e) => {
+                tracing::warn!(volume = self.volume_id, "resync interrupted: {e}");
+                o.mode = Mode::ChangeMap;
+                o.session = None;
+                s.fail(format!("resync interrupted: {e}"), AgentError::Disconnected);
+                map.reset_todo();
+            }
         }
     }
 
-    fn fail_all(&self, why: String) {
-        self.fail_all_with(why.clone(), AgentError::Disconnected);
+    async fn resync_passes(self: &Arc<Self>, map: &Arc<ChangeMap>, s: &Arc<Session>) -> Result<(), AgentError> {
+        loop {
+            // Small enough: the last pass, with new writes held back so nothing changes under it.
+            let last = map.dirty_blocks().len() <= self.opts.final_pass_blocks;
+            let _exclusive = if last { Some(self.gate.write().await) } else { None };
+            let blocks = map.take_todo();
+            self.ship(map, s, &blocks).await?;
+            if last {
+                // Everything marked was shipped and is durable at staging; no write is running,
+                // and none starts before the mode is sync again (the gate is still held).
+                map.clear_all()?;
+                let mut o = self.order.lock().expect("order");
+                o.mode = Mode::Sync;
+                self.stats.mode_switches.fetch_add(1, Ordering::Relaxed);
+                // End the resync run now (the replica applies a run once a later record arrives).
+                let epoch = o.clock.current();
+                let volume_id = self.volume_id;
+                let _ = o.send(|seq| Frame::Write {
+                    volume_id,
+                    seq,
+                    epoch,
+                    offset: 0,
+                    flags: Flags::EPOCH_END.0,
+                    data: Bytes::new(),
+                });
+                o.clock.resume_after(epoch);
+                return Ok(());
+            }
+        }
     }
 
-    /// The stream is gone: every waiting write fails (with `first` for the oldest), later writes too.
-    fn fail_all_with(&self, why: String, first: AgentError) {
-        tracing::warn!(volume = self.volume_id, "agent stream to staging ended: {why}");
-        *self.broken.lock().expect("broken") = Some(why);
-        self.idle.notify_one();
-        let waiters = std::mem::take(&mut *self.waiters.lock().expect("waiters"));
-        let mut first = Some(first);
-        for (_, tx) in waiters {
-            let _ = tx.send(Err(first.take().unwrap_or(AgentError::Disconnected)));
+    /// Sends `blocks` as RESYNC records read from the local disk and waits for every ack.
+    async fn ship(self: &Arc<Self>, map: &Arc<ChangeMap>, s: &Arc<Session>, blocks: &[u64]) -> Result<(), AgentError> {
+        let bs = map.block_bytes;
+        let mut waits = Vec::new();
+        for &b in blocks {
+            let offset = b * bs;
+            let len = bs.min(self.volume_bytes - offset) as usize;
+            let permit = self.inflight.acquire_many(units(len)).await.map_err(|_| AgentError::Disconnected)?;
+            let disk = self.disk.clone();
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                disk.read_at(offset, &mut buf).map(|_| buf)
+            })
+            .await
+            .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })?
+            .map_err(|source| AgentError::Local { offset, source })?;
+            let rx = {
+                let mut o = self.order.lock().expect("order");
+                let epoch = o.clock.current();
+                let volume_id = self.volume_id;
+                let data = Bytes::from(data);
+                o.send(|seq| Frame::Write { volume_id, seq, epoch, offset, flags: Flags::RESYNC.0, data })
+                    .ok_or(AgentError::Disconnected)?
+            };
+            self.stats.resync_blocks.fetch_add(1, Ordering::Relaxed);
+            self.stats.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            waits.push((rx, permit));
+            // Keep the waits bounded: the oldest is acknowledged first anyway.
+            if waits.len() >= 256 {
+                let (rx, _p) = waits.remove(0);
+                wait_ack(rx, self.opts.ack_timeout).await?;
+            }
         }
-        self.inflight.close();
+        for (rx, _p) in waits {
+            wait_ack(rx, self.opts.ack_timeout).await?;
+        }
+        let _ = s;
+        Ok(())
     }
 
     fn close_idle_epoch(&self) {
         let mut o = self.order.lock().expect("order");
-        if self.broken.lock().expect("broken").is_some() {
+        if o.mode != Mode::Sync {
             return;
         }
         let Some(epoch) = o.clock.close_idle() else { return };
-        let seq = o.next_seq;
-        o.next_seq += 1;
-        let f = Frame::Write {
-            volume_id: self.volume_id,
+        let volume_id = self.volume_id;
+        if o.send(|seq| Frame::Write {
+            volume_id,
             seq,
             epoch,
             offset: 0,
             flags: Flags::EPOCH_END.0,
             data: Bytes::new(),
-        };
-        if self.out.send(f).is_ok() {
+        })
+        .is_some()
+        {
             self.stats.epochs_closed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+async fn wait_ack((seq, rx): (u64, AckWait), timeout: Duration) -> Result<(), AgentError> {
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(AgentError::Disconnected),
+        Err(_) => Err(AgentError::AckTimeout { seq, timeout }),
     }
 }

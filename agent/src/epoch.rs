@@ -70,6 +70,13 @@ impl EpochClock {
         Some(e)
     }
 
+    /// After reconnecting to staging, which holds epochs up to `epoch`: later writes go to a new
+    /// epoch above both it and the current one. Writes in flight stay counted.
+    pub fn resume_after(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+        self.completed_since = true;
+    }
+
     pub fn current(&self) -> u64 {
         self.epoch
     }

@@ -3,11 +3,15 @@
 //!
 //! - `epoch.rs`: the I/O-free epoch rule (and the argument for it), property-tested.
 //! - `agent.rs`: the synchronous path to staging, the [`LocalDisk`] a write lands on after the
-//!   acknowledgement, and `write_with` for capture paths that perform the local write themselves.
+//!   acknowledgement, `write_with` for capture paths that perform the local write themselves, and
+//!   the change-map mode with its resync.
+//! - `changemap.rs`: the persistent bitmap (format and crash analysis in its header).
 //!   [`Agent::write`] is the in-process capture the demo and the tests use.
 
 pub mod agent;
+pub mod changemap;
 pub mod epoch;
 
-pub use agent::{Agent, AgentError, AgentOptions, FileDisk, LocalDisk};
+pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, LocalDisk, Mode};
+pub use changemap::ChangeMap;
 pub use epoch::EpochClock;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use clap::Args;
-use drv_agent::{Agent, AgentOptions, FileDisk};
+use drv_agent::{Agent, AgentOptions, ChangeMap, FileDisk};
 use drv_config::{ConfigStore, Kind};
 use drv_format::record::Flags;
 use drv_transport::{Identity, Role, ca};
@@ -148,7 +148,9 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let agent = loop {
         let disk = Arc::new(FileDisk(f.try_clone()?));
-        match Agent::connect(&agent_id, staging_addr, volume_id, disk, AgentOptions::default()).await {
+        let map = Arc::new(ChangeMap::open(&dir.join("source.cmap"), volume_id, a.volume, 64 << 10)?);
+        match Agent::start(&agent_id, staging_addr, volume_id, a.volume, disk, Some(map), AgentOptions::default()).await
+        {
             Ok(a) => break a,
             Err(e) if Instant::now() < deadline => tracing::debug!("agent not connected yet: {e}"),
             Err(e) => return Err(e).context("agent connect to staging"),

@@ -26,7 +26,7 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let agent = loop {
         let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
-        match Agent::connect(&id, addr, cl.volume_id, disk, AgentOptions::default()).await {
+        match Agent::start(&id, addr, cl.volume_id, VOLUME, disk, None, AgentOptions::default()).await {
             Ok(a) => break a,
             Err(e) => assert!(Instant::now() < deadline, "agent never connected: {e}\n{}", cl.log("stg1")),
         }
@@ -82,4 +82,93 @@ fn the_readme_demo_proves_the_replica_equals_the_source() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "drv demo failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("demo OK: the replica equals the source"), "{text}");
+}
+
+/// Waits until `f` holds, polling every 50 ms.
+async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
+    use drv_agent::{ChangeMap, Mode};
+    const VOLUME: u64 = 8 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = cl.start("staging", "stg1");
+    let mut replica = cl.start("replica", "rep1");
+    let source = cl.dir.path().join("source.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source).unwrap();
+    f.set_len(VOLUME).unwrap();
+    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let addr = cl.staging_addr.parse().unwrap();
+    let map = Arc::new(ChangeMap::open(&cl.dir.path().join("source.cmap"), cl.volume_id, VOLUME, 64 << 10).unwrap());
+    let opts = AgentOptions {
+        ack_timeout: Duration::from_millis(800),
+        reconnect_interval: Duration::from_millis(200),
+        ..AgentOptions::default()
+    };
+    let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
+    // Wait for staging before starting, so the run begins in sync mode.
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(map), opts).await.unwrap();
+    assert_eq!(agent.mode(), Mode::Sync);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(100 + w);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let len = 4096 * (1 + rng.below(8)) as usize;
+                let offset = rng.below(VOLUME - len as u64) / 4096 * 4096;
+                let data = Bytes::from(drv_format::pattern(rng.next_u64(), len));
+                // No write may fail: staging's absence is covered by the change map.
+                agent.write(offset, data, Flags::default()).await.expect("write while staging is away");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = staging.kill();
+    let _ = staging.wait();
+    let killed = Instant::now();
+    until("change-map mode", Duration::from_secs(10), || agent.mode() == Mode::ChangeMap).await;
+    let switched = killed.elapsed();
+    assert!(switched < Duration::from_millis(800) + Duration::from_secs(2), "switch took {switched:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(agent.dirty_bytes() > 0, "writes while staging is away are marked");
+    let mut staging = cl.start("staging", "stg1");
+    until("resync back to sync mode", Duration::from_secs(30), || agent.mode() == Mode::Sync).await;
+    assert_eq!(agent.dirty_bytes(), 0, "the change map is clear after the resync");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut writes = 0;
+    for t in tasks {
+        writes += t.await.unwrap();
+    }
+    assert!(agent.stats().mapped_writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(agent.stats().resync_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let (next, _) = agent.position();
+    let mut last = None;
+    until("the replica to apply everything", Duration::from_secs(30), || {
+        last = cl.status(&cl.replica_addrs[0], "replica", "admin");
+        last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let src = std::fs::read(&source).unwrap();
+    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?} after {writes} writes; status {last:?}");
+    let _ = staging.kill();
+    let _ = replica.kill();
+    let _ = staging.wait();
+    let _ = replica.wait();
 }
