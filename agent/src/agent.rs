@@ -91,6 +91,14 @@ pub struct AgentOptions {
     pub reconnect_interval: Duration,
     /// A resync pass this small (in blocks) is the last one: new writes wait while it runs.
     pub final_pass_blocks: usize,
+    /// Block size of the change map.
+    pub change_block_bytes: u64,
+    /// Extent size of the activity log (the ranges resynced after a crash of the agent or host).
+    pub activity_extent_bytes: u64,
+    /// Test hook: after staging acknowledges the n-th write of this agent, the agent stops before
+    /// the local write (the test kills it there, making that write "in doubt").
+    #[doc(hidden)]
+    pub test_hang_after_ack: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -101,6 +109,9 @@ impl Default for AgentOptions {
             epoch_close_idle: Duration::from_millis(20),
             reconnect_interval: Duration::from_millis(500),
             final_pass_blocks: 256,
+            change_block_bytes: 64 << 10,
+            activity_extent_bytes: 4 << 20,
+            test_hang_after_ack: None,
         }
     }
 }
@@ -192,6 +203,9 @@ impl Session {
     }
 }
 
+/// How long a connection attempt to staging may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Connects and opens the volume: the session and staging's (last_seq, last_epoch).
 async fn open_session(
     id: &Identity,
@@ -199,7 +213,12 @@ async fn open_session(
     volume_id: u64,
 ) -> Result<(Arc<Session>, u64, u64), AgentError> {
     let client = quic::client(id, Role::Staging)?;
-    let mut conn = quic::connect(&client, staging, Role::Staging).await?;
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, quic::connect(&client, staging, Role::Staging))
+        .await
+        .map_err(|_| TransportError::Connect {
+            peer: staging.to_string(),
+            reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
+        })??;
     let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
     let (rx, tx) = stream.split();
     let mut r = FrameReader::new(rx, 1 << 20);
@@ -280,6 +299,80 @@ impl Order {
     }
 }
 
+/// Extents with writes that staging may have and the local disk may not (yet, or durably): marked
+/// before a write goes to staging, cleared after a FLUSH covering every write to the extent. After
+/// a crash of the agent or the host, these extents are "in doubt" and are resynced from the local
+/// disk, so the replica cannot keep a write the local disk lost.
+struct ActivityLog {
+    map: ChangeMap,
+    state: Mutex<ActivityState>,
+}
+
+#[derive(Default)]
+struct ActivityState {
+    /// Writes in progress per extent.
+    active: BTreeMap<u64, u32>,
+    /// Per extent: the flush generation current when its last write completed.
+    completed_in: BTreeMap<u64, u64>,
+    flush_gen: u64,
+}
+
+impl ActivityLog {
+    fn extents(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let e = self.map.block_bytes;
+        offset / e..(offset + len.max(1)).div_ceil(e)
+    }
+
+    fn enter(&self, offset: u64, len: u64) -> Result<(), ChangeMapError> {
+        {
+            let mut st = self.state.lock().expect("activity");
+            for x in self.extents(offset, len) {
+                *st.active.entry(x).or_default() += 1;
+            }
+        }
+        self.map.mark(offset, len)
+    }
+
+    fn leave(&self, offset: u64, len: u64) {
+        let mut st = self.state.lock().expect("activity");
+        let g = st.flush_gen;
+        for x in self.extents(offset, len) {
+            if let Some(n) = st.active.get_mut(&x) {
+                *n -= 1;
+                if *n == 0 {
+                    st.active.remove(&x);
+                }
+            }
+            st.completed_in.insert(x, g);
+        }
+    }
+
+    fn flush_begin(&self) -> u64 {
+        let mut st = self.state.lock().expect("activity");
+        st.flush_gen += 1;
+        st.flush_gen
+    }
+
+    /// A flush begun at generation `g` completed: every extent whose writes all completed before
+    /// it began is stable locally.
+    fn flush_done(&self, g: u64) -> Result<(), ChangeMapError> {
+        let done: Vec<u64> = {
+            let mut st = self.state.lock().expect("activity");
+            let done: Vec<u64> = st
+                .completed_in
+                .iter()
+                .filter(|(x, cg)| **cg < g && !st.active.contains_key(x))
+                .map(|(x, _)| *x)
+                .collect();
+            for x in &done {
+                st.completed_in.remove(x);
+            }
+            done
+        };
+        self.map.clear_lazily(&done)
+    }
+}
+
 struct Inner {
     volume_id: u64,
     volume_bytes: u64,
@@ -287,6 +380,7 @@ struct Inner {
     staging: SocketAddr,
     disk: Arc<dyn LocalDisk>,
     map: Option<Arc<ChangeMap>>,
+    activity: Option<Arc<ActivityLog>>,
     order: Mutex<Order>,
     /// Writes hold it shared; the last resync pass holds it exclusively.
     gate: RwLock<()>,
@@ -296,6 +390,8 @@ struct Inner {
     degraded: Arc<Notify>,
     opts: AgentOptions,
     stats: AgentStats,
+    /// Writes acknowledged by staging (for the test hook).
+    acks: AtomicU64,
 }
 
 /// The agent of one protected volume.
@@ -316,19 +412,45 @@ enum Issued {
 }
 
 impl Agent {
-    /// Starts the agent of `volume_id` (`volume_bytes` long). With a change map the agent keeps
-    /// protecting the volume when staging is away, and starts by resyncing whatever the map holds
-    /// from an earlier run; without one, writes fail while staging is away.
+    /// Starts the agent of `volume_id` (`volume_bytes` long). With a state directory (change map
+    /// `changemap` and activity log `activity` in it) the agent keeps protecting the volume when
+    /// staging is away, and starts by resyncing whatever an earlier run left marked, including the
+    /// extents that had writes in doubt when it died; without one, writes fail while staging is
+    /// away.
     pub async fn start(
         id: &Identity,
         staging: SocketAddr,
         volume_id: u64,
         volume_bytes: u64,
         disk: Arc<dyn LocalDisk>,
-        map: Option<Arc<ChangeMap>>,
+        state_dir: Option<&std::path::Path>,
         opts: AgentOptions,
     ) -> Result<Agent, AgentError> {
         let permits = (opts.inflight_bytes_limit / 4096).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        let (map, activity) = match state_dir {
+            None => (None, None),
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| AgentError::Local { offset: 0, source })?;
+                let map = ChangeMap::open(&dir.join("changemap"), volume_id, volume_bytes, opts.change_block_bytes)?;
+                let al = ChangeMap::open(&dir.join("activity"), volume_id, volume_bytes, opts.activity_extent_bytes)?;
+                // Writes in doubt: staging may hold writes of these extents that the local disk
+                // lacks. Resync them from the local disk before anything else.
+                let doubt = al.dirty_blocks();
+                if !doubt.is_empty() {
+                    tracing::warn!(
+                        volume_id,
+                        extents = doubt.len(),
+                        "writes in doubt from an earlier run: resyncing their extents"
+                    );
+                    for x in &doubt {
+                        let off = x * al.block_bytes;
+                        map.mark(off, al.block_bytes.min(volume_bytes - off))?;
+                    }
+                    al.clear_all()?;
+                }
+                (Some(Arc::new(map)), Some(Arc::new(ActivityLog { map: al, state: Mutex::default() })))
+            }
+        };
         let dirty = map.as_ref().is_some_and(|m| m.dirty_bytes() > 0);
         let inner = Arc::new(Inner {
             volume_id,
@@ -337,6 +459,7 @@ impl Agent {
             staging,
             disk,
             map,
+            activity,
             order: Mutex::new(Order {
                 next_seq: 1,
                 clock: EpochClock::new(0),
@@ -351,6 +474,7 @@ impl Agent {
             degraded: Arc::default(),
             opts,
             stats: AgentStats::default(),
+            acks: AtomicU64::new(0),
         });
         let first = open_session(id, staging, volume_id).await;
         match first {
@@ -363,7 +487,9 @@ impl Agent {
                 tracing::info!(volume_id, last_seq, last_epoch, "agent connected to staging {staging}");
             }
             Ok((s, last_seq, last_epoch)) => {
-                // Marked blocks from an earlier run: resync them first.
+                // Marked blocks from an earlier run: resync them first. The mode changes before
+                // the reconnect task starts, so it does not begin a second resync.
+                inner.order.lock().expect("order").mode = Mode::Resyncing;
                 let i = inner.clone();
                 tokio::spawn(async move { i.resync(s, last_seq, last_epoch).await });
             }
@@ -448,6 +574,13 @@ impl Agent {
         let permit = i.inflight.acquire_many(units(data.len())).await.map_err(|_| AgentError::Disconnected)?;
         let len = data.len() as u64;
         let end = offset + len;
+        if let Some(al) = i.activity.clone()
+            && len > 0
+        {
+            tokio::task::spawn_blocking(move || al.enter(offset, len))
+                .await
+                .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
+        }
         let mut data = Some(data);
         let issued = loop {
             let freed = i.range_freed.notified();
@@ -463,6 +596,10 @@ impl Agent {
                     Ok(Err(_)) => Err(AgentError::Disconnected),
                     Err(_) => Err(AgentError::AckTimeout { seq, timeout: i.opts.ack_timeout }),
                 };
+                if acked.is_ok() && i.opts.test_hang_after_ack == Some(i.acks.fetch_add(1, Ordering::Relaxed) + 1) {
+                    println!("HANG after ack of seq {seq}");
+                    std::future::pending::<()>().await;
+                }
                 match acked {
                     Ok(()) => Ok(()),
                     // Staging may or may not have it: the change map covers it either way.
@@ -475,11 +612,23 @@ impl Agent {
             Issued::Local => i.mark(offset, len).await,
         };
         if result.is_ok() {
+            let flush_gen = match &i.activity {
+                Some(al) if flags.contains(Flags::FLUSH) => Some(al.flush_begin()),
+                _ => None,
+            };
             result = match tokio::task::spawn_blocking(local).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(source)) => Err(AgentError::Local { offset, source }),
                 Err(e) => Err(AgentError::Local { offset, source: std::io::Error::other(e.to_string()) }),
             };
+            if let (Some(al), Some(g), true) = (&i.activity, flush_gen, result.is_ok()) {
+                al.flush_done(g)?;
+            }
+        }
+        if let Some(al) = &i.activity
+            && len > 0
+        {
+            al.leave(offset, len);
         }
         {
             let mut o = i.order.lock().expect("order");
@@ -616,6 +765,11 @@ impl Inner {
         let map = self.map.clone().expect("resync needs a change map");
         {
             let mut o = self.order.lock().expect("order");
+            // One resync at a time: the session it runs on owns the sequence numbers.
+            assert!(
+                o.session.is_none() || o.session.as_ref().is_some_and(|x| x.is_broken()),
+                "a resync started while another session is live"
+            );
             o.next_seq = last_seq + 1;
             o.clock.resume_after(last_epoch);
             o.session = Some(s.clone());

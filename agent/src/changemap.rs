@@ -193,6 +193,28 @@ impl ChangeMap {
         bits.iter().map(|b| b.count_ones() as u64).sum::<u64>() * self.block_bytes
     }
 
+    /// Clears the bits of `blocks` in memory and writes their pages without waiting for them to be
+    /// stable: a clear that a crash loses only leaves an extra block marked.
+    pub fn clear_lazily(&self, blocks: &[u64]) -> Result<(), ChangeMapError> {
+        let mut bits = self.bits.lock().expect("bits");
+        let mut pages: Vec<u64> = Vec::new();
+        for &b in blocks {
+            let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
+            if bits[byte] & bit != 0 {
+                bits[byte] &= !bit;
+                let page = byte as u64 / PAGE;
+                if !pages.contains(&page) {
+                    pages.push(page);
+                }
+            }
+        }
+        for p in &pages {
+            let s = (p * PAGE) as usize;
+            self.file.write_all_at(&bits[s..s + PAGE as usize], BITMAP_AT + p * PAGE).map_err(|e| self.io(e))?;
+        }
+        Ok(())
+    }
+
     /// Clears every bit, durably: call only when every marked block was shipped and acknowledged
     /// and no write is in progress.
     pub fn clear_all(&self) -> Result<(), ChangeMapError> {

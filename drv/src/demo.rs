@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use clap::Args;
-use drv_agent::{Agent, AgentOptions, ChangeMap, FileDisk};
+use drv_agent::{Agent, AgentOptions, FileDisk};
 use drv_config::{ConfigStore, Kind};
 use drv_format::record::Flags;
 use drv_transport::{Identity, Role, ca};
@@ -148,8 +148,9 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let agent = loop {
         let disk = Arc::new(FileDisk(f.try_clone()?));
-        let map = Arc::new(ChangeMap::open(&dir.join("source.cmap"), volume_id, a.volume, 64 << 10)?);
-        match Agent::start(&agent_id, staging_addr, volume_id, a.volume, disk, Some(map), AgentOptions::default()).await
+        let state = dir.join("agent-state");
+        match Agent::start(&agent_id, staging_addr, volume_id, a.volume, disk, Some(&state), AgentOptions::default())
+            .await
         {
             Ok(a) => break a,
             Err(e) if Instant::now() < deadline => tracing::debug!("agent not connected yet: {e}"),
@@ -180,7 +181,7 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
                 let (offset, len) = next_write(&mut state, volume);
                 let data = Bytes::from(drv_format::pattern(state, len));
                 // Every 64th write of a writer is followed by a cache flush, as file systems do.
-                let flags = if n % 64 == 63 { Flags::FUA } else { Flags::default() };
+                let flags = if n % 64 == 63 { Flags::FLUSH } else { Flags::default() };
                 agent.write(offset, data, flags).await?;
                 done += len as u64;
                 n += 1;

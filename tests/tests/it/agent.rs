@@ -95,7 +95,7 @@ async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
-    use drv_agent::{ChangeMap, Mode};
+    use drv_agent::Mode;
     const VOLUME: u64 = 8 << 20;
     let cl = Cluster::new(1, VOLUME);
     let mut staging = cl.start("staging", "stg1");
@@ -105,7 +105,7 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     f.set_len(VOLUME).unwrap();
     let id = Identity::load(&cl.certs, "host1").unwrap();
     let addr = cl.staging_addr.parse().unwrap();
-    let map = Arc::new(ChangeMap::open(&cl.dir.path().join("source.cmap"), cl.volume_id, VOLUME, 64 << 10).unwrap());
+    let state = cl.dir.path().join("agent-state");
     let opts = AgentOptions {
         ack_timeout: Duration::from_millis(800),
         reconnect_interval: Duration::from_millis(200),
@@ -114,7 +114,7 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
     // Wait for staging before starting, so the run begins in sync mode.
     until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(map), opts).await.unwrap();
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(&state), opts).await.unwrap();
     assert_eq!(agent.mode(), Mode::Sync);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -171,4 +171,101 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     let _ = replica.kill();
     let _ = staging.wait();
     let _ = replica.wait();
+}
+
+/// `agent-run` with the cluster's arguments; stdout piped.
+fn agent_run(cl: &Cluster, image: &std::path::Path, state: &std::path::Path, cmd: &[&str]) -> std::process::Child {
+    let bin = drv_tests::drv_bin().with_file_name("agent-run");
+    std::process::Command::new(bin)
+        .arg(&cl.certs)
+        .arg(&cl.staging_addr)
+        .arg(cl.volume_id.to_string())
+        .arg(cl.volume_bytes.to_string())
+        .arg(image)
+        .arg(state)
+        .args(cmd)
+        .env("DRV_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(cl.dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn agent-run")
+}
+
+/// Reads the child's stdout until a line starts with `prefix`; returns that line.
+fn read_until(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::BufRead;
+    let out = child.stdout.as_mut().expect("piped");
+    let mut r = std::io::BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).expect("read agent output");
+        assert!(n > 0, "agent-run ended before printing {prefix:?}");
+        if line.starts_with(prefix) {
+            return line.trim().to_owned();
+        }
+    }
+}
+
+/// Runs `agent-run resync` to completion, waits until the replica applied everything, and checks
+/// the replica image equals `image`.
+async fn resync_and_compare(cl: &Cluster, image: &std::path::Path, state: &std::path::Path) {
+    let mut r = agent_run(cl, image, state, &["resync"]);
+    let line = read_until(&mut r, "SYNCED");
+    assert!(r.wait().unwrap().success());
+    let next: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut last = None;
+    until("the replica to apply the resync", Duration::from_secs(30), || {
+        last = cl.status(&cl.replica_addrs[0], "replica", "admin");
+        last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
+    })
+    .await;
+    let src = std::fs::read(image).unwrap();
+    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_with_dirty_blocks_resyncs_on_restart() {
+    let cl = Cluster::new(1, 8 << 20);
+    let mut replica = cl.start("replica", "rep1");
+    let (image, state) = (cl.dir.path().join("source.img"), cl.dir.path().join("agent-state"));
+    // Staging is down: every write goes to the change map. Kill the agent mid-workload.
+    let mut a = agent_run(&cl, &image, &state, &["write", "7", "1000000"]);
+    read_until(&mut a, "WROTE 300");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let map = std::fs::read(state.join("changemap")).unwrap();
+    assert!(map[4096..].iter().any(|b| *b != 0), "the killed agent left its marks on disk");
+    let mut staging = cl.start("staging", "stg1");
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    resync_and_compare(&cl, &image, &state).await;
+    for c in [&mut staging, &mut replica] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_doubt_is_resynced_from_the_local_disk() {
+    let cl = Cluster::new(1, 8 << 20);
+    let mut staging = cl.start("staging", "stg1");
+    let mut replica = cl.start("replica", "rep1");
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let (image, state) = (cl.dir.path().join("source.img"), cl.dir.path().join("agent-state"));
+    // The 40th write is durable at staging, then the agent dies before writing it locally.
+    let mut a = agent_run(&cl, &image, &state, &["write", "9", "40", "40"]);
+    read_until(&mut a, "HANG");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let s = cl.status(&cl.staging_addr, "staging", "admin").unwrap();
+    assert!(s["volumes"][0]["durable_seq"].as_u64().unwrap() >= 40, "staging holds the write in doubt: {s}");
+    // Restart: the activity log names the extents in doubt; they are resynced from the local disk,
+    // so the replica ends equal to the local disk (which never got that write).
+    resync_and_compare(&cl, &image, &state).await;
+    for c in [&mut staging, &mut replica] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
