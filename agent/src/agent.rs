@@ -392,6 +392,8 @@ struct Inner {
     stats: AgentStats,
     /// Writes acknowledged by staging (for the test hook).
     acks: AtomicU64,
+    /// Resync bandwidth limit in bytes per second (0: none).
+    bwlimit: AtomicU64,
 }
 
 /// The agent of one protected volume.
@@ -475,6 +477,7 @@ impl Agent {
             opts,
             stats: AgentStats::default(),
             acks: AtomicU64::new(0),
+            bwlimit: AtomicU64::new(0),
         });
         let first = open_session(id, staging, volume_id).await;
         match first {
@@ -649,6 +652,39 @@ impl Agent {
         result
     }
 
+    /// Initial sync: marks every block and ships the whole volume to the replica through staging
+    /// (as a resync, at most `bwlimit` bytes per second) while writes go on; writes during it are
+    /// marked and shipped by a later pass. Returns at once; `status()` shows the progress
+    /// (`resync_bytes` against `dirty_bytes`), and the mode is sync again when it is done. The
+    /// replica is consistent only once it completes (the whole run applies as one unit).
+    pub fn start_initial_sync(&self, bwlimit: Option<u64>) -> Result<(), AgentError> {
+        let i = &self.inner;
+        let Some(map) = &i.map else {
+            return Err(AgentError::Unprotected {
+                offset: 0,
+                why: "an initial sync needs the agent's state directory".into(),
+            });
+        };
+        i.bwlimit.store(bwlimit.unwrap_or(0), Ordering::Relaxed);
+        map.mark_all()?;
+        tracing::info!(volume = i.volume_id, bytes = map.dirty_bytes(), ?bwlimit, "initial sync started");
+        let mut o = i.order.lock().expect("order");
+        if o.mode == Mode::Sync {
+            // Leave sync mode; the reconnect task opens a fresh session and ships everything.
+            o.mode = Mode::ChangeMap;
+            if let Some(s) = o.session.take() {
+                s.fail("initial sync".into(), AgentError::Disconnected);
+            }
+            i.degraded.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Sets the resync bandwidth limit (bytes per second; `None`: unlimited).
+    pub fn set_bwlimit(&self, bwlimit: Option<u64>) {
+        self.inner.bwlimit.store(bwlimit.unwrap_or(0), Ordering::Relaxed);
+    }
+
     /// Ends the current epoch now if nothing is in flight (the idle task does this on its own).
     pub fn close_epoch(&self) {
         self.inner.close_idle_epoch();
@@ -791,12 +827,16 @@ impl Inner {
     }
 
     async fn resync_passes(self: &Arc<Self>, map: &Arc<ChangeMap>, s: &Arc<Session>) -> Result<(), AgentError> {
+        let mut pass = 0u64;
         loop {
-            // Small enough: the last pass, with new writes held back so nothing changes under it.
-            let last = map.dirty_blocks().len() <= self.opts.final_pass_blocks;
+            pass += 1;
+            // After a first pass with writes going on, once what is left is small: the last pass,
+            // with new writes held back so nothing changes under it (and no bandwidth limit, so
+            // they are held back briefly).
+            let last = pass > 1 && map.todo_len() <= self.opts.final_pass_blocks;
             let _exclusive = if last { Some(self.gate.write().await) } else { None };
             let blocks = map.take_todo();
-            self.ship(map, s, &blocks).await?;
+            self.ship(map, s, &blocks, !last).await?;
             if last {
                 // Everything marked was shipped and is durable at staging; no write is running,
                 // and none starts before the mode is sync again (the gate is still held).
@@ -822,10 +862,26 @@ impl Inner {
     }
 
     /// Sends `blocks` as RESYNC records read from the local disk and waits for every ack.
-    async fn ship(self: &Arc<Self>, map: &Arc<ChangeMap>, s: &Arc<Session>, blocks: &[u64]) -> Result<(), AgentError> {
+    async fn ship(
+        self: &Arc<Self>,
+        map: &Arc<ChangeMap>,
+        s: &Arc<Session>,
+        blocks: &[u64],
+        limited: bool,
+    ) -> Result<(), AgentError> {
         let bs = map.block_bytes;
         let mut waits = Vec::new();
+        let started = std::time::Instant::now();
+        let mut sent = 0u64;
         for &b in blocks {
+            // Bandwidth limit: never ahead of `bwlimit` bytes per second since this pass began.
+            let limit = self.bwlimit.load(Ordering::Relaxed);
+            if limit > 0 && limited {
+                let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
             let offset = b * bs;
             let len = bs.min(self.volume_bytes - offset) as usize;
             let permit = self.inflight.acquire_many(units(len)).await.map_err(|_| AgentError::Disconnected)?;
@@ -847,6 +903,7 @@ impl Inner {
             };
             self.stats.resync_blocks.fetch_add(1, Ordering::Relaxed);
             self.stats.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            sent += len as u64;
             waits.push((rx, permit));
             // Keep the waits bounded: the oldest is acknowledged first anyway.
             if waits.len() >= 256 {

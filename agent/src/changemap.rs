@@ -158,9 +158,26 @@ impl ChangeMap {
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
+    /// Marks every block of the volume, durably (an initial sync ships them all).
+    pub fn mark_all(&self) -> Result<(), ChangeMapError> {
+        let mut bits = self.bits.lock().expect("bits");
+        let total = self.volume_bytes.div_ceil(self.block_bytes);
+        for b in 0..total {
+            bits[(b / 8) as usize] |= 1 << (b % 8);
+        }
+        self.todo.lock().expect("todo").extend(0..total);
+        self.file.write_all_at(&bits, BITMAP_AT).map_err(|e| self.io(e))?;
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
     /// Takes the blocks marked since the last take (a resync pass ships them).
     pub fn take_todo(&self) -> Vec<u64> {
         std::mem::take(&mut *self.todo.lock().expect("todo")).into_iter().collect()
+    }
+
+    /// Blocks marked since the last take.
+    pub fn todo_len(&self) -> usize {
+        self.todo.lock().expect("todo").len()
     }
 
     /// Blocks left to ship: everything the map has marked (after a failed pass).

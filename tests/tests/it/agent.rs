@@ -269,3 +269,69 @@ async fn a_write_in_doubt_is_resynced_from_the_local_disk() {
         let _ = c.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_under_concurrent_writes_is_byte_identical() {
+    use drv_agent::Mode;
+    const VOLUME: u64 = 8 << 20;
+    const BWLIMIT: u64 = 16 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = cl.start("staging", "stg1");
+    let mut replica = cl.start("replica", "rep1");
+    // The source already holds data the replica has never seen.
+    let source = cl.dir.path().join("source.img");
+    std::fs::write(&source, drv_format::pattern(0x5eed, VOLUME as usize)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let addr = cl.staging_addr.parse().unwrap();
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let state = cl.dir.path().join("agent-state");
+    let disk = Arc::new(FileDisk(f));
+    let opts = AgentOptions { reconnect_interval: Duration::from_millis(100), ..AgentOptions::default() };
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(&state), opts).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..3u64 {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(500 + w);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let len = 4096 * (1 + rng.below(4)) as usize;
+                let offset = rng.below(VOLUME - len as u64) / 4096 * 4096;
+                let data = Bytes::from(drv_format::pattern(rng.next_u64(), len));
+                agent.write(offset, data, Flags::default()).await.expect("write during the initial sync");
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    agent.start_initial_sync(Some(BWLIMIT)).unwrap();
+    assert!(agent.dirty_bytes() >= VOLUME);
+    until("the initial sync", Duration::from_secs(60), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let shipped = agent.stats().resync_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(shipped >= VOLUME, "the whole volume was shipped: {shipped}");
+    // The limiter held the first pass to BWLIMIT (a lower bound: a busy host only makes it slower).
+    assert!(took >= Duration::from_secs_f64(0.8 * VOLUME as f64 / BWLIMIT as f64), "took {took:?}");
+    agent.write(0, Bytes::from(drv_format::pattern(1, 4096)), Flags::FLUSH).await.unwrap();
+    let (next, _) = agent.position();
+    until("the replica to apply everything", Duration::from_secs(30), || {
+        cl.status(&cl.replica_addrs[0], "replica", "admin")
+            .is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let src = std::fs::read(&source).unwrap();
+    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}");
+    for c in [&mut staging, &mut replica] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
