@@ -396,7 +396,8 @@ struct Inner {
     bwlimit: AtomicU64,
 }
 
-/// The agent of one protected volume.
+/// The agent of one protected volume. Runs on a multi-threaded tokio runtime (the short local
+/// write runs on the calling worker through `block_in_place`).
 #[derive(Clone)]
 pub struct Agent {
     inner: Arc<Inner>,
@@ -580,9 +581,14 @@ impl Agent {
         if let Some(al) = i.activity.clone()
             && len > 0
         {
-            tokio::task::spawn_blocking(move || al.enter(offset, len))
-                .await
-                .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
+            // Usually the extent is marked already: no I/O, no thread hand-off.
+            if al.map.is_marked(offset, len) {
+                al.enter(offset, len)?;
+            } else {
+                tokio::task::spawn_blocking(move || al.enter(offset, len))
+                    .await
+                    .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
+            }
         }
         let mut data = Some(data);
         let issued = loop {
@@ -619,11 +625,9 @@ impl Agent {
                 Some(al) if flags.contains(Flags::FLUSH) => Some(al.flush_begin()),
                 _ => None,
             };
-            result = match tokio::task::spawn_blocking(local).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(source)) => Err(AgentError::Local { offset, source }),
-                Err(e) => Err(AgentError::Local { offset, source: std::io::Error::other(e.to_string()) }),
-            };
+            // The local write is one syscall: run it on this worker (block_in_place moves the
+            // worker's other tasks elsewhere) rather than handing it to another thread.
+            result = tokio::task::block_in_place(local).map_err(|source| AgentError::Local { offset, source });
             if let (Some(al), Some(g), true) = (&i.activity, flush_gen, result.is_ok()) {
                 al.flush_done(g)?;
             }

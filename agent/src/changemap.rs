@@ -158,6 +158,12 @@ impl ChangeMap {
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
+    /// Whether every block of `[offset, offset + len)` is marked already (no I/O).
+    pub fn is_marked(&self, offset: u64, len: u64) -> bool {
+        let bits = self.bits.lock().expect("bits");
+        self.blocks_of(offset, len).all(|b| bits[(b / 8) as usize] & (1 << (b % 8)) != 0)
+    }
+
     /// Marks every block of the volume, durably (an initial sync ships them all).
     pub fn mark_all(&self) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");

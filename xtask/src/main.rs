@@ -4,6 +4,7 @@
 //! - `cargo xtask bench wrl`: WRL benchmarks against baselines measured in the same run, then a
 //!   short fuzz run of the record decoder.
 //! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
+//! - `cargo xtask bench agent`: write latency and IOPS through the agent against floors (`agent.rs`).
 //! - `cargo xtask fuzz [SECONDS]`: the fuzz run alone.
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -14,6 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod relay;
 
 #[derive(Parser)]
@@ -78,7 +80,8 @@ fn main() -> Result<()> {
         Cmd::Bench { what, quick, fuzz_seconds } => match what.as_str() {
             "wrl" => bench_wrl(quick, fuzz_seconds),
             "relay" => bench_relay(quick),
-            other => bail!("unknown benchmark {other:?} (available: wrl, relay)"),
+            "agent" => bench_agent(quick),
+            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
     }
@@ -275,6 +278,23 @@ fn bench_relay(quick: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     // The directory (server logs) stays under target/ for a look afterwards.
     relay::bench(&root().join("target/release/drv"), &dir, quick)
+}
+
+fn bench_agent(quick: bool) -> Result<()> {
+    // In-process parts (agent, floors) run optimised: hand over to a release build of xtask.
+    if cfg!(debug_assertions) {
+        let mut c = cargo();
+        c.args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", "agent"]);
+        if quick {
+            c.arg("--quick");
+        }
+        return run(&mut c);
+    }
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    agent::bench(&root().join("target/release/drv"), &dir, quick)
 }
 
 fn fuzz(seconds: u64) -> Result<()> {

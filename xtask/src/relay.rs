@@ -159,19 +159,24 @@ fn quic_copy(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(47000)
 }
 
-struct Setup {
-    certs: std::path::PathBuf,
-    config: std::path::PathBuf,
-    staging: SocketAddr,
-    volume_id: u64,
+pub struct Setup {
+    pub certs: std::path::PathBuf,
+    pub config: std::path::PathBuf,
+    pub staging: SocketAddr,
+    pub volume_id: u64,
 }
 
 /// `cache_bytes`: the staging WRL's cache of unrelayed records.
 fn setup(dir: &Path, wrl_bytes: u64, cache_bytes: u64) -> Result<Setup> {
+    setup_volume(dir, wrl_bytes, cache_bytes, 64 << 20)
+}
+
+/// An installation on loopback (CA, certificates, staging stg1, replica rep1, volume vol1).
+pub fn setup_volume(dir: &Path, wrl_bytes: u64, cache_bytes: u64, volume_bytes: u64) -> Result<Setup> {
     let certs = dir.join("certs");
     ca::init(&certs)?;
     for (r, n) in [(Role::Staging, "stg1"), (Role::Replica, "rep1"), (Role::Agent, "host1"), (Role::Admin, "admin")] {
@@ -210,12 +215,12 @@ fn setup(dir: &Path, wrl_bytes: u64, cache_bytes: u64) -> Result<Setup> {
     let v = st.set(
         Kind::Volume,
         "vol1",
-        &s(vec!["size_bytes=64M".into(), "wrl=w0".into(), "replicas=[\"rep1\"]".into(), "key=k1".into()]),
+        &s(vec![format!("size_bytes={volume_bytes}"), "wrl=w0".into(), "replicas=[\"rep1\"]".into(), "key=k1".into()]),
     )?;
     Ok(Setup { certs, config, staging, volume_id: v["id"].as_u64().context("volume id")? })
 }
 
-fn start(drv: &Path, s: &Setup, role: &str, name: &str, log: &Path) -> Result<Child> {
+pub fn start(drv: &Path, s: &Setup, role: &str, name: &str, log: &Path) -> Result<Child> {
     Ok(Command::new(drv)
         .args([role, "run", "--name", name])
         .arg("--config")

@@ -1,0 +1,225 @@
+//! `cargo xtask bench agent`: the agent's synchronous path against floors measured in the same run.
+//!
+//! - QD1 4 KiB write latency through the agent (staging durable, then the local write) against the
+//!   floor: a 4 KiB `O_DIRECT` write + `fdatasync` on the staging file system, plus a 4 KiB local
+//!   write, plus a QUIC round trip of a 4 KiB message on loopback.
+//! - QD32 4 KiB IOPS through the agent against local-only writes of the same file: buffered (the
+//!   page cache, no durability) and durable (`pwrite` + `fdatasync`, what an application that needs
+//!   each write stable pays without drv).
+//!
+//! Staging and replica run as separate processes (release build); the agent runs in this process
+//! with its state directory (change map and activity log), warmed so the activity log holds the
+//! extents written.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use drv_agent::{Agent, AgentOptions, FileDisk, Mode};
+use drv_format::record::Flags;
+use drv_transport::{Identity, Role, ca, quic};
+
+use crate::relay::{free_port, setup_volume, start};
+
+const REGION: u64 = 64 << 20;
+
+fn pct(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+/// 4 KiB buffered pwrite latency (us) to `path`.
+fn local_write_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let buf = vec![7u8; 4096];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f.write_all_at(&buf, (i as u64 * 7919 % (REGION / 4096)) * 4096)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(pct(lat))
+}
+
+/// Round trip (us) of a 4 KiB message and a short answer over one s2n-quic stream with drv's
+/// endpoint settings.
+fn quic_rtt(dir: &Path, n: usize) -> Result<(f64, f64)> {
+    let certs = dir.join("rtt-certs");
+    let _ = std::fs::remove_dir_all(&certs);
+    ca::init(&certs)?;
+    ca::issue(&certs, Role::Staging, "echo")?;
+    ca::issue(&certs, Role::Agent, "ping")?;
+    let (echo, ping) = (Identity::load(&certs, "echo")?, Identity::load(&certs, "ping")?);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let mut server = quic::server(format!("127.0.0.1:{}", free_port()).parse()?, &echo, &[Role::Agent])?;
+        let addr = server.local_addr()?;
+        tokio::spawn(async move {
+            let Some(mut conn) = server.accept().await else { return };
+            let Ok(Some(s)) = conn.accept_bidirectional_stream().await else { return };
+            let (mut rx, mut tx) = s.split();
+            let mut got = 0usize;
+            while let Ok(Some(chunk)) = rx.receive().await {
+                got += chunk.len();
+                while got >= 4096 {
+                    got -= 4096;
+                    if tx.send(Bytes::from_static(&[1u8; 24])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let client = quic::client(&ping, Role::Staging)?;
+        let mut conn = quic::connect(&client, addr, Role::Staging).await?;
+        let s = conn.open_bidirectional_stream().await?;
+        let (mut rx, mut tx) = s.split();
+        let msg = Bytes::from(vec![9u8; 4096]);
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            tx.send(msg.clone()).await?;
+            let mut got = 0;
+            while got < 24 {
+                got += rx.receive().await?.context("echo closed")?.len();
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(pct(lat))
+    })
+}
+
+/// `threads` threads doing 4 KiB writes (with `fdatasync` after each when `sync`) for `secs`.
+fn local_iops(path: &Path, threads: usize, sync: bool, secs: f64) -> Result<f64> {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let t0 = Instant::now();
+    let mut hs = Vec::new();
+    for t in 0..threads {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        hs.push(std::thread::spawn(move || -> std::io::Result<u64> {
+            let buf = vec![t as u8; 4096];
+            let mut n = 0u64;
+            while Instant::now() < end {
+                f.write_all_at(&buf, ((n * 32 + t as u64) * 7919 % (REGION / 4096)) * 4096)?;
+                if sync {
+                    f.sync_data()?;
+                }
+                n += 1;
+            }
+            Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for h in hs {
+        total += h.join().map_err(|_| anyhow::anyhow!("writer thread"))??;
+    }
+    Ok(total as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
+    let n = if quick { 1000 } else { 4000 };
+    let secs = if quick { 3.0 } else { 8.0 };
+    let volume = 1u64 << 30;
+    let s = setup_volume(dir, 2 << 30, 256 << 20, volume)?;
+    let mut staging = start(drv, &s, "staging", "stg1", &dir.join("stg1.log"))?;
+    let mut replica = start(drv, &s, "replica", "rep1", &dir.join("rep1.log"))?;
+    let source = dir.join("source.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source)?;
+    f.set_len(volume)?;
+    // Floors, same file systems, same run.
+    let floor_file = dir.join("floor.bin");
+    std::fs::write(&floor_file, vec![0u8; 16 << 20])?;
+    let (sync_p50, sync_p99) = crate::fdatasync_latency(&floor_file, n)?;
+    let (local_p50, local_p99) = local_write_latency(&source, n)?;
+    let (rtt_p50, rtt_p99) = quic_rtt(dir, n)?;
+    let (floor_p50, floor_p99) = (sync_p50 + local_p50 + rtt_p50, sync_p99 + local_p99 + rtt_p99);
+    let buffered = local_iops(&source, 32, false, secs / 2.0)?;
+    let durable = local_iops(&source, 32, true, secs)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let id = Identity::load(&s.certs, "host1")?;
+    let result = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let agent = loop {
+            let disk = Arc::new(FileDisk(f.try_clone()?));
+            let a = Agent::start(
+                &id,
+                s.staging,
+                s.volume_id,
+                volume,
+                disk,
+                Some(&dir.join("agent-state")),
+                AgentOptions::default(),
+            )
+            .await;
+            match a {
+                Ok(a) if a.mode() == Mode::Sync => break a,
+                _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                Ok(a) => anyhow::bail!("agent not in sync mode: {:?}", a.status()),
+                Err(e) => return Err(e).context("start agent"),
+            }
+        };
+        let data = Bytes::from(vec![0x5au8; 4096]);
+        // Warm-up: the activity log holds the region's extents, as it does for a busy volume.
+        for x in 0..REGION / (4 << 20) {
+            agent.write(x * (4 << 20), data.clone(), Flags::default()).await?;
+        }
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            let t = Instant::now();
+            agent.write((i * 7919 % (REGION / 4096)) * 4096, data.clone(), Flags::default()).await?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let (p50, p99) = pct(lat);
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..32u64 {
+            let (agent, data) = (agent.clone(), data.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0u64;
+                while Instant::now() < end {
+                    agent.write(((k * 32 + t) * 7919 % (REGION / 4096)) * 4096, data.clone(), Flags::default()).await?;
+                    k += 1;
+                }
+                Ok::<u64, drv_agent::AgentError>(k)
+            }));
+        }
+        let mut writes = 0;
+        for t in tasks {
+            writes += t.await??;
+        }
+        let iops = writes as f64 / t0.elapsed().as_secs_f64();
+        Ok::<_, anyhow::Error>((p50, p99, iops))
+    });
+    let _ = staging.kill();
+    let _ = replica.kill();
+    let _ = staging.wait();
+    let _ = replica.wait();
+    let (p50, p99, iops) = result?;
+    println!();
+    println!("== cargo xtask bench agent ({}) ==", if quick { "quick" } else { "full" });
+    println!("QD1 4 KiB writes, {n} each (us):");
+    println!(
+        "  staging fdatasync floor     p50 {sync_p50:>8.1}  p99 {sync_p99:>8.1}   (4 KiB O_DIRECT write + fdatasync)"
+    );
+    println!("  local write                 p50 {local_p50:>8.1}  p99 {local_p99:>8.1}");
+    println!("  QUIC round trip (4 KiB)     p50 {rtt_p50:>8.1}  p99 {rtt_p99:>8.1}");
+    println!("  floor (sum)                 p50 {floor_p50:>8.1}  p99 {floor_p99:>8.1}");
+    println!(
+        "  through the agent           p50 {p50:>8.1}  p99 {p99:>8.1}   ratio p50 {:.2} (goal <= 1.10), p99 {:.2}",
+        p50 / floor_p50,
+        p99 / floor_p99
+    );
+    println!("QD32 4 KiB writes ({secs:.0} s each, IOPS):");
+    println!("  local only, buffered        {buffered:>9.0}   (page cache, nothing durable)");
+    println!("  local only, durable         {durable:>9.0}   (pwrite + fdatasync per write)");
+    println!(
+        "  through the agent           {iops:>9.0}   ratio vs durable {:.2} (goal >= 0.50), vs buffered {:.3}",
+        iops / durable,
+        iops / buffered
+    );
+    Ok(())
+}
