@@ -613,11 +613,14 @@ impl Agent {
                     Ok(()) => Ok(()),
                     // Staging may or may not have it: the change map covers it either way.
                     Err(e) => match i.degrade(&e) {
+                        Ok(()) if len == 0 => Ok(()),
                         Ok(()) => i.mark(offset, len).await,
                         Err(x) => Err(x),
                     },
                 }
             }
+            // A flush (no data) changes no block: nothing to mark.
+            Issued::Local if len == 0 => Ok(()),
             Issued::Local => i.mark(offset, len).await,
         };
         if result.is_ok() {
