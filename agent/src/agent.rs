@@ -289,6 +289,18 @@ impl Order {
             || self.ranges.range(start..end).next().is_some()
     }
 
+    /// Queues the zero-length `EPOCH_END` record that ends `epoch`.
+    fn send_epoch_end(&mut self, volume_id: u64, epoch: u64) -> Option<(u64, AckWait)> {
+        self.send(|seq| Frame::Write {
+            volume_id,
+            seq,
+            epoch,
+            offset: 0,
+            flags: Flags::EPOCH_END.0,
+            data: Bytes::new(),
+        })
+    }
+
     /// Assigns a sequence number and queues `f` (built from it) on the session.
     fn send(&mut self, f: impl FnOnce(u64) -> Frame) -> Option<(u64, AckWait)> {
         let s = self.session.clone()?;
@@ -853,15 +865,7 @@ impl Inner {
                 self.stats.mode_switches.fetch_add(1, Ordering::Relaxed);
                 // End the resync run now (the replica applies a run once a later record arrives).
                 let epoch = o.clock.current();
-                let volume_id = self.volume_id;
-                let _ = o.send(|seq| Frame::Write {
-                    volume_id,
-                    seq,
-                    epoch,
-                    offset: 0,
-                    flags: Flags::EPOCH_END.0,
-                    data: Bytes::new(),
-                });
+                let _ = o.send_epoch_end(self.volume_id, epoch);
                 o.clock.resume_after(epoch);
                 return Ok(());
             }
@@ -931,17 +935,7 @@ impl Inner {
             return;
         }
         let Some(epoch) = o.clock.close_idle() else { return };
-        let volume_id = self.volume_id;
-        if o.send(|seq| Frame::Write {
-            volume_id,
-            seq,
-            epoch,
-            offset: 0,
-            flags: Flags::EPOCH_END.0,
-            data: Bytes::new(),
-        })
-        .is_some()
-        {
+        if o.send_epoch_end(self.volume_id, epoch).is_some() {
             self.stats.epochs_closed.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -43,20 +43,35 @@ pub struct NodeArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// host:port of a staging or replica server.
-    #[arg(long)]
-    server: String,
     /// The role the server must have: staging or replica.
     #[arg(long, default_value = "staging")]
     role: String,
+    #[command(flatten)]
+    conn: ServerConn,
+}
+
+/// How an admin command reaches a server.
+#[derive(clap::Args)]
+pub struct ServerConn {
+    /// host:port of the server.
+    #[arg(long)]
+    pub server: String,
     /// Directory with ca.pem and the certificate to present.
     #[arg(long, env = "DRV_CERTS")]
-    certs: PathBuf,
+    pub certs: PathBuf,
     /// Name of the certificate to present (an admin certificate).
     #[arg(long, default_value = "admin")]
-    name: String,
+    pub name: String,
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+}
+
+impl ServerConn {
+    /// The admin identity and the server's address.
+    pub fn open(&self) -> Result<(Identity, SocketAddr)> {
+        let id = Identity::load(&self.certs, &self.name).with_context(|| format!("load certificate {}", self.name))?;
+        Ok((id, addr(&self.server)?))
+    }
 }
 
 pub fn ca(c: CaCommand) -> Result<()> {
@@ -139,16 +154,15 @@ pub async fn fetch_status(id: &Identity, server: SocketAddr, role: Role) -> Resu
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
-    let id = Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
+    let (id, server) = a.conn.open()?;
     let role: Role = a.role.parse()?;
-    let server = addr(&a.server)?;
     let rt = runtime()?;
     let v = rt
         .block_on(async {
             tokio::time::timeout(std::time::Duration::from_secs(10), fetch_status(&id, server, role)).await
         })
         .with_context(|| format!("no answer from {server} within 10 s"))??;
-    if a.json {
+    if a.conn.json {
         println!("{v}");
         return Ok(());
     }

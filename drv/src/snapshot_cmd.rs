@@ -1,28 +1,11 @@
 //! `drv snapshot create|list`: snapshots of a replica volume, asked of a running replica server.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use drv_format::frame::Frame;
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use drv_transport::{FrameReader, FrameWriter, Role, quic};
 
-use crate::servers::{addr, fetch_status, runtime};
-
-#[derive(Args)]
-pub struct Target {
-    /// host:port of the replica server.
-    #[arg(long)]
-    server: String,
-    /// Directory with ca.pem and the certificate to present.
-    #[arg(long, env = "DRV_CERTS")]
-    certs: PathBuf,
-    /// Name of the certificate to present (an admin certificate).
-    #[arg(long, default_value = "admin")]
-    name: String,
-    #[arg(long)]
-    json: bool,
-}
+use crate::servers::{ServerConn, fetch_status, runtime};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -32,13 +15,13 @@ pub enum SnapshotCommand {
         volume: String,
         snapshot: String,
         #[command(flatten)]
-        t: Target,
+        t: ServerConn,
     },
     /// List the snapshots of every volume (or of VOLUME).
     List {
         volume: Option<String>,
         #[command(flatten)]
-        t: Target,
+        t: ServerConn,
     },
 }
 
@@ -53,9 +36,8 @@ pub fn run(c: SnapshotCommand) -> Result<()> {
     }
 }
 
-fn create(volume: &str, snapshot: &str, t: &Target) -> Result<()> {
-    let id = Identity::load(&t.certs, &t.name).with_context(|| format!("load certificate {}", t.name))?;
-    let server = addr(&t.server)?;
+fn create(volume: &str, snapshot: &str, t: &ServerConn) -> Result<()> {
+    let (id, server) = t.open()?;
     let rt = runtime()?;
     let info = rt.block_on(async {
         let st = fetch_status(&id, server, Role::Replica).await?;
@@ -90,9 +72,8 @@ fn create(volume: &str, snapshot: &str, t: &Target) -> Result<()> {
     Ok(())
 }
 
-fn list(volume: Option<&str>, t: &Target) -> Result<()> {
-    let id = Identity::load(&t.certs, &t.name).with_context(|| format!("load certificate {}", t.name))?;
-    let server = addr(&t.server)?;
+fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {
+    let (id, server) = t.open()?;
     let st = runtime()?.block_on(fetch_status(&id, server, Role::Replica))?;
     let snaps: Vec<&serde_json::Value> = st["volumes"]
         .as_array()

@@ -261,16 +261,24 @@ fn bench_wrl(quick: bool, fuzz_seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// Benchmarks that measure in this process (baselines, the agent) run optimised: a dev-profile
+/// xtask hands `bench WHAT` to a release build of itself. `Ok(true)` when it did.
+fn handed_to_release(what: &str, quick: bool) -> Result<bool> {
+    if !cfg!(debug_assertions) {
+        return Ok(false);
+    }
+    let mut c = cargo();
+    c.args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", what]);
+    if quick {
+        c.arg("--quick");
+    }
+    run(&mut c).map(|_| true)
+}
+
 fn bench_relay(quick: bool) -> Result<()> {
-    // The baselines (rustls, s2n-quic) run inside this process: measure them optimised, as the
-    // relay is. A dev-profile xtask hands the benchmark to a release build of itself.
-    if cfg!(debug_assertions) {
-        let mut c = cargo();
-        c.args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", "relay"]);
-        if quick {
-            c.arg("--quick");
-        }
-        return run(&mut c);
+    // The baselines (rustls, s2n-quic) run inside this process: measure them as the relay runs.
+    if handed_to_release("relay", quick)? {
+        return Ok(());
     }
     run(cargo().args(["build", "--release", "-p", "drv"]))?;
     let dir = root().join("target/bench-relay");
@@ -281,14 +289,8 @@ fn bench_relay(quick: bool) -> Result<()> {
 }
 
 fn bench_agent(quick: bool) -> Result<()> {
-    // In-process parts (agent, floors) run optimised: hand over to a release build of xtask.
-    if cfg!(debug_assertions) {
-        let mut c = cargo();
-        c.args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", "agent"]);
-        if quick {
-            c.arg("--quick");
-        }
-        return run(&mut c);
+    if handed_to_release("agent", quick)? {
+        return Ok(());
     }
     run(cargo().args(["build", "--release", "-p", "drv"]))?;
     let dir = root().join("target/bench-agent");

@@ -18,9 +18,7 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
     let cl = Cluster::new(1, VOLUME);
     let mut staging = cl.start("staging", "stg1");
     let mut replica = cl.start("replica", "rep1");
-    let source = cl.dir.path().join("source.img");
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source).unwrap();
-    f.set_len(VOLUME).unwrap();
+    let (source, f) = blank_image(&cl);
     let id = Identity::load(&cl.certs, "host1").unwrap();
     let addr = cl.staging_addr.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -51,22 +49,7 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
         t.await.unwrap();
     }
     let (next, _) = agent.position();
-    // The idle close ends the last epoch; then the replica applies it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        if s.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) >= next) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replica did not apply everything (next seq {next}): {s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(agent.stats().epochs_closed.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    let src = std::fs::read(&source).unwrap();
-    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
-    assert_eq!(src.len(), rep.len());
-    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "replica differs from the source at byte {first_diff:?}");
+    assert_replica_equals(&cl, &source, next).await;
     let _ = staging.kill();
     let _ = replica.kill();
     let _ = staging.wait();
@@ -82,6 +65,30 @@ fn the_readme_demo_proves_the_replica_equals_the_source() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "drv demo failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("demo OK: the replica equals the source"), "{text}");
+}
+
+/// A zero-filled source image of the cluster's volume size.
+fn blank_image(cl: &Cluster) -> (std::path::PathBuf, std::fs::File) {
+    let source = cl.dir.path().join("source.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source).unwrap();
+    f.set_len(cl.volume_bytes).unwrap();
+    (source, f)
+}
+
+/// Waits until the replica applied every record before sequence `next` (the last epoch is closed
+/// by the agent when idle), then compares its image with `image` byte for byte.
+async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64) {
+    let mut last = None;
+    until("the replica to apply everything", Duration::from_secs(30), || {
+        last = cl.status(&cl.replica_addrs[0], "replica", "admin");
+        last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
+    })
+    .await;
+    let src = std::fs::read(image).unwrap();
+    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    assert_eq!(src.len(), rep.len());
+    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
 }
 
 /// Waits until `f` holds, polling every 50 ms.
@@ -100,9 +107,7 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     let cl = Cluster::new(1, VOLUME);
     let mut staging = cl.start("staging", "stg1");
     let mut replica = cl.start("replica", "rep1");
-    let source = cl.dir.path().join("source.img");
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source).unwrap();
-    f.set_len(VOLUME).unwrap();
+    let (source, f) = blank_image(&cl);
     let id = Identity::load(&cl.certs, "host1").unwrap();
     let addr = cl.staging_addr.parse().unwrap();
     let state = cl.dir.path().join("agent-state");
@@ -153,20 +158,11 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     for t in tasks {
         writes += t.await.unwrap();
     }
+    assert!(writes > 0);
     assert!(agent.stats().mapped_writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
     assert!(agent.stats().resync_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
     let (next, _) = agent.position();
-    let mut last = None;
-    until("the replica to apply everything", Duration::from_secs(30), || {
-        last = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let src = std::fs::read(&source).unwrap();
-    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
-    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?} after {writes} writes; status {last:?}");
+    assert_replica_equals(&cl, &source, next).await;
     let _ = staging.kill();
     let _ = replica.kill();
     let _ = staging.wait();
@@ -214,16 +210,7 @@ async fn resync_and_compare(cl: &Cluster, image: &std::path::Path, state: &std::
     let line = read_until(&mut r, "SYNCED");
     assert!(r.wait().unwrap().success());
     let next: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut last = None;
-    until("the replica to apply the resync", Duration::from_secs(30), || {
-        last = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
-    })
-    .await;
-    let src = std::fs::read(image).unwrap();
-    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
-    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
+    assert_replica_equals(cl, image, next).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,16 +307,7 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
     assert!(took >= Duration::from_secs_f64(0.8 * VOLUME as f64 / BWLIMIT as f64), "took {took:?}");
     agent.write(0, Bytes::from(drv_format::pattern(1, 4096)), Flags::FLUSH).await.unwrap();
     let (next, _) = agent.position();
-    until("the replica to apply everything", Duration::from_secs(30), || {
-        cl.status(&cl.replica_addrs[0], "replica", "admin")
-            .is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let src = std::fs::read(&source).unwrap();
-    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
-    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}");
+    assert_replica_equals(&cl, &source, next).await;
     for c in [&mut staging, &mut replica] {
         let _ = c.kill();
         let _ = c.wait();
