@@ -509,6 +509,9 @@ impl Agent {
                 let i = inner.clone();
                 tokio::spawn(async move { i.resync(s, last_seq, last_epoch).await });
             }
+            // A refusal is a configuration problem (unknown volume, wrong certificate), not an
+            // outage: say so instead of protecting a volume staging will never take.
+            Err(e @ AgentError::Refused { .. }) => return Err(e),
             Err(e) if inner.map.is_some() => {
                 tracing::warn!("staging not reachable, protecting with the change map: {e}")
             }

@@ -56,6 +56,23 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
     let _ = replica.wait();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_volume_is_refused_at_start_with_its_reason() {
+    let cl = Cluster::new(1, 1 << 20);
+    let mut staging = cl.start("staging", "stg1");
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let (_, f) = blank_image(&cl);
+    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let state = cl.dir.path().join("agent-state");
+    let disk = Arc::new(FileDisk(f));
+    let addr = cl.staging_addr.parse().unwrap();
+    let r = Agent::start(&id, addr, 999, 1 << 20, disk, Some(&state), AgentOptions::default()).await;
+    let e = r.err().expect("an unknown volume must not start");
+    assert!(e.to_string().contains("999"), "{e}");
+    let _ = staging.kill();
+    let _ = staging.wait();
+}
+
 #[test]
 fn the_readme_demo_proves_the_replica_equals_the_source() {
     let out = std::process::Command::new(drv_tests::drv_bin())
