@@ -406,6 +406,18 @@ impl ConfigStore {
             }
         };
         match kind {
+            Kind::Endpoint => {
+                let ep: Endpoint = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
+                // One Records frame must be able to carry the largest record (4 MiB of data, its
+                // 96-byte header and 16-byte tag) behind the 16-byte records header.
+                const MIN_FRAME: u64 = (4 << 20) + 96 + 16 + 16;
+                if ep.frame_bytes_limit < MIN_FRAME {
+                    return Err(bad(format!(
+                        "frame_bytes_limit {} is below {MIN_FRAME}, the smallest frame that carries a 4 MiB write",
+                        ep.frame_bytes_limit
+                    )));
+                }
+            }
             Kind::Wrl => {
                 let w: WrlDef = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
                 endpoint_with_role(&w.staging, Role::Staging)?;
@@ -428,7 +440,7 @@ impl ConfigStore {
                     endpoint_with_role(r, Role::Replica)?;
                 }
             }
-            Kind::Endpoint | Kind::Key => {}
+            Kind::Key => {}
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drv_format::frame::{Frame, RecordsFrameBuilder};
+use drv_format::record::RECORD_HEADER_LEN;
 use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
 use tokio::sync::mpsc;
 
@@ -20,7 +21,8 @@ use crate::wrl::{LogRecord, WrlError};
 /// Largest Records frame body the relay builds.
 const RECORDS_FRAME_BYTES: u64 = 4 << 20;
 
-pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: SocketAddr) {
+/// `frame_limit`: the largest frame body the replica accepts (its configured `frame_bytes_limit`).
+pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: SocketAddr, frame_limit: u32) {
     let client = match quic::client_with(&st.identity, Role::Replica, &st.quic) {
         Ok(c) => c,
         Err(e) => {
@@ -30,7 +32,7 @@ pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: Soc
     };
     let mut backoff = Duration::from_millis(50);
     loop {
-        match session(&st, &v, &replica, &client, addr).await {
+        match session(&st, &v, &replica, &client, addr, frame_limit).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 tracing::warn!(volume = v.id, %replica, %addr, "relay interrupted: {e}; retrying in {backoff:?}");
@@ -69,6 +71,7 @@ async fn session(
     replica: &str,
     client: &s2n_quic::Client,
     addr: SocketAddr,
+    frame_limit: u32,
 ) -> Result<(), RelayError> {
     let mut conn = quic::connect(client, addr, Role::Replica).await?;
     let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
@@ -106,7 +109,7 @@ async fn session(
             }
         }
     });
-    let result = pump(st, v, replica, &mut w, &mut pos_rx, &mut durable_seq).await;
+    let result = pump(st, v, replica, &mut w, &mut pos_rx, &mut durable_seq, frame_limit).await;
     reader.abort();
     result
 }
@@ -123,6 +126,7 @@ async fn pump(
     w: &mut FrameWriter<s2n_quic::stream::SendStream>,
     pos_rx: &mut mpsc::UnboundedReceiver<Result<(u64, u64), RelayError>>,
     durable_seq: &mut u64,
+    frame_limit: u32,
 ) -> Result<(), RelayError> {
     // In flight: (seq, lsn, bytes) sent but not yet durable at the replica.
     let mut inflight: VecDeque<(u64, u64, u64)> = VecDeque::new();
@@ -175,6 +179,13 @@ async fn pump(
         while frame_payload < RECORDS_FRAME_BYTES
             && let Some(rec) = pending.pop_front()
         {
+            // Never over the replica's frame limit: a record that does not fit waits for the next
+            // frame (a frame always takes its first record; one record always fits a valid limit).
+            let rec_len = RECORD_HEADER_LEN + rec.payload.len();
+            if frame.count() > 0 && frame.body_len() + rec_len > frame_limit as usize {
+                pending.push_front(rec);
+                break;
+            }
             if rec.header.desc.volume_id != v.id {
                 continue;
             }

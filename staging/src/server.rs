@@ -58,7 +58,8 @@ pub struct VolumeCtx {
     pub wrl: Arc<Wrl>,
     pub wrl_name: String,
     pub key: VolumeKey,
-    pub replicas: Vec<(String, SocketAddr)>,
+    /// (name, address, the largest frame body it accepts).
+    pub replicas: Vec<(String, SocketAddr, u32)>,
     /// Sequence positions: submitted (in order) and durable.
     pub seq: Mutex<SeqState>,
     /// Durable sequence, for retried writes waiting on an in-flight original.
@@ -209,8 +210,8 @@ impl Staging {
         let server = quic::server_with(addr, &self.identity, &[Role::Agent, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "staging server {} listening", self.name);
         for v in self.volumes.values() {
-            for (replica, raddr) in &v.replicas {
-                tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), *raddr));
+            for (replica, raddr, limit) in &v.replicas {
+                tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), *raddr, *limit));
             }
         }
         let me = self.clone();
@@ -303,6 +304,19 @@ impl Staging {
         let flags = Flags(flags);
         if !flags.is_valid() {
             return refuse(code::INVALID, format!("volume {} seq {seq}: unknown flags {:#x}", v.id, flags.0));
+        }
+        // Checked before the sequence moves: a write the WRL would refuse must not leave a gap.
+        let limit = v.wrl.record_bytes_limit();
+        if data.len() as u64 > limit {
+            return refuse(
+                code::INVALID,
+                format!(
+                    "volume {} seq {seq}: a write of {} bytes is over WRL {}'s record limit of {limit} bytes (its segment size)",
+                    v.id,
+                    data.len(),
+                    v.wrl_name
+                ),
+            );
         }
         let mut st = v.seq.lock().expect("seq");
         if seq <= st.submitted_seq {
@@ -442,7 +456,10 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
     let replicas = v
         .replicas
         .iter()
-        .map(|(n, ep)| parse_addr(&ep.address).map(|a| (n.clone(), a)))
+        .map(|(n, ep)| {
+            let limit = ep.frame_bytes_limit.min(drv_format::frame::MAX_FRAME_BODY as u64) as u32;
+            parse_addr(&ep.address).map(|a| (n.clone(), a, limit))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // The durable position comes from the log itself (recovered at open).
     let log = wrl.volume(v.volume.id).map(|s| s.log).unwrap_or_default();
@@ -453,7 +470,7 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         wrl,
         wrl_name: v.wrl_name.clone(),
         key,
-        progress: Mutex::new(replicas.iter().map(|(n, _)| (n.clone(), ReplicaProgress::default())).collect()),
+        progress: Mutex::new(replicas.iter().map(|(n, ..)| (n.clone(), ReplicaProgress::default())).collect()),
         replicas,
         seq: Mutex::new(SeqState {
             submitted_seq: log.last_seq,

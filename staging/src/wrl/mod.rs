@@ -199,13 +199,13 @@ impl Wrl {
         let sh = &self.shared;
         let len = req.data.len() as u64;
         if len > sh.record_bytes_limit {
-            return done(Err(WrlError::RecordTooLarge { bytes: len, limit: sh.record_bytes_limit }));
+            return refuse(done, WrlError::RecordTooLarge { bytes: len, limit: sh.record_bytes_limit });
         }
         if !req.flags.is_valid() {
-            return done(Err(WrlError::InvalidAppend(format!("unknown flags {:#x}", req.flags.0))));
+            return refuse(done, WrlError::InvalidAppend(format!("unknown flags {:#x}", req.flags.0)));
         }
         if let Err(e) = self.admit(len + TAG_LEN as u64 + 96) {
-            return done(Err(e));
+            return refuse(done, e);
         }
         let counter = sh.nonce_next.fetch_add(1, Ordering::Relaxed);
         let desc = WriteDesc {
@@ -230,19 +230,22 @@ impl Wrl {
     pub fn submit_sealed(&self, desc: WriteDesc, payload: Bytes, payload_crc: u32, done: Completion) {
         let sh = &self.shared;
         if desc.length as u64 > sh.record_bytes_limit {
-            return done(Err(WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit }));
+            return refuse(done, WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit });
         }
         if payload.len() != desc.length as usize + TAG_LEN || !desc.flags.is_valid() {
-            return done(Err(WrlError::InvalidAppend(format!(
-                "sealed record of volume {} seq {}: payload of {} bytes for length {}",
-                desc.volume_id,
-                desc.volume_seq,
-                payload.len(),
-                desc.length
-            ))));
+            return refuse(
+                done,
+                WrlError::InvalidAppend(format!(
+                    "sealed record of volume {} seq {}: payload of {} bytes for length {}",
+                    desc.volume_id,
+                    desc.volume_seq,
+                    payload.len(),
+                    desc.length
+                )),
+            );
         }
         if let Err(e) = self.admit(payload.len() as u64 + 96) {
-            return done(Err(e));
+            return refuse(done, e);
         }
         self.enqueue(PendingRecord { desc, payload, payload_crc }, done);
     }
@@ -480,6 +483,16 @@ fn committer(sh: Arc<Shared>, mut core: LogCore) {
                 return;
             }
         }
+    }
+}
+
+/// Completes a refused append on a thread of its own: callers submit while holding their own
+/// locks (to keep a volume's order), and a completion that takes one of them would deadlock if it
+/// ran inside `submit`. Refusals are rare; a thread each is cheap enough.
+fn refuse(done: Completion, e: WrlError) {
+    let spawned = std::thread::Builder::new().name("wrl-refuse".into()).spawn(move || done(Err(e)));
+    if let Err(err) = spawned {
+        tracing::error!("cannot start a thread to report a refused append: {err}");
     }
 }
 

@@ -330,3 +330,33 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
         let _ = c.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replica_limit() {
+    const VOLUME: u64 = 16 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = cl.start("staging", "stg1");
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let (source, f) = blank_image(&cl);
+    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let disk = Arc::new(FileDisk(f));
+    let addr = cl.staging_addr.parse().unwrap();
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, None, AgentOptions::default()).await.unwrap();
+    // With the replica down, just under 4 MiB of 4 KiB writes and then one of 3.9 MiB (near the
+    // record limit of this cluster's 4 MiB segments) wait in staging: one frame holding all of them
+    // would be over the replica's 8 MiB frame limit.
+    for i in 0..1023u64 {
+        agent.write(i * 4096, Bytes::from(drv_format::pattern(i, 4096)), Flags::default()).await.unwrap();
+    }
+    let r = agent.write(8 << 20, Bytes::from(drv_format::pattern(7, 998 * 4096)), Flags::default()).await;
+    assert!(r.is_ok(), "{r:?}\n{}", cl.log("stg1"));
+    agent.write(0, Bytes::from(drv_format::pattern(8, 4096)), Flags::FLUSH).await.unwrap();
+    let mut replica = cl.start("replica", "rep1");
+    let (next, _) = agent.position();
+    assert_replica_equals(&cl, &source, next).await;
+    assert!(!cl.log("stg1").contains("over the limit"), "{}", cl.log("stg1"));
+    for c in [&mut staging, &mut replica] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -213,3 +213,32 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     let _ = staging.wait();
     let _ = replica.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_over_the_record_limit_is_refused_and_leaves_no_gap() {
+    let cl = Cluster::new(1, 16 << 20);
+    let mut staging = cl.start("staging", "stg1");
+    let addr: std::net::SocketAddr = cl.staging_addr.parse().unwrap();
+    let agent = Identity::load(&cl.certs, "host1").unwrap();
+    let client = quic::client(&agent, Role::Staging).unwrap();
+    assert!(wait_for(Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await);
+    let vid = cl.volume_id;
+    let (mut r, mut w) = open(&client, addr).await;
+    w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+    assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
+    // This cluster's WRL has 4 MiB segments: a 4 MiB write cannot be one record.
+    let big = Frame::Write { volume_id: vid, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![1u8; 4 << 20].into() };
+    w.send(&big).await.unwrap();
+    match next(&mut r).await {
+        Frame::Error { code: c, message } => {
+            assert_eq!(c, code::INVALID);
+            assert!(message.contains("record limit"), "{message}");
+        }
+        f => panic!("{f:?}"),
+    }
+    // The sequence did not move: seq 1 is still the next write, and it is logged.
+    w.send(&write(vid, 1, 1, Flags::default(), 1)).await.unwrap();
+    assert!(matches!(next(&mut r).await, Frame::Ack { seq: 1, .. }));
+    let _ = staging.kill();
+    let _ = staging.wait();
+}
