@@ -59,8 +59,7 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_volume_is_refused_at_start_with_its_reason() {
     let cl = Cluster::new(1, 1 << 20);
-    let mut staging = cl.start("staging", "stg1");
-    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let mut staging = staging_up(&cl).await;
     let (_, f) = blank_image(&cl);
     let id = Identity::load(&cl.certs, "host1").unwrap();
     let state = cl.dir.path().join("agent-state");
@@ -106,6 +105,13 @@ async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64)
     assert_eq!(src.len(), rep.len());
     let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
+}
+
+/// Starts staging and waits until it answers.
+async fn staging_up(cl: &Cluster) -> std::process::Child {
+    let staging = cl.start("staging", "stg1");
+    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    staging
 }
 
 /// Waits until `f` holds, polling every 50 ms.
@@ -242,8 +248,7 @@ async fn agent_sigkill_with_dirty_blocks_resyncs_on_restart() {
     a.wait().unwrap();
     let map = std::fs::read(state.join("changemap")).unwrap();
     assert!(map[4096..].iter().any(|b| *b != 0), "the killed agent left its marks on disk");
-    let mut staging = cl.start("staging", "stg1");
-    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let mut staging = staging_up(&cl).await;
     resync_and_compare(&cl, &image, &state).await;
     for c in [&mut staging, &mut replica] {
         let _ = c.kill();
@@ -254,9 +259,8 @@ async fn agent_sigkill_with_dirty_blocks_resyncs_on_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_in_doubt_is_resynced_from_the_local_disk() {
     let cl = Cluster::new(1, 8 << 20);
-    let mut staging = cl.start("staging", "stg1");
     let mut replica = cl.start("replica", "rep1");
-    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let mut staging = staging_up(&cl).await;
     let (image, state) = (cl.dir.path().join("source.img"), cl.dir.path().join("agent-state"));
     // The 40th write is durable at staging, then the agent dies before writing it locally.
     let mut a = agent_run(&cl, &image, &state, &["write", "9", "40", "40"]);
@@ -335,8 +339,7 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
 async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replica_limit() {
     const VOLUME: u64 = 16 << 20;
     let cl = Cluster::new(1, VOLUME);
-    let mut staging = cl.start("staging", "stg1");
-    until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
+    let mut staging = staging_up(&cl).await;
     let (source, f) = blank_image(&cl);
     let id = Identity::load(&cl.certs, "host1").unwrap();
     let disk = Arc::new(FileDisk(f));
