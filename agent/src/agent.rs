@@ -834,7 +834,7 @@ impl Inner {
             o.mode = Mode::Resyncing;
         }
         tracing::info!(volume = self.volume_id, dirty_bytes = map.dirty_bytes(), "resync started");
-        let r = self.resync_passes(&map, &s).await;
+        let r = self.resync_passes(&map).await;
         let mut o = self.order.lock().expect("order");
         match r {
             Ok(()) => tracing::info!(volume = self.volume_id, "resync complete: back in sync mode"),
@@ -848,7 +848,8 @@ impl Inner {
         }
     }
 
-    async fn resync_passes(self: &Arc<Self>, map: &Arc<ChangeMap>, s: &Arc<Session>) -> Result<(), AgentError> {
+    /// Runs on the session installed by `resync` (records are queued through `Order::send`).
+    async fn resync_passes(self: &Arc<Self>, map: &Arc<ChangeMap>) -> Result<(), AgentError> {
         let mut pass = 0u64;
         loop {
             pass += 1;
@@ -858,7 +859,7 @@ impl Inner {
             let last = pass > 1 && map.todo_len() <= self.opts.final_pass_blocks;
             let _exclusive = if last { Some(self.gate.write().await) } else { None };
             let blocks = map.take_todo();
-            self.ship(map, s, &blocks, !last).await?;
+            self.ship(map, &blocks, !last).await?;
             if last {
                 // Everything marked was shipped and is durable at staging; no write is running,
                 // and none starts before the mode is sync again (the gate is still held).
@@ -876,13 +877,7 @@ impl Inner {
     }
 
     /// Sends `blocks` as RESYNC records read from the local disk and waits for every ack.
-    async fn ship(
-        self: &Arc<Self>,
-        map: &Arc<ChangeMap>,
-        s: &Arc<Session>,
-        blocks: &[u64],
-        limited: bool,
-    ) -> Result<(), AgentError> {
+    async fn ship(self: &Arc<Self>, map: &Arc<ChangeMap>, blocks: &[u64], limited: bool) -> Result<(), AgentError> {
         let bs = map.block_bytes;
         let mut waits = Vec::new();
         let started = std::time::Instant::now();
@@ -928,7 +923,6 @@ impl Inner {
         for (rx, _p) in waits {
             wait_ack(rx, self.opts.ack_timeout).await?;
         }
-        let _ = s;
         Ok(())
     }
 

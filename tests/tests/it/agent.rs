@@ -50,10 +50,7 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
     }
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
-    let _ = staging.kill();
-    let _ = replica.kill();
-    let _ = staging.wait();
-    let _ = replica.wait();
+    kill_all([&mut staging, &mut replica]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,6 +102,14 @@ async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64)
     assert_eq!(src.len(), rep.len());
     let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
+}
+
+/// Kills the server processes of a test.
+fn kill_all<const N: usize>(children: [&mut std::process::Child; N]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 /// Starts staging and waits until it answers.
@@ -186,10 +191,7 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     assert!(agent.stats().resync_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
-    let _ = staging.kill();
-    let _ = replica.kill();
-    let _ = staging.wait();
-    let _ = replica.wait();
+    kill_all([&mut staging, &mut replica]);
 }
 
 /// `agent-run` with the cluster's arguments; stdout piped.
@@ -250,10 +252,7 @@ async fn agent_sigkill_with_dirty_blocks_resyncs_on_restart() {
     assert!(map[4096..].iter().any(|b| *b != 0), "the killed agent left its marks on disk");
     let mut staging = staging_up(&cl).await;
     resync_and_compare(&cl, &image, &state).await;
-    for c in [&mut staging, &mut replica] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    kill_all([&mut staging, &mut replica]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,10 +271,7 @@ async fn a_write_in_doubt_is_resynced_from_the_local_disk() {
     // Restart: the activity log names the extents in doubt; they are resynced from the local disk,
     // so the replica ends equal to the local disk (which never got that write).
     resync_and_compare(&cl, &image, &state).await;
-    for c in [&mut staging, &mut replica] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    kill_all([&mut staging, &mut replica]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,10 +325,7 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
     agent.write(0, Bytes::from(drv_format::pattern(1, 4096)), Flags::FLUSH).await.unwrap();
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
-    for c in [&mut staging, &mut replica] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    kill_all([&mut staging, &mut replica]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,8 +351,5 @@ async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replic
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
     assert!(!cl.log("stg1").contains("over the limit"), "{}", cl.log("stg1"));
-    for c in [&mut staging, &mut replica] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    kill_all([&mut staging, &mut replica]);
 }
