@@ -51,6 +51,8 @@ pub enum AgentError {
     Local { offset: u64, source: std::io::Error },
     #[error("{0}")]
     ChangeMap(#[from] ChangeMapError),
+    #[error("range at offset {offset} ({len} bytes) is outside the volume ({volume_bytes} bytes)")]
+    OutOfRange { offset: u64, len: u64, volume_bytes: u64 },
     #[error("staging is unavailable and this agent has no change map: the write at offset {offset} failed: {why}")]
     Unprotected { offset: u64, why: String },
 }
@@ -117,7 +119,8 @@ impl Default for AgentOptions {
 }
 
 /// Where the volume's writes go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// To staging, then the local disk.
     Sync,
@@ -679,8 +682,10 @@ impl Agent {
     /// marked and shipped by a later pass. Returns at once; `status()` shows the progress
     /// (`resync_bytes` against `dirty_bytes`), and the mode is sync again when it is done. The
     /// replica is consistent only once it completes (the whole run applies as one unit).
-    pub fn start_initial_sync(&self, bwlimit: Option<u64>) -> Result<(), AgentError> {
+    pub async fn start_initial_sync(&self, bwlimit: Option<u64>) -> Result<(), AgentError> {
         let i = &self.inner;
+        // Like a write: never while the last resync pass runs (it clears the map when done).
+        let _gate = i.gate.read().await;
         let Some(map) = &i.map else {
             return Err(AgentError::Unprotected {
                 offset: 0,
@@ -688,17 +693,43 @@ impl Agent {
             });
         };
         i.bwlimit.store(bwlimit.unwrap_or(0), Ordering::Relaxed);
-        map.mark_all()?;
+        let m = map.clone();
+        tokio::task::spawn_blocking(move || m.mark_all())
+            .await
+            .map_err(|e| AgentError::Local { offset: 0, source: std::io::Error::other(e.to_string()) })??;
         tracing::info!(volume = i.volume_id, bytes = map.dirty_bytes(), ?bwlimit, "initial sync started");
-        let mut o = i.order.lock().expect("order");
-        if o.mode == Mode::Sync {
-            // Leave sync mode; the reconnect task opens a fresh session and ships everything.
-            o.mode = Mode::ChangeMap;
-            if let Some(s) = o.session.take() {
-                s.fail("initial sync".into(), AgentError::Disconnected);
-            }
-            i.degraded.notify_one();
+        i.leave_sync("initial sync");
+        Ok(())
+    }
+
+    /// Ships the given byte ranges again from the local disk (a media resync: the blocks the
+    /// replica saw change since `drv media-resync begin`). The ranges are marked in the change map
+    /// durably before this returns, so an agent crash after it loses none of them. The replica is
+    /// consistent again once the resync completes (`status()` shows sync mode and no dirty bytes).
+    pub async fn resync_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), AgentError> {
+        let i = &self.inner;
+        let _gate = i.gate.read().await;
+        let Some(map) = &i.map else {
+            return Err(AgentError::Unprotected {
+                offset: 0,
+                why: "a resync needs the agent's state directory".into(),
+            });
+        };
+        if let Some(&(offset, len)) = ranges.iter().find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > i.volume_bytes))
+        {
+            return Err(AgentError::OutOfRange { offset, len, volume_bytes: i.volume_bytes });
         }
+        let (m, r) = (map.clone(), ranges.to_vec());
+        tokio::task::spawn_blocking(move || m.mark_ranges(&r))
+            .await
+            .map_err(|e| AgentError::Local { offset: 0, source: std::io::Error::other(e.to_string()) })??;
+        tracing::info!(
+            volume = i.volume_id,
+            ranges = ranges.len(),
+            dirty_bytes = map.dirty_bytes(),
+            "resync requested"
+        );
+        i.leave_sync("resync requested");
         Ok(())
     }
 
@@ -737,6 +768,7 @@ impl Agent {
         let s = self.stats();
         AgentStatus {
             volume_id: self.inner.volume_id,
+            volume_bytes: self.inner.volume_bytes,
             mode: self.mode(),
             next_seq,
             epoch,
@@ -749,9 +781,10 @@ impl Agent {
 }
 
 /// What `Agent::status` reports.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AgentStatus {
     pub volume_id: u64,
+    pub volume_bytes: u64,
     pub mode: Mode,
     pub next_seq: u64,
     pub epoch: u64,
@@ -797,6 +830,19 @@ impl Inner {
             .await
             .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
         Ok(())
+    }
+
+    /// Leaves sync mode so that the reconnect task opens a fresh session and resyncs what the
+    /// change map holds (a no-op in change-map or resync mode: that ships the map anyway).
+    fn leave_sync(&self, why: &str) {
+        let mut o = self.order.lock().expect("order");
+        if o.mode == Mode::Sync {
+            o.mode = Mode::ChangeMap;
+            if let Some(s) = o.session.take() {
+                s.fail(why.into(), AgentError::Disconnected);
+            }
+            self.degraded.notify_one();
+        }
     }
 
     /// Staging failed a write: leave sync mode (once), so the reconnect task takes over.

@@ -5,11 +5,15 @@
 //! - `agent.rs`: the synchronous path to staging, the [`LocalDisk`] a write lands on after the
 //!   acknowledgement, `write_with` for capture paths that perform the local write themselves, and
 //!   the change-map mode with its resync.
-//! - `changemap.rs`: the persistent bitmap (format and crash analysis in its header).
 //!   [`Agent::write`] is the in-process capture the demo and the tests use.
+//! - `control.rs`: the control socket through which `drv sync start`, `drv agent status` and
+//!   `drv media-resync complete` reach a running agent (`drv agent run`).
+//! - [`changemap`] (crate `drv-changemap`): the persistent bitmap (format and crash analysis in
+//!   its header).
 
 pub mod agent;
-pub mod changemap;
+pub mod control;
+pub use drv_changemap as changemap;
 pub mod epoch;
 
 pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, LocalDisk, Mode};

@@ -573,15 +573,26 @@ impl ConfigStore {
             if !mine {
                 continue;
             }
-            let key: KeyRef = self.get_typed(Kind::Key, &volume.key)?;
-            let staging = (wrl.staging.clone(), self.get_typed(Kind::Endpoint, &wrl.staging)?);
-            let mut replicas = Vec::new();
-            for r in &volume.replicas {
-                replicas.push((r.clone(), self.get_typed(Kind::Endpoint, r)?));
-            }
-            volumes.push(VolumeView { name: n, wrl_name: volume.wrl.clone(), volume, key, wrl, staging, replicas });
+            volumes.push(self.view(n, volume, wrl)?);
         }
         Ok(NodeConfig { name: name.to_owned(), endpoint, wrls, volumes })
+    }
+
+    /// Resolves volume `name` with everything it involves (what an agent needs).
+    pub fn volume(&self, name: &str) -> Result<VolumeView> {
+        let volume: Volume = self.get_typed(Kind::Volume, name)?;
+        let wrl: WrlDef = self.get_typed(Kind::Wrl, &volume.wrl)?;
+        self.view(name.to_owned(), volume, wrl)
+    }
+
+    fn view(&self, name: String, volume: Volume, wrl: WrlDef) -> Result<VolumeView> {
+        let key: KeyRef = self.get_typed(Kind::Key, &volume.key)?;
+        let staging = (wrl.staging.clone(), self.get_typed(Kind::Endpoint, &wrl.staging)?);
+        let mut replicas = Vec::new();
+        for r in &volume.replicas {
+            replicas.push((r.clone(), self.get_typed(Kind::Endpoint, r)?));
+        }
+        Ok(VolumeView { name, wrl_name: volume.wrl.clone(), volume, key, wrl, staging, replicas })
     }
 }
 

@@ -3,6 +3,7 @@
 //! Subcommands are thin: parse, call the library crates, print (human text, or `--json` for
 //! scripts). Errors carry context in verb phrases and exit non-zero.
 
+mod agent_cmd;
 mod config_cmd;
 mod demo;
 mod servers;
@@ -47,6 +48,15 @@ enum Command {
     /// Snapshots of replica volumes.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// The host agent of a protected volume.
+    #[command(subcommand)]
+    Agent(agent_cmd::AgentCommand),
+    /// Initial sync of a volume to its replicas.
+    #[command(subcommand)]
+    Sync(agent_cmd::SyncCommand),
+    /// Initial copy from restored media: only the blocks changed since `begin` are shipped.
+    #[command(subcommand, name = "media-resync")]
+    MediaResync(agent_cmd::MediaCommand),
 }
 
 #[derive(Subcommand)]
@@ -116,6 +126,9 @@ fn main() {
         Command::Replica(RunCommand::Recover(n)) => servers::replica_recover(n),
         Command::Status(a) => servers::status(a),
         Command::Snapshot(c) => snapshot_cmd::run(c),
+        Command::Agent(c) => agent_cmd::agent(c),
+        Command::Sync(c) => agent_cmd::sync(c),
+        Command::MediaResync(c) => agent_cmd::media(c),
         Command::Key(KeyCommand::Generate { path, force }) => {
             generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))
         }

@@ -30,6 +30,8 @@ pub enum FrameType {
     StatusReply = 10,
     SnapshotRequest = 11,
     SnapshotReply = 12,
+    MediaRequest = 13,
+    MediaReply = 14,
 }
 
 impl FrameType {
@@ -48,6 +50,8 @@ impl FrameType {
             10 => StatusReply,
             11 => SnapshotRequest,
             12 => SnapshotReply,
+            13 => MediaRequest,
+            14 => MediaReply,
             _ => return None,
         })
     }
@@ -134,6 +138,26 @@ pub enum Frame {
     SnapshotReply {
         json: Vec<u8>,
     },
+    /// Admin -> replica: a media-resync step ([`media_op`]) with its argument (`complete`: the
+    /// byte offset its page of ranges starts at; `release`: the sequence the agent's resync ended
+    /// below).
+    MediaRequest {
+        volume_id: u64,
+        op: u8,
+        arg: u64,
+    },
+    /// Replica -> admin: the media-resync state and, for `complete`, ranges to ship (JSON).
+    MediaReply {
+        json: Vec<u8>,
+    },
+}
+
+/// Steps of a media resync ([`Frame::MediaRequest`]).
+pub mod media_op {
+    pub const BEGIN: u8 = 1;
+    pub const COMPLETE: u8 = 2;
+    pub const RELEASE: u8 = 3;
+    pub const STATUS: u8 = 4;
 }
 
 /// A frame header, checked.
@@ -260,6 +284,19 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             Frame::SnapshotRequest { volume_id, name }
         }
         FrameType::SnapshotReply => Frame::SnapshotReply { json: body.to_vec() },
+        FrameType::MediaRequest => {
+            exact(24)?;
+            let (volume_id, op) = (d.u64(), body[8]);
+            if body[9..16].iter().any(|b| *b != 0) {
+                return Err(FormatError::ReservedNotZero { what: "media request" });
+            }
+            if !(media_op::BEGIN..=media_op::STATUS).contains(&op) {
+                return Err(FormatError::Invalid { what: "media request", field: "op", value: op as u64 });
+            }
+            let arg = u64::from_le_bytes(body[16..24].try_into().expect("8"));
+            Frame::MediaRequest { volume_id, op, arg }
+        }
+        FrameType::MediaReply => Frame::MediaReply { json: body.to_vec() },
     })
 }
 
@@ -298,6 +335,8 @@ impl Frame {
             Frame::StatusReply { .. } => FrameType::StatusReply,
             Frame::SnapshotRequest { .. } => FrameType::SnapshotRequest,
             Frame::SnapshotReply { .. } => FrameType::SnapshotReply,
+            Frame::MediaRequest { .. } => FrameType::MediaRequest,
+            Frame::MediaReply { .. } => FrameType::MediaReply,
         }
     }
 
@@ -344,7 +383,14 @@ impl Frame {
                 out.extend_from_slice(bytes);
             }
             Frame::StatusRequest => {}
-            Frame::StatusReply { json } | Frame::SnapshotReply { json } => out.extend_from_slice(json),
+            Frame::StatusReply { json } | Frame::SnapshotReply { json } | Frame::MediaReply { json } => {
+                out.extend_from_slice(json)
+            }
+            Frame::MediaRequest { volume_id, op, arg } => {
+                put(&mut out, 24, &mut |e| {
+                    e.u64(*volume_id).bytes(&[*op, 0, 0, 0, 0, 0, 0, 0]).u64(*arg);
+                });
+            }
             Frame::SnapshotRequest { volume_id, name } => {
                 let n = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
                 put(&mut out, 10, &mut |e| {
@@ -370,7 +416,7 @@ impl Frame {
         match self {
             Frame::Write { data, .. } => 40 + data.len(),
             Frame::Records { bytes, .. } => 16 + bytes.len(),
-            Frame::StatusReply { json } | Frame::SnapshotReply { json } => json.len(),
+            Frame::StatusReply { json } | Frame::SnapshotReply { json } | Frame::MediaReply { json } => json.len(),
             Frame::SnapshotRequest { name, .. } => 10 + name.len(),
             Frame::Error { message, .. } => 4 + message.len(),
             _ => 24,
@@ -484,6 +530,8 @@ mod tests {
             Frame::StatusReply { json: b"{}".to_vec() },
             Frame::SnapshotRequest { volume_id: 3, name: "before-upgrade".into() },
             Frame::SnapshotReply { json: b"{}".to_vec() },
+            Frame::MediaRequest { volume_id: 3, op: media_op::COMPLETE, arg: 1 << 40 },
+            Frame::MediaReply { json: b"{}".to_vec() },
         ]
     }
 

@@ -19,6 +19,8 @@ use drv_format::record::Flags;
 use drv_staging::wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
 
+use crate::media::Media;
+
 /// Called with the range of every block the apply step is about to overwrite: the one place where
 /// copy-on-write snapshots (save the old block first) will hook in.
 pub trait OverwriteObserver: Send + Sync {
@@ -95,18 +97,23 @@ pub struct ReplicaVolume {
     /// Held while units are applied: whoever else holds it (a snapshot) sees the target at a unit
     /// boundary that does not move.
     pub apply_gate: Mutex<()>,
+    /// Media resync state (lock order: `apply_gate`, then `media`, then `state`).
+    pub media: Mutex<Media>,
 }
 
 impl ReplicaVolume {
+    /// Opens volume `name` (configured as `vol`) with its target and its applied position.
     pub fn open(
-        id: u64,
         name: &str,
+        vol: &drv_config::Volume,
         key: VolumeKey,
         target_path: PathBuf,
-        size_bytes: u64,
         applied_path: PathBuf,
         drlog: &Wrl,
     ) -> std::io::Result<ReplicaVolume> {
+        let (id, size_bytes, block_bytes) = (vol.id, vol.size_bytes, vol.block_bytes);
+        let media = Media::load(applied_path.parent().unwrap_or(Path::new(".")), name, id, size_bytes, block_bytes)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let target =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&target_path)?;
         if target.metadata()?.is_file() && target.metadata()?.len() < size_bytes {
@@ -131,6 +138,7 @@ impl ReplicaVolume {
             changed: Condvar::new(),
             applied_tx: tokio::sync::watch::channel(applied.seq).0,
             apply_gate: Mutex::new(()),
+            media: Mutex::new(media),
         })
     }
 
@@ -264,22 +272,39 @@ fn apply_units(
 ) -> Result<(), String> {
     let last = records.last().expect("units are not empty");
     let _gate = v.apply_gate.lock().expect("apply gate");
-    for r in records {
-        let d = &r.header.desc;
-        let plain = v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;
-        if plain.is_empty() {
-            continue;
+    // The media phase changes only under the apply gate (held here): lock it briefly each time,
+    // so that status is not held up by a whole apply.
+    if v.media.lock().expect("media").tracking() {
+        // A media resync is copying a backup onto the target: leave it alone and note which
+        // blocks these records change (the agent ships them at `complete`).
+        let mut ranges = Vec::new();
+        for r in records {
+            let d = &r.header.desc;
+            v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;
+            if d.length > 0 {
+                ranges.push((d.offset, d.length as u64));
+            }
         }
-        observer
-            .before_overwrite(v.id, d.offset, plain.len() as u64)
-            .map_err(|e| format!("before overwrite at {}: {e}", d.offset))?;
-        v.target
-            .write_all_at(&plain, d.offset)
-            .map_err(|e| format!("write {} at offset {}: {e}", v.target_path.display(), d.offset))?;
+        v.media.lock().expect("media").mark(&ranges).map_err(|e| format!("media resync of volume {}: {e}", v.name))?;
+    } else {
+        for r in records {
+            let d = &r.header.desc;
+            let plain = v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;
+            if plain.is_empty() {
+                continue;
+            }
+            observer
+                .before_overwrite(v.id, d.offset, plain.len() as u64)
+                .map_err(|e| format!("before overwrite at {}: {e}", d.offset))?;
+            v.target
+                .write_all_at(&plain, d.offset)
+                .map_err(|e| format!("write {} at offset {}: {e}", v.target_path.display(), d.offset))?;
+        }
+        v.target.sync_data().map_err(|e| format!("fdatasync {}: {e}", v.target_path.display()))?;
     }
-    v.target.sync_data().map_err(|e| format!("fdatasync {}: {e}", v.target_path.display()))?;
     let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch };
     applied.store(&v.applied_path).map_err(|e| format!("store {}: {e}", v.applied_path.display()))?;
+    v.media.lock().expect("media").applied(applied.seq)?;
     // Applied and recorded: the DR log may drop these records (a retention window for
     // point-in-time recovery would confirm later instead).
     drlog.confirm(v.id, last.header.lsn);

@@ -5,9 +5,12 @@
 //! - `server.rs`: the QUIC server, sequence checks, DR log appends, position reports, status.
 //! - `apply.rs`: the epoch-atomic apply loop, the durable applied position, and the one place a
 //!   block is about to be overwritten (`OverwriteObserver`, for copy-on-write snapshots).
+//! - `media.rs`: media resync (a backup copied onto the target): the blocks changed since
+//!   `begin`, which the agent ships at `complete`.
 //! - `snapshot.rs`: point-in-time copies of a volume at a unit boundary (`drv snapshot create`).
 
 pub mod apply;
+pub mod media;
 pub mod server;
 pub mod snapshot;
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use drv_config::NodeConfig;
 use drv_format::crypto::VolumeKey;
-use drv_format::frame::{Frame, code};
+use drv_format::frame::{Frame, code, media_op};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
 use drv_staging::storage::{FileStorage, Storage};
 use drv_staging::wrl::{self, CreateOptions, Wrl, WrlOptions};
@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::apply::{self, NoSnapshots, ReplicaVolume};
+use crate::media::{MediaError, MediaReport};
 use crate::snapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,16 +90,9 @@ impl ReplicaServer {
                 .get(&node.name)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| dir.join(format!("{}.img", v.name)));
-            let rv = ReplicaVolume::open(
-                v.volume.id,
-                &v.name,
-                key,
-                target,
-                v.volume.size_bytes,
-                dir.join(format!("{}.applied", v.name)),
-                &drlog,
-            )
-            .map_err(|e| err(e.to_string()))?;
+            let rv =
+                ReplicaVolume::open(&v.name, &v.volume, key, target, dir.join(format!("{}.applied", v.name)), &drlog)
+                    .map_err(|e| err(e.to_string()))?;
             volumes.insert(v.volume.id, Arc::new(rv));
         }
         Ok(Arc::new(ReplicaServer {
@@ -197,6 +191,26 @@ impl ReplicaServer {
                                 )) => Frame::Error { code: code::INVALID, message: e.to_string() },
                                 Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
                                 Err(e) => Frame::Error { code: code::SERVER, message: format!("snapshot task: {e}") },
+                            }
+                        }
+                    };
+                    let _ = out.send(reply);
+                }
+                Frame::MediaRequest { volume_id, op, arg } => {
+                    let reply = match self.volumes.get(&volume_id) {
+                        None => Frame::Error {
+                            code: code::UNKNOWN_VOLUME,
+                            message: format!("volume {volume_id} is not configured on replica {}", self.name),
+                        },
+                        Some(v) => {
+                            let v = v.clone();
+                            match tokio::task::spawn_blocking(move || media_step(&v, op, arg)).await {
+                                Ok(Ok(r)) => Frame::MediaReply { json: serde_json::to_vec(&r).expect("serializable") },
+                                Ok(Err(e @ MediaError::Phase { .. })) => {
+                                    Frame::Error { code: code::BUSY, message: e.to_string() }
+                                }
+                                Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
+                                Err(e) => Frame::Error { code: code::SERVER, message: format!("media task: {e}") },
                             }
                         }
                     };
@@ -368,12 +382,23 @@ impl ReplicaServer {
         let volumes: Vec<_> = vs
             .iter()
             .map(|v| {
+                let media = v.media.lock().expect("media").phase;
                 let s = v.state.lock().expect("apply state").clone();
+                let state = if s.error.is_some() {
+                    "error"
+                } else if media.is_some() {
+                    "media-resync"
+                } else if s.resyncing {
+                    "resyncing"
+                } else {
+                    "replicating"
+                };
                 json!({
                     "volume_id": v.id,
                     "name": v.name,
                     "target": v.target_path.display().to_string(),
-                    "state": if s.error.is_some() { "error" } else if s.resyncing { "resyncing" } else { "replicating" },
+                    "state": state,
+                    "media": media,
                     "received_seq": s.submitted_seq,
                     "durable_seq": s.durable_seq,
                     "applied_seq": s.applied.seq,
@@ -396,6 +421,28 @@ impl ReplicaServer {
             "drlog": { "first_lsn": d.first_lsn, "durable_lsn": d.durable_lsn, "used_segments": d.used_segments,
                        "total_segments": d.total_segments, "cache_bytes": d.cache_bytes, "failed": d.failed },
         })
+    }
+}
+
+/// One media-resync step on volume `v`, at a unit boundary (the apply gate is held).
+fn media_step(v: &ReplicaVolume, op: u8, arg: u64) -> Result<MediaReport, MediaError> {
+    let _gate = v.apply_gate.lock().expect("apply gate");
+    let mut m = v.media.lock().expect("media");
+    let applied = v.state.lock().expect("apply state").applied.seq;
+    match op {
+        media_op::BEGIN => m.begin(applied),
+        media_op::COMPLETE => m.complete(applied, arg),
+        media_op::RELEASE => {
+            let r = m.release(arg)?;
+            // Already applied that far: finished at once.
+            m.applied(applied).map_err(|reason| MediaError::Io {
+                volume: v.name.clone(),
+                path: "phase".into(),
+                reason,
+            })?;
+            Ok(MediaReport { phase: m.phase, ..r })
+        }
+        _ => Ok(m.report(Vec::new(), None)),
     }
 }
 

@@ -79,6 +79,14 @@ pub fn create(root: &Path, v: &ReplicaVolume, name: &str) -> Result<SnapshotInfo
     }
     // Hold the apply step: the target stays at the unit boundary read below.
     let _gate = v.apply_gate.lock().expect("apply gate");
+    let media = v.media.lock().expect("media").phase;
+    if media.is_some() {
+        return Err(SnapshotError::Refused(format!(
+            "volume {} is in a media resync ({}): its target shows no state the source had until it finishes",
+            v.name,
+            crate::media::phase_name(media)
+        )));
+    }
     let applied = {
         let s = v.state.lock().expect("apply state");
         if s.resyncing {

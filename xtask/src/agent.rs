@@ -181,7 +181,7 @@ fn resync_vs_rsync(drv: &Path, dir: &Path, quick: bool) -> Result<ResyncFigures>
         };
         // The replica starts equal to the source: an initial sync of the whole volume.
         let t = Instant::now();
-        agent.start_initial_sync(None)?;
+        agent.start_initial_sync(None).await?;
         while agent.mode() != Mode::Sync || agent.dirty_bytes() > 0 {
             anyhow::ensure!(
                 t.elapsed() < Duration::from_secs(900),

@@ -310,7 +310,7 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    agent.start_initial_sync(Some(BWLIMIT)).unwrap();
+    agent.start_initial_sync(Some(BWLIMIT)).await.unwrap();
     assert!(agent.dirty_bytes() >= VOLUME);
     until("the initial sync", Duration::from_secs(60), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
     let took = started.elapsed();
@@ -351,5 +351,186 @@ async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replic
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
     assert!(!cl.log("stg1").contains("over the limit"), "{}", cl.log("stg1"));
+    kill_all([&mut staging, &mut replica]);
+}
+
+/// Runs `drv ARGS` (with the cluster's certificates) off the async runtime; returns stdout, or
+/// panics with stdout and stderr if it failed.
+async fn drv(args: Vec<String>) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(drv_tests::drv_bin()).args(&args).output().expect("run drv")
+    })
+    .await
+    .unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "drv failed: {o}{e}");
+    o
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The JSON lines of a command's output.
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drv_agent_run_and_sync_start_copy_the_whole_volume() {
+    const VOLUME: u64 = 8 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    // The source holds data the replica has never seen.
+    let source = cl.dir.path().join("source.img");
+    std::fs::write(&source, drv_format::pattern(0xabc, VOLUME as usize)).unwrap();
+    let run = cl.dir.path().join("run");
+    let mut agent = std::process::Command::new(drv_tests::drv_bin())
+        .args(["agent", "run", "--volume", "vol1", "--name", "host1"])
+        .arg("--config")
+        .arg(&cl.config)
+        .arg("--certs")
+        .arg(&cl.certs)
+        .arg("--device")
+        .arg(&source)
+        .arg("--state-dir")
+        .arg(cl.dir.path().join("agent-state"))
+        .arg("--run-dir")
+        .arg(&run)
+        .env("DRV_LOG", "info")
+        .stderr(std::fs::File::create(cl.dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let run_dir = run.display().to_string();
+    until("the agent's control socket", Duration::from_secs(20), || run.join("vol1.sock").exists()).await;
+    let st: serde_json::Value =
+        serde_json::from_str(&drv(strings(&["agent", "status", "vol1", "--json", "--run-dir", &run_dir])).await)
+            .unwrap();
+    assert_eq!(st["mode"], "sync", "{st}");
+    assert_eq!(st["dirty_bytes"], 0, "{st}");
+    // Bad requests get a reason and change nothing.
+    {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(run.join("vol1.sock")).unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        for (req, why) in [
+            ("garbage\n", "malformed request"),
+            ("{\"op\":\"resync\",\"extents\":[[8388608,1]]}\n", "outside the volume"),
+        ] {
+            s.write_all(req.as_bytes()).unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["ok"], false, "{line}");
+            assert!(v["error"].as_str().unwrap().contains(why), "{line}");
+        }
+    }
+    // Not a terminal: JSON progress lines, the last one done.
+    let out = drv(strings(&["sync", "start", "vol1", "--bwlimit", "32M", "--run-dir", &run_dir])).await;
+    let lines = json_lines(&out);
+    let last = lines.last().expect("progress lines");
+    assert_eq!(last["done"], true, "{out}");
+    assert!(last["shipped_bytes"].as_u64().unwrap() >= VOLUME, "{out}");
+    assert!(lines.iter().all(|l| l["total_bytes"].as_u64() >= Some(VOLUME)), "{out}");
+    let st: serde_json::Value =
+        serde_json::from_str(&drv(strings(&["agent", "status", "vol1", "--json", "--run-dir", &run_dir])).await)
+            .unwrap();
+    assert_eq!(st["mode"], "sync", "{st}");
+    assert_replica_equals(&cl, &source, st["next_seq"].as_u64().unwrap()).await;
+    // SIGTERM: a clean stop that removes the socket.
+    assert!(std::process::Command::new("kill").args(["-TERM", &agent.id().to_string()]).status().unwrap().success());
+    assert!(agent.wait().unwrap().success(), "{}", cl.log("agent"));
+    assert!(!run.join("vol1.sock").exists());
+    kill_all([&mut staging, &mut replica]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
+    use drv_agent::Mode;
+    const VOLUME: u64 = 16 << 20;
+    const BLOCK: u64 = 64 << 10; // the volume's change-map block size (the default)
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    until("replica", Duration::from_secs(20), || cl.status(&cl.replica_addrs[0], "replica", "admin").is_some()).await;
+    // The source holds data the replica has never seen: media resync is its initial copy.
+    let source = cl.dir.path().join("source.img");
+    std::fs::write(&source, drv_format::pattern(0x3ed1a, VOLUME as usize)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let addr = cl.staging_addr.parse().unwrap();
+    let opts = AgentOptions { reconnect_interval: Duration::from_millis(100), ..AgentOptions::default() };
+    let state = cl.dir.path().join("agent-state");
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), opts).await.unwrap();
+    let run = cl.dir.path().join("run");
+    let control = tokio::spawn(drv_agent::control::serve(agent.clone(), run.join("vol1.sock")));
+    let run_dir = run.display().to_string();
+    let conn = |json: bool| {
+        let mut v = strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]);
+        if json {
+            v.push("--json".into());
+        }
+        v
+    };
+    let mut begin = strings(&["media-resync", "begin", "vol1"]);
+    begin.extend(conn(false));
+    drv(begin).await;
+    let mut snap = strings(&["snapshot", "create", "vol1", "during-media"]);
+    snap.extend(conn(false));
+    let refused = std::process::Command::new(drv_tests::drv_bin()).args(&snap).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("media resync"), "{refused:?}");
+    // Writes after `begin`, some before the "backup" is taken and some while it is copied.
+    let mut changed = std::collections::BTreeSet::new();
+    let mut rng = Rng::new(77);
+    let mut write = async |n: usize, changed: &mut std::collections::BTreeSet<u64>| {
+        for _ in 0..n {
+            let len = 4096 * (1 + rng.below(8));
+            let offset = rng.below(VOLUME - len) / 4096 * 4096;
+            agent
+                .write(offset, Bytes::from(drv_format::pattern(rng.next_u64(), len as usize)), Flags::default())
+                .await
+                .unwrap();
+            changed.extend(offset / BLOCK..(offset + len).div_ceil(BLOCK));
+        }
+    };
+    write(20, &mut changed).await;
+    // The backup: dd of the source onto the replica's target.
+    let target = cl.dir.path().join("rep1/vol1.img");
+    let dd = std::process::Command::new("dd")
+        .arg(format!("if={}", source.display()))
+        .arg(format!("of={}", target.display()))
+        .args(["bs=1M", "conv=notrunc,fsync", "status=none"])
+        .status()
+        .unwrap();
+    assert!(dd.success());
+    write(20, &mut changed).await;
+    agent.close_epoch();
+    // Every write applied (marked) on the replica before `complete`: the count is then exact.
+    let (next, _) = agent.position();
+    until("the replica to take every write", Duration::from_secs(30), || {
+        cl.status(&cl.replica_addrs[0], "replica", "admin")
+            .is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
+    })
+    .await;
+    let mut complete = strings(&["media-resync", "complete", "vol1", "--run-dir", &run_dir]);
+    complete.extend(conn(true));
+    let out = drv(complete).await;
+    let lines = json_lines(&out);
+    let expected = changed.len() as u64 * BLOCK;
+    assert_eq!(lines[0]["changed_bytes"], expected, "{out}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true, "{out}");
+    // Only the changed blocks went over the network: a small part of the volume.
+    assert_eq!(last["shipped_bytes"], expected, "{out}");
+    assert!(expected < VOLUME / 4, "{expected}");
+    assert_eq!(agent.mode(), Mode::Sync);
+    let (next, _) = agent.position();
+    assert_replica_equals(&cl, &source, next).await;
+    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
+    assert_eq!(st["volumes"][0]["media"], serde_json::Value::Null, "{st}");
+    assert_eq!(st["volumes"][0]["state"], "replicating", "{st}");
+    control.abort();
     kill_all([&mut staging, &mut replica]);
 }

@@ -1,5 +1,7 @@
 //! The persistent change map: one bit per block of the volume, set durably before a write that
 //! staging does not have reaches the local disk, cleared only once every marked block was shipped.
+//! The agent keeps two (the change map and the activity log of writes in doubt); the replica keeps
+//! one while a media resync runs (the blocks changed since `drv media-resync begin`).
 //!
 //! File layout (little endian):
 //!
@@ -158,6 +160,48 @@ impl ChangeMap {
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
+    /// Marks the blocks of every `(offset, len)` range with one `fdatasync` for all of them.
+    pub fn mark_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), ChangeMapError> {
+        let mut bits = self.bits.lock().expect("bits");
+        let mut pages = std::collections::BTreeSet::new();
+        {
+            let mut todo = self.todo.lock().expect("todo");
+            for &(offset, len) in ranges {
+                for b in self.blocks_of(offset, len) {
+                    todo.insert(b);
+                    let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
+                    if bits[byte] & bit == 0 {
+                        bits[byte] |= bit;
+                        pages.insert(byte as u64 / PAGE);
+                    }
+                }
+            }
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        for p in &pages {
+            let s = (p * PAGE) as usize;
+            self.file.write_all_at(&bits[s..s + PAGE as usize], BITMAP_AT + p * PAGE).map_err(|e| self.io(e))?;
+        }
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// The marked blocks as byte ranges `(offset, len)`, adjacent blocks merged, the last one cut
+    /// at the volume's end.
+    pub fn dirty_extents(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for b in self.dirty_blocks() {
+            let off = b * self.block_bytes;
+            let len = self.block_bytes.min(self.volume_bytes - off);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => out.push((off, len)),
+            }
+        }
+        out
+    }
+
     /// Whether every block of `[offset, offset + len)` is marked already (no I/O).
     pub fn is_marked(&self, offset: u64, len: u64) -> bool {
         let bits = self.bits.lock().expect("bits");
@@ -272,6 +316,10 @@ mod tests {
         drop(m);
         let m = ChangeMap::open(&p, 7, 10 << 20, 64 << 10).unwrap();
         assert!(m.dirty_blocks().is_empty());
+        m.mark_ranges(&[(128 << 10, 1), (192 << 10, 64 << 10), ((10 << 20) - 1, 1)]).unwrap();
+        drop(m);
+        let m = ChangeMap::open(&p, 7, 10 << 20, 64 << 10).unwrap();
+        assert_eq!(m.dirty_extents(), vec![(128 << 10, 128 << 10), ((10 << 20) - (64 << 10), 64 << 10)]);
         let e = ChangeMap::open(&p, 8, 10 << 20, 64 << 10).err().unwrap();
         assert!(e.to_string().contains("not volume 8"), "{e}");
         std::fs::write(&p, b"garbage").unwrap();

@@ -1,0 +1,191 @@
+//! The agent's control socket: how `drv sync start`, `drv agent status` and `drv media-resync
+//! complete` reach a running agent.
+//!
+//! A Unix stream socket (mode 0600: only the agent's user, root in practice, may steer it). Each
+//! request is one line of JSON and gets one line of JSON back:
+//!
+//! | request | reply |
+//! |---|---|
+//! | `{"op":"status"}` | `{"ok":true,"status":{...}}` (see [`AgentStatus`]) |
+//! | `{"op":"sync-start","bwlimit":N}` | `{"ok":true,"status":{...}}` once every block is marked |
+//! | `{"op":"set-bwlimit","bwlimit":N}` | `{"ok":true}` (`null`: unlimited) |
+//! | `{"op":"resync","extents":[[offset,len],...]}` | `{"ok":true,...}` once the ranges are marked durably |
+//!
+//! A failure is `{"ok":false,"error":"..."}` naming what was wrong. Lines are at most
+//! [`MAX_LINE`] bytes (a client sends a long extent list in several requests).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::agent::{Agent, AgentStatus};
+
+/// Longest request or reply line.
+pub const MAX_LINE: usize = 4 << 20;
+/// Most extents in one `resync` request.
+pub const MAX_EXTENTS: usize = 65536;
+/// Most control connections served at once.
+const MAX_CLIENTS: usize = 16;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    SyncStart { bwlimit: Option<u64> },
+    SetBwlimit { bwlimit: Option<u64> },
+    Resync { extents: Vec<(u64, u64)> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AgentStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("control socket {0}: another agent is serving it")]
+    InUse(String),
+    #[error("agent at {path}: {message}")]
+    Agent { path: String, message: String },
+    #[error("agent at {path}: malformed reply: {reason}")]
+    Malformed { path: String, reason: String },
+}
+
+/// Serves the control socket at `path` until the task is dropped. A stale socket file (nothing
+/// listening) is replaced; a live one is an error (two agents for one volume).
+pub async fn serve(agent: Agent, path: PathBuf) -> Result<(), ControlError> {
+    let p = path.display().to_string();
+    let io = |source| ControlError::Io { path: p.clone(), source };
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(ControlError::InUse(p));
+        }
+        std::fs::remove_file(&path).map_err(io)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(io)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let clients = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    loop {
+        let (stream, _) = listener.accept().await.map_err(io)?;
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
+            tracing::warn!("control socket {p}: over {MAX_CLIENTS} clients, refusing one");
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_client(&agent, stream).await {
+                tracing::debug!("control client: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_client(agent: &Agent, stream: UnixStream) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = if line.len() > MAX_LINE {
+            failed(format!("request over {MAX_LINE} bytes"))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => handle(agent, req).await,
+                Err(e) => failed(format!("malformed request: {e}")),
+            }
+        };
+        let too_long = line.len() > MAX_LINE;
+        let mut out = serde_json::to_vec(&reply).expect("serializable");
+        out.push(b'\n');
+        w.write_all(&out).await?;
+        if too_long {
+            return Ok(()); // the rest of that line is unread: close
+        }
+    }
+}
+
+fn failed(error: String) -> Reply {
+    Reply { ok: false, error: Some(error), status: None }
+}
+
+async fn handle(agent: &Agent, req: Request) -> Reply {
+    let r = match req {
+        Request::Status => Ok(()),
+        Request::SyncStart { bwlimit } => agent.start_initial_sync(bwlimit).await,
+        Request::SetBwlimit { bwlimit } => {
+            agent.set_bwlimit(bwlimit);
+            Ok(())
+        }
+        Request::Resync { extents } if extents.len() > MAX_EXTENTS => {
+            return failed(format!("{} extents in one request, at most {MAX_EXTENTS}", extents.len()));
+        }
+        Request::Resync { extents } => agent.resync_ranges(&extents).await,
+    };
+    match r {
+        Ok(()) => Reply { ok: true, error: None, status: Some(agent.status()) },
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+/// A client of an agent's control socket.
+pub struct Client {
+    path: String,
+    r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Result<Client, ControlError> {
+        let p = path.display().to_string();
+        let s = UnixStream::connect(path).await.map_err(|source| ControlError::Io { path: p.clone(), source })?;
+        let (r, w) = s.into_split();
+        Ok(Client { path: p, r: BufReader::new(r), w })
+    }
+
+    /// Sends one request; an error reply becomes [`ControlError::Agent`].
+    pub async fn call(&mut self, req: &Request) -> Result<Reply, ControlError> {
+        let io = |source| ControlError::Io { path: self.path.clone(), source };
+        let mut line = serde_json::to_vec(req).expect("serializable");
+        line.push(b'\n');
+        self.w.write_all(&line).await.map_err(io)?;
+        let mut buf = Vec::new();
+        let n = (&mut self.r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await.map_err(io)?;
+        if n == 0 {
+            return Err(ControlError::Malformed {
+                path: self.path.clone(),
+                reason: "the agent closed the socket".into(),
+            });
+        }
+        let reply: Reply = serde_json::from_slice(&buf)
+            .map_err(|e| ControlError::Malformed { path: self.path.clone(), reason: e.to_string() })?;
+        if !reply.ok {
+            return Err(ControlError::Agent {
+                path: self.path.clone(),
+                message: reply.error.unwrap_or_else(|| "failed without a reason".into()),
+            });
+        }
+        Ok(reply)
+    }
+
+    pub async fn status(&mut self) -> Result<AgentStatus, ControlError> {
+        let r = self.call(&Request::Status).await?;
+        r.status.ok_or_else(|| ControlError::Malformed { path: self.path.clone(), reason: "no status".into() })
+    }
+}

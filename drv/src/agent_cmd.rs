@@ -1,0 +1,464 @@
+//! `drv agent run|status`, `drv sync start`, `drv media-resync begin|complete|status`.
+//!
+//! `drv agent run` is the agent process of one volume: it holds the volume's change map and
+//! activity log and serves a control socket (`RUN_DIR/VOLUME.sock`, see `drv_agent::control`) that
+//! the other commands here use. Capture paths (the kernel module, the userspace device) hand the
+//! writes of the volume to this agent.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use drv_agent::control::{self, Client, Request};
+use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode};
+use drv_config::ConfigStore;
+use drv_format::frame::{Frame, media_op};
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+
+use crate::servers::{ServerConn, addr, fetch_status, runtime};
+
+/// Where the control socket of a volume's agent is.
+#[derive(Args, Clone)]
+pub struct ControlArgs {
+    /// Directory of the agents' control sockets (`VOLUME.sock`).
+    #[arg(long, env = "DRV_RUN_DIR", default_value = "/run/drv")]
+    pub run_dir: PathBuf,
+}
+
+impl ControlArgs {
+    fn socket(&self, volume: &str) -> PathBuf {
+        self.run_dir.join(format!("{volume}.sock"))
+    }
+
+    async fn connect(&self, volume: &str) -> Result<Client> {
+        let p = self.socket(volume);
+        Client::connect(&p).await.with_context(|| {
+            format!("reach the agent of volume {volume} (is `drv agent run --volume {volume}` running?)")
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Run the agent of one volume until stopped (SIGINT/SIGTERM).
+    Run(AgentRunArgs),
+    /// Show the agent's mode (sync, change-map, resyncing), dirty bytes and counters.
+    Status {
+        volume: String,
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct AgentRunArgs {
+    /// The configuration store.
+    #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
+    config: PathBuf,
+    /// The volume this agent protects.
+    #[arg(long)]
+    volume: String,
+    /// The local disk of the volume (a block device or an image file).
+    #[arg(long)]
+    device: PathBuf,
+    /// Directory with ca.pem, NAME.pem and NAME.key.
+    #[arg(long, env = "DRV_CERTS")]
+    certs: PathBuf,
+    /// This host's certificate name (an agent certificate).
+    #[arg(long)]
+    name: String,
+    /// Change map and activity log (default: /var/lib/drv/agent/VOLUME).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// How long a write may wait for staging before the agent switches to its change map (ms).
+    #[arg(long, default_value_t = 5000)]
+    ack_timeout_ms: u64,
+}
+
+#[derive(Subcommand)]
+pub enum SyncCommand {
+    /// Copy the whole volume to its replicas through staging, while the application keeps
+    /// writing. Shows progress until the replica is consistent (or returns at once with
+    /// --no-wait).
+    Start {
+        volume: String,
+        /// Bytes per second, e.g. 50M (binary units; default: unlimited).
+        #[arg(long, value_parser = parse_rate)]
+        bwlimit: Option<u64>,
+        /// Progress as JSON lines (the default when stdout is not a terminal).
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MediaCommand {
+    /// On the replica: from now on, leave the target alone and track which blocks change. Then
+    /// take a backup of the source and copy it onto the replica's target by any means.
+    Begin {
+        volume: String,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// Once the copy is on the target: the agent ships only the blocks changed since `begin`;
+    /// waits until the replica is consistent again.
+    Complete {
+        volume: String,
+        #[command(flatten)]
+        t: ServerConn,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// The media-resync phase of a volume on the replica.
+    Status {
+        volume: String,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+}
+
+/// `10M`, `10MiB/s`, `512K`, `1G` (binary units), or plain bytes per second.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s").trim_end_matches("ps");
+    let t = t.strip_suffix('B').unwrap_or(t);
+    drv_config::parse_size(t)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a rate such as 50M (bytes per second)"))
+}
+
+pub fn agent(c: AgentCommand) -> Result<()> {
+    match c {
+        AgentCommand::Run(a) => agent_run(a),
+        AgentCommand::Status { volume, control, json } => {
+            let st = runtime()?
+                .block_on(async { control.connect(&volume).await?.status().await.map_err(anyhow::Error::from) })?;
+            if json {
+                println!("{}", serde_json::to_string(&st)?);
+            } else {
+                print_status(&volume, &st);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_status(volume: &str, s: &AgentStatus) {
+    println!(
+        "volume {volume} (id {}): {}, {} dirty, next seq {}, epoch {}; {} writes ({} to the change map), {} resynced",
+        s.volume_id,
+        s.mode,
+        human(s.dirty_bytes),
+        s.next_seq,
+        s.epoch,
+        s.writes,
+        s.mapped_writes,
+        human(s.resync_bytes)
+    );
+}
+
+fn human(b: u64) -> String {
+    indicatif::BinaryBytes(b).to_string()
+}
+
+fn agent_run(a: AgentRunArgs) -> Result<()> {
+    let store =
+        ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
+    let view = store.volume(&a.volume).with_context(|| format!("load volume {}", a.volume))?;
+    let id = Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
+    let staging = addr(&view.staging.1.address)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&a.device)
+        .with_context(|| format!("open device {}", a.device.display()))?;
+    let size = device_bytes(&f).with_context(|| format!("size of {}", a.device.display()))?;
+    if size < view.volume.size_bytes {
+        bail!(
+            "device {} has {size} bytes, less than volume {} ({} bytes)",
+            a.device.display(),
+            a.volume,
+            view.volume.size_bytes
+        );
+    }
+    let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(&a.volume));
+    let opts = AgentOptions {
+        ack_timeout: Duration::from_millis(a.ack_timeout_ms),
+        change_block_bytes: view.volume.block_bytes,
+        ..AgentOptions::default()
+    };
+    let socket = a.control.socket(&a.volume);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let agent = Agent::start(
+            &id,
+            staging,
+            view.volume.id,
+            view.volume.size_bytes,
+            Arc::new(FileDisk(f)),
+            Some(&state),
+            opts,
+        )
+        .await
+        .with_context(|| format!("start the agent of volume {}", a.volume))?;
+        eprintln!(
+            "agent {} protecting volume {} ({}) on {}: {}, staging {} at {staging}; control {}",
+            a.name,
+            a.volume,
+            human(view.volume.size_bytes),
+            a.device.display(),
+            agent.mode(),
+            view.staging.0,
+            socket.display()
+        );
+        let serve = control::serve(agent.clone(), socket.clone());
+        let r = tokio::select! {
+            r = serve => r.context("control socket"),
+            _ = shutdown() => Ok(()),
+        };
+        let _ = std::fs::remove_file(&socket);
+        r
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Bytes of a file or block device.
+fn device_bytes(f: &std::fs::File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = f;
+    f.seek(std::io::SeekFrom::End(0))
+}
+
+pub fn sync(c: SyncCommand) -> Result<()> {
+    let SyncCommand::Start { volume, bwlimit, json, no_wait, control } = c;
+    let json = json || !std::io::stdout().is_terminal();
+    runtime()?.block_on(async {
+        let mut c = control.connect(&volume).await?;
+        let before = c.status().await?;
+        let r = c.call(&Request::SyncStart { bwlimit }).await?;
+        let st = r.status.context("status in the reply")?;
+        let total = st.volume_bytes;
+        if !json {
+            println!(
+                "initial sync of volume {volume}: {} to ship{}",
+                human(total),
+                bwlimit.map(|b| format!(" at most {}/s", human(b))).unwrap_or_default()
+            );
+        }
+        if no_wait {
+            return Ok(());
+        }
+        follow(&mut c, &volume, before.resync_bytes, total, json, "syncing").await
+    })
+}
+
+/// Shows the resync's progress until the agent is back in sync mode with nothing dirty: an
+/// indicatif bar on a terminal, JSON lines otherwise.
+async fn follow(c: &mut Client, volume: &str, base: u64, total: u64, json: bool, what: &str) -> Result<()> {
+    let started = Instant::now();
+    let bar = (!json).then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "  {what} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} eta {{eta}}  {{msg}}"
+            ))
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let mut last_line = Instant::now() - Duration::from_secs(1);
+    loop {
+        let st = c.status().await?;
+        let shipped = st.resync_bytes.saturating_sub(base);
+        let done = st.mode == Mode::Sync && st.dirty_bytes == 0;
+        let secs = started.elapsed().as_secs_f64();
+        let rate = shipped as f64 / secs.max(1e-3);
+        if let Some(b) = &bar {
+            b.set_length(total.max(shipped));
+            b.set_position(shipped);
+            b.set_message(format!("{} ({} dirty)", st.mode, human(st.dirty_bytes)));
+        } else if done || last_line.elapsed() >= Duration::from_secs(1) {
+            last_line = Instant::now();
+            let left = total.saturating_sub(shipped);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "volume": volume, "done": done, "mode": st.mode, "shipped_bytes": shipped,
+                    "total_bytes": total.max(shipped), "dirty_bytes": st.dirty_bytes,
+                    "rate_bytes_per_sec": rate.round(), "elapsed_seconds": secs,
+                    "eta_seconds": if done { 0.0 } else if rate > 0.0 { left as f64 / rate } else { -1.0 },
+                })
+            );
+        }
+        if done {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+                println!(
+                    "{what} done: {} shipped in {secs:.1} s ({}/s); volume {volume} is back in sync mode",
+                    human(shipped),
+                    human(rate as u64)
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One media-resync request to the replica.
+async fn media_call(
+    id: &Identity,
+    server: std::net::SocketAddr,
+    volume_id: u64,
+    op: u8,
+    arg: u64,
+) -> Result<serde_json::Value> {
+    let client = quic::client(id, Role::Replica)?;
+    let mut conn = quic::connect(&client, server, Role::Replica).await?;
+    let s = conn.open_bidirectional_stream().await.context("open stream")?;
+    let (rx, tx) = s.split();
+    let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
+    w.send(&Frame::MediaRequest { volume_id, op, arg }).await?;
+    match r.next().await? {
+        Some(Frame::MediaReply { json }) => Ok(serde_json::from_slice(&json).context("parse media reply")?),
+        Some(Frame::Error { message, .. }) => bail!("replica refused: {message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// The volume's id on the replica, by name or id.
+async fn replica_volume(id: &Identity, server: std::net::SocketAddr, volume: &str) -> Result<u64> {
+    let st = fetch_status(id, server, Role::Replica).await?;
+    st["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| {
+            v["name"].as_str() == Some(volume) || v["volume_id"].as_u64().is_some_and(|i| i.to_string() == volume)
+        })
+        .and_then(|v| v["volume_id"].as_u64())
+        .with_context(|| format!("volume {volume} is not on replica {}", st["name"].as_str().unwrap_or("?")))
+}
+
+pub fn media(c: MediaCommand) -> Result<()> {
+    let rt = runtime()?;
+    match c {
+        MediaCommand::Begin { volume, t } => {
+            let (id, server) = t.open()?;
+            let r = rt.block_on(async {
+                let vid = replica_volume(&id, server, &volume).await?;
+                media_call(&id, server, vid, media_op::BEGIN, 0).await
+            })?;
+            if t.json {
+                println!("{r}");
+            } else {
+                println!(
+                    "media resync of {volume} begun on {}: the replica now leaves its target alone and tracks changed blocks.\n\
+                     Now take a backup of the source, copy it onto the replica's target, then run `drv media-resync complete {volume}`.",
+                    t.server
+                );
+            }
+            Ok(())
+        }
+        MediaCommand::Status { volume, t } => {
+            let (id, server) = t.open()?;
+            let r = rt.block_on(async {
+                let vid = replica_volume(&id, server, &volume).await?;
+                media_call(&id, server, vid, media_op::STATUS, 0).await
+            })?;
+            if t.json {
+                println!("{r}");
+            } else {
+                println!(
+                    "volume {volume}: media resync {}, {} marked",
+                    r["phase"]["phase"].as_str().unwrap_or("none"),
+                    human(r["marked_bytes"].as_u64().unwrap_or(0))
+                );
+            }
+            Ok(())
+        }
+        MediaCommand::Complete { volume, t, control } => rt.block_on(complete(&volume, &t, &control)),
+    }
+}
+
+/// `complete` on the replica (page by page) -> the ranges to the agent -> wait for the agent's
+/// resync -> `release` on the replica with the sequence the resync ended below. Every step may be
+/// repeated after a failure: the replica keeps the ranges until `release`.
+async fn complete(volume: &str, t: &ServerConn, control: &ControlArgs) -> Result<()> {
+    let json = t.json || !std::io::stdout().is_terminal();
+    let (id, server) = t.open()?;
+    let vid = replica_volume(&id, server, volume).await?;
+    let mut c = control.connect(volume).await?;
+    let before = c.status().await?;
+    if before.volume_id != vid {
+        bail!(
+            "the agent at {} serves volume id {}, the replica's {volume} is id {vid}",
+            control.socket(volume).display(),
+            before.volume_id
+        );
+    }
+    let mut from = 0u64;
+    let (mut ranges, mut bytes) = (0usize, 0u64);
+    let mut marked = 0u64;
+    loop {
+        let r = media_call(&id, server, vid, media_op::COMPLETE, from).await?;
+        marked = r["marked_bytes"].as_u64().unwrap_or(marked);
+        let extents: Vec<(u64, u64)> = serde_json::from_value(r["extents"].clone()).context("extents in the reply")?;
+        for chunk in extents.chunks(control::MAX_EXTENTS) {
+            c.call(&Request::Resync { extents: chunk.to_vec() }).await?;
+        }
+        ranges += extents.len();
+        bytes += extents.iter().map(|(_, l)| l).sum::<u64>();
+        match r["next"].as_u64() {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"volume": volume, "changed_ranges": ranges, "changed_bytes": bytes, "marked_bytes": marked})
+        );
+    } else {
+        println!("{volume}: {} in {ranges} range(s) changed since begin; the agent ships them now", human(bytes));
+    }
+    follow(&mut c, volume, before.resync_bytes, bytes, json, "shipping").await?;
+    // Every range was shipped in records below the agent's next sequence number.
+    let st = c.status().await?;
+    let r = media_call(&id, server, vid, media_op::RELEASE, st.next_seq - 1).await?;
+    let shipped = st.resync_bytes - before.resync_bytes;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"volume": volume, "done": true, "shipped_bytes": shipped, "changed_bytes": bytes, "through_seq": st.next_seq - 1, "phase": r["phase"]})
+        );
+    } else {
+        println!(
+            "media resync of {volume} done: {} shipped for {} changed; the replica is consistent once it applies seq {}",
+            human(shipped),
+            human(bytes),
+            st.next_seq - 1
+        );
+    }
+    Ok(())
+}
