@@ -206,6 +206,9 @@ impl Session {
     }
 }
 
+/// Local writes up to this size without FLUSH/FUA run inline on the async worker.
+const INLINE_WRITE_BYTES: u64 = 64 << 10;
+
 /// How long a connection attempt to staging may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -238,6 +241,8 @@ async fn open_session(
     tokio::spawn(async move {
         // The connection lives as long as its writer.
         let (_conn, _client) = (conn, client);
+        // One send per frame: gathering queued frames into one vectored send measured slower
+        // (QD32 IOPS -15% in `cargo xtask bench agent`).
         while let Some(f) = out_rx.recv().await {
             if let Err(e) = w.send_frame(&f).await {
                 if let Some(s) = ws.upgrade() {
@@ -646,9 +651,14 @@ impl Agent {
                 Some(al) if flags.contains(Flags::FLUSH) => Some(al.flush_begin()),
                 _ => None,
             };
-            // The local write is one syscall: run it on this worker (block_in_place moves the
-            // worker's other tasks elsewhere) rather than handing it to another thread.
-            result = tokio::task::block_in_place(local).map_err(|source| AgentError::Local { offset, source });
+            // The local write is one syscall: run it on this worker rather than handing it to
+            // another thread. A small write without a flush takes microseconds: run it inline
+            // (`block_in_place` would hand this worker's queue to another thread for each one,
+            // which costs more than the write); a flush or a large write may take milliseconds, so
+            // the worker's other tasks move elsewhere meanwhile.
+            let quick = len <= INLINE_WRITE_BYTES && !flags.contains(Flags::FLUSH) && !flags.contains(Flags::FUA);
+            result = if quick { local() } else { tokio::task::block_in_place(local) }
+                .map_err(|source| AgentError::Local { offset, source });
             if let (Some(al), Some(g), true) = (&i.activity, flush_gen, result.is_ok()) {
                 al.flush_done(g)?;
             }

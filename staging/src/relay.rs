@@ -22,6 +22,9 @@ use crate::wrl::{LogRecord, WrlError};
 const RECORDS_FRAME_BYTES: u64 = 4 << 20;
 
 /// `frame_limit`: the largest frame body the replica accepts (its configured `frame_bytes_limit`).
+/// How long the relay waits, once caught up, for more records to gather after an append.
+pub const RELAY_LINGER: Duration = Duration::from_millis(2);
+
 pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: SocketAddr, frame_limit: u32) {
     let client = match quic::client_with(&st.identity, Role::Replica, &st.quic) {
         Ok(c) => c,
@@ -220,7 +223,12 @@ async fn pump(
         }
         // Nothing new: wait for an append or a position report.
         tokio::select! {
-            _ = &mut notified => {}
+            _ = &mut notified => {
+                // Caught up and woken by an append: let a few more gather, so that at a low write
+                // rate the replica logs (and fsyncs) several records per frame rather than one.
+                // Adds at most RELAY_LINGER to the replica's lag.
+                tokio::time::sleep(RELAY_LINGER).await;
+            }
             m = pos_rx.recv() => {
                 let (d, a) = m.ok_or(RelayError::Closed)??;
                 ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;

@@ -29,13 +29,46 @@ impl Peers {
 /// Outgoing frames of one stream.
 pub type Outbox = mpsc::UnboundedSender<Frame>;
 
-/// Sends queued frames on a stream until every sender is gone, then finishes the stream.
+/// Most frames taken from the queue for one send.
+const SEND_BATCH: usize = 256;
+
+/// Sends queued frames on a stream until every sender is gone, then finishes the stream. Frames
+/// queued together go out in one send, and a run of `Ack` frames of one volume becomes its last
+/// one: an `Ack` is cumulative (that write and every earlier one is durable), so under group commit
+/// one frame answers a whole batch of writes.
 pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
     mut w: FrameWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Frame>,
 ) {
-    while let Some(f) = rx.recv().await {
-        if w.send(&f).await.is_err() {
+    let mut batch: Vec<Frame> = Vec::new();
+    while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
+        let mut out = Vec::new();
+        let mut last_ack: Option<Frame> = None;
+        for f in batch.drain(..) {
+            match (&f, &last_ack) {
+                (Frame::Ack { volume_id: v, seq, .. }, Some(Frame::Ack { volume_id: pv, seq: ps, .. })) if v == pv => {
+                    // The highest one says everything (a retry's ack may come after later ones).
+                    if seq > ps {
+                        last_ack = Some(f);
+                    }
+                }
+                (Frame::Ack { .. }, _) => {
+                    if let Some(a) = last_ack.replace(f) {
+                        out.extend_from_slice(&a.encode());
+                    }
+                }
+                _ => {
+                    if let Some(a) = last_ack.take() {
+                        out.extend_from_slice(&a.encode());
+                    }
+                    out.extend_from_slice(&f.encode());
+                }
+            }
+        }
+        if let Some(a) = last_ack.take() {
+            out.extend_from_slice(&a.encode());
+        }
+        if w.send_raw(&out).await.is_err() {
             return;
         }
     }

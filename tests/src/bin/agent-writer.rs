@@ -139,7 +139,9 @@ async fn main() {
             match tokio::time::timeout(Duration::from_secs(5), r.next()).await {
                 Ok(Ok(Some(Frame::Ack { seq, .. }))) => {
                     last_progress = Instant::now();
-                    if let Some(wr) = inflight.remove(&seq) {
+                    // Cumulative: this write and every earlier one are durable at staging.
+                    let rest = inflight.split_off(&(seq + 1));
+                    for (_, wr) in std::mem::replace(&mut inflight, rest) {
                         // Only now does the write reach the local disk.
                         source.write_all_at(&wr.data, wr.offset).unwrap();
                         completed_since_issue = true;
