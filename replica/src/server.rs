@@ -15,9 +15,8 @@ use drv_format::frame::{Frame, code, media_op};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
 use drv_staging::storage::{FileStorage, Storage};
 use drv_staging::wrl::{self, CreateOptions, Wrl, WrlOptions};
-use drv_transport::{FrameReader, Identity, Role, quic, serve};
+use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use crate::apply::{self, NoSnapshots, ReplicaVolume};
 use crate::media::{MediaError, MediaReport};
@@ -153,7 +152,7 @@ impl ReplicaServer {
     async fn serve_stream<R: tokio::io::AsyncRead + Unpin>(
         self: &Arc<Self>,
         r: &mut FrameReader<R>,
-        out: &mpsc::UnboundedSender<Frame>,
+        out: &Outbox,
     ) -> Result<(), String> {
         let mut volume: Option<Arc<ReplicaVolume>> = None;
         // Tasks that live as long as this stream (aborted on every way out).
@@ -303,7 +302,7 @@ impl ReplicaServer {
         v: &Arc<ReplicaVolume>,
         count: u32,
         bytes: &bytes::Bytes,
-        out: &mpsc::UnboundedSender<Frame>,
+        out: &Outbox,
     ) -> Result<(), String> {
         // The frame decoder already checked every record (header and payload checksums, volume);
         // here the header is decoded again only to find the boundaries.

@@ -17,9 +17,9 @@ use drv_config::{NodeConfig, VolumeView};
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code};
 use drv_format::record::Flags;
-use drv_transport::{FrameReader, Identity, Role, quic, serve};
+use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 
 use crate::storage::{FileStorage, Storage};
 use crate::wrl::{self, AppendRequest, CreateOptions, Wrl, WrlError, WrlOptions};
@@ -232,7 +232,7 @@ impl Staging {
     async fn serve_stream<R: tokio::io::AsyncRead + Unpin>(
         self: &Arc<Self>,
         r: &mut FrameReader<R>,
-        out: &mpsc::UnboundedSender<Frame>,
+        out: &Outbox,
     ) -> Result<(), drv_transport::TransportError> {
         let mut volume: Option<Arc<VolumeCtx>> = None;
         // In-flight bytes of this stream, in 4 KiB units: reading stops while the limit is used up.
@@ -295,7 +295,7 @@ impl Staging {
         offset: u64,
         flags: u32,
         data: &[u8],
-        out: &mpsc::UnboundedSender<Frame>,
+        out: &Outbox,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let refuse = |code, message: String| {

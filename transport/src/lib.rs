@@ -1,13 +1,16 @@
 //! Node-to-node transport of drv: the installation CA (`ca.rs`), QUIC endpoints with mutual TLS and
-//! role checks (`quic.rs`), and reading/writing checked frames on streams (`framed.rs`).
+//! role checks (`quic.rs`), reading/writing checked frames on streams (`framed.rs`), the shared
+//! sending half of a stream (`outbox.rs`) and the accept loop of both servers (`serve.rs`).
 
 pub mod ca;
 pub mod framed;
+pub mod outbox;
 pub mod quic;
 pub mod serve;
 
 pub use ca::Identity;
 pub use framed::{FrameReader, FrameWriter};
+pub use outbox::Outbox;
 
 /// Roles a node certificate can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,6 +1,6 @@
 //! The accept loop both servers share: a bound on connections, a table of connected peers, and per
-//! bidirectional stream a frame reader, a queue of outgoing frames drained by a writer task, and an
-//! `Error` frame naming the problem when the handler gives up on the stream.
+//! bidirectional stream a frame reader, an [`Outbox`] for the frames going back, and an `Error`
+//! frame naming the problem when the handler gives up on the stream.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use drv_format::frame::{Frame, code};
 use s2n_quic::stream::ReceiveStream;
-use tokio::sync::mpsc;
 
-use crate::{FrameReader, FrameWriter};
+use crate::FrameReader;
 
 /// The peers connected to a server (remote addresses), for status.
 #[derive(Default)]
@@ -26,54 +25,7 @@ impl Peers {
     }
 }
 
-/// Outgoing frames of one stream.
-pub type Outbox = mpsc::UnboundedSender<Frame>;
-
-/// Most frames taken from the queue for one send.
-const SEND_BATCH: usize = 256;
-
-/// Sends queued frames on a stream until every sender is gone, then finishes the stream. Frames
-/// queued together go out in one send, and a run of `Ack` frames of one volume becomes its last
-/// one: an `Ack` is cumulative (that write and every earlier one is durable), so under group commit
-/// one frame answers a whole batch of writes.
-pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
-    mut w: FrameWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-) {
-    let mut batch: Vec<Frame> = Vec::new();
-    while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
-        let mut out = Vec::new();
-        let mut last_ack: Option<Frame> = None;
-        for f in batch.drain(..) {
-            match (&f, &last_ack) {
-                (Frame::Ack { volume_id: v, seq, .. }, Some(Frame::Ack { volume_id: pv, seq: ps, .. })) if v == pv => {
-                    // The highest one says everything (a retry's ack may come after later ones).
-                    if seq > ps {
-                        last_ack = Some(f);
-                    }
-                }
-                (Frame::Ack { .. }, _) => {
-                    if let Some(a) = last_ack.replace(f) {
-                        out.extend_from_slice(&a.encode());
-                    }
-                }
-                _ => {
-                    if let Some(a) = last_ack.take() {
-                        out.extend_from_slice(&a.encode());
-                    }
-                    out.extend_from_slice(&f.encode());
-                }
-            }
-        }
-        if let Some(a) = last_ack.take() {
-            out.extend_from_slice(&a.encode());
-        }
-        if w.send_raw(&out).await.is_err() {
-            return;
-        }
-    }
-    let _ = w.finish().await;
-}
+pub use crate::outbox::Outbox;
 
 /// Accepts connections until the server stops. Beyond `max_connections` a connection is closed at
 /// once (and logged). `on_stream` serves one stream; an `Err` is logged and sent to the peer as an
@@ -104,13 +56,13 @@ pub async fn accept_loop<F, Fut>(
                 let (on_stream, peer) = (on_stream.clone(), peer.clone());
                 tokio::spawn(async move {
                     let (rx, tx) = stream.split();
-                    let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
-                    let writer = tokio::spawn(write_frames(FrameWriter::new(tx), out_rx));
-                    if let Err(e) = on_stream(FrameReader::new(rx, frame_bytes_limit), out_tx.clone()).await {
+                    let (out, flusher) = Outbox::new(tx);
+                    let writer = tokio::spawn(flusher);
+                    if let Err(e) = on_stream(FrameReader::new(rx, frame_bytes_limit), out.clone()).await {
                         tracing::warn!(%peer, "stream from {peer} refused: {e}");
-                        let _ = out_tx.send(Frame::Error { code: code::MALFORMED, message: e });
+                        let _ = out.send(Frame::Error { code: code::MALFORMED, message: e });
                     }
-                    drop(out_tx);
+                    drop(out);
                     let _ = writer.await;
                 });
             }
