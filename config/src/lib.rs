@@ -417,6 +417,15 @@ impl ConfigStore {
                         ep.frame_bytes_limit
                     )));
                 }
+                // QUIC needs 1200-byte datagrams (1228-byte IP packets); far above jumbo frames
+                // s2n-quic's sockets stop carrying the packets (65000 was seen to time out every
+                // connection on loopback), so a larger value is refused here rather than there.
+                if !(1228..=16384).contains(&ep.max_mtu) {
+                    return Err(bad(format!(
+                        "max_mtu {} is outside 1228..=16384 (QUIC's minimum; 9000 suits jumbo-frame networks)",
+                        ep.max_mtu
+                    )));
+                }
             }
             Kind::Wrl => {
                 let w: WrlDef = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
@@ -611,6 +620,8 @@ mod tests {
         let st = ConfigStore::open(&path).unwrap();
         st.set(Kind::Endpoint, "stg1", &s(&["role=staging", "address=127.0.0.1:7001"])).unwrap();
         st.set(Kind::Endpoint, "rep1", &s(&["role=replica", "address=127.0.0.1:7002"])).unwrap();
+        let e = st.set(Kind::Endpoint, "rep1", &s(&["max_mtu=65000"])).unwrap_err();
+        assert!(e.to_string().contains("max_mtu 65000 is outside"), "{e}");
         st.set(Kind::Key, "k1", &s(&["path=/etc/drv/k1.key"])).unwrap();
         // A volume that names a missing WRL is refused, naming it.
         let e =
