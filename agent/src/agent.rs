@@ -691,12 +691,7 @@ impl Agent {
         let i = &self.inner;
         // Like a write: never while the last resync pass runs (it clears the map when done).
         let _gate = i.gate.read().await;
-        let Some(map) = &i.map else {
-            return Err(AgentError::Unprotected {
-                offset: 0,
-                why: "an initial sync needs the agent's state directory".into(),
-            });
-        };
+        let map = i.state_map("an initial sync")?;
         i.bwlimit.store(bwlimit.unwrap_or(0), Ordering::Relaxed);
         let m = map.clone();
         tokio::task::spawn_blocking(move || m.mark_all())
@@ -714,12 +709,7 @@ impl Agent {
     pub async fn resync_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), AgentError> {
         let i = &self.inner;
         let _gate = i.gate.read().await;
-        let Some(map) = &i.map else {
-            return Err(AgentError::Unprotected {
-                offset: 0,
-                why: "a resync needs the agent's state directory".into(),
-            });
-        };
+        let map = i.state_map("a resync")?;
         if let Some(&(offset, len)) = ranges.iter().find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > i.volume_bytes))
         {
             return Err(AgentError::OutOfRange { offset, len, volume_bytes: i.volume_bytes });
@@ -835,6 +825,14 @@ impl Inner {
             .await
             .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
         Ok(())
+    }
+
+    /// The change map, which `what` needs.
+    fn state_map(&self, what: &str) -> Result<&Arc<ChangeMap>, AgentError> {
+        self.map.as_ref().ok_or_else(|| AgentError::Unprotected {
+            offset: 0,
+            why: format!("{what} needs the agent's state directory"),
+        })
     }
 
     /// Leaves sync mode so that the reconnect task opens a fresh session and resyncs what the

@@ -360,15 +360,18 @@ async fn replica_volume(id: &Identity, server: std::net::SocketAddr, volume: &st
         .with_context(|| format!("volume {volume} is not on replica {}", st["name"].as_str().unwrap_or("?")))
 }
 
+/// `op` (without an argument) on `volume` of the replica `t` names.
+async fn media_step(volume: &str, t: &ServerConn, op: u8) -> Result<serde_json::Value> {
+    let (id, server) = t.open()?;
+    let vid = replica_volume(&id, server, volume).await?;
+    media_call(&id, server, vid, op, 0).await
+}
+
 pub fn media(c: MediaCommand) -> Result<()> {
     let rt = runtime()?;
     match c {
         MediaCommand::Begin { volume, t } => {
-            let (id, server) = t.open()?;
-            let r = rt.block_on(async {
-                let vid = replica_volume(&id, server, &volume).await?;
-                media_call(&id, server, vid, media_op::BEGIN, 0).await
-            })?;
+            let r = rt.block_on(media_step(&volume, &t, media_op::BEGIN))?;
             if t.json {
                 println!("{r}");
             } else {
@@ -381,11 +384,7 @@ pub fn media(c: MediaCommand) -> Result<()> {
             Ok(())
         }
         MediaCommand::Status { volume, t } => {
-            let (id, server) = t.open()?;
-            let r = rt.block_on(async {
-                let vid = replica_volume(&id, server, &volume).await?;
-                media_call(&id, server, vid, media_op::STATUS, 0).await
-            })?;
+            let r = rt.block_on(media_step(&volume, &t, media_op::STATUS))?;
             if t.json {
                 println!("{r}");
             } else {
