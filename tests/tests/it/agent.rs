@@ -367,6 +367,17 @@ async fn drv(args: Vec<String>) -> String {
     o
 }
 
+/// Runs `drv ARGS` off the async runtime, expecting it to fail; returns its stderr.
+async fn drv_fails(args: Vec<String>) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(drv_tests::drv_bin()).args(&args).output().expect("run drv")
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "drv succeeded: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -478,9 +489,8 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     drv(begin).await;
     let mut snap = strings(&["snapshot", "create", "vol1", "during-media"]);
     snap.extend(conn(false));
-    let refused = std::process::Command::new(drv_tests::drv_bin()).args(&snap).output().unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("media resync"), "{refused:?}");
+    let e = drv_fails(snap).await;
+    assert!(e.contains("media resync"), "{e}");
     // Writes after `begin`, some before the "backup" is taken and some while it is copied.
     let mut changed = std::collections::BTreeSet::new();
     let mut rng = Rng::new(77);
@@ -496,6 +506,16 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
         }
     };
     write(20, &mut changed).await;
+    // The replica dies while tracking (SIGKILL) and comes back: the phase and the marks of what it
+    // applied are on disk; what it had not applied is still in staging or its DR log.
+    let _ = replica.kill();
+    let _ = replica.wait();
+    write(10, &mut changed).await;
+    replica = cl.start("replica", "rep1");
+    until("replica back", Duration::from_secs(20), || cl.status(&cl.replica_addrs[0], "replica", "admin").is_some())
+        .await;
+    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
+    assert_eq!(st["volumes"][0]["media"]["phase"], "tracking", "{st}");
     // The backup: dd of the source onto the replica's target.
     let target = cl.dir.path().join("rep1/vol1.img");
     let dd = std::process::Command::new("dd")
@@ -531,6 +551,11 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
     assert_eq!(st["volumes"][0]["media"], serde_json::Value::Null, "{st}");
     assert_eq!(st["volumes"][0]["state"], "replicating", "{st}");
+    // Nothing left to complete: a clear refusal.
+    let mut again = strings(&["media-resync", "complete", "vol1", "--run-dir", &run_dir]);
+    again.extend(conn(false));
+    let e = drv_fails(again).await;
+    assert!(e.contains("media-resync begin` first"), "{e}");
     control.abort();
     kill_all([&mut staging, &mut replica]);
 }
