@@ -286,7 +286,7 @@ async fn follow(c: &mut Client, volume: &str, base: u64, total: u64, json: bool,
         );
         b
     });
-    let mut last_line = Instant::now() - Duration::from_secs(1);
+    let mut last_line: Option<Instant> = None;
     loop {
         let st = c.status().await?;
         let shipped = st.resync_bytes.saturating_sub(base);
@@ -297,8 +297,8 @@ async fn follow(c: &mut Client, volume: &str, base: u64, total: u64, json: bool,
             b.set_length(total.max(shipped));
             b.set_position(shipped);
             b.set_message(format!("{} ({} dirty)", st.mode, human(st.dirty_bytes)));
-        } else if done || last_line.elapsed() >= Duration::from_secs(1) {
-            last_line = Instant::now();
+        } else if done || last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_line = Some(Instant::now());
             let left = total.saturating_sub(shipped);
             println!(
                 "{}",
