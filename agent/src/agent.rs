@@ -52,6 +52,8 @@ pub enum AgentError {
     Local { offset: u64, source: std::io::Error },
     #[error("{0}")]
     ChangeMap(#[from] ChangeMapError),
+    #[error("state directory {0} is in use by another agent")]
+    StateInUse(String),
     #[error("range at offset {offset} ({len} bytes) is outside the volume ({volume_bytes} bytes)")]
     OutOfRange { offset: u64, len: u64, volume_bytes: u64 },
     #[error("staging is unavailable and this agent has no change map: the write at offset {offset} failed: {why}")]
@@ -409,6 +411,8 @@ struct Inner {
     acks: AtomicU64,
     /// Resync bandwidth limit in bytes per second (0: none).
     bwlimit: AtomicU64,
+    /// The state directory's lock (held while the agent lives).
+    _lock: Option<std::fs::File>,
 }
 
 /// The agent of one protected volume. Runs on a multi-threaded tokio runtime (the short local
@@ -445,10 +449,25 @@ impl Agent {
         opts: AgentOptions,
     ) -> Result<Agent, AgentError> {
         let permits = (opts.inflight_bytes_limit / 4096).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
-        let (map, activity) = match state_dir {
-            None => (None, None),
+        let (map, activity, lock) = match state_dir {
+            None => (None, None, None),
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| AgentError::Local { offset: 0, source })?;
+                // One agent per state directory: two would each clear the other's marks.
+                let lock_path = dir.join("lock");
+                let lock = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .map_err(|source| AgentError::Local { offset: 0, source })?;
+                match lock.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        return Err(AgentError::StateInUse(dir.display().to_string()));
+                    }
+                    Err(std::fs::TryLockError::Error(source)) => return Err(AgentError::Local { offset: 0, source }),
+                }
                 let map = ChangeMap::open(&dir.join("changemap"), volume_id, volume_bytes, opts.change_block_bytes)?;
                 let al = ChangeMap::open(&dir.join("activity"), volume_id, volume_bytes, opts.activity_extent_bytes)?;
                 // Writes in doubt: staging may hold writes of these extents that the local disk
@@ -466,7 +485,7 @@ impl Agent {
                     }
                     al.clear_all()?;
                 }
-                (Some(Arc::new(map)), Some(Arc::new(ActivityLog { map: al, state: Mutex::default() })))
+                (Some(Arc::new(map)), Some(Arc::new(ActivityLog { map: al, state: Mutex::default() })), Some(lock))
             }
         };
         let dirty = map.as_ref().is_some_and(|m| m.dirty_bytes() > 0);
@@ -494,6 +513,7 @@ impl Agent {
             stats: AgentStats::default(),
             acks: AtomicU64::new(0),
             bwlimit: AtomicU64::new(0),
+            _lock: lock,
         });
         let first = open_session(id, staging, volume_id).await;
         match first {

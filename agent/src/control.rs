@@ -59,23 +59,31 @@ pub enum ControlError {
     Malformed { path: String, reason: String },
 }
 
-/// Serves the control socket at `path` until the task is dropped. A stale socket file (nothing
-/// listening) is replaced; a live one is an error (two agents for one volume).
-pub async fn serve(agent: Agent, path: PathBuf) -> Result<(), ControlError> {
+/// Binds the control socket at `path` (call it inside a tokio runtime). A stale socket file
+/// (nothing listening) is replaced; a live one is an error (another agent serves the volume), and
+/// is left alone.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let p = path.display().to_string();
     let io = |source| ControlError::Io { path: p.clone(), source };
     if path.exists() {
-        if UnixStream::connect(&path).await.is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ControlError::InUse(p));
         }
-        std::fs::remove_file(&path).map_err(io)?;
+        std::fs::remove_file(path).map_err(io)?;
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let listener = UnixListener::bind(&path).map_err(io)?;
+    let listener = UnixListener::bind(path).map_err(io)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves the control socket bound at `path` until the task is dropped.
+pub async fn serve(agent: Agent, listener: UnixListener, path: PathBuf) -> Result<(), ControlError> {
+    let p = path.display().to_string();
+    let io = |source| ControlError::Io { path: p.clone(), source };
     let clients = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (stream, _) = listener.accept().await.map_err(io)?;

@@ -200,32 +200,29 @@ fn agent_run(a: AgentRunArgs) -> Result<()> {
     let socket = a.control.socket(&a.volume);
     let rt = runtime()?;
     rt.block_on(async {
-        let agent = Agent::start(
-            &id,
-            staging,
-            view.volume.id,
-            view.volume.size_bytes,
-            Arc::new(FileDisk(f)),
-            Some(&state),
-            opts,
-        )
-        .await
-        .with_context(|| format!("start the agent of volume {}", a.volume))?;
-        eprintln!(
-            "agent {} protecting volume {} ({}) on {}: {}, staging {} at {staging}; control {}",
-            a.name,
-            a.volume,
-            human(view.volume.size_bytes),
-            a.device.display(),
-            agent.mode(),
-            view.staging.0,
-            socket.display()
-        );
-        let serve = control::serve(agent.clone(), socket.clone());
-        let r = tokio::select! {
-            r = serve => r.context("control socket"),
-            _ = shutdown() => Ok(()),
+        // The socket first: a second agent for the volume stops here, before it touches anything.
+        let listener = control::bind(&socket).context("control socket")?;
+        let run = async {
+            let disk = Arc::new(FileDisk(f));
+            let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state), opts)
+                .await
+                .with_context(|| format!("start the agent of volume {}", a.volume))?;
+            eprintln!(
+                "agent {} protecting volume {} ({}) on {}: {}, staging {} at {staging}; control {}",
+                a.name,
+                a.volume,
+                human(view.volume.size_bytes),
+                a.device.display(),
+                agent.mode(),
+                view.staging.0,
+                socket.display()
+            );
+            tokio::select! {
+                r = control::serve(agent.clone(), listener, socket.clone()) => r.context("control socket"),
+                _ = shutdown() => Ok(()),
+            }
         };
+        let r = run.await;
         let _ = std::fs::remove_file(&socket);
         r
     })

@@ -420,6 +420,14 @@ async fn drv_agent_run_and_sync_start_copy_the_whole_volume() {
             .unwrap();
     assert_eq!(st["mode"], "sync", "{st}");
     assert_eq!(st["dirty_bytes"], 0, "{st}");
+    // A second agent for the volume stops at once, leaving the first one's socket alone.
+    let mut second = strings(&["agent", "run", "--volume", "vol1", "--name", "host1", "--run-dir", &run_dir]);
+    for (flag, path) in [("--config", &cl.config), ("--certs", &cl.certs), ("--device", &source)] {
+        second.extend([flag.to_string(), path.display().to_string()]);
+    }
+    let e = drv_fails(second).await;
+    assert!(e.contains("another agent is serving it"), "{e}");
+    assert!(run.join("vol1.sock").exists());
     // Bad requests get a reason and change nothing.
     {
         use std::io::{BufRead, Write};
@@ -474,8 +482,15 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     let opts = AgentOptions { reconnect_interval: Duration::from_millis(100), ..AgentOptions::default() };
     let state = cl.dir.path().join("agent-state");
     let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), opts).await.unwrap();
+    // One agent per state directory.
+    let f2 = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let r =
+        Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f2)), Some(&state), AgentOptions::default());
+    let e = r.await.err().expect("a second agent on the same state directory");
+    assert!(e.to_string().contains("in use by another agent"), "{e}");
     let run = cl.dir.path().join("run");
-    let control = tokio::spawn(drv_agent::control::serve(agent.clone(), run.join("vol1.sock")));
+    let listener = drv_agent::control::bind(&run.join("vol1.sock")).unwrap();
+    let control = tokio::spawn(drv_agent::control::serve(agent.clone(), listener, run.join("vol1.sock")));
     let run_dir = run.display().to_string();
     let conn = |json: bool| {
         let mut v = strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]);
