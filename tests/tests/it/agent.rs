@@ -19,8 +19,7 @@ async fn concurrent_overlapping_writes_end_byte_identical_on_the_replica() {
     let mut staging = cl.start("staging", "stg1");
     let mut replica = cl.start("replica", "rep1");
     let (source, f) = blank_image(&cl);
-    let id = Identity::load(&cl.certs, "host1").unwrap();
-    let addr = cl.staging_addr.parse().unwrap();
+    let (id, addr) = host1(&cl);
     let deadline = Instant::now() + Duration::from_secs(20);
     let agent = loop {
         let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
@@ -58,10 +57,9 @@ async fn an_unknown_volume_is_refused_at_start_with_its_reason() {
     let cl = Cluster::new(1, 1 << 20);
     let mut staging = staging_up(&cl).await;
     let (_, f) = blank_image(&cl);
-    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let (id, addr) = host1(&cl);
     let state = cl.dir.path().join("agent-state");
     let disk = Arc::new(FileDisk(f));
-    let addr = cl.staging_addr.parse().unwrap();
     let r = Agent::start(&id, addr, 999, 1 << 20, disk, Some(&state), AgentOptions::default()).await;
     let e = r.err().expect("an unknown volume must not start");
     assert!(e.to_string().contains("999"), "{e}");
@@ -78,6 +76,11 @@ fn the_readme_demo_proves_the_replica_equals_the_source() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "drv demo failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("demo OK: the replica equals the source"), "{text}");
+}
+
+/// The agent's certificate and the staging address of the cluster.
+fn host1(cl: &Cluster) -> (Identity, std::net::SocketAddr) {
+    (Identity::load(&cl.certs, "host1").unwrap(), cl.staging_addr.parse().unwrap())
 }
 
 /// A zero-filled source image of the cluster's volume size.
@@ -136,8 +139,7 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     let mut staging = cl.start("staging", "stg1");
     let mut replica = cl.start("replica", "rep1");
     let (source, f) = blank_image(&cl);
-    let id = Identity::load(&cl.certs, "host1").unwrap();
-    let addr = cl.staging_addr.parse().unwrap();
+    let (id, addr) = host1(&cl);
     let state = cl.dir.path().join("agent-state");
     let opts = AgentOptions {
         ack_timeout: Duration::from_millis(800),
@@ -286,8 +288,7 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
     let source = cl.dir.path().join("source.img");
     std::fs::write(&source, drv_format::pattern(0x5eed, VOLUME as usize)).unwrap();
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
-    let id = Identity::load(&cl.certs, "host1").unwrap();
-    let addr = cl.staging_addr.parse().unwrap();
+    let (id, addr) = host1(&cl);
     until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
     let state = cl.dir.path().join("agent-state");
     let disk = Arc::new(FileDisk(f));
@@ -334,9 +335,8 @@ async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replic
     let cl = Cluster::new(1, VOLUME);
     let mut staging = staging_up(&cl).await;
     let (source, f) = blank_image(&cl);
-    let id = Identity::load(&cl.certs, "host1").unwrap();
+    let (id, addr) = host1(&cl);
     let disk = Arc::new(FileDisk(f));
-    let addr = cl.staging_addr.parse().unwrap();
     let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, None, AgentOptions::default()).await.unwrap();
     // With the replica down, just under 4 MiB of 4 KiB writes and then one of 3.9 MiB (near the
     // record limit of this cluster's 4 MiB segments) wait in staging: one frame holding all of them
@@ -477,8 +477,7 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     let source = cl.dir.path().join("source.img");
     std::fs::write(&source, drv_format::pattern(0x3ed1a, VOLUME as usize)).unwrap();
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
-    let id = Identity::load(&cl.certs, "host1").unwrap();
-    let addr = cl.staging_addr.parse().unwrap();
+    let (id, addr) = host1(&cl);
     let opts = AgentOptions { reconnect_interval: Duration::from_millis(100), ..AgentOptions::default() };
     let state = cl.dir.path().join("agent-state");
     let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), opts).await.unwrap();
