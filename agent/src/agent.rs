@@ -1,9 +1,9 @@
 //! The synchronous path, the change map and resync.
 //!
 //! **Sync mode.** A write is given a sequence number and an epoch and sent to staging on the
-//! session's one QUIC stream (under the lock that assigns them, so frames leave in sequence order;
-//! the [`Outbox`] puts it into the stream on the writer's own thread when nothing is queued);
-//! the reader task resolves waiters from the cumulative `Ack` frames; the local write runs only
+//! session's agent link (TLS over TCP, `drv_transport::link`), under the lock that assigns them, so
+//! frames leave in sequence order; the frame goes into the socket on the writer's own thread. The
+//! reader task resolves waiters from the cumulative `Ack` frames; the local write runs only
 //! after the acknowledgement and the write completes after both. In-flight bytes are bounded.
 //! Overlapping writes are never in flight together (the local disk and staging would otherwise see
 //! them in different orders). An idle volume gets an `EPOCH_END` record.
@@ -27,7 +27,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use drv_format::frame::{Frame, code};
 use drv_format::record::{Flags, MAX_WRITE_BYTES};
-use drv_transport::{FrameReader, Identity, Outbox, Role, TransportError, quic};
+use drv_transport::link::{self, Link};
+use drv_transport::{Identity, Role, TransportError, tls};
 use tokio::sync::{Notify, RwLock, Semaphore, oneshot};
 
 use crate::changemap::{ChangeMap, ChangeMapError};
@@ -162,9 +163,16 @@ type AckWait = oneshot::Receiver<Result<(), AgentError>>;
 
 /// One connection to staging.
 struct Session {
-    out: Outbox,
+    out: Arc<Link>,
     waiters: Mutex<Waiters>,
     broken: Mutex<Option<String>>,
+}
+
+impl Drop for Session {
+    /// Closes the link: the reader task sees the end, staging sees the agent go.
+    fn drop(&mut self) {
+        self.out.shutdown();
+    }
 }
 
 impl Session {
@@ -201,7 +209,7 @@ impl Session {
     fn send(&self, seq: u64, f: Frame) -> Option<AckWait> {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().expect("waiters").insert(seq, tx);
-        if self.is_broken() || self.out.send(f).is_err() {
+        if self.is_broken() || self.out.send(&f).is_err() {
             self.waiters.lock().expect("waiters").remove(&seq);
             return None;
         }
@@ -212,6 +220,9 @@ impl Session {
 /// Local writes up to this size without FLUSH/FUA run inline on the async worker.
 const INLINE_WRITE_BYTES: u64 = 64 << 10;
 
+/// The largest frame body accepted from staging (acknowledgements and errors are small).
+const ACK_FRAME_BYTES_LIMIT: u32 = 1 << 20;
+
 /// How long a connection attempt to staging may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -221,34 +232,29 @@ async fn open_session(
     staging: SocketAddr,
     volume_id: u64,
 ) -> Result<(Arc<Session>, u64, u64), AgentError> {
-    let client = quic::client(id, Role::Staging)?;
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, quic::connect(&client, staging, Role::Staging))
-        .await
-        .map_err(|_| TransportError::Connect {
-            peer: staging.to_string(),
-            reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
-        })??;
-    let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
-    let (rx, tx) = stream.split();
-    let mut r = FrameReader::new(rx, 1 << 20);
-    let (out, flusher) = Outbox::new(tx);
-    out.send(Frame::OpenVolume { volume_id }).map_err(|e| TransportError::Stream(e.to_string()))?;
-    let (last_seq, last_epoch) = match r.next().await? {
+    let cfg = tls::client_config(id, Role::Staging)?;
+    let timeout = |_| TransportError::Connect {
+        peer: staging.to_string(),
+        reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
+    };
+    // A refused connection is retried within the timeout: staging may be starting (or restarting).
+    let connect = async {
+        loop {
+            match link::connect(staging, cfg.clone(), ACK_FRAME_BYTES_LIMIT).await {
+                Err(TransportError::NotListening { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+                r => return r,
+            }
+        }
+    };
+    let (out, mut r) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(timeout)??;
+    out.send(&Frame::OpenVolume { volume_id })?;
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, r.next()).await.map_err(timeout)?;
+    let (last_seq, last_epoch) = match answer? {
         Some(Frame::VolumeState { last_seq, last_epoch, .. }) => (last_seq, last_epoch),
         Some(Frame::Error { message, .. }) => return Err(AgentError::Refused { volume: volume_id, message }),
         _ => return Err(AgentError::Disconnected),
     };
     let s = Arc::new(Session { out, waiters: Mutex::default(), broken: Mutex::default() });
-    let ws = Arc::downgrade(&s);
-    tokio::spawn(async move {
-        // The connection lives as long as the session's outbox (the flusher ends with it).
-        let (_conn, _client) = (conn, client);
-        if let Err(e) = flusher.await
-            && let Some(s) = ws.upgrade()
-        {
-            s.fail(format!("send to staging: {e}"), AgentError::Disconnected);
-        }
-    });
     let rs = Arc::downgrade(&s);
     tokio::spawn(async move {
         loop {
@@ -831,6 +837,12 @@ impl Inner {
             {
                 return Some(Issued::Staging(seq, rx));
             }
+            // The session broke with nothing in flight to notice it (staging closed the link
+            // between writes): this write goes to the change map, and the agent with it.
+            if self.map.is_some() {
+                let why = o.session.as_ref().and_then(|s| s.broken.lock().expect("broken").clone());
+                self.switch_to_map(&mut o, &why.unwrap_or_else(|| "the link to staging is gone".into()));
+            }
         }
         Some(Issued::Local)
     }
@@ -874,6 +886,12 @@ impl Inner {
             return Err(AgentError::Unprotected { offset: 0, why: why.to_string() });
         }
         let mut o = self.order.lock().expect("order");
+        self.switch_to_map(&mut o, why);
+        Ok(())
+    }
+
+    /// Sync mode ends: the session is dropped and the reconnect task takes over.
+    fn switch_to_map(&self, o: &mut Order, why: &dyn std::fmt::Display) {
         if o.mode == Mode::Sync {
             tracing::warn!(volume = self.volume_id, "switching to the change map: {why}");
             o.mode = Mode::ChangeMap;
@@ -883,7 +901,6 @@ impl Inner {
             self.stats.mode_switches.fetch_add(1, Ordering::Relaxed);
             self.degraded.notify_one();
         }
-        Ok(())
     }
 
     /// Ships every marked block over `s`, then returns to sync mode. On failure the agent stays

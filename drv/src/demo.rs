@@ -61,7 +61,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    // Free for TCP too: the staging server's agent link listens at the same port number.
+    Ok(drv_transport::free_port([127, 0, 0, 1].into())?)
 }
 
 /// CA, certificates, key and configuration of a one-staging, one-replica installation.

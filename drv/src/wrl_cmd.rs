@@ -342,7 +342,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                         Box::new(move |r| {
                             let _ = tx.send((idx as u64, i, r.map(|a| a.header.lsn), t0.elapsed()));
                         }),
-                    );
+                    )
+                    .hand_off();
                 };
                 for idx in 0..mine.len() {
                     submit(idx, 0);

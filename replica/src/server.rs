@@ -346,30 +346,32 @@ impl ReplicaServer {
         for (h, payload) in to_log {
             let seq = h.desc.volume_seq;
             let (v2, out2) = (v.clone(), out.clone());
-            self.drlog.submit_sealed(
-                h.desc,
-                payload,
-                h.payload_crc,
-                Box::new(move |r| match r {
-                    Ok(_) => {
-                        v2.logged(seq);
-                        if seq == last {
-                            let applied = v2.state.lock().expect("apply state").applied.seq;
-                            let _ = out2.send(Frame::ReplicaPosition {
-                                volume_id: v2.id,
-                                durable_seq: seq,
-                                applied_seq: applied,
-                            });
+            self.drlog
+                .submit_sealed(
+                    h.desc,
+                    payload,
+                    h.payload_crc,
+                    Box::new(move |r| match r {
+                        Ok(_) => {
+                            v2.logged(seq);
+                            if seq == last {
+                                let applied = v2.state.lock().expect("apply state").applied.seq;
+                                let _ = out2.send(Frame::ReplicaPosition {
+                                    volume_id: v2.id,
+                                    durable_seq: seq,
+                                    applied_seq: applied,
+                                });
+                            }
                         }
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = v2.id, seq, "DR log append failed: {e}");
-                        let mut s = v2.state.lock().expect("apply state");
-                        s.submitted_seq = s.submitted_seq.min(seq - 1);
-                        let _ = out2.send(Frame::Error { code: code::SERVER, message: format!("DR log: {e}") });
-                    }
-                }),
-            );
+                        Err(e) => {
+                            tracing::error!(volume = v2.id, seq, "DR log append failed: {e}");
+                            let mut s = v2.state.lock().expect("apply state");
+                            s.submitted_seq = s.submitted_seq.min(seq - 1);
+                            let _ = out2.send(Frame::Error { code: code::SERVER, message: format!("DR log: {e}") });
+                        }
+                    }),
+                )
+                .hand_off();
         }
         drop(st);
         Ok(())

@@ -1,6 +1,11 @@
-//! The staging server (`drv staging run`): accepts agents over mTLS QUIC, logs their writes in the
-//! volume's WRL and acknowledges each after group commit; relays every volume to its replicas
-//! (`relay.rs`); answers status requests.
+//! The staging server (`drv staging run`): accepts agents on the agent link (TLS over TCP, a thread
+//! per connection, `drv_transport::link`) and on mTLS QUIC, logs their writes in the volume's WRL
+//! and acknowledges each after group commit; relays every volume to its replicas (`relay.rs`);
+//! answers status requests.
+//!
+//! On the link, a connection's thread takes every frame already received, submits the writes, and
+//! then commits them itself if the WRL's committer is idle (`Submitted::commit_here`) and sends the
+//! acknowledgements: at low load a write's path has no thread hand-off on this side at all.
 //!
 //! Per volume, writes are taken in sequence: a retried sequence number is acknowledged again (once it
 //! is durable) without a second append; a gap is refused naming both positions; an epoch going
@@ -17,12 +22,30 @@ use drv_config::{NodeConfig, VolumeView};
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code};
 use drv_format::record::Flags;
-use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
+use drv_transport::link::{Link, LinkReader};
+use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve, tls};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
 use crate::storage::{FileStorage, Storage};
-use crate::wrl::{self, AppendRequest, CreateOptions, Wrl, WrlError, WrlOptions};
+use crate::wrl::{self, AppendRequest, CreateOptions, Submitted, Wrl, WrlError, WrlOptions};
+
+/// Where a connection's answers go: a QUIC stream's outbox or an agent link.
+trait Reply: Clone + Send + Sync + 'static {
+    fn reply(&self, f: Frame);
+}
+
+impl Reply for Outbox {
+    fn reply(&self, f: Frame) {
+        let _ = self.send(f);
+    }
+}
+
+impl Reply for Arc<Link> {
+    fn reply(&self, f: Frame) {
+        let _ = self.send(&f);
+    }
+}
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +231,21 @@ impl Staging {
     /// Serves agents and status requests on `addr` and relays every volume, until the task is dropped.
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ServerError> {
         let server = quic::server_with(addr, &self.identity, &[Role::Agent, Role::Admin], &self.quic)?;
-        tracing::info!(%addr, "staging server {} listening", self.name);
+        // The agent link: TCP at the same port number.
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            drv_transport::TransportError::Endpoint(format!("agent link: cannot listen on TCP {addr}: {e}"))
+        })?;
+        let link_cfg = tls::server_config(&self.identity, &[Role::Agent, Role::Admin])?;
+        tracing::info!(%addr, "staging server {} listening (QUIC and the agent link on TCP)", self.name);
+        let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
+        tokio::spawn(serve::link_accept_loop(
+            listener,
+            link_cfg,
+            self.max_connections,
+            self.frame_bytes_limit,
+            self.peers.clone(),
+            move |mut r, link| me.serve_link(&mut r, &link, &rt).map_err(|e| e.to_string()),
+        ));
         for v in self.volumes.values() {
             for (replica, raddr, limit) in &v.replicas {
                 tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), *raddr, *limit));
@@ -243,26 +280,7 @@ impl Staging {
                 Frame::StatusRequest => {
                     let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
                 }
-                Frame::OpenVolume { volume_id } => match self.volumes.get(&volume_id) {
-                    Some(v) => {
-                        let s = *v.seq.lock().expect("seq");
-                        // Wait for in-flight appends so the reported position is durable.
-                        let mut rx = v.durable_tx.subscribe();
-                        let _ = rx.wait_for(|d| *d >= s.submitted_seq).await;
-                        let _ = out.send(Frame::VolumeState {
-                            volume_id,
-                            last_seq: s.submitted_seq,
-                            last_epoch: s.last_epoch,
-                        });
-                        volume = Some(v.clone());
-                    }
-                    None => {
-                        let _ = out.send(Frame::Error {
-                            code: code::UNKNOWN_VOLUME,
-                            message: format!("volume {volume_id} is not configured on staging server {}", self.name),
-                        });
-                    }
-                },
+                Frame::OpenVolume { volume_id } => volume = self.open_volume(volume_id, out).await,
                 Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
                     let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
                         let _ = out.send(Frame::Error {
@@ -273,7 +291,11 @@ impl Staging {
                     };
                     let need = (data.len() as u32).div_ceil(4096).clamp(1, units);
                     let permit = inflight.clone().acquire_many_owned(need).await.expect("semaphore open");
-                    self.write(v, seq, epoch, offset, flags, &data, out, permit).await;
+                    let rt = tokio::runtime::Handle::current();
+                    // On a runtime worker: the committer thread commits (see `commit_here`).
+                    if let Some(s) = self.write(v, seq, epoch, offset, flags, &data, out, Some(permit), &rt) {
+                        s.hand_off();
+                    }
                 }
                 other => {
                     let _ = out.send(Frame::Error {
@@ -286,8 +308,88 @@ impl Staging {
         Ok(())
     }
 
+    /// The volume a connection opens, once every append of it in flight is durable (so the
+    /// position reported is); `None` (and an `Error` frame) for a volume not configured here.
+    async fn open_volume<O: Reply>(&self, volume_id: u64, out: &O) -> Option<Arc<VolumeCtx>> {
+        let Some(v) = self.volumes.get(&volume_id) else {
+            out.reply(Frame::Error {
+                code: code::UNKNOWN_VOLUME,
+                message: format!("volume {volume_id} is not configured on staging server {}", self.name),
+            });
+            return None;
+        };
+        let s = *v.seq.lock().expect("seq");
+        let mut rx = v.durable_tx.subscribe();
+        let _ = rx.wait_for(|d| *d >= s.submitted_seq).await;
+        out.reply(Frame::VolumeState { volume_id, last_seq: s.submitted_seq, last_epoch: s.last_epoch });
+        Some(v.clone())
+    }
+
+    /// Serves one agent link on this (dedicated) thread. Every frame already received is handled
+    /// before the writes among them are committed, so they form one batch.
+    fn serve_link(
+        self: &Arc<Self>,
+        r: &mut LinkReader,
+        out: &Arc<Link>,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), drv_transport::TransportError> {
+        let mut volume: Option<Arc<VolumeCtx>> = None;
+        // The last append submitted and not yet committed or handed to the committer.
+        let mut pending: Option<Submitted> = None;
+        loop {
+            let frame = match r.buffered()? {
+                Some(f) => f,
+                None => {
+                    if let Some(p) = pending.take() {
+                        p.commit_here();
+                    }
+                    match r.next_blocking()? {
+                        Some(f) => f,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            match frame {
+                Frame::StatusRequest => {
+                    out.reply(Frame::StatusReply { json: self.status_json().to_string().into_bytes() })
+                }
+                Frame::OpenVolume { volume_id } => {
+                    if let Some(p) = pending.take() {
+                        p.hand_off();
+                    }
+                    volume = rt.block_on(self.open_volume(volume_id, out));
+                }
+                Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
+                    let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
+                        out.reply(Frame::Error {
+                            code: code::UNKNOWN_VOLUME,
+                            message: format!("write for volume {volume_id} before OpenVolume on this link"),
+                        });
+                        continue;
+                    };
+                    // The WRL's admission limit bounds what is queued: this thread waits there,
+                    // and stops reading the link meanwhile.
+                    if let Some(s) = self.write(v, seq, epoch, offset, flags, &data, out, None, rt) {
+                        match pending.take() {
+                            Some(p) if p.same_log(&s) => p.covered_by(&s),
+                            Some(p) => p.hand_off(),
+                            None => {}
+                        }
+                        pending = Some(s);
+                    }
+                }
+                other => out.reply(Frame::Error {
+                    code: code::MALFORMED,
+                    message: format!("unexpected {:?} frame from an agent", other.ftype()),
+                }),
+            }
+        }
+    }
+
+    /// Checks and submits one write; the returned append still has to be committed (or handed to
+    /// the committer). `permit` (the QUIC path's in-flight bound) is released when it completes.
     #[allow(clippy::too_many_arguments)]
-    async fn write(
+    fn write<O: Reply>(
         &self,
         v: &Arc<VolumeCtx>,
         seq: u64,
@@ -295,11 +397,13 @@ impl Staging {
         offset: u64,
         flags: u32,
         data: &[u8],
-        out: &Outbox,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
+        out: &O,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        rt: &tokio::runtime::Handle,
+    ) -> Option<Submitted> {
         let refuse = |code, message: String| {
-            let _ = out.send(Frame::Error { code, message });
+            out.reply(Frame::Error { code, message });
+            None
         };
         let flags = Flags(flags);
         if !flags.is_valid() {
@@ -325,13 +429,13 @@ impl Staging {
             let mut rx = v.durable_tx.subscribe();
             let out = out.clone();
             let vid = v.id;
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 if rx.wait_for(|d| *d >= seq).await.is_ok() {
-                    let _ = out.send(Frame::Ack { volume_id: vid, seq, lsn: 0 });
+                    out.reply(Frame::Ack { volume_id: vid, seq, lsn: 0 });
                 }
                 drop(permit);
             });
-            return;
+            return None;
         }
         if seq != st.submitted_seq + 1 {
             let have = st.submitted_seq;
@@ -357,7 +461,7 @@ impl Staging {
         let appended = self.appended.clone();
         let len = data.len() as u64;
         // Submitted under the volume lock: the WRL takes this volume's writes in sequence order.
-        v.wrl.submit(
+        let submitted = v.wrl.submit(
             &v.key,
             AppendRequest { volume_id: v.id, volume_seq: seq, epoch, offset, flags, data },
             Box::new(move |r| {
@@ -373,7 +477,7 @@ impl Staging {
                             u.push_back((seq, len, Instant::now()));
                         }
                         drop(u);
-                        let _ = out2.send(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
+                        out2.reply(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
                         appended.notify_waiters();
                     }
                     Err(e) => {
@@ -382,14 +486,14 @@ impl Staging {
                         let mut s = ctx.seq.lock().expect("seq");
                         s.submitted_seq = s.submitted_seq.min(seq - 1);
                         let c = if matches!(e, WrlError::LogFull { .. }) { code::LOG_FULL } else { code::SERVER };
-                        let _ =
-                            out2.send(Frame::Error { code: c, message: format!("volume {} seq {seq}: {e}", ctx.id) });
+                        out2.reply(Frame::Error { code: c, message: format!("volume {} seq {seq}: {e}", ctx.id) });
                     }
                 }
                 drop(permit);
             }),
         );
         drop(st);
+        Some(submitted)
     }
 
     /// The status document of `drv status`.

@@ -38,8 +38,9 @@ pub fn drv_bin() -> std::path::PathBuf {
 }
 
 /// A free UDP port on loopback (bound and released; good enough for tests).
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+pub fn free_port() -> u16 {
+    // Free for TCP too: a staging server's agent link listens at the same port number.
+    drv_transport::free_port([127, 0, 0, 1].into()).expect("a free loopback port")
 }
 
 /// A small installation on loopback: CA and certificates, a key, a configuration store with one
@@ -69,14 +70,14 @@ impl Cluster {
         let config = dir.path().join("config.redb");
         let st = ConfigStore::open(&config).expect("config");
         let s = |v: &[String]| v.to_vec();
-        let staging_addr = format!("127.0.0.1:{}", free_udp_port());
+        let staging_addr = format!("127.0.0.1:{}", free_port());
         st.set(Kind::Endpoint, "stg1", &s(&["role=staging".into(), format!("address={staging_addr}")])).unwrap();
         let mut names = Vec::new();
         let mut replica_addrs = Vec::new();
         for i in 0..replicas {
             let name = format!("rep{}", i + 1);
             ca::issue(&certs, Role::Replica, &name).expect("issue");
-            let addr = format!("127.0.0.1:{}", free_udp_port());
+            let addr = format!("127.0.0.1:{}", free_port());
             let data = dir.path().join(&name);
             st.set(
                 Kind::Endpoint,

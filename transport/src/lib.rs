@@ -1,16 +1,32 @@
 //! Node-to-node transport of drv: the installation CA (`ca.rs`), QUIC endpoints with mutual TLS and
 //! role checks (`quic.rs`), reading/writing checked frames on streams (`framed.rs`), the shared
-//! sending half of a stream (`outbox.rs`) and the accept loop of both servers (`serve.rs`).
+//! sending half of a stream (`outbox.rs`), the accept loop of both servers (`serve.rs`), and the
+//! agent link: frames over TLS over TCP (`link.rs`, `tls.rs`).
 
 pub mod ca;
 pub mod framed;
+pub mod link;
 pub mod outbox;
 pub mod quic;
 pub mod serve;
+pub mod tls;
 
 pub use ca::Identity;
 pub use framed::{FrameReader, FrameWriter};
 pub use outbox::Outbox;
+
+/// A port on `ip` that is free for UDP and TCP both (a staging server's QUIC endpoint and its agent
+/// link share the port number), for test and demo installations.
+pub fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+    for _ in 0..64 {
+        let tcp = std::net::TcpListener::bind((ip, 0))?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no port free for both UDP and TCP on {ip}")))
+}
 
 /// Roles a node certificate can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +86,9 @@ pub enum TransportError {
     /// Connecting to a peer failed (refused, wrong CA, wrong role, unreachable).
     #[error("connect to {peer}: {reason}")]
     Connect { peer: String, reason: String },
+    /// Nothing listens at the peer's address (TCP connection refused).
+    #[error("connect to {peer}: connection refused (nothing listens there)")]
+    NotListening { peer: String },
     /// The stream failed or the peer closed it.
     #[error("stream: {0}")]
     Stream(String),

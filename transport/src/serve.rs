@@ -1,6 +1,7 @@
 //! The accept loop both servers share: a bound on connections, a table of connected peers, and per
 //! bidirectional stream a frame reader, an [`Outbox`] for the frames going back, and an `Error`
-//! frame naming the problem when the handler gives up on the stream.
+//! frame naming the problem when the handler gives up on the stream. [`link_accept_loop`] does the
+//! same for the agent link (TLS over TCP), with a thread per connection.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -69,5 +70,66 @@ pub async fn accept_loop<F, Fut>(
             peers.table.lock().expect("peers").remove(&id);
             drop(permit);
         });
+    }
+}
+
+/// Accepts agent-link connections (TLS over TCP, [`crate::link`]) until the task is dropped; each
+/// is served on a thread of its own (`on_link`, blocking), after its handshake there. Beyond
+/// `max_connections` a connection is closed at once (and logged). An `Err` from `on_link` is logged
+/// and sent to the peer as an `Error` frame (code MALFORMED) before the link is closed.
+pub async fn link_accept_loop<F>(
+    listener: tokio::net::TcpListener,
+    cfg: Arc<rustls::ServerConfig>,
+    max_connections: u32,
+    frame_bytes_limit: u32,
+    peers: Arc<Peers>,
+    on_link: F,
+) where
+    F: Fn(crate::link::LinkReader, Arc<crate::link::Link>) -> Result<(), String> + Clone + Send + 'static,
+{
+    let conns = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!("accepting an agent link failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = max_connections, "refusing link: max_connections reached");
+            continue;
+        };
+        let sock = match sock.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, "agent link: {e}");
+                continue;
+            }
+        };
+        let (peers, on_link, cfg) = (peers.clone(), on_link.clone(), cfg.clone());
+        let spawned = std::thread::Builder::new().name(format!("link-{peer}")).spawn(move || {
+            let (link, reader) = match crate::link::accept(sock, cfg, frame_bytes_limit) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(%peer, "agent link from {peer} refused: {e}");
+                    return;
+                }
+            };
+            let id = peers.next.fetch_add(1, Ordering::Relaxed);
+            peers.table.lock().expect("peers").insert(id, format!("{peer} (link)"));
+            if let Err(e) = on_link(reader, link.clone()) {
+                tracing::warn!(%peer, "link from {peer} refused: {e}");
+                let _ = link.send(&Frame::Error { code: code::MALFORMED, message: e });
+            }
+            link.shutdown();
+            peers.table.lock().expect("peers").remove(&id);
+            drop(permit);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(%peer, "cannot start a thread for the link from {peer}: {e}");
+        }
     }
 }

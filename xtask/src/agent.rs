@@ -2,7 +2,8 @@
 //!
 //! - QD1 4 KiB write latency through the agent (staging durable, then the local write) against the
 //!   floor: a 4 KiB `O_DIRECT` write + `fdatasync` on the staging file system, plus a 4 KiB local
-//!   write, plus a QUIC round trip of a 4 KiB message on loopback.
+//!   write, plus a round trip of a 4 KiB frame on the agent link's transport (TLS over TCP) on
+//!   loopback.
 //! - QD32 4 KiB IOPS through the agent against local-only writes of the same file: buffered (the
 //!   page cache, no durability) and durable (`pwrite` + `fdatasync`, what an application that needs
 //!   each write stable pays without drv).
@@ -24,9 +25,9 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use drv_agent::{Agent, AgentOptions, FileDisk, Mode};
 use drv_format::record::Flags;
-use drv_transport::{Identity, Role, ca, quic};
+use drv_transport::{Identity, Role, ca};
 
-use crate::relay::{free_port, setup_volume, start};
+use crate::relay::{setup_volume, start};
 
 const REGION: u64 = 64 << 20;
 
@@ -48,50 +49,51 @@ fn local_write_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
     Ok(pct(lat))
 }
 
-/// Round trip (us) of a 4 KiB message and a short answer over one s2n-quic stream with drv's
-/// endpoint settings.
-fn quic_rtt(dir: &Path, n: usize) -> Result<(f64, f64)> {
+/// Round trip (us) of a 4 KiB `Write` frame and its `Ack` over the agent link (TLS over TCP, the
+/// transport of the synchronous path): a blocking server thread answering at once, and the client
+/// on a runtime worker, as the agent's writers are.
+fn link_rtt(dir: &Path, n: usize) -> Result<(f64, f64)> {
+    use drv_format::frame::Frame;
+    use drv_transport::{link, tls};
     let certs = dir.join("rtt-certs");
     let _ = std::fs::remove_dir_all(&certs);
     ca::init(&certs)?;
     ca::issue(&certs, Role::Staging, "echo")?;
     ca::issue(&certs, Role::Agent, "ping")?;
     let (echo, ping) = (Identity::load(&certs, "echo")?, Identity::load(&certs, "ping")?);
+    let server_cfg = tls::server_config(&echo, &[Role::Agent])?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        let Ok((s, _)) = listener.accept() else { return };
+        let Ok((l, mut r)) = link::accept(s, server_cfg, 1 << 20) else { return };
+        while let Ok(Some(f)) = r.next_blocking() {
+            if let Frame::Write { volume_id, seq, .. } = f
+                && l.send(&Frame::Ack { volume_id, seq, lsn: seq }).is_err()
+            {
+                return;
+            }
+        }
+    });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let mut server = quic::server(format!("127.0.0.1:{}", free_port()).parse()?, &echo, &[Role::Agent])?;
-        let addr = server.local_addr()?;
+        let (l, mut r) = link::connect(addr, tls::client_config(&ping, Role::Staging)?, 1 << 20).await?;
+        let data = Bytes::from(vec![9u8; 4096]);
         tokio::spawn(async move {
-            let Some(mut conn) = server.accept().await else { return };
-            let Ok(Some(s)) = conn.accept_bidirectional_stream().await else { return };
-            let (mut rx, mut tx) = s.split();
-            let mut got = 0usize;
-            while let Ok(Some(chunk)) = rx.receive().await {
-                got += chunk.len();
-                while got >= 4096 {
-                    got -= 4096;
-                    if tx.send(Bytes::from_static(&[1u8; 24])).await.is_err() {
-                        return;
-                    }
+            let mut lat = Vec::with_capacity(n);
+            for seq in 1..=n as u64 {
+                let t = Instant::now();
+                l.send(&Frame::Write { volume_id: 1, seq, epoch: 1, offset: 0, flags: 0, data: data.clone() })?;
+                match r.next().await? {
+                    Some(Frame::Ack { .. }) => {}
+                    other => anyhow::bail!("echo answered {other:?}"),
                 }
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
             }
-        });
-        let client = quic::client(&ping, Role::Staging)?;
-        let mut conn = quic::connect(&client, addr, Role::Staging).await?;
-        let s = conn.open_bidirectional_stream().await?;
-        let (mut rx, mut tx) = s.split();
-        let msg = Bytes::from(vec![9u8; 4096]);
-        let mut lat = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            tx.send(msg.clone()).await?;
-            let mut got = 0;
-            while got < 24 {
-                got += rx.receive().await?.context("echo closed")?.len();
-            }
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-        Ok(pct(lat))
+            l.shutdown();
+            Ok(pct(lat))
+        })
+        .await?
     })
 }
 
@@ -270,7 +272,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     std::fs::write(&floor_file, vec![0u8; 16 << 20])?;
     let (sync_p50, sync_p99) = crate::fdatasync_latency(&floor_file, n)?;
     let (local_p50, local_p99) = local_write_latency(&source, n)?;
-    let (rtt_p50, rtt_p99) = quic_rtt(dir, n)?;
+    let (rtt_p50, rtt_p99) = link_rtt(dir, n)?;
     let (floor_p50, floor_p99) = (sync_p50 + local_p50 + rtt_p50, sync_p99 + local_p99 + rtt_p99);
     let buffered = local_iops(&source, 32, false, secs / 2.0)?;
     let durable = local_iops(&source, 32, true, secs)?;
@@ -303,12 +305,19 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         for x in 0..REGION / (4 << 20) {
             agent.write(x * (4 << 20), data.clone(), Flags::default()).await?;
         }
-        let mut lat = Vec::with_capacity(n);
-        for i in 0..n as u64 {
-            let t = Instant::now();
-            agent.write((i * 7919 % (REGION / 4096)) * 4096, data.clone(), Flags::default()).await?;
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
-        }
+        // The writer is a task on the runtime's workers, as a capture path's writers are (not
+        // this `block_on` thread, which every completion would have to wake from a worker).
+        let (a, d) = (agent.clone(), data.clone());
+        let lat = tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n);
+            for i in 0..n as u64 {
+                let t = Instant::now();
+                a.write((i * 7919 % (REGION / 4096)) * 4096, d.clone(), Flags::default()).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok::<_, drv_agent::AgentError>(lat)
+        })
+        .await??;
         let (p50, p99) = pct(lat);
         let end = Instant::now() + Duration::from_secs_f64(secs);
         let t0 = Instant::now();
@@ -336,9 +345,11 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let _ = staging.wait();
     let _ = replica.wait();
     let (p50, p99, iops) = result?;
+    // Development shortcut: DRV_BENCH_SKIP_RESYNC=1 measures the synchronous path only.
+    let skip_resync = std::env::var_os("DRV_BENCH_SKIP_RESYNC").is_some();
     let rdir = dir.join("resync");
     std::fs::create_dir_all(&rdir)?;
-    let r = resync_vs_rsync(drv, &rdir, quick)?;
+    let r = if skip_resync { None } else { Some(resync_vs_rsync(drv, &rdir, quick)?) };
     let _ = std::fs::remove_file(rdir.join("rsync-dst.img"));
     println!();
     println!("== cargo xtask bench agent ({}) ==", if quick { "quick" } else { "full" });
@@ -347,7 +358,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         "  staging fdatasync floor     p50 {sync_p50:>8.1}  p99 {sync_p99:>8.1}   (4 KiB O_DIRECT write + fdatasync)"
     );
     println!("  local write                 p50 {local_p50:>8.1}  p99 {local_p99:>8.1}");
-    println!("  QUIC round trip (4 KiB)     p50 {rtt_p50:>8.1}  p99 {rtt_p99:>8.1}");
+    println!("  link round trip (4 KiB)     p50 {rtt_p50:>8.1}  p99 {rtt_p99:>8.1}   (TLS over TCP, loopback)");
     println!("  floor (sum)                 p50 {floor_p50:>8.1}  p99 {floor_p99:>8.1}");
     println!(
         "  through the agent           p50 {p50:>8.1}  p99 {p99:>8.1}   ratio p50 {:.2} (goal <= 1.10), p99 {:.2}",
@@ -362,18 +373,20 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         iops / durable,
         iops / buffered
     );
-    println!(
-        "resync of 1% dirty blocks of a {} GiB volume ({} MiB dirty, 64 KiB blocks):",
-        r.volume >> 30,
-        r.dirty >> 20
-    );
-    println!("  rsync --inplace --no-whole-file  {:>7.2} s   {:>12} bytes sent", r.rsync_secs, r.rsync_sent);
-    println!(
-        "  drv resync                        {:>7.2} s   {:>12} bytes sent   time ratio {:.3} (goal <= 0.10), bytes {:.2}x dirty (goal <= 1.10)",
-        r.resync_secs,
-        r.resync_bytes,
-        r.resync_secs / r.rsync_secs,
-        r.resync_bytes as f64 / r.dirty as f64
-    );
+    if let Some(r) = r {
+        println!(
+            "resync of 1% dirty blocks of a {} GiB volume ({} MiB dirty, 64 KiB blocks):",
+            r.volume >> 30,
+            r.dirty >> 20
+        );
+        println!("  rsync --inplace --no-whole-file  {:>7.2} s   {:>12} bytes sent", r.rsync_secs, r.rsync_sent);
+        println!(
+            "  drv resync                        {:>7.2} s   {:>12} bytes sent   time ratio {:.3} (goal <= 0.10), bytes {:.2}x dirty (goal <= 1.10)",
+            r.resync_secs,
+            r.resync_bytes,
+            r.resync_secs / r.rsync_secs,
+            r.resync_bytes as f64 / r.dirty as f64
+        );
+    }
     Ok(())
 }

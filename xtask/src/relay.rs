@@ -160,7 +160,7 @@ fn quic_copy(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
 }
 
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(47000)
+    drv_transport::free_port([127, 0, 0, 1].into()).unwrap_or(47000)
 }
 
 pub struct Setup {

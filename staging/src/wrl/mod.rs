@@ -7,7 +7,9 @@
 //!   goes through [`Storage`], so the crash-state tests run it over simulated storage.
 //! - this file: [`Wrl`], the concurrent front. Appenders encrypt in their own thread, queue, and wait;
 //!   one committer thread takes everything queued (no artificial delay), writes it as one batch with
-//!   one `pwrite` and one `fdatasync`, and then completes every appender of the batch.
+//!   one `pwrite` and one `fdatasync`, and then completes every appender of the batch. When the
+//!   committer is idle, an appender may commit on its own thread instead ([`Submitted::commit_here`]):
+//!   at low load that saves two thread hand-offs (to the committer and back) on every write's path.
 //!
 //! **Invariant:** an append completes with `Ok` only after the record's batch is durable.
 
@@ -124,6 +126,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// The log itself; whoever commits a batch holds it (the committer thread, or an appender
+    /// committing on its own thread while the committer is idle).
+    core: Mutex<LogCore>,
     work: Condvar,
     room: Condvar,
     table: Arc<RwLock<Table>>,
@@ -174,11 +179,12 @@ impl Wrl {
             segment_bytes: core.segment_bytes(),
             opts,
             stats: Stats::default(),
+            core: Mutex::new(core),
         });
         let s = shared.clone();
         let committer = std::thread::Builder::new()
             .name("wrl-commit".into())
-            .spawn(move || committer(s, core))
+            .spawn(move || committer(s))
             .map_err(|e| WrlError::io("spawn WRL committer thread", e))?;
         Ok((Wrl { shared, committer: Some(committer) }, rec))
     }
@@ -195,7 +201,12 @@ impl Wrl {
     /// Encrypts `req.data` with `key` and queues it; `done` runs once the record is durable (or
     /// failed). Waits while the admitted bytes are over `queue_bytes_limit`. Appends submitted by one
     /// thread are logged in the order submitted.
-    pub fn submit(&self, key: &VolumeKey, req: AppendRequest<'_>, done: Completion) {
+    pub fn submit(&self, key: &VolumeKey, req: AppendRequest<'_>, done: Completion) -> Submitted {
+        self.submit_inner(key, req, done);
+        Submitted { shared: self.shared.clone(), armed: true }
+    }
+
+    fn submit_inner(&self, key: &VolumeKey, req: AppendRequest<'_>, done: Completion) {
         let sh = &self.shared;
         let len = req.data.len() as u64;
         if len > sh.record_bytes_limit {
@@ -227,7 +238,12 @@ impl Wrl {
     /// descriptor and stored payload are logged unchanged. Same admission limits and order rules
     /// as [`Wrl::submit`].
     /// `payload_crc` is the record's checksum as received (the caller checked it against the payload).
-    pub fn submit_sealed(&self, desc: WriteDesc, payload: Bytes, payload_crc: u32, done: Completion) {
+    pub fn submit_sealed(&self, desc: WriteDesc, payload: Bytes, payload_crc: u32, done: Completion) -> Submitted {
+        self.submit_sealed_inner(desc, payload, payload_crc, done);
+        Submitted { shared: self.shared.clone(), armed: true }
+    }
+
+    fn submit_sealed_inner(&self, desc: WriteDesc, payload: Bytes, payload_crc: u32, done: Completion) {
         let sh = &self.shared;
         if desc.length as u64 > sh.record_bytes_limit {
             return refuse(done, WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit });
@@ -274,8 +290,6 @@ impl Wrl {
         let sh = &self.shared;
         let mut st = sh.state.lock().expect("wrl state");
         st.queue.push_back(Queued { rec, done });
-        drop(st);
-        sh.work.notify_one();
     }
 
     /// Appends and waits until the record is durable.
@@ -287,7 +301,8 @@ impl Wrl {
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
-        );
+        )
+        .hand_off();
         rx.recv().unwrap_or(Err(WrlError::Closed))
     }
 
@@ -388,101 +403,165 @@ impl Drop for Wrl {
     }
 }
 
+/// A queued append. Dropping it (or [`Submitted::hand_off`]) wakes the committer thread;
+/// [`Submitted::commit_here`] commits on the calling thread instead when the committer is idle.
+#[must_use = "dropping it wakes the committer; `commit_here` may commit on this thread"]
+pub struct Submitted {
+    shared: Arc<Shared>,
+    armed: bool,
+}
+
+impl Submitted {
+    /// Leaves the commit to the committer thread (what dropping does).
+    pub fn hand_off(self) {}
+
+    /// Whether `other` was queued on the same log.
+    pub fn same_log(&self, other: &Submitted) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Drops this one without waking anyone: for an append followed by `later` on the same log,
+    /// whose commit (or wake-up) takes this one's record along.
+    pub fn covered_by(mut self, later: &Submitted) {
+        assert!(self.same_log(later), "covered_by: a later append on another log commits nothing of this one");
+        self.armed = false;
+    }
+
+    /// Commits what is queued on this thread if no batch is being committed (else the committer
+    /// takes it). Completions of the batch run here, so the caller must not hold a lock that a
+    /// completion takes. Meant for plain threads: on an async runtime's worker the wait for the
+    /// disk would stall the worker's other tasks.
+    pub fn commit_here(mut self) {
+        self.armed = false;
+        let sh = &*self.shared;
+        match sh.core.try_lock() {
+            Ok(mut core) => {
+                commit_step(sh, &mut core);
+                drop(core);
+                // Queued meanwhile: the committer takes it.
+                if !sh.state.lock().expect("wrl state").queue.is_empty() {
+                    sh.work.notify_one();
+                }
+            }
+            Err(std::sync::TryLockError::WouldBlock) => sh.work.notify_one(),
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("WRL core lock poisoned: {e}"),
+        }
+    }
+}
+
+impl Drop for Submitted {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.work.notify_one();
+        }
+    }
+}
+
 /// The committer: takes whatever is queued, writes it as one batch, completes it. No timer: a
 /// batch grows only while the previous one is being written and synced.
-fn committer(sh: Arc<Shared>, mut core: LogCore) {
+fn committer(sh: Arc<Shared>) {
     loop {
-        let mut st = sh.state.lock().expect("wrl state");
-        while st.queue.is_empty() && !st.closing && !trim_due(&sh, st.trim_target) {
-            st = sh.work.wait(st).expect("wrl state");
-        }
-        if st.queue.is_empty() && st.closing {
-            return;
-        }
-        let trim_target = st.trim_target;
-        // Take a batch: everything queued, up to the batch limit and what the log can hold.
-        let mut batch: Vec<Queued> = Vec::new();
-        let mut record_bytes = 0u64;
-        while let Some(q) = st.queue.front() {
-            let b = q.rec.log_bytes();
-            let next = record_bytes + b;
-            if !batch.is_empty() && (next > sh.opts.batch_bytes_limit || !core.can_fit(core.batch_disk_bytes(next))) {
-                break;
+        {
+            let mut st = sh.state.lock().expect("wrl state");
+            while st.queue.is_empty() && !st.closing && !trim_due(&sh, st.trim_target) {
+                st = sh.work.wait(st).expect("wrl state");
             }
-            record_bytes = next;
-            batch.push(st.queue.pop_front().expect("front exists"));
-        }
-        drop(st);
-
-        if trim_due(&sh, trim_target) {
-            core.set_reader_hint(trim_target + 1);
-            if let Err(e) = core.trim(trim_target) {
-                fail(&sh, batch, e);
+            if (st.queue.is_empty() && st.closing) || st.failed.is_some() {
                 return;
             }
-            sh.state.lock().expect("wrl state").used_segments = core.used_segments();
         }
-        if batch.is_empty() {
-            continue;
+        let mut core = sh.core.lock().expect("WRL core");
+        commit_step(&sh, &mut core);
+    }
+}
+
+/// One batch: takes what is queued (and trims when due), writes and syncs it, completes it. On an
+/// I/O error the WRL is failed (everything queued and later gets `Failed`).
+fn commit_step(sh: &Shared, core: &mut LogCore) {
+    let mut st = sh.state.lock().expect("wrl state");
+    if st.failed.is_some() {
+        return;
+    }
+    let trim_target = st.trim_target;
+    // Take a batch: everything queued, up to the batch limit and what the log can hold.
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut record_bytes = 0u64;
+    while let Some(q) = st.queue.front() {
+        let b = q.rec.log_bytes();
+        let next = record_bytes + b;
+        if !batch.is_empty() && (next > sh.opts.batch_bytes_limit || !core.can_fit(core.batch_disk_bytes(next))) {
+            break;
         }
-        if !core.can_fit(core.batch_disk_bytes(record_bytes)) {
-            // Log full: refuse everything queued now, so no volume gets a gap in its order.
+        record_bytes = next;
+        batch.push(st.queue.pop_front().expect("front exists"));
+    }
+    drop(st);
+
+    if trim_due(sh, trim_target) {
+        core.set_reader_hint(trim_target + 1);
+        if let Err(e) = core.trim(trim_target) {
+            fail(sh, batch, e);
+            return;
+        }
+        sh.state.lock().expect("wrl state").used_segments = core.used_segments();
+    }
+    if batch.is_empty() {
+        return;
+    }
+    if !core.can_fit(core.batch_disk_bytes(record_bytes)) {
+        // Log full: refuse everything queued now, so no volume gets a gap in its order.
+        let mut st = sh.state.lock().expect("wrl state");
+        batch.extend(st.queue.drain(..));
+        let freed: u64 = batch.iter().map(|q| q.rec.log_bytes()).sum();
+        st.admitted_bytes -= freed;
+        drop(st);
+        sh.room.notify_all();
+        for q in batch {
+            (q.done)(Err(core.log_full()));
+        }
+        return;
+    }
+    let recs: Vec<PendingRecord> =
+        batch.iter().map(|q| PendingRecord { payload: q.rec.payload.clone(), ..q.rec }).collect();
+    match core.append_batch(&recs) {
+        Ok(headers) => {
+            {
+                let mut vols = sh.volumes.lock().expect("volumes");
+                for h in &headers {
+                    vols.entry(h.desc.volume_id).or_default().log.note(h);
+                }
+            }
+            {
+                let mut cache = sh.cache.lock().expect("cache");
+                for (h, r) in headers.iter().zip(&recs) {
+                    cache.push(LogRecord { header: *h, payload: r.payload.clone() });
+                }
+            }
+            let payload: u64 = headers.iter().map(|h| h.desc.length as u64).sum();
+            sh.stats.appends.fetch_add(headers.len() as u64, Ordering::Relaxed);
+            sh.stats.batches.fetch_add(1, Ordering::Relaxed);
+            sh.stats.payload_bytes.fetch_add(payload, Ordering::Relaxed);
+            {
+                let mut st = sh.state.lock().expect("wrl state");
+                st.admitted_bytes -= record_bytes;
+                st.used_segments = core.used_segments();
+            }
+            sh.room.notify_all();
+            for (q, h) in batch.into_iter().zip(headers) {
+                (q.done)(Ok(Appended { header: h }));
+            }
+        }
+        Err(e @ WrlError::LogFull { .. }) => {
             let mut st = sh.state.lock().expect("wrl state");
-            batch.extend(st.queue.drain(..));
-            let freed: u64 = batch.iter().map(|q| q.rec.log_bytes()).sum();
-            st.admitted_bytes -= freed;
+            st.admitted_bytes -= record_bytes;
             drop(st);
             sh.room.notify_all();
+            drop(e);
             for q in batch {
                 (q.done)(Err(core.log_full()));
             }
-            continue;
         }
-        let recs: Vec<PendingRecord> =
-            batch.iter().map(|q| PendingRecord { payload: q.rec.payload.clone(), ..q.rec }).collect();
-        match core.append_batch(&recs) {
-            Ok(headers) => {
-                {
-                    let mut vols = sh.volumes.lock().expect("volumes");
-                    for h in &headers {
-                        vols.entry(h.desc.volume_id).or_default().log.note(h);
-                    }
-                }
-                {
-                    let mut cache = sh.cache.lock().expect("cache");
-                    for (h, r) in headers.iter().zip(&recs) {
-                        cache.push(LogRecord { header: *h, payload: r.payload.clone() });
-                    }
-                }
-                let payload: u64 = headers.iter().map(|h| h.desc.length as u64).sum();
-                sh.stats.appends.fetch_add(headers.len() as u64, Ordering::Relaxed);
-                sh.stats.batches.fetch_add(1, Ordering::Relaxed);
-                sh.stats.payload_bytes.fetch_add(payload, Ordering::Relaxed);
-                {
-                    let mut st = sh.state.lock().expect("wrl state");
-                    st.admitted_bytes -= record_bytes;
-                    st.used_segments = core.used_segments();
-                }
-                sh.room.notify_all();
-                for (q, h) in batch.into_iter().zip(headers) {
-                    (q.done)(Ok(Appended { header: h }));
-                }
-            }
-            Err(e @ WrlError::LogFull { .. }) => {
-                let mut st = sh.state.lock().expect("wrl state");
-                st.admitted_bytes -= record_bytes;
-                drop(st);
-                sh.room.notify_all();
-                drop(e);
-                for q in batch {
-                    (q.done)(Err(core.log_full()));
-                }
-            }
-            Err(e) => {
-                fail(&sh, batch, e);
-                return;
-            }
-        }
+        Err(e) => fail(sh, batch, e),
     }
 }
 
