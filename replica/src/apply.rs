@@ -261,7 +261,7 @@ pub fn run(
 }
 
 /// Least time between two apply steps while the DR log has room (see `run`).
-pub const APPLY_INTERVAL: Duration = Duration::from_millis(10);
+pub const APPLY_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Receiving into the DR log goes before applying when the two compete for CPU: what is durable in
 /// the DR log is already safe (it sets the RPO), applying only moves the replica image forward.

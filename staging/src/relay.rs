@@ -21,10 +21,13 @@ use crate::wrl::{LogRecord, WrlError};
 /// Largest Records frame body the relay builds.
 const RECORDS_FRAME_BYTES: u64 = 4 << 20;
 
-/// `frame_limit`: the largest frame body the replica accepts (its configured `frame_bytes_limit`).
-/// How long the relay waits, once caught up, for more records to gather after an append.
-pub const RELAY_LINGER: Duration = Duration::from_millis(2);
+/// How long the relay waits, once caught up, for more records to gather after an append. Every
+/// relayed batch costs the replica a DR-log `fdatasync`; fewer, larger batches leave the disk to
+/// the synchronous path when both share one (2 ms measured 5-10% fewer QD32 IOPS through the
+/// agent, and a worse QD1 p50, than 10 ms). It adds at most this much to the RPO at low load.
+pub const RELAY_LINGER: Duration = Duration::from_millis(10);
 
+/// `frame_limit`: the largest frame body the replica accepts (its configured `frame_bytes_limit`).
 pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: SocketAddr, frame_limit: u32) {
     let client = match quic::client_with(&st.identity, Role::Replica, &st.quic) {
         Ok(c) => c,

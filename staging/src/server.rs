@@ -340,6 +340,13 @@ impl Staging {
             let frame = match r.buffered()? {
                 Some(f) => f,
                 None => {
+                    // Writes that arrived while the earlier ones were decoded join the batch.
+                    if pending.is_some() && r.receive_ready()? {
+                        continue;
+                    }
+                    // Committed here when the committer is idle, however many writes came
+                    // together. (Handing a burst to the committer so that this thread reads on
+                    // meanwhile measured 10% fewer IOPS at QD32: one more wake-up per batch.)
                     if let Some(p) = pending.take() {
                         p.commit_here();
                     }
@@ -477,7 +484,11 @@ impl Staging {
                             u.push_back((seq, len, Instant::now()));
                         }
                         drop(u);
-                        out2.reply(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
+                        // Acknowledgements are cumulative: one per batch and volume covers
+                        // every earlier write of the volume (each link serves one volume).
+                        if a.last_of_volume {
+                            out2.reply(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
+                        }
                         appended.notify_waiters();
                     }
                     Err(e) => {

@@ -234,6 +234,41 @@ impl LinkReader {
         take_frame(&mut self.plain, self.limit)
     }
 
+    /// Takes in what the socket holds now without waiting (blocking socket); `false` when it held
+    /// nothing. A server that commits what it received in one batch calls it first: frames that
+    /// arrived while it decoded the earlier ones join the batch at no cost.
+    pub fn receive_ready(&mut self) -> Result<bool, TransportError> {
+        use std::os::fd::AsRawFd;
+        let Io::Blocking(s) = &self.link.io else { unreachable!("receive_ready on an async link") };
+        if self.eof {
+            return Ok(false);
+        }
+        // SAFETY: `raw` is a live buffer of the length passed; the socket is open.
+        let n = unsafe { libc::recv(s.as_raw_fd(), self.raw.as_mut_ptr().cast(), self.raw.len(), libc::MSG_DONTWAIT) };
+        match n {
+            0 => {
+                self.eof = true;
+                Ok(false)
+            }
+            n if n > 0 => {
+                let n = n as usize;
+                self.link.absorb(&self.raw[..n], &mut self.plain).inspect_err(|e| self.link.fail(e))?;
+                Ok(true)
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
+                    _ => {
+                        let e = stream_err(&format!("receive from {}", self.link.peer), e);
+                        self.link.fail(&e);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
     /// The next frame (blocking socket), or `None` when the peer closed the link between frames.
     pub fn next_blocking(&mut self) -> Result<Option<Frame>, TransportError> {
         loop {

@@ -319,6 +319,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         })
         .await??;
         let (p50, p99) = pct(lat);
+        eprintln!("QD32 through the agent for {secs:.0} s");
         let end = Instant::now() + Duration::from_secs_f64(secs);
         let t0 = Instant::now();
         let mut tasks = Vec::new();

@@ -65,6 +65,9 @@ pub struct AppendRequest<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Appended {
     pub header: RecordHeader,
+    /// No later record of the same volume is in this record's batch: a sender of cumulative
+    /// acknowledgements answers here, once per batch and volume.
+    pub last_of_volume: bool,
 }
 
 /// Called once with the outcome of an append, from the committer thread: keep it short.
@@ -547,8 +550,18 @@ fn commit_step(sh: &Shared, core: &mut LogCore) {
                 st.used_segments = core.used_segments();
             }
             sh.room.notify_all();
-            for (q, h) in batch.into_iter().zip(headers) {
-                (q.done)(Ok(Appended { header: h }));
+            // Whether a later record of the same volume is in the batch (batches hold few volumes).
+            let mut seen: Vec<u64> = Vec::new();
+            let mut last_of_volume = vec![false; headers.len()];
+            for (i, h) in headers.iter().enumerate().rev() {
+                if !seen.contains(&h.desc.volume_id) {
+                    seen.push(h.desc.volume_id);
+                    last_of_volume[i] = true;
+                }
+            }
+            // In log order: appenders may rely on it (staging's lag bookkeeping does).
+            for ((q, h), last_of_volume) in batch.into_iter().zip(headers).zip(last_of_volume) {
+                (q.done)(Ok(Appended { header: h, last_of_volume }));
             }
         }
         Err(e @ WrlError::LogFull { .. }) => {

@@ -97,6 +97,72 @@ fn concurrent_appends_share_batches() {
     }
 }
 
+/// Appenders committing on their own threads (`commit_here`) alongside the committer: every
+/// append completes once, in each volume's order, and exactly one completion per batch and volume
+/// is marked the last of its volume (what staging sends a cumulative ack on).
+#[test]
+fn commit_here_from_many_threads_keeps_order_and_marks_the_last_of_each_volume() {
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    let devs = make(dir.path(), 1, 64 << 20, 8 << 20, None);
+    let key = test_key();
+    let (w, _) = Wrl::open(devs, WrlOptions::default()).unwrap();
+    let w = Arc::new(w);
+    // (volume, seq, lsn, last_of_volume) in completion order.
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (w, key, done) = (w.clone(), key.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let mut pending: Option<drv_staging::wrl::Submitted> = None;
+                for i in 0..60u64 {
+                    let data = pattern(t * 1000 + i, 4096);
+                    let (tx, done) = (tx.clone(), done.clone());
+                    let s = w.submit(
+                        &key,
+                        req(t, i + 1, &data),
+                        Box::new(move |r| {
+                            let a = r.expect("append");
+                            done.lock().unwrap().push((t, i + 1, a.header.lsn, a.last_of_volume));
+                            tx.send(()).unwrap();
+                        }),
+                    );
+                    // Bursts of three, then one commit for them, as a link thread does.
+                    if let Some(p) = pending.take() {
+                        p.covered_by(&s);
+                    }
+                    pending = Some(s);
+                    if i % 3 == 2 {
+                        pending.take().unwrap().commit_here();
+                        for _ in 0..3 {
+                            rx.recv().unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let done = done.lock().unwrap();
+    assert_eq!(done.len(), 480, "every append completes exactly once");
+    for t in 0..8u64 {
+        let seqs: Vec<u64> = done.iter().filter(|d| d.0 == t).map(|d| d.1).collect();
+        assert_eq!(seqs, (1..=60).collect::<Vec<_>>(), "volume {t} completes in order");
+    }
+    // A volume's final record is the last of its volume in whatever batch held it, so the
+    // cumulative ack sent on it covers the whole volume.
+    for t in 0..8u64 {
+        let last = done.iter().filter(|d| d.0 == t).max_by_key(|d| d.2).unwrap();
+        assert!(last.3, "volume {t}: its final record is marked last of its volume");
+    }
+    let st = w.status();
+    assert_eq!(st.appends, 480);
+    assert!(st.batches < 480, "appenders committing on their own threads still share batches ({})", st.batches);
+}
+
 #[test]
 fn log_full_then_trim_frees_slots() {
     let dir = tempfile::tempdir().unwrap();
