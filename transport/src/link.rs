@@ -234,6 +234,28 @@ impl LinkReader {
         take_frame(&mut self.plain, self.limit)
     }
 
+    /// Takes in the outcome of one socket read.
+    fn got(&mut self, r: std::io::Result<usize>) -> Result<Got, TransportError> {
+        match r {
+            Ok(0) => {
+                self.eof = true;
+                Ok(Got::End)
+            }
+            Ok(n) => {
+                self.link.absorb(&self.raw[..n], &mut self.plain).inspect_err(|e| self.link.fail(e))?;
+                Ok(Got::Data)
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                Ok(Got::Again)
+            }
+            Err(e) => {
+                let e = stream_err(&format!("receive from {}", self.link.peer), e);
+                self.link.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
     /// Takes in what the socket holds now without waiting (blocking socket); `false` when it held
     /// nothing. A server that commits what it received in one batch calls it first: frames that
     /// arrived while it decoded the earlier ones join the batch at no cost.
@@ -245,28 +267,8 @@ impl LinkReader {
         }
         // SAFETY: `raw` is a live buffer of the length passed; the socket is open.
         let n = unsafe { libc::recv(s.as_raw_fd(), self.raw.as_mut_ptr().cast(), self.raw.len(), libc::MSG_DONTWAIT) };
-        match n {
-            0 => {
-                self.eof = true;
-                Ok(false)
-            }
-            n if n > 0 => {
-                let n = n as usize;
-                self.link.absorb(&self.raw[..n], &mut self.plain).inspect_err(|e| self.link.fail(e))?;
-                Ok(true)
-            }
-            _ => {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
-                    _ => {
-                        let e = stream_err(&format!("receive from {}", self.link.peer), e);
-                        self.link.fail(&e);
-                        Err(e)
-                    }
-                }
-            }
-        }
+        let r = if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) };
+        Ok(matches!(self.got(r)?, Got::Data))
     }
 
     /// The next frame (blocking socket), or `None` when the peer closed the link between frames.
@@ -279,17 +281,8 @@ impl LinkReader {
                 return self.end();
             }
             let Io::Blocking(s) = &self.link.io else { unreachable!("next_blocking on an async link") };
-            let n = match (&*s).read(&mut self.raw) {
-                Ok(0) => return self.end(),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let e = stream_err(&format!("receive from {}", self.link.peer), e);
-                    self.link.fail(&e);
-                    return Err(e);
-                }
-            };
-            self.link.absorb(&self.raw[..n], &mut self.plain).inspect_err(|e| self.link.fail(e))?;
+            let r = (&*s).read(&mut self.raw);
+            self.got(r)?;
         }
     }
 
@@ -303,23 +296,21 @@ impl LinkReader {
                 return self.end();
             }
             let Io::Async { tokio, .. } = &self.link.io else { unreachable!("next on a blocking link") };
-            let n = match tokio.try_read(&mut self.raw) {
-                Ok(0) => return self.end(),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    tokio.readable().await.map_err(|e| stream_err("receive", e))?;
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let e = stream_err(&format!("receive from {}", self.link.peer), e);
-                    self.link.fail(&e);
-                    return Err(e);
-                }
-            };
-            self.link.absorb(&self.raw[..n], &mut self.plain).inspect_err(|e| self.link.fail(e))?;
+            let r = tokio.try_read(&mut self.raw);
+            if let Got::Again = self.got(r)? {
+                let Io::Async { tokio, .. } = &self.link.io else { unreachable!() };
+                tokio.readable().await.map_err(|e| stream_err("receive", e))?;
+            }
         }
     }
+}
+
+/// What one socket read gave.
+enum Got {
+    Data,
+    /// Nothing now (would block, or interrupted).
+    Again,
+    End,
 }
 
 /// Accepts one connection on the server side: TLS handshake (blocking, bounded in time) with the
