@@ -12,6 +12,10 @@
 //!   against `rsync --inplace --no-whole-file` bringing a copy of the old image up to date: time
 //!   and bytes sent.
 //!
+//! Floors and the agent are measured in four alternating rounds (the disk's `fdatasync` latency
+//! drifts by 2x within minutes here); before each local round the replica gets a second to drain
+//! and the agent's buffered local writes are flushed, so the baseline is not charged for them.
+//!
 //! Staging and replica run as separate processes (release build); the agent runs in this process
 //! with its state directory (change map and activity log), warmed so the activity log holds the
 //! extents written.
@@ -36,8 +40,8 @@ fn pct(mut v: Vec<f64>) -> (f64, f64) {
     (v[v.len() / 2], v[v.len() * 99 / 100])
 }
 
-/// 4 KiB buffered pwrite latency (us) to `path`.
-fn local_write_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
+/// 4 KiB buffered pwrite latencies (us) to `path`.
+fn local_write_latency(path: &Path, n: usize) -> Result<Vec<f64>> {
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
     let buf = vec![7u8; 4096];
     let mut lat = Vec::with_capacity(n);
@@ -46,13 +50,13 @@ fn local_write_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
         f.write_all_at(&buf, (i as u64 * 7919 % (REGION / 4096)) * 4096)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    Ok(pct(lat))
+    Ok(lat)
 }
 
-/// Round trip (us) of a 4 KiB `Write` frame and its `Ack` over the agent link (TLS over TCP, the
+/// Round trips (us) of a 4 KiB `Write` frame and its `Ack` over the agent link (TLS over TCP, the
 /// transport of the synchronous path): a blocking server thread answering at once, and the client
 /// on a runtime worker, as the agent's writers are.
-fn link_rtt(dir: &Path, n: usize) -> Result<(f64, f64)> {
+fn link_rtt(dir: &Path, n: usize) -> Result<Vec<f64>> {
     use drv_format::frame::Frame;
     use drv_transport::{link, tls};
     let certs = dir.join("rtt-certs");
@@ -91,14 +95,15 @@ fn link_rtt(dir: &Path, n: usize) -> Result<(f64, f64)> {
                 lat.push(t.elapsed().as_secs_f64() * 1e6);
             }
             l.shutdown();
-            Ok(pct(lat))
+            Ok(lat)
         })
         .await?
     })
 }
 
-/// `threads` threads doing 4 KiB writes (with `fdatasync` after each when `sync`) for `secs`.
-fn local_iops(path: &Path, threads: usize, sync: bool, secs: f64) -> Result<f64> {
+/// `threads` threads doing 4 KiB writes (with `fdatasync` after each when `sync`) for `secs`:
+/// (writes, seconds).
+fn local_iops(path: &Path, threads: usize, sync: bool, secs: f64) -> Result<(u64, f64)> {
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let mut hs = Vec::new();
@@ -121,7 +126,7 @@ fn local_iops(path: &Path, threads: usize, sync: bool, secs: f64) -> Result<f64>
     for h in hs {
         total += h.join().map_err(|_| anyhow::anyhow!("writer thread"))??;
     }
-    Ok(total as f64 / t0.elapsed().as_secs_f64())
+    Ok((total, t0.elapsed().as_secs_f64()))
 }
 
 /// Time and bytes of the agent's resync of 1% dirty blocks, and of rsync doing the same job.
@@ -257,9 +262,54 @@ fn resync_vs_rsync(drv: &Path, dir: &Path, quick: bool) -> Result<ResyncFigures>
     Ok(ResyncFigures { volume, dirty, resync_secs, resync_bytes, rsync_secs, rsync_sent })
 }
 
+/// QD1: `n` sequential 4 KiB writes through the agent, from a task on the runtime's workers (as a
+/// capture path's writers are, not the `block_on` thread, which every completion would have to
+/// wake from a worker). Latencies in us.
+async fn agent_qd1(agent: &Agent, n: usize, first: u64) -> Result<Vec<f64>> {
+    let (a, d) = (agent.clone(), Bytes::from(vec![0x5au8; 4096]));
+    Ok(tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(n);
+        for i in first..first + n as u64 {
+            let t = Instant::now();
+            a.write((i * 7919 % (REGION / 4096)) * 4096, d.clone(), Flags::default()).await?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok::<_, drv_agent::AgentError>(lat)
+    })
+    .await??)
+}
+
+/// QD32: 32 writer tasks doing 4 KiB writes through the agent for `secs`: (writes, seconds).
+async fn agent_qd32(agent: &Agent, secs: f64, round: u64) -> Result<(u64, f64)> {
+    let data = Bytes::from(vec![0x5au8; 4096]);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let (agent, data) = (agent.clone(), data.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut k = 0u64;
+            while Instant::now() < end {
+                let block = ((round << 40) + k * 32 + t) * 7919 % (REGION / 4096);
+                agent.write(block * 4096, data.clone(), Flags::default()).await?;
+                k += 1;
+            }
+            Ok::<u64, drv_agent::AgentError>(k)
+        }));
+    }
+    let mut writes = 0;
+    for t in tasks {
+        writes += t.await??;
+    }
+    Ok((writes, t0.elapsed().as_secs_f64()))
+}
+
 pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let n = if quick { 1000 } else { 4000 };
     let secs = if quick { 3.0 } else { 8.0 };
+    // Baselines and the agent are measured in alternating rounds, so that a slow spell of the
+    // disk (this host's fdatasync latency drifts by 2x within minutes) falls on both alike.
+    let rounds = 4usize;
     let volume = 1u64 << 30;
     let s = setup_volume(dir, 2 << 30, 256 << 20, volume)?;
     let mut staging = start(drv, &s, "staging", "stg1", &dir.join("stg1.log"))?;
@@ -267,85 +317,70 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let source = dir.join("source.img");
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source)?;
     f.set_len(volume)?;
-    // Floors, same file systems, same run.
     let floor_file = dir.join("floor.bin");
     std::fs::write(&floor_file, vec![0u8; 16 << 20])?;
-    let (sync_p50, sync_p99) = crate::fdatasync_latency(&floor_file, n)?;
-    let (local_p50, local_p99) = local_write_latency(&source, n)?;
-    let (rtt_p50, rtt_p99) = link_rtt(dir, n)?;
-    let (floor_p50, floor_p99) = (sync_p50 + local_p50 + rtt_p50, sync_p99 + local_p99 + rtt_p99);
     let buffered = local_iops(&source, 32, false, secs / 2.0)?;
-    let durable = local_iops(&source, 32, true, secs)?;
+    let buffered = buffered.0 as f64 / buffered.1;
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let id = Identity::load(&s.certs, "host1")?;
-    let result = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let agent = loop {
-            let disk = Arc::new(FileDisk(f.try_clone()?));
-            let a = Agent::start(
-                &id,
-                s.staging,
-                s.volume_id,
-                volume,
-                disk,
-                Some(&dir.join("agent-state")),
-                AgentOptions::default(),
-            )
-            .await;
-            match a {
-                Ok(a) if a.mode() == Mode::Sync => break a,
-                _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
-                Ok(a) => anyhow::bail!("agent not in sync mode: {:?}", a.status()),
-                Err(e) => return Err(e).context("start agent"),
-            }
-        };
-        let data = Bytes::from(vec![0x5au8; 4096]);
-        // Warm-up: the activity log holds the region's extents, as it does for a busy volume.
-        for x in 0..REGION / (4 << 20) {
-            agent.write(x * (4 << 20), data.clone(), Flags::default()).await?;
-        }
-        // The writer is a task on the runtime's workers, as a capture path's writers are (not
-        // this `block_on` thread, which every completion would have to wake from a worker).
-        let (a, d) = (agent.clone(), data.clone());
-        let lat = tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(n);
-            for i in 0..n as u64 {
-                let t = Instant::now();
-                a.write((i * 7919 % (REGION / 4096)) * 4096, d.clone(), Flags::default()).await?;
-                lat.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            Ok::<_, drv_agent::AgentError>(lat)
-        })
-        .await??;
-        let (p50, p99) = pct(lat);
-        eprintln!("QD32 through the agent for {secs:.0} s");
-        let end = Instant::now() + Duration::from_secs_f64(secs);
-        let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..32u64 {
-            let (agent, data) = (agent.clone(), data.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut k = 0u64;
-                while Instant::now() < end {
-                    agent.write(((k * 32 + t) * 7919 % (REGION / 4096)) * 4096, data.clone(), Flags::default()).await?;
-                    k += 1;
+    let result = (|| -> Result<_> {
+        let agent = rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let agent = loop {
+                let disk = Arc::new(FileDisk(f.try_clone()?));
+                let state = dir.join("agent-state");
+                match Agent::start(&id, s.staging, s.volume_id, volume, disk, Some(&state), AgentOptions::default())
+                    .await
+                {
+                    Ok(a) if a.mode() == Mode::Sync => break a,
+                    _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Ok(a) => anyhow::bail!("agent not in sync mode: {:?}", a.status()),
+                    Err(e) => return Err(e).context("start agent"),
                 }
-                Ok::<u64, drv_agent::AgentError>(k)
-            }));
+            };
+            // Warm-up: the activity log holds the region's extents, as it does for a busy volume.
+            let data = Bytes::from(vec![0x5au8; 4096]);
+            for x in 0..REGION / (4 << 20) {
+                agent.write(x * (4 << 20), data.clone(), Flags::default()).await?;
+            }
+            Ok::<_, anyhow::Error>(agent)
+        })?;
+        let (mut sync, mut local, mut rtt, mut through) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut durable, mut agent_io) = ((0u64, 0f64), (0u64, 0f64));
+        let per = n / rounds;
+        for round in 0..rounds {
+            eprintln!("round {}/{rounds}: floors, QD1, QD32 ({:.1} s each side)", round + 1, secs / rounds as f64);
+            sync.extend(crate::fdatasync_samples(&floor_file, per)?);
+            local.extend(local_write_latency(&source, per)?);
+            rtt.extend(link_rtt(dir, per)?);
+            through.extend(rt.block_on(agent_qd1(&agent, per, (round * per) as u64))?);
+            // The relay and the replica's apply drain the previous agent round's backlog first,
+            // and the agent's buffered local writes are flushed, so the local baseline runs on a
+            // quiet host and its `fdatasync`s do not write back the agent's pages.
+            std::thread::sleep(Duration::from_secs(1));
+            f.sync_all()?;
+            let d = local_iops(&source, 32, true, secs / rounds as f64)?;
+            let a = rt.block_on(agent_qd32(&agent, secs / rounds as f64, round as u64))?;
+            (durable.0, durable.1) = (durable.0 + d.0, durable.1 + d.1);
+            (agent_io.0, agent_io.1) = (agent_io.0 + a.0, agent_io.1 + a.1);
         }
-        let mut writes = 0;
-        for t in tasks {
-            writes += t.await??;
-        }
-        let iops = writes as f64 / t0.elapsed().as_secs_f64();
-        Ok::<_, anyhow::Error>((p50, p99, iops))
-    });
+        Ok((
+            pct(sync),
+            pct(local),
+            pct(rtt),
+            pct(through),
+            durable.0 as f64 / durable.1,
+            agent_io.0 as f64 / agent_io.1,
+        ))
+    })();
+    drop(rt);
     let _ = staging.kill();
     let _ = replica.kill();
     let _ = staging.wait();
     let _ = replica.wait();
-    let (p50, p99, iops) = result?;
+    let ((sync_p50, sync_p99), (local_p50, local_p99), (rtt_p50, rtt_p99), (p50, p99), durable, iops) = result?;
+    let (floor_p50, floor_p99) = (sync_p50 + local_p50 + rtt_p50, sync_p99 + local_p99 + rtt_p99);
     // Development shortcut: DRV_BENCH_SKIP_RESYNC=1 measures the synchronous path only.
     let skip_resync = std::env::var_os("DRV_BENCH_SKIP_RESYNC").is_some();
     let rdir = dir.join("resync");
@@ -354,7 +389,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let _ = std::fs::remove_file(rdir.join("rsync-dst.img"));
     println!();
     println!("== cargo xtask bench agent ({}) ==", if quick { "quick" } else { "full" });
-    println!("QD1 4 KiB writes, {n} each (us):");
+    println!("QD1 4 KiB writes, {n} each, in {rounds} alternating rounds (us):");
     println!(
         "  staging fdatasync floor     p50 {sync_p50:>8.1}  p99 {sync_p99:>8.1}   (4 KiB O_DIRECT write + fdatasync)"
     );
@@ -366,7 +401,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         p50 / floor_p50,
         p99 / floor_p99
     );
-    println!("QD32 4 KiB writes ({secs:.0} s each, IOPS):");
+    println!("QD32 4 KiB writes ({secs:.0} s each, durable and agent in {rounds} alternating rounds; IOPS):");
     println!("  local only, buffered        {buffered:>9.0}   (page cache, nothing durable)");
     println!("  local only, durable         {durable:>9.0}   (pwrite + fdatasync per write)");
     println!(

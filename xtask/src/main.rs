@@ -158,6 +158,13 @@ fn dd_direct(path: &Path, bytes: u64) -> Result<f64> {
 
 /// 4 KiB O_DIRECT pwrite + fdatasync to a prezeroed file, `n` times; returns (p50, p99) in us.
 fn fdatasync_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
+    let mut lat = fdatasync_samples(path, n)?;
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    Ok((lat[n / 2], lat[n * 99 / 100]))
+}
+
+/// `n` latencies (us) of a 4 KiB `O_DIRECT` write + `fdatasync` to `path`.
+fn fdatasync_samples(path: &Path, n: usize) -> Result<Vec<f64>> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
@@ -177,8 +184,7 @@ fn fdatasync_latency(path: &Path, n: usize) -> Result<(f64, f64)> {
     }
     // SAFETY: allocated above with this layout.
     unsafe { std::alloc::dealloc(ptr, layout) };
-    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    Ok((lat[n / 2], lat[n * 99 / 100]))
+    Ok(lat)
 }
 
 fn bench_wrl(quick: bool, fuzz_seconds: u64) -> Result<()> {
