@@ -160,20 +160,26 @@ impl Link {
     /// nothing received right after the handshake: application data that arrived with the peer's
     /// last handshake message is already inside rustls.
     fn absorb(&self, mut raw: &[u8], plain: &mut BytesMut) -> Result<(), TransportError> {
+        use std::io::BufRead;
         let mut st = self.state.lock().expect("link state");
-        let mut chunk = [0u8; 16 << 10];
         loop {
             if !raw.is_empty() {
                 st.tls.read_tls(&mut raw).map_err(|e| stream_err("TLS", e))?;
             }
             st.tls.process_new_packets().map_err(|e| TransportError::Stream(format!("TLS from {}: {e}", self.peer)))?;
+            // Straight from rustls's buffer (one copy, not two through a bounce buffer).
             loop {
-                match st.tls.reader().read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => plain.extend_from_slice(&chunk[..n]),
+                let mut r = st.tls.reader();
+                let n = match r.fill_buf() {
+                    Ok([]) => break,
+                    Ok(b) => {
+                        plain.extend_from_slice(b);
+                        b.len()
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(stream_err("TLS", e)),
-                }
+                };
+                r.consume(n);
             }
             if raw.is_empty() {
                 break;
