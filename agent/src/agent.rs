@@ -553,7 +553,16 @@ impl Agent {
                 let degraded = degraded_n.notified();
                 let Some(i) = wi.upgrade() else { return };
                 let interval = i.opts.reconnect_interval;
-                let mode = i.order.lock().expect("order").mode;
+                let mode = {
+                    let mut o = i.order.lock().expect("order");
+                    // A link that broke while idle (staging gone between writes): leave sync mode
+                    // now, so status says so and the reconnect starts, not at the next write.
+                    let broken = o.session.as_ref().and_then(|s| s.broken.lock().expect("broken").clone());
+                    if let (Mode::Sync, Some(why), true) = (o.mode, broken, i.map.is_some()) {
+                        i.switch_to_map(&mut o, &why);
+                    }
+                    o.mode
+                };
                 if mode == Mode::ChangeMap && i.map.is_some() {
                     match open_session(&i.id, i.staging, i.volume_id).await {
                         Ok((s, last_seq, last_epoch)) => i.resync(s, last_seq, last_epoch).await,

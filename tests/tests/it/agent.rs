@@ -196,6 +196,35 @@ async fn staging_killed_mid_workload_change_map_then_resync_byte_identical() {
     kill_all([&mut staging, &mut replica]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_notices_staging_gone_and_comes_back_to_sync() {
+    use drv_agent::Mode;
+    const VOLUME: u64 = 4 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let (source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    let opts = AgentOptions { reconnect_interval: Duration::from_millis(200), ..AgentOptions::default() };
+    let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
+    let state = cl.dir.path().join("agent-state");
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(&state), opts).await.unwrap();
+    assert_eq!(agent.mode(), Mode::Sync);
+    agent.write(0, Bytes::from(drv_format::pattern(1, 8192)), Flags::default()).await.unwrap();
+    // Staging goes away while nothing is being written: status must not keep saying "sync".
+    let _ = staging.kill();
+    let _ = staging.wait();
+    until("change-map mode without a write", Duration::from_secs(5), || agent.mode() == Mode::ChangeMap).await;
+    // A write meanwhile is marked, staging returns, the agent resyncs it and is back in sync.
+    agent.write(65536, Bytes::from(drv_format::pattern(2, 8192)), Flags::default()).await.unwrap();
+    assert!(agent.dirty_bytes() > 0);
+    let mut staging = cl.start("staging", "stg1");
+    until("sync mode again", Duration::from_secs(30), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
+    let (next, _) = agent.position();
+    assert_replica_equals(&cl, &source, next).await;
+    kill_all([&mut staging, &mut replica]);
+}
+
 /// `agent-run` with the cluster's arguments; stdout piped.
 fn agent_run(cl: &Cluster, image: &std::path::Path, state: &std::path::Path, cmd: &[&str]) -> std::process::Child {
     let bin = drv_tests::drv_bin().with_file_name("agent-run");
