@@ -474,22 +474,23 @@ impl Staging {
             Box::new(move |r| {
                 match r {
                     Ok(a) => {
-                        {
-                            let mut s = ctx.seq.lock().expect("seq");
-                            s.durable_seq = s.durable_seq.max(seq);
-                        }
-                        ctx.durable_tx.send_modify(|d| *d = (*d).max(seq));
                         let mut u = ctx.unreplicated.lock().expect("unreplicated");
                         if u.len() < UNREPLICATED_ENTRIES_LIMIT {
                             u.push_back((seq, len, Instant::now()));
                         }
                         drop(u);
-                        // Acknowledgements are cumulative: one per batch and volume covers
-                        // every earlier write of the volume (each link serves one volume).
+                        // The rest once per batch and volume, at its last record: positions
+                        // only move up, and acknowledgements are cumulative (each covers every
+                        // earlier write of the volume; a link serves one volume).
                         if a.last_of_volume {
+                            {
+                                let mut s = ctx.seq.lock().expect("seq");
+                                s.durable_seq = s.durable_seq.max(seq);
+                            }
+                            ctx.durable_tx.send_modify(|d| *d = (*d).max(seq));
                             out2.reply(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
+                            appended.notify_waiters();
                         }
-                        appended.notify_waiters();
                     }
                     Err(e) => {
                         // Not logged: later writes of this volume would leave a gap, so the
