@@ -205,6 +205,11 @@ impl Session {
         self.broken.lock().expect("broken").is_some()
     }
 
+    /// Why the session broke, if it did.
+    fn broken_reason(&self) -> Option<String> {
+        self.broken.lock().expect("broken").clone()
+    }
+
     /// Queues a frame after registering its waiter.
     fn send(&self, seq: u64, f: Frame) -> Option<AckWait> {
         let (tx, rx) = oneshot::channel();
@@ -557,7 +562,7 @@ impl Agent {
                     let mut o = i.order.lock().expect("order");
                     // A link that broke while idle (staging gone between writes): leave sync mode
                     // now, so status says so and the reconnect starts, not at the next write.
-                    let broken = o.session.as_ref().and_then(|s| s.broken.lock().expect("broken").clone());
+                    let broken = o.session.as_ref().and_then(|s| s.broken_reason());
                     if let (Mode::Sync, Some(why), true) = (o.mode, broken, i.map.is_some()) {
                         i.switch_to_map(&mut o, &why);
                     }
@@ -849,7 +854,7 @@ impl Inner {
             // The session broke with nothing in flight to notice it (staging closed the link
             // between writes): this write goes to the change map, and the agent with it.
             if self.map.is_some() {
-                let why = o.session.as_ref().and_then(|s| s.broken.lock().expect("broken").clone());
+                let why = o.session.as_ref().and_then(|s| s.broken_reason());
                 self.switch_to_map(&mut o, &why.unwrap_or_else(|| "the link to staging is gone".into()));
             }
         }
