@@ -157,7 +157,8 @@ pub struct AgentStats {
     pub mode_switches: AtomicU64,
 }
 
-type Waiters = BTreeMap<u64, oneshot::Sender<Result<(), AgentError>>>;
+/// Per write in flight: when it was sent, and how to resolve its writer.
+type Waiters = BTreeMap<u64, (std::time::Instant, oneshot::Sender<Result<(), AgentError>>)>;
 /// Resolves when staging acknowledged the write (or the session failed).
 type AckWait = oneshot::Receiver<Result<(), AgentError>>;
 
@@ -181,7 +182,7 @@ impl Session {
         let rest = w.split_off(&(seq + 1));
         let done = std::mem::replace(&mut *w, rest);
         drop(w);
-        for (_, tx) in done {
+        for (_, (_, tx)) in done {
             let _ = tx.send(Ok(()));
         }
     }
@@ -196,7 +197,7 @@ impl Session {
         drop(b);
         let waiters = std::mem::take(&mut *self.waiters.lock().expect("waiters"));
         let mut first = Some(first);
-        for (_, tx) in waiters {
+        for (_, (_, tx)) in waiters {
             let _ = tx.send(Err(first.take().unwrap_or(AgentError::Disconnected)));
         }
     }
@@ -213,7 +214,7 @@ impl Session {
     /// Queues a frame after registering its waiter.
     fn send(&self, seq: u64, f: Frame) -> Option<AckWait> {
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters").insert(seq, tx);
+        self.waiters.lock().expect("waiters").insert(seq, (std::time::Instant::now(), tx));
         if self.is_broken() || self.out.send(&f).is_err() {
             self.waiters.lock().expect("waiters").remove(&seq);
             return None;
@@ -236,6 +237,7 @@ async fn open_session(
     id: &Identity,
     staging: SocketAddr,
     volume_id: u64,
+    ack_timeout: Duration,
 ) -> Result<(Arc<Session>, u64, u64), AgentError> {
     let cfg = tls::client_config(id, Role::Staging)?;
     let timeout = |_| TransportError::Connect {
@@ -260,6 +262,29 @@ async fn open_session(
         _ => return Err(AgentError::Disconnected),
     };
     let s = Arc::new(Session { out, waiters: Mutex::default(), broken: Mutex::default() });
+    // The ack timeout: one watchdog per session, not a timer per write. The oldest write in
+    // flight waiting longer than `ack_timeout` fails the session (within a quarter more).
+    let ws = Arc::downgrade(&s);
+    tokio::spawn(async move {
+        let tick = (ack_timeout / 4).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            let Some(s) = ws.upgrade() else { return };
+            if s.is_broken() {
+                return;
+            }
+            let overdue = s
+                .waiters
+                .lock()
+                .expect("waiters")
+                .first_key_value()
+                .and_then(|(seq, (sent, _))| (sent.elapsed() >= ack_timeout).then_some(*seq));
+            if let Some(seq) = overdue {
+                let e = AgentError::AckTimeout { seq, timeout: ack_timeout };
+                return s.fail(e.to_string(), e);
+            }
+        }
+    });
     let rs = Arc::downgrade(&s);
     tokio::spawn(async move {
         loop {
@@ -526,7 +551,7 @@ impl Agent {
             bwlimit: AtomicU64::new(0),
             _lock: lock,
         });
-        let first = open_session(id, staging, volume_id).await;
+        let first = open_session(id, staging, volume_id, inner.opts.ack_timeout).await;
         match first {
             Ok((s, last_seq, last_epoch)) if !dirty => {
                 let mut o = inner.order.lock().expect("order");
@@ -569,7 +594,7 @@ impl Agent {
                     o.mode
                 };
                 if mode == Mode::ChangeMap && i.map.is_some() {
-                    match open_session(&i.id, i.staging, i.volume_id).await {
+                    match open_session(&i.id, i.staging, i.volume_id, i.opts.ack_timeout).await {
                         Ok((s, last_seq, last_epoch)) => i.resync(s, last_seq, last_epoch).await,
                         Err(e) => tracing::debug!("staging still unreachable: {e}"),
                     }
@@ -658,11 +683,8 @@ impl Agent {
         };
         let mut result = match issued {
             Issued::Staging(seq, rx) => {
-                let acked = match tokio::time::timeout(i.opts.ack_timeout, rx).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(_)) => Err(AgentError::Disconnected),
-                    Err(_) => Err(AgentError::AckTimeout { seq, timeout: i.opts.ack_timeout }),
-                };
+                // Bounded by the session's watchdog (`ack_timeout`).
+                let acked = rx.await.unwrap_or(Err(AgentError::Disconnected));
                 if acked.is_ok() && i.opts.test_hang_after_ack == Some(i.acks.fetch_add(1, Ordering::Relaxed) + 1) {
                     println!("HANG after ack of seq {seq}");
                     std::future::pending::<()>().await;

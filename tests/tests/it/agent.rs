@@ -225,6 +225,46 @@ async fn an_idle_agent_notices_staging_gone_and_comes_back_to_sync() {
     kill_all([&mut staging, &mut replica]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_too_slow_past_the_ack_timeout_switches_to_the_change_map_and_back() {
+    use drv_agent::Mode;
+    const VOLUME: u64 = 4 << 20;
+    let signal = |sig: &str, pid: u32| {
+        let st = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().expect("run kill");
+        assert!(st.success(), "kill {sig} {pid}");
+    };
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let (source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    let timeout = Duration::from_millis(500);
+    let opts = AgentOptions {
+        ack_timeout: timeout,
+        reconnect_interval: Duration::from_millis(200),
+        ..AgentOptions::default()
+    };
+    let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
+    let state = cl.dir.path().join("agent-state");
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(&state), opts).await.unwrap();
+    assert_eq!(agent.mode(), Mode::Sync);
+    agent.write(0, Bytes::from(drv_format::pattern(1, 8192)), Flags::default()).await.unwrap();
+    // Staging stops answering but keeps its connection (a stalled server, not a dead one).
+    signal("-STOP", staging.id());
+    let t = Instant::now();
+    agent.write(65536, Bytes::from(drv_format::pattern(2, 8192)), Flags::default()).await.expect("no write fails");
+    let took = t.elapsed();
+    assert_eq!(agent.mode(), Mode::ChangeMap, "a write past the ack timeout moves the agent to its change map");
+    assert!(took >= timeout, "the write waited for the timeout first ({took:?})");
+    assert!(took < timeout * 6, "the write completed soon after the timeout ({took:?})");
+    assert!(agent.dirty_bytes() > 0, "the write is marked");
+    signal("-CONT", staging.id());
+    until("sync mode again", Duration::from_secs(30), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
+    let (next, _) = agent.position();
+    assert_replica_equals(&cl, &source, next).await;
+    kill_all([&mut staging, &mut replica]);
+}
+
 /// `agent-run` with the cluster's arguments; stdout piped.
 fn agent_run(cl: &Cluster, image: &std::path::Path, state: &std::path::Path, cmd: &[&str]) -> std::process::Child {
     let bin = drv_tests::drv_bin().with_file_name("agent-run");
