@@ -201,16 +201,8 @@ async fn an_idle_agent_notices_staging_gone_and_comes_back_to_sync() {
     use drv_agent::Mode;
     const VOLUME: u64 = 4 << 20;
     let cl = Cluster::new(1, VOLUME);
-    let mut staging = staging_up(&cl).await;
-    let mut replica = cl.start("replica", "rep1");
-    let (source, f) = blank_image(&cl);
-    let (id, addr) = host1(&cl);
     let opts = AgentOptions { reconnect_interval: Duration::from_millis(200), ..AgentOptions::default() };
-    let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
-    let state = cl.dir.path().join("agent-state");
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(&state), opts).await.unwrap();
-    assert_eq!(agent.mode(), Mode::Sync);
-    agent.write(0, Bytes::from(drv_format::pattern(1, 8192)), Flags::default()).await.unwrap();
+    let (mut staging, mut replica, source, agent) = protected(&cl, opts).await;
     // Staging goes away while nothing is being written: status must not keep saying "sync".
     let _ = staging.kill();
     let _ = staging.wait();
@@ -219,9 +211,7 @@ async fn an_idle_agent_notices_staging_gone_and_comes_back_to_sync() {
     agent.write(65536, Bytes::from(drv_format::pattern(2, 8192)), Flags::default()).await.unwrap();
     assert!(agent.dirty_bytes() > 0);
     let mut staging = cl.start("staging", "stg1");
-    until("sync mode again", Duration::from_secs(30), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
-    let (next, _) = agent.position();
-    assert_replica_equals(&cl, &source, next).await;
+    resynced_and_identical(&cl, &agent, &source).await;
     kill_all([&mut staging, &mut replica]);
 }
 
@@ -234,21 +224,13 @@ async fn staging_too_slow_past_the_ack_timeout_switches_to_the_change_map_and_ba
         assert!(st.success(), "kill {sig} {pid}");
     };
     let cl = Cluster::new(1, VOLUME);
-    let mut staging = staging_up(&cl).await;
-    let mut replica = cl.start("replica", "rep1");
-    let (source, f) = blank_image(&cl);
-    let (id, addr) = host1(&cl);
     let timeout = Duration::from_millis(500);
     let opts = AgentOptions {
         ack_timeout: timeout,
         reconnect_interval: Duration::from_millis(200),
         ..AgentOptions::default()
     };
-    let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
-    let state = cl.dir.path().join("agent-state");
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, Some(&state), opts).await.unwrap();
-    assert_eq!(agent.mode(), Mode::Sync);
-    agent.write(0, Bytes::from(drv_format::pattern(1, 8192)), Flags::default()).await.unwrap();
+    let (mut staging, mut replica, source, agent) = protected(&cl, opts).await;
     // Staging stops answering but keeps its connection (a stalled server, not a dead one).
     signal("-STOP", staging.id());
     let t = Instant::now();
@@ -259,10 +241,34 @@ async fn staging_too_slow_past_the_ack_timeout_switches_to_the_change_map_and_ba
     assert!(took < timeout * 6, "the write completed soon after the timeout ({took:?})");
     assert!(agent.dirty_bytes() > 0, "the write is marked");
     signal("-CONT", staging.id());
+    resynced_and_identical(&cl, &agent, &source).await;
+    kill_all([&mut staging, &mut replica]);
+}
+
+/// Staging and replica up, and an agent with a state directory in sync mode on a blank image,
+/// with one write done: (staging, replica, source image, agent).
+async fn protected(
+    cl: &Cluster,
+    opts: AgentOptions,
+) -> (std::process::Child, std::process::Child, std::path::PathBuf, Agent) {
+    let staging = staging_up(cl).await;
+    let replica = cl.start("replica", "rep1");
+    let (source, f) = blank_image(cl);
+    let (id, addr) = host1(cl);
+    let disk = Arc::new(FileDisk(f));
+    let state = cl.dir.path().join("agent-state");
+    let agent = Agent::start(&id, addr, cl.volume_id, cl.volume_bytes, disk, Some(&state), opts).await.unwrap();
+    assert_eq!(agent.mode(), drv_agent::Mode::Sync);
+    agent.write(0, Bytes::from(drv_format::pattern(1, 8192)), Flags::default()).await.unwrap();
+    (staging, replica, source, agent)
+}
+
+/// Waits until the agent is back in sync mode with nothing dirty, then checks the replica.
+async fn resynced_and_identical(cl: &Cluster, agent: &Agent, source: &std::path::Path) {
+    use drv_agent::Mode;
     until("sync mode again", Duration::from_secs(30), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
     let (next, _) = agent.position();
-    assert_replica_equals(&cl, &source, next).await;
-    kill_all([&mut staging, &mut replica]);
+    assert_replica_equals(cl, source, next).await;
 }
 
 /// `agent-run` with the cluster's arguments; stdout piped.
