@@ -3,7 +3,7 @@
 //! - QD1 4 KiB write latency through the agent (staging durable, then the local write) against the
 //!   floor: a 4 KiB `O_DIRECT` write + `fdatasync` on the staging file system, plus a 4 KiB local
 //!   write, plus a round trip of a 4 KiB frame on the agent link's transport (TLS over TCP) on
-//!   loopback.
+//!   loopback between two CPUs (the same round trip within one CPU is printed too).
 //! - QD32 4 KiB IOPS through the agent against local-only writes of the same file: buffered (the
 //!   page cache, no durability) and durable (`pwrite` + `fdatasync`, what an application that needs
 //!   each write stable pays without drv).
@@ -18,7 +18,12 @@
 //!
 //! Staging and replica run as separate processes (release build); the agent runs in this process
 //! with its state directory (change map and activity log), warmed so the activity log holds the
-//! extents written.
+//! extents written. The protected file and staging's WRL share the disk under test. The replica
+//! stands for the DR site and keeps its DR log and target in RAM (`/dev/shm`): on this one-disk
+//! VM its apply (a flood of random 4 KiB writes flushed every 50 ms) otherwise queues ahead of
+//! staging's `fdatasync`s, which no deployment has (the replica is at another site). Its CPU is
+//! still this host's, as are the relay's. Measured while choosing this (QD32, agent only):
+//! replica on the same disk ~31k IOPS, in RAM ~36k, replica stopped ~53k.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -53,10 +58,23 @@ fn local_write_latency(path: &Path, n: usize) -> Result<Vec<f64>> {
     Ok(lat)
 }
 
+/// Pins the calling thread to one CPU (best effort: a host with fewer CPUs leaves it alone).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it for cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Round trips (us) of a 4 KiB `Write` frame and its `Ack` over the agent link (TLS over TCP, the
 /// transport of the synchronous path): a blocking server thread answering at once, and the client
-/// on a runtime worker, as the agent's writers are.
-fn link_rtt(dir: &Path, n: usize) -> Result<Vec<f64>> {
+/// on a runtime worker, as the agent's writers are. Client and server are pinned to the CPUs
+/// given: on two CPUs a round trip pays for waking the other one (about 40 us each way on this
+/// VM), as one between two hosts does; on one CPU it does not. Unpinned, the scheduler picks
+/// either, and the floor swung from 10 to 88 us between runs.
+fn link_rtt(dir: &Path, n: usize, client_cpu: usize, server_cpu: usize) -> Result<Vec<f64>> {
     use drv_format::frame::Frame;
     use drv_transport::{link, tls};
     let certs = dir.join("rtt-certs");
@@ -69,6 +87,7 @@ fn link_rtt(dir: &Path, n: usize) -> Result<Vec<f64>> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
+        pin_to_cpu(server_cpu);
         let Ok((s, _)) = listener.accept() else { return };
         let Ok((l, mut r)) = link::accept(s, server_cfg, 1 << 20) else { return };
         while let Ok(Some(f)) = r.next_blocking() {
@@ -79,7 +98,11 @@ fn link_rtt(dir: &Path, n: usize) -> Result<Vec<f64>> {
             }
         }
     });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(move || pin_to_cpu(client_cpu))
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let (l, mut r) = link::connect(addr, tls::client_config(&ping, Role::Staging)?, 1 << 20).await?;
         let data = Bytes::from(vec![9u8; 4096]);
@@ -129,6 +152,24 @@ fn local_iops(path: &Path, threads: usize, sync: bool, secs: f64) -> Result<(u64
     Ok((total, t0.elapsed().as_secs_f64()))
 }
 
+/// A directory on `/dev/shm` (tmpfs), removed when dropped.
+struct RamDir(std::path::PathBuf);
+
+impl RamDir {
+    fn new(name: &str) -> Result<RamDir> {
+        let p = Path::new("/dev/shm").join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+        Ok(RamDir(p))
+    }
+}
+
+impl Drop for RamDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Time and bytes of the agent's resync of 1% dirty blocks, and of rsync doing the same job.
 struct ResyncFigures {
     volume: u64,
@@ -153,7 +194,7 @@ fn resync_vs_rsync(drv: &Path, dir: &Path, quick: bool) -> Result<ResyncFigures>
     ensure_rsync()?;
     let volume: u64 = if quick { 1 << 30 } else { 4 << 30 };
     let block: u64 = 64 << 10;
-    let s = setup_volume(dir, volume + (1 << 30), 256 << 20, volume)?;
+    let s = setup_volume(dir, &dir.join("rep1"), volume + (1 << 30), 256 << 20, volume)?;
     let mut staging = start(drv, &s, "staging", "stg1", &dir.join("stg1.log"))?;
     let mut replica = start(drv, &s, "replica", "rep1", &dir.join("rep1.log"))?;
     let source = dir.join("source.img");
@@ -311,7 +352,10 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     // disk (this host's fdatasync latency drifts by 2x within minutes) falls on both alike.
     let rounds = 4usize;
     let volume = 1u64 << 30;
-    let s = setup_volume(dir, 2 << 30, 256 << 20, volume)?;
+    // The replica stands for the DR site: its storage is not the disk under test (see the module
+    // documentation), so it lives in RAM. Its CPU is still this host's.
+    let replica_data = RamDir::new("drv-bench-agent-replica")?;
+    let s = setup_volume(dir, &replica_data.0, 2 << 30, 256 << 20, volume)?;
     let mut staging = start(drv, &s, "staging", "stg1", &dir.join("stg1.log"))?;
     let mut replica = start(drv, &s, "replica", "rep1", &dir.join("rep1.log"))?;
     let source = dir.join("source.img");
@@ -346,14 +390,26 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
             }
             Ok::<_, anyhow::Error>(agent)
         })?;
-        let (mut sync, mut local, mut rtt, mut through) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Development shortcut: DRV_BENCH_QD32_ONLY=SECS runs only the agent's QD32 load, for a
+        // profiler to watch (`perf record -a`), and then stops.
+        if let Some(s) = std::env::var_os("DRV_BENCH_QD32_ONLY") {
+            let s: f64 = s.to_string_lossy().parse().context("DRV_BENCH_QD32_ONLY: seconds")?;
+            eprintln!("QD32 through the agent for {s} s, pid {}", std::process::id());
+            let a = rt.block_on(agent_qd32(&agent, s, 0))?;
+            eprintln!("QD32 through the agent: {:.0} IOPS", a.0 as f64 / a.1);
+            anyhow::bail!("DRV_BENCH_QD32_ONLY: done");
+        }
+        let (mut sync, mut local, mut rtt, mut rtt_one, mut through) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (mut durable, mut agent_io) = ((0u64, 0f64), (0u64, 0f64));
         let per = n / rounds;
         for round in 0..rounds {
             eprintln!("round {}/{rounds}: floors, QD1, QD32 ({:.1} s each side)", round + 1, secs / rounds as f64);
             sync.extend(crate::fdatasync_samples(&floor_file, per)?);
             local.extend(local_write_latency(&source, per)?);
-            rtt.extend(link_rtt(dir, per)?);
+            rtt.extend(link_rtt(dir, per, 0, 1.min(cpus - 1))?);
+            rtt_one.extend(link_rtt(dir, per, 0, 0)?);
             through.extend(rt.block_on(agent_qd1(&agent, per, (round * per) as u64))?);
             // The relay and the replica's apply drain the previous agent round's backlog first,
             // and the agent's buffered local writes are flushed, so the local baseline runs on a
@@ -369,6 +425,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
             pct(sync),
             pct(local),
             pct(rtt),
+            pct(rtt_one),
             pct(through),
             durable.0 as f64 / durable.1,
             agent_io.0 as f64 / agent_io.1,
@@ -379,7 +436,15 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let _ = replica.kill();
     let _ = staging.wait();
     let _ = replica.wait();
-    let ((sync_p50, sync_p99), (local_p50, local_p99), (rtt_p50, rtt_p99), (p50, p99), durable, iops) = result?;
+    let (
+        (sync_p50, sync_p99),
+        (local_p50, local_p99),
+        (rtt_p50, rtt_p99),
+        (rtt1_p50, rtt1_p99),
+        (p50, p99),
+        durable,
+        iops,
+    ) = result?;
     let (floor_p50, floor_p99) = (sync_p50 + local_p50 + rtt_p50, sync_p99 + local_p99 + rtt_p99);
     // Development shortcut: DRV_BENCH_SKIP_RESYNC=1 measures the synchronous path only.
     let skip_resync = std::env::var_os("DRV_BENCH_SKIP_RESYNC").is_some();
@@ -394,7 +459,12 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         "  staging fdatasync floor     p50 {sync_p50:>8.1}  p99 {sync_p99:>8.1}   (4 KiB O_DIRECT write + fdatasync)"
     );
     println!("  local write                 p50 {local_p50:>8.1}  p99 {local_p99:>8.1}");
-    println!("  link round trip (4 KiB)     p50 {rtt_p50:>8.1}  p99 {rtt_p99:>8.1}   (TLS over TCP, loopback)");
+    println!(
+        "  link round trip (4 KiB)     p50 {rtt_p50:>8.1}  p99 {rtt_p99:>8.1}   (TLS over TCP, loopback, ends on two CPUs)"
+    );
+    println!(
+        "  (same, both ends on one CPU p50 {rtt1_p50:>8.1}  p99 {rtt1_p99:>8.1}   not in the floor: two hosts never share one)"
+    );
     println!("  floor (sum)                 p50 {floor_p50:>8.1}  p99 {floor_p99:>8.1}");
     println!(
         "  through the agent           p50 {p50:>8.1}  p99 {p99:>8.1}   ratio p50 {:.2} (goal <= 1.10), p99 {:.2}",

@@ -172,11 +172,18 @@ pub struct Setup {
 
 /// `cache_bytes`: the staging WRL's cache of unrelayed records.
 fn setup(dir: &Path, wrl_bytes: u64, cache_bytes: u64) -> Result<Setup> {
-    setup_volume(dir, wrl_bytes, cache_bytes, 64 << 20)
+    setup_volume(dir, &dir.join("rep1"), wrl_bytes, cache_bytes, 64 << 20)
 }
 
-/// An installation on loopback (CA, certificates, staging stg1, replica rep1, volume vol1).
-pub fn setup_volume(dir: &Path, wrl_bytes: u64, cache_bytes: u64, volume_bytes: u64) -> Result<Setup> {
+/// An installation on loopback (CA, certificates, staging stg1, replica rep1 keeping its data in
+/// `replica_data`, volume vol1).
+pub fn setup_volume(
+    dir: &Path,
+    replica_data: &Path,
+    wrl_bytes: u64,
+    cache_bytes: u64,
+    volume_bytes: u64,
+) -> Result<Setup> {
     let certs = dir.join("certs");
     ca::init(&certs)?;
     for (r, n) in [(Role::Staging, "stg1"), (Role::Replica, "rep1"), (Role::Agent, "host1"), (Role::Admin, "admin")] {
@@ -196,7 +203,7 @@ pub fn setup_volume(dir: &Path, wrl_bytes: u64, cache_bytes: u64, volume_bytes: 
         &s(vec![
             "role=replica".into(),
             format!("address={replica}"),
-            format!("data_dir={}", dir.join("rep1").display()),
+            format!("data_dir={}", replica_data.display()),
             format!("drlog_bytes={}", wrl_bytes + (256 << 20)),
         ]),
     )?;
