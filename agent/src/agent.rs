@@ -634,24 +634,37 @@ impl Agent {
     pub async fn write(&self, offset: u64, data: Bytes, flags: Flags) -> Result<(), AgentError> {
         let disk = self.inner.disk.clone();
         let d = data.clone();
-        self.write_with(offset, data, flags, move || {
-            if !d.is_empty() {
-                disk.write_at(offset, &d)?;
-            }
-            if flags.contains(Flags::FLUSH) || flags.contains(Flags::FUA) {
-                disk.flush()?;
-            }
-            Ok(())
+        self.write_with(offset, data, flags, move || async move {
+            let len = d.len() as u64;
+            let local = move || {
+                if !d.is_empty() {
+                    disk.write_at(offset, &d)?;
+                }
+                if flags.contains(Flags::FLUSH) || flags.contains(Flags::FUA) {
+                    disk.flush()?;
+                }
+                Ok(())
+            };
+            // The local write is one syscall: run it on this worker rather than handing it to
+            // another thread. A small write without a flush takes microseconds: run it inline
+            // (`block_in_place` would hand this worker's queue to another thread for each one,
+            // which costs more than the write); a flush or a large write may take milliseconds,
+            // so the worker's other tasks move elsewhere meanwhile.
+            let quick = len <= INLINE_WRITE_BYTES && !flags.contains(Flags::FLUSH) && !flags.contains(Flags::FUA);
+            if quick { local() } else { tokio::task::block_in_place(local) }
         })
         .await
     }
 
     /// For capture paths that perform the local write themselves (a kernel module releasing the
-    /// held bio, a userspace device writing its image): `local` runs once staging has the write
-    /// (or the change map has it marked), and the write is complete when this returns.
-    pub async fn write_with<F>(&self, offset: u64, data: Bytes, flags: Flags, local: F) -> Result<(), AgentError>
+    /// held bio, a userspace device writing its image): `local` is called once staging has the
+    /// write (or the change map has it marked), and the write is complete when its future
+    /// resolves. It is not called when the write fails before that (then nothing may reach the
+    /// local disk: the capture path fails the application's write).
+    pub async fn write_with<F, Fut>(&self, offset: u64, data: Bytes, flags: Flags, local: F) -> Result<(), AgentError>
     where
-        F: FnOnce() -> std::io::Result<()> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = std::io::Result<()>> + Send,
     {
         let i = &self.inner;
         if data.len() > MAX_WRITE_BYTES as usize {
@@ -708,14 +721,7 @@ impl Agent {
                 Some(al) if flags.contains(Flags::FLUSH) => Some(al.flush_begin()),
                 _ => None,
             };
-            // The local write is one syscall: run it on this worker rather than handing it to
-            // another thread. A small write without a flush takes microseconds: run it inline
-            // (`block_in_place` would hand this worker's queue to another thread for each one,
-            // which costs more than the write); a flush or a large write may take milliseconds, so
-            // the worker's other tasks move elsewhere meanwhile.
-            let quick = len <= INLINE_WRITE_BYTES && !flags.contains(Flags::FLUSH) && !flags.contains(Flags::FUA);
-            result = if quick { local() } else { tokio::task::block_in_place(local) }
-                .map_err(|source| AgentError::Local { offset, source });
+            result = local().await.map_err(|source| AgentError::Local { offset, source });
             if let (Some(al), Some(g), true) = (&i.activity, flush_gen, result.is_ok()) {
                 al.flush_done(g)?;
             }

@@ -33,10 +33,22 @@ const MAX_CLIENTS: usize = 16;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    SyncStart { bwlimit: Option<u64> },
-    SetBwlimit { bwlimit: Option<u64> },
-    Resync { extents: Vec<(u64, u64)> },
+    SyncStart {
+        bwlimit: Option<u64>,
+    },
+    SetBwlimit {
+        bwlimit: Option<u64>,
+    },
+    Resync {
+        extents: Vec<(u64, u64)>,
+    },
+    /// Remove the capture device (`drv detach`); the agent then stops.
+    Detach,
 }
+
+/// What `Detach` does, given by a capture path that can be detached (the kernel module's): an
+/// error says why not (e.g. the device is mounted).
+pub type DetachHook = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reply {
@@ -82,6 +94,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Serves the control socket bound at `path` until the task is dropped.
 pub async fn serve(agent: Agent, listener: UnixListener, path: PathBuf) -> Result<(), ControlError> {
+    serve_with(agent, listener, path, None).await
+}
+
+/// [`serve`], with what a `Detach` request does.
+pub async fn serve_with(
+    agent: Agent,
+    listener: UnixListener,
+    path: PathBuf,
+    detach: Option<DetachHook>,
+) -> Result<(), ControlError> {
     let p = path.display().to_string();
     let io = |source| ControlError::Io { path: p.clone(), source };
     let clients = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
@@ -91,17 +113,17 @@ pub async fn serve(agent: Agent, listener: UnixListener, path: PathBuf) -> Resul
             tracing::warn!("control socket {p}: over {MAX_CLIENTS} clients, refusing one");
             continue;
         };
-        let agent = agent.clone();
+        let (agent, detach) = (agent.clone(), detach.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_client(&agent, stream).await {
+            if let Err(e) = serve_client(&agent, stream, detach).await {
                 tracing::debug!("control client: {e}");
             }
         });
     }
 }
 
-async fn serve_client(agent: &Agent, stream: UnixStream) -> std::io::Result<()> {
+async fn serve_client(agent: &Agent, stream: UnixStream, detach: Option<DetachHook>) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
@@ -115,7 +137,7 @@ async fn serve_client(agent: &Agent, stream: UnixStream) -> std::io::Result<()> 
             failed(format!("request over {MAX_LINE} bytes"))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle(agent, req).await,
+                Ok(req) => handle(agent, req, &detach).await,
                 Err(e) => failed(format!("malformed request: {e}")),
             }
         };
@@ -133,8 +155,18 @@ fn failed(error: String) -> Reply {
     Reply { ok: false, error: Some(error), status: None }
 }
 
-async fn handle(agent: &Agent, req: Request) -> Reply {
+async fn handle(agent: &Agent, req: Request, detach: &Option<DetachHook>) -> Reply {
     let r = match req {
+        Request::Detach => {
+            let Some(hook) = detach.clone() else {
+                return failed("this agent has no capture device to detach (stop it with SIGTERM)".into());
+            };
+            return match tokio::task::spawn_blocking(move || hook()).await {
+                Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()) },
+                Ok(Err(e)) => failed(e),
+                Err(e) => failed(format!("detach: {e}")),
+            };
+        }
         Request::Status => Ok(()),
         Request::SyncStart { bwlimit } => agent.start_initial_sync(bwlimit).await,
         Request::SetBwlimit { bwlimit } => {

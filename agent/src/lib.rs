@@ -8,6 +8,8 @@
 //!   [`Agent::write`] is the in-process capture the demo and the tests use.
 //! - `control.rs`: the control socket through which `drv sync start`, `drv agent status` and
 //!   `drv media-resync complete` reach a running agent (`drv agent run`).
+//! - `kmod.rs`: the kernel-module capture path (`/dev/drvN` of `capture-kmod/`): the module's
+//!   interface mirrored, and the loop that feeds its held writes to the agent.
 //! - [`changemap`] (crate `drv-changemap`): the persistent bitmap (format and crash analysis in
 //!   its header).
 
@@ -15,6 +17,7 @@ pub mod agent;
 pub mod control;
 pub use drv_changemap as changemap;
 pub mod epoch;
+pub mod kmod;
 
 pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, LocalDisk, Mode};
 pub use changemap::ChangeMap;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Client, Request};
-use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode};
+use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod};
 use drv_config::ConfigStore;
 use drv_format::frame::{Frame, media_op};
 use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
@@ -57,12 +57,44 @@ pub enum AgentCommand {
 
 #[derive(Args)]
 pub struct AgentRunArgs {
-    /// The configuration store.
-    #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
-    config: PathBuf,
     /// The volume this agent protects.
     #[arg(long)]
     volume: String,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+/// `drv attach VOLUME --mode kmod --device /dev/sdX`.
+#[derive(Args)]
+pub struct AttachArgs {
+    /// The volume to protect.
+    volume: String,
+    /// How writes are captured. kmod: the drv_capture kernel module puts /dev/drvN over the
+    /// device and holds every write to it until staging has it.
+    #[arg(long, value_enum)]
+    mode: CaptureMode,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CaptureMode {
+    Kmod,
+}
+
+/// `drv detach VOLUME`.
+#[derive(Args)]
+pub struct DetachArgs {
+    volume: String,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The configuration store.
+    #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
+    config: PathBuf,
     /// The local disk of the volume (a block device or an image file).
     #[arg(long)]
     device: PathBuf,
@@ -172,9 +204,82 @@ fn human(b: u64) -> String {
 }
 
 fn agent_run(a: AgentRunArgs) -> Result<()> {
+    run_agent(&a.volume, &a.agent, None)
+}
+
+pub fn attach(a: AttachArgs) -> Result<()> {
+    run_agent(&a.volume, &a.agent, Some(a.mode))
+}
+
+/// `drv detach VOLUME`: the running agent removes its capture device and exits; with no agent
+/// running, the device is removed directly.
+pub fn detach(a: DetachArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        match a.control.connect(&a.volume).await {
+            Ok(mut c) => {
+                c.call(&Request::Detach).await?;
+                println!("volume {}: detached; the agent stopped", a.volume);
+                Ok(())
+            }
+            Err(e) => {
+                let ctl = kmod::Control::open().with_context(|| format!("{e:#}"))?;
+                let d = ctl
+                    .find(&a.volume)?
+                    .with_context(|| format!("no agent runs for volume {} and it has no drv device", a.volume))?;
+                ctl.remove(d.index)?;
+                println!(
+                    "volume {}: {} removed (no agent was running: {} blocks were dirty and are not resynced)",
+                    a.volume,
+                    d.path(),
+                    d.dirty_blocks
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+/// `drv devices`: the kernel module's capture devices.
+pub fn devices(json: bool) -> Result<()> {
+    let ctl = kmod::Control::open()?;
+    let mut all = Vec::new();
+    for index in 0..kmod::MAX_DEVICES {
+        match ctl.info(index) {
+            Ok(d) => all.push(d),
+            Err(kmod::KmodError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&all)?);
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no drv devices");
+    }
+    for d in all {
+        println!(
+            "{} volume {} over {} ({}): {}, {} held writes ({}), {} dirty ({} blocks of {}), {} hold timeouts",
+            d.path(),
+            d.name,
+            d.backing,
+            human(d.size_bytes),
+            if d.holding { "holding writes for the agent" } else { "pass-through (no agent), writes marked dirty" },
+            d.held_writes,
+            human(d.held_bytes),
+            human(d.dirty_blocks * d.dirty_block_bytes as u64),
+            d.dirty_blocks,
+            human(d.dirty_block_bytes as u64),
+            d.timeouts
+        );
+    }
+    Ok(())
+}
+
+fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<()> {
     let store =
         ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
-    let view = store.volume(&a.volume).with_context(|| format!("load volume {}", a.volume))?;
+    let view = store.volume(volume).with_context(|| format!("load volume {volume}"))?;
     let id = Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
     let staging = addr(&view.staging.1.address)?;
     let f = std::fs::OpenOptions::new()
@@ -185,40 +290,104 @@ fn agent_run(a: AgentRunArgs) -> Result<()> {
     let size = device_bytes(&f).with_context(|| format!("size of {}", a.device.display()))?;
     if size < view.volume.size_bytes {
         bail!(
-            "device {} has {size} bytes, less than volume {} ({} bytes)",
+            "device {} has {size} bytes, less than volume {volume} ({} bytes)",
             a.device.display(),
-            a.volume,
             view.volume.size_bytes
         );
     }
-    let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(&a.volume));
+    let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(volume));
     let opts = AgentOptions {
         ack_timeout: Duration::from_millis(a.ack_timeout_ms),
         change_block_bytes: view.volume.block_bytes,
         ..AgentOptions::default()
     };
-    let socket = a.control.socket(&a.volume);
+    let socket = a.control.socket(volume);
     let rt = runtime()?;
     rt.block_on(async {
         // The socket first: a second agent for the volume stops here, before it touches anything.
         let listener = control::bind(&socket).context("control socket")?;
         let run = async {
-            let disk = Arc::new(FileDisk(f));
+            // The capture device first: from its creation on, no write to it goes unrecorded.
+            let kdev = match mode {
+                None => None,
+                Some(CaptureMode::Kmod) => {
+                    let ctl = kmod::Control::open()?;
+                    let (d, created) = ctl
+                        .create_or_find(volume, &a.device, view.volume.block_bytes as u32)
+                        .with_context(|| format!("the drv device of volume {volume}"))?;
+                    Some((ctl, d, created))
+                }
+            };
+            let disk: Arc<dyn drv_agent::LocalDisk> = match mode {
+                None => Arc::new(FileDisk(f)),
+                Some(CaptureMode::Kmod) => Arc::new(
+                    kmod::DirectDisk::open(&a.device).with_context(|| format!("open {} (O_DIRECT)", a.device.display()))?,
+                ),
+            };
             let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state), opts)
                 .await
-                .with_context(|| format!("start the agent of volume {}", a.volume))?;
+                .with_context(|| format!("start the agent of volume {volume}"))?;
+            // A device that went away without `drv detach` (the host crashed or rebooted, the
+            // module was reloaded) took its dirty bitmap with it: whatever passed through while
+            // no agent held it is unknown, so everything is shipped again.
+            let marker = state.join("kmod-attached");
+            if let Some((_, d, created)) = &kdev {
+                if *created && marker.exists() {
+                    eprintln!(
+                        "volume {volume}: {} was not detached cleanly before it went away (host crash or reboot?): writes that passed through without an agent are unknown; resyncing the whole volume",
+                        d.path()
+                    );
+                    agent.start_initial_sync(None).await.context("full resync")?;
+                }
+                std::fs::write(&marker, format!("{}\n", d.name)).context("write the attach marker")?;
+                std::fs::File::open(&state)?.sync_all()?;
+            }
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let mut detach_hook: Option<control::DetachHook> = None;
+            let mut on = a.device.display().to_string();
+            if let Some((ctl, d, _)) = kdev {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (ag, h, st, index) = (agent.clone(), tokio::runtime::Handle::current(), stop.clone(), d.index);
+                std::thread::Builder::new().name(format!("drv{index}-capture")).spawn(move || {
+                    let _ = done_tx.send(kmod::capture(ctl, index, ag, h, st));
+                })?;
+                detach_hook = Some(Arc::new(move || {
+                    use std::sync::atomic::Ordering;
+                    stop.store(true, Ordering::SeqCst);
+                    let r = kmod::Control::open().and_then(|c| c.remove(index));
+                    r.map_err(|e| {
+                        stop.store(false, Ordering::SeqCst);
+                        format!("{e} (unmount it and close every program using it, then detach again)")
+                    })
+                }));
+                on = format!("{} over {on}", d.path());
+            } else {
+                drop(done_tx);
+            }
             eprintln!(
-                "agent {} protecting volume {} ({}) on {}: {}, staging {} at {staging}; control {}",
+                "agent {} protecting volume {volume} ({}) on {on}: {}, staging {} at {staging}; control {}",
                 a.name,
-                a.volume,
                 human(view.volume.size_bytes),
-                a.device.display(),
                 agent.mode(),
                 view.staging.0,
                 socket.display()
             );
+            let capture_ended = async {
+                match done_rx.await {
+                    Ok(r) => r,
+                    Err(_) => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                r = control::serve(agent.clone(), listener, socket.clone()) => r.context("control socket"),
+                r = control::serve_with(agent.clone(), listener, socket.clone(), detach_hook) => r.context("control socket"),
+                r = capture_ended => {
+                    r.context("capture")?;
+                    std::fs::remove_file(&marker).context("remove the attach marker")?;
+                    // Detached: let the control reply of `drv detach` go out first.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    eprintln!("volume {volume}: detached");
+                    Ok(())
+                }
                 _ = shutdown() => Ok(()),
             }
         };

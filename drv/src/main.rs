@@ -51,6 +51,16 @@ enum Command {
     /// The host agent of a protected volume.
     #[command(subcommand)]
     Agent(agent_cmd::AgentCommand),
+    /// Protect a volume through a capture device: `--mode kmod` puts /dev/drvN (kernel module
+    /// drv_capture) over the device and runs the volume's agent until `drv detach`.
+    Attach(agent_cmd::AttachArgs),
+    /// The kernel module's capture devices: mode, held writes, dirty blocks.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume's capture device (refused while it is mounted or open) and stop its agent.
+    Detach(agent_cmd::DetachArgs),
     /// Initial sync of a volume to its replicas.
     #[command(subcommand)]
     Sync(agent_cmd::SyncCommand),
@@ -128,6 +138,9 @@ fn main() {
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Agent(c) => agent_cmd::agent(c),
         Command::Sync(c) => agent_cmd::sync(c),
+        Command::Attach(a) => agent_cmd::attach(a),
+        Command::Detach(a) => agent_cmd::detach(a),
+        Command::Devices { json } => agent_cmd::devices(json),
         Command::MediaResync(c) => agent_cmd::media(c),
         Command::Key(KeyCommand::Generate { path, force }) => {
             generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))

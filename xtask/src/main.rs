@@ -1,11 +1,13 @@
 //! `cargo xtask`: the project's own tasks.
 //!
-//! - `cargo xtask test`: the whole test suite (what `.ci/run` and the README run).
+//! - `cargo xtask test`: the whole test suite (what `.ci/run` and the README run), the VM test of
+//!   the kernel module included.
 //! - `cargo xtask bench wrl`: WRL benchmarks against baselines measured in the same run, then a
 //!   short fuzz run of the record decoder.
 //! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
 //! - `cargo xtask bench agent`: write latency and IOPS through the agent against floors (`agent.rs`).
 //! - `cargo xtask fuzz [SECONDS]`: the fuzz run alone.
+//! - `cargo xtask setup`, `cargo xtask kmod build`, `cargo xtask vm-test`: the kernel pieces (`kmod.rs`).
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod kmod;
 mod relay;
 
 #[derive(Parser)]
@@ -40,6 +43,16 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u64,
     },
+    /// Install what the kernel pieces need (Debian packages, the kernel image for the VM),
+    /// idempotently.
+    Setup,
+    /// The kernel module: `kmod build` builds capture-kmod against Debian's headers.
+    Kmod {
+        /// build
+        what: String,
+    },
+    /// Boot Debian's kernel in QEMU with the module and run the kernel-module test in the guest.
+    VmTest,
     /// Fuzz the record decoder (needs the nightly toolchain; installs cargo-fuzz if missing).
     Fuzz {
         #[arg(default_value_t = 60)]
@@ -84,10 +97,18 @@ fn main() -> Result<()> {
             other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
+        Cmd::Setup => kmod::setup(),
+        Cmd::Kmod { what } => match what.as_str() {
+            "build" => kmod::build(&kmod::kver()?).map(|p| println!("{}", p.display())),
+            other => bail!("unknown kmod task {other:?} (available: build)"),
+        },
+        Cmd::VmTest => kmod::vm_test(),
     }
 }
 
 fn test() -> Result<()> {
+    // The kernel pieces' packages and kernel image: the one command sets everything up.
+    kmod::setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests run the real `drv` binary: build it first.
@@ -121,7 +142,8 @@ fn test() -> Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    // The kernel module, in a VM booting Debian's kernel.
+    kmod::vm_test()
 }
 
 /// Median of a few samples.
