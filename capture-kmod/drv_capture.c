@@ -45,16 +45,6 @@ module_param(hold_timeout_ms, uint, 0644);
 MODULE_PARM_DESC(hold_timeout_ms,
 		 "A write held longer than this turns the device to pass-through with a dirty bitmap (default 30 s)");
 
-enum drv_held_state {
-	HELD_QUEUED, /* waiting for the agent's read() */
-	HELD_COPYING, /* a read() is copying its data */
-	HELD_ORPHAN, /* copying when the agent went away: the reader releases it */
-	HELD_PUBLISHED, /* read by the agent, waiting for its ack */
-	HELD_SUBMITTED, /* acked, on its way to the backing device */
-	HELD_PASSED, /* released without an ack: marked dirty, on its way to the backing device */
-	HELD_DONE, /* completed; a DONE message waits in the queue */
-};
-
 struct drv_dev;
 
 struct drv_held {
@@ -110,6 +100,19 @@ static DEFINE_MUTEX(drv_devs_mutex);
 static struct drv_dev *drv_devs[DRV_MAX_DEVICES];
 static struct bio_set drv_bioset;
 static struct kmem_cache *drv_held_cache;
+
+/* One step of the held-write lifecycle (the table in drv_capture.h); under dev->lock. An event
+ * the table does not allow is a bug: warn and keep the state. */
+static enum drv_held_state drv_held_step(struct drv_held *h, enum drv_held_event ev)
+{
+	enum drv_held_state old = h->state;
+	unsigned char next = drv_held_table[old][ev];
+
+	if (WARN_ONCE(next == HELD_INVALID, "drv: held write seq %llu: event %d in state %d\n", h->seq, ev, old))
+		return old;
+	h->state = next;
+	return old;
+}
 
 /* ---- 6.1 compat shims: the block layer API changes in 6.5+ (bdev_open_by_path, blk_mode_t) --- */
 
@@ -216,21 +219,17 @@ static void drv_drop_agent_locked(struct drv_dev *dev, struct list_head *release
 		h = dev->ring[s];
 		if (!h)
 			continue;
-		switch (h->state) {
+		switch (drv_held_step(h, EV_AGENT_GONE)) {
 		case HELD_QUEUED:
 			list_del_init(&h->node);
 			fallthrough;
 		case HELD_PUBLISHED:
 			drv_mark_dirty_locked(dev, h->offset, h->length);
 			dev->held_bytes -= h->length;
-			h->state = HELD_PASSED;
 			dev->pass_inflight++;
 			list_add_tail(&h->node, release);
 			break;
-		case HELD_COPYING:
-			h->state = HELD_ORPHAN;
-			break;
-		default:
+		default: /* COPYING became ORPHAN: its reader releases it; the rest go on */
 			break;
 		}
 	}
@@ -252,12 +251,11 @@ static void drv_held_end_io(struct bio *clone)
 	WARN_ON_ONCE(dev->ring[h->seq & (DRV_RING - 1)] != h);
 	dev->ring[h->seq & (DRV_RING - 1)] = NULL;
 	dev->held_writes--;
-	if (h->state == HELD_PASSED) {
+	if (drv_held_step(h, EV_BACKING_DONE) == HELD_PASSED) {
 		dev->pass_inflight--;
 	} else if (dev->chan) {
 		/* Queued before the original completes: the agent reads this DONE before any write
 		 * the application submits after seeing the completion. */
-		h->state = HELD_DONE;
 		h->status = blk_status_to_errno(orig->bi_status);
 		list_add_tail(&h->node, &dev->outq);
 		wake_up(&dev->read_wq);
@@ -849,25 +847,21 @@ static ssize_t drv_read_dev(struct drv_chan *chan, struct drv_dev *dev, struct f
 		m.type = DRV_KMSG_WRITE;
 		m.length = h->length;
 		m.flags = h->flags;
-		h->state = HELD_COPYING;
+		drv_held_step(h, EV_READ_BEGIN);
 		spin_unlock_irqrestore(&dev->lock, fl);
 
 		err = copy_to_user(ubuf + done, &m, sizeof(m)) ? -EFAULT : drv_copy_data(h, ubuf + done + sizeof(m));
 
 		spin_lock_irqsave(&dev->lock, fl);
-		if (h->state == HELD_ORPHAN) {
+		if (drv_held_step(h, err ? EV_READ_FAIL : EV_READ_END) == HELD_ORPHAN) {
 			/* The agent went away meanwhile: release it as the others were. */
 			drv_mark_dirty_locked(dev, h->offset, h->length);
 			dev->held_bytes -= h->length;
-			h->state = HELD_PASSED;
 			dev->pass_inflight++;
 			list_add_tail(&h->node, &release);
 		} else if (err) {
 			/* Not delivered: back to the head of the queue. */
-			h->state = HELD_QUEUED;
 			list_add(&h->node, &dev->outq);
-		} else {
-			h->state = HELD_PUBLISHED;
 		}
 		spin_unlock_irqrestore(&dev->lock, fl);
 		drv_submit_list(dev, &release);
@@ -922,7 +916,7 @@ static ssize_t drv_write_dev(struct drv_chan *chan, struct drv_dev *dev, const c
 		dev->held_bytes -= h->length;
 		wake_up_all(&dev->room_wq);
 		if (a.verdict == 0) {
-			h->state = HELD_SUBMITTED;
+			drv_held_step(h, EV_ACK_RELEASE);
 			spin_unlock_irqrestore(&dev->lock, fl);
 			drv_forward(dev, h->bio, drv_held_end_io, h);
 		} else {
@@ -930,7 +924,7 @@ static ssize_t drv_write_dev(struct drv_chan *chan, struct drv_dev *dev, const c
 
 			dev->ring[h->seq & (DRV_RING - 1)] = NULL;
 			dev->held_writes--;
-			h->state = HELD_DONE;
+			drv_held_step(h, EV_ACK_FAIL);
 			h->status = a.verdict;
 			list_add_tail(&h->node, &dev->outq);
 			wake_up(&dev->read_wq);

@@ -156,6 +156,43 @@ struct drv_dirty {
 #define DRV_IOC_DETACH _IO(DRV_IOC_MAGIC, 6)
 
 #ifdef __KERNEL__
+/* The held-write lifecycle of the table at the top, as the module runs it (drv_held_step). */
+enum drv_held_state {
+	HELD_QUEUED, /* waiting for the agent's read() */
+	HELD_COPYING, /* a read() is copying its data */
+	HELD_ORPHAN, /* copying when the agent went away: the reader releases it */
+	HELD_PUBLISHED, /* read by the agent, waiting for its ack */
+	HELD_SUBMITTED, /* acked, on its way to the backing device */
+	HELD_PASSED, /* released without an ack: marked dirty, on its way to the backing device */
+	HELD_DONE, /* completed (a DONE message may wait in the queue) */
+	HELD_NSTATES,
+	HELD_INVALID = HELD_NSTATES,
+};
+
+enum drv_held_event {
+	EV_READ_BEGIN, /* read() takes it off the queue */
+	EV_READ_END, /* read() copied it */
+	EV_READ_FAIL, /* read() could not copy it (EFAULT) */
+	EV_ACK_RELEASE, /* verdict 0 */
+	EV_ACK_FAIL, /* verdict -errno */
+	EV_BACKING_DONE, /* the backing device completed it */
+	EV_AGENT_GONE, /* close, detach, remove or hold timeout */
+	EV_NEVENTS,
+};
+
+#define X HELD_INVALID
+static const unsigned char drv_held_table[HELD_NSTATES][EV_NEVENTS] = {
+	/*                 READ_BEGIN    READ_END        READ_FAIL    ACK_RELEASE     ACK_FAIL   BACKING_DONE AGENT_GONE */
+	[HELD_QUEUED] = { HELD_COPYING, X, X, X, X, X, HELD_PASSED },
+	[HELD_COPYING] = { X, HELD_PUBLISHED, HELD_QUEUED, X, X, X, HELD_ORPHAN },
+	[HELD_ORPHAN] = { X, HELD_PASSED, HELD_PASSED, X, X, X, HELD_ORPHAN },
+	[HELD_PUBLISHED] = { X, X, X, HELD_SUBMITTED, HELD_DONE, X, HELD_PASSED },
+	[HELD_SUBMITTED] = { X, X, X, X, X, HELD_DONE, HELD_SUBMITTED },
+	[HELD_PASSED] = { X, X, X, X, X, HELD_DONE, HELD_PASSED },
+	[HELD_DONE] = { X, X, X, X, X, X, HELD_DONE },
+};
+#undef X
+
 _Static_assert(sizeof(struct drv_kmsg) == 48, "drv_kmsg is 48 bytes");
 _Static_assert(sizeof(struct drv_kack) == 16, "drv_kack is 16 bytes");
 _Static_assert(sizeof(struct drv_create) == 336, "drv_create is 336 bytes");

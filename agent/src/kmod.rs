@@ -288,23 +288,28 @@ impl Control {
         let mut buf = vec![0u8; blocks.div_ceil(8) as usize];
         let mut d = Dirty { bitmap: buf.as_mut_ptr() as u64, bitmap_bytes: buf.len() as u64, ..Dirty::default() };
         self.ioctl(&format!("take the dirty bitmap of /dev/drv{index}"), IOC_TAKE_DIRTY, &mut d)?;
-        let bb = d.block_bytes as u64;
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for blk in 0..d.blocks {
-            if buf[(blk / 8) as usize] & (1 << (blk % 8)) == 0 {
-                continue;
-            }
-            let (off, end) = (blk * bb, ((blk + 1) * bb).min(limit));
-            if off >= end {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += end - off,
-                _ => ranges.push((off, end - off)),
-            }
-        }
-        Ok(ranges)
+        Ok(bitmap_ranges(&buf, d.blocks.min(blocks), d.block_bytes as u64, limit))
     }
+}
+
+/// The byte ranges of the set bits of `bitmap` (bit i: byte i/8, bit i%8; block i covers
+/// `[i*block_bytes, (i+1)*block_bytes)`), adjacent ones merged, clipped to `limit`.
+fn bitmap_ranges(bitmap: &[u8], blocks: u64, block_bytes: u64, limit: u64) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for blk in 0..blocks.min(bitmap.len() as u64 * 8) {
+        if bitmap[(blk / 8) as usize] & (1 << (blk % 8)) == 0 {
+            continue;
+        }
+        let (off, end) = (blk * block_bytes, ((blk + 1) * block_bytes).min(limit));
+        if off >= end {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += end - off,
+            _ => ranges.push((off, end - off)),
+        }
+    }
+    ranges
 }
 
 fn info(r: &RawInfo) -> DeviceInfo {
@@ -548,5 +553,74 @@ pub fn capture(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: u16, seq: u64, offset: u64, length: u32, flags: u32) -> Vec<u8> {
+        let m = KMsg { magic: KMSG_MAGIC, version: ABI_VERSION, kind, seq, offset, length, flags, ..KMsg::default() };
+        // SAFETY: KMsg is plain integers.
+        let b: [u8; 48] = unsafe { std::mem::transmute(m) };
+        b.to_vec()
+    }
+
+    #[test]
+    fn parse_reads_writes_and_dones_in_order() {
+        let mut buf = header(KMSG_WRITE, 7, 8192, 4096, F_FLUSH | F_FUA);
+        buf.extend(std::iter::repeat_n(0xab, 4096));
+        buf.extend(header(KMSG_DONE, 6, 0, 0, 0));
+        buf.extend(header(KMSG_WRITE, 8, 0, 0, F_FLUSH)); // an empty flush
+        let m = parse(&buf).unwrap();
+        assert_eq!(m.len(), 3);
+        match &m[0] {
+            Msg::Write { seq: 7, offset: 8192, flags, data } => {
+                assert!(flags.contains(Flags::FLUSH) && flags.contains(Flags::FUA));
+                assert_eq!(data.len(), 4096);
+                assert!(data.iter().all(|&b| b == 0xab));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(m[1], Msg::Done { seq: 6, status: 0 }));
+        assert!(matches!(&m[2], Msg::Write { seq: 8, data, .. } if data.is_empty()));
+    }
+
+    #[test]
+    fn parse_names_what_is_wrong() {
+        let err = |b: &[u8]| parse(b).unwrap_err().to_string();
+        assert!(err(&header(KMSG_WRITE, 1, 0, 4096, 0)).contains("write of 4096 bytes with 0 bytes left"));
+        assert!(err(&header(KMSG_DONE, 1, 0, 0, 0)[..40]).contains("40 bytes left, a header is 48"));
+        let mut bad = header(KMSG_DONE, 1, 0, 0, 0);
+        bad[0] ^= 1;
+        assert!(err(&bad).contains("magic"));
+        assert!(err(&header(9, 1, 0, 0, 0)).contains("unknown message type 9"));
+        assert!(err(&header(KMSG_WRITE, 1, 0, 0, 0x10)).contains("unknown flags 0x10"));
+        let mut second = header(KMSG_DONE, 1, 0, 0, 0);
+        second.extend(header(7, 2, 0, 0, 0));
+        assert!(err(&second).contains("at byte 48"), "{}", err(&second));
+        assert!(err(&header(KMSG_WRITE, 1, 0, (MAX_WRITE_BYTES + 4096) as u32, 0)).contains("write of"));
+    }
+
+    #[test]
+    fn bitmap_ranges_merges_neighbours_and_clips_to_the_volume() {
+        // blocks 0, 1, 3, 8, 9 of 10 (64 KiB each); the volume ends inside block 9.
+        let bm = [0b0000_1011u8, 0b0000_0011];
+        let r = bitmap_ranges(&bm, 10, 65536, 9 * 65536 + 4096);
+        assert_eq!(r, vec![(0, 2 * 65536), (3 * 65536, 65536), (8 * 65536, 65536 + 4096)]);
+        assert!(bitmap_ranges(&[0, 0], 16, 4096, u64::MAX).is_empty());
+        assert_eq!(bitmap_ranges(&[0xff], 3, 4096, u64::MAX), vec![(0, 3 * 4096)]);
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_header() {
+        // _IOWR(0xd7, 1, struct drv_create) etc., as the C compiler computes them.
+        assert_eq!(IOC_CREATE, 0xc150_d701);
+        assert_eq!(IOC_REMOVE, 0x4004_d702);
+        assert_eq!(IOC_INFO, 0xc178_d703);
+        assert_eq!(IOC_ATTACH, 0x4004_d704);
+        assert_eq!(IOC_TAKE_DIRTY, 0xc028_d705);
+        assert_eq!(IOC_DETACH, 0xd706);
     }
 }

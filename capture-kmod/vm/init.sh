@@ -109,6 +109,26 @@ start_agent
 pass "drv attach: /dev/drv0 holds writes, agent in sync mode"
 drv devices
 
+# `cargo xtask bench kmod`: drv.bench=SECONDS,ROUNDS on the kernel command line.
+b=$(sed -n 's/.*drv\.bench=\([0-9]*\),\([0-9]*\).*/\1 \2/p' /proc/cmdline)
+if [ -n "$b" ]; then
+	set -- $b
+	secs=$1
+	rounds=$2
+	r=1
+	while [ $r -le $rounds ]; do
+		for spec in "seq 1M 1" "rand 4K 1" "rand 4K 32"; do
+			set -- $spec
+			base=$(drv bench-device /dev/ram0 --pattern $1 --bs $2 --qd $3 --seconds $secs --json) || fail "bench backing $spec"
+			held=$(drv bench-device /dev/drv0 --pattern $1 --bs $2 --qd $3 --seconds $secs --json) || fail "bench drv0 $spec"
+			echo "BENCH $1 $2 QD$3 round $r: $(field "$base" iops) $(field "$held" iops)"
+		done
+		r=$((r + 1))
+	done
+	drv agent status vol1
+	finish
+fi
+
 step "mkfs.ext4 and a file workload through /dev/drv0"
 mkfs.ext4 -q -F /dev/drv0 || die "mkfs.ext4"
 mkdir -p /mnt
@@ -166,6 +186,50 @@ if [ "$state" = D ]; then pass "writer blocked in state D while staging is pause
 kill -CONT $STG
 wait $W && pass "writer completed after staging resumed" || fail "writer failed after staging resumed"
 replica_equals_source "after the pause"
+
+step "agent stalled (SIGSTOP): held bytes bounded, then the hold timeout passes writes through"
+P=/sys/module/drv_capture/parameters
+echo 65536 >$P/max_held_bytes
+echo 3000 >$P/hold_timeout_ms
+kill -STOP $AGENT
+WS=
+for k in 1 2 3 4; do
+	dd if=/dev/urandom of=/dev/drv0 bs=64k count=1 seek=$((1000 + k * 3)) conv=fsync 2>/dev/null &
+	WS="$WS $!"
+done
+sleep 2
+st=$(drv devices --json)
+hb=$(field "$st" held_bytes)
+waiting=0
+for w in $WS; do kill -0 $w 2>/dev/null && waiting=$((waiting + 1)); done
+if [ "$hb" -gt 0 ] && [ "$hb" -le 65536 ] && [ $waiting = 4 ]; then
+	pass "4 writers of 64 KiB, limit 64 KiB: $hb bytes held ($(field "$st" held_writes) writes), all 4 writers wait"
+else
+	fail "held bytes $hb over the limit of 65536, or a writer finished ($waiting waiting): $st"
+fi
+ok=1
+for w in $WS; do wait $w || ok=0; done
+st=$(drv devices --json)
+if [ $ok = 1 ] && [ "$(field "$st" holding)" = false ] && [ "$(field "$st" timeouts)" = 1 ]; then
+	pass "hold timeout: the writers completed through pass-through, $(field "$st" dirty_blocks) blocks dirty"
+else
+	fail "after the hold timeout (writers ok=$ok): $st"
+fi
+echo 67108864 >$P/max_held_bytes
+echo 60000 >$P/hold_timeout_ms
+kill -CONT $AGENT
+i=0
+while [ $i -lt 300 ]; do
+	st=$(drv devices --json)
+	s=$(drv agent status vol1 --json 2>/dev/null)
+	[ "$(field "$st" holding)" = true ] && [ "$(field "$st" dirty_blocks)" = 0 ] &&
+		[ "$(field "$s" mode)" = sync ] && [ "$(field "$s" dirty_bytes)" = 0 ] && break
+	sleep 0.2
+	i=$((i + 1))
+done
+[ "$(field "$st" holding)" = true ] && pass "agent resumed: attached again, dirty blocks resynced" ||
+	fail "agent did not attach again: $st / $s"
+replica_equals_source "after the hold timeout"
 
 step "device gone without detach (as after a host crash): the next attach resyncs everything"
 kill -9 $AGENT

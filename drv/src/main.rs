@@ -6,6 +6,7 @@
 mod agent_cmd;
 mod config_cmd;
 mod demo;
+mod devbench;
 mod servers;
 mod snapshot_cmd;
 mod wrl_cmd;
@@ -59,6 +60,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// O_DIRECT writes to a device from N writers for a while, and the rate reached (overwrites
+    /// its data).
+    BenchDevice(devbench::BenchDeviceArgs),
     /// Remove a volume's capture device (refused while it is mounted or open) and stop its agent.
     Detach(agent_cmd::DetachArgs),
     /// Initial sync of a volume to its replicas.
@@ -141,6 +145,7 @@ fn main() {
         Command::Attach(a) => agent_cmd::attach(a),
         Command::Detach(a) => agent_cmd::detach(a),
         Command::Devices { json } => agent_cmd::devices(json),
+        Command::BenchDevice(a) => devbench::run(a),
         Command::MediaResync(c) => agent_cmd::media(c),
         Command::Key(KeyCommand::Generate { path, force }) => {
             generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))

@@ -223,7 +223,7 @@ fn initramfs(kver: &str, ko: &Path, drv: &Path, init: &Path) -> Result<PathBuf> 
 
 /// Boots the guest and follows its serial console: Ok when it printed `DRV-VM-TEST: DONE` and no
 /// `FAIL:` line. The console goes to stdout and to target/kmod/console.log.
-fn boot(kver: &str, initrd: &Path, timeout: Duration) -> Result<(usize, Vec<String>)> {
+fn boot(kver: &str, initrd: &Path, timeout: Duration, append: &str) -> Result<Console> {
     let kernel = kimg(kver).join(format!("boot/vmlinuz-{kver}"));
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nodefaults"])
@@ -231,7 +231,8 @@ fn boot(kver: &str, initrd: &Path, timeout: Duration) -> Result<(usize, Vec<Stri
         .arg(&kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=4 panic=-1 oops=panic"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet loglevel=4 panic=-1 oops=panic {append}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -249,7 +250,7 @@ fn boot(kver: &str, initrd: &Path, timeout: Duration) -> Result<(usize, Vec<Stri
     let log_path = kmod_dir().join("console.log");
     let mut log = std::fs::File::create(&log_path)?;
     let deadline = Instant::now() + timeout;
-    let (mut passed, mut failed, mut done) = (0, Vec::new(), false);
+    let (mut passed, mut failed, mut done, mut bench) = (0, Vec::new(), false, Vec::new());
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -262,6 +263,8 @@ fn boot(kver: &str, initrd: &Path, timeout: Duration) -> Result<(usize, Vec<Stri
                     passed += 1;
                 } else if line.starts_with("FAIL:") {
                     failed.push(line.clone());
+                } else if let Some(b) = line.strip_prefix("BENCH ") {
+                    bench.push(b.to_owned());
                 } else if line.starts_with("DRV-VM-TEST: DONE") {
                     done = true;
                 }
@@ -278,11 +281,19 @@ fn boot(kver: &str, initrd: &Path, timeout: Duration) -> Result<(usize, Vec<Stri
     if !done {
         bail!("the guest stopped ({st}) before the end of its test; console in {}", log_path.display());
     }
-    Ok((passed, failed))
+    Ok(Console { passed, failed, bench })
 }
 
-/// `cargo xtask vm-test`.
-pub fn vm_test() -> Result<()> {
+/// What the guest's console said.
+struct Console {
+    passed: usize,
+    failed: Vec<String>,
+    /// `BENCH ` lines, without the prefix.
+    bench: Vec<String>,
+}
+
+/// The guest's initramfs, built fresh.
+fn prepare() -> Result<(String, PathBuf)> {
     let kver = kver()?;
     if !kimg(&kver).join(format!("boot/vmlinuz-{kver}")).exists() {
         bail!("no kernel image for {kver} under {}: run `cargo xtask setup`", kmod_dir().display());
@@ -290,8 +301,14 @@ pub fn vm_test() -> Result<()> {
     let ko = build(&kver)?;
     let drv = static_drv()?;
     let initrd = initramfs(&kver, &ko, &drv, &root().join("capture-kmod/vm/init.sh"))?;
+    Ok((kver, initrd))
+}
+
+/// `cargo xtask vm-test`.
+pub fn vm_test() -> Result<()> {
+    let (kver, initrd) = prepare()?;
     let t = Instant::now();
-    let (passed, failed) = boot(&kver, &initrd, Duration::from_secs(1500))?;
+    let Console { passed, failed, .. } = boot(&kver, &initrd, Duration::from_secs(1500), "")?;
     println!(
         "vm-test on {kver}: {passed} passed, {} failed ({:.0} s in the guest)",
         failed.len(),
@@ -302,6 +319,41 @@ pub fn vm_test() -> Result<()> {
     }
     if passed == 0 {
         bail!("vm-test: no check passed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench kmod`: inside the guest, O_DIRECT writes (`drv bench-device`) on `/dev/drv0`
+/// (held until the agent, staging on the guest's loopback, releases each) against the same on its
+/// backing RAM disk, in alternating rounds. TCG makes absolute figures meaningless: ratios only.
+pub fn bench(quick: bool) -> Result<()> {
+    let (kver, initrd) = prepare()?;
+    let secs = if quick { 2 } else { 5 };
+    let rounds = if quick { 1 } else { 3 };
+    let c = boot(&kver, &initrd, Duration::from_secs(3000), &format!("drv.bench={secs},{rounds}"))?;
+    if !c.failed.is_empty() {
+        bail!("bench setup failed in the guest:\n{}", c.failed.join("\n"));
+    }
+    // "seq 1M QD1 round 1: backing IOPS drv IOPS"
+    let mut sums: Vec<(String, f64, f64)> = Vec::new();
+    for l in &c.bench {
+        let (name, rest) = l.split_once(" round ").context("BENCH line")?;
+        let values = rest.split_once(':').map_or("", |r| r.1);
+        let nums: Vec<f64> = values.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let [base, drv] = nums[..] else { bail!("BENCH line {l:?}") };
+        match sums.iter_mut().find(|s| s.0 == name) {
+            Some(s) => (s.1, s.2) = (s.1 + base, s.2 + drv),
+            None => sums.push((name.to_owned(), base, drv)),
+        }
+    }
+    if sums.is_empty() {
+        bail!("the guest printed no BENCH line; console in {}", kmod_dir().join("console.log").display());
+    }
+    println!();
+    println!("== cargo xtask bench kmod ({kver}, QEMU TCG, {rounds} round(s) of {secs} s each side) ==");
+    println!("O_DIRECT writes on /dev/drv0 (held until the agent releases them) vs its backing RAM disk:");
+    for (name, base, drv) in sums {
+        println!("  {name:<16} ratio {:.3}", drv / base);
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //!   short fuzz run of the record decoder.
 //! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
 //! - `cargo xtask bench agent`: write latency and IOPS through the agent against floors (`agent.rs`).
+//! - `cargo xtask bench kmod`: writes on `/dev/drv0` against its backing device, in the VM (`kmod.rs`).
 //! - `cargo xtask fuzz [SECONDS]`: the fuzz run alone.
 //! - `cargo xtask setup`, `cargo xtask kmod build`, `cargo xtask vm-test`: the kernel pieces (`kmod.rs`).
 
@@ -94,7 +95,8 @@ fn main() -> Result<()> {
             "wrl" => bench_wrl(quick, fuzz_seconds),
             "relay" => bench_relay(quick),
             "agent" => bench_agent(quick),
-            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent)"),
+            "kmod" => kmod::bench(quick),
+            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Setup => kmod::setup(),

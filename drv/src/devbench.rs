@@ -1,0 +1,128 @@
+//! `drv bench-device PATH`: O_DIRECT writes to a block device (or file) from N threads for a
+//! while, and the rate they reached. How `cargo xtask bench kmod` compares `/dev/drvN` with its
+//! backing device inside the VM, and a quick check of what a protected device costs.
+//!
+//! It overwrites the device's first `--span` bytes with pseudo-random data.
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+#[derive(Args)]
+pub struct BenchDeviceArgs {
+    /// The device (or file) to write: its data is overwritten.
+    path: PathBuf,
+    /// seq (sequential) or rand (random offsets).
+    #[arg(long, default_value = "rand")]
+    pattern: String,
+    /// Bytes per write (a multiple of 4096), e.g. 4K or 1M.
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    bs: u64,
+    /// Writers (queue depth: each has one write in flight).
+    #[arg(long, default_value_t = 1)]
+    qd: usize,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Bytes of the device written (default: all of it).
+    #[arg(long, value_parser = parse_size)]
+    span: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    drv_config::parse_size(s).ok_or_else(|| format!("{s:?} is not a size such as 4K or 1M"))
+}
+
+pub fn run(a: BenchDeviceArgs) -> Result<()> {
+    if a.bs == 0 || !a.bs.is_multiple_of(4096) || a.bs > 64 << 20 {
+        bail!("--bs {} must be a multiple of 4096 up to 64 MiB", a.bs);
+    }
+    if !matches!(a.pattern.as_str(), "seq" | "rand") {
+        bail!("--pattern {:?}: seq or rand", a.pattern);
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&a.path)
+        .with_context(|| format!("open {} with O_DIRECT", a.path.display()))?;
+    let size = {
+        use std::io::Seek;
+        let mut r = &f;
+        r.seek(std::io::SeekFrom::End(0))?
+    };
+    let span = a.span.unwrap_or(size).min(size);
+    let slots = span / a.bs;
+    if slots == 0 {
+        bail!("{} has {size} bytes, less than one write of {}", a.path.display(), a.bs);
+    }
+    let end = Instant::now() + Duration::from_secs_f64(a.seconds);
+    let t0 = Instant::now();
+    let counts: Vec<u64> = std::thread::scope(|s| -> Result<Vec<u64>> {
+        let mut hs = Vec::new();
+        for t in 0..a.qd as u64 {
+            let (f, a) = (&f, &a);
+            hs.push(s.spawn(move || -> std::io::Result<u64> {
+                let layout = std::alloc::Layout::from_size_align(a.bs as usize, 4096).expect("layout");
+                // SAFETY: non-zero size; filled before use and freed below with the same layout.
+                let p = unsafe { std::alloc::alloc(layout) };
+                if p.is_null() {
+                    std::alloc::handle_alloc_error(layout);
+                }
+                // SAFETY: `bs` bytes at `p`, owned by this thread until dealloc.
+                let buf = unsafe { std::slice::from_raw_parts_mut(p, a.bs as usize) };
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                for chunk in buf.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+                }
+                let mut n = 0u64;
+                let mut r = Ok(());
+                while Instant::now() < end {
+                    let slot = if a.pattern == "seq" {
+                        (n * a.qd as u64 + t) % slots
+                    } else {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x % slots
+                    };
+                    buf[..8].copy_from_slice(&x.to_le_bytes());
+                    if let Err(e) = f.write_all_at(buf, slot * a.bs) {
+                        r = Err(e);
+                        break;
+                    }
+                    n += 1;
+                }
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(p, layout) };
+                r.map(|()| n)
+            }));
+        }
+        hs.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("writer panicked"))?.context("write")).collect()
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let writes: u64 = counts.iter().sum();
+    let iops = writes as f64 / secs;
+    let mbps = iops * a.bs as f64 / 1e6;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"path": a.path, "pattern": a.pattern, "bs": a.bs, "qd": a.qd, "seconds": secs, "writes": writes, "iops": iops, "mb_per_s": mbps})
+        );
+    } else {
+        println!(
+            "{}: {} {} B writes, QD{}: {writes} in {secs:.1} s = {iops:.0} IOPS, {mbps:.1} MB/s",
+            a.path.display(),
+            a.pattern,
+            a.bs,
+            a.qd
+        );
+    }
+    Ok(())
+}
