@@ -8,10 +8,11 @@
 //! module's DONE message.
 //!
 //! Order: the module queues a write's DONE before it completes the write to the application, so
-//! a DONE precedes every write submitted after that completion. The reader hands the DONE to the
-//! write's task and waits until the agent has completed the write before it reads on: a write the
-//! application issued after another completed is issued to the agent after that completion, and
-//! so gets a later epoch (the rule in ARCHITECTURE.md).
+//! a DONE precedes every write submitted after that completion. DONEs are numbered as read; a
+//! write read after DONE k waits (in its task, not holding up the reader) until the agent has
+//! completed the writes of DONEs 1..=k: a write the application issued after another completed is
+//! issued to the agent after that completion, and so gets a later epoch (the rule in
+//! ARCHITECTURE.md).
 //!
 //! The agent gone (crash, close) or too slow (the module's hold timeout): the module releases
 //! what it holds, marks it in its dirty bitmap and passes later writes through, marked. The next
@@ -447,7 +448,48 @@ fn ack(file: &File, seq: u64, verdict: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<(i32, std::sync::mpsc::SyncSender<()>)>>>>;
+/// Per released write: its DONE's status and the DONE's index in the stream (0: none came).
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<(i32, u64)>>>>;
+
+/// Which DONEs (numbered from 1 in the order read) the agent has completed: a write read after
+/// DONE k is issued only once DONEs 1..=k are complete, without holding up the reader.
+#[derive(Default)]
+struct DoneOrder {
+    /// (every DONE up to this one is complete, the complete ones above it)
+    state: Mutex<(u64, std::collections::BTreeSet<u64>)>,
+    changed: tokio::sync::Notify,
+}
+
+impl DoneOrder {
+    fn complete(&self, k: u64) {
+        if k == 0 {
+            return;
+        }
+        let mut s = self.state.lock().expect("done order");
+        s.1.insert(k);
+        loop {
+            let next = s.0 + 1;
+            if !s.1.remove(&next) {
+                break;
+            }
+            s.0 = next;
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    async fn wait_for(&self, k: u64) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.state.lock().expect("done order").0 >= k {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
 
 /// Feeds the writes held on `/dev/drv{index}` to `agent` until the device is removed with `stop`
 /// set (`drv detach`: [`Control::remove`] from any channel lets this one go), or reading fails.
@@ -483,6 +525,8 @@ pub fn capture(
     resync(&ctl)?;
     tracing::info!("holding the writes of /dev/drv{index}");
     let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+    let order = Arc::new(DoneOrder::default());
+    let mut dones_read = 0u64;
     let mut buf = vec![0u8; MAX_WRITE_BYTES + 64 * std::mem::size_of::<KMsg>() + (4 << 20)];
     loop {
         let n = match (&*file).read(&mut buf) {
@@ -492,8 +536,7 @@ pub fn capture(
                 // Let go: the device was removed (detach), or the hold timeout passed what the
                 // module held through, marked. Either way nobody answers the writes in flight.
                 for (_, w) in waiters.lock().expect("waiters").drain() {
-                    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-                    let _ = w.send((-libc::EPIPE, tx));
+                    let _ = w.send((-libc::EPIPE, 0));
                 }
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
@@ -510,8 +553,11 @@ pub fn capture(
                 Msg::Write { seq, offset, flags, data } => {
                     let (tx, rx) = oneshot::channel();
                     waiters.lock().expect("waiters").insert(seq, tx);
-                    let (agent, f, waiters) = (agent.clone(), file.clone(), waiters.clone());
+                    let (agent, f, waiters, order) = (agent.clone(), file.clone(), waiters.clone(), order.clone());
+                    let after = dones_read;
                     rt.spawn(async move {
+                        // Submitted after those writes completed: issued after them too.
+                        order.wait_for(after).await;
                         let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
                         let completed = Arc::new(Mutex::new(None));
                         let (r2, f2, c2) = (released.clone(), f.clone(), completed.clone());
@@ -519,9 +565,9 @@ pub fn capture(
                             .write_with(offset, data, flags, move || async move {
                                 r2.store(true, Ordering::Relaxed);
                                 ack(&f2, seq, 0)?;
-                                let (status, done) =
+                                let (status, k) =
                                     rx.await.map_err(|_| std::io::Error::other("module channel closed"))?;
-                                *c2.lock().expect("completed") = Some(done);
+                                *c2.lock().expect("completed") = Some(k);
                                 if status < 0 {
                                     return Err(std::io::Error::from_raw_os_error(-status));
                                 }
@@ -536,19 +582,19 @@ pub fn capture(
                             waiters.lock().expect("waiters").remove(&seq);
                             let _ = ack(&f, seq, -libc::EIO);
                         }
-                        if let Some(done) = completed.lock().expect("completed").take() {
-                            let _ = done.send(());
+                        if let Some(k) = completed.lock().expect("completed").take() {
+                            order.complete(k);
                         }
                     });
                 }
                 Msg::Done { seq, status } => {
-                    let Some(w) = waiters.lock().expect("waiters").remove(&seq) else {
-                        continue; // a write failed by its verdict: nobody waits
-                    };
-                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                    if w.send((status, tx)).is_ok() {
-                        // The write completes in the agent before anything after it is read.
-                        let _ = rx.recv();
+                    dones_read += 1;
+                    let k = dones_read;
+                    // The write's task completes it in the agent; with no task to (a write failed
+                    // by its verdict, or one that gave up waiting), it is complete now.
+                    let w = waiters.lock().expect("waiters").remove(&seq);
+                    if w.is_none_or(|w| w.send((status, k)).is_err()) {
+                        order.complete(k);
                     }
                 }
             }
@@ -622,5 +668,29 @@ mod tests {
         assert_eq!(IOC_ATTACH, 0x4004_d704);
         assert_eq!(IOC_TAKE_DIRTY, 0xc028_d705);
         assert_eq!(IOC_DETACH, 0xd706);
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::DoneOrder;
+
+    #[tokio::test]
+    async fn a_write_waits_for_every_done_read_before_it() {
+        let o = std::sync::Arc::new(DoneOrder::default());
+        o.wait_for(0).await; // nothing read before it
+        let w = tokio::spawn({
+            let o = o.clone();
+            async move { o.wait_for(3).await }
+        });
+        o.complete(1);
+        o.complete(3); // out of order: 2 is still in flight
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!w.is_finished(), "issued before DONE 2 completed");
+        o.complete(2);
+        tokio::time::timeout(std::time::Duration::from_secs(5), w).await.unwrap().unwrap();
+        assert_eq!(o.state.lock().unwrap().0, 3);
+        assert!(o.state.lock().unwrap().1.is_empty());
+        o.complete(0); // "no DONE": nothing to do
     }
 }

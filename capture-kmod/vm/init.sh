@@ -150,10 +150,11 @@ if rmmod drv_capture 2>/dev/null; then fail "rmmod succeeded with /dev/drv0 pres
 
 step "agent SIGKILLed mid-workload: pass-through with a dirty bitmap, restart resyncs"
 mount -t ext4 /dev/drv0 /mnt || die "mount 2"
+rm -f /tmp/stop
 (
 	i=0
-	while [ $i -lt 60 ]; do
-		dd if=/dev/urandom of=/mnt/dir/g$i bs=16k count=$((i % 5 + 1)) conv=fsync 2>/dev/null
+	while [ ! -f /tmp/stop ] || [ $i -lt 60 ]; do
+		dd if=/dev/urandom of=/mnt/dir/g$((i % 60)) bs=16k count=$((i % 5 + 1)) conv=fsync 2>/dev/null
 		i=$((i + 1))
 	done
 ) &
@@ -161,6 +162,9 @@ WL=$!
 sleep 2
 kill -9 $AGENT
 wait $AGENT 2>/dev/null
+# Writes go on without the agent for a while.
+sleep 2
+touch /tmp/stop
 wait $WL
 st=$(drv devices --json)
 if [ "$(field "$st" holding)" = false ] && [ "$(field "$st" dirty_blocks)" != 0 ]; then

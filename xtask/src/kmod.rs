@@ -226,7 +226,7 @@ fn initramfs(kver: &str, ko: &Path, drv: &Path, init: &Path) -> Result<PathBuf> 
 fn boot(kver: &str, initrd: &Path, timeout: Duration, append: &str) -> Result<Console> {
     let kernel = kimg(kver).join(format!("boot/vmlinuz-{kver}"));
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nodefaults"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nodefaults"])
         .args(["-serial", "stdio", "-kernel"])
         .arg(&kernel)
         .arg("-initrd")
