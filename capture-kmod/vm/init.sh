@@ -53,6 +53,13 @@ drv config set wrl w0 staging=stg1 "devices=[\"$D/wrl0\"]" segment_bytes=16M dev
 	die "config wrl"
 drv config set volume vol1 size_bytes=128M wrl=w0 'replicas=["rep1"]' key=k1 >/dev/null || die "config volume"
 
+# `cargo xtask bench kmod`: drv.bench=SECONDS,ROUNDS on the kernel command line. A second volume
+# is for the agent's own path without the module (drv bench-device --via-agent).
+b=$(sed -n 's/.*drv\.bench=\([0-9]*\),\([0-9]*\).*/\1 \2/p' /proc/cmdline)
+if [ -n "$b" ]; then
+	drv config set volume vol2 size_bytes=128M wrl=w0 'replicas=["rep1"]' key=k1 >/dev/null || die "config vol2"
+fi
+
 drv staging run --name stg1 >$D/staging.log 2>&1 &
 STG=$!
 drv replica run --name rep1 >$D/replica.log 2>&1 &
@@ -109,19 +116,20 @@ start_agent
 pass "drv attach: /dev/drv0 holds writes, agent in sync mode"
 drv devices
 
-# `cargo xtask bench kmod`: drv.bench=SECONDS,ROUNDS on the kernel command line.
-b=$(sed -n 's/.*drv\.bench=\([0-9]*\),\([0-9]*\).*/\1 \2/p' /proc/cmdline)
 if [ -n "$b" ]; then
 	set -- $b
 	secs=$1
 	rounds=$2
+	dd if=/dev/zero of=/tmp/vol2.img bs=1M count=128 2>/dev/null
 	r=1
 	while [ $r -le $rounds ]; do
 		for spec in "seq 1M 1" "rand 4K 1" "rand 4K 32"; do
 			set -- $spec
 			base=$(drv bench-device /dev/ram0 --pattern $1 --bs $2 --qd $3 --seconds $secs --json) || fail "bench backing $spec"
 			held=$(drv bench-device /dev/drv0 --pattern $1 --bs $2 --qd $3 --seconds $secs --json) || fail "bench drv0 $spec"
-			echo "BENCH $1 $2 QD$3 round $r: $(field "$base" iops) $(field "$held" iops)"
+			agent=$(drv bench-device /tmp/vol2.img --via-agent vol2 --pattern $1 --bs $2 --qd $3 --seconds $secs --json) ||
+				fail "bench via the agent $spec"
+			echo "BENCH $1 $2 QD$3 round $r: $(field "$base" iops) $(field "$held" iops) $(field "$agent" iops)"
 		done
 		r=$((r + 1))
 	done

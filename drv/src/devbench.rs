@@ -31,6 +31,73 @@ pub struct BenchDeviceArgs {
     span: Option<u64>,
     #[arg(long)]
     json: bool,
+    /// Write through an agent of this volume started in this process (staging from the
+    /// configuration, `PATH` its local disk, no change map) instead of to `PATH` directly: the
+    /// agent's path without a capture device, for comparison.
+    #[arg(long)]
+    via_agent: Option<String>,
+    /// The configuration store (with --via-agent).
+    #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
+    config: PathBuf,
+    /// Directory with ca.pem and the agent certificate (with --via-agent).
+    #[arg(long, env = "DRV_CERTS", default_value = "/etc/drv/certs")]
+    certs: PathBuf,
+    /// The agent certificate's name (with --via-agent).
+    #[arg(long, default_value = "host1")]
+    name: String,
+}
+
+/// `--via-agent`: `qd` tasks writing through an in-process agent for `seconds`.
+fn via_agent(a: &BenchDeviceArgs, volume: &str, slots: u64) -> Result<(u64, f64)> {
+    use bytes::Bytes;
+    use drv_agent::{Agent, AgentOptions, FileDisk};
+    let store = drv_config::ConfigStore::open_read_only(&a.config)
+        .with_context(|| format!("open configuration {}", a.config.display()))?;
+    let view = store.volume(volume).with_context(|| format!("load volume {volume}"))?;
+    let id =
+        drv_transport::Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
+    let staging = crate::servers::addr(&view.staging.1.address)?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&a.path)?;
+    let rt = crate::servers::runtime()?;
+    rt.block_on(async {
+        let disk = std::sync::Arc::new(FileDisk(f));
+        let agent =
+            Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, None, AgentOptions::default())
+                .await
+                .with_context(|| format!("start an agent of volume {volume}"))?;
+        let slots = slots.min(view.volume.size_bytes / a.bs).max(1);
+        // Timed from here: the agent's start (connecting to staging) is not a write.
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_secs_f64(a.seconds);
+        let mut tasks = Vec::new();
+        for t in 0..a.qd as u64 {
+            let (agent, bs, seq) = (agent.clone(), a.bs, a.pattern == "seq");
+            let qd = a.qd as u64;
+            tasks.push(tokio::spawn(async move {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                let data = Bytes::from(vec![t as u8 ^ 0x5a; bs as usize]);
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    let slot = if seq {
+                        (n * qd + t) % slots
+                    } else {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x % slots
+                    };
+                    agent.write(slot * bs, data.clone(), drv_format::record::Flags::default()).await?;
+                    n += 1;
+                }
+                Ok::<u64, drv_agent::AgentError>(n)
+            }));
+        }
+        let mut writes = 0;
+        for t in tasks {
+            writes += t.await??;
+        }
+        Ok((writes, t0.elapsed().as_secs_f64()))
+    })
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -46,7 +113,7 @@ pub fn run(a: BenchDeviceArgs) -> Result<()> {
     }
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(if a.via_agent.is_some() { 0 } else { libc::O_DIRECT })
         .open(&a.path)
         .with_context(|| format!("open {} with O_DIRECT", a.path.display()))?;
     let size = {
@@ -59,8 +126,12 @@ pub fn run(a: BenchDeviceArgs) -> Result<()> {
     if slots == 0 {
         bail!("{} has {size} bytes, less than one write of {}", a.path.display(), a.bs);
     }
-    let end = Instant::now() + Duration::from_secs_f64(a.seconds);
     let t0 = Instant::now();
+    if let Some(volume) = &a.via_agent {
+        let (writes, secs) = via_agent(&a, volume, slots)?;
+        return report(&a, writes, secs);
+    }
+    let end = Instant::now() + Duration::from_secs_f64(a.seconds);
     let counts: Vec<u64> = std::thread::scope(|s| -> Result<Vec<u64>> {
         let mut hs = Vec::new();
         for t in 0..a.qd as u64 {
@@ -106,8 +177,10 @@ pub fn run(a: BenchDeviceArgs) -> Result<()> {
         }
         hs.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("writer panicked"))?.context("write")).collect()
     })?;
-    let secs = t0.elapsed().as_secs_f64();
-    let writes: u64 = counts.iter().sum();
+    report(&a, counts.iter().sum(), t0.elapsed().as_secs_f64())
+}
+
+fn report(a: &BenchDeviceArgs, writes: u64, secs: f64) -> Result<()> {
     let iops = writes as f64 / secs;
     let mbps = iops * a.bs as f64 / 1e6;
     if a.json {
