@@ -86,6 +86,8 @@ struct drv_dev {
 	u64 pass_inflight; /* pass-through writes not yet completed */
 	int users; /* read()/write() calls using the device (drv_devs_mutex); remove waits for 0 */
 	u32 timeouts;
+	u64 flush_writes;
+	u64 fua_writes;
 	unsigned long *dirty;
 	u64 blocks;
 	u32 block_shift;
@@ -321,6 +323,10 @@ static void drv_submit_bio(struct bio *bio)
 				     READ_ONCE(dev->held_bytes) == 0) &&
 				    !READ_ONCE(dev->ring[READ_ONCE(dev->next_seq) & (DRV_RING - 1)])));
 	}
+	if (bio->bi_opf & REQ_PREFLUSH)
+		dev->flush_writes++;
+	if (bio->bi_opf & REQ_FUA)
+		dev->fua_writes++;
 	if (dev->mode == DRV_MODE_HOLD) {
 		INIT_LIST_HEAD(&h->node);
 		h->dev = dev;
@@ -606,6 +612,8 @@ static void drv_fill_info(struct drv_dev *dev, struct drv_info *in)
 	in->held_bytes = dev->held_bytes;
 	in->dirty_blocks = bitmap_weight(dev->dirty, dev->blocks);
 	in->timeouts = dev->timeouts;
+	in->flush_writes = dev->flush_writes;
+	in->fua_writes = dev->fua_writes;
 	spin_unlock_irqrestore(&dev->lock, fl);
 }
 

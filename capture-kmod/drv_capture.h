@@ -65,7 +65,7 @@
 
 #define DRV_CTL_NAME "drv-ctl"
 #define DRV_KMSG_MAGIC 0x4b565244u /* "DRVK" little-endian */
-#define DRV_ABI_VERSION 1
+#define DRV_ABI_VERSION 2
 #define DRV_NAME_LEN 64
 #define DRV_PATH_LEN 256
 /* The largest held write: the device's max_hw_sectors. */
@@ -136,6 +136,8 @@ struct drv_info {
 	__u64 dirty_blocks;
 	__u32 dirty_block_bytes;
 	__u32 timeouts; /* hold timeouts since the device was created */
+	__u64 flush_writes; /* writes with REQ_PREFLUSH seen (held or passed through) */
+	__u64 fua_writes; /* writes with REQ_FUA seen */
 };
 
 struct drv_dirty {
@@ -196,7 +198,7 @@ static const unsigned char drv_held_table[HELD_NSTATES][EV_NEVENTS] = {
 _Static_assert(sizeof(struct drv_kmsg) == 48, "drv_kmsg is 48 bytes");
 _Static_assert(sizeof(struct drv_kack) == 16, "drv_kack is 16 bytes");
 _Static_assert(sizeof(struct drv_create) == 336, "drv_create is 336 bytes");
-_Static_assert(sizeof(struct drv_info) == 376, "drv_info is 376 bytes");
+_Static_assert(sizeof(struct drv_info) == 392, "drv_info is 392 bytes");
 _Static_assert(sizeof(struct drv_dirty) == 40, "drv_dirty is 40 bytes");
 #endif
 

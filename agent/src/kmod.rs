@@ -34,7 +34,7 @@ use crate::Agent;
 
 pub const CTL_PATH: &str = "/dev/drv-ctl";
 const KMSG_MAGIC: u32 = 0x4b56_5244;
-const ABI_VERSION: u16 = 1;
+const ABI_VERSION: u16 = 2;
 /// Devices the module keeps at most (`DRV_MAX_DEVICES`).
 pub const MAX_DEVICES: u32 = 64;
 const NAME_LEN: usize = 64;
@@ -96,6 +96,8 @@ struct RawInfo {
     dirty_blocks: u64,
     dirty_block_bytes: u32,
     timeouts: u32,
+    flush_writes: u64,
+    fua_writes: u64,
 }
 
 /// `struct drv_dirty`.
@@ -118,7 +120,8 @@ const _: () = {
     assert!(std::mem::size_of::<KAck>() == 16);
     assert!(std::mem::size_of::<Create>() == 336);
     assert!(std::mem::offset_of!(Create, index) == 324);
-    assert!(std::mem::size_of::<RawInfo>() == 376);
+    assert!(std::mem::size_of::<RawInfo>() == 392);
+    assert!(std::mem::offset_of!(RawInfo, flush_writes) == 376);
     assert!(std::mem::offset_of!(RawInfo, size_bytes) == 328);
     assert!(std::mem::size_of::<Dirty>() == 40);
 };
@@ -179,6 +182,9 @@ pub struct DeviceInfo {
     pub dirty_blocks: u64,
     pub dirty_block_bytes: u32,
     pub timeouts: u32,
+    /// Writes with FLUSH (REQ_PREFLUSH) and with FUA the device has seen.
+    pub flush_writes: u64,
+    pub fua_writes: u64,
 }
 
 impl DeviceInfo {
@@ -326,6 +332,8 @@ fn info(r: &RawInfo) -> DeviceInfo {
         dirty_blocks: r.dirty_blocks,
         dirty_block_bytes: r.dirty_block_bytes,
         timeouts: r.timeouts,
+        flush_writes: r.flush_writes,
+        fua_writes: r.fua_writes,
     }
 }
 
@@ -664,7 +672,7 @@ mod tests {
         // _IOWR(0xd7, 1, struct drv_create) etc., as the C compiler computes them.
         assert_eq!(IOC_CREATE, 0xc150_d701);
         assert_eq!(IOC_REMOVE, 0x4004_d702);
-        assert_eq!(IOC_INFO, 0xc178_d703);
+        assert_eq!(IOC_INFO, 0xc188_d703);
         assert_eq!(IOC_ATTACH, 0x4004_d704);
         assert_eq!(IOC_TAKE_DIRTY, 0xc028_d705);
         assert_eq!(IOC_DETACH, 0xd706);

@@ -151,6 +151,12 @@ done
 sync
 md5sum /mnt/a >/tmp/a.md5
 umount /mnt || die "umount"
+st=$(drv devices --json)
+if [ "$(field "$st" flush_writes)" -gt 0 ] && [ "$(field "$st" fua_writes)" -gt 0 ]; then
+	pass "FLUSH and FUA reach the module: $(field "$st" flush_writes) flushes, $(field "$st" fua_writes) FUA writes (ext4 journal, fsync)"
+else
+	fail "no FLUSH or no FUA seen by the module: $st"
+fi
 replica_equals_source "mkfs + files"
 
 step "rmmod is refused while a device exists"

@@ -259,7 +259,7 @@ pub fn devices(json: bool) -> Result<()> {
     }
     for d in all {
         println!(
-            "{} volume {} over {} ({}): {}, {} held writes ({}), {} dirty ({} blocks of {}), {} hold timeouts",
+            "{} volume {} over {} ({}): {}, {} held writes ({}), {} dirty ({} blocks of {}), {} hold timeouts, {} flushes, {} FUA writes",
             d.path(),
             d.name,
             d.backing,
@@ -270,7 +270,9 @@ pub fn devices(json: bool) -> Result<()> {
             human(d.dirty_blocks * d.dirty_block_bytes as u64),
             d.dirty_blocks,
             human(d.dirty_block_bytes as u64),
-            d.timeouts
+            d.timeouts,
+            d.flush_writes,
+            d.fua_writes
         );
     }
     Ok(())
