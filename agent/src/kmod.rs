@@ -137,7 +137,6 @@ const IOC_REMOVE: u64 = ioc(W, 2, 4);
 const IOC_INFO: u64 = ioc(R | W, 3, std::mem::size_of::<RawInfo>());
 const IOC_ATTACH: u64 = ioc(W, 4, 4);
 const IOC_TAKE_DIRTY: u64 = ioc(R | W, 5, std::mem::size_of::<Dirty>());
-const IOC_DETACH: u64 = ioc(0, 6, 0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmodError {
@@ -279,11 +278,6 @@ impl Control {
     pub fn attach(&self, index: u32) -> Result<(), KmodError> {
         let mut i = index;
         self.ioctl(&format!("attach to /dev/drv{index}"), IOC_ATTACH, &mut i)
-    }
-
-    /// Stops holding: later writes pass through, marked dirty.
-    pub fn detach(&self) -> Result<(), KmodError> {
-        self.ioctl("detach", IOC_DETACH, std::ptr::null_mut::<u8>())
     }
 
     /// Takes (and clears) the dirty bitmap of `/dev/drv{index}` (this channel must be attached):
@@ -675,7 +669,7 @@ mod tests {
         assert_eq!(IOC_INFO, 0xc188_d703);
         assert_eq!(IOC_ATTACH, 0x4004_d704);
         assert_eq!(IOC_TAKE_DIRTY, 0xc028_d705);
-        assert_eq!(IOC_DETACH, 0xd706);
+        assert_eq!(ioc(0, 6, 0), 0xd706); // DRV_IOC_DETACH (drv detach removes the device instead)
     }
 }
 
