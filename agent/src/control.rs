@@ -10,6 +10,8 @@
 //! | `{"op":"sync-start","bwlimit":N}` | `{"ok":true,"status":{...}}` once every block is marked |
 //! | `{"op":"set-bwlimit","bwlimit":N}` | `{"ok":true}` (`null`: unlimited) |
 //! | `{"op":"resync","extents":[[offset,len],...]}` | `{"ok":true,...}` once the ranges are marked durably |
+//! | `{"op":"detach"}` | `{"ok":true,...}` once the capture device is gone (the agent then stops) |
+//! | `{"op":"track-sync","freeze":PATH,"timeout_ms":N}` | `{"ok":true,"track":{...}}` once a tracker's cut reached the replica |
 //!
 //! A failure is `{"ok":false,"error":"..."}` naming what was wrong. Lines are at most
 //! [`MAX_LINE`] bytes (a client sends a long extent list in several requests).
@@ -44,6 +46,31 @@ pub enum Request {
     },
     /// Remove the capture device (`drv detach`); the agent then stops.
     Detach,
+    /// Ship what an eBPF tracker recorded (`drv track sync`), optionally with the filesystem
+    /// mounted at `freeze` frozen for a consistent point, waiting at most `timeout_ms` for it.
+    TrackSync {
+        #[serde(default)]
+        freeze: Option<PathBuf>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// What `TrackSync` does, given by a tracker: its report, or why it failed.
+pub type TrackSyncHook = std::sync::Arc<
+    dyn Fn(
+            Option<PathBuf>,
+            Option<u64>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What a capture path adds to the control socket.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub detach: Option<DetachHook>,
+    pub track_sync: Option<TrackSyncHook>,
 }
 
 /// What `Detach` does, given by a capture path that can be detached (the kernel module's): an
@@ -57,6 +84,9 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<AgentStatus>,
+    /// A tracker's report of a `track-sync`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,16 +124,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Serves the control socket bound at `path` until the task is dropped.
 pub async fn serve(agent: Agent, listener: UnixListener, path: PathBuf) -> Result<(), ControlError> {
-    serve_with(agent, listener, path, None).await
+    serve_with(agent, listener, path, Hooks::default()).await
 }
 
-/// [`serve`], with what a `Detach` request does.
-pub async fn serve_with(
-    agent: Agent,
-    listener: UnixListener,
-    path: PathBuf,
-    detach: Option<DetachHook>,
-) -> Result<(), ControlError> {
+/// [`serve`], with what the capture path's requests (`Detach`, `TrackSync`) do.
+pub async fn serve_with(agent: Agent, listener: UnixListener, path: PathBuf, hooks: Hooks) -> Result<(), ControlError> {
     let p = path.display().to_string();
     let io = |source| ControlError::Io { path: p.clone(), source };
     let clients = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
@@ -113,17 +138,17 @@ pub async fn serve_with(
             tracing::warn!("control socket {p}: over {MAX_CLIENTS} clients, refusing one");
             continue;
         };
-        let (agent, detach) = (agent.clone(), detach.clone());
+        let (agent, hooks) = (agent.clone(), hooks.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_client(&agent, stream, detach).await {
+            if let Err(e) = serve_client(&agent, stream, hooks).await {
                 tracing::debug!("control client: {e}");
             }
         });
     }
 }
 
-async fn serve_client(agent: &Agent, stream: UnixStream, detach: Option<DetachHook>) -> std::io::Result<()> {
+async fn serve_client(agent: &Agent, stream: UnixStream, hooks: Hooks) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
@@ -137,7 +162,7 @@ async fn serve_client(agent: &Agent, stream: UnixStream, detach: Option<DetachHo
             failed(format!("request over {MAX_LINE} bytes"))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle(agent, req, &detach).await,
+                Ok(req) => handle(agent, req, &hooks).await,
                 Err(e) => failed(format!("malformed request: {e}")),
             }
         };
@@ -152,17 +177,26 @@ async fn serve_client(agent: &Agent, stream: UnixStream, detach: Option<DetachHo
 }
 
 fn failed(error: String) -> Reply {
-    Reply { ok: false, error: Some(error), status: None }
+    Reply { ok: false, error: Some(error), status: None, track: None }
 }
 
-async fn handle(agent: &Agent, req: Request, detach: &Option<DetachHook>) -> Reply {
+async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
     let r = match req {
+        Request::TrackSync { freeze, timeout_ms } => {
+            let Some(hook) = hooks.track_sync.clone() else {
+                return failed("this agent is not an eBPF tracker (`drv track VOLUME` runs one)".into());
+            };
+            return match hook(freeze, timeout_ms).await {
+                Ok(report) => Reply { ok: true, error: None, status: Some(agent.status()), track: Some(report) },
+                Err(e) => failed(e),
+            };
+        }
         Request::Detach => {
-            let Some(hook) = detach.clone() else {
+            let Some(hook) = hooks.detach.clone() else {
                 return failed("this agent has no capture device to detach (stop it with SIGTERM)".into());
             };
             return match tokio::task::spawn_blocking(move || hook()).await {
-                Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()) },
+                Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()), track: None },
                 Ok(Err(e)) => failed(e),
                 Err(e) => failed(format!("detach: {e}")),
             };
@@ -179,7 +213,7 @@ async fn handle(agent: &Agent, req: Request, detach: &Option<DetachHook>) -> Rep
         Request::Resync { extents } => agent.resync_ranges(&extents).await,
     };
     match r {
-        Ok(()) => Reply { ok: true, error: None, status: Some(agent.status()) },
+        Ok(()) => Reply { ok: true, error: None, status: Some(agent.status()), track: None },
         Err(e) => failed(e.to_string()),
     }
 }

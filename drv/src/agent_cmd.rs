@@ -29,6 +29,14 @@ pub struct ControlArgs {
 }
 
 impl ControlArgs {
+    pub(crate) fn socket_of(&self, volume: &str) -> PathBuf {
+        self.socket(volume)
+    }
+
+    pub(crate) async fn connect_to(&self, volume: &str) -> Result<Client> {
+        self.connect(volume).await
+    }
+
     fn socket(&self, volume: &str) -> PathBuf {
         self.run_dir.join(format!("{volume}.sock"))
     }
@@ -94,24 +102,24 @@ pub struct DetachArgs {
 pub struct AgentArgs {
     /// The configuration store.
     #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
-    config: PathBuf,
+    pub(crate) config: PathBuf,
     /// The local disk of the volume (a block device or an image file).
     #[arg(long)]
-    device: PathBuf,
+    pub(crate) device: PathBuf,
     /// Directory with ca.pem, NAME.pem and NAME.key.
     #[arg(long, env = "DRV_CERTS")]
-    certs: PathBuf,
+    pub(crate) certs: PathBuf,
     /// This host's certificate name (an agent certificate).
     #[arg(long)]
-    name: String,
+    pub(crate) name: String,
     /// Change map and activity log (default: /var/lib/drv/agent/VOLUME).
     #[arg(long)]
-    state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     #[command(flatten)]
-    control: ControlArgs,
+    pub(crate) control: ControlArgs,
     /// How long a write may wait for staging before the agent switches to its change map (ms).
     #[arg(long, default_value_t = 5000)]
-    ack_timeout_ms: u64,
+    pub(crate) ack_timeout_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -199,7 +207,7 @@ fn print_status(volume: &str, s: &AgentStatus) {
     );
 }
 
-fn human(b: u64) -> String {
+pub(crate) fn human(b: u64) -> String {
     indicatif::BinaryBytes(b).to_string()
 }
 
@@ -329,6 +337,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
             let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state), opts)
                 .await
                 .with_context(|| format!("start the agent of volume {volume}"))?;
+            crate::trace_cmd::record_device(&state, &a.device)?;
             // A device that went away without `drv detach` (the host crashed or rebooted, the
             // module was reloaded) took its dirty bitmap with it: whatever passed through while
             // no agent held it is unknown, so everything is shipped again.
@@ -381,7 +390,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
                 }
             };
             tokio::select! {
-                r = control::serve_with(agent.clone(), listener, socket.clone(), detach_hook) => r.context("control socket"),
+                r = control::serve_with(agent.clone(), listener, socket.clone(), control::Hooks { detach: detach_hook, track_sync: None }) => r.context("control socket"),
                 r = capture_ended => {
                     r.context("capture")?;
                     std::fs::remove_file(&marker).context("remove the attach marker")?;
@@ -400,7 +409,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown() {
+pub(crate) async fn shutdown() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
@@ -410,7 +419,7 @@ async fn shutdown() {
 }
 
 /// Bytes of a file or block device.
-fn device_bytes(f: &std::fs::File) -> std::io::Result<u64> {
+pub(crate) fn device_bytes(f: &std::fs::File) -> std::io::Result<u64> {
     use std::io::Seek;
     let mut f = f;
     f.seek(std::io::SeekFrom::End(0))

@@ -9,6 +9,8 @@ mod demo;
 mod devbench;
 mod servers;
 mod snapshot_cmd;
+mod trace_cmd;
+mod track_cmd;
 mod wrl_cmd;
 
 use std::path::PathBuf;
@@ -71,6 +73,13 @@ enum Command {
     /// Initial copy from restored media: only the blocks changed since `begin` are shipped.
     #[command(subcommand, name = "media-resync")]
     MediaResync(agent_cmd::MediaCommand),
+    /// Live block I/O telemetry from eBPF: IOPS, throughput, latency, queue depth, flushes.
+    Trace(trace_cmd::TraceArgs),
+    /// Which capture paths (eBPF, kernel module, FUSE/loop, ublk) this host supports, and why not.
+    Doctor(trace_cmd::DoctorArgs),
+    /// Track a volume's changes with eBPF, without holding writes (`drv track VOLUME ...`), and
+    /// ship them (`drv track sync VOLUME`).
+    Track(track_cmd::TrackArgs),
 }
 
 #[derive(Subcommand)]
@@ -147,6 +156,9 @@ fn main() {
         Command::Devices { json } => agent_cmd::devices(json),
         Command::BenchDevice(a) => devbench::run(a),
         Command::MediaResync(c) => agent_cmd::media(c),
+        Command::Trace(a) => trace_cmd::trace(a),
+        Command::Doctor(a) => trace_cmd::doctor(a),
+        Command::Track(a) => track_cmd::run(a),
         Command::Key(KeyCommand::Generate { path, force }) => {
             generate_key(&path, force).map(|_| println!("wrote key {}", path.display()))
         }

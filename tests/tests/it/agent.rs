@@ -93,13 +93,24 @@ fn blank_image(cl: &Cluster) -> (std::path::PathBuf, std::fs::File) {
 
 /// Waits until the replica applied every record before sequence `next` (the last epoch is closed
 /// by the agent when idle), then compares its image with `image` byte for byte.
-async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64) {
-    let mut last = None;
-    until("the replica to apply everything", Duration::from_secs(30), || {
-        last = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
-    })
-    .await;
+pub(crate) async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64) {
+    let end = Instant::now() + Duration::from_secs(60);
+    let last = loop {
+        let last = cl.status(&cl.replica_addrs[0], "replica", "admin");
+        if last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next) {
+            break last;
+        }
+        if Instant::now() >= end {
+            panic!(
+                "timed out waiting for the replica to apply everything before {next}\nreplica status {last:?}\n\
+                 staging status {:?}\n--- staging log\n{}\n--- replica log\n{}",
+                cl.status(&cl.staging_addr, "staging", "admin"),
+                cl.log("stg1"),
+                cl.log("rep1")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let src = std::fs::read(image).unwrap();
     let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
     assert_eq!(src.len(), rep.len());
@@ -108,7 +119,7 @@ async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64)
 }
 
 /// Kills the server processes of a test.
-fn kill_all<const N: usize>(children: [&mut std::process::Child; N]) {
+pub(crate) fn kill_all<const N: usize>(children: [&mut std::process::Child; N]) {
     for c in children {
         let _ = c.kill();
         let _ = c.wait();
@@ -116,14 +127,14 @@ fn kill_all<const N: usize>(children: [&mut std::process::Child; N]) {
 }
 
 /// Starts staging and waits until it answers.
-async fn staging_up(cl: &Cluster) -> std::process::Child {
+pub(crate) async fn staging_up(cl: &Cluster) -> std::process::Child {
     let staging = cl.start("staging", "stg1");
     until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
     staging
 }
 
 /// Waits until `f` holds, polling every 50 ms.
-async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
@@ -232,7 +243,10 @@ async fn staging_too_slow_past_the_ack_timeout_switches_to_the_change_map_and_ba
     };
     let (mut staging, mut replica, source, agent) = protected(&cl, opts).await;
     // Staging stops answering but keeps its connection (a stalled server, not a dead one).
+    // `kill` returns once the signal is queued; wait until every thread of staging has stopped,
+    // or a loaded host may still let it acknowledge the next write.
     signal("-STOP", staging.id());
+    until("every staging thread stopped", Duration::from_secs(10), || all_threads_stopped(staging.id())).await;
     let t = Instant::now();
     agent.write(65536, Bytes::from(drv_format::pattern(2, 8192)), Flags::default()).await.expect("no write fails");
     let took = t.elapsed();
@@ -243,6 +257,16 @@ async fn staging_too_slow_past_the_ack_timeout_switches_to_the_change_map_and_ba
     signal("-CONT", staging.id());
     resynced_and_identical(&cl, &agent, &source).await;
     kill_all([&mut staging, &mut replica]);
+}
+
+/// Whether every thread of process `pid` is in state T (stopped), from `/proc/PID/task/*/stat`.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    })
 }
 
 /// Staging and replica up, and an agent with a state directory in sync mode on a blank image,
@@ -431,7 +455,7 @@ async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replic
 
 /// Runs `drv ARGS` (with the cluster's certificates) off the async runtime; returns stdout, or
 /// panics with stdout and stderr if it failed.
-async fn drv(args: Vec<String>) -> String {
+pub(crate) async fn drv(args: Vec<String>) -> String {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(drv_tests::drv_bin()).args(&args).output().expect("run drv")
     })
@@ -453,12 +477,12 @@ async fn drv_fails(args: Vec<String>) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
+pub(crate) fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
 /// The JSON lines of a command's output.
-fn json_lines(out: &str) -> Vec<serde_json::Value> {
+pub(crate) fn json_lines(out: &str) -> Vec<serde_json::Value> {
     out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect()
 }
 

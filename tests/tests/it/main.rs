@@ -1,7 +1,10 @@
-//! The drv integration-test binary: real files and real processes. Tests that need root, BPF or a
-//! VM are driven by `cargo xtask`, not from here.
+//! The drv integration-test binary: real files and real processes. The eBPF tests need root (loop
+//! devices, BPF): without it they say so and pass, unless `DRV_REQUIRE_ROOT_TESTS=1` (set by
+//! `cargo xtask test`, so CI never skips them). The kernel module's tests run in a VM, driven by
+//! `cargo xtask vm-test`.
 
 mod agent;
+mod ebpf;
 mod protocol;
 mod relay;
 mod wrl;

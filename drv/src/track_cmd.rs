@@ -1,0 +1,488 @@
+//! `drv track VOLUME` (eBPF change tracking without holding writes) and `drv track sync VOLUME`
+//! (ship the changes recorded so far, optionally at a frozen, consistent point).
+//!
+//! The tracker is an agent without a capture path: the eBPF programs see each write to the
+//! device when it is issued (see `drv_blocktrace::track` for the rules); a cut hands the marked
+//! extents to the agent as a resync, which reads them from the device (O_DIRECT) and ships them
+//! through staging like any resync. The replica applies a resync only when it is complete, so it
+//! moves from one cut to the next as a whole.
+//!
+//! What it does not give (ARCHITECTURE.md, "eBPF change tracking"): writes are not held, so a
+//! disaster loses everything written since the last completed cut; and a cut is crash-consistent
+//! only with `--freeze` (without it the blocks are read while the application keeps writing).
+//! Writes made while no tracker runs are invisible, so every start ships the whole volume.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use drv_agent::control::{self, Request};
+use drv_agent::{Agent, AgentOptions, Mode, kmod};
+use drv_blocktrace::track::{LossAction, Tracker};
+use drv_blocktrace::{Request as IoRequest, Tracer};
+use drv_config::ConfigStore;
+use drv_transport::Identity;
+
+use crate::agent_cmd::{AgentArgs, ControlArgs, device_bytes, shutdown};
+use crate::servers::{addr, runtime};
+use crate::trace_cmd::{POLL, monotonic_ns, record_device};
+
+/// `drv track VOLUME ...` or `drv track sync VOLUME`.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct TrackArgs {
+    #[command(subcommand)]
+    cmd: Option<TrackCommand>,
+    /// The volume whose device is tracked.
+    #[arg(required = true)]
+    volume: Option<String>,
+    #[command(flatten)]
+    agent: TrackerArgs,
+    /// Also cut and ship every this many seconds (default: only on `drv track sync`).
+    #[arg(long)]
+    every: Option<f64>,
+    /// With --every: freeze the filesystem mounted here for each cut.
+    #[arg(long)]
+    freeze: Option<PathBuf>,
+}
+
+/// [`AgentArgs`] with the required ones optional to clap, so `drv track sync VOLUME` parses
+/// without them (`subcommand_negates_reqs` lifts the requirement, not the derive's need of a
+/// value); `required` still holds for `drv track VOLUME`.
+#[derive(Args)]
+struct TrackerArgs {
+    /// The configuration store.
+    #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
+    config: PathBuf,
+    /// The block device of the volume.
+    #[arg(long, required = true)]
+    device: Option<PathBuf>,
+    /// Directory with ca.pem, NAME.pem and NAME.key.
+    #[arg(long, env = "DRV_CERTS", required = true)]
+    certs: Option<PathBuf>,
+    /// This host's certificate name (an agent certificate).
+    #[arg(long, required = true)]
+    name: Option<String>,
+    /// The agent's change map and activity log (default: /var/lib/drv/agent/VOLUME).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// How long a shipped change may wait for staging before the agent retries later (ms).
+    #[arg(long, default_value_t = 5000)]
+    ack_timeout_ms: u64,
+}
+
+impl TrackerArgs {
+    fn agent(self) -> Result<AgentArgs> {
+        Ok(AgentArgs {
+            config: self.config,
+            device: self.device.context("--device is required")?,
+            certs: self.certs.context("--certs is required")?,
+            name: self.name.context("--name is required")?,
+            state_dir: self.state_dir,
+            control: self.control,
+            ack_timeout_ms: self.ack_timeout_ms,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TrackCommand {
+    /// Ship the changes recorded so far and report the resulting RPO.
+    Sync {
+        volume: String,
+        /// Freeze the filesystem mounted here (fsfreeze) from the cut until the changes are
+        /// shipped: the replica then holds a crash-consistent point of it.
+        #[arg(long)]
+        freeze: Option<PathBuf>,
+        /// Give up waiting for staging after this many seconds (the filesystem is thawed then;
+        /// the changes stay marked for the next cut).
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+pub fn run(a: TrackArgs) -> Result<()> {
+    match (a.cmd, a.volume, a.agent) {
+        (Some(TrackCommand::Sync { volume, freeze, timeout, json, control }), _, _) => {
+            sync(&volume, freeze, timeout, json, &control)
+        }
+        (None, Some(volume), agent) => run_tracker(&volume, &agent.agent()?, a.every, a.freeze),
+        _ => bail!("usage: drv track VOLUME --device DEV --certs DIR --name NAME, or drv track sync VOLUME"),
+    }
+}
+
+fn sync(volume: &str, freeze: Option<PathBuf>, timeout: f64, json: bool, control: &ControlArgs) -> Result<()> {
+    let rt = runtime()?;
+    let reply = rt.block_on(async {
+        let mut c = control.connect_to(volume).await?;
+        let req = Request::TrackSync { freeze, timeout_ms: Some((timeout * 1000.0) as u64) };
+        c.call(&req).await.with_context(|| format!("track sync of volume {volume}"))
+    })?;
+    let r = reply.track.context("the agent sent no tracking report")?;
+    if json {
+        println!("{r}");
+        return Ok(());
+    }
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    println!(
+        "volume {volume}: shipped {} in {} extents in {:.2} s{}",
+        crate::agent_cmd::human(r["bytes"].as_u64().unwrap_or(0)),
+        r["extents"].as_u64().unwrap_or(0),
+        f("took_s"),
+        if r["frozen"].as_bool() == Some(true) {
+            format!(", filesystem frozen {:.2} s", f("frozen_s"))
+        } else {
+            String::new()
+        }
+    );
+    if r["complete"].as_bool() == Some(true) {
+        println!(
+            "  staging holds the volume as of the cut{}; the oldest change it covered was {:.2} s old (the RPO just before this sync)",
+            if r["consistent"].as_bool() == Some(true) {
+                " (crash-consistent: frozen)"
+            } else {
+                " (not frozen: not crash-consistent)"
+            },
+            f("rpo_before_s")
+        );
+    } else {
+        println!(
+            "  NOT complete: staging did not take everything within the timeout; the changes stay marked for the next sync"
+        );
+    }
+    if r["lost_events"].as_u64().unwrap_or(0) > 0 {
+        println!("  eBPF events lost since start: {} (their ranges were shipped as unknown)", r["lost_events"]);
+    }
+    Ok(())
+}
+
+/// Marked blocks, in memory: a restart ships everything anyway (see the module doc).
+struct Marks {
+    block: u64,
+    volume_bytes: u64,
+    bits: Vec<u64>,
+}
+
+impl Marks {
+    fn new(volume_bytes: u64, block: u64) -> Marks {
+        let blocks = volume_bytes.div_ceil(block);
+        Marks { block, volume_bytes, bits: vec![0; blocks.div_ceil(64) as usize] }
+    }
+    fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.volume_bytes {
+            return;
+        }
+        let end = (offset + len).min(self.volume_bytes);
+        for b in offset / self.block..end.div_ceil(self.block) {
+            self.bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+    fn mark_all(&mut self) {
+        self.mark(0, self.volume_bytes);
+    }
+    /// The marked extents (merged runs of blocks), clearing them.
+    fn take(&mut self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (w, word) in self.bits.iter_mut().enumerate() {
+            let mut v = std::mem::take(word);
+            while v != 0 {
+                let b = w as u64 * 64 + v.trailing_zeros() as u64;
+                v &= v - 1;
+                let (o, end) = (b * self.block, ((b + 1) * self.block).min(self.volume_bytes));
+                match out.last_mut() {
+                    Some((lo, len)) if *lo + *len == o => *len += end - o,
+                    _ => out.push((o, end - o)),
+                }
+            }
+        }
+        out
+    }
+    fn bytes(&self) -> u64 {
+        self.bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() * self.block
+    }
+}
+
+/// The tracker's state, shared by the polling thread and the cuts.
+struct State {
+    tracer: Tracer,
+    tracker: Tracker,
+    marks: Marks,
+    lost: u64,
+}
+
+impl State {
+    /// Takes every queued event and every loss report into the marks.
+    fn pump(&mut self) -> Result<()> {
+        let State { tracer, tracker, .. } = self;
+        tracer.drain(|e| tracker.on(&IoRequest::from_event(e)));
+        for extent in self.tracker.take_marks() {
+            self.marks.mark(extent.0, extent.1);
+        }
+        let losses = self.tracer.losses().context("read the eBPF loss counters")?;
+        self.lost = losses.total();
+        match self.tracker.on_losses(&losses) {
+            LossAction::None => {}
+            LossAction::Ranges(r) => {
+                tracing::warn!("eBPF events lost: marking {} lost ranges as changed", r.len());
+                for (o, l) in r {
+                    self.marks.mark(o, l);
+                }
+            }
+            LossAction::All => {
+                tracing::warn!("eBPF events lost without a known range: marking the whole volume as changed");
+                self.marks.mark_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<PathBuf>) -> Result<()> {
+    let store =
+        ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
+    let view = store.volume(volume).with_context(|| format!("load volume {volume}"))?;
+    let id = Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
+    let staging = addr(&view.staging.1.address)?;
+    let dev = drv_blocktrace::block_dev_of(&a.device)
+        .with_context(|| format!("eBPF tracking needs a block device; {} is not one", a.device.display()))?;
+    let f = std::fs::File::open(&a.device).with_context(|| format!("open device {}", a.device.display()))?;
+    let size = device_bytes(&f).with_context(|| format!("size of {}", a.device.display()))?;
+    if size < view.volume.size_bytes {
+        bail!(
+            "device {} has {size} bytes, less than volume {volume} ({} bytes)",
+            a.device.display(),
+            view.volume.size_bytes
+        );
+    }
+    drop(f);
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(volume));
+    record_device(&state_dir, &a.device)?;
+    // The programs first: from here on no write to the device goes unseen.
+    let mut tracer = Tracer::start(false).context("start the eBPF programs")?;
+    tracer.watch(dev).with_context(|| format!("watch {}", a.device.display()))?;
+    let state = Arc::new(Mutex::new(State {
+        tracer,
+        tracker: Tracker::new(dev, view.volume.size_bytes),
+        marks: Marks::new(view.volume.size_bytes, view.volume.block_bytes),
+        lost: 0,
+    }));
+    let opts = AgentOptions {
+        ack_timeout: Duration::from_millis(a.ack_timeout_ms),
+        change_block_bytes: view.volume.block_bytes,
+        ..AgentOptions::default()
+    };
+    let socket = a.control.socket_of(volume);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = control::bind(&socket).context("control socket")?;
+        let run = async {
+            let disk = Arc::new(
+                kmod::DirectDisk::open(&a.device).with_context(|| format!("open {} (O_DIRECT)", a.device.display()))?,
+            );
+            let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state_dir), opts)
+                .await
+                .with_context(|| format!("start the agent of volume {volume}"))?;
+            // Nothing before this start was seen: copy everything once (the application keeps
+            // writing; what it writes from now on is tracked and shipped at the next cut).
+            agent.start_initial_sync(None).await.context("start the initial copy")?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let poller = {
+                let (state, stop) = (state.clone(), stop.clone());
+                std::thread::Builder::new().name("drv-track-poll".into()).spawn(move || -> Result<()> {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        state.lock().expect("track state").pump()?;
+                        std::thread::sleep(POLL);
+                    }
+                    Ok(())
+                })?
+            };
+            let cuts = Arc::new(tokio::sync::Mutex::new(()));
+            let hook: control::TrackSyncHook = {
+                let (state, agent, cuts) = (state.clone(), agent.clone(), cuts.clone());
+                Arc::new(move |freeze, timeout_ms| {
+                    let (state, agent, cuts) = (state.clone(), agent.clone(), cuts.clone());
+                    Box::pin(async move {
+                        let _one = cuts.lock().await;
+                        let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000));
+                        cut(&state, &agent, freeze.as_deref(), timeout).await.map_err(|e| format!("{e:#}"))
+                    })
+                })
+            };
+            eprintln!(
+                "tracking volume {volume} ({}) on {} ({}) with eBPF: writes are not held (see `drv track sync`); staging {} at {staging}; control {}",
+                crate::agent_cmd::human(view.volume.size_bytes),
+                a.device.display(),
+                drv_blocktrace::dev_name(dev),
+                view.staging.0,
+                socket.display()
+            );
+            let periodic = {
+                let (hook, freeze) = (hook.clone(), freeze.clone());
+                async move {
+                    let Some(secs) = every else { return std::future::pending::<()>().await };
+                    let mut tick = tokio::time::interval(Duration::from_secs_f64(secs.max(1.0)));
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        match hook(freeze.clone(), None).await {
+                            Ok(r) => tracing::info!("track cut: {r}"),
+                            Err(e) => tracing::warn!("track cut failed: {e}"),
+                        }
+                    }
+                }
+            };
+            let hooks = control::Hooks { detach: None, track_sync: Some(hook) };
+            let r = tokio::select! {
+                r = control::serve_with(agent.clone(), listener, socket.clone(), hooks) => r.context("control socket"),
+                _ = periodic => Ok(()),
+                _ = shutdown() => Ok(()),
+            };
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            poller.join().map_err(|_| anyhow::anyhow!("the polling thread panicked"))??;
+            r
+        };
+        let r = run.await;
+        let _ = std::fs::remove_file(&socket);
+        r
+    })
+}
+
+/// One cut: freeze (optionally), take the marks, ship them, wait for staging, thaw.
+async fn cut(
+    state: &Arc<Mutex<State>>,
+    agent: &Agent,
+    freeze: Option<&Path>,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let t0 = Instant::now();
+    let frozen = match freeze {
+        Some(m) => Some(Frozen::freeze(m)?),
+        None => None,
+    };
+    // After a freeze returns, every write of the filesystem has completed: the events up to
+    // now describe the device as it is.
+    let (extents, rpo_before_ns, lost) = {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut s = st.lock().expect("track state");
+            s.pump()?;
+            let extents = s.marks.take();
+            for (o, l) in s.tracker.in_flight() {
+                s.marks.mark(o, l);
+            }
+            let age = s.tracker.cut(monotonic_ns());
+            Ok((extents, age, s.lost))
+        })
+        .await??
+    };
+    let bytes: u64 = extents.iter().map(|e| e.1).sum();
+    if !extents.is_empty() {
+        agent.resync_ranges(&extents).await.context("hand the changes to the agent")?;
+    }
+    let deadline = Instant::now() + timeout;
+    let complete = loop {
+        if agent.mode() == Mode::Sync && agent.dirty_bytes() == 0 {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let frozen_s = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
+    if let Some(f) = frozen {
+        f.thaw()?;
+    }
+    let pending = state.lock().expect("track state").marks.bytes();
+    Ok(serde_json::json!({
+        "extents": extents.len(),
+        "bytes": bytes,
+        "took_s": t0.elapsed().as_secs_f64(),
+        "complete": complete,
+        "frozen": freeze.is_some(),
+        "frozen_s": frozen_s,
+        "consistent": complete && freeze.is_some(),
+        "rpo_before_s": rpo_before_ns.map(|n| n as f64 / 1e9),
+        "pending_bytes": pending,
+        "lost_events": lost,
+    }))
+}
+
+/// A filesystem frozen with FIFREEZE; thawed on drop if not thawed before.
+struct Frozen {
+    dir: std::fs::File,
+    path: PathBuf,
+    since: Instant,
+    thawed: bool,
+}
+
+// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+impl Frozen {
+    fn freeze(mount: &Path) -> Result<Frozen> {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(mount).with_context(|| format!("open mount point {}", mount.display()))?;
+        // SAFETY: an ioctl without argument data on an open descriptor.
+        if unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!(
+                "freeze the filesystem at {}: {e} (is it a mount point of a filesystem that supports freezing?)",
+                mount.display()
+            );
+        }
+        Ok(Frozen { dir, path: mount.to_path_buf(), since: Instant::now(), thawed: false })
+    }
+
+    fn thaw(mut self) -> Result<()> {
+        self.thawed = true;
+        thaw(&self.dir)
+            .with_context(|| format!("thaw the filesystem at {} (fsfreeze -u it by hand)", self.path.display()))
+    }
+}
+
+fn thaw(dir: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as in `freeze`.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.thawed
+            && let Err(e) = thaw(&self.dir)
+        {
+            eprintln!("drv: could not thaw {}: {e} (run fsfreeze -u {})", self.path.display(), self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Marks;
+
+    #[test]
+    fn marks_merge_into_extents_and_clear() {
+        let mut m = Marks::new(10 * 4096 + 100, 4096);
+        m.mark(4096, 1);
+        m.mark(8192, 4096);
+        m.mark(10 * 4096, 4096); // the short last block
+        assert_eq!(m.bytes(), 3 * 4096);
+        assert_eq!(m.take(), vec![(4096, 8192), (40960, 100)]);
+        assert!(m.take().is_empty());
+        m.mark_all();
+        assert_eq!(m.take(), vec![(0, 10 * 4096 + 100)]);
+    }
+}

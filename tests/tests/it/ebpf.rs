@@ -1,0 +1,216 @@
+//! eBPF on the host: exact events from a loop device (`drv trace`), and change tracking shipped
+//! to a real staging and replica (`drv track`, `drv track sync`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use drv_tests::{Cluster, Rng};
+
+use crate::agent::{assert_replica_equals, drv, json_lines, kill_all, staging_up, strings, until};
+
+/// Whether this test can run: root is needed for loop devices and BPF. Without it the test is
+/// skipped with a message, unless `DRV_REQUIRE_ROOT_TESTS=1` (CI), which makes it fail.
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("DRV_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
+        "{test} needs root (DRV_REQUIRE_ROOT_TESTS=1)"
+    );
+    eprintln!("{test}: skipped, needs root");
+    false
+}
+
+/// A loop device with direct I/O over an image file; detached (only this one) on drop.
+struct Loop {
+    dev: PathBuf,
+}
+
+impl Loop {
+    fn attach(image: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(image)
+            .output()
+            .expect("run losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Loop { dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()) }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+fn dd(args: &[String]) {
+    let out = Command::new("dd").args(args).output().expect("run dd");
+    assert!(out.status.success(), "dd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Stops a `drv trace` with SIGTERM and returns its JSON lines.
+fn stop_trace(mut child: Child, mut out: BufReader<std::process::ChildStdout>) -> Vec<serde_json::Value> {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut out, &mut text).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "drv trace failed: {text}");
+    json_lines(&text)
+}
+
+/// Starts `drv trace ARGS --json` and waits for its ready line.
+fn start_trace(args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(drv_tests::drv_bin())
+        .arg("trace")
+        .args(args)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn drv trace");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not the ready line: {line:?}: {e}"));
+    assert_eq!(v["ready"], true, "{line}");
+    (child, out)
+}
+
+#[test]
+fn dd_writes_produce_exactly_their_issue_events_and_a_flush() {
+    if !root_or_skip("dd_writes_produce_exactly_their_issue_events_and_a_flush") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+    let lo = Loop::attach(&image);
+    let dev = lo.dev.display().to_string();
+    let (child, out) = start_trace(&[&dev, "--events"]);
+    // 16 O_DIRECT writes of 4 KiB from block 100, one at a time, then fsync (a FLUSH).
+    const N: u64 = 16;
+    dd(&strings(&[
+        "if=/dev/urandom",
+        &format!("of={dev}"),
+        "bs=4k",
+        &format!("count={N}"),
+        "seek=100",
+        "oflag=direct",
+        "conv=fsync",
+    ]));
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = stop_trace(child, out);
+    let events: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("event").is_some()).collect();
+    let issued = |op: &str| -> Vec<&serde_json::Value> {
+        events.iter().copied().filter(|e| e["event"] == "issue" && e["op"] == op).collect()
+    };
+    let writes = issued("write");
+    let offsets: Vec<u64> = writes.iter().map(|e| e["offset"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (0..N).map(|i| (100 + i) * 4096).collect();
+    assert_eq!(offsets, expected, "issue events of the writes, in order: {events:#?}");
+    assert!(writes.iter().all(|e| e["len"] == 4096 && e["dev"].as_str().unwrap().starts_with("7:")), "{writes:#?}");
+    let flushes = issued("flush");
+    assert_eq!(flushes.len(), 1, "one flush from conv=fsync: {events:#?}");
+    assert_eq!(flushes[0]["preflush"], true);
+    // Every request also completed, and nothing was lost (the counters are read and reported).
+    let completed =
+        events.iter().filter(|e| e["event"] == "complete" && e["op"] == "write" && e["len"] == 4096).count();
+    assert_eq!(completed as u64, N);
+    let lost = lines.iter().find_map(|l| l.get("lost")).expect("a loss report at the end");
+    assert_eq!(lost["reserve_failed"], 0, "{lost}");
+    assert_eq!(lost["recursion_misses"], 0, "{lost}");
+    // The per-second figures add up to the same writes.
+    let windows: Vec<&serde_json::Value> = lines.iter().filter_map(|l| l.get("window")).collect();
+    let writes: u64 = windows.iter().map(|w| w["writes"].as_u64().unwrap()).sum();
+    let flushes: u64 = windows.iter().map(|w| w["flushes"].as_u64().unwrap()).sum();
+    assert_eq!((writes, flushes), (N, 1), "{windows:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_sync_after_random_writes_leaves_a_byte_identical_replica() {
+    if !root_or_skip("track_sync_after_random_writes_leaves_a_byte_identical_replica") {
+        return;
+    }
+    const VOLUME: u64 = 16 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let image = cl.dir.path().join("source.img");
+    std::fs::write(&image, drv_tests::pattern(7, VOLUME as usize)).unwrap();
+    let lo = Loop::attach(&image);
+    let dev = lo.dev.display().to_string();
+    let run = cl.dir.path().join("run");
+    let run_dir = run.display().to_string();
+    let mut tracker = Command::new(drv_tests::drv_bin())
+        .args(["track", "vol1", "--name", "host1", "--device", &dev, "--run-dir", &run_dir])
+        .arg("--config")
+        .arg(&cl.config)
+        .arg("--certs")
+        .arg(&cl.certs)
+        .arg("--state-dir")
+        .arg(cl.dir.path().join("track-state"))
+        .env("DRV_LOG", "info")
+        .stderr(std::fs::File::create(cl.dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    until("the tracker's control socket", Duration::from_secs(30), || {
+        if let Some(st) = tracker.try_wait().unwrap() {
+            panic!("drv track exited ({st}): {}", cl.log("agent"));
+        }
+        run.join("vol1.sock").exists()
+    })
+    .await;
+    // Random writes of random sizes while the initial copy runs, from two kinds of writer:
+    // O_DIRECT and buffered with a final fsync.
+    let mut rng = Rng::new(0x7ac);
+    for round in 0..40 {
+        let bs = 4096 << rng.below(5);
+        let blocks = VOLUME / bs;
+        let seek = rng.below(blocks - 2);
+        let count = 1 + rng.below(2);
+        let mut args = strings(&[
+            "if=/dev/urandom",
+            &format!("of={dev}"),
+            &format!("bs={bs}"),
+            &format!("count={count}"),
+            &format!("seek={seek}"),
+            "conv=notrunc",
+        ]);
+        if round % 2 == 0 {
+            args.push("oflag=direct".into());
+        } else {
+            args.push("conv=fsync".into());
+        }
+        tokio::task::spawn_blocking(move || dd(&args)).await.unwrap();
+    }
+    let out = drv(strings(&["track", "sync", "vol1", "--json", "--run-dir", &run_dir])).await;
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out}: {e}"));
+    assert_eq!(report["complete"], true, "{report}");
+    assert!(report["bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["lost_events"], 0, "{report}");
+    assert!(report["rpo_before_s"].as_f64().unwrap() > 0.0, "{report}");
+    let st: serde_json::Value =
+        serde_json::from_str(&drv(strings(&["agent", "status", "vol1", "--json", "--run-dir", &run_dir])).await)
+            .unwrap();
+    assert_eq!(st["mode"], "sync", "{st}");
+    assert_replica_equals(&cl, &image, st["next_seq"].as_u64().unwrap()).await;
+    // A second round after the cut: only the new changes are shipped.
+    dd(&strings(&["if=/dev/urandom", &format!("of={dev}"), "bs=4k", "count=3", "seek=17", "oflag=direct"]));
+    let out = drv(strings(&["track", "sync", "vol1", "--json", "--run-dir", &run_dir])).await;
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["complete"], true, "{report}");
+    let block = 64 << 10; // the volume's change block
+    assert_eq!(report["bytes"], block, "three 4 KiB writes inside one change block: {report}");
+    let st: serde_json::Value =
+        serde_json::from_str(&drv(strings(&["agent", "status", "vol1", "--json", "--run-dir", &run_dir])).await)
+            .unwrap();
+    assert_replica_equals(&cl, &image, st["next_seq"].as_u64().unwrap()).await;
+    assert!(Command::new("kill").args(["-TERM", &tracker.id().to_string()]).status().unwrap().success());
+    assert!(tracker.wait().unwrap().success(), "{}", cl.log("agent"));
+    kill_all([&mut staging, &mut replica]);
+}
