@@ -60,6 +60,37 @@ if [ -n "$b" ]; then
 	drv config set volume vol2 size_bytes=128M wrl=w0 'replicas=["rep1"]' key=k1 >/dev/null || die "config vol2"
 fi
 
+# The eBPF programs of drv trace/track on this (6.1) kernel: the same binary as on the host, the
+# tracepoints' field offsets read from this kernel's tracefs. A loop device is request-based (brd
+# and drv0 are bio-based: no request tracepoints).
+step "eBPF programs on $(uname -r)"
+mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
+drv doctor >$D/doctor.txt 2>&1
+if grep -q "^ok  ebpf programs load" $D/doctor.txt; then
+	pass "eBPF programs load and attach ($(grep 'block tracepoints' $D/doctor.txt | sed 's/  */ /g'))"
+else
+	fail "eBPF programs do not load"
+	cat $D/doctor.txt
+fi
+dd if=/dev/zero of=$D/loop.img bs=1M count=16 2>/dev/null
+LOOP=$(losetup -f)
+losetup $LOOP $D/loop.img || fail "losetup"
+drv trace $LOOP --events --json --seconds 5 >$D/trace.json 2>$D/trace.log &
+TR=$!
+i=0
+while ! grep -q '"ready":true' $D/trace.json 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+dd if=/dev/urandom of=$LOOP bs=4k count=8 seek=100 oflag=direct conv=fsync 2>/dev/null || fail "dd to $LOOP"
+wait $TR
+writes=$(grep -c '"event":"issue","fua":false,"len":4096,"offset":4[0-9]\{5\},"op":"write"' $D/trace.json)
+flushes=$(grep -c '"event":"issue".*"op":"flush"' $D/trace.json)
+if [ "$writes" = 8 ] && [ "$flushes" -ge 1 ] && grep -q '"lost":{' $D/trace.json; then
+	pass "drv trace saw the 8 writes and the flush of dd on $LOOP, and reported its loss counters"
+else
+	fail "drv trace on $LOOP: $writes writes, $flushes flushes"
+	cat $D/trace.json $D/trace.log | tail -n 30
+fi
+losetup -d $LOOP
+
 drv staging run --name stg1 >$D/staging.log 2>&1 &
 STG=$!
 drv replica run --name rep1 >$D/replica.log 2>&1 &

@@ -32,7 +32,7 @@ const PACKAGES: &[&str] = &[
 
 /// Debian modules the guest loads (their dependencies are added), besides brd (loaded with
 /// parameters by the guest itself).
-const GUEST_MODULES: &[&str] = &["crc32c_generic", "ext4"];
+const GUEST_MODULES: &[&str] = &["crc32c_generic", "ext4", "loop"];
 
 /// The newest Debian kernel whose headers are installed (`/lib/modules/KVER/build`).
 pub fn kver() -> Result<String> {

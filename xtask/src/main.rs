@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod ebpf;
 mod kmod;
 mod relay;
 
@@ -44,8 +45,8 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u64,
     },
-    /// Install what the kernel pieces need (Debian packages, the kernel image for the VM),
-    /// idempotently.
+    /// Install what the kernel pieces need (Debian packages, the kernel image for the VM, the
+    /// eBPF toolchain: rust-src, llvm-22-dev, bpf-linker), idempotently.
     Setup,
     /// The kernel module: `kmod build` builds capture-kmod against Debian's headers.
     Kmod {
@@ -85,6 +86,9 @@ fn output(cmd: &mut Command) -> Result<String> {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    // Every build of xtask's making includes the eBPF programs: a missing toolchain is an error,
+    // not a binary without eBPF.
+    c.env("DRV_REQUIRE_EBPF", "1");
     c
 }
 
@@ -99,7 +103,7 @@ fn main() -> Result<()> {
             other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
-        Cmd::Setup => kmod::setup(),
+        Cmd::Setup => kmod::setup().and_then(|_| ebpf::setup()),
         Cmd::Kmod { what } => match what.as_str() {
             "build" => kmod::build(&kmod::kver()?).map(|p| println!("{}", p.display())),
             other => bail!("unknown kmod task {other:?} (available: build)"),
@@ -111,13 +115,15 @@ fn main() -> Result<()> {
 fn test() -> Result<()> {
     // The kernel pieces' packages and kernel image: the one command sets everything up.
     kmod::setup()?;
+    ebpf::setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests run the real `drv` binary: build it first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // Stream the test output and add up the results, so the run ends with one summary line.
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).stdout(std::process::Stdio::piped());
+    // The eBPF tests need root (loop devices, BPF); here they must run, never skip.
+    cmd.args(["test", "--workspace"]).env("DRV_REQUIRE_ROOT_TESTS", "1").stdout(std::process::Stdio::piped());
     eprintln!("$ {cmd:?}");
     let mut child = cmd.spawn().context("run cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
