@@ -58,7 +58,6 @@ pub fn parse(tracepoint: &str, format: &str, with_error: bool) -> Result<Layout,
         nr_sector: find("nr_sector", &[4])?,
         rwbs: find("rwbs", &rwbs_sizes)?,
         error: if with_error { find("error", &[4])? } else { u32::MAX },
-        watch_all: 0,
     })
 }
 

@@ -7,6 +7,7 @@
 //!
 //! Everything but [`loader`] is I/O-free and unit-tested with synthetic event streams.
 
+pub mod btf;
 pub mod layout;
 pub mod loader;
 pub mod rwbs;
@@ -14,7 +15,7 @@ pub mod stats;
 pub mod track;
 
 pub use drv_ebpf_common::{Event, KIND_COMPLETE, KIND_ISSUE};
-pub use loader::{LossReport, Tracer, TracerError};
+pub use loader::{LossReport, Mode, Tracer, TracerError};
 pub use rwbs::{Op, Request};
 
 /// `Ok` if the eBPF programs are built into this binary, else why not.

@@ -8,15 +8,63 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
-use drv_ebpf_common::{Event, Layout, Loss};
+use drv_ebpf_common::{Event, Layout, Loss, MAX_WATCHED, Watch};
 
 /// The eBPF object built by `build.rs` (empty when built without the eBPF toolchain).
 pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drv-capture-ebpf"));
 
-/// The two programs: (name in the object, tracepoint).
-const PROGRAMS: [(&str, &str); 2] = [("drv_rq_issue", "block_rq_issue"), ("drv_rq_complete", "block_rq_complete")];
+/// The classic programs: (name in the object, tracepoint).
+const CLASSIC: [(&str, &str); 2] = [("drv_rq_issue", "block_rq_issue"), ("drv_rq_complete", "block_rq_complete")];
+/// The tp_btf programs: (name in the object, tracepoint).
+const BTF: [(&str, &str); 2] = [("drv_btf_rq_issue", "block_rq_issue"), ("drv_btf_rq_complete", "block_rq_complete")];
+
+/// Which programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `tp_btf` programs reading `struct request` at offsets from the kernel's BTF.
+    TpBtf,
+    /// Classic tracepoint programs reading the tracepoints' records at offsets from tracefs.
+    Tracepoint,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::TpBtf => "tp_btf (offsets from the kernel's BTF)",
+            Mode::Tracepoint => "classic tracepoints (offsets from tracefs)",
+        })
+    }
+}
+
+/// The classic tracepoints' layouts from tracefs.
+fn classic_layouts() -> Result<(Layout, Layout), TracerError> {
+    let tracefs = tracefs()?;
+    let layout = |tp: &str, with_error: bool| -> Result<Layout, TracerError> {
+        let path = tracefs.join("events/block").join(tp).join("format");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| TracerError::Format { path: path.display().to_string(), source })?;
+        crate::layout::parse(tp, &text, with_error).map_err(|e| TracerError::Layout(e.to_string()))
+    };
+    Ok((layout("block_rq_issue", false)?, layout("block_rq_complete", true)?))
+}
+
+/// Loads and attaches the tp_btf programs.
+fn attach_btf(ebpf: &mut aya::Ebpf) -> Result<(), TracerError> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Layout(format!("kernel BTF: {e}")))?;
+    for (name, tp) in BTF {
+        let program: &mut aya::programs::BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(TracerError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(|source| TracerError::Program { program: name, source })?;
+        program.load(tp, &btf).map_err(|source| TracerError::Program { program: name, source })?;
+        program.attach().map_err(|source| TracerError::Program { program: name, source })?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
@@ -28,16 +76,16 @@ pub enum TracerError {
     NoTracefs(std::io::Error),
     #[error("read {path}: {source} (does this kernel have the block tracepoints?)")]
     Format { path: String, source: std::io::Error },
-    #[error(transparent)]
-    Layout(#[from] crate::layout::LayoutError),
+    #[error("{0}")]
+    Layout(String),
     #[error("load the eBPF programs: {0} (root or CAP_BPF+CAP_PERFMON needed; `drv doctor` says more)")]
     Load(#[source] aya::EbpfError),
     #[error("eBPF program {program}: {source}")]
     Program { program: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map {map}: {message}")]
     Map { map: &'static str, message: String },
-    #[error("watch {dev}: at most {max} devices")]
-    TooManyDevices { dev: String, max: u32 },
+    #[error("{count} devices to trace: at most {max} at once")]
+    TooManyDevices { count: usize, max: usize },
 }
 
 /// Everything the programs and the kernel report as not delivered, since the programs loaded.
@@ -67,32 +115,51 @@ impl LossReport {
 pub struct Tracer {
     ebpf: aya::Ebpf,
     events: RingBuf<MapData>,
-    watch: HashMap<MapData, u32, u32>,
     loss: PerCpuArray<MapData, Loss>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    mode: Mode,
 }
 
 impl Tracer {
-    /// Loads the programs and attaches them to the block tracepoints. With `watch_all`, every
-    /// block device is traced; otherwise only those given to [`Tracer::watch`].
-    pub fn start(watch_all: bool) -> Result<Tracer, TracerError> {
+    /// Loads the programs and attaches them to the block tracepoints, tracing the block devices
+    /// `devices` (kernel device numbers, see [`crate::block_dev_of`]; at most
+    /// [`drv_ebpf_common::MAX_WATCHED`]), or every block device if it is empty.
+    pub fn start(devices: &[u32]) -> Result<Tracer, TracerError> {
         crate::ebpf_built_in().map_err(TracerError::NotBuiltIn)?;
-        let tracefs = tracefs()?;
-        let layout = |tp: &str, with_error: bool| -> Result<Layout, TracerError> {
-            let path = tracefs.join("events/block").join(tp).join("format");
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| TracerError::Format { path: path.display().to_string(), source })?;
-            let mut l = crate::layout::parse(tp, &text, with_error)?;
-            l.watch_all = u32::from(watch_all);
-            Ok(l)
+        if devices.len() > MAX_WATCHED {
+            return Err(TracerError::TooManyDevices { count: devices.len(), max: MAX_WATCHED });
+        }
+        let mut watch = Watch { count: devices.len() as u32, ..Watch::default() };
+        watch.devs[..devices.len()].copy_from_slice(devices);
+        // The classic tracepoints by default; the tp_btf programs with DRV_EBPF_MODE=tp-btf.
+        // tp_btf skips fewer runs (its recursion guard is per program), but on 6.18 it was seen
+        // to miss a whole queue's completions now and then without any loss counter moving
+        // (`cargo xtask bench ebpf` shows it), and a loss nobody can see is the one thing a
+        // change tracker must not have. The classic programs' skipped runs are all counted.
+        let want_btf = std::env::var("DRV_EBPF_MODE").is_ok_and(|m| m == "tp-btf");
+        let btf_layout = if !want_btf {
+            Err("classic tracepoints (the default; DRV_EBPF_MODE=tp-btf for the tp_btf programs)".to_string())
+        } else {
+            std::fs::read("/sys/kernel/btf/vmlinux")
+                .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))
+                .and_then(|b| crate::btf::Btf::parse(&b).and_then(|b| b.layout()).map_err(|e| e.to_string()))
         };
-        let (issue, complete) = (layout("block_rq_issue", false)?, layout("block_rq_complete", true)?);
+        let classic = classic_layouts();
+        if let (Err(b), Err(c)) = (&btf_layout, &classic) {
+            tracing::warn!("no kernel BTF layout: {b}");
+            return Err(TracerError::Layout(c.to_string()));
+        }
         raise_memlock();
-        let mut ebpf = aya::EbpfLoader::new()
-            .override_global("ISSUE_LAYOUT", &issue, true)
-            .override_global("COMPLETE_LAYOUT", &complete, true)
-            .load(OBJECT)
-            .map_err(TracerError::Load)?;
+        let mut loader = aya::EbpfLoader::new();
+        loader.override_global("WATCHED", &watch, true);
+        if let Ok(l) = &btf_layout {
+            loader.override_global("BTF_LAYOUT", l, true);
+        }
+        if let Ok((issue, complete)) = &classic {
+            loader.override_global("ISSUE_LAYOUT", issue, true);
+            loader.override_global("COMPLETE_LAYOUT", complete, true);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(TracerError::Load)?;
         // The programs' own diagnostics (a full ring buffer) go to the log. A logger that cannot
         // start is not a reason to trace nothing.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -102,14 +169,31 @@ impl Tracer {
                 None
             }
         };
-        for (name, tp) in PROGRAMS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(TracerError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(|source| TracerError::Program { program: name, source })?;
-            program.load().map_err(|source| TracerError::Program { program: name, source })?;
-            program.attach("block", tp).map_err(|source| TracerError::Program { program: name, source })?;
+        let mode = match &btf_layout {
+            Ok(_) => match attach_btf(&mut ebpf) {
+                Ok(()) => Mode::TpBtf,
+                Err(e) if classic.is_ok() => {
+                    tracing::warn!("tp_btf programs did not load ({e}); using the classic tracepoints");
+                    Mode::Tracepoint
+                }
+                Err(e) => return Err(e),
+            },
+            Err(why) => {
+                tracing::info!("classic tracepoints: {why}");
+                Mode::Tracepoint
+            }
+        };
+        if mode == Mode::Tracepoint {
+            classic?;
+            for (name, tp) in CLASSIC {
+                let program: &mut TracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or(TracerError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?
+                    .try_into()
+                    .map_err(|source| TracerError::Program { program: name, source })?;
+                program.load().map_err(|source| TracerError::Program { program: name, source })?;
+                program.attach("block", tp).map_err(|source| TracerError::Program { program: name, source })?;
+            }
         }
         let map_err =
             |map: &'static str| move |e: aya::maps::MapError| TracerError::Map { map, message: e.to_string() };
@@ -117,27 +201,13 @@ impl Tracer {
             ebpf.take_map(map).ok_or(TracerError::Map { map, message: "not in the object".into() })
         };
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
-        let watch = HashMap::try_from(take(&mut ebpf, "WATCH")?).map_err(map_err("WATCH"))?;
         let loss = PerCpuArray::try_from(take(&mut ebpf, "LOSS")?).map_err(map_err("LOSS"))?;
-        Ok(Tracer { ebpf, events, watch, loss, logger })
+        Ok(Tracer { ebpf, events, loss, logger, mode })
     }
 
-    /// Traces device `dev` (a kernel device number, see [`crate::block_dev_of`]) from now on.
-    pub fn watch(&mut self, dev: u32) -> Result<(), TracerError> {
-        self.watch.insert(dev, 1, 0).map_err(|e| match e {
-            aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                TracerError::TooManyDevices { dev: crate::dev_name(dev), max: drv_ebpf_common::MAX_WATCHED }
-            }
-            e => TracerError::Map { map: "WATCH", message: e.to_string() },
-        })
-    }
-
-    /// Stops tracing `dev`.
-    pub fn unwatch(&mut self, dev: u32) -> Result<(), TracerError> {
-        match self.watch.remove(&dev) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(TracerError::Map { map: "WATCH", message: e.to_string() }),
-        }
+    /// Which programs run.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// Hands every queued event to `f`, in ring-buffer order, and returns how many there were.
@@ -175,7 +245,8 @@ impl Tracer {
             e.1 = e.1.max(l.hi_sector.saturating_mul(512));
         }
         r.lost_ranges = ranges.into_iter().map(|(d, (lo, hi))| (d, lo, hi)).collect();
-        for (name, _) in PROGRAMS {
+        let programs = if self.mode == Mode::TpBtf { BTF } else { CLASSIC };
+        for (name, _) in programs {
             r.recursion_misses += self.recursion_misses(name);
         }
         Ok(r)

@@ -46,7 +46,7 @@ pub struct Request {
 
 /// Decodes an operation string: (op, preflush, fua, sync).
 pub fn decode(rwbs: &[u8]) -> (Op, bool, bool, bool) {
-    let s: Vec<u8> = rwbs.iter().copied().take_while(|&b| b != 0).collect();
+    let s = &rwbs[..rwbs.iter().position(|&b| b == 0).unwrap_or(rwbs.len())];
     let mut i = 0;
     let mut preflush = false;
     // `F` first is PREFLUSH unless it is the whole operation (a pure flush: "F" or "FS"...).

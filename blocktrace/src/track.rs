@@ -4,7 +4,8 @@
 //!
 //! # Rules
 //! - A request that may change data (write, discard, write-zeroes: anything but a read or a
-//!   flush) marks its extent when it is **issued**, before the device can have changed.
+//!   flush) marks its extent when it is **issued**, before the device can have changed, and
+//!   again at its completion if its issue was never seen.
 //! - At a cut (`drv track sync`), the caller ships every marked extent by reading the device.
 //!   A write issued before the cut but not yet completed may land after that read, so its
 //!   extent stays marked for the next cut ([`Tracker::in_flight`]). A write that completed
@@ -94,9 +95,15 @@ impl Tracker {
             if *n == 0 {
                 self.in_flight.remove(&key);
             }
+        } else if let Some(extent) = self.clamp(r.offset, r.len) {
+            // A completion without its issue: issued before tracing started, or its issue event
+            // went missing. The data changed either way: mark it.
+            self.marks.push(extent);
+            self.changes += 1;
+            self.oldest_unshipped_ns.get_or_insert(r.ts_ns);
         }
-        // A completion without its issue: the issue came before tracing started (the start
-        // marks everything) or was lost (its loss is reported and marked): nothing to do.
+        // A write whose completion goes missing stays in flight, so it stays marked across
+        // every cut: shipped again each time, never lost.
     }
 
     /// What the caller must mark after the programs reported `r` (cumulative since load).
@@ -191,6 +198,9 @@ mod tests {
         t.on(&ev(false, 0, 0, Op::Flush));
         t.on(&ev(true, 0, 4096, Op::Write));
         assert_eq!(t.take_marks(), vec![(0, 4096), (8192, 4096)]);
+        // A completion whose issue was never seen marks its extent too.
+        t.on(&ev(true, 32768, 4096, Op::Write));
+        assert_eq!(t.take_marks(), vec![(32768, 4096)]);
         assert_eq!(t.in_flight(), vec![(8192, 4096)]);
         assert!(t.take_marks().is_empty());
     }

@@ -101,20 +101,18 @@ pub fn trace(a: TraceArgs) -> Result<()> {
         let dev = drv_blocktrace::block_dev_of(&path).with_context(|| format!("trace {}", path.display()))?;
         devices.push((path, dev));
     }
-    let mut tracer = Tracer::start(devices.is_empty()).context("start the eBPF programs")?;
-    for (path, dev) in &devices {
-        tracer.watch(*dev).with_context(|| format!("watch {}", path.display()))?;
-    }
+    let devs: Vec<u32> = devices.iter().map(|d| d.1).collect();
+    let mut tracer = Tracer::start(&devs).context("start the eBPF programs")?;
     stop_on_signals();
     let names: Vec<String> =
         devices.iter().map(|(p, d)| format!("{} ({})", p.display(), drv_blocktrace::dev_name(*d))).collect();
     let out = std::io::stdout();
     let mut out = out.lock();
     if a.json {
-        writeln!(out, "{}", serde_json::json!({"ready": true, "devices": names}))?;
+        writeln!(out, "{}", serde_json::json!({"ready": true, "devices": names, "mode": tracer.mode()}))?;
     } else {
         let what = if names.is_empty() { "every block device".to_string() } else { names.join(", ") };
-        writeln!(out, "tracing {what}; Ctrl-C stops")?;
+        writeln!(out, "tracing {what} with {}; Ctrl-C stops", tracer.mode())?;
         writeln!(
             out,
             "{:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6} {:>6} {:>9} {:>9} {:>9} {:>6}",
@@ -306,10 +304,15 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
     );
     check(
         "kernel BTF",
-        if Path::new("/sys/kernel/btf/vmlinux").exists() {
-            Ok("/sys/kernel/btf/vmlinux (not required: the programs read the tracepoints' own format)".into())
-        } else {
-            Ok("absent (not required: the programs read the tracepoints' own format)".into())
+        match std::fs::read("/sys/kernel/btf/vmlinux") {
+            Ok(b) => match drv_blocktrace::btf::Btf::parse(&b).and_then(|b| b.layout()) {
+                Ok(l) => Ok(format!(
+                    "/sys/kernel/btf/vmlinux describes struct request (sector at {}, flags at {}): tp_btf programs",
+                    l.rq_sector, l.rq_cmd_flags
+                )),
+                Err(e) => Ok(format!("{e}: the classic tracepoints are used instead")),
+            },
+            Err(e) => Ok(format!("/sys/kernel/btf/vmlinux: {e}: the classic tracepoints are used instead")),
         },
     );
     let tracefs = drv_blocktrace::loader::tracefs().map_err(|e| e.to_string());
@@ -328,11 +331,8 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
     );
     check(
         "ebpf programs load",
-        Tracer::start(false)
-            .map(|t| {
-                drop(t);
-                "loaded and attached to block:block_rq_issue and block:block_rq_complete, then detached".into()
-            })
+        Tracer::start(&[])
+            .map(|t| format!("{} loaded and attached to block_rq_issue and block_rq_complete, then detached", t.mode()))
             .map_err(|e| format!("{e:#}")),
     );
     check(

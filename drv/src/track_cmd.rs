@@ -266,8 +266,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
     let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(volume));
     record_device(&state_dir, &a.device)?;
     // The programs first: from here on no write to the device goes unseen.
-    let mut tracer = Tracer::start(false).context("start the eBPF programs")?;
-    tracer.watch(dev).with_context(|| format!("watch {}", a.device.display()))?;
+    let tracer = Tracer::start(&[dev]).context("start the eBPF programs")?;
     let state = Arc::new(Mutex::new(State {
         tracer,
         tracker: Tracker::new(dev, view.volume.size_bytes),

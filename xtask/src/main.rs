@@ -100,7 +100,8 @@ fn main() -> Result<()> {
             "relay" => bench_relay(quick),
             "agent" => bench_agent(quick),
             "kmod" => kmod::bench(quick),
-            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod)"),
+            "ebpf" => bench_ebpf(quick),
+            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Setup => kmod::setup().and_then(|_| ebpf::setup()),
@@ -333,6 +334,17 @@ fn bench_agent(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     agent::bench(&root().join("target/release/drv"), &dir, quick)
+}
+
+fn bench_ebpf(quick: bool) -> Result<()> {
+    ebpf::setup()?;
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-ebpf");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let r = ebpf::bench(&root().join("target/release/drv"), &dir, quick);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
 }
 
 fn fuzz(seconds: u64) -> Result<()> {

@@ -34,8 +34,19 @@ pub const RWBS_BYTES: usize = 8;
 /// events, over 3 s of a fast NVMe device between two 10 ms polls.
 pub const RING_BYTES: u32 = 16 << 20;
 
-/// Most watched devices.
-pub const MAX_WATCHED: u32 = 64;
+/// Most watched devices of one loader.
+pub const MAX_WATCHED: usize = 8;
+
+/// The watched devices (kernel device numbers), set at load time; `count` 0: every device.
+/// A constant list, not a map: with a hash-map lookup in the filter, the `tp_btf` completion
+/// program was seen to drop events silently on 6.18 (no reserve failure, no recursion miss);
+/// a list compared in the program has no such path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watch {
+    pub count: u32,
+    pub devs: [u32; MAX_WATCHED],
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,8 +76,25 @@ pub struct Layout {
     pub nr_sector: u32,
     pub rwbs: u32,
     pub error: u32,
-    /// 1: every device is traced (the watch map is not consulted).
-    pub watch_all: u32,
+}
+
+/// Where the `tp_btf` programs find things in the kernel's structures, resolved from the
+/// kernel's BTF at load time (`request.q->disk->{major,first_minor}`, `request.__sector`,
+/// `request.__data_len`, `request.cmd_flags` and the bit numbers of its FUA, PREFLUSH and SYNC
+/// flags). The programs build the same [`Event`] as the classic ones, `rwbs` included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BtfLayout {
+    pub rq_q: u32,
+    pub rq_sector: u32,
+    pub rq_data_len: u32,
+    pub rq_cmd_flags: u32,
+    pub q_disk: u32,
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    pub fua_bit: u32,
+    pub preflush_bit: u32,
+    pub sync_bit: u32,
 }
 
 /// What the programs could not deliver, per CPU (the loader sums the CPUs). Nothing here is ever
@@ -95,4 +123,6 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::Loss {}
+    unsafe impl aya::Pod for super::BtfLayout {}
+    unsafe impl aya::Pod for super::Watch {}
 }
