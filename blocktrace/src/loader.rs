@@ -102,6 +102,8 @@ pub struct LossReport {
     /// Program runs the kernel skipped (its per-CPU recursion guard: another eBPF program was
     /// running on that CPU). Their requests are unknown: neither device nor range.
     pub recursion_misses: u64,
+    /// Of those, runs of the issue program (the rest missed completions).
+    pub issue_misses: u64,
 }
 
 impl LossReport {
@@ -246,9 +248,8 @@ impl Tracer {
         }
         r.lost_ranges = ranges.into_iter().map(|(d, (lo, hi))| (d, lo, hi)).collect();
         let programs = if self.mode == Mode::TpBtf { BTF } else { CLASSIC };
-        for (name, _) in programs {
-            r.recursion_misses += self.recursion_misses(name);
-        }
+        r.issue_misses = self.recursion_misses(programs[0].0);
+        r.recursion_misses = r.issue_misses + self.recursion_misses(programs[1].0);
         Ok(r)
     }
 

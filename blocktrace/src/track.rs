@@ -11,8 +11,10 @@
 //!   extent stays marked for the next cut ([`Tracker::in_flight`]). A write that completed
 //!   before the cut is on the device before any read of the cut starts.
 //! - A loss makes the lost requests' extents unknown: a dropped event (full ring buffer) marks
-//!   its device's lost range, a skipped program run (recursion guard: no range known) or an
-//!   overflowing in-flight table marks the whole volume. Nothing lost is ever treated as clean.
+//!   its device's lost range; a skipped run of the issue program (recursion guard: no device or
+//!   range known) or an overflowing in-flight table marks the whole volume. A skipped
+//!   completion needs nothing: its write stays in flight, so it stays marked at every cut.
+//!   Nothing lost is ever treated as clean.
 //!
 //! The guarantee is weaker than the synchronous paths' (module, userspace device): writes reach
 //! the disk without waiting for staging, so a disaster loses everything since the last cut
@@ -108,7 +110,9 @@ impl Tracker {
 
     /// What the caller must mark after the programs reported `r` (cumulative since load).
     pub fn on_losses(&mut self, r: &LossReport) -> LossAction {
-        let more_misses = r.recursion_misses > self.seen.recursion_misses;
+        // Only a skipped issue can hide a change (see the rules above). The counters are per
+        // program, for every device: a miss on another device marks this one too.
+        let more_misses = r.issue_misses > self.seen.issue_misses;
         let more_drops = r.reserve_failed > self.seen.reserve_failed;
         self.seen = r.clone();
         if more_misses || (more_drops && r.mixed_devices) || std::mem::take(&mut self.overflowed) {
@@ -227,7 +231,10 @@ mod tests {
         };
         assert_eq!(t.on_losses(&r), LossAction::Ranges(vec![(4096, 8192)]));
         assert_eq!(t.on_losses(&r), LossAction::None, "nothing new");
-        r.recursion_misses = 1;
+        r.recursion_misses = 1; // a completion skipped: its write stays in flight, marked
+        assert_eq!(t.on_losses(&r), LossAction::None);
+        r.recursion_misses = 2;
+        r.issue_misses = 1;
         assert_eq!(t.on_losses(&r), LossAction::All);
         r.reserve_failed = 3;
         r.mixed_devices = true;

@@ -94,6 +94,17 @@ fn blank_image(cl: &Cluster) -> (std::path::PathBuf, std::fs::File) {
 /// Waits until the replica applied every record before sequence `next` (the last epoch is closed
 /// by the agent when idle), then compares its image with `image` byte for byte.
 pub(crate) async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64) {
+    let last = wait_applied(cl, next).await;
+    let src = std::fs::read(image).unwrap();
+    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    assert_eq!(src.len(), rep.len());
+    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
+}
+
+/// Waits until the replica applied every record before sequence `next` (the last epoch is closed
+/// by the agent when idle); returns its last status.
+pub(crate) async fn wait_applied(cl: &Cluster, next: u64) -> Option<serde_json::Value> {
     let end = Instant::now() + Duration::from_secs(60);
     let last = loop {
         let last = cl.status(&cl.replica_addrs[0], "replica", "admin");
@@ -111,11 +122,7 @@ pub(crate) async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path,
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let src = std::fs::read(image).unwrap();
-    let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
-    assert_eq!(src.len(), rep.len());
-    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
-    assert_eq!(first_diff, None, "replica differs at byte {first_diff:?}; status {last:?}\n{}", cl.log("agent"));
+    last
 }
 
 /// Kills the server processes of a test.
