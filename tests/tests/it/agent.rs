@@ -106,10 +106,10 @@ pub(crate) async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path,
 /// by the agent when idle); returns its last status.
 pub(crate) async fn wait_applied(cl: &Cluster, next: u64) -> Option<serde_json::Value> {
     let end = Instant::now() + Duration::from_secs(60);
-    let last = loop {
+    loop {
         let last = cl.status(&cl.replica_addrs[0], "replica", "admin");
         if last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next) {
-            break last;
+            return last;
         }
         if Instant::now() >= end {
             panic!(
@@ -121,8 +121,7 @@ pub(crate) async fn wait_applied(cl: &Cluster, next: u64) -> Option<serde_json::
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    last
+    }
 }
 
 /// Kills the server processes of a test.
