@@ -10,6 +10,7 @@
 pub mod btf;
 pub mod layout;
 pub mod loader;
+pub mod order;
 pub mod rwbs;
 pub mod stats;
 pub mod track;

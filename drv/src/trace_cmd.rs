@@ -42,7 +42,8 @@ pub struct TraceArgs {
     /// One JSON object per device and second (and per event with --events) instead of the table.
     #[arg(long)]
     json: bool,
-    /// Print every request as it is issued and completed.
+    /// Print every request as it is issued and completed, each write issue with the epoch the
+    /// kernel's order gives it (partial write order: writes in flight together share one).
     #[arg(long)]
     events: bool,
     /// Print the latency histogram (log2 microseconds) after each second's line.
@@ -137,6 +138,7 @@ pub fn trace(a: TraceArgs) -> Result<()> {
     let interval = Duration::from_secs_f64(a.interval.max(0.01));
     let mut next = start + interval;
     let mut last_lost = 0;
+    let mut epochs = std::collections::BTreeMap::new();
     loop {
         let done = stopped() || a.seconds.is_some_and(|s| start.elapsed().as_secs_f64() >= s);
         let mut event_lines = Vec::new();
@@ -144,7 +146,10 @@ pub fn trace(a: TraceArgs) -> Result<()> {
             let r = Request::from_event(e);
             stats.on(&r);
             if a.events {
-                event_lines.push(event_line(&r, a.json));
+                // The partial-write-order epoch the kernel's order gives each write.
+                let epoch =
+                    epochs.entry(r.dev).or_insert_with(|| drv_blocktrace::order::Assigner::new(r.dev, 0)).on(&r);
+                event_lines.push(event_line(&r, epoch.map(|o| o.epoch), a.json));
             }
         });
         for l in event_lines {
@@ -208,15 +213,18 @@ pub fn trace(a: TraceArgs) -> Result<()> {
     }
 }
 
-fn event_line(r: &Request, json: bool) -> String {
+fn event_line(r: &Request, epoch: Option<u64>, json: bool) -> String {
     let kind = if r.complete { "complete" } else { "issue" };
     if json {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "event": kind, "dev": drv_blocktrace::dev_name(r.dev), "ts_ns": r.ts_ns, "cpu": r.cpu,
             "offset": r.offset, "len": r.len, "op": r.op, "preflush": r.preflush, "fua": r.fua,
             "sync": r.sync, "error": r.error,
-        })
-        .to_string()
+        });
+        if let Some(e) = epoch {
+            v["epoch"] = e.into();
+        }
+        v.to_string()
     } else {
         let flags: String = [(r.preflush, "preflush "), (r.fua, "fua "), (r.sync, "sync ")]
             .iter()
@@ -224,13 +232,14 @@ fn event_line(r: &Request, json: bool) -> String {
             .map(|(_, s)| *s)
             .collect();
         format!(
-            "{:>8} {kind:<8} {:?} offset {} len {} {}cpu {}{}",
+            "{:>8} {kind:<8} {:?} offset {} len {} {}cpu {}{}{}",
             drv_blocktrace::dev_name(r.dev),
             r.op,
             r.offset,
             r.len,
             flags,
             r.cpu,
+            epoch.map(|e| format!(" epoch {e}")).unwrap_or_default(),
             if r.error != 0 { format!(" error {}", r.error) } else { String::new() }
         )
     }

@@ -124,6 +124,9 @@ fn dd_writes_produce_exactly_their_issue_events_and_a_flush() {
     let expected: Vec<u64> = (0..N).map(|i| (100 + i) * 4096).collect();
     assert_eq!(offsets, expected, "issue events of the writes, in order: {events:#?}");
     assert!(writes.iter().all(|e| e["len"] == 4096 && e["dev"].as_str().unwrap().starts_with("7:")), "{writes:#?}");
+    // One write at a time: each completed before the next was issued, so each has its own epoch.
+    let epochs: Vec<u64> = writes.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs, (1..=N).collect::<Vec<_>>(), "{writes:#?}");
     let flushes = issued("flush");
     assert_eq!(flushes.len(), 1, "one flush from conv=fsync: {events:#?}");
     assert_eq!(flushes[0]["preflush"], true);
