@@ -101,7 +101,8 @@ fn dd_writes_produce_exactly_their_issue_events_and_a_flush() {
     std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
     let lo = Loop::attach(&image);
     let dev = lo.dev.display().to_string();
-    let (child, out) = start_trace(&[&dev, "--events"]);
+    let metrics = dir.path().join("drv.prom");
+    let (child, out) = start_trace(&[&dev, "--events", "--metrics", &metrics.display().to_string()]);
     // 16 O_DIRECT writes of 4 KiB from block 100, one at a time, then fsync (a FLUSH).
     const N: u64 = 16;
     dd(&strings(&[
@@ -142,6 +143,22 @@ fn dd_writes_produce_exactly_their_issue_events_and_a_flush() {
     let writes: u64 = windows.iter().map(|w| w["writes"].as_u64().unwrap()).sum();
     let flushes: u64 = windows.iter().map(|w| w["flushes"].as_u64().unwrap()).sum();
     assert_eq!((writes, flushes), (N, 1), "{windows:#?}");
+    // The same figures as Prometheus text.
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    let dev_no = writes_dev(&lines);
+    for want in [
+        format!("drv_block_requests_total{{dev=\"{dev_no}\",op=\"write\"}} {N}"),
+        format!("drv_block_bytes_total{{dev=\"{dev_no}\",op=\"write\"}} {}", N * 4096),
+        format!("drv_block_flushes_total{{dev=\"{dev_no}\"}} 1"),
+        "drv_ebpf_events_lost_total{cause=\"ring_full\"} 0".to_string(),
+    ] {
+        assert!(prom.contains(&want), "{want} not in\n{prom}");
+    }
+}
+
+/// The device (`major:minor`) of the first event.
+fn writes_dev(lines: &[serde_json::Value]) -> String {
+    lines.iter().find_map(|l| l.get("event").and(l["dev"].as_str())).expect("an event").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
