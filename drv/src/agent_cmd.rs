@@ -122,6 +122,22 @@ pub struct AgentArgs {
     pub(crate) ack_timeout_ms: u64,
 }
 
+impl AgentArgs {
+    /// The agent's state directory of `volume`.
+    pub(crate) fn state_dir(&self, volume: &str) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(volume))
+    }
+
+    /// The agent's options for a volume of change blocks of `block_bytes`.
+    pub(crate) fn options(&self, block_bytes: u64) -> AgentOptions {
+        AgentOptions {
+            ack_timeout: Duration::from_millis(self.ack_timeout_ms),
+            change_block_bytes: block_bytes,
+            ..AgentOptions::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum SyncCommand {
     /// Copy the whole volume to its replicas through staging, while the application keeps
@@ -305,12 +321,8 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
             view.volume.size_bytes
         );
     }
-    let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(volume));
-    let opts = AgentOptions {
-        ack_timeout: Duration::from_millis(a.ack_timeout_ms),
-        change_block_bytes: view.volume.block_bytes,
-        ..AgentOptions::default()
-    };
+    let state = a.state_dir(volume);
+    let opts = a.options(view.volume.block_bytes);
     let socket = a.control.socket(volume);
     let rt = runtime()?;
     rt.block_on(async {

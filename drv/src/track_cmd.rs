@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Request};
-use drv_agent::{Agent, AgentOptions, Mode, kmod};
+use drv_agent::{Agent, Mode, kmod};
 use drv_blocktrace::track::{LossAction, Tracker};
 use drv_blocktrace::{Request as IoRequest, Tracer};
 use drv_config::ConfigStore;
@@ -263,7 +263,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
         );
     }
     drop(f);
-    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(volume));
+    let state_dir = a.state_dir(volume);
     record_device(&state_dir, &a.device)?;
     // The programs first: from here on no write to the device goes unseen.
     let tracer = Tracer::start(&[dev]).context("start the eBPF programs")?;
@@ -273,11 +273,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
         marks: Marks::new(view.volume.size_bytes, view.volume.block_bytes),
         lost: 0,
     }));
-    let opts = AgentOptions {
-        ack_timeout: Duration::from_millis(a.ack_timeout_ms),
-        change_block_bytes: view.volume.block_bytes,
-        ..AgentOptions::default()
-    };
+    let opts = a.options(view.volume.block_bytes);
     let socket = a.control.socket_of(volume);
     let rt = runtime()?;
     rt.block_on(async {

@@ -58,6 +58,32 @@ impl Drop for Unmount {
     }
 }
 
+/// Starts `drv track vol1` on `dev` and waits for its control socket: (the process, its run dir).
+async fn start_tracker(cl: &Cluster, dev: &str) -> (Child, String) {
+    let run = cl.dir.path().join("run");
+    let run_dir = run.display().to_string();
+    let mut tracker = Command::new(drv_tests::drv_bin())
+        .args(["track", "vol1", "--name", "host1", "--device", dev, "--run-dir", &run_dir])
+        .arg("--config")
+        .arg(&cl.config)
+        .arg("--certs")
+        .arg(&cl.certs)
+        .arg("--state-dir")
+        .arg(cl.dir.path().join("track-state"))
+        .env("DRV_LOG", "info")
+        .stderr(std::fs::File::create(cl.dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    until("the tracker's control socket", Duration::from_secs(30), || {
+        if let Some(st) = tracker.try_wait().unwrap() {
+            panic!("drv track exited ({st}): {}", cl.log("agent"));
+        }
+        run.join("vol1.sock").exists()
+    })
+    .await;
+    (tracker, run_dir)
+}
+
 fn dd(args: &[String]) {
     let out = Command::new("dd").args(args).output().expect("run dd");
     assert!(out.status.success(), "dd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -174,27 +200,7 @@ async fn track_sync_after_random_writes_leaves_a_byte_identical_replica() {
     std::fs::write(&image, drv_tests::pattern(7, VOLUME as usize)).unwrap();
     let lo = Loop::attach(&image);
     let dev = lo.dev.display().to_string();
-    let run = cl.dir.path().join("run");
-    let run_dir = run.display().to_string();
-    let mut tracker = Command::new(drv_tests::drv_bin())
-        .args(["track", "vol1", "--name", "host1", "--device", &dev, "--run-dir", &run_dir])
-        .arg("--config")
-        .arg(&cl.config)
-        .arg("--certs")
-        .arg(&cl.certs)
-        .arg("--state-dir")
-        .arg(cl.dir.path().join("track-state"))
-        .env("DRV_LOG", "info")
-        .stderr(std::fs::File::create(cl.dir.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    until("the tracker's control socket", Duration::from_secs(30), || {
-        if let Some(st) = tracker.try_wait().unwrap() {
-            panic!("drv track exited ({st}): {}", cl.log("agent"));
-        }
-        run.join("vol1.sock").exists()
-    })
-    .await;
+    let (mut tracker, run_dir) = start_tracker(&cl, &dev).await;
     // Random writes of random sizes while the initial copy runs, from two kinds of writer:
     // O_DIRECT and buffered with a final fsync.
     let mut rng = Rng::new(0x7ac);
@@ -264,27 +270,7 @@ async fn track_sync_with_freeze_gives_a_replica_that_fsck_finds_clean() {
     assert!(mkfs.status.success(), "{}", String::from_utf8_lossy(&mkfs.stderr));
     let mnt = cl.dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let run = cl.dir.path().join("run");
-    let run_dir = run.display().to_string();
-    let mut tracker = Command::new(drv_tests::drv_bin())
-        .args(["track", "vol1", "--name", "host1", "--device", &dev, "--run-dir", &run_dir])
-        .arg("--config")
-        .arg(&cl.config)
-        .arg("--certs")
-        .arg(&cl.certs)
-        .arg("--state-dir")
-        .arg(cl.dir.path().join("track-state"))
-        .env("DRV_LOG", "info")
-        .stderr(std::fs::File::create(cl.dir.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    until("the tracker's control socket", Duration::from_secs(30), || {
-        if let Some(st) = tracker.try_wait().unwrap() {
-            panic!("drv track exited ({st}): {}", cl.log("agent"));
-        }
-        run.join("vol1.sock").exists()
-    })
-    .await;
+    let (mut tracker, run_dir) = start_tracker(&cl, &dev).await;
     let mount = Command::new("mount").arg(&dev).arg(&mnt).output().unwrap();
     assert!(mount.status.success(), "{}", String::from_utf8_lossy(&mount.stderr));
     let _unmount = Unmount(mnt.clone());
