@@ -65,13 +65,16 @@ fi
 # and drv0 are bio-based: no request tracepoints).
 step "eBPF programs on $(uname -r)"
 mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
-drv doctor >$D/doctor.txt 2>&1
-if grep -q "^ok  ebpf programs load" $D/doctor.txt; then
-	pass "eBPF programs load and attach ($(grep 'block tracepoints' $D/doctor.txt | sed 's/  */ /g'))"
-else
-	fail "eBPF programs do not load"
-	cat $D/doctor.txt
-fi
+for mode in tp-btf tracepoint; do
+	DRV_EBPF_MODE=$mode drv doctor >$D/doctor.txt 2>&1
+	if grep -q "^ok  ebpf programs load" $D/doctor.txt; then
+		pass "eBPF programs load and attach: $(grep 'ebpf programs load' $D/doctor.txt | sed 's/  */ /g')"
+	else
+		fail "eBPF programs ($mode) do not load"
+		cat $D/doctor.txt
+	fi
+done
+grep -E "kernel BTF|block tracepoints" $D/doctor.txt
 dd if=/dev/zero of=$D/loop.img bs=1M count=16 2>/dev/null
 LOOP=$(losetup -f)
 losetup $LOOP $D/loop.img || fail "losetup"

@@ -316,12 +316,12 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
         match std::fs::read("/sys/kernel/btf/vmlinux") {
             Ok(b) => match drv_blocktrace::btf::Btf::parse(&b).and_then(|b| b.layout()) {
                 Ok(l) => Ok(format!(
-                    "/sys/kernel/btf/vmlinux describes struct request (sector at {}, flags at {}): the tp_btf programs can run (DRV_EBPF_MODE=tp-btf)",
+                    "/sys/kernel/btf/vmlinux describes struct request (sector at {}, flags at {}): the tp_btf programs are used (DRV_EBPF_MODE=tracepoint: the classic ones)",
                     l.rq_sector, l.rq_cmd_flags
                 )),
-                Err(e) => Ok(format!("{e}: only the classic tracepoints (the default) can run")),
+                Err(e) => Ok(format!("{e}: the classic tracepoints are used instead")),
             },
-            Err(e) => Ok(format!("/sys/kernel/btf/vmlinux: {e}: only the classic tracepoints (the default) can run")),
+            Err(e) => Ok(format!("/sys/kernel/btf/vmlinux: {e}: the classic tracepoints are used instead")),
         },
     );
     let tracefs = drv_blocktrace::loader::tracefs().map_err(|e| e.to_string());
