@@ -449,7 +449,13 @@ struct Inner {
     bwlimit: AtomicU64,
     /// The state directory's lock (held while the agent lives).
     _lock: Option<std::fs::File>,
+    /// Told each write's epoch as it is issued (see [`Agent::set_issue_tap`]).
+    tap: std::sync::OnceLock<IssueTap>,
 }
+
+/// Called with `(offset, len, epoch)` of each data write as the agent issues it, under the lock
+/// that assigns epochs (so in issue order). It must not block.
+pub type IssueTap = Box<dyn Fn(u64, u64, u64) + Send + Sync>;
 
 /// The agent of one protected volume. Runs on a multi-threaded tokio runtime (the short local
 /// write runs on the calling worker through `block_in_place`).
@@ -548,6 +554,7 @@ impl Agent {
             opts,
             stats: AgentStats::default(),
             acks: AtomicU64::new(0),
+            tap: std::sync::OnceLock::new(),
             bwlimit: AtomicU64::new(0),
             _lock: lock,
         });
@@ -750,6 +757,13 @@ impl Agent {
         result
     }
 
+    /// Installs the tap told every data write's epoch as it is issued (once; a second call is
+    /// ignored). The userspace capture path uses it to cross-check its epochs against the kernel's
+    /// order of the loop device (`drv_blocktrace::order::Checker`).
+    pub fn set_issue_tap(&self, tap: IssueTap) {
+        let _ = self.inner.tap.set(tap);
+    }
+
     /// Initial sync: marks every block and ships the whole volume to the replica through staging
     /// (as a resync, at most `bwlimit` bytes per second) while writes go on; writes during it are
     /// marked and shipped by a later pass. Returns at once; `status()` shows the progress
@@ -870,6 +884,9 @@ impl Inner {
         let epoch = o.clock.issue();
         if end > offset {
             o.ranges.insert(offset, end);
+            if let Some(tap) = self.tap.get() {
+                tap(offset, len, epoch);
+            }
         }
         if o.mode == Mode::Sync {
             let d = data.clone().expect("issued once");

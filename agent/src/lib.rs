@@ -10,6 +10,8 @@
 //!   `drv media-resync complete` reach a running agent (`drv agent run`).
 //! - `kmod.rs`: the kernel-module capture path (`/dev/drvN` of `capture-kmod/`): the module's
 //!   interface mirrored, and the loop that feeds its held writes to the agent.
+//! - `user.rs`: the userspace capture path for stock kernels (FUSE file + loop device with direct
+//!   I/O): every write of the loop device reaches [`Agent::write`] as a FUSE write.
 //! - [`changemap`] (crate `drv-changemap`): the persistent bitmap (format and crash analysis in
 //!   its header).
 
@@ -18,7 +20,8 @@ pub mod control;
 pub use drv_changemap as changemap;
 pub mod epoch;
 pub mod kmod;
+pub mod user;
 
-pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, LocalDisk, Mode};
+pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, IssueTap, LocalDisk, Mode};
 pub use changemap::ChangeMap;
 pub use epoch::EpochClock;

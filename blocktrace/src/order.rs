@@ -91,6 +91,18 @@ impl Checker {
         self.given.entry((offset, len)).or_default().push_back(epoch);
     }
 
+    /// Whether the capture path gave an epoch for a write of `len` bytes at `offset` not yet seen
+    /// issued by the kernel.
+    pub fn has_given(&self, offset: u64, len: u64) -> bool {
+        self.given.contains_key(&(offset, len))
+    }
+
+    /// Epochs given and not yet matched by a kernel issue (a write the kernel split, or one whose
+    /// issue event was lost, stays here).
+    pub fn pending_given(&self) -> usize {
+        self.given.values().map(VecDeque::len).sum()
+    }
+
     /// Feeds one kernel event (after the capture path's epochs for the writes it issues).
     pub fn on(&mut self, r: &Request) -> Result<(), Violation> {
         if r.dev != self.dev || !r.op.changes_data() || r.len == 0 {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Client, Request};
-use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod};
+use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod, user};
 use drv_config::ConfigStore;
 use drv_format::frame::{Frame, media_op};
 use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
@@ -72,22 +72,29 @@ pub struct AgentRunArgs {
     agent: AgentArgs,
 }
 
-/// `drv attach VOLUME --mode kmod --device /dev/sdX`.
+/// `drv attach VOLUME --mode kmod|user --device /dev/sdX|IMAGE`.
 #[derive(Args)]
 pub struct AttachArgs {
     /// The volume to protect.
     volume: String,
     /// How writes are captured. kmod: the drv_capture kernel module puts /dev/drvN over the
-    /// device and holds every write to it until staging has it.
+    /// device and holds every write to it until staging has it. user: no module; the agent serves
+    /// the device (or image file) through FUSE and binds a loop device to it: use that
+    /// /dev/loopN (printed, and in STATE/device).
     #[arg(long, value_enum)]
     mode: CaptureMode,
+    /// user mode: do not cross-check the agent's epochs against the kernel's order of the loop
+    /// device with eBPF (it runs when this host can load the programs).
+    #[arg(long)]
+    no_order_check: bool,
     #[command(flatten)]
     agent: AgentArgs,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CaptureMode {
     Kmod,
+    User,
 }
 
 /// `drv detach VOLUME`.
@@ -228,11 +235,11 @@ pub(crate) fn human(b: u64) -> String {
 }
 
 fn agent_run(a: AgentRunArgs) -> Result<()> {
-    run_agent(&a.volume, &a.agent, None)
+    run_agent(&a.volume, &a.agent, None, false)
 }
 
 pub fn attach(a: AttachArgs) -> Result<()> {
-    run_agent(&a.volume, &a.agent, Some(a.mode))
+    run_agent(&a.volume, &a.agent, Some(a.mode), !a.no_order_check)
 }
 
 /// `drv detach VOLUME`: the running agent removes its capture device and exits; with no agent
@@ -302,7 +309,7 @@ pub fn devices(json: bool) -> Result<()> {
     Ok(())
 }
 
-fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<()> {
+fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check: bool) -> Result<()> {
     let store =
         ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
     let view = store.volume(volume).with_context(|| format!("load volume {volume}"))?;
@@ -331,7 +338,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
         let run = async {
             // The capture device first: from its creation on, no write to it goes unrecorded.
             let kdev = match mode {
-                None => None,
+                None | Some(CaptureMode::User) => None,
                 Some(CaptureMode::Kmod) => {
                     let ctl = kmod::Control::open()?;
                     let (d, created) = ctl
@@ -340,8 +347,21 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
                     Some((ctl, d, created))
                 }
             };
+            // A crashed agent's device first: its loop device and dead FUSE mount go away.
+            if mode == Some(CaptureMode::User)
+                && let Some(m) = user::recover(&state).context("clean up after the previous agent")?
+            {
+                eprintln!(
+                    "volume {volume}: the previous agent stopped without `drv detach`; its {} failed every I/O since and is now detached (unmount whatever was mounted from it); writes in doubt are resynced, and a new loop device follows",
+                    m.loop_dev.display()
+                );
+            }
+            let image = match mode {
+                Some(CaptureMode::User) => Some(f.try_clone().context("open the image for reads")?),
+                _ => None,
+            };
             let disk: Arc<dyn drv_agent::LocalDisk> = match mode {
-                None => Arc::new(FileDisk(f)),
+                None | Some(CaptureMode::User) => Arc::new(FileDisk(f)),
                 Some(CaptureMode::Kmod) => Arc::new(
                     kmod::DirectDisk::open(&a.device).with_context(|| format!("open {} (O_DIRECT)", a.device.display()))?,
                 ),
@@ -349,7 +369,28 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
             let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state), opts)
                 .await
                 .with_context(|| format!("start the agent of volume {volume}"))?;
-            crate::trace_cmd::record_device(&state, &a.device)?;
+            let mut udev = None;
+            let mut check = None;
+            if let Some(image) = image {
+                let size = view.volume.size_bytes;
+                let (ag, st, h, vol) = (agent.clone(), state.clone(), tokio::runtime::Handle::current(), volume.to_owned());
+                let d = tokio::task::spawn_blocking(move || user::UserDevice::attach(&vol, ag, image, size, &st, h))
+                    .await?
+                    .with_context(|| format!("serve volume {volume} through FUSE and a loop device"))?;
+                crate::trace_cmd::record_device(&state, &d.loop_dev)?;
+                println!("DEVICE {}", d.loop_dev.display());
+                if order_check {
+                    match crate::order_check::OrderCheck::start(&agent, &d.loop_dev, &state) {
+                        Ok(c) => check = Some(c),
+                        Err(e) => eprintln!(
+                            "volume {volume}: the agent's epochs are not cross-checked with eBPF: {e:#} (`drv doctor` says why)"
+                        ),
+                    }
+                }
+                udev = Some(d);
+            } else {
+                crate::trace_cmd::record_device(&state, &a.device)?;
+            }
             // A device that went away without `drv detach` (the host crashed or rebooted, the
             // module was reloaded) took its dirty bitmap with it: whatever passed through while
             // no agent held it is unknown, so everything is shipped again.
@@ -367,6 +408,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
             }
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let mut detach_hook: Option<control::DetachHook> = None;
+            let mut user_dev = None;
             let mut on = a.device.display().to_string();
             if let Some((ctl, d, _)) = kdev {
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -384,6 +426,25 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
                     })
                 }));
                 on = format!("{} over {on}", d.path());
+            } else if let Some(d) = udev {
+                on = format!("{} (FUSE {} over {on})", d.loop_dev.display(), user::mount_point(&state).join(user::FILE_NAME).display());
+                let dev = Arc::new(std::sync::Mutex::new(Some(d)));
+                let done = Arc::new(std::sync::Mutex::new(Some(done_tx)));
+                let (dv, check) = (dev.clone(), Arc::new(std::sync::Mutex::new(check)));
+                detach_hook = Some(Arc::new(move || {
+                    let mut g = dv.lock().expect("device");
+                    let Some(d) = g.as_mut() else { return Err("already detached".into()) };
+                    d.detach().map_err(|e| e.to_string())?;
+                    *g = None;
+                    if let Some(c) = check.lock().expect("check").take().and_then(|c| c.finish()) {
+                        eprintln!("order check: {}", serde_json::to_string(&c).unwrap_or_default());
+                    }
+                    if let Some(tx) = done.lock().expect("done").take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                    Ok(())
+                }));
+                user_dev = Some(dev);
             } else {
                 drop(done_tx);
             }
@@ -405,13 +466,25 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>) -> Result<(
                 r = control::serve_with(agent.clone(), listener, socket.clone(), control::Hooks { detach: detach_hook, track_sync: None }) => r.context("control socket"),
                 r = capture_ended => {
                     r.context("capture")?;
-                    std::fs::remove_file(&marker).context("remove the attach marker")?;
+                    if let Err(e) = std::fs::remove_file(&marker) && e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(e).context("remove the attach marker");
+                    }
                     // Detached: let the control reply of `drv detach` go out first.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     eprintln!("volume {volume}: detached");
                     Ok(())
                 }
-                _ = shutdown() => Ok(()),
+                _ = shutdown() => {
+                    // Stopped without `drv detach`: detach if nothing uses the device; else the
+                    // device fails its I/O from now on, until `drv attach` again.
+                    if let Some(d) = user_dev.and_then(|d| d.lock().expect("device").take()) {
+                        let mut d = d;
+                        if let Err(e) = tokio::task::spawn_blocking(move || d.detach()).await? {
+                            eprintln!("volume {volume}: stopping with the device attached ({e}); its I/O fails until `drv attach` runs again");
+                        }
+                    }
+                    Ok(())
+                }
             }
         };
         let r = run.await;

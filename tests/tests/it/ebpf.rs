@@ -12,7 +12,7 @@ use crate::agent::{assert_replica_equals, drv, json_lines, kill_all, staging_up,
 
 /// Whether this test can run: root is needed for loop devices and BPF. Without it the test is
 /// skipped with a message, unless `DRV_REQUIRE_ROOT_TESTS=1` (CI), which makes it fail.
-fn root_or_skip(test: &str) -> bool {
+pub(crate) fn root_or_skip(test: &str) -> bool {
     // SAFETY: no arguments.
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -23,6 +23,11 @@ fn root_or_skip(test: &str) -> bool {
     );
     eprintln!("{test}: skipped, needs root");
     false
+}
+
+/// The backing file of a loop device, if it has one.
+pub(crate) fn backing_of(dev: &str) -> Option<PathBuf> {
+    drv_agent::user::backing_of(Path::new(dev))
 }
 
 /// A loop device with direct I/O over an image file; detached (only this one) on drop.

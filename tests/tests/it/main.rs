@@ -7,6 +7,7 @@ mod agent;
 mod ebpf;
 mod protocol;
 mod relay;
+mod user;
 mod wrl;
 mod wrl_crash;
 mod wrl_kill;
