@@ -37,8 +37,11 @@ pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: Soc
         }
     };
     let mut backoff = Duration::from_millis(50);
+    // The bound of one connection attempt: short first (a replica restarting at the same moment
+    // lost the first handshake packets), longer after each failure (a slow or lossy path).
+    let mut within = Duration::from_millis(500);
     loop {
-        match session(&st, &v, &replica, &client, addr, frame_limit).await {
+        match session(&st, &v, &replica, &client, addr, frame_limit, &mut within).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 tracing::warn!(volume = v.id, %replica, %addr, "relay interrupted: {e}; retrying in {backoff:?}");
@@ -50,6 +53,7 @@ pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: Soc
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+        within = (within * 2).min(Duration::from_secs(8));
     }
 }
 
@@ -78,8 +82,10 @@ async fn session(
     client: &s2n_quic::Client,
     addr: SocketAddr,
     frame_limit: u32,
+    within: &mut Duration,
 ) -> Result<(), RelayError> {
-    let mut conn = quic::connect(client, addr, Role::Replica).await?;
+    let mut conn = quic::connect_within(client, addr, Role::Replica, *within).await?;
+    *within = Duration::from_millis(500);
     let stream = conn.open_bidirectional_stream().await.map_err(|e| TransportError::Stream(e.to_string()))?;
     let (rx, tx) = stream.split();
     let mut r = FrameReader::new(rx, st.frame_bytes_limit);

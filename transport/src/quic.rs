@@ -84,6 +84,9 @@ fn ep(e: impl std::fmt::Display) -> TransportError {
 /// How long a silent peer is given before its connection is closed (the default is 30 s, which
 /// would leave a relay waiting that long on a replica that was restarted).
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
+/// Bound of one connection attempt (the handshake takes a few round trips; a peer that is down
+/// never answers).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Flow-control windows sized for bulk relay: the defaults (a few hundred KiB per stream) cap a
 /// stream at window / round trip, which on a busy two-core host is far below the link.
@@ -218,9 +221,25 @@ pub fn client_with(id: &Identity, expect: Role, o: &QuicOptions) -> Result<Clien
 
 /// Connects to `addr`, expecting the role the client was built for.
 pub async fn connect(client: &Client, addr: SocketAddr, role: Role) -> Result<s2n_quic::Connection, TransportError> {
-    let mut conn = client
-        .connect(Connect::new(addr).with_server_name(format!("{role}.drv")))
+    connect_within(client, addr, role, CONNECT_TIMEOUT).await
+}
+
+/// [`connect`] with its own bound on the attempt. A peer that is down does not answer UDP at all:
+/// without a bound, one attempt would wait for the idle timeout, and a peer coming back meanwhile
+/// (its first packets lost) would wait with it. Retry loops start short and grow the bound.
+pub async fn connect_within(
+    client: &Client,
+    addr: SocketAddr,
+    role: Role,
+    within: std::time::Duration,
+) -> Result<s2n_quic::Connection, TransportError> {
+    let attempt = client.connect(Connect::new(addr).with_server_name(format!("{role}.drv")));
+    let mut conn = tokio::time::timeout(within, attempt)
         .await
+        .map_err(|_| TransportError::Connect {
+            peer: addr.to_string(),
+            reason: format!("no handshake within {within:?} (is it running?)"),
+        })?
         .map_err(|e| TransportError::Connect { peer: addr.to_string(), reason: e.to_string() })?;
     conn.keep_alive(true).map_err(|e| TransportError::Connect { peer: addr.to_string(), reason: e.to_string() })?;
     Ok(conn)
