@@ -72,10 +72,10 @@ pub fn setup() -> Result<()> {
 }
 
 /// A loop device with direct I/O over `image`; detached on drop (only this one).
-struct Loop(String);
+pub struct Loop(pub String);
 
 impl Loop {
-    fn attach(image: &Path) -> Result<Loop> {
+    pub fn attach(image: &Path) -> Result<Loop> {
         let o = Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(image).output()?;
         if !o.status.success() {
             bail!("losetup: {}", String::from_utf8_lossy(&o.stderr));
@@ -154,13 +154,19 @@ fn with_trace<T>(drv: &Path, dev: &str, mode: Option<&str>, f: impl FnOnce() -> 
 /// `cargo xtask bench ebpf`: fio 4 KiB random writes on a loop device (direct I/O) with the
 /// programs attached and `drv trace` consuming, against the same without them, in alternating
 /// rounds; and the events lost per million.
-pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
+/// Installs fio if it is missing.
+pub fn ensure_fio() -> Result<()> {
     if !quiet_ok(Command::new("fio").arg("--version")) {
         eprintln!("bench: installing fio");
         run(Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends", "fio"])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
+    ensure_fio()?;
     let image = dir.join("disk.img");
     // Written out in full: random writes then overwrite allocated blocks (no extent conversion).
     run(Command::new("dd")

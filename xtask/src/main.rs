@@ -22,6 +22,7 @@ mod agent;
 mod ebpf;
 mod kmod;
 mod relay;
+mod user;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -36,7 +37,7 @@ enum Cmd {
     Test,
     /// Run a benchmark and print ratios against baselines measured in the same run.
     Bench {
-        /// wrl or relay
+        /// wrl, relay, agent, kmod, ebpf or user
         what: String,
         /// Smaller sizes, for a quick look.
         #[arg(long)]
@@ -101,7 +102,8 @@ fn main() -> Result<()> {
             "agent" => bench_agent(quick),
             "kmod" => kmod::bench(quick),
             "ebpf" => bench_ebpf(quick),
-            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf)"),
+            "user" => bench_user(quick),
+            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Setup => kmod::setup().and_then(|_| ebpf::setup()),
@@ -344,6 +346,17 @@ fn bench_ebpf(quick: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let r = ebpf::bench(&root().join("target/release/drv"), &dir, quick);
     let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn bench_user(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-user");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let r = user::bench(&root().join("target/release/drv"), &dir, quick);
+    let _ = std::fs::remove_file(dir.join("disk.img"));
+    let _ = std::fs::remove_file(dir.join("wrl0"));
     r
 }
 
