@@ -277,16 +277,21 @@ struct Check {
 
 pub fn doctor(a: DoctorArgs) -> Result<()> {
     let mut checks = Vec::new();
-    let mut check = |what, r: Result<String, String>| {
+    fn check(checks: &mut Vec<Check>, what: &'static str, r: Result<String, String>) {
         let (ok, detail) = match r {
             Ok(d) => (true, d),
             Err(d) => (false, d),
         };
         checks.push(Check { what, ok, detail });
-    };
+    }
+    macro_rules! check {
+        ($what:expr, $r:expr $(,)?) => {
+            check(&mut checks, $what, $r)
+        };
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let version: Vec<u32> = release.split(['.', '-']).take(2).filter_map(|p| p.parse().ok()).collect();
-    check(
+    check!(
         "kernel",
         if version.as_slice() >= [5, 8].as_slice() {
             Ok(format!("{release} (the eBPF ring buffer needs 5.8 or later)"))
@@ -294,10 +299,10 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             Err(format!("{release}: the eBPF ring buffer needs 5.8 or later"))
         },
     );
-    check("ebpf built in", drv_blocktrace::ebpf_built_in().map(|_| "the eBPF programs are in this binary".into()));
+    check!("ebpf built in", drv_blocktrace::ebpf_built_in().map(|_| "the eBPF programs are in this binary".into()));
     // SAFETY: no arguments.
     let root = unsafe { libc::geteuid() } == 0;
-    check(
+    check!(
         "privileges",
         if root {
             Ok("root".into())
@@ -311,7 +316,7 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             }
         },
     );
-    check(
+    check!(
         "kernel BTF",
         match std::fs::read("/sys/kernel/btf/vmlinux") {
             Ok(b) => match drv_blocktrace::btf::Btf::parse(&b).and_then(|b| b.layout()) {
@@ -325,7 +330,7 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
         },
     );
     let tracefs = drv_blocktrace::loader::tracefs().map_err(|e| e.to_string());
-    check(
+    check!(
         "block tracepoints",
         tracefs.clone().and_then(|t| {
             let mut found = Vec::new();
@@ -338,13 +343,13 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             Ok(format!("{} in {}", found.join(", "), t.display()))
         }),
     );
-    check(
+    check!(
         "ebpf programs load",
         Tracer::start(&[])
             .map(|t| format!("{} loaded and attached to block_rq_issue and block_rq_complete, then detached", t.mode()))
             .map_err(|e| format!("{e:#}")),
     );
-    check(
+    check!(
         "kernel module capture",
         if Path::new("/dev/drv-ctl").exists() {
             Ok("drv_capture is loaded (/dev/drv-ctl)".into())
@@ -354,7 +359,7 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             Err("drv_capture is not loaded (build it with `cargo xtask kmod build`, then insmod drv_capture.ko)".into())
         },
     );
-    check(
+    check!(
         "fuse",
         if Path::new("/dev/fuse").exists() {
             Ok("/dev/fuse".into())
@@ -362,7 +367,7 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             Err("no /dev/fuse (modprobe fuse)".into())
         },
     );
-    check(
+    check!(
         "loop devices",
         if Path::new("/dev/loop-control").exists() {
             Ok("/dev/loop-control".into())
@@ -370,14 +375,62 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             Err("no /dev/loop-control (modprobe loop)".into())
         },
     );
-    check(
+    check!(
         "ublk",
         if Path::new("/dev/ublk-control").exists() {
-            Ok("/dev/ublk-control".into())
+            Ok("/dev/ublk-control (drv serves userspace devices through FUSE + loop; ublk is not used yet)".into())
         } else {
-            Err("no /dev/ublk-control (this kernel has no ublk, or modprobe ublk_drv)".into())
+            Err("no /dev/ublk-control (this kernel has no ublk, or modprobe ublk_drv); not needed: FUSE + loop serve the user mode".into())
         },
     );
+    // The capture paths, from the checks above.
+    let ok = |what: &str| checks.iter().any(|c| c.what == what && c.ok);
+    let ebpf = checks.iter().filter(|c| c.what.starts_with("ebpf") || c.what == "block tracepoints").all(|c| c.ok);
+    let losetup = std::process::Command::new("losetup").arg("--version").output().is_ok_and(|o| o.status.success());
+    let paths = [
+        (
+            "capture: kmod",
+            if ok("kernel module capture") {
+                Ok("drv attach --mode kmod: writes held in the kernel until staging has them".to_string())
+            } else {
+                Err("drv attach --mode kmod: the module is not loaded (see above)".to_string())
+            },
+        ),
+        (
+            "capture: user",
+            if ok("fuse") && ok("loop devices") && root && losetup {
+                Ok(format!(
+                    "drv attach --mode user: FUSE + loop, writes held in the agent until staging has them{}",
+                    if ebpf { "; epochs cross-checked with eBPF" } else { "" }
+                ))
+            } else {
+                Err(format!(
+                    "drv attach --mode user needs /dev/fuse, /dev/loop-control, losetup and root (mount, LOOP_CONFIGURE): {}",
+                    [
+                        (!ok("fuse")).then_some("no FUSE"),
+                        (!ok("loop devices")).then_some("no loop devices"),
+                        (!losetup).then_some("no losetup (util-linux)"),
+                        (!root).then_some("not root"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                ))
+            },
+        ),
+        (
+            "capture: ebpf track",
+            if ebpf {
+                Ok("drv track: changed blocks tracked without holding writes (RPO from the last cut)".to_string())
+            } else {
+                Err("drv track needs the eBPF programs (see above)".to_string())
+            },
+        ),
+    ];
+    for (what, r) in paths {
+        check!(what, r);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {

@@ -128,7 +128,8 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
                 base.push(fio(&plain.0, secs, rw, bs, qd)?);
                 prot.push(fio(&dev, secs, rw, bs, qd)?);
             }
-            let med = |v: &[(f64, f64)], i: usize| crate::median(v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect());
+            let med =
+                |v: &[(f64, f64)], i: usize| crate::median(v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect());
             let (bi, bm, pi, pm) = (med(&base, 0), med(&base, 1), med(&prot, 0), med(&prot, 1));
             println!(
                 "  {what:<28} plain {bi:>9.0} IOPS {bm:>8.1} MB/s   protected {pi:>9.0} IOPS {pm:>8.1} MB/s   ratio {:.3}",

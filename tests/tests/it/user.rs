@@ -20,7 +20,9 @@ struct Attached {
 }
 
 impl Attached {
-    /// Starts the agent on `image` and waits for its `DEVICE` line.
+    /// Starts the agent on `image` and waits for its `DEVICE` line. The caller waits for the
+    /// process (`detach`, or a kill in the crash test).
+    #[allow(clippy::zombie_processes)]
     fn start(cl: &Cluster, image: &Path, extra: &[&str]) -> Attached {
         let run = cl.dir.path().join("run");
         let run_dir = run.display().to_string();
@@ -46,7 +48,8 @@ impl Attached {
         loop {
             line.clear();
             if out.read_line(&mut line).unwrap() == 0 {
-                panic!("drv attach ended before its DEVICE line ({:?}):\n{}", child.wait(), cl.log("agent"));
+                let st = child.wait();
+                panic!("drv attach ended before its DEVICE line ({st:?}):\n{}", cl.log("agent"));
             }
             if let Some(dev) = line.trim().strip_prefix("DEVICE ") {
                 let dev = dev.to_owned();
