@@ -103,6 +103,10 @@ pub struct DetachArgs {
     volume: String,
     #[command(flatten)]
     control: ControlArgs,
+    /// The agent's state directory (default: /var/lib/drv/agent/VOLUME): where a user-mode
+    /// device left by a crashed agent is recorded.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -253,6 +257,20 @@ pub fn detach(a: DetachArgs) -> Result<()> {
                 Ok(())
             }
             Err(e) => {
+                // No agent: a user-mode device it left behind (its I/O fails since the agent
+                // died) is detached, and its dead FUSE mount removed.
+                let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(&a.volume));
+                if state.join(user::MARKER).exists() {
+                    let m = user::recover(&state).context("detach the user-mode device")?;
+                    if let Some(m) = m {
+                        println!(
+                            "volume {}: {} detached and the FUSE mount of the agent that died removed; writes in doubt are resynced by the next `drv attach`",
+                            a.volume,
+                            m.loop_dev.display()
+                        );
+                    }
+                    return Ok(());
+                }
                 let ctl = kmod::Control::open().with_context(|| format!("{e:#}"))?;
                 let d = ctl
                     .find(&a.volume)?
