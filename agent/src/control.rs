@@ -71,7 +71,12 @@ pub type TrackSyncHook = std::sync::Arc<
 pub struct Hooks {
     pub detach: Option<DetachHook>,
     pub track_sync: Option<TrackSyncHook>,
+    /// The capture path's own figures, added to every status reply.
+    pub capture: Option<CaptureHook>,
 }
+
+/// The capture path's figures for `status` (its device, counters).
+pub type CaptureHook = std::sync::Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// What `Detach` does, given by a capture path that can be detached (the kernel module's): an
 /// error says why not (e.g. the device is mounted).
@@ -87,6 +92,9 @@ pub struct Reply {
     /// A tracker's report of a `track-sync`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track: Option<serde_json::Value>,
+    /// The capture path's figures (see [`CaptureHook`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +185,7 @@ async fn serve_client(agent: &Agent, stream: UnixStream, hooks: Hooks) -> std::i
 }
 
 fn failed(error: String) -> Reply {
-    Reply { ok: false, error: Some(error), status: None, track: None }
+    Reply { ok: false, error: Some(error), status: None, track: None, capture: None }
 }
 
 async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
@@ -187,7 +195,9 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
                 return failed("this agent is not an eBPF tracker (`drv track VOLUME` runs one)".into());
             };
             return match hook(freeze, timeout_ms).await {
-                Ok(report) => Reply { ok: true, error: None, status: Some(agent.status()), track: Some(report) },
+                Ok(report) => {
+                    Reply { ok: true, error: None, status: Some(agent.status()), track: Some(report), capture: None }
+                }
                 Err(e) => failed(e),
             };
         }
@@ -196,7 +206,7 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
                 return failed("this agent has no capture device to detach (stop it with SIGTERM)".into());
             };
             return match tokio::task::spawn_blocking(move || hook()).await {
-                Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()), track: None },
+                Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()), track: None, capture: None },
                 Ok(Err(e)) => failed(e),
                 Err(e) => failed(format!("detach: {e}")),
             };
@@ -213,7 +223,13 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
         Request::Resync { extents } => agent.resync_ranges(&extents).await,
     };
     match r {
-        Ok(()) => Reply { ok: true, error: None, status: Some(agent.status()), track: None },
+        Ok(()) => Reply {
+            ok: true,
+            error: None,
+            status: Some(agent.status()),
+            track: None,
+            capture: hooks.capture.as_ref().map(|c| c()),
+        },
         Err(e) => failed(e.to_string()),
     }
 }

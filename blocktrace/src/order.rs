@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::rwbs::Request;
+use crate::rwbs::{Op, Request};
 
 /// One write with its epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,13 +59,15 @@ impl Assigner {
 /// A pair of writes whose epochs contradict the kernel's order.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "write at {offset} (+{len}) has epoch {epoch}, but a write in epoch {completed_epoch} completed before it was issued"
+    "write at {offset} (+{len}) has epoch {epoch}, but a write in epoch {completed_epoch} (at {completed_offset} +{completed_len}) completed before it was issued"
 )]
 pub struct Violation {
     pub offset: u64,
     pub len: u64,
     pub epoch: u64,
     pub completed_epoch: u64,
+    pub completed_offset: u64,
+    pub completed_len: u64,
 }
 
 /// Checks epochs given by a capture path against the kernel's order.
@@ -77,6 +79,8 @@ pub struct Checker {
     /// Epochs of writes issued (per the kernel) and not yet completed, per extent.
     in_flight: HashMap<(u64, u64), VecDeque<u64>>,
     max_completed: Option<u64>,
+    /// The write that completed with `max_completed`.
+    max_completed_at: (u64, u64),
     /// Kernel issues the capture path gave no epoch for (yet).
     pub unmatched: u64,
 }
@@ -103,9 +107,19 @@ impl Checker {
         self.given.values().map(VecDeque::len).sum()
     }
 
+    /// Drops the epochs given for writes inside `[offset, offset + len)` (the pieces of a kernel
+    /// request the capture path received split): no kernel issue of their own will match them.
+    pub fn forget_within(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        self.given.retain(|&(o, l), _| !(o >= offset && o.saturating_add(l) <= end));
+    }
+
     /// Feeds one kernel event (after the capture path's epochs for the writes it issues).
     pub fn on(&mut self, r: &Request) -> Result<(), Violation> {
-        if r.dev != self.dev || !r.op.changes_data() || r.len == 0 {
+        // Data writes only: a discard or write-zeroes the capture path never saw as a write (the
+        // userspace device refuses them) must not take the epoch of a write to the same range
+        // (the kernel's fallback after the refusal is exactly such a write).
+        if r.dev != self.dev || r.op != Op::Write || r.len == 0 {
             return Ok(());
         }
         let key = (r.offset, r.len);
@@ -115,7 +129,10 @@ impl Checker {
                 if q.is_empty() {
                     self.in_flight.remove(&key);
                 }
-                self.max_completed = Some(self.max_completed.map_or(e, |m| m.max(e)));
+                if self.max_completed.is_none_or(|m| e > m) {
+                    self.max_completed = Some(e);
+                    self.max_completed_at = key;
+                }
             }
             return Ok(());
         }
@@ -128,7 +145,14 @@ impl Checker {
         }
         self.in_flight.entry(key).or_default().push_back(epoch);
         match self.max_completed {
-            Some(m) if epoch <= m => Err(Violation { offset: r.offset, len: r.len, epoch, completed_epoch: m }),
+            Some(m) if epoch <= m => Err(Violation {
+                offset: r.offset,
+                len: r.len,
+                epoch,
+                completed_epoch: m,
+                completed_offset: self.max_completed_at.0,
+                completed_len: self.max_completed_at.1,
+            }),
             _ => Ok(()),
         }
     }

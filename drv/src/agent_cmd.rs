@@ -208,16 +208,48 @@ pub fn agent(c: AgentCommand) -> Result<()> {
     match c {
         AgentCommand::Run(a) => agent_run(a),
         AgentCommand::Status { volume, control, json } => {
-            let st = runtime()?
-                .block_on(async { control.connect(&volume).await?.status().await.map_err(anyhow::Error::from) })?;
+            let r = runtime()?.block_on(async {
+                control.connect(&volume).await?.call(&Request::Status).await.map_err(anyhow::Error::from)
+            })?;
+            let st = r.status.context("the agent's reply has no status")?;
             if json {
-                println!("{}", serde_json::to_string(&st)?);
+                let mut v = serde_json::to_value(&st)?;
+                if let Some(c) = r.capture {
+                    v["capture"] = c;
+                }
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 print_status(&volume, &st);
+                if let Some(c) = r.capture {
+                    print_capture(&c);
+                }
             }
             Ok(())
         }
     }
+}
+
+/// The capture path's line of `drv agent status`.
+fn print_capture(c: &serde_json::Value) {
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "capture: {} mode, device {} (FUSE {}): {} writes, {} flushes, {} reads, {} failed",
+        c["mode"].as_str().unwrap_or("?"),
+        c["device"].as_str().unwrap_or("?"),
+        c["fuse"].as_str().unwrap_or("?"),
+        n("writes"),
+        n("flushes"),
+        n("reads"),
+        n("failed")
+    );
+    let o = &c["order_check"];
+    if o.is_object() {
+        line += &format!(
+            "; order check: {} writes checked against the kernel's order, {} violations, {} unmatched, {} events lost",
+            o["checked"], o["violations"], o["unmatched"], o["lost"]
+        );
+    }
+    println!("{line}");
 }
 
 fn print_status(volume: &str, s: &AgentStatus) {
@@ -427,6 +459,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let mut detach_hook: Option<control::DetachHook> = None;
             let mut user_dev = None;
+            let mut capture_hook: Option<control::CaptureHook> = None;
             let mut on = a.device.display().to_string();
             if let Some((ctl, d, _)) = kdev {
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -446,6 +479,23 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 on = format!("{} over {on}", d.path());
             } else if let Some(d) = udev {
                 on = format!("{} (FUSE {} over {on})", d.loop_dev.display(), user::mount_point(&state).join(user::FILE_NAME).display());
+                let (stats, loop_dev, st) = (d.stats.clone(), d.loop_dev.clone(), state.clone());
+                capture_hook = Some(Arc::new(move || {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let order = std::fs::read_to_string(st.join("order-check.json"))
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+                    serde_json::json!({
+                        "mode": "user",
+                        "device": loop_dev.display().to_string(),
+                        "fuse": user::mount_point(&st).join(user::FILE_NAME).display().to_string(),
+                        "writes": stats.writes.load(Relaxed),
+                        "flushes": stats.flushes.load(Relaxed),
+                        "reads": stats.reads.load(Relaxed),
+                        "failed": stats.failed.load(Relaxed),
+                        "order_check": order,
+                    })
+                }));
                 let dev = Arc::new(std::sync::Mutex::new(Some(d)));
                 let done = Arc::new(std::sync::Mutex::new(Some(done_tx)));
                 let (dv, check) = (dev.clone(), Arc::new(std::sync::Mutex::new(check)));
@@ -481,7 +531,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 }
             };
             tokio::select! {
-                r = control::serve_with(agent.clone(), listener, socket.clone(), control::Hooks { detach: detach_hook, track_sync: None }) => r.context("control socket"),
+                r = control::serve_with(agent.clone(), listener, socket.clone(), control::Hooks { detach: detach_hook, track_sync: None, capture: capture_hook }) => r.context("control socket"),
                 r = capture_ended => {
                     r.context("capture")?;
                     if let Err(e) = std::fs::remove_file(&marker) && e.kind() != std::io::ErrorKind::NotFound {

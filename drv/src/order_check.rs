@@ -37,6 +37,8 @@ pub struct Summary {
     pub first_violation: Option<String>,
     /// Kernel issues with no epoch from the agent (split by FUSE, or a tap record dropped).
     pub unmatched: u64,
+    /// The first few of them (offset+length).
+    pub unmatched_examples: Vec<String>,
     /// Tap records dropped (the channel was full).
     pub tap_dropped: u64,
     /// Events the kernel lost (ring buffer full, recursion misses): their writes are unchecked.
@@ -104,8 +106,18 @@ impl OrderCheck {
                             sum.first_violation.get_or_insert_with(|| v.to_string());
                         }
                     }
-                    if !r.complete && r.op.changes_data() && r.len > 0 && checker.unmatched == before {
-                        sum.checked += 1;
+                    if !r.complete && r.op == drv_blocktrace::Op::Write && r.len > 0 {
+                        if checker.unmatched == before {
+                            sum.checked += 1;
+                        } else {
+                            if sum.unmatched_examples.len() < 8 {
+                                sum.unmatched_examples.push(format!("{}+{}", r.offset, r.len));
+                            }
+                            // The agent's epochs for pieces of this request (FUSE split it) would
+                            // otherwise wait for a kernel issue of their own that never comes,
+                            // and be matched with a later write of the same range.
+                            checker.forget_within(r.offset, r.len);
+                        }
                     }
                 }
                 sum.unmatched = checker.unmatched;

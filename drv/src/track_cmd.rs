@@ -334,7 +334,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
                     }
                 }
             };
-            let hooks = control::Hooks { detach: None, track_sync: Some(hook) };
+            let hooks = control::Hooks { detach: None, track_sync: Some(hook), capture: None };
             let r = tokio::select! {
                 r = control::serve_with(agent.clone(), listener, socket.clone(), hooks) => r.context("control socket"),
                 _ = periodic => Ok(()),

@@ -6,7 +6,16 @@
 //! the unit from the DR log on restart (the writes are idempotent).
 //!
 //! **Invariant:** the target is written only with records of complete units, in unit order; the
-//! persisted applied position always ends a unit.
+//! persisted applied position always ends a unit, with one exception, recorded as such:
+//!
+//! **A RESYNC run larger than the DR log.** A run is one unit, but it may be larger than the DR
+//! log can hold (an initial sync of a volume larger than the DR log; a long outage's change map).
+//! Waiting for its end would then wait forever (the receive side waits for room that only apply
+//! frees). So when the DR log is half full and its head is an incomplete RESYNC run, the records
+//! received so far are applied and the position is stored with `partial_resync: true`: the
+//! target no longer shows a state the source had, until the run ends. Status says `resyncing`,
+//! snapshots are refused, and this survives a restart (the flag is persisted with the position).
+//! A snapshot taken before the resync keeps the last consistent state.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -41,6 +50,10 @@ impl OverwriteObserver for NoSnapshots {
 pub struct Applied {
     pub seq: u64,
     pub epoch: u64,
+    /// The position is inside a RESYNC run applied in part (see the module docs): the target is
+    /// not consistent until the run ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial_resync: bool,
 }
 
 impl Applied {
@@ -133,6 +146,7 @@ impl ReplicaVolume {
                 durable_seq: durable,
                 submitted_seq: durable,
                 applied,
+                resyncing: applied.partial_resync,
                 ..Default::default()
             }),
             changed: Condvar::new(),
@@ -205,11 +219,22 @@ impl Applier {
             }
         }
         if !ready.is_empty() {
-            apply_units(v, drlog, observer, &ready, units)?;
+            apply_units(v, drlog, observer, &ready, units, false)?;
+        }
+        // An incomplete RESYNC run filling the DR log is applied as far as it came (see the
+        // module docs): its end may not fit beside it.
+        if self.pending.first().is_some_and(|r| unit_of(r).0) && drlog.room_bytes() < drlog.capacity_bytes() / 2 {
+            tracing::info!(
+                volume = v.id,
+                records = self.pending.len(),
+                "a resync run larger than half the DR log: applying it as it arrives (the target is consistent again when it ends)"
+            );
+            let part = std::mem::take(&mut self.pending);
+            apply_units(v, drlog, observer, &part, 0, true)?;
         }
         let mut s = v.state.lock().expect("apply state");
         s.pending_records = self.pending.len() as u64;
-        s.resyncing = self.pending.first().is_some_and(|r| unit_of(r).0);
+        s.resyncing = self.pending.first().is_some_and(|r| unit_of(r).0) || s.applied.partial_resync;
         Ok(true)
     }
 }
@@ -282,6 +307,7 @@ fn apply_units(
     observer: &dyn OverwriteObserver,
     records: &[LogRecord],
     units: u64,
+    partial_resync: bool,
 ) -> Result<(), String> {
     let last = records.last().expect("units are not empty");
     let _gate = v.apply_gate.lock().expect("apply gate");
@@ -315,7 +341,7 @@ fn apply_units(
         }
         v.target.sync_data().map_err(|e| format!("fdatasync {}: {e}", v.target_path.display()))?;
     }
-    let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch };
+    let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch, partial_resync };
     applied.store(&v.applied_path).map_err(|e| format!("store {}: {e}", v.applied_path.display()))?;
     v.media.lock().expect("media").applied(applied.seq)?;
     // Applied and recorded: the DR log may drop these records (a retention window for

@@ -435,6 +435,41 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identical() {
+    use drv_agent::Mode;
+    // The cluster's DR log is 64 MiB (and staging's WRL too): a 96 MiB initial sync is one RESYNC
+    // run that cannot fit. The replica applies it as it arrives and says it is resyncing.
+    const VOLUME: u64 = 96 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let source = cl.dir.path().join("source.img");
+    std::fs::write(&source, drv_format::pattern(0xb16, VOLUME as usize)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let (id, addr) = host1(&cl);
+    let state = cl.dir.path().join("agent-state");
+    let agent =
+        Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), AgentOptions::default())
+            .await
+            .unwrap();
+    agent.start_initial_sync(None).await.unwrap();
+    let mut saw_resyncing = false;
+    until("the initial sync", Duration::from_secs(120), || {
+        let st = cl.status(&cl.replica_addrs[0], "replica", "admin");
+        saw_resyncing |= st.is_some_and(|s| s["volumes"][0]["state"] == "resyncing");
+        agent.mode() == Mode::Sync && agent.dirty_bytes() == 0
+    })
+    .await;
+    assert!(saw_resyncing, "the replica never said it was resyncing");
+    let (next, _) = agent.position();
+    assert_replica_equals(&cl, &source, next).await;
+    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
+    assert_eq!(st["volumes"][0]["state"], "replicating", "consistent again once the run ended: {st}");
+    assert!(cl.log("rep1").contains("resync run larger than half the DR log"), "{}", cl.log("rep1"));
+    kill_all([&mut staging, &mut replica]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_write_after_many_small_ones_never_makes_a_frame_over_the_replica_limit() {
     const VOLUME: u64 = 16 << 20;
     let cl = Cluster::new(1, VOLUME);

@@ -217,6 +217,12 @@ async fn ext4_fio_verify_and_sqlite_on_the_user_device_then_detach_leave_an_iden
     }
     let st = a.status().await;
     assert_eq!(st["mode"], "sync", "{st}");
+    // Every write and flush of the filesystem went through the agent.
+    let c = &st["capture"];
+    assert_eq!(c["device"], a.dev.as_str(), "{st}");
+    assert!(c["writes"].as_u64().unwrap() > 2048, "{st}");
+    assert!(c["flushes"].as_u64().unwrap() > 150, "sqlite's commits and fio's fsync are flushes: {st}");
+    assert_eq!(c["failed"], 0, "{st}");
     let next = st["next_seq"].as_u64().unwrap();
     a.detach(&cl).await;
     // The final figures are written when the device is detached.
