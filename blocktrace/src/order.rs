@@ -70,12 +70,15 @@ pub struct Violation {
     pub completed_len: u64,
 }
 
+/// An epoch given by the capture path, with the time it was given (if known).
+type Given = (u64, Option<u64>);
+
 /// Checks epochs given by a capture path against the kernel's order.
 #[derive(Debug, Default)]
 pub struct Checker {
     dev: u32,
-    /// The capture path's epochs per extent, in its issue order.
-    given: HashMap<(u64, u64), VecDeque<u64>>,
+    /// The capture path's epochs per extent, in its issue order, with the time each was given.
+    given: HashMap<(u64, u64), VecDeque<Given>>,
     /// Epochs of writes issued (per the kernel) and not yet completed, per extent.
     in_flight: HashMap<(u64, u64), VecDeque<u64>>,
     max_completed: Option<u64>,
@@ -83,6 +86,9 @@ pub struct Checker {
     max_completed_at: (u64, u64),
     /// Kernel issues the capture path gave no epoch for (yet).
     pub unmatched: u64,
+    /// Epochs dropped because they were given before the kernel issue being matched: they
+    /// belonged to an earlier write of the same range, whose issue went unmatched.
+    pub stale: u64,
 }
 
 impl Checker {
@@ -92,13 +98,21 @@ impl Checker {
 
     /// The capture path assigned `epoch` to a write of `len` bytes at `offset`.
     pub fn given(&mut self, offset: u64, len: u64, epoch: u64) {
-        self.given.entry((offset, len)).or_default().push_back(epoch);
+        self.given.entry((offset, len)).or_default().push_back((epoch, None));
     }
 
-    /// Whether the capture path gave an epoch for a write of `len` bytes at `offset` not yet seen
-    /// issued by the kernel.
-    pub fn has_given(&self, offset: u64, len: u64) -> bool {
-        self.given.contains_key(&(offset, len))
+    /// [`Checker::given`], at `ts_ns` on the clock of the kernel's events (CLOCK_MONOTONIC). A
+    /// capture path sees a write only after the kernel issued it, so an epoch given before a
+    /// kernel issue cannot be that issue's: it is dropped as stale rather than matched (a late
+    /// epoch of an earlier write, whose issue was declared unmatched, would otherwise be taken
+    /// for a later write of the same range).
+    pub fn given_at(&mut self, offset: u64, len: u64, epoch: u64, ts_ns: u64) {
+        self.given.entry((offset, len)).or_default().push_back((epoch, Some(ts_ns)));
+    }
+
+    /// Whether the capture path gave an epoch that kernel issue `r` can take.
+    pub fn has_given_for(&self, r: &Request) -> bool {
+        self.given.get(&(r.offset, r.len)).is_some_and(|q| q.iter().any(|(_, t)| t.is_none_or(|t| t >= r.ts_ns)))
     }
 
     /// Epochs given and not yet matched by a kernel issue (a write the kernel split, or one whose
@@ -136,7 +150,19 @@ impl Checker {
             }
             return Ok(());
         }
-        let Some(epoch) = self.given.get_mut(&key).and_then(|q| q.pop_front()) else {
+        let mut found = None;
+        if let Some(q) = self.given.get_mut(&key) {
+            while let Some((e, t)) = q.pop_front() {
+                if t.is_some_and(|t| t < r.ts_ns) {
+                    self.stale += 1;
+                    continue;
+                }
+                found = Some(e);
+                break;
+            }
+        }
+        let Some(epoch) = found else {
+            self.given.remove(&key);
             self.unmatched += 1;
             return Ok(());
         };
@@ -221,6 +247,26 @@ mod tests {
         let v = c.on(&ev(false, 2)).unwrap_err();
         assert_eq!((v.offset, v.epoch, v.completed_epoch), (8192, 1, 1));
         assert!(v.to_string().contains("completed before it was issued"), "{v}");
+    }
+
+    #[test]
+    fn a_late_epoch_of_an_unmatched_write_is_not_taken_for_a_later_write_of_the_range() {
+        let at = |complete, block, ts| Request { ts_ns: ts, ..ev(complete, block) };
+        let mut c = Checker::new(DEV);
+        // Block 1 is issued at 10; its epoch comes too late, after the issue was declared
+        // unmatched.
+        assert_eq!(c.on(&at(false, 1, 10)), Ok(()));
+        assert_eq!(c.unmatched, 1);
+        c.given_at(4096, 4096, 1, 11);
+        assert_eq!(c.on(&at(true, 1, 12)), Ok(()));
+        // Block 2 (epoch 2) completes; then block 1 is written again, in epoch 3.
+        c.given_at(8192, 4096, 2, 14);
+        assert_eq!(c.on(&at(false, 2, 13)), Ok(()));
+        assert_eq!(c.on(&at(true, 2, 15)), Ok(()));
+        c.given_at(4096, 4096, 3, 21);
+        assert!(c.has_given_for(&at(false, 1, 20)));
+        assert_eq!(c.on(&at(false, 1, 20)), Ok(()), "the stale epoch 1 is not matched");
+        assert_eq!((c.stale, c.unmatched), (1, 1));
     }
 
     proptest! {

@@ -428,7 +428,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                     .await?
                     .with_context(|| format!("serve volume {volume} through FUSE and a loop device"))?;
                 crate::trace_cmd::record_device(&state, &d.loop_dev)?;
-                println!("DEVICE {}", d.loop_dev.display());
+                // The check first: it sees every write from the moment the device is announced.
                 if order_check {
                     match crate::order_check::OrderCheck::start(&agent, &d.loop_dev, &state) {
                         Ok(c) => check = Some(c),
@@ -437,6 +437,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                         ),
                     }
                 }
+                println!("DEVICE {}", d.loop_dev.display());
                 udev = Some(d);
             } else {
                 crate::trace_cmd::record_device(&state, &a.device)?;

@@ -23,7 +23,9 @@ use drv_blocktrace::loader::Tracer;
 use drv_blocktrace::order::Checker;
 
 /// How long a kernel issue waits for the agent's epoch of the same write.
-const MATCH_WAIT: Duration = Duration::from_secs(2);
+const MATCH_WAIT: Duration = Duration::from_secs(5);
+/// Kernel events held back at most (waiting for the agent's epoch of the one in front).
+const PENDING_LIMIT: usize = 1 << 20;
 /// Bound of the tap channel and of the agent's unmatched epochs kept.
 const LIMIT: usize = 1 << 16;
 
@@ -41,6 +43,9 @@ pub struct Summary {
     pub unmatched_examples: Vec<String>,
     /// Tap records dropped (the channel was full).
     pub tap_dropped: u64,
+    /// Epochs that arrived after their kernel issue was declared unmatched (dropped, never
+    /// matched with a later write of the same range).
+    pub stale: u64,
     /// Events the kernel lost (ring buffer full, recursion misses): their writes are unchecked.
     pub lost: u64,
 }
@@ -56,11 +61,12 @@ impl OrderCheck {
         drv_blocktrace::ebpf_built_in().map_err(anyhow::Error::msg)?;
         let dev = drv_blocktrace::block_dev_of(loop_dev).with_context(|| format!("{}", loop_dev.display()))?;
         let mut tracer = Tracer::start(&[dev]).context("start the eBPF programs")?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u64, u64)>(LIMIT);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u64, u64, u64)>(LIMIT);
         let dropped = Arc::new(AtomicU64::new(0));
         let d = dropped.clone();
         agent.set_issue_tap(Box::new(move |offset, len, epoch| {
-            if tx.try_send((offset, len, epoch)).is_err() {
+            // The kernel's events carry bpf_ktime_get_ns (CLOCK_MONOTONIC): the same clock.
+            if tx.try_send((offset, len, epoch, crate::trace_cmd::monotonic_ns())).is_err() {
                 d.fetch_add(1, Ordering::Relaxed);
             }
         }));
@@ -80,8 +86,8 @@ impl OrderCheck {
                 let last = st.load(Ordering::SeqCst);
                 // The agent's epochs first: each was issued before FUSE replied, so before the
                 // kernel completed that write.
-                while let Ok((o, l, e)) = rx.try_recv() {
-                    checker.given(o, l, e);
+                while let Ok((o, l, e, t)) = rx.try_recv() {
+                    checker.given_at(o, l, e, t);
                 }
                 if checker.pending_given() > LIMIT {
                     tracing::warn!("order check: {} epochs never matched a kernel issue; starting over", LIMIT);
@@ -90,7 +96,11 @@ impl OrderCheck {
                 let now = Instant::now();
                 tracer.drain(|e| pending.push_back((now, Request::from_event(e))));
                 while let Some((at, r)) = pending.front() {
-                    let ready = r.complete || checker.has_given(r.offset, r.len) || at.elapsed() >= MATCH_WAIT || last;
+                    let ready = r.complete
+                        || checker.has_given_for(r)
+                        || at.elapsed() >= MATCH_WAIT
+                        || pending.len() > PENDING_LIMIT
+                        || last;
                     if !ready {
                         break;
                     }
@@ -121,6 +131,7 @@ impl OrderCheck {
                     }
                 }
                 sum.unmatched = checker.unmatched;
+                sum.stale = checker.stale;
                 sum.tap_dropped = dropped.load(Ordering::Relaxed);
                 if last || Instant::now() >= next_write {
                     next_write = Instant::now() + Duration::from_secs(1);
