@@ -65,12 +65,39 @@ impl Attached {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"))
     }
 
+    /// Waits until the agent is in sync mode with nothing dirty (a resync finished).
+    async fn synced(&self) {
+        until("sync mode with nothing dirty", Duration::from_secs(60), || {
+            let out = Command::new(drv_tests::drv_bin())
+                .args(["agent", "status", "vol1", "--json", "--run-dir", &self.run_dir])
+                .output()
+                .unwrap();
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            st["mode"] == "sync" && st["dirty_bytes"] == 0
+        })
+        .await;
+    }
+
     /// `drv detach vol1`; the agent exits successfully.
     async fn detach(mut self, cl: &Cluster) {
         drv(strings(&["detach", "vol1", "--run-dir", &self.run_dir])).await;
         let st = tokio::task::spawn_blocking(move || self.child.wait()).await.unwrap().unwrap();
         assert!(st.success(), "drv attach after detach: {st}\n{}", cl.log("agent"));
     }
+}
+
+/// A cluster with staging and replica running, and the source image of its volume: zeros, or a
+/// pattern from seed `fill`.
+async fn running(volume: u64, fill: Option<u64>) -> (Cluster, Child, Child, PathBuf) {
+    let cl = Cluster::new(1, volume);
+    let staging = staging_up(&cl).await;
+    let replica = cl.start("replica", "rep1");
+    let image = cl.dir.path().join("source.img");
+    match fill {
+        Some(seed) => std::fs::write(&image, drv_tests::pattern(seed, volume as usize)).unwrap(),
+        None => std::fs::File::create(&image).unwrap().set_len(volume).unwrap(),
+    }
+    (cl, staging, replica, image)
 }
 
 fn state(cl: &Cluster) -> PathBuf {
@@ -173,12 +200,7 @@ async fn ext4_fio_verify_and_sqlite_on_the_user_device_then_detach_leave_an_iden
     if !root_or_skip("ext4_fio_verify_and_sqlite_on_the_user_device_then_detach_leave_an_identical_replica") {
         return;
     }
-    const VOLUME: u64 = 64 << 20;
-    let cl = Cluster::new(1, VOLUME);
-    let mut staging = staging_up(&cl).await;
-    let mut replica = cl.start("replica", "rep1");
-    let image = cl.dir.path().join("source.img");
-    std::fs::File::create(&image).unwrap().set_len(VOLUME).unwrap();
+    let (cl, mut staging, mut replica, image) = running(64 << 20, None).await;
     let a = Attached::start(&cl, &image, &[]);
     assert!(a.dev.starts_with("/dev/loop"), "{}", a.dev);
     assert_eq!(crate::ebpf::backing_of(&a.dev), Some(state(&cl).join("fuse/volume")));
@@ -399,15 +421,7 @@ async fn sigkill_of_the_whole_pipeline_at_random_moments_leaves_a_consistent_rep
         let ok = sqlite(&mnt.join("db.sqlite"), "PRAGMA integrity_check;");
         assert_eq!(ok.trim(), "ok", "the source's database: {ok}");
     }
-    until("sync mode with nothing dirty", Duration::from_secs(60), || {
-        let out = Command::new(drv_tests::drv_bin())
-            .args(["agent", "status", "vol1", "--json", "--run-dir", &a.run_dir])
-            .output()
-            .unwrap();
-        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        st["mode"] == "sync" && st["dirty_bytes"] == 0
-    })
-    .await;
+    a.synced().await;
     let next = a.status().await["next_seq"].as_u64().unwrap();
     a.detach(&cl).await;
     nothing_left(&cl);
@@ -439,12 +453,7 @@ async fn staging_paused_holds_writers_and_staging_gone_goes_to_the_change_map_th
     if !root_or_skip("staging_paused_holds_writers_and_staging_gone_goes_to_the_change_map_then_resyncs") {
         return;
     }
-    const VOLUME: u64 = 32 << 20;
-    let cl = Cluster::new(1, VOLUME);
-    let mut staging = staging_up(&cl).await;
-    let mut replica = cl.start("replica", "rep1");
-    let image = cl.dir.path().join("source.img");
-    std::fs::write(&image, drv_tests::pattern(3, VOLUME as usize)).unwrap();
+    let (cl, mut staging, mut replica, image) = running(32 << 20, Some(3)).await;
     let a = Attached::start(&cl, &image, &["--ack-timeout-ms", "3000"]);
     // The initial copy of the image first (a resync run), so later comparisons are whole.
     drv(strings(&["sync", "start", "vol1", "--json", "--run-dir", &a.run_dir])).await;
@@ -472,15 +481,7 @@ async fn staging_paused_holds_writers_and_staging_gone_goes_to_the_change_map_th
     assert!(s["dirty_bytes"].as_u64().unwrap() >= 32 << 16, "{s}");
     // Back: resync of the dirty blocks only, then sync mode and an identical replica.
     let mut staging = staging_up(&cl).await;
-    until("sync mode with nothing dirty", Duration::from_secs(60), || {
-        let out = Command::new(drv_tests::drv_bin())
-            .args(["agent", "status", "vol1", "--json", "--run-dir", &a.run_dir])
-            .output()
-            .unwrap();
-        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        st["mode"] == "sync" && st["dirty_bytes"] == 0
-    })
-    .await;
+    a.synced().await;
     let s = a.status().await;
     let next = s["next_seq"].as_u64().unwrap();
     a.detach(&cl).await;
