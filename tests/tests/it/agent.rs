@@ -508,7 +508,7 @@ pub(crate) async fn drv(args: Vec<String>) -> String {
 }
 
 /// Runs `drv ARGS` off the async runtime, expecting it to fail; returns its stderr.
-async fn drv_fails(args: Vec<String>) -> String {
+pub(crate) async fn drv_fails(args: Vec<String>) -> String {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(drv_tests::drv_bin()).args(&args).output().expect("run drv")
     })

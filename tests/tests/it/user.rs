@@ -236,6 +236,10 @@ async fn ext4_fio_verify_and_sqlite_on_the_user_device_then_detach_leave_an_iden
         tokio::task::spawn_blocking(move || sqlite(&d, &sqlite_script(0, 150))).await.unwrap();
         let ok = sqlite(&db, "PRAGMA integrity_check; SELECT count(*) FROM t;");
         assert_eq!(ok.split_whitespace().collect::<Vec<_>>(), ["ok", "150"], "{ok}");
+        // Mounted: detach is refused, with the reason, and the device keeps working.
+        let err = crate::agent::drv_fails(strings(&["detach", "vol1", "--run-dir", &a.run_dir])).await;
+        assert!(err.contains("is in use") && err.contains(&a.dev), "{err}");
+        sqlite(&db, &sqlite_script(150, 1));
     }
     let st = a.status().await;
     assert_eq!(st["mode"], "sync", "{st}");
