@@ -64,6 +64,8 @@ pub enum UserError {
         "{dev} is in use (a mounted filesystem or an open program): unmount it and close every program using it, then detach again"
     )]
     Busy { dev: String },
+    #[error("this host cannot serve a userspace device: {0} (`drv doctor` lists the capture paths it supports)")]
+    Unsupported(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> UserError {
@@ -278,9 +280,35 @@ pub struct UserDevice {
     pub stats: Arc<UserStats>,
 }
 
-/// The FUSE mount point of a state directory.
+/// The FUSE mount point of a state directory (absolute: the kernel shows loop devices' backing
+/// files by absolute path).
 pub fn mount_point(state: &Path) -> PathBuf {
-    state.join("fuse")
+    std::path::absolute(state).unwrap_or_else(|_| state.to_path_buf()).join("fuse")
+}
+
+/// The loop devices whose backing file is `backing`.
+fn loops_over(backing: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/sys/block") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let dev = Path::new("/dev").join(&name);
+            if name.starts_with("loop") && backing_of(&dev).as_deref() == Some(backing) {
+                found.push(dev);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn write_marker(path: &Path, state: &Path, m: &Marker) -> Result<(), UserError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string(m).expect("marker serializes"))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::File::open(state)?.sync_all())
+        .map_err(io_err(format!("write {}", path.display())))
 }
 
 /// Cleans up after an agent that died with its device attached: detaches the loop device it
@@ -288,26 +316,35 @@ pub fn mount_point(state: &Path) -> PathBuf {
 /// unmounts the dead FUSE mount. Returns the marker it found.
 pub fn recover(state: &Path) -> Result<Option<Marker>, UserError> {
     let path = state.join(MARKER);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // No marker: still, a mount left by a crash between mount and marker is removed.
-            unmount_stale(&mount_point(state));
-            return Ok(None);
-        }
+    let backing = mount_point(state).join(FILE_NAME);
+    let marker = match std::fs::read_to_string(&path) {
+        Ok(t) => Some(serde_json::from_str::<Marker>(&t).map_err(|e| UserError::Io {
+            what: format!("parse {}", path.display()),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
     };
-    let m: Marker = serde_json::from_str(&text).map_err(|e| UserError::Io {
-        what: format!("parse {}", path.display()),
-        source: io::Error::new(io::ErrorKind::InvalidData, e),
-    })?;
-    if backing_of(&m.loop_dev).as_deref() == Some(m.backing.as_path()) {
+    // Every loop device over this volume's FUSE file is ours, whatever the marker names (the
+    // agent may have died between binding one and recording it); no other is touched.
+    let ours = loops_over(&backing);
+    for dev in &ours {
         // Busy (a filesystem still mounted on it): the kernel detaches it on its last close.
-        losetup(&["-d".as_ref(), m.loop_dev.as_os_str()])?;
+        losetup(&["-d".as_ref(), dev.as_os_str()])?;
     }
     unmount_stale(&mount_point(state));
-    std::fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
-    Ok(Some(m))
+    if marker.is_some() {
+        std::fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
+    }
+    Ok(marker
+        .map(|m| {
+            if m.loop_dev.as_os_str().is_empty() {
+                Marker { loop_dev: ours.first().cloned().unwrap_or_default(), ..m }
+            } else {
+                m
+            }
+        })
+        .or_else(|| ours.first().map(|d| Marker { loop_dev: d.clone(), backing: backing.clone() })))
 }
 
 /// Lazily unmounts a FUSE mount whose server is gone (or any mount left at `dir`).
@@ -348,6 +385,17 @@ impl UserDevice {
         state: &Path,
         rt: tokio::runtime::Handle,
     ) -> Result<UserDevice, UserError> {
+        if !Path::new("/dev/fuse").exists() {
+            return Err(UserError::Unsupported(
+                "no /dev/fuse: this kernel has no FUSE, or the fuse module is not loaded (modprobe fuse)".into(),
+            ));
+        }
+        if !Path::new("/dev/loop-control").exists() {
+            return Err(UserError::Unsupported(
+                "no /dev/loop-control: this kernel has no loop devices, or the loop module is not loaded (modprobe loop)"
+                    .into(),
+            ));
+        }
         let mount = mount_point(state);
         std::fs::create_dir_all(&mount).map_err(io_err(format!("create {}", mount.display())))?;
         let stats = Arc::new(UserStats::default());
@@ -363,11 +411,16 @@ impl UserDevice {
             MountOption::NoExec,
         ];
         config.n_threads = Some(2);
-        let session =
-            fuser::spawn_mount(fs, &mount, &config).map_err(io_err(format!("mount FUSE at {}", mount.display())))?;
+        let session = fuser::spawn_mount(fs, &mount, &config).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EPERM) { " (mounting needs root: CAP_SYS_ADMIN)" } else { "" };
+            io_err(format!("mount FUSE at {}{hint}", mount.display()))(e)
+        })?;
         let backing = mount.join(FILE_NAME);
         let mut dev =
             UserDevice { session: Some(session), mount, loop_dev: PathBuf::new(), marker: state.join(MARKER), stats };
+        // Recorded before the loop device exists: a crash right after binding it still leaves a
+        // marker, and `recover` finds the device by its backing file.
+        write_marker(&dev.marker, state, &Marker { loop_dev: PathBuf::new(), backing: backing.clone() })?;
         let shown = losetup(&["--find".as_ref(), "--show".as_ref(), "--direct-io=on".as_ref(), backing.as_os_str()])?;
         dev.loop_dev = PathBuf::from(shown);
         if backing_of(&dev.loop_dev).as_deref() != Some(backing.as_path()) {
@@ -387,13 +440,7 @@ impl UserDevice {
                 dev.loop_dev.display()
             );
         }
-        let m = Marker { loop_dev: dev.loop_dev.clone(), backing };
-        let tmp = dev.marker.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string(&m).expect("marker serializes"))
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &dev.marker))
-            .and_then(|()| std::fs::File::open(state)?.sync_all())
-            .map_err(io_err(format!("write {}", dev.marker.display())))?;
+        write_marker(&dev.marker, state, &Marker { loop_dev: dev.loop_dev.clone(), backing })?;
         Ok(dev)
     }
 

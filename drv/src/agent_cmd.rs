@@ -294,13 +294,12 @@ pub fn detach(a: DetachArgs) -> Result<()> {
                 let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(&a.volume));
                 if state.join(user::MARKER).exists() {
                     let m = user::recover(&state).context("detach the user-mode device")?;
-                    if let Some(m) = m {
-                        println!(
-                            "volume {}: {} detached and the FUSE mount of the agent that died removed; writes in doubt are resynced by the next `drv attach`",
-                            a.volume,
-                            m.loop_dev.display()
-                        );
-                    }
+                    let dev = m.map(|m| m.loop_dev.display().to_string()).filter(|d| !d.is_empty());
+                    println!(
+                        "volume {}: {} and the FUSE mount of the agent that died removed; writes in doubt are resynced by the next `drv attach`",
+                        a.volume,
+                        dev.map_or("no loop device was bound; nothing detached".to_string(), |d| format!("{d} detached"))
+                    );
                     return Ok(());
                 }
                 let ctl = kmod::Control::open().with_context(|| format!("{e:#}"))?;

@@ -17,6 +17,24 @@ struct Attached {
     child: Child,
     dev: String,
     run_dir: String,
+    state: PathBuf,
+}
+
+impl Drop for Attached {
+    /// A failed test must not leave its FUSE mount and loop device behind: the agent is killed
+    /// and `drv detach` (with no agent) removes them, as an administrator would.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(drv_tests::drv_bin())
+            .args(["detach", "vol1", "--run-dir", &self.run_dir])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output();
+    }
 }
 
 impl Attached {
@@ -55,7 +73,7 @@ impl Attached {
                 let dev = dev.to_owned();
                 // Keep reading (and dropping) its output so it never blocks on a full pipe.
                 std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-                return Attached { child, dev, run_dir };
+                return Attached { child, dev, run_dir, state: state(cl) };
             }
         }
     }
@@ -390,11 +408,16 @@ async fn sigkill_of_the_whole_pipeline_at_random_moments_leaves_a_consistent_rep
         // SAFETY: kill(2) of the workload's process group.
         unsafe { libc::kill(-(work.id() as i32), libc::SIGKILL) };
         let _ = work.wait();
-        let Attached { mut child, .. } = a;
-        let _ = child.wait();
+        let mut a = a;
+        let _ = a.child.wait();
         kill_all([&mut staging, &mut replica]);
         // The source's filesystem saw I/O errors from the moment the agent died.
         drop(m);
+        if point == 2 {
+            // As if the agent had died between binding the loop device and recording it: the
+            // next attach finds it by its backing file (`nothing_left` at the end checks).
+            std::fs::remove_file(state(&cl).join("user-attached")).unwrap();
+        }
         if point == 1 {
             // `drv detach` with no agent running cleans up what the dead one left (the next
             // attach would do it too).
