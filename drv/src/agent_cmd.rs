@@ -400,10 +400,14 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
             if mode == Some(CaptureMode::User)
                 && let Some(m) = user::recover(&state).context("clean up after the previous agent")?
             {
-                eprintln!(
-                    "volume {volume}: the previous agent stopped without `drv detach`; its {} failed every I/O since and is now detached (unmount whatever was mounted from it); writes in doubt are resynced, and a new loop device follows",
-                    m.loop_dev.display()
-                );
+                if m.loop_dev.as_os_str().is_empty() {
+                    eprintln!("volume {volume}: the previous agent stopped before it bound a loop device; its FUSE mount is removed");
+                } else {
+                    eprintln!(
+                        "volume {volume}: the previous agent stopped without `drv detach`; its {} failed every I/O since and is now detached (unmount whatever was mounted from it); writes in doubt are resynced, and a new loop device follows",
+                        m.loop_dev.display()
+                    );
+                }
             }
             let image = match mode {
                 Some(CaptureMode::User) => Some(f.try_clone().context("open the image for reads")?),
