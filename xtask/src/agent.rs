@@ -283,9 +283,11 @@ fn resync_vs_rsync(drv: &Path, dir: &Path, quick: bool) -> Result<ResyncFigures>
     let _ = replica.wait();
     let (dirty, resync_secs, resync_bytes) = result?;
     // The same job by rsync: bring the old copy up to date, in place, with its delta algorithm.
+    // `--ignore-times`: the copy and the writes may fall in the same second, and rsync's quick
+    // check (same size and mtime) would then skip the file and send nothing (seen with --quick).
     let t = Instant::now();
     let out = std::process::Command::new("rsync")
-        .args(["--inplace", "--no-whole-file", "--stats"])
+        .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
         .arg(&source)
         .arg(dir.join("rsync-dst.img"))
         .output()
