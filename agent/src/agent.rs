@@ -36,7 +36,7 @@ use crate::epoch::EpochClock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("staging: {0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("staging refused volume {volume}: {message}")]
     Refused { volume: u64, message: String },
@@ -49,16 +49,20 @@ pub enum AgentError {
     Disconnected,
     #[error("write of {0} bytes is over the {MAX_WRITE_BYTES}-byte limit of one record")]
     TooLarge(usize),
-    #[error("local write at offset {offset}: {source}")]
-    Local { offset: u64, source: std::io::Error },
-    #[error("{0}")]
+    #[error("local write at offset {offset}: {err}")]
+    Local { offset: u64, err: std::io::Error },
+    #[error(transparent)]
     ChangeMap(#[from] ChangeMapError),
-    #[error("state directory {0} is in use by another agent")]
-    StateInUse(String),
+    /// Another process has the state directory (names it).
+    #[error(transparent)]
+    StateInUse(#[from] drv_files::LockError),
     #[error("range at offset {offset} ({len} bytes) is outside the volume ({volume_bytes} bytes)")]
     OutOfRange { offset: u64, len: u64, volume_bytes: u64 },
     #[error("staging is unavailable and this agent has no change map: the write at offset {offset} failed: {why}")]
     Unprotected { offset: u64, why: String },
+    /// A resync used up the room staging reported for its session (it asks again; never shown).
+    #[error("the room staging's log reported for this session is used up")]
+    RoomUsed,
 }
 
 /// The local disk of a protected volume: where a write goes once staging has it.
@@ -188,10 +192,12 @@ impl Session {
     }
 
     /// The stream is gone: every waiting write fails (the oldest with `first`).
+    /// Not logged here: what the agent does about it (`switch_to_map`, a resync that stops) says
+    /// it once, with this reason.
     fn fail(&self, why: String, first: AgentError) {
         let mut b = self.broken.lock().expect("broken");
         if b.is_none() {
-            tracing::warn!("agent stream to staging ended: {why}");
+            tracing::debug!("agent stream to staging ended: {why}");
             *b = Some(why);
         }
         drop(b);
@@ -232,13 +238,23 @@ const ACK_FRAME_BYTES_LIMIT: u32 = 1 << 20;
 /// How long a connection attempt to staging may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connects and opens the volume: the session and staging's (last_seq, last_epoch).
+/// A session just opened, and what staging said of the volume.
+struct Opened {
+    session: Arc<Session>,
+    last_seq: u64,
+    last_epoch: u64,
+    /// Free bytes of staging's log, and all of its bytes.
+    room_bytes: u64,
+    capacity_bytes: u64,
+}
+
+/// Connects and opens the volume.
 async fn open_session(
     id: &Identity,
     staging: SocketAddr,
     volume_id: u64,
     ack_timeout: Duration,
-) -> Result<(Arc<Session>, u64, u64), AgentError> {
+) -> Result<Opened, AgentError> {
     let cfg = tls::client_config(id, Role::Staging)?;
     let timeout = |_| TransportError::Connect {
         peer: staging.to_string(),
@@ -256,8 +272,10 @@ async fn open_session(
     let (out, mut r) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(timeout)??;
     out.send(&Frame::OpenVolume { volume_id })?;
     let answer = tokio::time::timeout(CONNECT_TIMEOUT, r.next()).await.map_err(timeout)?;
-    let (last_seq, last_epoch) = match answer? {
-        Some(Frame::VolumeState { last_seq, last_epoch, .. }) => (last_seq, last_epoch),
+    let (last_seq, last_epoch, room_bytes, capacity_bytes) = match answer? {
+        Some(Frame::VolumeState { last_seq, last_epoch, room_bytes, capacity_bytes, .. }) => {
+            (last_seq, last_epoch, room_bytes, capacity_bytes)
+        }
         Some(Frame::Error { message, .. }) => return Err(AgentError::Refused { volume: volume_id, message }),
         _ => return Err(AgentError::Disconnected),
     };
@@ -309,7 +327,18 @@ async fn open_session(
             }
         }
     });
-    Ok((s, last_seq, last_epoch))
+    Ok(Opened { session: s, last_seq, last_epoch, room_bytes, capacity_bytes })
+}
+
+/// How many bytes a resync may ship on a session whose staging reported `room` free bytes of its
+/// log's `capacity`, with `dirty` bytes to ship; `None`: wait for more room. It starts when all of
+/// it fits, or when an eighth of the log is free. So a log that is full (its replica away) is left
+/// alone until relaying frees room, instead of being filled and refused again and again, and a
+/// resync never ships more than staging can take before it asks again.
+fn resync_budget(room: u64, capacity: u64, dirty: u64) -> Option<u64> {
+    // Record headers and tags (112 bytes per block), batch headers and padding take some room.
+    let budget = room - room / 16;
+    (budget >= dirty + dirty / 64 || room >= capacity / 8).then_some(budget)
 }
 
 struct Order {
@@ -448,7 +477,7 @@ struct Inner {
     /// Resync bandwidth limit in bytes per second (0: none).
     bwlimit: AtomicU64,
     /// The state directory's lock (held while the agent lives).
-    _lock: Option<std::fs::File>,
+    _lock: Option<drv_files::DirLock>,
     /// Told each write's epoch as it is issued (see [`Agent::set_issue_tap`]).
     tap: std::sync::OnceLock<IssueTap>,
 }
@@ -467,6 +496,17 @@ pub struct Agent {
 /// 4 KiB units of the in-flight limit.
 fn units(bytes: usize) -> u32 {
     (bytes.div_ceil(4096).max(1)).min(u32::MAX as usize) as u32
+}
+
+/// How one attempt of the reconnect task ended.
+enum Attempt {
+    Unreachable,
+    /// Staging's log has no room for the resync yet.
+    NoRoom,
+    /// The resync used the room it was given: ask for more at once.
+    Again,
+    /// The resync completed, or failed (and goes on at the next attempt).
+    Resynced,
 }
 
 /// How a write was issued.
@@ -494,22 +534,9 @@ impl Agent {
         let (map, activity, lock) = match state_dir {
             None => (None, None, None),
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| AgentError::Local { offset: 0, source })?;
+                std::fs::create_dir_all(dir).map_err(|err| AgentError::Local { offset: 0, err })?;
                 // One agent per state directory: two would each clear the other's marks.
-                let lock_path = dir.join("lock");
-                let lock = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&lock_path)
-                    .map_err(|source| AgentError::Local { offset: 0, source })?;
-                match lock.try_lock() {
-                    Ok(()) => {}
-                    Err(std::fs::TryLockError::WouldBlock) => {
-                        return Err(AgentError::StateInUse(dir.display().to_string()));
-                    }
-                    Err(std::fs::TryLockError::Error(source)) => return Err(AgentError::Local { offset: 0, source }),
-                }
+                let lock = drv_files::lock_dir(dir, "agent state directory")?;
                 let map = ChangeMap::open(&dir.join("changemap"), volume_id, volume_bytes, opts.change_block_bytes)?;
                 let al = ChangeMap::open(&dir.join("activity"), volume_id, volume_bytes, opts.activity_extent_bytes)?;
                 // Writes in doubt: staging may hold writes of these extents that the local disk
@@ -560,21 +587,18 @@ impl Agent {
         });
         let first = open_session(id, staging, volume_id, inner.opts.ack_timeout).await;
         match first {
-            Ok((s, last_seq, last_epoch)) if !dirty => {
-                let mut o = inner.order.lock().expect("order");
-                o.next_seq = last_seq + 1;
-                o.clock = EpochClock::new(last_epoch);
-                o.session = Some(s);
-                o.mode = Mode::Sync;
+            Ok(o) if !dirty => {
+                let (last_seq, last_epoch) = (o.last_seq, o.last_epoch);
+                let mut ord = inner.order.lock().expect("order");
+                ord.next_seq = last_seq + 1;
+                ord.clock = EpochClock::new(last_epoch);
+                ord.session = Some(o.session);
+                ord.mode = Mode::Sync;
                 tracing::info!(volume_id, last_seq, last_epoch, "agent connected to staging {staging}");
             }
-            Ok((s, last_seq, last_epoch)) => {
-                // Marked blocks from an earlier run: resync them first. The mode changes before
-                // the reconnect task starts, so it does not begin a second resync.
-                inner.order.lock().expect("order").mode = Mode::Resyncing;
-                let i = inner.clone();
-                tokio::spawn(async move { i.resync(s, last_seq, last_epoch).await });
-            }
+            // Marked blocks from an earlier run: the reconnect task resyncs them first (it asks
+            // staging for room on a session of its own).
+            Ok(_) => tracing::info!(volume_id, "blocks marked by an earlier run: resyncing them first"),
             // A refusal is a configuration problem (unknown volume, wrong certificate), not an
             // outage: say so instead of protecting a volume staging will never take.
             Err(e @ AgentError::Refused { .. }) => return Err(e),
@@ -583,39 +607,7 @@ impl Agent {
             }
             Err(e) => return Err(e),
         }
-        // Reconnect and resync whenever the agent is in change-map mode.
-        let (wi, degraded_n) = (Arc::downgrade(&inner), inner.degraded.clone());
-        tokio::spawn(async move {
-            loop {
-                let degraded = degraded_n.notified();
-                let Some(i) = wi.upgrade() else { return };
-                let interval = i.opts.reconnect_interval;
-                let mode = {
-                    let mut o = i.order.lock().expect("order");
-                    // A link that broke while idle (staging gone between writes): leave sync mode
-                    // now, so status says so and the reconnect starts, not at the next write.
-                    let broken = o.session.as_ref().and_then(|s| s.broken_reason());
-                    if let (Mode::Sync, Some(why), true) = (o.mode, broken, i.map.is_some()) {
-                        i.switch_to_map(&mut o, &why);
-                    }
-                    o.mode
-                };
-                if mode == Mode::ChangeMap && i.map.is_some() {
-                    match open_session(&i.id, i.staging, i.volume_id, i.opts.ack_timeout).await {
-                        Ok((s, last_seq, last_epoch)) => i.resync(s, last_seq, last_epoch).await,
-                        Err(e) => tracing::debug!("staging still unreachable: {e}"),
-                    }
-                    drop(i);
-                    tokio::time::sleep(interval).await;
-                } else {
-                    drop(i);
-                    tokio::select! {
-                        _ = degraded => {}
-                        _ = tokio::time::sleep(interval) => {}
-                    }
-                }
-            }
-        });
+        tokio::spawn(Inner::reconnect_task(Arc::downgrade(&inner)));
         // Idle epoch closer.
         let (ci, idle_n, wait) = (Arc::downgrade(&inner), inner.idle.clone(), inner.opts.epoch_close_idle);
         tokio::spawn(async move {
@@ -690,7 +682,7 @@ impl Agent {
             } else {
                 tokio::task::spawn_blocking(move || al.enter(offset, len))
                     .await
-                    .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
+                    .map_err(|e| AgentError::Local { offset, err: std::io::Error::other(e.to_string()) })??;
             }
         }
         let mut data = Some(data);
@@ -701,6 +693,8 @@ impl Agent {
             }
             freed.await;
         };
+        // Marked in the change map: the map is told when the local write is done.
+        let mut marked = false;
         let mut result = match issued {
             Issued::Staging(seq, rx) => {
                 // Bounded by the session's watchdog (`ack_timeout`).
@@ -714,21 +708,24 @@ impl Agent {
                     // Staging may or may not have it: the change map covers it either way.
                     Err(e) => match i.degrade(&e) {
                         Ok(()) if len == 0 => Ok(()),
-                        Ok(()) => i.mark(offset, len).await,
+                        Ok(()) => i.mark(offset, len).await.map(|()| marked = true),
                         Err(x) => Err(x),
                     },
                 }
             }
             // A flush (no data) changes no block: nothing to mark.
             Issued::Local if len == 0 => Ok(()),
-            Issued::Local => i.mark(offset, len).await,
+            Issued::Local => i.mark(offset, len).await.map(|()| marked = true),
         };
         if result.is_ok() {
             let flush_gen = match &i.activity {
                 Some(al) if flags.contains(Flags::FLUSH) => Some(al.flush_begin()),
                 _ => None,
             };
-            result = local().await.map_err(|source| AgentError::Local { offset, source });
+            result = local().await.map_err(|err| AgentError::Local { offset, err });
+            if let (Some(map), true) = (&i.map, marked) {
+                map.write_done(offset, len);
+            }
             if let (Some(al), Some(g), true) = (&i.activity, flush_gen, result.is_ok()) {
                 al.flush_done(g)?;
             }
@@ -778,7 +775,7 @@ impl Agent {
         let m = map.clone();
         tokio::task::spawn_blocking(move || m.mark_all())
             .await
-            .map_err(|e| AgentError::Local { offset: 0, source: std::io::Error::other(e.to_string()) })??;
+            .map_err(|e| AgentError::Local { offset: 0, err: std::io::Error::other(e.to_string()) })??;
         tracing::info!(volume = i.volume_id, bytes = map.dirty_bytes(), ?bwlimit, "initial sync started");
         i.leave_sync("initial sync");
         Ok(())
@@ -799,7 +796,7 @@ impl Agent {
         let (m, r) = (map.clone(), ranges.to_vec());
         tokio::task::spawn_blocking(move || m.mark_ranges(&r))
             .await
-            .map_err(|e| AgentError::Local { offset: 0, source: std::io::Error::other(e.to_string()) })??;
+            .map_err(|e| AgentError::Local { offset: 0, err: std::io::Error::other(e.to_string()) })??;
         tracing::info!(
             volume = i.volume_id,
             ranges = ranges.len(),
@@ -906,15 +903,16 @@ impl Inner {
         Some(Issued::Local)
     }
 
-    /// Marks a write's blocks before its local write (change-map mode).
+    /// Marks a write's blocks before its local write (change-map mode); the caller tells the map
+    /// when the local write is done (`ChangeMap::write_done`).
     async fn mark(&self, offset: u64, len: u64) -> Result<(), AgentError> {
         let Some(map) = self.map.clone() else {
             return Err(AgentError::Unprotected { offset, why: "not connected to staging".into() });
         };
         self.stats.mapped_writes.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || map.mark(offset, len))
+        tokio::task::spawn_blocking(move || map.mark_write(offset, len))
             .await
-            .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })??;
+            .map_err(|e| AgentError::Local { offset, err: std::io::Error::other(e.to_string()) })??;
         Ok(())
     }
 
@@ -952,6 +950,9 @@ impl Inner {
     /// Sync mode ends: the session is dropped and the reconnect task takes over.
     fn switch_to_map(&self, o: &mut Order, why: &dyn std::fmt::Display) {
         if o.mode == Mode::Sync {
+            // Why the session ended says more than what a write saw of it ("the connection to
+            // staging is gone"): say that, once.
+            let why = o.session.as_ref().and_then(|s| s.broken_reason()).unwrap_or_else(|| why.to_string());
             tracing::warn!(volume = self.volume_id, "switching to the change map: {why}");
             o.mode = Mode::ChangeMap;
             if let Some(s) = o.session.take() {
@@ -962,39 +963,115 @@ impl Inner {
         }
     }
 
-    /// Ships every marked block over `s`, then returns to sync mode. On failure the agent stays
-    /// in change-map mode (the map still holds every block) and the reconnect task tries again.
-    async fn resync(self: &Arc<Self>, s: Arc<Session>, last_seq: u64, last_epoch: u64) {
-        let map = self.map.clone().expect("resync needs a change map");
-        {
-            let mut o = self.order.lock().expect("order");
-            // One resync at a time: the session it runs on owns the sequence numbers.
-            assert!(
-                o.session.is_none() || o.session.as_ref().is_some_and(|x| x.is_broken()),
-                "a resync started while another session is live"
-            );
-            o.next_seq = last_seq + 1;
-            o.clock.resume_after(last_epoch);
-            o.session = Some(s.clone());
-            o.mode = Mode::Resyncing;
-        }
-        tracing::info!(volume = self.volume_id, dirty_bytes = map.dirty_bytes(), "resync started");
-        let r = self.resync_passes(&map).await;
-        let mut o = self.order.lock().expect("order");
-        match r {
-            Ok(()) => tracing::info!(volume = self.volume_id, "resync complete: back in sync mode"),
-            Err(e) => {
-                tracing::warn!(volume = self.volume_id, "resync interrupted: {e}");
-                o.mode = Mode::ChangeMap;
-                o.session = None;
-                s.fail(format!("resync interrupted: {e}"), AgentError::Disconnected);
-                map.reset_todo();
+    /// Reconnects and resyncs whenever the agent is in change-map mode, until the agent is gone.
+    /// While staging's log has no room for the resync it waits, longer each time (up to four
+    /// reconnect intervals), and says so once.
+    async fn reconnect_task(weak: std::sync::Weak<Inner>) {
+        let Some(degraded_n) = weak.upgrade().map(|i| i.degraded.clone()) else { return };
+        let mut waiting_for_room = false;
+        let mut delay = Duration::ZERO;
+        loop {
+            let degraded = degraded_n.notified();
+            let Some(i) = weak.upgrade() else { return };
+            let interval = i.opts.reconnect_interval;
+            let mode = {
+                let mut o = i.order.lock().expect("order");
+                // A link that broke while idle (staging gone between writes): leave sync mode
+                // now, so status says so and the reconnect starts, not at the next write.
+                let broken = o.session.as_ref().and_then(|s| s.broken_reason());
+                if let (Mode::Sync, Some(why), true) = (o.mode, broken, i.map.is_some()) {
+                    i.switch_to_map(&mut o, &why);
+                }
+                o.mode
+            };
+            if mode == Mode::ChangeMap && i.map.is_some() {
+                delay = match i.try_resync(&mut waiting_for_room).await {
+                    Attempt::Again => Duration::ZERO,
+                    Attempt::NoRoom => (delay * 2).clamp(interval, interval * 4),
+                    Attempt::Unreachable | Attempt::Resynced => interval,
+                };
+                drop(i);
+                tokio::time::sleep(delay).await;
+            } else {
+                drop(i);
+                tokio::select! {
+                    _ = degraded => {}
+                    _ = tokio::time::sleep(interval) => {}
+                }
             }
         }
     }
 
+    /// One attempt of the reconnect task: a session, and a resync if staging's log has room.
+    async fn try_resync(self: &Arc<Self>, waiting_for_room: &mut bool) -> Attempt {
+        let o = match open_session(&self.id, self.staging, self.volume_id, self.opts.ack_timeout).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!("staging still unreachable: {e}");
+                return Attempt::Unreachable;
+            }
+        };
+        let dirty = self.map.as_ref().map(|m| m.dirty_bytes()).unwrap_or(0);
+        let Some(budget) = resync_budget(o.room_bytes, o.capacity_bytes, dirty) else {
+            if !std::mem::replace(waiting_for_room, true) {
+                tracing::info!(
+                    volume = self.volume_id,
+                    room_bytes = o.room_bytes,
+                    capacity_bytes = o.capacity_bytes,
+                    dirty_bytes = dirty,
+                    "staging's write log has no room for the resync: waiting until relaying frees some"
+                );
+            }
+            return Attempt::NoRoom;
+        };
+        *waiting_for_room = false;
+        match self.resync(o, budget).await {
+            Err(AgentError::RoomUsed) => Attempt::Again,
+            _ => Attempt::Resynced,
+        }
+    }
+
+    /// Ships every marked block over the session `o`, at most `budget` bytes of them, then
+    /// returns to sync mode. When it stops before that (the link failed, or the budget is used up)
+    /// the agent stays in change-map mode and the reconnect task goes on where it stopped: blocks
+    /// shipped and acknowledged are cleared in the map as the acknowledgements come.
+    async fn resync(self: &Arc<Self>, o: Opened, mut budget: u64) -> Result<(), AgentError> {
+        let map = self.map.clone().expect("resync needs a change map");
+        let s = o.session.clone();
+        {
+            let mut ord = self.order.lock().expect("order");
+            // One resync at a time: the session it runs on owns the sequence numbers.
+            assert!(
+                ord.session.is_none() || ord.session.as_ref().is_some_and(|x| x.is_broken()),
+                "a resync started while another session is live"
+            );
+            ord.next_seq = o.last_seq + 1;
+            ord.clock.resume_after(o.last_epoch);
+            ord.session = Some(o.session);
+            ord.mode = Mode::Resyncing;
+        }
+        tracing::info!(volume = self.volume_id, dirty_bytes = map.dirty_bytes(), budget, "resync started");
+        let r = self.resync_passes(&map, &mut budget).await;
+        let mut ord = self.order.lock().expect("order");
+        match &r {
+            Ok(()) => tracing::info!(volume = self.volume_id, "resync complete: back in sync mode"),
+            Err(e) => {
+                if matches!(e, AgentError::RoomUsed) {
+                    tracing::debug!(volume = self.volume_id, "resync paused: {e}");
+                } else {
+                    tracing::warn!(volume = self.volume_id, "resync interrupted: {e}");
+                }
+                ord.mode = Mode::ChangeMap;
+                ord.session = None;
+                s.fail(format!("resync paused: {e}"), AgentError::Disconnected);
+                map.reset_todo();
+            }
+        }
+        r
+    }
+
     /// Runs on the session installed by `resync` (records are queued through `Order::send`).
-    async fn resync_passes(self: &Arc<Self>, map: &Arc<ChangeMap>) -> Result<(), AgentError> {
+    async fn resync_passes(self: &Arc<Self>, map: &Arc<ChangeMap>, budget: &mut u64) -> Result<(), AgentError> {
         let mut pass = 0u64;
         loop {
             pass += 1;
@@ -1004,7 +1081,7 @@ impl Inner {
             let last = pass > 1 && map.todo_len() <= self.opts.final_pass_blocks;
             let _exclusive = if last { Some(self.gate.write().await) } else { None };
             let blocks = map.take_todo();
-            self.ship(map, &blocks, !last).await?;
+            self.ship(map, &blocks, !last, budget).await?;
             if last {
                 // Everything marked was shipped and is durable at staging; no write is running,
                 // and none starts before the mode is sync again (the gate is still held).
@@ -1021,13 +1098,29 @@ impl Inner {
         }
     }
 
-    /// Sends `blocks` as RESYNC records read from the local disk and waits for every ack.
-    async fn ship(self: &Arc<Self>, map: &Arc<ChangeMap>, blocks: &[u64], limited: bool) -> Result<(), AgentError> {
+    /// Sends `blocks` as RESYNC records read from the local disk (at most `budget` bytes, which
+    /// it counts down), waits for every ack, and clears each block in the map once staging has it.
+    async fn ship(
+        self: &Arc<Self>,
+        map: &Arc<ChangeMap>,
+        blocks: &[u64],
+        limited: bool,
+        budget: &mut u64,
+    ) -> Result<(), AgentError> {
         let bs = map.block_bytes;
-        let mut waits = Vec::new();
+        let mut waits = std::collections::VecDeque::new();
+        let mut acked = Vec::new();
         let started = std::time::Instant::now();
         let mut sent = 0u64;
+        let mut result = Ok(());
         for &b in blocks {
+            let offset = b * bs;
+            let len = bs.min(self.volume_bytes - offset) as usize;
+            if (len as u64) > *budget {
+                result = Err(AgentError::RoomUsed);
+                break;
+            }
+            *budget -= len as u64;
             // Bandwidth limit: never ahead of `bwlimit` bytes per second since this pass began.
             let limit = self.bwlimit.load(Ordering::Relaxed);
             if limit > 0 && limited {
@@ -1036,39 +1129,67 @@ impl Inner {
                     tokio::time::sleep(wait).await;
                 }
             }
-            let offset = b * bs;
-            let len = bs.min(self.volume_bytes - offset) as usize;
-            let permit = self.inflight.acquire_many(units(len)).await.map_err(|_| AgentError::Disconnected)?;
-            let disk = self.disk.clone();
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                disk.read_at(offset, &mut buf).map(|_| buf)
-            })
-            .await
-            .map_err(|e| AgentError::Local { offset, source: std::io::Error::other(e.to_string()) })?
-            .map_err(|source| AgentError::Local { offset, source })?;
-            let rx = {
-                let mut o = self.order.lock().expect("order");
-                let epoch = o.clock.current();
-                let volume_id = self.volume_id;
-                let data = Bytes::from(data);
-                o.send(|seq| Frame::Write { volume_id, seq, epoch, offset, flags: Flags::RESYNC.0, data })
-                    .ok_or(AgentError::Disconnected)?
-            };
-            self.stats.resync_blocks.fetch_add(1, Ordering::Relaxed);
-            self.stats.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            match self.send_block(offset, len).await {
+                Ok(w) => waits.push_back((b, w)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
             sent += len as u64;
-            waits.push((rx, permit));
             // Keep the waits bounded: the oldest is acknowledged first anyway.
             if waits.len() >= 256 {
-                let (rx, _p) = waits.remove(0);
-                wait_ack(rx, self.opts.ack_timeout).await?;
+                let (b, (w, _permit)) = waits.pop_front().expect("not empty");
+                if let Err(e) = wait_ack(w, self.opts.ack_timeout).await {
+                    result = Err(e);
+                    waits.clear();
+                    break;
+                }
+                acked.push(b);
+                if acked.len() >= 64 {
+                    map.clear_shipped(&std::mem::take(&mut acked))?;
+                }
             }
         }
-        for (rx, _p) in waits {
-            wait_ack(rx, self.opts.ack_timeout).await?;
+        for (b, (w, _permit)) in waits {
+            if let Err(e) = wait_ack(w, self.opts.ack_timeout).await {
+                result = result.and(Err(e));
+                break;
+            }
+            acked.push(b);
         }
-        Ok(())
+        // What staging acknowledged is durable there, even when the pass stops here: an
+        // interrupted resync goes on from the rest.
+        map.clear_shipped(&acked)?;
+        result
+    }
+
+    /// Reads one block from the local disk and queues it as a RESYNC record.
+    async fn send_block(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+    ) -> Result<((u64, AckWait), tokio::sync::SemaphorePermit<'_>), AgentError> {
+        let permit = self.inflight.acquire_many(units(len)).await.map_err(|_| AgentError::Disconnected)?;
+        let disk = self.disk.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            disk.read_at(offset, &mut buf).map(|_| buf)
+        })
+        .await
+        .map_err(|e| AgentError::Local { offset, err: std::io::Error::other(e.to_string()) })?
+        .map_err(|err| AgentError::Local { offset, err })?;
+        let rx = {
+            let mut o = self.order.lock().expect("order");
+            let epoch = o.clock.current();
+            let volume_id = self.volume_id;
+            let data = Bytes::from(data);
+            o.send(|seq| Frame::Write { volume_id, seq, epoch, offset, flags: Flags::RESYNC.0, data })
+                .ok_or(AgentError::Disconnected)?
+        };
+        self.stats.resync_blocks.fetch_add(1, Ordering::Relaxed);
+        self.stats.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        Ok((rx, permit))
     }
 
     fn close_idle_epoch(&self) {
@@ -1088,5 +1209,25 @@ async fn wait_ack((seq, rx): (u64, AckWait), timeout: Duration) -> Result<(), Ag
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(AgentError::Disconnected),
         Err(_) => Err(AgentError::AckTimeout { seq, timeout }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resync_budget;
+
+    #[test]
+    fn a_resync_waits_for_room_and_never_plans_past_it() {
+        const MIB: u64 = 1 << 20;
+        // A full log (its replica away): wait.
+        assert_eq!(resync_budget(0, 64 * MIB, 10 * MIB), None);
+        assert_eq!(resync_budget(4 * MIB, 64 * MIB, 10 * MIB), None, "less than an eighth free, and it does not fit");
+        // Everything fits: go, even with little room.
+        assert_eq!(resync_budget(4 * MIB, 64 * MIB, MIB), Some(4 * MIB - MIB / 4));
+        // An eighth free: go, in part, within the room.
+        let b = resync_budget(8 * MIB, 64 * MIB, 100 * MIB).unwrap();
+        assert!(b < 8 * MIB && b > 7 * MIB, "{b}");
+        // Nothing dirty: go (the final pass only clears the map and ends the run).
+        assert_eq!(resync_budget(0, 64 * MIB, 0), Some(0));
     }
 }

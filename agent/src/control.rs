@@ -99,8 +99,8 @@ pub struct Reply {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control socket {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("control socket {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("control socket {0}: another agent is serving it")]
     InUse(String),
     #[error("agent at {path}: {message}")]
@@ -114,7 +114,7 @@ pub enum ControlError {
 /// is left alone.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let p = path.display().to_string();
-    let io = |source| ControlError::Io { path: p.clone(), source };
+    let io = |err| ControlError::Io { path: p.clone(), err };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ControlError::InUse(p));
@@ -138,7 +138,7 @@ pub async fn serve(agent: Agent, listener: UnixListener, path: PathBuf) -> Resul
 /// [`serve`], with what the capture path's requests (`Detach`, `TrackSync`) do.
 pub async fn serve_with(agent: Agent, listener: UnixListener, path: PathBuf, hooks: Hooks) -> Result<(), ControlError> {
     let p = path.display().to_string();
-    let io = |source| ControlError::Io { path: p.clone(), source };
+    let io = |err| ControlError::Io { path: p.clone(), err };
     let clients = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (stream, _) = listener.accept().await.map_err(io)?;
@@ -244,14 +244,14 @@ pub struct Client {
 impl Client {
     pub async fn connect(path: &Path) -> Result<Client, ControlError> {
         let p = path.display().to_string();
-        let s = UnixStream::connect(path).await.map_err(|source| ControlError::Io { path: p.clone(), source })?;
+        let s = UnixStream::connect(path).await.map_err(|err| ControlError::Io { path: p.clone(), err })?;
         let (r, w) = s.into_split();
         Ok(Client { path: p, r: BufReader::new(r), w })
     }
 
     /// Sends one request; an error reply becomes [`ControlError::Agent`].
     pub async fn call(&mut self, req: &Request) -> Result<Reply, ControlError> {
-        let io = |source| ControlError::Io { path: self.path.clone(), source };
+        let io = |err| ControlError::Io { path: self.path.clone(), err };
         let mut line = serde_json::to_vec(req).expect("serializable");
         line.push(b'\n');
         self.w.write_all(&line).await.map_err(io)?;

@@ -142,8 +142,8 @@ const IOC_TAKE_DIRTY: u64 = ioc(R | W, 5, std::mem::size_of::<Dirty>());
 pub enum KmodError {
     #[error("{CTL_PATH} is missing: the drv_capture kernel module is not loaded (modprobe drv_capture)")]
     NotLoaded,
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
     #[error("device {name} already exists over {existing}, not over {asked}")]
     OtherBacking { name: String, existing: String, asked: String },
     #[error("{what}: name or path over {max} bytes")]
@@ -206,7 +206,7 @@ impl Control {
         match std::fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(file) => Ok(Control { file }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(KmodError::NotLoaded),
-            Err(source) => Err(KmodError::Io { what: format!("open {}", path.display()), source }),
+            Err(err) => Err(KmodError::Io { what: format!("open {}", path.display()), err }),
         }
     }
 
@@ -214,7 +214,7 @@ impl Control {
         // SAFETY: `arg` points to a live value of the type the request expects (see the header).
         let r = unsafe { libc::ioctl(self.file.as_raw_fd(), req as _, arg) };
         if r < 0 {
-            return Err(KmodError::Io { what: what.to_owned(), source: std::io::Error::last_os_error() });
+            return Err(KmodError::Io { what: what.to_owned(), err: std::io::Error::last_os_error() });
         }
         Ok(())
     }
@@ -226,7 +226,7 @@ impl Control {
         raw.name = cstr("device name", name)?;
         match self.ioctl(&format!("look up device {name}"), IOC_INFO, &mut raw) {
             Ok(()) => Ok(Some(info(&raw))),
-            Err(KmodError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(KmodError::Io { err, .. }) if err.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -506,7 +506,7 @@ pub fn capture(
 ) -> Result<(), KmodError> {
     use std::sync::atomic::Ordering;
     let file = Arc::new(ctl.file);
-    let ctl = Control { file: file.try_clone().map_err(|source| KmodError::Io { what: "dup".into(), source })? };
+    let ctl = Control { file: file.try_clone().map_err(|err| KmodError::Io { what: "dup".into(), err })? };
     let volume_bytes = agent.status().volume_bytes;
     let resync = |ctl: &Control| -> Result<(), KmodError> {
         let ranges = ctl.take_dirty(index, volume_bytes)?;
@@ -518,7 +518,7 @@ pub fn capture(
         for chunk in ranges.chunks(crate::control::MAX_EXTENTS) {
             rt.block_on(agent.resync_ranges(chunk)).map_err(|e| KmodError::Io {
                 what: "resync the module's dirty blocks".into(),
-                source: std::io::Error::other(e),
+                err: std::io::Error::other(e),
             })?;
         }
         Ok(())
@@ -548,7 +548,7 @@ pub fn capture(
                 resync(&ctl)?;
                 continue;
             }
-            Err(source) => return Err(KmodError::Io { what: format!("read /dev/drv{index}'s writes"), source }),
+            Err(err) => return Err(KmodError::Io { what: format!("read /dev/drv{index}'s writes"), err }),
         };
         for m in parse(&buf[..n])? {
             match m {

@@ -56,8 +56,8 @@ const TTL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error("{what}: {err}")]
+    Io { what: String, err: io::Error },
     #[error("losetup {args}: {message}")]
     Losetup { args: String, message: String },
     #[error(
@@ -70,7 +70,7 @@ pub enum UserError {
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> UserError {
     let what = what.into();
-    move |source| UserError::Io { what, source }
+    move |err| UserError::Io { what, err }
 }
 
 /// What `STATE/user-attached` records: the loop device this agent bound, over which FUSE file.
@@ -302,12 +302,8 @@ fn loops_over(backing: &Path) -> Vec<PathBuf> {
     found
 }
 
-fn write_marker(path: &Path, state: &Path, m: &Marker) -> Result<(), UserError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_string(m).expect("marker serializes"))
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| std::fs::File::open(state)?.sync_all())
+fn write_marker(path: &Path, m: &Marker) -> Result<(), UserError> {
+    drv_files::replace(path, serde_json::to_string(m).expect("marker serializes").as_bytes())
         .map_err(io_err(format!("write {}", path.display())))
 }
 
@@ -320,7 +316,7 @@ pub fn recover(state: &Path) -> Result<Option<Marker>, UserError> {
     let marker = match std::fs::read_to_string(&path) {
         Ok(t) => Some(serde_json::from_str::<Marker>(&t).map_err(|e| UserError::Io {
             what: format!("parse {}", path.display()),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
+            err: io::Error::new(io::ErrorKind::InvalidData, e),
         })?),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
@@ -420,7 +416,7 @@ impl UserDevice {
             UserDevice { session: Some(session), mount, loop_dev: PathBuf::new(), marker: state.join(MARKER), stats };
         // Recorded before the loop device exists: a crash right after binding it still leaves a
         // marker, and `recover` finds the device by its backing file.
-        write_marker(&dev.marker, state, &Marker { loop_dev: PathBuf::new(), backing: backing.clone() })?;
+        write_marker(&dev.marker, &Marker { loop_dev: PathBuf::new(), backing: backing.clone() })?;
         let shown = losetup(&["--find".as_ref(), "--show".as_ref(), "--direct-io=on".as_ref(), backing.as_os_str()])?;
         dev.loop_dev = PathBuf::from(shown);
         if backing_of(&dev.loop_dev).as_deref() != Some(backing.as_path()) {
@@ -440,7 +436,7 @@ impl UserDevice {
                 dev.loop_dev.display()
             );
         }
-        write_marker(&dev.marker, state, &Marker { loop_dev: dev.loop_dev.clone(), backing })?;
+        write_marker(&dev.marker, &Marker { loop_dev: dev.loop_dev.clone(), backing })?;
         Ok(dev)
     }
 

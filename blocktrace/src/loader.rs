@@ -45,7 +45,7 @@ fn classic_layouts() -> Result<(Layout, Layout), TracerError> {
     let layout = |tp: &str, with_error: bool| -> Result<Layout, TracerError> {
         let path = tracefs.join("events/block").join(tp).join("format");
         let text = std::fs::read_to_string(&path)
-            .map_err(|source| TracerError::Format { path: path.display().to_string(), source })?;
+            .map_err(|err| TracerError::Format { path: path.display().to_string(), err })?;
         crate::layout::parse(tp, &text, with_error).map_err(|e| TracerError::Layout(e.to_string()))
     };
     Ok((layout("block_rq_issue", false)?, layout("block_rq_complete", true)?))
@@ -57,11 +57,11 @@ fn attach_btf(ebpf: &mut aya::Ebpf) -> Result<(), TracerError> {
     for (name, tp) in BTF {
         let program: &mut aya::programs::BtfTracePoint = ebpf
             .program_mut(name)
-            .ok_or(TracerError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?
+            .ok_or(TracerError::Program { program: name, err: aya::programs::ProgramError::NotLoaded })?
             .try_into()
-            .map_err(|source| TracerError::Program { program: name, source })?;
-        program.load(tp, &btf).map_err(|source| TracerError::Program { program: name, source })?;
-        program.attach().map_err(|source| TracerError::Program { program: name, source })?;
+            .map_err(|err| TracerError::Program { program: name, err })?;
+        program.load(tp, &btf).map_err(|err| TracerError::Program { program: name, err })?;
+        program.attach().map_err(|err| TracerError::Program { program: name, err })?;
     }
     Ok(())
 }
@@ -74,14 +74,14 @@ pub enum TracerError {
         "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0} (mount -t tracefs nodev /sys/kernel/tracing)"
     )]
     NoTracefs(std::io::Error),
-    #[error("read {path}: {source} (does this kernel have the block tracepoints?)")]
-    Format { path: String, source: std::io::Error },
+    #[error("read {path}: {err} (does this kernel have the block tracepoints?)")]
+    Format { path: String, err: std::io::Error },
     #[error("{0}")]
     Layout(String),
     #[error("load the eBPF programs: {0} (root or CAP_BPF+CAP_PERFMON needed; `drv doctor` says more)")]
-    Load(#[source] aya::EbpfError),
-    #[error("eBPF program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Load(aya::EbpfError),
+    #[error("eBPF program {program}: {err}")]
+    Program { program: &'static str, err: aya::programs::ProgramError },
     #[error("eBPF map {map}: {message}")]
     Map { map: &'static str, message: String },
     #[error("{count} devices to trace: at most {max} at once")]
@@ -189,11 +189,11 @@ impl Tracer {
             for (name, tp) in CLASSIC {
                 let program: &mut TracePoint = ebpf
                     .program_mut(name)
-                    .ok_or(TracerError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?
+                    .ok_or(TracerError::Program { program: name, err: aya::programs::ProgramError::NotLoaded })?
                     .try_into()
-                    .map_err(|source| TracerError::Program { program: name, source })?;
-                program.load().map_err(|source| TracerError::Program { program: name, source })?;
-                program.attach("block", tp).map_err(|source| TracerError::Program { program: name, source })?;
+                    .map_err(|err| TracerError::Program { program: name, err })?;
+                program.load().map_err(|err| TracerError::Program { program: name, err })?;
+                program.attach("block", tp).map_err(|err| TracerError::Program { program: name, err })?;
             }
         }
         let map_err =

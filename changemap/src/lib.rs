@@ -39,8 +39,8 @@ const BITMAP_AT: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeMapError {
-    #[error("change map {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("change map {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("change map {path}: {reason}")]
     Invalid { path: String, reason: String },
 }
@@ -52,9 +52,19 @@ pub struct ChangeMap {
     pub block_bytes: u64,
     pub volume_bytes: u64,
     bits: Mutex<Vec<u8>>,
-    /// In memory only: blocks marked since they were last taken for shipping (a resync pass).
-    /// Starts as everything the file has marked.
-    todo: Mutex<std::collections::BTreeSet<u64>>,
+    /// In memory only (lock order: `bits`, then `todo`).
+    todo: Mutex<Todo>,
+}
+
+/// What a resync still has to ship, in memory.
+#[derive(Default)]
+struct Todo {
+    /// Blocks marked since they were last taken for shipping (a resync pass). Starts as everything
+    /// the file has marked.
+    blocks: std::collections::BTreeSet<u64>,
+    /// Blocks with a write in progress (marked by [`ChangeMap::mark_write`], local write not yet
+    /// done): a copy read from the disk now may lack that write.
+    writing: std::collections::BTreeMap<u64, u32>,
 }
 
 impl ChangeMap {
@@ -62,7 +72,7 @@ impl ChangeMap {
     /// describe the same volume and block size.
     pub fn open(path: &Path, volume_id: u64, volume_bytes: u64, block_bytes: u64) -> Result<ChangeMap, ChangeMapError> {
         let p = path.display().to_string();
-        let io = |source| ChangeMapError::Io { path: p.clone(), source };
+        let io = |err| ChangeMapError::Io { path: p.clone(), err };
         let invalid = |reason: String| ChangeMapError::Invalid { path: p.clone(), reason };
         if !block_bytes.is_power_of_two() || !(512..=(64 << 20)).contains(&block_bytes) {
             return Err(invalid(format!("block size {block_bytes} is not a power of two from 512 B to 64 MiB")));
@@ -124,8 +134,8 @@ impl ChangeMap {
         Ok(m)
     }
 
-    fn io(&self, source: std::io::Error) -> ChangeMapError {
-        ChangeMapError::Io { path: self.path.clone(), source }
+    fn io(&self, err: std::io::Error) -> ChangeMapError {
+        ChangeMapError::Io { path: self.path.clone(), err }
     }
 
     fn blocks_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
@@ -137,7 +147,7 @@ impl ChangeMap {
     /// Marks the blocks of `[offset, offset + len)` and makes the marks durable before returning.
     pub fn mark(&self, offset: u64, len: u64) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
-        self.todo.lock().expect("todo").extend(self.blocks_of(offset, len));
+        self.todo.lock().expect("todo").blocks.extend(self.blocks_of(offset, len));
         let mut pages: Vec<u64> = Vec::new();
         for b in self.blocks_of(offset, len) {
             let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
@@ -168,7 +178,7 @@ impl ChangeMap {
             let mut todo = self.todo.lock().expect("todo");
             for &(offset, len) in ranges {
                 for b in self.blocks_of(offset, len) {
-                    todo.insert(b);
+                    todo.blocks.insert(b);
                     let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
                     if bits[byte] & bit == 0 {
                         bits[byte] |= bit;
@@ -215,25 +225,71 @@ impl ChangeMap {
         for b in 0..total {
             bits[(b / 8) as usize] |= 1 << (b % 8);
         }
-        self.todo.lock().expect("todo").extend(0..total);
+        self.todo.lock().expect("todo").blocks.extend(0..total);
         self.file.write_all_at(&bits, BITMAP_AT).map_err(|e| self.io(e))?;
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
+    /// Marks the blocks of a write about to go to the local disk without staging (durably, like
+    /// [`ChangeMap::mark`]) and notes it in progress until [`ChangeMap::write_done`]: until then
+    /// its blocks are never cleared as shipped.
+    pub fn mark_write(&self, offset: u64, len: u64) -> Result<(), ChangeMapError> {
+        {
+            let mut todo = self.todo.lock().expect("todo");
+            for b in self.blocks_of(offset, len) {
+                *todo.writing.entry(b).or_default() += 1;
+            }
+        }
+        let r = self.mark(offset, len);
+        if r.is_err() {
+            self.write_done(offset, len);
+        }
+        r
+    }
+
+    /// The local write of a [`ChangeMap::mark_write`] is done (or failed): its blocks are left to
+    /// ship again, since a copy read while it ran may lack it.
+    pub fn write_done(&self, offset: u64, len: u64) {
+        let mut todo = self.todo.lock().expect("todo");
+        for b in self.blocks_of(offset, len) {
+            todo.blocks.insert(b);
+            if let std::collections::btree_map::Entry::Occupied(mut e) = todo.writing.entry(b) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
     /// Takes the blocks marked since the last take (a resync pass ships them).
     pub fn take_todo(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.todo.lock().expect("todo")).into_iter().collect()
+        std::mem::take(&mut self.todo.lock().expect("todo").blocks).into_iter().collect()
     }
 
     /// Blocks marked since the last take.
     pub fn todo_len(&self) -> usize {
-        self.todo.lock().expect("todo").len()
+        self.todo.lock().expect("todo").blocks.len()
     }
 
-    /// Blocks left to ship: everything the map has marked (after a failed pass).
+    /// Blocks left to ship: everything the map has marked (after an interrupted pass; blocks
+    /// already shipped and acknowledged were cleared by [`ChangeMap::clear_shipped`], so the next
+    /// pass resumes where this one stopped).
     pub fn reset_todo(&self) {
         let all = self.dirty_blocks();
-        *self.todo.lock().expect("todo") = all.into_iter().collect();
+        self.todo.lock().expect("todo").blocks = all.into_iter().collect();
+    }
+
+    /// Clears, lazily, the blocks of `shipped` that staging acknowledged (durable in its log),
+    /// except those marked again since they were taken or with a write in progress: the copy
+    /// shipped may lack that write. A clear that a crash loses only ships a block again.
+    pub fn clear_shipped(&self, shipped: &[u64]) -> Result<(), ChangeMapError> {
+        let mut bits = self.bits.lock().expect("bits");
+        let clear: Vec<u64> = {
+            let todo = self.todo.lock().expect("todo");
+            shipped.iter().copied().filter(|b| !todo.blocks.contains(b) && !todo.writing.contains_key(b)).collect()
+        };
+        self.clear_locked(&mut bits, &clear)
     }
 
     /// The marked blocks, in order.
@@ -264,6 +320,10 @@ impl ChangeMap {
     /// stable: a clear that a crash loses only leaves an extra block marked.
     pub fn clear_lazily(&self, blocks: &[u64]) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
+        self.clear_locked(&mut bits, blocks)
+    }
+
+    fn clear_locked(&self, bits: &mut [u8], blocks: &[u64]) -> Result<(), ChangeMapError> {
         let mut pages: Vec<u64> = Vec::new();
         for &b in blocks {
             let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
@@ -287,7 +347,7 @@ impl ChangeMap {
     pub fn clear_all(&self) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
         bits.iter_mut().for_each(|b| *b = 0);
-        self.todo.lock().expect("todo").clear();
+        self.todo.lock().expect("todo").blocks.clear();
         self.file.write_all_at(&bits, BITMAP_AT).map_err(|e| self.io(e))?;
         self.file.sync_data().map_err(|e| self.io(e))
     }
@@ -326,5 +386,33 @@ mod tests {
         let e = ChangeMap::open(&p, 7, 10 << 20, 64 << 10).err().unwrap();
         assert!(e.to_string().contains("bad magic"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn shipped_blocks_are_cleared_unless_written_again_or_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.cmap");
+        let m = ChangeMap::open(&p, 1, 1 << 20, 4096).unwrap();
+        m.mark_ranges(&[(0, 4 * 4096)]).unwrap(); // blocks 0..4
+        let taken = m.take_todo();
+        assert_eq!(taken, vec![0, 1, 2, 3]);
+        // Block 1 is written again after it was taken (its shipped copy may be old); block 2 has
+        // a write in progress (marked, local write not done).
+        m.mark_write(4096, 10).unwrap();
+        m.write_done(4096, 10);
+        m.mark_write(2 * 4096, 10).unwrap();
+        m.clear_shipped(&taken).unwrap();
+        assert_eq!(m.dirty_blocks(), vec![1, 2]);
+        // An interrupted pass resumes with what is left, not the whole map.
+        m.reset_todo();
+        assert_eq!(m.take_todo(), vec![1, 2]);
+        m.write_done(2 * 4096, 10);
+        assert_eq!(m.take_todo(), vec![2], "a finished write leaves its block to ship again");
+        m.clear_shipped(&[1, 2]).unwrap();
+        assert!(m.dirty_blocks().is_empty());
+        drop(m);
+        // The clears reached the file (lazily: no fdatasync, but written).
+        let m = ChangeMap::open(&p, 1, 1 << 20, 4096).unwrap();
+        assert!(m.dirty_blocks().is_empty());
     }
 }

@@ -6,7 +6,11 @@
 //! installation (volume ids, WRL nonce domains) are allocated here from a counter table, in the same
 //! transaction that stores the entry, and never change afterwards.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+mod validate;
+pub use validate::{MIN_FRAME_BYTES, check_address, human};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -18,8 +22,8 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The database could not be opened, read or written.
-    #[error("configuration store {path}: {source}")]
-    Store { path: String, source: Box<redb::Error> },
+    #[error("configuration store {path}: {err}")]
+    Store { path: String, err: Box<redb::Error> },
     /// An entry does not deserialize into its type (names the kind, entry and serde's reason).
     #[error("{kind} {name:?}: {reason}")]
     Invalid { kind: Kind, name: String, reason: String },
@@ -32,6 +36,9 @@ pub enum ConfigError {
     /// No entry by that name.
     #[error("no {kind} named {name:?}")]
     NotFound { kind: Kind, name: String },
+    /// A command that only reads (or deletes) was pointed at a store that does not exist.
+    #[error("configuration store {0} does not exist (drv config set creates it; --store or DRV_CONFIG names another)")]
+    Missing(String),
     /// An unknown kind was named.
     #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key)")]
     UnknownKind(String),
@@ -94,6 +101,17 @@ pub enum Role {
     Staging,
     Replica,
     Config,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::Staging => "staging",
+            Role::Replica => "replica",
+            Role::Config => "config",
+        })
+    }
 }
 
 /// A node and where to reach it.
@@ -224,43 +242,118 @@ fn default_block() -> u64 {
 
 /// Parses `4096`, `64K`, `64KiB`, `1M`, `2G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Option<u64> {
+    size_bytes(s).ok()
+}
+
+/// Parses a size like [`parse_size`], or says what is wrong with the text.
+pub fn size_bytes(s: &str) -> Result<u64, String> {
+    const MAX: &str = "the largest size is 16 EiB - 1 byte";
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(digits);
-    let n: u64 = n.parse().ok()?;
+    if n.is_empty() {
+        return Err(format!(
+            "{s:?} is not a size: it does not start with a number (sizes look like 4096, 64K, 1M, 2G)"
+        ));
+    }
+    let n: u64 = n.parse().map_err(|_| format!("{s} is too large ({MAX})"))?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        _ => return None,
+        "P" | "PB" | "PIB" => 50,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?} (use B, K, M, G, T or P: powers of 1024)")),
     };
-    n.checked_mul(1u64 << shift)
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large ({MAX})"))
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Size {
-    N(u64),
-    S(String),
+/// A size argument on the command line (for clap's `value_parser`).
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    size_bytes(s)
 }
 
-impl Size {
-    fn bytes<E: serde::de::Error>(self) -> std::result::Result<u64, E> {
-        match self {
-            Size::N(n) => Ok(n),
-            Size::S(s) => parse_size(&s).ok_or_else(|| E::custom(format!("not a size: {s:?}"))),
-        }
+/// Sizes in entries: a number of bytes, or text with a unit.
+struct SizeVisitor;
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a size in bytes such as 4096, 64K, 1M or 2G")
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<u64, E> {
+        Ok(v)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative: a size is 0 or more bytes")))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<u64, E> {
+        Err(E::custom(format!("{v} is not a whole number of bytes")))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<u64, E> {
+        size_bytes(v).map_err(E::custom)
     }
 }
 
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
-    Size::deserialize(d)?.bytes()
+    d.deserialize_any(SizeVisitor)
 }
 
 fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
-    Option::<Size>::deserialize(d)?.map(Size::bytes).transpose()
+    struct Opt;
+    impl<'de> serde::de::Visitor<'de> for Opt {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a size in bytes such as 4096, 64K, 1M or 2G, or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+            de_size(d).map(Some)
+        }
+    }
+    d.deserialize_option(Opt)
+}
+
+/// Entry names become parts of file names (`NAME.img`, `NAME.applied`) and, for endpoints,
+/// certificate names (`NAME.ROLE.drv`): so only letters, digits and a few safe signs.
+fn check_name(kind: Kind, name: &str) -> Result<()> {
+    let (ok, allowed) = match kind {
+        Kind::Endpoint => (
+            (1..=63).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "1 to 63 letters, digits or '-' (it is the name in the node's certificate)",
+        ),
+        _ => (
+            (1..=64).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                && !name.starts_with(['.', '-']),
+            "1 to 64 letters, digits, '-', '_' or '.', not starting with '.' or '-'",
+        ),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { kind, name: name.into(), reason: format!("not a valid name: use {allowed}") })
+    }
+}
+
+/// The JSON value of the text after `FIELD=`: JSON where it parses as JSON, else the text. A
+/// number JSON cannot hold exactly (`99999999999999999999`) stays text, so that a message about
+/// it shows it as it was typed.
+fn assignment_value(raw: &str) -> Value {
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Number(n)) if n.is_f64() && raw.trim().bytes().all(|b| b.is_ascii_digit()) => {
+            Value::String(raw.trim().to_owned())
+        }
+        Ok(v) => v,
+        Err(_) => Value::String(raw.to_owned()),
+    }
 }
 
 enum Db {
@@ -275,10 +368,11 @@ pub struct ConfigStore {
 }
 
 impl ConfigStore {
-    /// Opens (or creates) the store at `path`, creating every table.
+    /// Opens the store at `path`, creating it (and its directory) if it does not exist: what
+    /// `drv config set` does.
     pub fn open(path: &Path) -> Result<ConfigStore> {
         let p = path.display().to_string();
-        let err = |e: redb::Error| ConfigError::Store { path: p.clone(), source: Box::new(e) };
+        let err = |e: redb::Error| ConfigError::Store { path: p.clone(), err: Box::new(e) };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| err(redb::Error::Io(e)))?;
         }
@@ -292,10 +386,22 @@ impl ConfigStore {
         Ok(ConfigStore { db: Db::ReadWrite(db), path: p })
     }
 
+    /// Opens the store at `path` only if it exists (never creates anything): for commands that
+    /// read or delete.
+    pub fn open_existing(path: &Path) -> Result<ConfigStore> {
+        if !path.exists() {
+            return Err(ConfigError::Missing(path.display().to_string()));
+        }
+        Self::open(path)
+    }
+
     /// Opens an existing store for reading only, as servers do at start-up: several processes may
     /// do this at once. Waits up to five seconds while another process holds it for writing.
     pub fn open_read_only(path: &Path) -> Result<ConfigStore> {
         let p = path.display().to_string();
+        if !path.exists() {
+            return Err(ConfigError::Missing(p));
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             match redb::ReadOnlyDatabase::open(path) {
@@ -303,7 +409,7 @@ impl ConfigStore {
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(e) => return Err(ConfigError::Store { path: p, source: Box::new(e.into()) }),
+                Err(e) => return Err(ConfigError::Store { path: p, err: Box::new(e.into()) }),
             }
         }
     }
@@ -313,7 +419,7 @@ impl ConfigStore {
             Db::ReadWrite(db) => Ok(db),
             Db::ReadOnly(_) => Err(ConfigError::Store {
                 path: self.path.clone(),
-                source: Box::new(redb::Error::Io(std::io::Error::other("opened read-only"))),
+                err: Box::new(redb::Error::Io(std::io::Error::other("opened read-only"))),
             }),
         }
     }
@@ -326,13 +432,15 @@ impl ConfigStore {
     }
 
     fn err(&self) -> impl Fn(redb::Error) -> ConfigError + '_ {
-        |e| ConfigError::Store { path: self.path.clone(), source: Box::new(e) }
+        |e| ConfigError::Store { path: self.path.clone(), err: Box::new(e) }
     }
 
     /// Creates or updates an entry from `field=value` assignments (a value is JSON if it parses
-    /// as JSON, else a string; sizes accept K/M/G/T). Checks the type and every reference, and
-    /// allocates ids, all in one transaction. Returns the stored entry.
+    /// as JSON, else a string; sizes accept K/M/G/T). Checks the name, the type and range of every
+    /// field and the rules between entries (`validate.rs`), and allocates ids, all in one
+    /// transaction: nothing is stored unless all of it holds. Returns the stored entry.
     pub fn set(&self, kind: Kind, name: &str, assignments: &[String]) -> Result<Value> {
+        check_name(kind, name)?;
         let e = self.err();
         let tx = self.writable()?.begin_write().map_err(|x| e(x.into()))?;
         let stored = {
@@ -342,19 +450,19 @@ impl ConfigStore {
                 None => Map::new(),
             };
             let old_id = obj.get("id").cloned();
+            // The text of each field as given, for messages.
+            let mut raw = BTreeMap::new();
             for a in assignments {
                 let (k, v) = a.split_once('=').ok_or_else(|| ConfigError::BadAssignment(a.clone()))?;
-                let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
-                obj.insert(k.trim().to_owned(), v);
+                raw.insert(k.trim().to_owned(), v.to_owned());
+                obj.insert(k.trim().to_owned(), assignment_value(v));
             }
             if let Some(old) = old_id
                 && obj.get("id") != Some(&old)
             {
                 return Err(ConfigError::Invalid { kind, name: name.into(), reason: "id cannot change".into() });
             }
-            let mut value = Value::Object(obj);
-            // Type check (and defaults) by a round trip through the struct.
-            value = self.typed_round_trip(kind, name, value)?;
+            let mut value = self.typed_check(kind, name, Value::Object(obj), &raw)?;
             if matches!(kind, Kind::Wrl | Kind::Volume) && value["id"].as_u64() == Some(0) {
                 let mut counters = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
                 let counter = if kind == Kind::Wrl { "wrl_id" } else { "volume_id" };
@@ -366,92 +474,69 @@ impl ConfigStore {
             table.insert(name, bytes.as_slice()).map_err(|x| e(x.into()))?;
             value
         };
-        self.check_references(&tx, kind, name, &stored)?;
+        let problems = validate::cross_check(&self.snapshot(&tx)?, kind, name);
+        if !problems.is_empty() {
+            return Err(ConfigError::Reference { kind, name: name.into(), reason: problems.join("; ") });
+        }
         tx.commit().map_err(|x| e(x.into()))?;
         Ok(stored)
     }
 
-    fn typed_round_trip(&self, kind: Kind, name: &str, value: Value) -> Result<Value> {
-        fn rt<T: Serialize + for<'de> Deserialize<'de>>(v: Value) -> std::result::Result<Value, String> {
-            let t: T = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    /// The entry typed (defaults filled in) and checked field by field; back as JSON.
+    fn typed_check(&self, kind: Kind, name: &str, value: Value, raw: &BTreeMap<String, String>) -> Result<Value> {
+        fn rt<T: Serialize + for<'de> Deserialize<'de> + validate::Entry>(
+            v: Value,
+            raw: &BTreeMap<String, String>,
+        ) -> std::result::Result<Value, String> {
+            let t: T = serde_path_to_error::deserialize(v).map_err(|e| {
+                let field = e.path().to_string();
+                let why = validate::plain_serde(&e.inner().to_string());
+                match raw.get(&field) {
+                    Some(r) => format!("{field}={r}: {why}"),
+                    None if field != "." => format!("{field}: {why}"),
+                    None => why,
+                }
+            })?;
+            let mut c = validate::Check::new(raw);
+            t.check(&mut c);
+            if !c.problems.is_empty() {
+                return Err(c.problems.join("; "));
+            }
             Ok(serde_json::to_value(t).expect("serializable"))
         }
         match kind {
-            Kind::Endpoint => rt::<Endpoint>(value),
-            Kind::Key => rt::<KeyRef>(value),
-            Kind::Wrl => rt::<WrlDef>(value),
-            Kind::Volume => rt::<Volume>(value),
+            Kind::Endpoint => rt::<Endpoint>(value, raw),
+            Kind::Key => rt::<KeyRef>(value, raw),
+            Kind::Wrl => rt::<WrlDef>(value, raw),
+            Kind::Volume => rt::<Volume>(value, raw),
         }
         .map_err(|reason| ConfigError::Invalid { kind, name: name.into(), reason })
     }
 
-    fn check_references(&self, tx: &redb::WriteTransaction, kind: Kind, name: &str, v: &Value) -> Result<()> {
-        let e = self.err();
-        let get = |k: Kind, n: &str| -> Result<Option<Value>> {
-            let t = tx.open_table(k.table()).map_err(|x| e(x.into()))?;
-            let r = t.get(n).map_err(|x| e(x.into()))?;
-            Ok(r.and_then(|v| serde_json::from_slice(v.value()).ok()))
-        };
-        let bad = |reason: String| ConfigError::Reference { kind, name: name.into(), reason };
-        let endpoint_with_role = |n: &str, role: Role| -> Result<()> {
-            match get(Kind::Endpoint, n)? {
-                None => Err(bad(format!("endpoint {n:?} does not exist"))),
-                Some(ep) => {
-                    let ep: Endpoint = serde_json::from_value(ep).map_err(|x| bad(x.to_string()))?;
-                    if ep.role != role {
-                        return Err(bad(format!("endpoint {n:?} has role {:?}, expected {role:?}", ep.role)));
-                    }
-                    Ok(())
+    /// Every entry that reads as its type, as the transaction sees them (entries that do not are
+    /// skipped here: they are refused when they are set).
+    fn snapshot(&self, tx: &redb::WriteTransaction) -> Result<validate::Snapshot> {
+        fn table<T: for<'de> Deserialize<'de>>(
+            tx: &redb::WriteTransaction,
+            k: Kind,
+        ) -> std::result::Result<BTreeMap<String, T>, redb::Error> {
+            let t = tx.open_table(k.table())?;
+            let mut out = BTreeMap::new();
+            for row in t.iter()? {
+                let (n, v) = row?;
+                if let Ok(x) = serde_json::from_slice(v.value()) {
+                    out.insert(n.value().to_owned(), x);
                 }
             }
-        };
-        match kind {
-            Kind::Endpoint => {
-                let ep: Endpoint = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
-                // One Records frame must be able to carry the largest record (4 MiB of data, its
-                // 96-byte header and 16-byte tag) behind the 16-byte records header.
-                const MIN_FRAME: u64 = (4 << 20) + 96 + 16 + 16;
-                if ep.frame_bytes_limit < MIN_FRAME {
-                    return Err(bad(format!(
-                        "frame_bytes_limit {} is below {MIN_FRAME}, the smallest frame that carries a 4 MiB write",
-                        ep.frame_bytes_limit
-                    )));
-                }
-                // QUIC needs 1200-byte datagrams (1228-byte IP packets); far above jumbo frames
-                // s2n-quic's sockets stop carrying the packets (65000 was seen to time out every
-                // connection on loopback), so a larger value is refused here rather than there.
-                if !(1228..=16384).contains(&ep.max_mtu) {
-                    return Err(bad(format!(
-                        "max_mtu {} is outside 1228..=16384 (QUIC's minimum; 9000 suits jumbo-frame networks)",
-                        ep.max_mtu
-                    )));
-                }
-            }
-            Kind::Wrl => {
-                let w: WrlDef = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
-                endpoint_with_role(&w.staging, Role::Staging)?;
-                if w.devices.is_empty() {
-                    return Err(bad("a WRL needs at least one device".into()));
-                }
-            }
-            Kind::Volume => {
-                let vol: Volume = serde_json::from_value(v.clone()).map_err(|x| bad(x.to_string()))?;
-                if get(Kind::Wrl, &vol.wrl)?.is_none() {
-                    return Err(bad(format!("wrl {:?} does not exist", vol.wrl)));
-                }
-                if get(Kind::Key, &vol.key)?.is_none() {
-                    return Err(bad(format!("key {:?} does not exist", vol.key)));
-                }
-                if vol.replicas.is_empty() {
-                    return Err(bad("a volume needs at least one replica".into()));
-                }
-                for r in &vol.replicas {
-                    endpoint_with_role(r, Role::Replica)?;
-                }
-            }
-            Kind::Key => {}
+            Ok(out)
         }
-        Ok(())
+        let e = self.err();
+        Ok(validate::Snapshot {
+            endpoints: table(tx, Kind::Endpoint).map_err(&e)?,
+            keys: table(tx, Kind::Key).map_err(&e)?,
+            wrls: table(tx, Kind::Wrl).map_err(&e)?,
+            volumes: table(tx, Kind::Volume).map_err(&e)?,
+        })
     }
 
     /// One entry as JSON.
@@ -621,7 +706,7 @@ mod tests {
         st.set(Kind::Endpoint, "stg1", &s(&["role=staging", "address=127.0.0.1:7001"])).unwrap();
         st.set(Kind::Endpoint, "rep1", &s(&["role=replica", "address=127.0.0.1:7002"])).unwrap();
         let e = st.set(Kind::Endpoint, "rep1", &s(&["max_mtu=65000"])).unwrap_err();
-        assert!(e.to_string().contains("max_mtu 65000 is outside"), "{e}");
+        assert!(e.to_string().contains("max_mtu=65000 is out of range (allowed: 1228"), "{e}");
         st.set(Kind::Key, "k1", &s(&["path=/etc/drv/k1.key"])).unwrap();
         // A volume that names a missing WRL is refused, naming it.
         let e =
@@ -635,7 +720,7 @@ mod tests {
         // Wrong role is refused.
         let e =
             st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"stg1\"]", "key=k1"])).unwrap_err();
-        assert!(e.to_string().contains("expected Replica"), "{e}");
+        assert!(e.to_string().contains("has role staging, expected replica"), "{e}");
         let v = st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"])).unwrap();
         assert_eq!(v["size_bytes"], 10u64 << 30);
         // Unknown fields and bad types are named.

@@ -16,7 +16,7 @@ use drv_agent::control::{self, Client, Request};
 use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod, user};
 use drv_config::ConfigStore;
 use drv_format::frame::{Frame, media_op};
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use drv_transport::{Identity, Role, quic};
 
 use crate::servers::{ServerConn, addr, fetch_status, runtime};
 
@@ -302,7 +302,7 @@ pub fn detach(a: DetachArgs) -> Result<()> {
                     );
                     return Ok(());
                 }
-                let ctl = kmod::Control::open().with_context(|| format!("{e:#}"))?;
+                let ctl = kmod::Control::open().with_context(|| crate::report(e.as_ref()))?;
                 let d = ctl
                     .find(&a.volume)?
                     .with_context(|| format!("no agent runs for volume {} and it has no drv device", a.volume))?;
@@ -326,7 +326,7 @@ pub fn devices(json: bool) -> Result<()> {
     for index in 0..kmod::MAX_DEVICES {
         match ctl.info(index) {
             Ok(d) => all.push(d),
-            Err(kmod::KmodError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {}
+            Err(kmod::KmodError::Io { err, .. }) if err.raw_os_error() == Some(libc::ENODEV) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -436,7 +436,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                     match crate::order_check::OrderCheck::start(&agent, &d.loop_dev, &state) {
                         Ok(c) => check = Some(c),
                         Err(e) => eprintln!(
-                            "volume {volume}: the agent's epochs are not cross-checked with eBPF: {e:#} (`drv doctor` says why)"
+                            "volume {volume}: the agent's epochs are not cross-checked with eBPF: {} (`drv doctor` says why)", crate::report(e.as_ref())
                         ),
                     }
                 }
@@ -667,16 +667,9 @@ async fn media_call(
     op: u8,
     arg: u64,
 ) -> Result<serde_json::Value> {
-    let client = quic::client(id, Role::Replica)?;
-    let mut conn = quic::connect(&client, server, Role::Replica).await?;
-    let s = conn.open_bidirectional_stream().await.context("open stream")?;
-    let (rx, tx) = s.split();
-    let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
-    w.send(&Frame::MediaRequest { volume_id, op, arg }).await?;
-    match r.next().await? {
+    match quic::request(id, server, Role::Replica, &Frame::MediaRequest { volume_id, op, arg }, 16 << 20).await? {
         Some(Frame::MediaReply { json }) => Ok(serde_json::from_slice(&json).context("parse media reply")?),
-        Some(Frame::Error { message, .. }) => bail!("replica refused: {message}"),
-        other => bail!("unexpected answer: {other:?}"),
+        other => Err(crate::servers::unexpected(server, other)),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use drv_config::{ConfigStore, Kind};
 
@@ -56,8 +56,11 @@ fn show(kind: Kind, name: &str, v: &serde_json::Value) {
 }
 
 pub fn run(a: ConfigArgs) -> Result<()> {
-    let store =
-        ConfigStore::open(&a.store).with_context(|| format!("open configuration store {}", a.store.display()))?;
+    // Only `set` creates a store; reading or deleting from one that does not exist is an error.
+    let store = match &a.cmd {
+        ConfigCommand::Set { .. } => ConfigStore::open(&a.store)?,
+        _ => ConfigStore::open_existing(&a.store)?,
+    };
     match a.cmd {
         ConfigCommand::Set { kind, name, fields, json } => {
             let v = store.set(kind, &name, &fields)?;

@@ -25,24 +25,14 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     writers: u64,
     /// Bytes written in all (e.g. 256M).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = drv_config::size_arg)]
     bytes: u64,
     /// Size of the protected volume.
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    #[arg(long, default_value = "128M", value_parser = drv_config::size_arg)]
     volume: u64,
     /// Keep the temporary directory (its path is printed).
     #[arg(long)]
     keep: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (n, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    n.parse::<u64>().map(|v| v * mult).map_err(|e| format!("{s:?}: {e}"))
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {

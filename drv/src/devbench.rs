@@ -19,7 +19,7 @@ pub struct BenchDeviceArgs {
     #[arg(long, default_value = "rand")]
     pattern: String,
     /// Bytes per write (a multiple of 4096), e.g. 4K or 1M.
-    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    #[arg(long, default_value = "4K", value_parser = drv_config::size_arg)]
     bs: u64,
     /// Writers (queue depth: each has one write in flight).
     #[arg(long, default_value_t = 1)]
@@ -27,7 +27,7 @@ pub struct BenchDeviceArgs {
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Bytes of the device written (default: all of it).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = drv_config::size_arg)]
     span: Option<u64>,
     #[arg(long)]
     json: bool,
@@ -98,10 +98,6 @@ fn via_agent(a: &BenchDeviceArgs, volume: &str, slots: u64) -> Result<(u64, f64)
         }
         Ok((writes, t0.elapsed().as_secs_f64()))
     })
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    drv_config::parse_size(s).ok_or_else(|| format!("{s:?} is not a size such as 4K or 1M"))
 }
 
 pub fn run(a: BenchDeviceArgs) -> Result<()> {

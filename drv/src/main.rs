@@ -134,9 +134,12 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DRV_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let r = match cli.command {
@@ -165,7 +168,25 @@ fn main() {
         }
     };
     if let Err(e) = r {
-        eprintln!("drv: error: {e:#}");
+        eprintln!("drv: error: {}", report(e.as_ref()));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each said once: `what failed: why: why that`. A cause whose text is
+/// already in the report is left out: some libraries' errors include their cause in their own
+/// message and also return it as their source, which `{:#}` would print twice.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    for cause in std::iter::successors(Some(e), |e| e.source()) {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
 }

@@ -136,7 +136,7 @@ impl OrderCheck {
                 if last || Instant::now() >= next_write {
                     next_write = Instant::now() + Duration::from_secs(1);
                     sum.lost = tracer.losses().map(|l| l.total()).unwrap_or(sum.lost);
-                    let tmp = out.with_extension("tmp");
+                    let tmp = drv_files::temp_path(&out);
                     let text = serde_json::to_string(&sum).expect("summary serializes");
                     if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &out)) {
                         tracing::warn!("write {}: {e}", out.display());

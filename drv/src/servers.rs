@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_config::ConfigStore;
 use drv_format::frame::Frame;
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic};
+use drv_transport::{Identity, Role, ca, quic};
 
 #[derive(Subcommand)]
 pub enum CaCommand {
@@ -89,20 +89,23 @@ pub fn ca(c: CaCommand) -> Result<()> {
     Ok(())
 }
 
+/// The socket address of `HOST:PORT` (resolved); the error names the text given.
 pub fn addr(a: &str) -> Result<SocketAddr> {
-    a.to_socket_addrs()?.next().with_context(|| format!("resolve {a}"))
+    drv_config::check_address(a)
+        .map_err(|why| anyhow::anyhow!("address {a:?} {why} (give HOST:PORT, e.g. 10.0.0.5:7001)"))?;
+    let mut found = a.to_socket_addrs().with_context(|| format!("resolve address {a:?}"))?;
+    found.next().with_context(|| format!("address {a:?} resolves to nothing"))
 }
 
 /// Loads node `n.name`'s configuration (which must have `role`), its certificate and its address.
 fn load(n: &NodeArgs, role: drv_config::Role) -> Result<(drv_config::NodeConfig, Identity, SocketAddr)> {
-    let store =
-        ConfigStore::open_read_only(&n.config).with_context(|| format!("open configuration {}", n.config.display()))?;
+    let store = ConfigStore::open_read_only(&n.config)?;
     let node = store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?;
     if node.endpoint.role != role {
-        bail!("node {} has role {:?}, not {role:?}", n.name, node.endpoint.role);
+        bail!("node {} has role {}, not {role}", n.name, node.endpoint.role);
     }
-    let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load certificate of {}", n.name))?;
-    let a = addr(&node.endpoint.address)?;
+    let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load the certificate of {}", n.name))?;
+    let a = addr(&node.endpoint.address).with_context(|| format!("endpoint {}", n.name))?;
     Ok((node, id, a))
 }
 
@@ -140,16 +143,19 @@ pub fn replica_recover(n: NodeArgs) -> Result<()> {
 
 /// Fetches the status document of a server.
 pub async fn fetch_status(id: &Identity, server: SocketAddr, role: Role) -> Result<serde_json::Value> {
-    let client = quic::client(id, role)?;
-    let mut conn = quic::connect(&client, server, role).await?;
-    let s = conn.open_bidirectional_stream().await.context("open stream")?;
-    let (rx, tx) = s.split();
-    let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
-    w.send(&Frame::StatusRequest).await?;
-    match r.next().await? {
+    match quic::request(id, server, role, &Frame::StatusRequest, 16 << 20).await? {
         Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json).context("parse status")?),
-        Some(Frame::Error { message, .. }) => bail!("server refused: {message}"),
-        other => bail!("unexpected answer: {other:?}"),
+        other => Err(unexpected(server, other)),
+    }
+}
+
+/// The error for an answer that is not the one asked for: the server's refusal, or a frame of
+/// another type, or none.
+pub fn unexpected(server: SocketAddr, answer: Option<Frame>) -> anyhow::Error {
+    match answer {
+        Some(Frame::Error { message, .. }) => anyhow::anyhow!("{server} refused: {message}"),
+        Some(other) => anyhow::anyhow!("{server} answered with an unexpected {:?} frame", other.ftype()),
+        None => anyhow::anyhow!("{server} closed the stream without answering"),
     }
 }
 

@@ -3,9 +3,9 @@
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use drv_format::frame::Frame;
-use drv_transport::{FrameReader, FrameWriter, Role, quic};
+use drv_transport::{Role, quic};
 
-use crate::servers::{ServerConn, fetch_status, runtime};
+use crate::servers::{ServerConn, fetch_status, runtime, unexpected};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -45,16 +45,12 @@ fn create(volume: &str, snapshot: &str, t: &ServerConn) -> Result<()> {
             bail!("volume {volume} is not on replica {}", st["name"].as_str().unwrap_or("?"));
         };
         let volume_id = vol["volume_id"].as_u64().context("volume id in status")?;
-        let client = quic::client(&id, Role::Replica)?;
-        let mut conn = quic::connect(&client, server, Role::Replica).await?;
-        let s = conn.open_bidirectional_stream().await.context("open stream")?;
-        let (rx, tx) = s.split();
-        let (mut r, mut w) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
-        w.send(&Frame::SnapshotRequest { volume_id, name: snapshot.to_owned() }).await?;
-        match r.next().await? {
-            Some(Frame::SnapshotReply { json }) => Ok(serde_json::from_slice::<serde_json::Value>(&json)?),
-            Some(Frame::Error { message, .. }) => bail!("snapshot refused: {message}"),
-            other => bail!("unexpected answer: {other:?}"),
+        let req = Frame::SnapshotRequest { volume_id, name: snapshot.to_owned() };
+        match quic::request(&id, server, Role::Replica, &req, 1 << 20).await? {
+            Some(Frame::SnapshotReply { json }) => {
+                Ok(serde_json::from_slice::<serde_json::Value>(&json).context("parse the snapshot reply")?)
+            }
+            other => Err(unexpected(server, other).context(format!("snapshot {snapshot} of {volume}"))),
         }
     })?;
     if t.json {

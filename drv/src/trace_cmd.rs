@@ -256,7 +256,7 @@ fn write_histogram(out: &mut impl Write, hist: &[(u64, u64)]) -> std::io::Result
 }
 
 fn write_metrics(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = drv_files::temp_path(path);
     std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))
 }
@@ -347,7 +347,7 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
         "ebpf programs load",
         Tracer::start(&[])
             .map(|t| format!("{} loaded and attached to block_rq_issue and block_rq_complete, then detached", t.mode()))
-            .map_err(|e| format!("{e:#}")),
+            .map_err(|e| crate::report(&e)),
     );
     check!(
         "kernel module capture",

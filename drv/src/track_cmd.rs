@@ -307,7 +307,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
                     Box::pin(async move {
                         let _one = cuts.lock().await;
                         let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000));
-                        cut(&state, &agent, freeze.as_deref(), timeout).await.map_err(|e| format!("{e:#}"))
+                        cut(&state, &agent, freeze.as_deref(), timeout).await.map_err(|e| crate::report(e.as_ref()))
                     })
                 })
             };

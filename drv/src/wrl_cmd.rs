@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use drv_config::parse_size;
 use drv_format::crypto::VolumeKey;
 use drv_format::layout::DeviceHeader;
 use drv_format::record::Flags;
@@ -41,15 +40,15 @@ pub struct CreateArgs {
     #[arg(required = true)]
     devices: Vec<PathBuf>,
     /// Size of each file to create (e.g. 1G). Not needed for existing files or block devices.
-    #[arg(long, value_parser = size)]
+    #[arg(long, value_parser = drv_config::size_arg)]
     size: Option<u64>,
-    #[arg(long, value_parser = size, default_value = "64M")]
+    #[arg(long, value_parser = drv_config::size_arg, default_value = "64M")]
     segment_size: u64,
     /// Write alignment: 4096, or 512 for devices with 512-byte logical blocks.
     #[arg(long, default_value_t = 4096)]
     io_align: u32,
     /// Use at most this many bytes of the devices for segments.
-    #[arg(long, value_parser = size)]
+    #[arg(long, value_parser = drv_config::size_arg)]
     capacity: Option<u64>,
     /// Nonce domain, unique in the installation (the configuration store allocates it; random if omitted).
     #[arg(long)]
@@ -79,28 +78,37 @@ pub struct BenchArgs {
     /// Concurrent writers (each its own volume, one append in flight each).
     #[arg(long, default_value_t = 32)]
     writers: usize,
-    #[arg(long, value_parser = size, default_value = "4K")]
+    #[arg(long, value_parser = drv_config::size_arg, default_value = "4K")]
     record_size: u64,
     /// Total payload bytes to append.
-    #[arg(long, value_parser = size, default_value = "256M")]
+    #[arg(long, value_parser = drv_config::size_arg, default_value = "256M")]
     total: u64,
-    #[arg(long, value_parser = size, default_value = "8M")]
+    #[arg(long, value_parser = drv_config::size_arg, default_value = "8M")]
     batch_limit: u64,
 }
 
-fn size(s: &str) -> Result<u64, String> {
-    parse_size(s).ok_or_else(|| format!("not a size: {s:?} (use e.g. 4096, 64K, 1M, 2G)"))
+/// Opens a WRL's devices for writing: refused while another process (a staging server) has them.
+fn open_devices(paths: &[PathBuf]) -> Result<Vec<Arc<dyn Storage>>> {
+    paths.iter().map(|p| Ok(Arc::new(FileStorage::open(p)?) as Arc<dyn Storage>)).collect()
 }
 
-pub fn open_devices(paths: &[PathBuf]) -> Result<Vec<Arc<dyn Storage>>> {
-    paths
-        .iter()
-        .map(|p| {
-            FileStorage::open(p)
-                .map(|s| Arc::new(s) as Arc<dyn Storage>)
-                .with_context(|| format!("open {}", p.display()))
-        })
-        .collect()
+/// Opens a WRL's devices for reading only. When a running process has them open for writing, says
+/// so once: the log is read as it is at this moment and may move on meanwhile.
+fn open_devices_read_only(paths: &[PathBuf]) -> Result<Vec<Arc<dyn Storage>>> {
+    let mut writer = None;
+    let mut devs = Vec::new();
+    for p in paths {
+        let (s, w) = FileStorage::open_read_only(p)?;
+        writer = writer.or(w.map(|w| (p, w)));
+        devs.push(Arc::new(s) as Arc<dyn Storage>);
+    }
+    if let Some((p, w)) = writer {
+        eprintln!(
+            "drv: note: {} is in use by {w}: reading the live log read-only; records appended while it is read may be missing or show as a torn tail",
+            p.display()
+        );
+    }
+    Ok(devs)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -120,7 +128,8 @@ fn create(a: CreateArgs) -> Result<()> {
     let mut devs: Vec<Arc<dyn Storage>> = Vec::new();
     for p in &a.devices {
         let dev: Arc<dyn Storage> = if p.exists() {
-            let d = FileStorage::open(p).with_context(|| format!("open {}", p.display()))?;
+            // Locked: a WRL a server is running on is never formatted, not even with --force.
+            let d = FileStorage::open(p)?;
             let mut head = vec![0u8; 4096];
             if d.read_at(0, &mut head).is_ok() && DeviceHeader::decode(&head).is_ok() && !a.force {
                 bail!("{} already holds a WRL; pass --force to overwrite it", p.display());
@@ -128,7 +137,7 @@ fn create(a: CreateArgs) -> Result<()> {
             Arc::new(d)
         } else {
             let n = a.size.with_context(|| format!("{} does not exist: give --size to create it", p.display()))?;
-            Arc::new(FileStorage::create_file(p, n).with_context(|| format!("create {}", p.display()))?)
+            Arc::new(FileStorage::create_file(p, n)?)
         };
         devs.push(dev);
     }
@@ -193,7 +202,7 @@ fn summary_json(rec: &Recovery, paths: &[PathBuf]) -> serde_json::Value {
 }
 
 fn inspect(a: DevicesArgs) -> Result<()> {
-    let devs = open_devices(&a.devices)?;
+    let devs = open_devices_read_only(&a.devices)?;
     let rec = wrl::recover(&devs, &mut |_, _| {}).context("read WRL")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary_json(&rec, &a.devices))?);
@@ -238,7 +247,7 @@ fn inspect(a: DevicesArgs) -> Result<()> {
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {
-    let devs = open_devices(&a.d.devices)?;
+    let devs = open_devices_read_only(&a.d.devices)?;
     let key = a.key.as_deref().map(|p| VolumeKey::load(a.key_id, p)).transpose().context("load key")?;
     let mut decrypted = 0u64;
     let mut auth_error: Option<String> = None;

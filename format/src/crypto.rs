@@ -12,8 +12,8 @@ pub const KEY_BYTES: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The key file could not be read.
-    #[error("read key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("read key file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
     /// The key file does not hold exactly 32 bytes.
     #[error("key file {path}: expected {KEY_BYTES} bytes, found {found}")]
     BadLength { path: String, found: usize },
@@ -64,7 +64,7 @@ impl VolumeKey {
     /// Reads a 32-byte key file.
     pub fn load(id: u32, path: &std::path::Path) -> Result<Self, KeyError> {
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: p.clone(), source })?;
+        let bytes = std::fs::read(path).map_err(|err| KeyError::Read { path: p.clone(), err })?;
         let arr: [u8; KEY_BYTES] =
             bytes.as_slice().try_into().map_err(|_| KeyError::BadLength { path: p, found: bytes.len() })?;
         Ok(Self::from_bytes(id, &arr))

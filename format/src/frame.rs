@@ -82,11 +82,14 @@ pub enum Frame {
     OpenVolume {
         volume_id: u64,
     },
-    /// Staging -> agent: the volume's durable position.
+    /// Staging -> agent: the volume's durable position, and how much its WRL can take now
+    /// (free segments; an agent about to resync ships no more than that before it asks again).
     VolumeState {
         volume_id: u64,
         last_seq: u64,
         last_epoch: u64,
+        room_bytes: u64,
+        capacity_bytes: u64,
     },
     /// Agent -> staging: one write.
     Write {
@@ -235,8 +238,14 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             Frame::RelayOpen { volume_id: d.u64() }
         }
         FrameType::VolumeState => {
-            exact(24)?;
-            Frame::VolumeState { volume_id: d.u64(), last_seq: d.u64(), last_epoch: d.u64() }
+            exact(40)?;
+            Frame::VolumeState {
+                volume_id: d.u64(),
+                last_seq: d.u64(),
+                last_epoch: d.u64(),
+                room_bytes: d.u64(),
+                capacity_bytes: d.u64(),
+            }
         }
         FrameType::Ack => {
             exact(24)?;
@@ -354,9 +363,11 @@ impl Frame {
             Frame::OpenVolume { volume_id } | Frame::RelayOpen { volume_id } => put(&mut out, 8, &mut |e| {
                 e.u64(*volume_id);
             }),
-            Frame::VolumeState { volume_id, last_seq, last_epoch } => put(&mut out, 24, &mut |e| {
-                e.u64(*volume_id).u64(*last_seq).u64(*last_epoch);
-            }),
+            Frame::VolumeState { volume_id, last_seq, last_epoch, room_bytes, capacity_bytes } => {
+                put(&mut out, 40, &mut |e| {
+                    e.u64(*volume_id).u64(*last_seq).u64(*last_epoch).u64(*room_bytes).u64(*capacity_bytes);
+                })
+            }
             Frame::Ack { volume_id, seq, lsn } => put(&mut out, 24, &mut |e| {
                 e.u64(*volume_id).u64(*seq).u64(*lsn);
             }),
@@ -519,7 +530,13 @@ mod tests {
     fn samples() -> Vec<Frame> {
         vec![
             Frame::OpenVolume { volume_id: 3 },
-            Frame::VolumeState { volume_id: 3, last_seq: 10, last_epoch: 4 },
+            Frame::VolumeState {
+                volume_id: 3,
+                last_seq: 10,
+                last_epoch: 4,
+                room_bytes: 1 << 30,
+                capacity_bytes: 2 << 30,
+            },
             Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100].into() },
             Frame::Ack { volume_id: 3, seq: 11, lsn: 77 },
             Frame::Error { code: code::SEQUENCE_GAP, message: "gap".into() },

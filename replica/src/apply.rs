@@ -66,14 +66,9 @@ impl Applied {
         }
     }
 
-    /// Write to a temporary file, fsync, rename over, fsync the directory.
+    /// Replaces the file atomically and durably (`drv_files::replace`).
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("applied.tmp");
-        let f = File::create(&tmp)?;
-        f.write_all_at(serde_json::to_string(self).expect("serializable").as_bytes(), 0)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+        drv_files::replace(path, serde_json::to_string(self).expect("serializable").as_bytes())
     }
 }
 
@@ -127,10 +122,29 @@ impl ReplicaVolume {
         let (id, size_bytes, block_bytes) = (vol.id, vol.size_bytes, vol.block_bytes);
         let media = Media::load(applied_path.parent().unwrap_or(Path::new(".")), name, id, size_bytes, block_bytes)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let target =
-            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&target_path)?;
-        if target.metadata()?.is_file() && target.metadata()?.len() < size_bytes {
-            target.set_len(size_bytes)?;
+        let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("target {}: {e}", target_path.display()));
+        let target = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&target_path)
+            .map_err(named)?;
+        // One writer per target, even one outside the data directory (a block device two replica
+        // endpoints on one host were given).
+        drv_files::lock_exclusive(&target, "replica target", &target_path).map_err(std::io::Error::other)?;
+        let len = {
+            use std::io::Seek;
+            (&target).seek(std::io::SeekFrom::End(0)).map_err(named)?
+        };
+        if len < size_bytes {
+            if !target.metadata().map_err(named)?.is_file() {
+                return Err(std::io::Error::other(format!(
+                    "target {} is {len} bytes, smaller than the volume ({size_bytes} bytes)",
+                    target_path.display()
+                )));
+            }
+            target.set_len(size_bytes).map_err(named)?;
         }
         let applied = Applied::load(&applied_path)?;
         let logged = drlog.volume(id).map(|s| s.log.last_seq).unwrap_or(0);

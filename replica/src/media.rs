@@ -149,7 +149,7 @@ impl Media {
     fn store(&mut self, phase: Option<Phase>) -> Result<(), MediaError> {
         let p = self.phase_path.clone();
         let r = match phase {
-            Some(ph) => write_atomic(&p, &serde_json::to_vec_pretty(&ph).expect("serializable")),
+            Some(ph) => drv_files::replace(&p, &serde_json::to_vec_pretty(&ph).expect("serializable")),
             None => std::fs::remove_file(&p)
                 .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
         };
@@ -251,19 +251,6 @@ pub fn phase_name(p: Option<Phase>) -> &'static str {
         Some(Phase::Completed { .. }) => "completed",
         Some(Phase::Pending { .. }) => "pending",
     }
-}
-
-/// Temporary file, fsync, rename over `path`, fsync of the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 #[cfg(test)]

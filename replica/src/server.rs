@@ -28,9 +28,14 @@ pub enum ReplicaError {
     NoDataDir(String),
     #[error("DR log {path}: {reason}")]
     DrLog { path: String, reason: String },
+    #[error("replica data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    /// Another process has the data directory (names it).
+    #[error(transparent)]
+    Locked(#[from] drv_files::LockError),
     #[error("volume {name}: {reason}")]
     Volume { name: String, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] drv_transport::TransportError),
 }
 
@@ -41,6 +46,8 @@ pub struct ReplicaServer {
     pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
     /// The data directory (DR log, applied positions, default targets, snapshots).
     pub dir: PathBuf,
+    /// The data directory's lock, held while the server lives.
+    _lock: drv_files::DirLock,
     frame_bytes_limit: u32,
     max_connections: u32,
     quic: quic::QuicOptions,
@@ -49,35 +56,45 @@ pub struct ReplicaServer {
     started: Instant,
 }
 
+/// Opens the DR log `DATA_DIR/drlog`, creating it (`bytes` long) if it does not exist yet.
 fn open_drlog(dir: &Path, bytes: u64) -> Result<Arc<Wrl>, ReplicaError> {
     let path = dir.join("drlog");
     let err = |reason: String| ReplicaError::DrLog { path: path.display().to_string(), reason };
-    let dev: Arc<dyn Storage> = if path.exists() {
-        Arc::new(FileStorage::open(&path).map_err(|e| err(e.to_string()))?)
-    } else {
-        let dev: Arc<dyn Storage> = Arc::new(FileStorage::create_file(&path, bytes).map_err(|e| err(e.to_string()))?);
-        // Eight or more segments of at most 64 MiB, in whole MiB.
-        let segment = ((bytes / 8) >> 20).clamp(1, 64) << 20;
+    if !path.exists() {
+        let segment = drlog_segment_bytes(bytes);
         let mut uuid = [0u8; 16];
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         uuid.copy_from_slice(&now.to_le_bytes());
         // The DR log never encrypts anything itself: it stores staging's sealed records, so its own
         // nonce domain (0) is never used.
         let opts = CreateOptions { uuid, wrl_id: 0, segment_bytes: segment, io_align: 4096, capacity_bytes: None };
-        wrl::create(std::slice::from_ref(&dev), &opts).map_err(|e| err(e.to_string()))?;
-        dev
-    };
+        drv_staging::storage::create_files(&[path.as_path()], bytes, |devs| wrl::create(devs, &opts))
+            .map_err(|e: drv_staging::WrlError| err(e.to_string()))?;
+    }
+    let dev: Arc<dyn Storage> = Arc::new(FileStorage::open(&path).map_err(|e| err(e.to_string()))?);
     let (w, rec) = Wrl::open(vec![dev], WrlOptions::default()).map_err(|e| err(e.to_string()))?;
     tracing::info!(first_lsn = rec.first_lsn, last_lsn = rec.last_lsn, tail = ?rec.tail, "DR log recovered");
     Ok(Arc::new(w))
+}
+
+/// The segment size of a DR log of `bytes`: eight or more segments of at most 64 MiB, in whole MiB.
+pub fn drlog_segment_bytes(bytes: u64) -> u64 {
+    ((bytes / 8) >> 20).clamp(1, 64) << 20
 }
 
 impl ReplicaServer {
     pub fn new(node: &NodeConfig, identity: Identity) -> Result<Arc<ReplicaServer>, ReplicaError> {
         let dir =
             PathBuf::from(node.endpoint.data_dir.clone().ok_or_else(|| ReplicaError::NoDataDir(node.name.clone()))?);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ReplicaError::DrLog { path: dir.display().to_string(), reason: e.to_string() })?;
+        let dir_err = |e: &dyn std::fmt::Display| ReplicaError::DataDir {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| dir_err(&e))?;
+        // One process per data directory, for as long as it runs: `run`, `recover` and anything
+        // else that writes the DR log, the targets or the applied positions.
+        let lock = drv_files::lock_dir(&dir, "replica data directory")?;
+        let _ = drv_files::sweep_temps(&dir);
         let drlog = open_drlog(&dir, node.endpoint.drlog_bytes)?;
         let mut volumes = HashMap::new();
         for v in &node.volumes {
@@ -92,6 +109,7 @@ impl ReplicaServer {
             let rv =
                 ReplicaVolume::open(&v.name, &v.volume, key, target, dir.join(format!("{}.applied", v.name)), &drlog)
                     .map_err(|e| err(e.to_string()))?;
+            snapshot::sweep(&dir, &rv);
             volumes.insert(v.volume.id, Arc::new(rv));
         }
         Ok(Arc::new(ReplicaServer {
@@ -100,6 +118,7 @@ impl ReplicaServer {
             drlog,
             volumes,
             dir,
+            _lock: lock,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
             max_connections: node.endpoint.max_connections,
             quic: quic::QuicOptions { max_mtu: node.endpoint.max_mtu, ..Default::default() },

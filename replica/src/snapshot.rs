@@ -8,16 +8,16 @@
 //! snapshots/VOLUME/NAME.json   {"volume", "volume_id", "name", "seq", "epoch", "bytes", "created_unix"}
 //! ```
 //!
-//! Crash analysis: the copy is written to `NAME.img.tmp`, synced, renamed, then the metadata is
-//! written the same way and the directory synced. A snapshot exists only once `NAME.json` does;
-//! a crash before that leaves a `.tmp` or an `.img` without metadata, which `list` ignores and the
-//! next `create` of that name replaces.
+//! Crash analysis: the copy is written to a temporary file of its own (`drv_files::temp_path`),
+//! synced, renamed, then the metadata is replaced the same way and the directory synced. A snapshot
+//! exists only once `NAME.json` does; a crash before that leaves a temporary file (removed at the
+//! next start, `sweep`) or an `.img` without metadata, which `list` ignores and the next `create`
+//! of that name replaces.
 //!
 //! Copy-on-write snapshots hook into the apply step's `OverwriteObserver` instead of copying; this
 //! full copy is what works on any file system and block device.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,11 @@ fn valid_name(name: &str) -> bool {
 
 fn volume_dir(root: &Path, v: &ReplicaVolume) -> PathBuf {
     root.join("snapshots").join(&v.name)
+}
+
+/// Removes what copies interrupted by a crash left in `v`'s snapshot directory.
+pub fn sweep(root: &Path, v: &ReplicaVolume) {
+    let _ = drv_files::sweep_temps(&volume_dir(root, v));
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
@@ -101,16 +106,21 @@ pub fn create(root: &Path, v: &ReplicaVolume, name: &str) -> Result<SnapshotInfo
         s.applied
     };
     let img = dir.join(format!("{name}.img"));
-    let tmp = dir.join(format!("{name}.img.tmp"));
-    let bytes = {
+    // A temporary name of its own: two copies never write one file.
+    let tmp = drv_files::temp_path(&img);
+    let copied = (|| {
         let mut src = File::open(&v.target_path).map_err(io_err(&v.target_path))?;
         let mut dst = File::create(&tmp).map_err(io_err(&tmp))?;
         // std::io::copy uses copy_file_range between files: the kernel copies, no user buffer.
         let n = std::io::copy(&mut src, &mut dst).map_err(io_err(&tmp))?;
         dst.sync_all().map_err(io_err(&tmp))?;
-        n
-    };
-    std::fs::rename(&tmp, &img).map_err(io_err(&img))?;
+        std::fs::rename(&tmp, &img).map_err(io_err(&img))?;
+        Ok(n)
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let bytes = copied?;
     let info = SnapshotInfo {
         volume: v.name.clone(),
         volume_id: v.id,
@@ -124,13 +134,8 @@ pub fn create(root: &Path, v: &ReplicaVolume, name: &str) -> Result<SnapshotInfo
             .unwrap_or(0),
         path: img.display().to_string(),
     };
-    let meta_tmp = dir.join(format!("{name}.json.tmp"));
-    let mut f = File::create(&meta_tmp).map_err(io_err(&meta_tmp))?;
-    f.write_all(serde_json::to_string_pretty(&info).expect("serializable").as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(io_err(&meta_tmp))?;
-    std::fs::rename(&meta_tmp, &meta_path).map_err(io_err(&meta_path))?;
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
+    drv_files::replace(&meta_path, serde_json::to_string_pretty(&info).expect("serializable").as_bytes())
+        .map_err(io_err(&meta_path))?;
     tracing::info!(volume = %v.name, snapshot = name, seq = applied.seq, epoch = applied.epoch, "snapshot taken");
     Ok(info)
 }

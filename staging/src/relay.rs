@@ -40,17 +40,26 @@ pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: Soc
     // The bound of one connection attempt: short first (a replica restarting at the same moment
     // lost the first handshake packets), longer after each failure (a slow or lossy path).
     let mut within = Duration::from_millis(500);
+    // Failures since the relay was last connected: the first is logged as a warning, the rest of
+    // the streak (a replica that stays away) only at debug level, so the log says it once.
+    let mut streak = 0u64;
     loop {
-        match session(&st, &v, &replica, &client, addr, frame_limit, &mut within).await {
-            Ok(()) => backoff = Duration::from_millis(50),
-            Err(e) => {
-                tracing::warn!(volume = v.id, %replica, %addr, "relay interrupted: {e}; retrying in {backoff:?}");
-            }
-        }
-        if let Some(p) = v.progress.lock().expect("progress").get_mut(&replica) {
-            p.connected = false;
+        let r = session(&st, &v, &replica, &client, addr, frame_limit, &mut within).await;
+        let was_connected = v.progress.lock().expect("progress").get_mut(&replica).is_some_and(|p| {
             p.reconnects += 1;
+            std::mem::replace(&mut p.connected, false)
+        });
+        if was_connected {
+            streak = 0;
         }
+        match r {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) if streak == 0 => {
+                tracing::warn!(volume = v.id, %replica, %addr, "relay interrupted: {e}; retrying every {:?} at most", Duration::from_secs(2));
+            }
+            Err(e) => tracing::debug!(volume = v.id, %replica, %addr, "relay still interrupted: {e}"),
+        }
+        streak += 1;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
         within = (within * 2).min(Duration::from_secs(8));
@@ -59,9 +68,9 @@ pub async fn run(st: Arc<Staging>, v: Arc<VolumeCtx>, replica: String, addr: Soc
 
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("WRL: {0}")]
+    #[error(transparent)]
     Wrl(#[from] WrlError),
     #[error("replica refused: {0}")]
     Refused(String),
@@ -79,7 +88,7 @@ async fn session(
     st: &Arc<Staging>,
     v: &Arc<VolumeCtx>,
     replica: &str,
-    client: &s2n_quic::Client,
+    client: &quic::QuicClient,
     addr: SocketAddr,
     frame_limit: u32,
     within: &mut Duration,

@@ -27,7 +27,7 @@ use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve, tls};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, create_files};
 use crate::wrl::{self, AppendRequest, CreateOptions, Submitted, Wrl, WrlError, WrlOptions};
 
 /// Where a connection's answers go: a QUIC stream's outbox or an agent link.
@@ -50,14 +50,14 @@ impl Reply for Arc<Link> {
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("WRL {name}: {source}")]
-    Wrl { name: String, source: Box<WrlError> },
+    #[error("WRL {name}: {err}")]
+    Wrl { name: String, err: Box<WrlError> },
     #[error("volume {name}: {reason}")]
     Volume { name: String, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] drv_transport::TransportError),
-    #[error("address {0:?} is not host:port")]
-    Address(String),
+    #[error("endpoint {endpoint}: address {address:?} does not resolve to a socket address (HOST:PORT)")]
+    Address { endpoint: String, address: String },
 }
 
 /// One replica of a volume, as the relay sees it.
@@ -138,54 +138,36 @@ pub struct Staging {
     started: Instant,
 }
 
-fn parse_addr(a: &str) -> Result<SocketAddr, ServerError> {
+fn parse_addr(endpoint: &str, a: &str) -> Result<SocketAddr, ServerError> {
     use std::net::ToSocketAddrs;
-    a.to_socket_addrs().ok().and_then(|mut i| i.next()).ok_or_else(|| ServerError::Address(a.to_owned()))
+    a.to_socket_addrs()
+        .ok()
+        .and_then(|mut i| i.next())
+        .ok_or_else(|| ServerError::Address { endpoint: endpoint.to_owned(), address: a.to_owned() })
 }
 
 /// Opens (creating where configured) the WRLs of this node.
 fn open_wrls(node: &NodeConfig) -> Result<BTreeMap<String, Arc<Wrl>>, ServerError> {
     let mut out = BTreeMap::new();
     for (name, def) in &node.wrls {
-        let err = |source| ServerError::Wrl { name: name.clone(), source: Box::new(source) };
+        let err = |err| ServerError::Wrl { name: name.clone(), err: Box::new(err) };
         let paths: Vec<&Path> = def.devices.iter().map(Path::new).collect();
-        let create_size = def.device_bytes.filter(|_| paths.iter().all(|p| !p.exists()));
-        let devs: Vec<Arc<dyn Storage>> = if let Some(n) = create_size {
-            let devs: Vec<Arc<dyn Storage>> = paths
-                .iter()
-                .map(|p| {
-                    FileStorage::create_file(p, n)
-                        .map(|s| Arc::new(s) as Arc<dyn Storage>)
-                        .map_err(|e| err(WrlError::io(format!("create {}", p.display()), e)))
-                })
-                .collect::<Result<_, _>>()?;
-            let mut uuid = [0u8; 16];
-            uuid[..8].copy_from_slice(&(def.id as u64).to_le_bytes());
-            uuid[8..].copy_from_slice(
-                &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-                    as u64)
-                    .to_le_bytes(),
-            );
-            let opts = CreateOptions {
-                uuid,
-                wrl_id: def.id,
-                segment_bytes: def.segment_bytes,
-                io_align: 4096,
-                capacity_bytes: def.capacity_bytes,
-            };
-            wrl::create(&devs, &opts).map_err(err)?;
-            tracing::info!(wrl = %name, "created WRL on {:?}", def.devices);
-            devs
-        } else {
-            paths
-                .iter()
-                .map(|p| {
-                    FileStorage::open(p)
-                        .map(|s| Arc::new(s) as Arc<dyn Storage>)
-                        .map_err(|e| err(WrlError::io(format!("open {}", p.display()), e)))
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let missing: Vec<&Path> = paths.iter().copied().filter(|p| !p.exists()).collect();
+        match def.device_bytes {
+            Some(n) if missing.len() == paths.len() => create_wrl(def, &paths, n).map_err(err)?,
+            _ if !missing.is_empty() && missing.len() < paths.len() => {
+                return Err(err(WrlError::Geometry(format!(
+                    "{} missing while the other devices exist: a WRL needs all of its devices{}",
+                    missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    if def.device_bytes.is_some() { " (it is created only when none exists)" } else { "" }
+                ))));
+            }
+            _ => {}
+        }
+        let devs: Vec<Arc<dyn Storage>> = paths
+            .iter()
+            .map(|p| FileStorage::open(p).map(|s| Arc::new(s) as Arc<dyn Storage>).map_err(|e| err(e.into())))
+            .collect::<Result<_, _>>()?;
         let opts = WrlOptions {
             queue_bytes_limit: def.queue_bytes_limit,
             batch_bytes_limit: def.batch_bytes_limit,
@@ -203,6 +185,31 @@ fn open_wrls(node: &NodeConfig) -> Result<BTreeMap<String, Arc<Wrl>>, ServerErro
         out.insert(name.clone(), Arc::new(w));
     }
     Ok(out)
+}
+
+/// Creates the device files of WRL `def` (`bytes` each) and formats them; nothing is left behind
+/// when that fails (`storage::create_files`).
+fn create_wrl(def: &drv_config::WrlDef, paths: &[&Path], bytes: u64) -> Result<(), WrlError> {
+    for dir in paths.iter().filter_map(|p| p.parent()).filter(|d| !d.as_os_str().is_empty()) {
+        // What earlier starts that died half-way left (their own process is gone).
+        let _ = drv_files::sweep_temps(dir);
+    }
+    let mut uuid = [0u8; 16];
+    uuid[..8].copy_from_slice(&(def.id as u64).to_le_bytes());
+    uuid[8..].copy_from_slice(
+        &(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64)
+            .to_le_bytes(),
+    );
+    let opts = CreateOptions {
+        uuid,
+        wrl_id: def.id,
+        segment_bytes: def.segment_bytes,
+        io_align: 4096,
+        capacity_bytes: def.capacity_bytes,
+    };
+    create_files(paths, bytes, |devs| wrl::create(devs, &opts))?;
+    tracing::info!("created WRL {} on {:?}", def.id, def.devices);
+    Ok(())
 }
 
 impl Staging {
@@ -321,7 +328,13 @@ impl Staging {
         let s = *v.seq.lock().expect("seq");
         let mut rx = v.durable_tx.subscribe();
         let _ = rx.wait_for(|d| *d >= s.submitted_seq).await;
-        out.reply(Frame::VolumeState { volume_id, last_seq: s.submitted_seq, last_epoch: s.last_epoch });
+        out.reply(Frame::VolumeState {
+            volume_id,
+            last_seq: s.submitted_seq,
+            last_epoch: s.last_epoch,
+            room_bytes: v.wrl.room_bytes(),
+            capacity_bytes: v.wrl.capacity_bytes(),
+        });
         Some(v.clone())
     }
 
@@ -574,7 +587,7 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         .iter()
         .map(|(n, ep)| {
             let limit = ep.frame_bytes_limit.min(drv_format::frame::MAX_FRAME_BODY as u64) as u32;
-            parse_addr(&ep.address).map(|a| (n.clone(), a, limit))
+            parse_addr(n, &ep.address).map(|a| (n.clone(), a, limit))
         })
         .collect::<Result<Vec<_>, _>>()?;
     // The durable position comes from the log itself (recovered at open).

@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Positional, syncable block storage.
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -118,11 +119,31 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
+/// Why a file or device could not be opened or created.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The system call failed (names the path and the call).
+    #[error("{what} {path}: {err}")]
+    Io { what: &'static str, path: String, err: io::Error },
+    /// Another process has it open for writing (names that process).
+    #[error(transparent)]
+    Locked(#[from] drv_files::LockError),
+}
+
+/// What the lock errors call a log device.
+const WHAT: &str = "log device";
+
 /// A preallocated file or a raw block device.
+///
+/// **One writer.** A `FileStorage` opened for writing holds an exclusive lock (`flock`) on the
+/// device for as long as it lives, so no second process (a second staging server, an offline
+/// tool) can open the same log for writing; one opened read-only takes a shared lock when it can,
+/// and reports the writer that holds the device when it cannot (the log may then change while it
+/// is read).
 #[derive(Debug)]
 pub struct FileStorage {
     path: PathBuf,
-    /// Opened with `O_DIRECT` where the filesystem allows it; used for writes.
+    /// Opened with `O_DIRECT` where the filesystem allows it; used for writes. It holds the lock.
     direct: File,
     /// Buffered descriptor for reads of unaligned lengths into ordinary buffers.
     buffered: File,
@@ -131,53 +152,112 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an existing file or block device.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let buffered = OpenOptions::new().read(true).write(true).open(path)?;
+    /// Opens an existing file or block device for reading and writing, locked for this process.
+    pub fn open(path: &Path) -> Result<Self, OpenError> {
+        let s = Self::open_mode(path, true)?;
+        drv_files::lock_exclusive(&s.direct, WHAT, path)?;
+        Ok(s)
+    }
+
+    /// Opens an existing file or block device for reading only. The second value names the
+    /// process that has it open for writing, if one does (a running server): what is read then
+    /// may change while it is read.
+    pub fn open_read_only(path: &Path) -> Result<(Self, Option<String>), OpenError> {
+        let s = Self::open_mode(path, false)?;
+        let writer = match drv_files::lock_shared(&s.direct, WHAT, path) {
+            Ok(()) => None,
+            Err(e) if e.is_held() => Some(drv_files::holder(&s.direct)),
+            Err(e) => return Err(e.into()),
+        };
+        Ok((s, writer))
+    }
+
+    fn open_mode(path: &Path, write: bool) -> Result<Self, OpenError> {
+        let io = |what, err| OpenError::Io { what, path: path.display().to_string(), err };
+        let buffered = OpenOptions::new().read(true).write(write).open(path).map_err(|e| io("open", e))?;
         let len = {
             use std::io::Seek;
             let mut f = &buffered;
-            f.seek(io::SeekFrom::End(0))?
+            f.seek(io::SeekFrom::End(0)).map_err(|e| io("size of", e))?
         };
         let (direct, is_direct) =
-            match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
+            match OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(path) {
                 Ok(f) => (f, true),
                 // tmpfs and a few others refuse O_DIRECT; fdatasync still gives durability.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::warn!(path = %path.display(), "O_DIRECT not supported here; using buffered writes");
-                    (OpenOptions::new().read(true).write(true).open(path)?, false)
+                    tracing::debug!(path = %path.display(), "O_DIRECT not supported here; using buffered writes");
+                    (OpenOptions::new().read(true).write(write).open(path).map_err(|e| io("open", e))?, false)
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(io("open", e)),
             };
         Ok(FileStorage { path: path.to_owned(), direct, buffered, len, is_direct })
     }
 
     /// Creates a new file of `len` bytes and writes it full of zeros once, so later writes never
     /// allocate and `fdatasync` has no file metadata to flush. Refuses to overwrite an existing file.
-    pub fn create_file(path: &Path, len: u64) -> io::Result<Self> {
-        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
-        f.set_len(len)?;
+    pub fn create_file(path: &Path, len: u64) -> Result<Self, OpenError> {
+        let io = |what, err| OpenError::Io { what, path: path.display().to_string(), err };
+        let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io("create", e))?;
+        f.set_len(len).map_err(|e| io("set the size of", e))?;
         drop(f);
         let s = Self::open(path)?;
-        let chunk = AlignedBuf::with_capacity(8 << 20);
-        let mut zeros = chunk;
+        let mut zeros = AlignedBuf::with_capacity(8 << 20);
         zeros.resize(8 << 20);
         let mut off = 0;
         while off < len {
             let n = (len - off).min(zeros.len() as u64) as usize;
-            s.write_at(off, &zeros[..n])?;
+            s.write_at(off, &zeros[..n]).map_err(|e| io("write zeros to", e))?;
             off += n as u64;
         }
-        s.sync()?;
-        if let Some(dir) = path.parent() {
-            File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })?.sync_all()?;
-        }
+        s.sync().map_err(|e| io("fdatasync", e))?;
+        drv_files::sync_dir(path).map_err(|e| io("fsync the directory of", e))?;
         Ok(s)
     }
 
     pub fn is_direct(&self) -> bool {
         self.is_direct
     }
+}
+
+/// Creates the files `paths` (each `len` bytes, zeroed) and formats them with `format`, all under
+/// temporary names; only when everything succeeded are they given their real names (the first
+/// device last: it holds the meta block, so a crash between two renames leaves no file that looks
+/// like a whole log). On failure the temporary files are removed: a failed start leaves nothing
+/// that would block the next one.
+pub fn create_files<E: From<OpenError>>(
+    paths: &[&Path],
+    len: u64,
+    format: impl FnOnce(&[Arc<dyn Storage>]) -> Result<(), E>,
+) -> Result<(), E> {
+    let tmps: Vec<PathBuf> = paths.iter().map(|p| drv_files::temp_path(p)).collect();
+    let r = (|| -> Result<(), E> {
+        let devs: Vec<Arc<dyn Storage>> = tmps
+            .iter()
+            .zip(paths)
+            .map(|(t, p)| match FileStorage::create_file(t, len) {
+                Ok(s) => Ok(Arc::new(s) as Arc<dyn Storage>),
+                // Named by the path the administrator configured, not the temporary one.
+                Err(OpenError::Io { what, err, .. }) => Err(OpenError::Io { what, path: p.display().to_string(), err }),
+                Err(e) => Err(e),
+            })
+            .collect::<Result<_, _>>()?;
+        format(&devs)?;
+        drop(devs);
+        for (tmp, path) in tmps.iter().zip(paths).rev() {
+            drv_files::install(tmp, path).map_err(|err| OpenError::Io {
+                what: "give its name to",
+                path: path.display().to_string(),
+                err,
+            })?;
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        for t in &tmps {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+    r
 }
 
 impl Storage for FileStorage {

@@ -98,13 +98,30 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Loads `ca.pem`, `NAME.pem`, `NAME.key` from `dir`.
+    /// Loads `ca.pem`, `NAME.pem`, `NAME.key` from `dir`, and checks that each holds what it
+    /// should (so a bad file is named here, not reported by the TLS library without a name).
     pub fn load(dir: &Path, name: &str) -> Result<Identity, TransportError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let cert = |path: &Path| -> Result<String, TransportError> {
+            let pem = read(path)?;
+            let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+            match certs {
+                Ok(c) if !c.is_empty() => Ok(pem),
+                Ok(_) => Err(TransportError::Certificate(format!("{}: no PEM certificate in it", path.display()))),
+                Err(e) => Err(TransportError::Certificate(format!("{}: not a PEM certificate: {e}", path.display()))),
+            }
+        };
+        let key_path = dir.join(format!("{name}.key"));
+        let key_pem = read(&key_path)?;
+        if let Err(e) = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()) {
+            return Err(TransportError::Certificate(format!("{}: not a PEM private key: {e}", key_path.display())));
+        }
         Ok(Identity {
             name: name.to_owned(),
-            ca_pem: read(&dir.join("ca.pem"))?,
-            cert_pem: read(&dir.join(format!("{name}.pem")))?,
-            key_pem: read(&dir.join(format!("{name}.key")))?,
+            ca_pem: cert(&dir.join("ca.pem"))?,
+            cert_pem: cert(&dir.join(format!("{name}.pem")))?,
+            key_pem,
         })
     }
 }

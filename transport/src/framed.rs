@@ -17,12 +17,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader { inner, limit }
     }
 
-    /// The next frame, or `None` when the peer finished the stream cleanly between frames.
+    /// The next frame, or `None` when the stream ended between frames: the peer finished it, or
+    /// its connection closed, was reset or timed out. That is how every peer leaves (an operator's
+    /// tool exits after its answer; a node restarts), so it is not an error; a stream that ends
+    /// inside a frame is.
     pub async fn next(&mut self) -> Result<Option<Frame>, TransportError> {
         let mut hb = [0u8; FRAME_HEADER_LEN];
         let mut got = 0;
         while got < FRAME_HEADER_LEN {
-            let n = self.inner.read(&mut hb[got..]).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+            let n = match self.inner.read(&mut hb[got..]).await {
+                Ok(n) => n,
+                Err(e) if got == 0 => {
+                    tracing::debug!("stream ended between frames: {e}");
+                    return Ok(None);
+                }
+                Err(e) => return Err(TransportError::Stream(e.to_string())),
+            };
             if n == 0 {
                 if got == 0 {
                     return Ok(None);

@@ -75,8 +75,8 @@ impl std::str::FromStr for Role {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A certificate or key file could not be read or written.
-    #[error("{path}: {source}")]
-    File { path: String, source: std::io::Error },
+    #[error("{path}: {err}")]
+    File { path: String, err: std::io::Error },
     /// Generating, parsing or using a certificate failed.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -94,11 +94,19 @@ pub enum TransportError {
     Stream(String),
     /// The peer sent a frame that does not decode; names what was wrong.
     #[error("bad frame from peer: {0}")]
-    BadFrame(#[from] drv_format::FormatError),
+    BadFrame(drv_format::FormatError),
+}
+
+// Not `#[from]`: that would also make the frame error the `source()`, and a report that prints
+// the chain would say it twice (the message above already includes it).
+impl From<drv_format::FormatError> for TransportError {
+    fn from(e: drv_format::FormatError) -> Self {
+        TransportError::BadFrame(e)
+    }
 }
 
 impl TransportError {
-    pub(crate) fn file(path: &std::path::Path, source: std::io::Error) -> Self {
-        TransportError::File { path: path.display().to_string(), source }
+    pub(crate) fn file(path: &std::path::Path, err: std::io::Error) -> Self {
+        TransportError::File { path: path.display().to_string(), err }
     }
 }

@@ -255,8 +255,17 @@ impl LinkReader {
                 Ok(Got::Again)
             }
             Err(e) => {
+                // A peer that went away between frames (its process killed: a reset instead of a
+                // close) ended the link like a close does; inside a frame it is an error.
+                let gone =
+                    matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted);
                 let e = stream_err(&format!("receive from {}", self.link.peer), e);
                 self.link.fail(&e);
+                if gone && self.plain.is_empty() {
+                    tracing::debug!("link ended between frames: {e}");
+                    self.eof = true;
+                    return Ok(Got::End);
+                }
                 Err(e)
             }
         }

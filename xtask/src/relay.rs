@@ -241,7 +241,7 @@ pub fn start(drv: &Path, s: &Setup, role: &str, name: &str, log: &Path) -> Resul
 
 /// One status connection, reused for every poll (a handshake per poll would load staging).
 struct StatusConn {
-    _client: s2n_quic::Client,
+    _client: quic::QuicClient,
     conn: s2n_quic::Connection,
 }
 

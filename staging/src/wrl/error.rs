@@ -5,8 +5,8 @@ use drv_format::FormatError;
 #[derive(Debug, thiserror::Error)]
 pub enum WrlError {
     /// An I/O call failed; `what` says which one and where.
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
     /// A device does not hold a WRL device header this build can read.
     #[error("{device} is not a drv WRL device: {reason}")]
     NotAWrl { device: String, reason: FormatError },
@@ -42,11 +42,14 @@ pub enum WrlError {
     /// The WRL is shutting down.
     #[error("WRL is closed")]
     Closed,
+    /// A device could not be opened or created (names it; or the process that holds it).
+    #[error(transparent)]
+    Open(#[from] crate::storage::OpenError),
 }
 
 impl WrlError {
-    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        WrlError::Io { what: what.into(), source }
+    pub(crate) fn io(what: impl Into<String>, err: std::io::Error) -> Self {
+        WrlError::Io { what: what.into(), err }
     }
 }
 

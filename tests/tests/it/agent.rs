@@ -79,12 +79,12 @@ fn the_readme_demo_proves_the_replica_equals_the_source() {
 }
 
 /// The agent's certificate and the staging address of the cluster.
-fn host1(cl: &Cluster) -> (Identity, std::net::SocketAddr) {
+pub(crate) fn host1(cl: &Cluster) -> (Identity, std::net::SocketAddr) {
     (Identity::load(&cl.certs, "host1").unwrap(), cl.staging_addr.parse().unwrap())
 }
 
 /// A zero-filled source image of the cluster's volume size.
-fn blank_image(cl: &Cluster) -> (std::path::PathBuf, std::fs::File) {
+pub(crate) fn blank_image(cl: &Cluster) -> (std::path::PathBuf, std::fs::File) {
     let source = cl.dir.path().join("source.img");
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&source).unwrap();
     f.set_len(cl.volume_bytes).unwrap();
@@ -626,7 +626,10 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     let r =
         Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f2)), Some(&state), AgentOptions::default());
     let e = r.await.err().expect("a second agent on the same state directory");
-    assert!(e.to_string().contains("in use by another agent"), "{e}");
+    assert!(
+        e.to_string().contains("agent state directory") && e.to_string().contains("is locked by this process"),
+        "{e}"
+    );
     let run = cl.dir.path().join("run");
     let listener = drv_agent::control::bind(&run.join("vol1.sock")).unwrap();
     let control = tokio::spawn(drv_agent::control::serve(agent.clone(), listener, run.join("vol1.sock")));

@@ -5,6 +5,7 @@
 
 mod agent;
 mod ebpf;
+mod operator;
 mod protocol;
 mod relay;
 mod user;

@@ -243,6 +243,8 @@ async fn ext4_fio_verify_and_sqlite_on_the_user_device_then_detach_leave_an_iden
                     "--do_verify=1",
                     "--verify_fatal=1",
                     "--fsync_on_close=1",
+                    // fio would leave its verify state file in the working directory.
+                    "--verify_state_save=0",
                 ],
             )
         })
