@@ -245,7 +245,8 @@ pub fn parse_size(s: &str) -> Option<u64> {
     size_bytes(s).ok()
 }
 
-/// Parses a size like [`parse_size`], or says what is wrong with the text.
+/// Parses a size like [`parse_size`], or says what is wrong with the text (also the `value_parser`
+/// of size arguments on the command line).
 pub fn size_bytes(s: &str) -> Result<u64, String> {
     const MAX: &str = "the largest size is 16 EiB - 1 byte";
     let s = s.trim();
@@ -267,11 +268,6 @@ pub fn size_bytes(s: &str) -> Result<u64, String> {
         _ => return Err(format!("{s:?} has an unknown unit {unit:?} (use B, K, M, G, T or P: powers of 1024)")),
     };
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large ({MAX})"))
-}
-
-/// A size argument on the command line (for clap's `value_parser`).
-pub fn size_arg(s: &str) -> Result<u64, String> {
-    size_bytes(s)
 }
 
 /// Sizes in entries: a number of bytes, or text with a unit.
@@ -474,7 +470,11 @@ impl ConfigStore {
             table.insert(name, bytes.as_slice()).map_err(|x| e(x.into()))?;
             value
         };
-        let problems = validate::cross_check(&self.snapshot(&tx)?, kind, name);
+        let mut problems = validate::cross_check(&self.snapshot(&tx)?, kind, name);
+        if kind == Kind::Volume {
+            let vol: Volume = serde_json::from_value(stored.clone()).expect("checked above");
+            problems.extend(validate::small_local_targets(&vol));
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Reference { kind, name: name.into(), reason: problems.join("; ") });
         }

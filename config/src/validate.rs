@@ -215,6 +215,31 @@ pub fn plain_serde(msg: &str) -> String {
     out
 }
 
+/// Targets of `vol` that exist on this host as block devices smaller than the volume (a target
+/// file grows to the volume's size; a device cannot). Where the configuration is written on
+/// another host than the replica's, the replica checks the same when it starts.
+pub fn small_local_targets(vol: &Volume) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    for (r, path) in &vol.targets {
+        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let len = is_dev.then(|| {
+            std::fs::File::open(path).and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+        });
+        if let Some(Ok(len)) = len
+            && len < vol.size_bytes
+        {
+            out.push(format!(
+                "its target on {r:?}, {path}, holds {} ({len} bytes), less than size_bytes={} ({} bytes)",
+                human(len),
+                human(vol.size_bytes),
+                vol.size_bytes
+            ));
+        }
+    }
+    out
+}
+
 /// Whether `a` is `HOST:PORT` with a port from 1 to 65535 and a host that is an IPv4 address, a
 /// bracketed IPv6 address or a DNS name. Not resolved: the configuration may be written on a
 /// host that cannot resolve the name.

@@ -25,10 +25,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     writers: u64,
     /// Bytes written in all (e.g. 256M).
-    #[arg(long, default_value = "256M", value_parser = drv_config::size_arg)]
+    #[arg(long, default_value = "256M", value_parser = drv_config::size_bytes)]
     bytes: u64,
     /// Size of the protected volume.
-    #[arg(long, default_value = "128M", value_parser = drv_config::size_arg)]
+    #[arg(long, default_value = "128M", value_parser = drv_config::size_bytes)]
     volume: u64,
     /// Keep the temporary directory (its path is printed).
     #[arg(long)]

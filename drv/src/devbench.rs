@@ -19,7 +19,7 @@ pub struct BenchDeviceArgs {
     #[arg(long, default_value = "rand")]
     pattern: String,
     /// Bytes per write (a multiple of 4096), e.g. 4K or 1M.
-    #[arg(long, default_value = "4K", value_parser = drv_config::size_arg)]
+    #[arg(long, default_value = "4K", value_parser = drv_config::size_bytes)]
     bs: u64,
     /// Writers (queue depth: each has one write in flight).
     #[arg(long, default_value_t = 1)]
@@ -27,7 +27,7 @@ pub struct BenchDeviceArgs {
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Bytes of the device written (default: all of it).
-    #[arg(long, value_parser = drv_config::size_arg)]
+    #[arg(long, value_parser = drv_config::size_bytes)]
     span: Option<u64>,
     #[arg(long)]
     json: bool,

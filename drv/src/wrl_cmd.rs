@@ -40,15 +40,15 @@ pub struct CreateArgs {
     #[arg(required = true)]
     devices: Vec<PathBuf>,
     /// Size of each file to create (e.g. 1G). Not needed for existing files or block devices.
-    #[arg(long, value_parser = drv_config::size_arg)]
+    #[arg(long, value_parser = drv_config::size_bytes)]
     size: Option<u64>,
-    #[arg(long, value_parser = drv_config::size_arg, default_value = "64M")]
+    #[arg(long, value_parser = drv_config::size_bytes, default_value = "64M")]
     segment_size: u64,
     /// Write alignment: 4096, or 512 for devices with 512-byte logical blocks.
     #[arg(long, default_value_t = 4096)]
     io_align: u32,
     /// Use at most this many bytes of the devices for segments.
-    #[arg(long, value_parser = drv_config::size_arg)]
+    #[arg(long, value_parser = drv_config::size_bytes)]
     capacity: Option<u64>,
     /// Nonce domain, unique in the installation (the configuration store allocates it; random if omitted).
     #[arg(long)]
@@ -78,12 +78,12 @@ pub struct BenchArgs {
     /// Concurrent writers (each its own volume, one append in flight each).
     #[arg(long, default_value_t = 32)]
     writers: usize,
-    #[arg(long, value_parser = drv_config::size_arg, default_value = "4K")]
+    #[arg(long, value_parser = drv_config::size_bytes, default_value = "4K")]
     record_size: u64,
     /// Total payload bytes to append.
-    #[arg(long, value_parser = drv_config::size_arg, default_value = "256M")]
+    #[arg(long, value_parser = drv_config::size_bytes, default_value = "256M")]
     total: u64,
-    #[arg(long, value_parser = drv_config::size_arg, default_value = "8M")]
+    #[arg(long, value_parser = drv_config::size_bytes, default_value = "8M")]
     batch_limit: u64,
 }
 

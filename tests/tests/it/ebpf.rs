@@ -31,12 +31,12 @@ pub(crate) fn backing_of(dev: &str) -> Option<PathBuf> {
 }
 
 /// A loop device with direct I/O over an image file; detached (only this one) on drop.
-struct Loop {
-    dev: PathBuf,
+pub(crate) struct Loop {
+    pub(crate) dev: PathBuf,
 }
 
 impl Loop {
-    fn attach(image: &Path) -> Loop {
+    pub(crate) fn attach(image: &Path) -> Loop {
         let out = Command::new("losetup")
             .args(["--find", "--show", "--direct-io=on"])
             .arg(image)

@@ -363,3 +363,30 @@ async fn a_resync_into_a_full_log_waits_for_room_and_ships_the_dirty_bytes_about
     assert_replica_equals(&cl, &source, next).await;
     kill_all([&mut staging, &mut replica]);
 }
+
+/// A replica target that is a block device smaller than the volume is refused when the entry is
+/// set on the replica's host, and by the replica at start wherever the entry was set.
+#[test]
+fn a_target_device_smaller_than_the_volume_is_refused() {
+    if !crate::ebpf::root_or_skip("a_target_device_smaller_than_the_volume_is_refused") {
+        return;
+    }
+    let cl = Cluster::new(1, 4 << 20);
+    let (c, certs) = (config_arg(&cl), cl.certs.display().to_string());
+    let image = cl.dir.path().join("small.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let dev = crate::ebpf::Loop::attach(&image);
+    let d = dev.dev.display().to_string();
+    let target = format!("targets={{\"rep1\":\"{d}\"}}");
+    let r = drv(&["config", "--store", &c, "set", "volume", "vol1", &target], cl.dir.path());
+    assert_said_once("a 1 MiB target for a 4 MiB volume", &r, &[&d, "1 MiB (1048576 bytes)", "size_bytes=4 MiB"]);
+    // Set on a host where the target does not exist (yet): the replica refuses it at start.
+    let later = cl.dir.path().join("target-link");
+    let t = later.display().to_string();
+    let target = format!("targets={{\"rep1\":\"{t}\"}}");
+    let r = drv(&["config", "--store", &c, "set", "volume", "vol1", &target], cl.dir.path());
+    assert_eq!(r.code, Some(0), "no such device here: nothing to check ({})", r.stderr);
+    std::os::unix::fs::symlink(&dev.dev, &later).unwrap();
+    let r = drv(&["replica", "run", "--name", "rep1", "--config", &c, "--certs", &certs], cl.dir.path());
+    assert_said_once("replica start with a small target", &r, &["volume vol1", &t, "smaller than the volume"]);
+}
