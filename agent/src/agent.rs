@@ -1025,7 +1025,10 @@ impl Inner {
             return Attempt::NoRoom;
         };
         *waiting_for_room = false;
+        let shipped = self.stats.resync_bytes.load(Ordering::Relaxed);
         match self.resync(o, budget).await {
+            // Room for not even one block: wait like for a full log (never a busy loop).
+            Err(AgentError::RoomUsed) if self.stats.resync_bytes.load(Ordering::Relaxed) == shipped => Attempt::NoRoom,
             Err(AgentError::RoomUsed) => Attempt::Again,
             _ => Attempt::Resynced,
         }

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use drv_format::frame::MAX_FRAME_BODY;
-use drv_format::layout::{DATA_START, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+use drv_format::layout::{BATCH_HEADER_LEN, DATA_START, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES, SEGMENT_HEADER_BYTES};
 use drv_format::record::{MAX_WRITE_BYTES, RECORD_HEADER_LEN, TAG_LEN};
 
 use crate::{Endpoint, KeyRef, Role, Volume, WrlDef};
@@ -176,12 +176,13 @@ impl Entry for WrlDef {
 impl Entry for Volume {
     fn check(&self, c: &mut Check<'_>) {
         c.size("size_bytes", self.size_bytes, 512, 1 << 60, 512);
-        if !self.block_bytes.is_power_of_two() || !(512..=64 * MIB).contains(&self.block_bytes) {
+        // A block is shipped as one record: at most the largest write.
+        if !self.block_bytes.is_power_of_two() || !(512..=MAX_WRITE_BYTES as u64).contains(&self.block_bytes) {
             c.fail(
                 "block_bytes",
                 &self.block_bytes,
                 "is not a power of two in range",
-                "512 bytes to 64 MiB, a power of two",
+                "512 bytes to 4 MiB, a power of two",
             );
         }
         if self.replicas.is_empty() {
@@ -301,6 +302,9 @@ pub fn cross_check(s: &Snapshot, kind: crate::Kind, name: &str) -> Vec<String> {
         Kind::Wrl => {
             if let Some(def) = s.wrls.get(name) {
                 out.extend(wrl_refs(s, def));
+                for (v, vol) in s.volumes.iter().filter(|(_, v)| v.wrl == name) {
+                    out.extend(volume_refs(s, v, vol).into_iter().map(|p| format!("volume {v:?} logs in it: {p}")));
+                }
                 for (other, o) in s.wrls.iter().filter(|(n, o)| n.as_str() != name && o.staging == def.staging) {
                     for d in def.devices.iter().filter(|d| o.devices.contains(d)) {
                         out.push(format!("device {d:?} is a device of wrl {other:?} too"));
@@ -338,10 +342,25 @@ fn target_of(s: &Snapshot, name: &str, vol: &Volume, r: &str) -> Option<String> 
     })
 }
 
+/// The largest write one record of a WRL with `segment_bytes` segments holds (a batch of one
+/// record must fit a segment; `LogCore::record_bytes_limit`).
+pub fn record_bytes_limit(segment_bytes: u64) -> u64 {
+    let overhead = SEGMENT_HEADER_BYTES + BATCH_HEADER_LEN as u64 + RECORD_HEADER_LEN as u64 + TAG_LEN as u64;
+    segment_bytes.saturating_sub(overhead).min(MAX_WRITE_BYTES as u64)
+}
+
 fn volume_refs(s: &Snapshot, name: &str, vol: &Volume) -> Vec<String> {
     let mut out = Vec::new();
-    if !s.wrls.contains_key(&vol.wrl) {
-        out.push(format!("wrl {:?} does not exist", vol.wrl));
+    match s.wrls.get(&vol.wrl) {
+        None => out.push(format!("wrl {:?} does not exist", vol.wrl)),
+        Some(w) if vol.block_bytes > record_bytes_limit(w.segment_bytes) => out.push(format!(
+            "block_bytes={} is larger than one record of wrl {:?} holds ({} bytes with its {} segments): a resync ships a block as one record",
+            vol.block_bytes,
+            vol.wrl,
+            record_bytes_limit(w.segment_bytes),
+            human(w.segment_bytes)
+        )),
+        Some(_) => {}
     }
     if !s.keys.contains_key(&vol.key) {
         out.push(format!("key {:?} does not exist", vol.key));

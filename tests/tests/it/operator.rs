@@ -56,6 +56,9 @@ fn config_arg(cl: &Cluster) -> String {
 fn config_set_refuses_what_cannot_work_naming_entry_field_value_and_range() {
     let cl = Cluster::new(1, 1 << 20);
     let store = config_arg(&cl);
+    // Blocks of 2 MiB: a resync record that only a WRL with segments of 4 MiB or more holds.
+    let r = drv(&["config", "--store", &store, "set", "volume", "vol1", "block_bytes=2M"], cl.dir.path());
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
     let before = drv(&["config", "--store", &store, "list", "--json"], cl.dir.path());
     assert_eq!(before.code, Some(0), "{}", before.stderr);
     // (entry kind, name, fields, what the message must contain)
@@ -73,6 +76,9 @@ fn config_set_refuses_what_cannot_work_naming_entry_field_value_and_range() {
         ("volume", "vol1", &["size_bytes=99999999999999999999"], &["99999999999999999999", "too large"]),
         ("volume", "vol1", &["size_bytes=12Q"], &["12Q", "unknown unit"]),
         ("volume", "vol1", &["block_bytes=3"], &["block_bytes=3", "power of two"]),
+        ("volume", "vol1", &["block_bytes=8M"], &["block_bytes=8M", "512 bytes to 4 MiB"]),
+        ("volume", "vol1", &["block_bytes=4M"], &["block_bytes=4194304 is larger than one record of wrl \"w0\""]),
+        ("wrl", "w0", &["segment_bytes=1M"], &["volume \"vol1\" logs in it", "larger than one record"]),
         ("volume", "vol1", &["replicas=[\"rep1\",\"rep1\"]"], &["\"rep1\"", "named twice"]),
         ("volume", "vol1", &["targets={\"rep9\":\"/srv/x.img\"}"], &["\"rep9\"", "does not have"]),
         ("volume", "vol1", &["replicas=[\"stg1\"]"], &["\"stg1\" has role staging, expected replica"]),
