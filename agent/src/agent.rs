@@ -1062,7 +1062,10 @@ impl Inner {
                 if matches!(e, AgentError::RoomUsed) {
                     tracing::debug!(volume = self.volume_id, "resync paused: {e}");
                 } else {
-                    tracing::warn!(volume = self.volume_id, "resync interrupted: {e}");
+                    // Why the session ended (staging's refusal, a timeout) says more than what the
+                    // resync saw of it.
+                    let why = s.broken_reason().unwrap_or_else(|| e.to_string());
+                    tracing::warn!(volume = self.volume_id, "resync interrupted: {why}");
                 }
                 ord.mode = Mode::ChangeMap;
                 ord.session = None;

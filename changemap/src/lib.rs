@@ -347,7 +347,16 @@ impl ChangeMap {
     pub fn clear_all(&self) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
         bits.iter_mut().for_each(|b| *b = 0);
-        self.todo.lock().expect("todo").blocks.clear();
+        let mut todo = self.todo.lock().expect("todo");
+        // A write in progress would lose its mark: its block may reach the disk without staging.
+        assert!(
+            todo.writing.is_empty(),
+            "change map {}: cleared while {} blocks are being written",
+            self.path,
+            todo.writing.len()
+        );
+        todo.blocks.clear();
+        drop(todo);
         self.file.write_all_at(&bits, BITMAP_AT).map_err(|e| self.io(e))?;
         self.file.sync_data().map_err(|e| self.io(e))
     }
