@@ -130,6 +130,24 @@ fn command_line(pid: u32) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// Whether `file` is a block device.
+pub fn is_block_device(file: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// The error of an exclusive (`O_EXCL`) open of a block device, with what `EBUSY` means there.
+pub fn busy_device(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        io::Error::new(
+            e.kind(),
+            format!("{e}: it is mounted or claimed by another program (a filesystem, RAID, device mapper)"),
+        )
+    } else {
+        e
+    }
+}
+
 /// Marks the temporary names [`temp_path`] gives.
 const TEMP_MARK: &str = ".drvtmp.";
 

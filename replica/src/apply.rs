@@ -18,7 +18,7 @@
 //! A snapshot taken before the resync keeps the last consistent state.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -123,13 +123,19 @@ impl ReplicaVolume {
         let media = Media::load(applied_path.parent().unwrap_or(Path::new(".")), name, id, size_bytes, block_bytes)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("target {}: {e}", target_path.display()));
+        let is_dev = {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(&target_path).is_ok_and(|m| m.file_type().is_block_device())
+        };
+        // A target device is also claimed from the kernel: never written while it is mounted.
         let target = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(!is_dev)
             .truncate(false)
+            .custom_flags(if is_dev { libc::O_EXCL } else { 0 })
             .open(&target_path)
-            .map_err(named)?;
+            .map_err(|e| named(drv_files::busy_device(e)))?;
         // One writer per target, even one outside the data directory (a block device two replica
         // endpoints on one host were given).
         drv_files::lock_exclusive(&target, "replica target", &target_path).map_err(std::io::Error::other)?;

@@ -175,20 +175,23 @@ impl FileStorage {
     fn open_mode(path: &Path, write: bool) -> Result<Self, OpenError> {
         let io = |what, err| OpenError::Io { what, path: path.display().to_string(), err };
         let buffered = OpenOptions::new().read(true).write(write).open(path).map_err(|e| io("open", e))?;
+        // A block device opened for writing is also claimed from the kernel (O_EXCL): refused
+        // while it is mounted or claimed by another program, and nothing mounts it meanwhile.
+        let excl = if write && drv_files::is_block_device(&buffered) { libc::O_EXCL } else { 0 };
         let len = {
             use std::io::Seek;
             let mut f = &buffered;
             f.seek(io::SeekFrom::End(0)).map_err(|e| io("size of", e))?
         };
         let (direct, is_direct) =
-            match OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(path) {
+            match OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT | excl).open(path) {
                 Ok(f) => (f, true),
                 // tmpfs and a few others refuse O_DIRECT; fdatasync still gives durability.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!(path = %path.display(), "O_DIRECT not supported here; using buffered writes");
                     (OpenOptions::new().read(true).write(write).open(path).map_err(|e| io("open", e))?, false)
                 }
-                Err(e) => return Err(io("open", e)),
+                Err(e) => return Err(io("open", drv_files::busy_device(e))),
             };
         Ok(FileStorage { path: path.to_owned(), direct, buffered, len, is_direct })
     }

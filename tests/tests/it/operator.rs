@@ -396,3 +396,27 @@ fn a_target_device_smaller_than_the_volume_is_refused() {
     let r = drv(&["replica", "run", "--name", "rep1", "--config", &c, "--certs", &certs], cl.dir.path());
     assert_said_once("replica start with a small target", &r, &["volume vol1", &t, "smaller than the volume"]);
 }
+
+/// A block device that is mounted is never taken as a WRL device, not even with `--force`: the
+/// open claims it from the kernel (`O_EXCL`) and is refused, saying why; its filesystem is intact.
+#[test]
+fn a_mounted_device_is_never_formatted_as_a_wrl() {
+    if !crate::ebpf::root_or_skip("a_mounted_device_is_never_formatted_as_a_wrl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("fs.img");
+    std::fs::write(&image, vec![0u8; 32 << 20]).unwrap();
+    let ok = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    ok(Command::new("mkfs.ext4").arg("-q").arg(&image));
+    let dev = crate::ebpf::Loop::attach(&image);
+    let d = dev.dev.display().to_string();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(Command::new("mount").arg(&d).arg(&mnt));
+    std::fs::write(mnt.join("precious"), b"data").unwrap();
+    let r = drv(&["wrl", "create", "--force", "--segment-size", "4M", &d], dir.path());
+    ok(Command::new("umount").arg(&mnt));
+    assert_said_once("wrl create on a mounted device", &r, &[&d, "busy", "mounted"]);
+    ok(Command::new("e2fsck").args(["-fn"]).arg(&d));
+}
