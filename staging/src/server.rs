@@ -156,11 +156,13 @@ fn open_wrls(node: &NodeConfig) -> Result<BTreeMap<String, Arc<Wrl>>, ServerErro
         match def.device_bytes {
             Some(n) if missing.len() == paths.len() => create_wrl(def, &paths, n).map_err(err)?,
             _ if !missing.is_empty() && missing.len() < paths.len() => {
-                return Err(err(WrlError::Geometry(format!(
-                    "{} missing while the other devices exist: a WRL needs all of its devices{}",
-                    missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                    if def.device_bytes.is_some() { " (it is created only when none exists)" } else { "" }
-                ))));
+                return Err(err(WrlError::DeviceMismatch {
+                    device: missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    reason: format!(
+                        "does not exist while the WRL's other devices do: a WRL needs all of its devices{}",
+                        if def.device_bytes.is_some() { " (they are created only when none exists)" } else { "" }
+                    ),
+                }));
             }
             _ => {}
         }
