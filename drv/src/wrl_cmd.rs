@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use drv_format::crypto::VolumeKey;
 use drv_format::layout::DeviceHeader;
 use drv_format::record::Flags;
-use drv_staging::storage::{FileStorage, Storage};
-use drv_staging::wrl::{self, AppendRequest, CreateOptions, Recovery, Tail, Wrl, WrlOptions};
+use drv_wrl::storage::{FileStorage, Storage};
+use drv_wrl::{self as wrl, AppendRequest, CreateOptions, Recovery, Tail, Wrl, WrlOptions};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -150,7 +150,7 @@ fn create(a: CreateArgs) -> Result<()> {
     let opts =
         CreateOptions { uuid, wrl_id, segment_bytes: a.segment_size, io_align: a.io_align, capacity_bytes: a.capacity };
     wrl::create(&devs, &opts).context("create WRL")?;
-    let (_, rec) = drv_staging::wrl::core::LogCore::open(devs).context("open the new WRL")?;
+    let (_, rec) = drv_wrl::core::LogCore::open(devs).context("open the new WRL")?;
     if a.json {
         println!("{}", summary_json(&rec, &a.devices));
     } else {
@@ -332,7 +332,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             let mine: Vec<u64> = (0..a.writers as u64).filter(|x| *x as usize % pool == tid).collect();
             let record = a.record_size;
             std::thread::spawn(move || -> Result<Vec<Duration>> {
-                let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, Result<u64, drv_staging::WrlError>, Duration)>();
+                let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, Result<u64, drv_wrl::WrlError>, Duration)>();
                 let data: Vec<Vec<u8>> = mine.iter().map(|t| vec![(*t as u8) ^ 0x5a; record as usize]).collect();
                 let submit = |idx: usize, i: u64| {
                     let t = mine[idx];

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use drv_format::crypto::VolumeKey;
 use drv_format::record::Flags;
-use drv_staging::wrl::{LogRecord, Wrl};
+use drv_wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
 
 use crate::media::Media;

@@ -1,5 +1,5 @@
 //! drv replica server: receives encrypted records from staging, logs them unchanged in its DR log
-//! (a WRL, `drv_staging::wrl`), and applies whole epochs in order to the target volume, so the
+//! (a WRL, `drv-wrl`), and applies whole epochs in order to the target volume, so the
 //! target is always at a crash-consistent point.
 //!
 //! - `server.rs`: the QUIC server, sequence checks, DR log appends, position reports, status.

@@ -13,9 +13,9 @@ use drv_config::NodeConfig;
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code, media_op};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
-use drv_staging::storage::{FileStorage, Storage};
-use drv_staging::wrl::{self, CreateOptions, Wrl, WrlOptions};
 use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
+use drv_wrl::storage::{FileStorage, Storage};
+use drv_wrl::{self as wrl, CreateOptions, Wrl, WrlOptions};
 use serde_json::json;
 
 use crate::apply::{self, NoSnapshots, ReplicaVolume};
@@ -68,8 +68,8 @@ fn open_drlog(dir: &Path, bytes: u64) -> Result<Arc<Wrl>, ReplicaError> {
         // The DR log never encrypts anything itself: it stores staging's sealed records, so its own
         // nonce domain (0) is never used.
         let opts = CreateOptions { uuid, wrl_id: 0, segment_bytes: segment, io_align: 4096, capacity_bytes: None };
-        drv_staging::storage::create_files(&[path.as_path()], bytes, |devs| wrl::create(devs, &opts))
-            .map_err(|e: drv_staging::WrlError| err(e.to_string()))?;
+        drv_wrl::storage::create_files(&[path.as_path()], bytes, |devs| wrl::create(devs, &opts))
+            .map_err(|e: drv_wrl::WrlError| err(e.to_string()))?;
     }
     let dev: Arc<dyn Storage> = Arc::new(FileStorage::open(&path).map_err(|e| err(e.to_string()))?);
     let (w, rec) = Wrl::open(vec![dev], WrlOptions::default()).map_err(|e| err(e.to_string()))?;

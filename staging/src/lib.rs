@@ -1,11 +1,6 @@
-//! drv staging server. For now: the persistent sequential write log (WRL) that every acknowledged
-//! write lands in before the agent may write it locally. The network server and the relay to the
-//! replicas build on [`wrl::Wrl`].
+//! The drv staging server (`drv staging run`): agents' writes logged in the volume's WRL
+//! (`drv-wrl`) and acknowledged once durable (`server.rs`), and relayed to every replica of the
+//! volume (`relay.rs`).
 
 pub mod relay;
 pub mod server;
-pub mod storage;
-pub mod wrl;
-
-pub use storage::{FileStorage, Storage};
-pub use wrl::{AppendRequest, Appended, Wrl, WrlError, WrlOptions};

@@ -16,7 +16,7 @@ use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
 use tokio::sync::mpsc;
 
 use crate::server::{Staging, VolumeCtx};
-use crate::wrl::{LogRecord, WrlError};
+use drv_wrl::{LogRecord, WrlError};
 
 /// Largest Records frame body the relay builds.
 const RECORDS_FRAME_BYTES: u64 = 4 << 20;

@@ -27,8 +27,8 @@ use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve, tls};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
-use crate::storage::{FileStorage, Storage, create_files};
-use crate::wrl::{self, AppendRequest, CreateOptions, Submitted, Wrl, WrlError, WrlOptions};
+use drv_wrl::storage::{FileStorage, Storage, create_files};
+use drv_wrl::{self as wrl, AppendRequest, CreateOptions, Submitted, Wrl, WrlError, WrlOptions};
 
 /// Where a connection's answers go: a QUIC stream's outbox or an agent link.
 trait Reply: Clone + Send + Sync + 'static {

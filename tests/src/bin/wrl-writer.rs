@@ -5,9 +5,9 @@ use std::io::Write;
 use std::sync::Arc;
 
 use drv_format::record::Flags;
-use drv_staging::wrl::{AppendRequest, Wrl, WrlOptions};
-use drv_staging::{FileStorage, Storage};
 use drv_tests::{pattern, test_key};
+use drv_wrl::{AppendRequest, Wrl, WrlOptions};
+use drv_wrl::{FileStorage, Storage};
 
 fn main() {
     let mut args = std::env::args().skip(1);

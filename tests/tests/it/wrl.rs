@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use drv_format::record::Flags;
-use drv_staging::storage::{FileStorage, Storage};
-use drv_staging::wrl::{self, AppendRequest, CreateOptions, Tail, Wrl, WrlError, WrlOptions};
 use drv_tests::{pattern, test_key};
+use drv_wrl::storage::{FileStorage, Storage};
+use drv_wrl::{self as wrl, AppendRequest, CreateOptions, Tail, Wrl, WrlError, WrlOptions};
 
 fn make(dir: &std::path::Path, n: usize, bytes: u64, seg: u64, cap: Option<u64>) -> Vec<Arc<dyn Storage>> {
     let devs: Vec<Arc<dyn Storage>> = (0..n)
@@ -115,7 +115,7 @@ fn commit_here_from_many_threads_keeps_order_and_marks_the_last_of_each_volume()
             let (w, key, done) = (w.clone(), key.clone(), done.clone());
             std::thread::spawn(move || {
                 let (tx, rx) = std::sync::mpsc::channel();
-                let mut pending: Option<drv_staging::wrl::Submitted> = None;
+                let mut pending: Option<drv_wrl::Submitted> = None;
                 for i in 0..60u64 {
                     let data = pattern(t * 1000 + i, 4096);
                     let (tx, done) = (tx.clone(), done.clone());
@@ -328,7 +328,7 @@ fn reopen_one(path: &std::path::Path) -> Vec<Arc<dyn Storage>> {
 
 #[test]
 fn io_error_fails_the_log_and_loses_nothing_acknowledged() {
-    use drv_staging::storage::sim::{SimStorage, SimWorld};
+    use drv_wrl::storage::sim::{SimStorage, SimWorld};
     let world = SimWorld::new(&[(64 << 10) + (4 << 20)]);
     let opts = CreateOptions { uuid: [2; 16], wrl_id: 8, segment_bytes: 1 << 20, io_align: 4096, capacity_bytes: None };
     wrl::create(&SimStorage::all(&world), &opts).unwrap();

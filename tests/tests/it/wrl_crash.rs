@@ -12,10 +12,10 @@ use std::collections::HashSet;
 
 use drv_format::crypto::{VolumeKey, nonce};
 use drv_format::record::{Flags, TAG_LEN, WriteDesc};
-use drv_staging::storage::sim::{Fate, Op, SimStorage, SimWorld};
-use drv_staging::wrl::core::{LogCore, PendingRecord};
-use drv_staging::wrl::{self, CreateOptions};
 use drv_tests::{Rng, pattern};
+use drv_wrl::core::{LogCore, PendingRecord};
+use drv_wrl::storage::sim::{Fate, Op, SimStorage, SimWorld};
+use drv_wrl::{self as wrl, CreateOptions};
 
 const SEGMENT: u64 = 1 << 20;
 const DEVICE: u64 = (64 << 10) + 3 * SEGMENT;

@@ -54,11 +54,9 @@ fn sigkill_mid_stream_keeps_every_acknowledged_record() {
         eprintln!("round {round}: acked up to {max_acked}, log ends at {last}, tail: {}", v["tail"]);
     }
     // Every record decrypts to what the writer wrote.
-    let (w, rec) = drv_staging::Wrl::open(
-        vec![std::sync::Arc::new(drv_staging::FileStorage::open(&wrl).unwrap())],
-        Default::default(),
-    )
-    .unwrap();
+    let (w, rec) =
+        drv_wrl::Wrl::open(vec![std::sync::Arc::new(drv_wrl::FileStorage::open(&wrl).unwrap())], Default::default())
+            .unwrap();
     let key = test_key();
     let recs = w.read(rec.first_lsn, u64::MAX).unwrap();
     assert_eq!(recs.len() as u64, rec.last_lsn);

@@ -1,8 +1,12 @@
-//! The staging write log (WRL): a segmented, append-only log over one or more preallocated files or
-//! raw block devices, with group commit, a bounded cache of not-yet-relayed records, trimming once
-//! downstream confirms, and recovery that tells a torn tail from corruption.
+//! The write log (WRL): a segmented, append-only log over one or more preallocated files or raw
+//! block devices, with group commit, a bounded cache of not-yet-relayed records, trimming once
+//! downstream confirms, and recovery that tells a torn tail from corruption. Staging logs agents'
+//! writes in it; the replica keeps its DR log in one. Its own crate, so the replica does not link
+//! the staging server.
 //!
 //! Layers:
+//! - `storage.rs`: [`Storage`] (positional, syncable), `FileStorage` (files and block devices, locked
+//!   for one writer), and the simulated storage of the crash-state tests.
 //! - `core.rs`: the single-threaded log (create, recover, append one batch, trim, read back). All I/O
 //!   goes through [`Storage`], so the crash-state tests run it over simulated storage.
 //! - this file: [`Wrl`], the concurrent front. Appenders encrypt in their own thread, queue, and wait;
@@ -17,6 +21,7 @@ mod cache;
 pub mod core;
 pub mod error;
 pub mod scan;
+pub mod storage;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +36,7 @@ use self::cache::Cache;
 use self::core::LogCore;
 pub use self::core::{CreateOptions, LogRecord, PendingRecord, Recovery, Table, Tail, VolumeLog, create, recover};
 pub use self::error::{Result, WrlError};
-use crate::storage::Storage;
+pub use crate::storage::{FileStorage, Storage};
 
 /// Limits of a running WRL. Every queue is bounded.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use drv_format::align_up;
 use drv_format::layout::{BATCH_HEADER_LEN, BatchHeader, DATA_START, SEGMENT_HEADER_BYTES};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader, chain_hash};
 
-use super::error::{Result, WrlError};
+use crate::error::{Result, WrlError};
 use crate::storage::{AlignedBuf, Storage};
 
 /// Bytes read from a device per window refill.

@@ -18,8 +18,8 @@ use drv_format::record::{
 };
 use drv_format::{align_up, crc32c};
 
-use super::error::{Result, WrlError};
-use super::scan::{SegmentCursor, SegmentLoc, parse_batch};
+use crate::error::{Result, WrlError};
+use crate::scan::{SegmentCursor, SegmentLoc, parse_batch};
 use crate::storage::{AlignedBuf, Storage};
 
 /// How far ahead of need the durable nonce high-water mark is moved (one meta write per 2^20 records).

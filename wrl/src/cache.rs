@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use super::core::LogRecord;
+use crate::core::LogRecord;
 
 pub(crate) struct Cache {
     records: VecDeque<LogRecord>,
