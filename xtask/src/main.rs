@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's own tasks.
 //!
 //! - `cargo xtask test`: the whole test suite (what `.ci/run` and the README run), the VM test of
-//!   the kernel module included.
+//!   the kernel module included; first `tidy`, last a check that the tests left the tree alone.
+//! - `cargo xtask tidy`: cited paths exist, decoders are fuzzed (`tidy.rs`).
 //! - `cargo xtask bench wrl`: WRL benchmarks against baselines measured in the same run, then a
 //!   short fuzz run of the record decoder.
 //! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
@@ -22,6 +23,7 @@ mod agent;
 mod ebpf;
 mod kmod;
 mod relay;
+mod tidy;
 mod user;
 
 #[derive(Parser)]
@@ -35,6 +37,8 @@ struct Cli {
 enum Cmd {
     /// Check formatting and lints, build every binary, then run every test of the workspace.
     Test,
+    /// Check that every path the docs cite exists and every decoder has a fuzz target.
+    Tidy,
     /// Run a benchmark and print ratios against baselines measured in the same run.
     Bench {
         /// wrl, relay, agent, kmod, ebpf or user
@@ -96,6 +100,7 @@ fn cargo() -> Command {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
+        Cmd::Tidy => tidy::tidy(),
         Cmd::Bench { what, quick, fuzz_seconds } => match what.as_str() {
             "wrl" => bench_wrl(quick, fuzz_seconds),
             "relay" => bench_relay(quick),
@@ -119,11 +124,13 @@ fn test() -> Result<()> {
     // The kernel pieces' packages and kernel image: the one command sets everything up.
     kmod::setup()?;
     ebpf::setup()?;
+    tidy::tidy()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests run the real `drv` binary: build it first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // Stream the test output and add up the results, so the run ends with one summary line.
+    let tree = tidy::Tree::now()?;
     let mut cmd = cargo();
     // The eBPF tests need root (loop devices, BPF); here they must run, never skip.
     cmd.args(["test", "--workspace"]).env("DRV_REQUIRE_ROOT_TESTS", "1").stdout(std::process::Stdio::piped());
@@ -153,6 +160,7 @@ fn test() -> Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
+    tree.unchanged_since()?;
     // The kernel module, in a VM booting Debian's kernel.
     kmod::vm_test()
 }
@@ -365,18 +373,50 @@ fn fuzz(seconds: u64) -> Result<()> {
     if !have {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    let corpus = root().join("fuzz/corpus/record_decode");
-    std::fs::create_dir_all(&corpus)?;
-    seed_corpus(&corpus)?;
-    run(Command::new("cargo").current_dir(root().join("fuzz")).args([
-        "+nightly",
-        "fuzz",
-        "run",
-        "record_decode",
-        "--",
-        &format!("-max_total_time={seconds}"),
-    ]))?;
-    println!("fuzz: record_decode ran {seconds}s without a crash");
+    // Every target, the time shared between them.
+    let each = (seconds / FUZZ_TARGETS.len() as u64).max(1);
+    for (target, seed) in FUZZ_TARGETS {
+        let corpus = root().join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        seed(&corpus)?;
+        run(Command::new("cargo").current_dir(root().join("fuzz")).args([
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={each}"),
+        ]))?;
+        println!("fuzz: {target} ran {each}s without a crash");
+    }
+    Ok(())
+}
+
+/// Writes the seed inputs of a fuzz target's corpus into a directory.
+type Seeder = fn(&Path) -> Result<()>;
+
+/// The fuzz targets (`fuzz/fuzz_targets`) and how to seed each one's corpus.
+const FUZZ_TARGETS: [(&str, Seeder); 2] = [("record_decode", seed_corpus), ("frame_decode", seed_frame_corpus)];
+
+/// One encoding of every frame type, so the fuzzer starts from valid bodies.
+fn seed_frame_corpus(dir: &Path) -> Result<()> {
+    use drv_format::frame::Frame;
+    let frames = [
+        Frame::OpenVolume { volume_id: 3 },
+        Frame::VolumeState { volume_id: 3, last_seq: 10, last_epoch: 4, room_bytes: 1 << 30, capacity_bytes: 2 << 30 },
+        Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100].into() },
+        Frame::Ack { volume_id: 3, seq: 11, lsn: 77 },
+        Frame::Error { code: 3, message: "gap".into() },
+        Frame::RelayOpen { volume_id: 3 },
+        Frame::ReplicaPosition { volume_id: 3, durable_seq: 9, applied_seq: 8 },
+        Frame::StatusRequest,
+        Frame::StatusReply { json: b"{}".to_vec() },
+        Frame::SnapshotRequest { volume_id: 3, name: "s1".into() },
+        Frame::MediaRequest { volume_id: 3, op: 1, arg: 0 },
+    ];
+    for (i, f) in frames.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i}")), f.encode())?;
+    }
     Ok(())
 }
 
