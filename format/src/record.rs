@@ -30,7 +30,14 @@ impl Flags {
     /// the epoch is logged and the replica may apply the epoch without waiting for a later one.
     /// Sent as a zero-length write when the volume goes idle.
     pub const EPOCH_END: Flags = Flags(8);
-    pub const ALL: Flags = Flags(15);
+    /// Written by the log itself, never by an agent: a volume's last sequence and epoch again
+    /// (`volume_seq`, `epoch`; length 0, a payload of 16 zero bytes that is no tag), appended before
+    /// the segment holding the volume's last record is freed, so that its position survives the
+    /// trim. Never relayed, applied or decrypted.
+    pub const CHECKPOINT: Flags = Flags(16);
+    /// The flags an agent may send.
+    pub const AGENT: Flags = Flags(15);
+    pub const ALL: Flags = Flags(31);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -50,7 +57,13 @@ impl std::ops::BitOr for Flags {
 impl std::fmt::Display for Flags {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut names = Vec::new();
-        for (flag, name) in [(Flags::FLUSH, "FLUSH"), (Flags::FUA, "FUA"), (Flags::RESYNC, "RESYNC")] {
+        for (flag, name) in [
+            (Flags::FLUSH, "FLUSH"),
+            (Flags::FUA, "FUA"),
+            (Flags::RESYNC, "RESYNC"),
+            (Flags::EPOCH_END, "EPOCH_END"),
+            (Flags::CHECKPOINT, "CHECKPOINT"),
+        ] {
             if self.contains(flag) {
                 names.push(name);
             }

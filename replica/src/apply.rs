@@ -210,6 +210,10 @@ impl Applier {
     /// Reads what the DR log holds beyond the cursor and applies every unit that is complete.
     /// Returns whether any record was read.
     pub fn step(&mut self, v: &ReplicaVolume, drlog: &Wrl, observer: &dyn OverwriteObserver) -> Result<bool, String> {
+        // While this volume was idle, other volumes' records moved the DR log on and it trimmed
+        // past this cursor. Nothing of this volume was in what it trimmed: the log trims only
+        // what every volume confirmed, and this one confirms only what it applied.
+        self.cursor = self.cursor.max(drlog.status().first_lsn);
         let recs = drlog.read(self.cursor, 8 << 20).map_err(|e| format!("read DR log: {e}"))?;
         if recs.is_empty() {
             return Ok(false);
@@ -220,7 +224,11 @@ impl Applier {
         let mut units = 0u64;
         for r in recs {
             self.cursor = r.header.lsn + 1;
-            if r.header.desc.volume_id != v.id || r.header.desc.volume_seq <= self.last_read_seq {
+            // A checkpoint (the log's own record of a position) is never applied.
+            if r.header.desc.volume_id != v.id
+                || r.header.desc.volume_seq <= self.last_read_seq
+                || r.header.desc.flags.contains(Flags::CHECKPOINT)
+            {
                 continue;
             }
             self.last_read_seq = r.header.desc.volume_seq;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drv_format::frame::{Frame, RecordsFrameBuilder};
-use drv_format::record::RECORD_HEADER_LEN;
+use drv_format::record::{Flags, RECORD_HEADER_LEN};
 use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
 use tokio::sync::mpsc;
 
@@ -197,6 +197,8 @@ async fn pump(
         }
         let mut frame = RecordsFrameBuilder::new(v.id);
         let mut frame_payload = 0u64;
+        // The last record skipped because the replica holds it already (at resume).
+        let mut held_lsn = None;
         while frame_payload < RECORDS_FRAME_BYTES
             && let Some(rec) = pending.pop_front()
         {
@@ -212,8 +214,14 @@ async fn pump(
             }
             let seq = rec.header.desc.volume_seq;
             if seq <= sent_seq {
-                // Already at the replica (resume): it counts as confirmed here.
+                // Already at the replica (resume; or a checkpoint of a position it reported):
+                // it counts as confirmed here, so it never holds the log's trimming back.
+                held_lsn = Some(rec.header.lsn);
                 continue;
+            }
+            if rec.header.desc.flags.contains(Flags::CHECKPOINT) {
+                // A position past the replica's: the records up to it are gone from this log.
+                return Err(RelayError::Missing { need: sent_seq + 1, first: seq + 1 });
             }
             if seq != sent_seq + 1 {
                 // The replica needs records this log no longer holds (trimmed, or a new replica).
@@ -225,6 +233,12 @@ async fn pump(
             frame_payload += b;
             inflight.push_back((seq, rec.header.lsn, b));
             inflight_bytes += b + 112;
+        }
+        if let Some(lsn) = held_lsn {
+            if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
+                p.durable_lsn = p.durable_lsn.max(lsn);
+            }
+            v.confirm_replicated();
         }
         let count = frame.count();
         if count > 0 {

@@ -428,8 +428,8 @@ impl Staging {
             None
         };
         let flags = Flags(flags);
-        if !flags.is_valid() {
-            return refuse(code::INVALID, format!("volume {} seq {seq}: unknown flags {:#x}", v.id, flags.0));
+        if flags.0 & !Flags::AGENT.0 != 0 {
+            return refuse(code::INVALID, format!("volume {} seq {seq}: flags {:#x} are not a write's", v.id, flags.0));
         }
         // Checked before the sequence moves: a write the WRL would refuse must not leave a gap.
         let limit = v.wrl.record_bytes_limit();

@@ -771,7 +771,7 @@ impl LogCore {
         }
         let (oldest_id, freed) = {
             let t = self.table.read().expect("table lock");
-            let keep_from = t.segments.iter().position(|s| s.next_lsn > upto + 1).unwrap_or(t.segments.len() - 1);
+            let keep_from = kept_from(&t, upto);
             let freed: Vec<(usize, u64)> = t.segments[..keep_from].iter().map(|s| (s.loc.device, s.loc.slot)).collect();
             (t.segments[keep_from].loc.id, freed)
         };
@@ -791,6 +791,25 @@ impl LogCore {
         t.trim_lsn = upto;
         self.reader_hint_lsn = self.reader_hint_lsn.max(upto + 1);
         Ok(())
+    }
+}
+
+/// The index of the oldest segment a trim up to `upto` keeps: the first with a record after it
+/// (the head segment is always kept).
+fn kept_from(t: &Table, upto: u64) -> usize {
+    t.segments.iter().position(|s| s.next_lsn > upto + 1).unwrap_or(t.segments.len() - 1)
+}
+
+impl LogCore {
+    /// The first lsn a trim up to `upto_lsn` keeps (the first record of the oldest segment it
+    /// keeps): records before it are gone once [`LogCore::trim`] returns.
+    pub fn trim_keeps_from(&self, upto_lsn: u64) -> u64 {
+        let upto = upto_lsn.min(self.last_lsn());
+        if upto <= self.meta.trim_lsn {
+            return 0;
+        }
+        let t = self.table.read().expect("table lock");
+        t.segments[kept_from(&t, upto)].first_lsn
     }
 }
 

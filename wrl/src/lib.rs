@@ -220,8 +220,9 @@ impl Wrl {
         if len > sh.record_bytes_limit {
             return refuse(done, WrlError::RecordTooLarge { bytes: len, limit: sh.record_bytes_limit });
         }
-        if !req.flags.is_valid() {
-            return refuse(done, WrlError::InvalidAppend(format!("unknown flags {:#x}", req.flags.0)));
+        // CHECKPOINT records are the log's own (`checkpoint_idle_volumes`), never appended.
+        if req.flags.0 & !Flags::AGENT.0 != 0 {
+            return refuse(done, WrlError::InvalidAppend(format!("flags {:#x} are not a write's", req.flags.0)));
         }
         if let Err(e) = self.admit(len + TAG_LEN as u64 + 96) {
             return refuse(done, e);
@@ -256,15 +257,16 @@ impl Wrl {
         if desc.length as u64 > sh.record_bytes_limit {
             return refuse(done, WrlError::RecordTooLarge { bytes: desc.length as u64, limit: sh.record_bytes_limit });
         }
-        if payload.len() != desc.length as usize + TAG_LEN || !desc.flags.is_valid() {
+        if payload.len() != desc.length as usize + TAG_LEN || desc.flags.0 & !Flags::AGENT.0 != 0 {
             return refuse(
                 done,
                 WrlError::InvalidAppend(format!(
-                    "sealed record of volume {} seq {}: payload of {} bytes for length {}",
+                    "sealed record of volume {} seq {}: payload of {} bytes for length {}, flags {}",
                     desc.volume_id,
                     desc.volume_seq,
                     payload.len(),
-                    desc.length
+                    desc.length,
+                    desc.flags
                 )),
             );
         }
@@ -483,6 +485,62 @@ fn committer(sh: Arc<Shared>) {
     }
 }
 
+/// Before a trim up to `target` frees segments: every volume whose last record is in them gets a
+/// CHECKPOINT record in the head (its last sequence and epoch again, durable before the segments
+/// are freed), so the volume's position survives the trim and a restart recovers it from the log.
+/// Without it, a volume that went idle while others kept writing would recover at sequence 0, and
+/// its agent would number its next writes from 1 again. Returns how far the trim may go now: all
+/// of `target`, or, when the checkpoints do not fit yet, only up to the oldest of those records
+/// (the segments before it make room; the rest at the next trim).
+fn checkpoint_idle_volumes(sh: &Shared, core: &mut LogCore, target: u64) -> Result<u64> {
+    let keep_from = core.trim_keeps_from(target);
+    let idle: Vec<(u64, VolumeLog)> = {
+        let vols = sh.volumes.lock().expect("volumes");
+        vols.iter()
+            .filter(|(_, v)| v.log.records > 0 && v.log.last_lsn < keep_from)
+            .map(|(id, v)| (*id, v.log))
+            .collect()
+    };
+    let Some(oldest) = idle.iter().map(|(_, l)| l.last_lsn).min() else { return Ok(target) };
+    let recs: Vec<PendingRecord> = idle.iter().map(|(id, log)| checkpoint(*id, log)).collect();
+    let bytes: u64 = recs.iter().map(|r| r.log_bytes()).sum();
+    if !core.can_fit(core.batch_disk_bytes(bytes)) {
+        return Ok(target.min(oldest - 1));
+    }
+    let headers = core.append_batch(&recs)?;
+    {
+        let mut vols = sh.volumes.lock().expect("volumes");
+        for h in &headers {
+            let v = vols.entry(h.desc.volume_id).or_default();
+            v.log.note(h);
+            // Nothing to relay: confirmed as written, so it never holds a trim back.
+            v.confirmed_lsn = v.confirmed_lsn.max(h.lsn);
+        }
+    }
+    // The cache holds every durable lsn in order; readers skip checkpoints.
+    let mut cache = sh.cache.lock().expect("cache");
+    for (h, r) in headers.iter().zip(recs) {
+        cache.push(LogRecord { header: *h, payload: r.payload });
+    }
+    tracing::debug!(volumes = headers.len(), "checkpointed idle volumes before a trim");
+    Ok(target)
+}
+
+/// The CHECKPOINT record of a volume whose last record is `log`'s last.
+fn checkpoint(volume_id: u64, log: &VolumeLog) -> PendingRecord {
+    let desc = WriteDesc {
+        volume_id,
+        volume_seq: log.last_seq,
+        epoch: log.last_epoch,
+        offset: 0,
+        length: 0,
+        flags: Flags::CHECKPOINT,
+        key_id: 0,
+        nonce: [0; 12],
+    };
+    PendingRecord::new(desc, Bytes::from_static(&[0; TAG_LEN]))
+}
+
 /// One batch: takes what is queued (and trims when due), writes and syncs it, completes it. On an
 /// I/O error the WRL is failed (everything queued and later gets `Failed`).
 fn commit_step(sh: &Shared, core: &mut LogCore) {
@@ -506,8 +564,15 @@ fn commit_step(sh: &Shared, core: &mut LogCore) {
     drop(st);
 
     if trim_due(sh, trim_target) {
-        core.set_reader_hint(trim_target + 1);
-        if let Err(e) = core.trim(trim_target) {
+        let target = match checkpoint_idle_volumes(sh, core, trim_target) {
+            Ok(t) => t,
+            Err(e) => {
+                fail(sh, batch, e);
+                return;
+            }
+        };
+        core.set_reader_hint(target + 1);
+        if let Err(e) = core.trim(target) {
             fail(sh, batch, e);
             return;
         }

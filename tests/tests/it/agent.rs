@@ -716,3 +716,75 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     control.abort();
     kill_all([&mut staging, &mut replica]);
 }
+
+/// A volume whose every record staging has trimmed (relayed and confirmed, then pushed out of the
+/// WRL by another volume's writes) keeps its sequence across a staging restart: the agent
+/// continues after its last write, and the replica applies what comes next. Before, staging
+/// recovered the volume's position from the records in its log alone and told the agent to start
+/// again at seq 1 (which the replica skipped as already logged), and the replica's apply of the
+/// idle volume stopped for good ("lsn was trimmed"). And records the replica held before a restart
+/// count as confirmed when the relay resumes: before, an idle volume's records held the log's
+/// trimming back until that volume wrote again, and the other volume's writes found the log full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_trimmed_out_of_the_wrl_keeps_its_sequence_across_a_staging_restart() {
+    const VOLUME: u64 = 4 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    // A second volume on the same WRL (64 MiB of 4 MiB segments), to push the first one's records
+    // out of it.
+    let st = drv_config::ConfigStore::open(&cl.config).unwrap();
+    let v2 = st
+        .set(drv_config::Kind::Volume, "vol2", &strings(&["size_bytes=64M", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]))
+        .unwrap();
+    drop(st);
+    let vol2 = v2["id"].as_u64().unwrap();
+    let mut replica = cl.start("replica", "rep1");
+    let mut staging = staging_up(&cl).await;
+    let (source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    let other = cl.dir.path().join("other.img");
+    std::fs::File::create(&other).unwrap().set_len(64 << 20).unwrap();
+    // The other volume writes `mib` MiB (no change map: a full log would fail these writes).
+    let push = async |round: u64, mib: u64| {
+        let g = std::fs::OpenOptions::new().read(true).write(true).open(&other).unwrap();
+        let b = Agent::start(&id, addr, vol2, 64 << 20, Arc::new(FileDisk(g)), None, AgentOptions::default())
+            .await
+            .unwrap();
+        for i in 0..mib {
+            let data = Bytes::from(drv_format::pattern(round * 100 + i, 1 << 20));
+            b.write((i % 64) << 20, data, Flags::default()).await.unwrap();
+        }
+    };
+    let vol1 = async |seed: u64| {
+        let disk = Arc::new(FileDisk(f.try_clone().unwrap()));
+        let a = Agent::start(&id, addr, cl.volume_id, VOLUME, disk, None, AgentOptions::default()).await.unwrap();
+        let before = a.position().0;
+        for i in 0..8u64 {
+            a.write(i * 65536, Bytes::from(drv_format::pattern(seed + i, 65536)), Flags::default()).await.unwrap();
+        }
+        // The agent ends its last epoch (EPOCH_END) once idle: stay until the replica applied it.
+        a.close_epoch();
+        wait_applied(&cl, a.position().0).await;
+        (before, a.position().0)
+    };
+    let (_, next) = vol1(1).await;
+    push(1, 40).await;
+    until("vol1's records trimmed", Duration::from_secs(60), || {
+        cl.status(&cl.staging_addr, "staging", "admin")
+            .is_some_and(|s| s["wrls"][0]["first_lsn"].as_u64().unwrap_or(0) > next + 16)
+    })
+    .await;
+    kill_all([&mut staging]);
+    let mut staging = staging_up(&cl).await;
+    let (resumed, next) = vol1(10).await;
+    assert!(resumed >= 9, "staging forgot vol1's position: its next seq was {resumed}");
+    assert_replica_equals(&cl, &source, next).await;
+    // vol1's last records are in the log, relayed, and idle: after a restart they must not hold
+    // the log's trimming back.
+    kill_all([&mut staging]);
+    let mut staging = staging_up(&cl).await;
+    // More than the whole log: it must trim as it goes.
+    push(2, 80).await;
+    let (_, next) = vol1(20).await;
+    assert_replica_equals(&cl, &source, next).await;
+    kill_all([&mut staging, &mut replica]);
+}

@@ -208,6 +208,55 @@ fn log_full_then_trim_frees_slots() {
     assert!(rec.first_lsn > 1);
 }
 
+/// A volume that goes idle while another keeps writing: once its records are confirmed and the
+/// segments holding them are freed, the log still knows its position (a CHECKPOINT record in the
+/// head), after a reopen too; readers never see the checkpoint as a write, and `drv wrl verify
+/// --key` passes over it.
+#[test]
+fn an_idle_volume_keeps_its_position_when_its_records_are_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let devs = make(dir.path(), 1, (64 << 10) + (6 << 20), 1 << 20, None);
+    let key = test_key();
+    let (w, _) = Wrl::open(devs, WrlOptions { cache_bytes_limit: 256 << 10, ..WrlOptions::default() }).unwrap();
+    let data = vec![0x5au8; 64 << 10];
+    for seq in 1..=3 {
+        w.append(&key, AppendRequest { epoch: 7, ..req(1, seq, &data) }).unwrap();
+    }
+    w.confirm(1, w.volume(1).unwrap().log.last_lsn);
+    // Volume 2 writes through several segments, confirming as it goes.
+    for seq in 1..=120 {
+        let a = w.append(&key, req(2, seq, &data)).unwrap();
+        w.confirm(2, a.header.lsn);
+    }
+    let st = w.status();
+    assert!(st.first_lsn > 3, "volume 1's records were trimmed (first lsn {})", st.first_lsn);
+    let v1 = w.volume(1).unwrap().log;
+    assert_eq!((v1.last_seq, v1.last_epoch), (3, 7), "position kept by a checkpoint");
+    // Readers see volume 2's writes and the checkpoint only as what it is.
+    for r in w.read(st.first_lsn, u64::MAX).unwrap() {
+        if r.header.desc.volume_id == 1 {
+            assert!(r.header.desc.flags.contains(Flags::CHECKPOINT) && r.header.desc.length == 0);
+        }
+    }
+    drop(w);
+    let (w, _) = Wrl::open(reopen(dir.path(), 1), WrlOptions::default()).unwrap();
+    let v1 = w.volume(1).unwrap().log;
+    assert_eq!((v1.last_seq, v1.last_epoch), (3, 7), "and after a reopen");
+    // An agent may never append a checkpoint.
+    let e = w.append(&key, AppendRequest { flags: Flags::CHECKPOINT, ..req(1, 4, &data) }).unwrap_err();
+    assert!(e.to_string().contains("not a write's"), "{e}");
+    drop(w);
+    let keyfile = dir.path().join("key");
+    std::fs::write(&keyfile, [0x5au8; 32]).unwrap();
+    let out = std::process::Command::new(drv_tests::drv_bin())
+        .args(["wrl", "verify", "--key"])
+        .arg(&keyfile)
+        .arg(dir.path().join("dev0"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn corruption_in_the_middle_is_named_and_stops_the_log() {
     let dir = tempfile::tempdir().unwrap();
