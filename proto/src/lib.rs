@@ -1,0 +1,15 @@
+//! drv's protocol cores: the rules that decide correctness, as state machines that take events
+//! (a frame arrived, an append became durable, an append failed) and return decisions, with no
+//! I/O, no clock and no threads of their own. The servers wrap them in tokio, sockets and files;
+//! the simulator drives the same code with simulated ones. **Invariant:** nothing here depends on
+//! tokio, opens a file or reads the time.
+//!
+//! - [`seq`]: the volume sequencer, the gate every write or relayed record of a volume passes at
+//!   staging and at the replica (skip what is logged, refuse a gap, refuse an epoch going back,
+//!   roll back when the log fails).
+
+#![forbid(unsafe_code)]
+
+pub mod seq;
+
+pub use seq::{Admit, Refusal, Sequencer};
