@@ -336,6 +336,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             std::thread::spawn(move || -> Result<Vec<Duration>> {
                 let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, Result<u64, drv_wrl::WrlError>, Duration)>();
                 let data: Vec<Vec<u8>> = mine.iter().map(|t| vec![(*t as u8) ^ 0x5a; record as usize]).collect();
+                // Each writer's volume goes on after its records of an earlier run (no gaps).
+                let base: Vec<u64> =
+                    mine.iter().map(|t| w.volume(1_000_000 + t).map(|v| v.log.last_seq).unwrap_or(0)).collect();
                 let submit = |idx: usize, i: u64| {
                     let t = mine[idx];
                     let tx = tx.clone();
@@ -344,7 +347,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                         &key,
                         AppendRequest {
                             volume_id: 1_000_000 + t,
-                            volume_seq: i + 1,
+                            volume_seq: base[idx] + i + 1,
                             epoch: i,
                             offset: i * record,
                             flags: Flags::default(),

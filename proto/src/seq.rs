@@ -12,7 +12,9 @@
 //!
 //! **Invariants** (asserted in release builds): `durable <= submitted`; `durable` never moves
 //! back; what is admitted as [`Admit::Append`] is exactly `submitted + 1`; epochs of appended
-//! writes never go back.
+//! writes never go back. A rollback restores the epoch of the last write still submitted, so that
+//! the resend of the failed write (with its own, earlier epoch) is taken: a relay resends exactly
+//! what it sent.
 
 /// Why a write is not taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,17 +37,28 @@ pub enum Admit {
 }
 
 /// The sequence positions of one volume.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sequencer {
     submitted: u64,
     durable: u64,
     last_epoch: u64,
+    /// The epoch of the last durable write.
+    durable_epoch: u64,
+    /// `(seq, epoch)` of the writes submitted and not yet durable, in order (as many as the
+    /// sender keeps in flight: its window bounds this).
+    pending: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl Sequencer {
     /// A volume whose log holds (durably) every write up to `last_seq`, the last in `last_epoch`.
     pub fn new(last_seq: u64, last_epoch: u64) -> Sequencer {
-        Sequencer { submitted: last_seq, durable: last_seq, last_epoch }
+        Sequencer {
+            submitted: last_seq,
+            durable: last_seq,
+            last_epoch,
+            durable_epoch: last_epoch,
+            pending: Default::default(),
+        }
     }
 
     /// The highest sequence handed to the log (durable or not yet).
@@ -76,6 +89,7 @@ impl Sequencer {
         }
         self.submitted = seq;
         self.last_epoch = epoch;
+        self.pending.push_back((seq, epoch));
         Ok(Admit::Append)
     }
 
@@ -84,6 +98,9 @@ impl Sequencer {
     pub fn durable_through(&mut self, seq: u64) {
         assert!(seq <= self.submitted, "durable seq {seq} beyond submitted seq {}", self.submitted);
         self.durable = self.durable.max(seq);
+        while self.pending.front().is_some_and(|p| p.0 <= seq) {
+            self.durable_epoch = self.pending.pop_front().expect("front").1;
+        }
     }
 
     /// The log failed to append `seq` (and so every later one): they count as not submitted, and
@@ -95,6 +112,10 @@ impl Sequencer {
             self.durable
         );
         self.submitted = self.submitted.min(seq - 1);
+        while self.pending.back().is_some_and(|p| p.0 >= seq) {
+            self.pending.pop_back();
+        }
+        self.last_epoch = self.pending.back().map(|p| p.1).unwrap_or(self.durable_epoch);
     }
 }
 
@@ -142,37 +163,43 @@ mod tests {
     }
 
     proptest! {
-        /// Against a model log: whatever arrives, the log holds exactly the writes 1..=n in order
-        /// (no gap, none twice), with non-decreasing epochs, and `durable` is what the log holds.
+        /// Against a model log and a sender that behaves like a relay (a resend carries the epoch
+        /// it was first sent with): whatever arrives, the log holds exactly the writes 1..=n in
+        /// order (no gap, none twice) with non-decreasing epochs, `durable` is what the log holds,
+        /// and the write after the log's last is always taken (never refused for its epoch, after
+        /// a failure too).
         #[test]
         fn the_log_never_gets_a_gap_or_a_duplicate(events in proptest::collection::vec(event(), 1..200)) {
             let mut s = Sequencer::new(0, 0);
             let mut log: Vec<(u64, u64)> = Vec::new(); // (seq, epoch), durable
             let mut pending: std::collections::VecDeque<(u64, u64)> = Default::default();
-            let mut epoch = 0u64;
+            let mut epochs: Vec<u64> = Vec::new(); // the sender's: epochs[seq - 1]
             for e in events {
                 match e {
                     Event::Send { k, epoch_step } => {
                         let seq = (s.submitted() + k).saturating_sub(1).max(1);
-                        let ep = if seq > s.submitted() { epoch + epoch_step } else { epoch };
+                        while epochs.len() < seq as usize {
+                            let last = epochs.last().copied().unwrap_or(0);
+                            epochs.push(last + epoch_step);
+                        }
+                        let ep = epochs[seq as usize - 1];
                         match s.admit(seq, ep) {
                             Ok(Admit::Append) => {
-                                epoch = ep;
+                                prop_assert_eq!(seq, log.len() as u64 + pending.len() as u64 + 1);
                                 pending.push_back((seq, ep));
                             }
                             Ok(Admit::Duplicate) => prop_assert!(seq <= s.submitted()),
                             Err(Refusal::Gap { .. }) => prop_assert!(seq > s.submitted() + 1),
-                            Err(Refusal::EpochBack { .. }) => prop_assert!(false, "epochs only grow here"),
+                            Err(r @ Refusal::EpochBack { .. }) => prop_assert!(false, "{} refused: {}", seq, r),
                         }
                     }
                     Event::SendOldEpoch => {
                         let seq = s.submitted() + 1;
-                        match s.last_epoch().checked_sub(1) {
-                            Some(old) => prop_assert_eq!(
+                        if let Some(old) = s.last_epoch().checked_sub(1) {
+                            prop_assert_eq!(
                                 s.admit(seq, old),
                                 Err(Refusal::EpochBack { seq, epoch: old, last: s.last_epoch() })
-                            ),
-                            None => continue,
+                            );
                         }
                     }
                     Event::Complete { ok } => {

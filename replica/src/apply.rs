@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use drv_format::crypto::VolumeKey;
 use drv_format::record::Flags;
+use drv_proto::Sequencer;
 use drv_wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
 
@@ -75,10 +76,9 @@ impl Applied {
 /// What the status shows about a volume's apply.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyState {
-    /// Highest sequence durable in the DR log.
-    pub durable_seq: u64,
-    /// Highest sequence handed to the DR log (may not be durable yet).
-    pub submitted_seq: u64,
+    /// The sequence gate of what is relayed in, and its positions: submitted to the DR log (in
+    /// order; may not be durable yet) and durable there.
+    pub seq: Sequencer,
     pub applied: Applied,
     /// A RESYNC run has been received in part: it is applied only when complete.
     pub resyncing: bool,
@@ -153,8 +153,12 @@ impl ReplicaVolume {
             target.set_len(size_bytes).map_err(named)?;
         }
         let applied = Applied::load(&applied_path)?;
-        let logged = drlog.volume(id).map(|s| s.log.last_seq).unwrap_or(0);
-        let durable = logged.max(applied.seq);
+        let log = drlog.volume(id).map(|s| s.log).unwrap_or_default();
+        let durable = log.last_seq.max(applied.seq);
+        let last_epoch = if log.last_seq >= applied.seq { log.last_epoch } else { applied.epoch };
+        // A DR log that holds nothing of the volume (new, or recreated) continues after what was
+        // applied: the next relayed record must follow it.
+        drlog.resume_volume(id, durable);
         Ok(ReplicaVolume {
             id,
             name: name.to_owned(),
@@ -163,8 +167,7 @@ impl ReplicaVolume {
             target,
             applied_path,
             state: Mutex::new(ApplyState {
-                durable_seq: durable,
-                submitted_seq: durable,
+                seq: Sequencer::new(durable, last_epoch),
                 applied,
                 resyncing: applied.partial_resync,
                 ..Default::default()
@@ -179,7 +182,7 @@ impl ReplicaVolume {
     /// Notes records durable in the DR log up to `seq` and wakes the apply loop.
     pub fn logged(&self, seq: u64) {
         let mut s = self.state.lock().expect("apply state");
-        s.durable_seq = s.durable_seq.max(seq);
+        s.seq.durable_through(seq);
         drop(s);
         self.changed.notify_all();
     }
@@ -288,7 +291,7 @@ pub fn run(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         {
             let s = v.state.lock().expect("apply state");
-            if s.error.is_some() || s.durable_seq <= applier.last_read_seq {
+            if s.error.is_some() || s.seq.durable() <= applier.last_read_seq {
                 let _ = v.changed.wait_timeout(s, Duration::from_millis(200)).expect("apply state");
                 continue;
             }

@@ -13,6 +13,7 @@ use drv_config::NodeConfig;
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code, media_op};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
+use drv_proto::Admit;
 use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
 use drv_wrl::storage::{FileStorage, Storage};
 use drv_wrl::{self as wrl, CreateOptions, Wrl, WrlOptions};
@@ -246,10 +247,10 @@ impl ReplicaServer {
                     let v2 = v.clone();
                     let (durable, applied) = tokio::task::spawn_blocking(move || {
                         let mut s = v2.state.lock().expect("apply state");
-                        while s.durable_seq < s.submitted_seq {
+                        while s.seq.durable() < s.seq.submitted() {
                             s = v2.changed.wait_timeout(s, std::time::Duration::from_millis(50)).expect("state").0;
                         }
-                        (s.durable_seq, s.applied.seq)
+                        (s.seq.durable(), s.applied.seq)
                     })
                     .await
                     .map_err(|e| e.to_string())?;
@@ -261,7 +262,7 @@ impl ReplicaServer {
                         let mut rx = v2.applied_tx.subscribe();
                         while rx.changed().await.is_ok() {
                             let applied = *rx.borrow_and_update();
-                            let durable = v2.state.lock().expect("apply state").durable_seq;
+                            let durable = v2.state.lock().expect("apply state").seq.durable();
                             if out2
                                 .send(Frame::ReplicaPosition {
                                     volume_id: v2.id,
@@ -340,23 +341,18 @@ impl ReplicaServer {
         let mut to_log = Vec::new();
         for (h, payload) in batch {
             let seq = h.desc.volume_seq;
-            if seq <= st.submitted_seq {
-                continue; // already logged (a resend after reconnect)
+            match st.seq.admit(seq, h.desc.epoch) {
+                Ok(Admit::Append) => {}
+                Ok(Admit::Duplicate) => continue, // already logged (a resend after reconnect)
+                Err(r) => return Err(format!("volume {} record {r}", v.id)),
             }
-            if seq != st.submitted_seq + 1 {
-                return Err(format!(
-                    "volume {} record seq {seq} leaves a gap: the DR log holds up to seq {}",
-                    v.id, st.submitted_seq
-                ));
-            }
-            st.submitted_seq = seq;
             last = Some(seq);
             to_log.push((h, payload));
         }
         let Some(last) = last else {
             let _ = out.send(Frame::ReplicaPosition {
                 volume_id: v.id,
-                durable_seq: st.durable_seq,
+                durable_seq: st.seq.durable(),
                 applied_seq: st.applied.seq,
             });
             return Ok(());
@@ -384,8 +380,7 @@ impl ReplicaServer {
                         }
                         Err(e) => {
                             tracing::error!(volume = v2.id, seq, "DR log append failed: {e}");
-                            let mut s = v2.state.lock().expect("apply state");
-                            s.submitted_seq = s.submitted_seq.min(seq - 1);
+                            v2.state.lock().expect("apply state").seq.failed(seq);
                             let _ = out2.send(Frame::Error { code: code::SERVER, message: format!("DR log: {e}") });
                         }
                     }),
@@ -419,11 +414,11 @@ impl ReplicaServer {
                     "target": v.target_path.display().to_string(),
                     "state": state,
                     "media": media,
-                    "received_seq": s.submitted_seq,
-                    "durable_seq": s.durable_seq,
+                    "received_seq": s.seq.submitted(),
+                    "durable_seq": s.seq.durable(),
                     "applied_seq": s.applied.seq,
                     "applied_epoch": s.applied.epoch,
-                    "apply_lag_records": s.durable_seq.saturating_sub(s.applied.seq),
+                    "apply_lag_records": s.seq.durable().saturating_sub(s.applied.seq),
                     "pending_records": s.pending_records,
                     "applied_units": s.applied_units,
                     "error": s.error,

@@ -82,6 +82,10 @@ enum RelayError {
     Ahead { got: u64, sent: u64 },
     #[error("replica needs seq {need} but the log holds this volume from seq {first}: a full resync is required")]
     Missing { need: u64, first: u64 },
+    #[error(
+        "replica holds this volume up to seq {replica}, but this staging server's log only reaches seq {ours}: the WRL was lost or replaced; nothing is relayed (the replica would skip every write up to seq {replica} as already held)"
+    )]
+    Behind { replica: u64, ours: u64 },
 }
 
 async fn session(
@@ -105,6 +109,10 @@ async fn session(
         Some(Frame::Error { message, .. }) => return Err(RelayError::Refused(message)),
         _ => return Err(RelayError::Closed),
     };
+    let ours = v.seq.lock().expect("seq").submitted();
+    if durable_seq > ours {
+        return Err(RelayError::Behind { replica: durable_seq, ours });
+    }
     tracing::info!(volume = v.id, %replica, durable_seq, applied, "relay connected; resuming after seq {durable_seq}");
     {
         let mut p = v.progress.lock().expect("progress");

@@ -22,6 +22,7 @@ use drv_config::{NodeConfig, VolumeView};
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code};
 use drv_format::record::Flags;
+use drv_proto::{Admit, Refusal, Sequencer};
 use drv_transport::link::{Link, LinkReader};
 use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve, tls};
 use serde_json::json;
@@ -83,20 +84,13 @@ pub struct VolumeCtx {
     pub key: VolumeKey,
     /// (name, address, the largest frame body it accepts).
     pub replicas: Vec<(String, SocketAddr, u32)>,
-    /// Sequence positions: submitted (in order) and durable.
-    pub seq: Mutex<SeqState>,
+    /// The volume's sequence gate and positions (submitted in order, durable).
+    pub seq: Mutex<Sequencer>,
     /// Durable sequence, for retried writes waiting on an in-flight original.
     pub durable_tx: watch::Sender<u64>,
     pub progress: Mutex<BTreeMap<String, ReplicaProgress>>,
     /// (seq, payload bytes, time acknowledged) of records not yet durable on every replica.
     pub unreplicated: Mutex<VecDeque<(u64, u64, Instant)>>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SeqState {
-    pub submitted_seq: u64,
-    pub last_epoch: u64,
-    pub durable_seq: u64,
 }
 
 /// Caps the lag bookkeeping (entries); beyond it the oldest entries are dropped and lag in
@@ -327,13 +321,21 @@ impl Staging {
             });
             return None;
         };
-        let s = *v.seq.lock().expect("seq");
-        let mut rx = v.durable_tx.subscribe();
-        let _ = rx.wait_for(|d| *d >= s.submitted_seq).await;
+        // Once everything submitted is durable (or failed, which moves the position back).
+        let (last_seq, last_epoch) = loop {
+            let mut rx = v.durable_tx.subscribe();
+            {
+                let s = v.seq.lock().expect("seq");
+                if s.durable() >= s.submitted() {
+                    break (s.submitted(), s.last_epoch());
+                }
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), rx.changed()).await;
+        };
         out.reply(Frame::VolumeState {
             volume_id,
-            last_seq: s.submitted_seq,
-            last_epoch: s.last_epoch,
+            last_seq,
+            last_epoch,
             room_bytes: v.wrl.room_bytes(),
             capacity_bytes: v.wrl.capacity_bytes(),
         });
@@ -445,39 +447,28 @@ impl Staging {
             );
         }
         let mut st = v.seq.lock().expect("seq");
-        if seq <= st.submitted_seq {
-            // A retry: acknowledge again once the original is durable, without a second append.
-            drop(st);
-            let mut rx = v.durable_tx.subscribe();
-            let out = out.clone();
-            let vid = v.id;
-            rt.spawn(async move {
-                if rx.wait_for(|d| *d >= seq).await.is_ok() {
-                    out.reply(Frame::Ack { volume_id: vid, seq, lsn: 0 });
-                }
-                drop(permit);
-            });
-            return None;
+        match st.admit(seq, epoch) {
+            Ok(Admit::Append) => {}
+            Ok(Admit::Duplicate) => {
+                // A retry: acknowledge again once the original is durable, without a second append.
+                drop(st);
+                let mut rx = v.durable_tx.subscribe();
+                let out = out.clone();
+                let vid = v.id;
+                rt.spawn(async move {
+                    if rx.wait_for(|d| *d >= seq).await.is_ok() {
+                        out.reply(Frame::Ack { volume_id: vid, seq, lsn: 0 });
+                    }
+                    drop(permit);
+                });
+                return None;
+            }
+            Err(r) => {
+                drop(st);
+                let c = if matches!(r, Refusal::Gap { .. }) { code::SEQUENCE_GAP } else { code::INVALID };
+                return refuse(c, format!("volume {} write {r}", v.id));
+            }
         }
-        if seq != st.submitted_seq + 1 {
-            let have = st.submitted_seq;
-            drop(st);
-            return refuse(
-                code::SEQUENCE_GAP,
-                format!(
-                    "volume {} write seq {seq} leaves a gap: the log holds up to seq {have} (expected {})",
-                    v.id,
-                    have + 1
-                ),
-            );
-        }
-        if epoch < st.last_epoch {
-            let last = st.last_epoch;
-            drop(st);
-            return refuse(code::INVALID, format!("volume {} seq {seq}: epoch {epoch} is before epoch {last}", v.id));
-        }
-        st.submitted_seq = seq;
-        st.last_epoch = epoch;
         let out2 = out.clone();
         let ctx = v.clone();
         let appended = self.appended.clone();
@@ -498,10 +489,7 @@ impl Staging {
                         // only move up, and acknowledgements are cumulative (each covers every
                         // earlier write of the volume; a link serves one volume).
                         if a.last_of_volume {
-                            {
-                                let mut s = ctx.seq.lock().expect("seq");
-                                s.durable_seq = s.durable_seq.max(seq);
-                            }
+                            ctx.seq.lock().expect("seq").durable_through(seq);
                             ctx.durable_tx.send_modify(|d| *d = (*d).max(seq));
                             out2.reply(Frame::Ack { volume_id: ctx.id, seq, lsn: a.header.lsn });
                             appended.notify_waiters();
@@ -510,9 +498,12 @@ impl Staging {
                     Err(e) => {
                         // Not logged: later writes of this volume would leave a gap, so the
                         // position moves back and the agent must resend from here.
-                        let mut s = ctx.seq.lock().expect("seq");
-                        s.submitted_seq = s.submitted_seq.min(seq - 1);
-                        let c = if matches!(e, WrlError::LogFull { .. }) { code::LOG_FULL } else { code::SERVER };
+                        ctx.seq.lock().expect("seq").failed(seq);
+                        let c = match e {
+                            WrlError::LogFull { .. } => code::LOG_FULL,
+                            WrlError::OutOfOrder { .. } => code::SEQUENCE_GAP,
+                            _ => code::SERVER,
+                        };
                         out2.reply(Frame::Error { code: c, message: format!("volume {} seq {seq}: {e}", ctx.id) });
                     }
                 }
@@ -531,21 +522,21 @@ impl Staging {
             vs.sort_by_key(|v| v.id);
             vs.iter()
                 .map(|v| {
-                    let s = *v.seq.lock().expect("seq");
+                    let s = v.seq.lock().expect("seq").clone();
                     let p = v.progress.lock().expect("progress");
                     let u = v.unreplicated.lock().expect("unreplicated");
-                    let min_durable = p.values().map(|r| r.durable_seq).min().unwrap_or(s.durable_seq);
+                    let min_durable = p.values().map(|r| r.durable_seq).min().unwrap_or(s.durable());
                     let lag_bytes: u64 = u.iter().map(|e| e.1).sum();
                     let lag_secs = u.front().map(|e| now.duration_since(e.2).as_secs_f64()).unwrap_or(0.0);
                     json!({
                         "volume_id": v.id,
                         "name": v.name,
                         "wrl": v.wrl_name,
-                        "received_seq": s.submitted_seq,
-                        "durable_seq": s.durable_seq,
-                        "last_epoch": s.last_epoch,
+                        "received_seq": s.submitted(),
+                        "durable_seq": s.durable(),
+                        "last_epoch": s.last_epoch(),
                         "replicated_seq": min_durable,
-                        "lag_records": s.durable_seq.saturating_sub(min_durable),
+                        "lag_records": s.durable().saturating_sub(min_durable),
                         "lag_bytes": lag_bytes,
                         "lag_seconds": lag_secs,
                         "replicas": p.iter().map(|(name, r)| json!({
@@ -592,8 +583,10 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
             parse_addr(n, &ep.address).map(|a| (n.clone(), a, limit))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // The durable position comes from the log itself (recovered at open).
+    // The durable position comes from the log itself (recovered at open); a volume the log holds
+    // nothing of starts at 0, and its first write must be seq 1.
     let log = wrl.volume(v.volume.id).map(|s| s.log).unwrap_or_default();
+    wrl.resume_volume(v.volume.id, log.last_seq);
     let (durable_tx, _) = watch::channel(log.last_seq);
     Ok(VolumeCtx {
         id: v.volume.id,
@@ -603,11 +596,7 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         key,
         progress: Mutex::new(replicas.iter().map(|(n, ..)| (n.clone(), ReplicaProgress::default())).collect()),
         replicas,
-        seq: Mutex::new(SeqState {
-            submitted_seq: log.last_seq,
-            last_epoch: log.last_epoch,
-            durable_seq: log.last_seq,
-        }),
+        seq: Mutex::new(Sequencer::new(log.last_seq, log.last_epoch)),
         durable_tx,
         unreplicated: Mutex::new(VecDeque::new()),
     })

@@ -39,6 +39,12 @@ pub enum WrlError {
     /// The requested records were trimmed.
     #[error("lsn {lsn} was trimmed; the oldest record still held is lsn {first_available}")]
     Trimmed { lsn: u64, first_available: u64 },
+    /// A record that does not follow its volume's last one (a gap, or one sent twice): never
+    /// logged.
+    #[error(
+        "volume {volume_id} seq {seq} does not follow the log's last record of the volume (expected seq {expected})"
+    )]
+    OutOfOrder { volume_id: u64, seq: u64, expected: u64 },
     /// The WRL is shutting down.
     #[error("WRL is closed")]
     Closed,

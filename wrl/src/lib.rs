@@ -84,6 +84,9 @@ pub struct VolumeState {
     pub log: VolumeLog,
     /// Downstream has every record of this volume up to this lsn.
     pub confirmed_lsn: u64,
+    /// The sequence number the volume's next record must have, once the log knows it (from a
+    /// record of the volume, or [`Wrl::resume_volume`]): the log never holds a gap.
+    pub next_seq: Option<u64>,
 }
 
 /// Counters for status and benchmarks.
@@ -165,7 +168,10 @@ impl Wrl {
         let volumes = rec
             .volumes
             .iter()
-            .map(|(id, log)| (*id, VolumeState { log: *log, confirmed_lsn: rec.meta.trim_lsn }))
+            .map(|(id, log)| {
+                let next_seq = Some(log.last_seq + 1);
+                (*id, VolumeState { log: *log, confirmed_lsn: rec.meta.trim_lsn, next_seq })
+            })
             .collect();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -353,6 +359,16 @@ impl Wrl {
         }
     }
 
+    /// Declares where volume `volume_id` stands when the log holds none of its records (a new
+    /// volume: 0; a replica's DR log after its records were applied and trimmed: the applied
+    /// position): its next record must be `last_seq + 1`. A volume the log holds records of keeps
+    /// the position they give.
+    pub fn resume_volume(&self, volume_id: u64, last_seq: u64) {
+        let mut vols = self.shared.volumes.lock().expect("volumes");
+        let v = vols.entry(volume_id).or_default();
+        v.next_seq.get_or_insert(last_seq + 1);
+    }
+
     pub fn volume(&self, volume_id: u64) -> Option<VolumeState> {
         self.shared.volumes.lock().expect("volumes").get(&volume_id).copied()
     }
@@ -485,6 +501,40 @@ fn committer(sh: Arc<Shared>) {
     }
 }
 
+/// Takes out of `batch`, and fails, every record that does not follow its volume's last record
+/// (`VolumeState::next_seq`), so the log never holds a gap: a sender whose earlier write failed
+/// (log full) while a later one was already queued must resend from the failed one. Returns the
+/// bytes taken out.
+fn refuse_out_of_order(sh: &Shared, batch: &mut Vec<Queued>) -> u64 {
+    let mut refused = Vec::new();
+    {
+        let vols = sh.volumes.lock().expect("volumes");
+        let mut next: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+        let mut i = 0;
+        while i < batch.len() {
+            let d = &batch[i].rec.desc;
+            let expected = next.entry(d.volume_id).or_insert_with(|| vols.get(&d.volume_id).and_then(|v| v.next_seq));
+            if expected.is_some_and(|e| e != d.volume_seq) {
+                refused.push((batch.remove(i), expected.expect("some")));
+                continue;
+            }
+            *expected = Some(d.volume_seq + 1);
+            i += 1;
+        }
+    }
+    if refused.is_empty() {
+        return 0;
+    }
+    let bytes: u64 = refused.iter().map(|(q, _)| q.rec.log_bytes()).sum();
+    sh.state.lock().expect("wrl state").admitted_bytes -= bytes;
+    sh.room.notify_all();
+    for (q, expected) in refused {
+        let (volume_id, seq) = (q.rec.desc.volume_id, q.rec.desc.volume_seq);
+        (q.done)(Err(WrlError::OutOfOrder { volume_id, seq, expected }));
+    }
+    bytes
+}
+
 /// Before a trim up to `target` frees segments: every volume whose last record is in them gets a
 /// CHECKPOINT record in the head (its last sequence and epoch again, durable before the segments
 /// are freed), so the volume's position survives the trim and a restart recovers it from the log.
@@ -562,6 +612,7 @@ fn commit_step(sh: &Shared, core: &mut LogCore) {
         batch.push(st.queue.pop_front().expect("front exists"));
     }
     drop(st);
+    record_bytes -= refuse_out_of_order(sh, &mut batch);
 
     if trim_due(sh, trim_target) {
         let target = match checkpoint_idle_volumes(sh, core, trim_target) {
@@ -601,7 +652,9 @@ fn commit_step(sh: &Shared, core: &mut LogCore) {
             {
                 let mut vols = sh.volumes.lock().expect("volumes");
                 for h in &headers {
-                    vols.entry(h.desc.volume_id).or_default().log.note(h);
+                    let v = vols.entry(h.desc.volume_id).or_default();
+                    v.log.note(h);
+                    v.next_seq = Some(h.desc.volume_seq + 1);
                 }
             }
             {

@@ -11,8 +11,8 @@ use drv_wrl::{FileStorage, Storage};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let path = args.next().expect("usage: wrl-writer PATH ROUND");
-    let round: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    // (The test passes its round number too; each round goes on after the last one's records.)
+    let path = args.next().expect("usage: wrl-writer PATH");
     let dev: Arc<dyn Storage> = Arc::new(FileStorage::open(path.as_ref()).expect("open WRL device"));
     let (wrl, rec) = Wrl::open(vec![dev], WrlOptions::default()).expect("open WRL");
     let wrl = Arc::new(wrl);
@@ -22,10 +22,12 @@ fn main() {
         .map(|t| {
             let (wrl, key, out) = (wrl.clone(), key.clone(), out.clone());
             let base = rec.last_lsn;
+            // Each volume goes on after its last record in the log (the log refuses gaps).
+            let last_seq = rec.volumes.get(&t).map(|v| v.last_seq).unwrap_or(0);
             std::thread::spawn(move || {
                 for i in 0.. {
                     // volume_seq doubles as the pattern seed, so readers can check payloads.
-                    let seq = (round << 40) | (t << 32) | i;
+                    let seq = last_seq + 1 + i;
                     let data = pattern(seq, 512 * (1 + (i as usize % 16)));
                     let req = AppendRequest {
                         volume_id: t,

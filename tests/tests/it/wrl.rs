@@ -33,9 +33,14 @@ fn append_read_reopen_round_trip() {
     let (w, rec) = Wrl::open(devs, WrlOptions::default()).unwrap();
     assert_eq!(rec.last_lsn, 0);
     let mut lsns = Vec::new();
-    for seq in 1..=200u64 {
-        let data = pattern(seq, (seq as usize * 37) % 9000);
-        lsns.push(w.append(&key, req(1 + seq % 3, seq, &data)).unwrap().header.lsn);
+    // Three volumes, interleaved; each one's writes numbered 1, 2, 3, ...
+    let mut vseq = [0u64; 4];
+    for n in 1..=200u64 {
+        let vol = 1 + n % 3;
+        vseq[vol as usize] += 1;
+        let seq = vseq[vol as usize];
+        let data = pattern(seq, (n as usize * 37) % 9000);
+        lsns.push(w.append(&key, req(vol, seq, &data)).unwrap().header.lsn);
     }
     assert_eq!(lsns, (1..=200).collect::<Vec<_>>());
     // Read back through the cache and decrypt.
@@ -55,7 +60,10 @@ fn append_read_reopen_round_trip() {
     assert_eq!(recs.first().unwrap().header.lsn, 150);
     assert_eq!(recs.len(), 51);
     assert_eq!(w.status().disk_reads, 1);
-    let next = w.append(&key, req(1, 201, b"after reopen")).unwrap();
+    // Each volume goes on after its last record, across the reopen; anything else is refused.
+    let e = w.append(&key, req(1, vseq[1] + 2, b"a gap")).unwrap_err();
+    assert!(matches!(e, WrlError::OutOfOrder { volume_id: 1, expected, .. } if expected == vseq[1] + 1), "{e}");
+    let next = w.append(&key, req(1, vseq[1] + 1, b"after reopen")).unwrap();
     assert_eq!(next.header.lsn, 201);
     // Nonces never repeat across the reopen.
     let n0 = recs.iter().map(|r| r.header.desc.nonce).collect::<std::collections::HashSet<_>>();
