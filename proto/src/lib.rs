@@ -7,9 +7,13 @@
 //! - [`seq`]: the volume sequencer, the gate every write or relayed record of a volume passes at
 //!   staging and at the replica (skip what is logged, refuse a gap, refuse an epoch going back,
 //!   roll back when the log fails).
+//! - [`relay`]: the relay window of one volume to one replica (resume, in order, in-flight bound,
+//!   acknowledgements, what the log may trim).
 
 #![forbid(unsafe_code)]
 
+pub mod relay;
 pub mod seq;
 
+pub use relay::{Offer, RelayRefusal, RelayWindow};
 pub use seq::{Admit, Refusal, Sequencer};

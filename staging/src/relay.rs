@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use drv_format::frame::{Frame, RecordsFrameBuilder};
 use drv_format::record::{Flags, RECORD_HEADER_LEN};
+use drv_proto::relay::Record;
+use drv_proto::{Offer, RelayRefusal, RelayWindow};
 use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
 use tokio::sync::mpsc;
 
@@ -78,14 +80,9 @@ enum RelayError {
     Task(String),
     #[error("replica closed the stream")]
     Closed,
-    #[error("replica reports durable seq {got}, but only up to {sent} was sent")]
-    Ahead { got: u64, sent: u64 },
-    #[error("replica needs seq {need} but the log holds this volume from seq {first}: a full resync is required")]
-    Missing { need: u64, first: u64 },
-    #[error(
-        "replica holds this volume up to seq {replica}, but this staging server's log only reaches seq {ours}: the WRL was lost or replaced; nothing is relayed (the replica would skip every write up to seq {replica} as already held)"
-    )]
-    Behind { replica: u64, ours: u64 },
+    /// What the relay window refuses (behind, missing records, acknowledged too much).
+    #[error(transparent)]
+    Window(#[from] RelayRefusal),
 }
 
 async fn session(
@@ -104,15 +101,14 @@ async fn session(
     let mut r = FrameReader::new(rx, st.frame_bytes_limit);
     let mut w = FrameWriter::new(tx);
     w.send(&Frame::RelayOpen { volume_id: v.id }).await?;
-    let (mut durable_seq, applied) = match r.next().await? {
+    let (durable_seq, applied) = match r.next().await? {
         Some(Frame::ReplicaPosition { durable_seq, applied_seq, .. }) => (durable_seq, applied_seq),
         Some(Frame::Error { message, .. }) => return Err(RelayError::Refused(message)),
         _ => return Err(RelayError::Closed),
     };
     let ours = v.seq.lock().expect("seq").submitted();
-    if durable_seq > ours {
-        return Err(RelayError::Behind { replica: durable_seq, ours });
-    }
+    let limit = st.inflight_bytes_limit.max(RECORDS_FRAME_BYTES);
+    let window = RelayWindow::resume(v.id, durable_seq, ours, limit)?;
     tracing::info!(volume = v.id, %replica, durable_seq, applied, "relay connected; resuming after seq {durable_seq}");
     {
         let mut p = v.progress.lock().expect("progress");
@@ -138,7 +134,7 @@ async fn session(
             }
         }
     });
-    let result = pump(st, v, replica, &mut w, &mut pos_rx, &mut durable_seq, frame_limit).await;
+    let result = pump(st, v, replica, &mut w, &mut pos_rx, window, frame_limit).await;
     reader.abort();
     result
 }
@@ -147,22 +143,18 @@ async fn session(
 type ReadAhead = tokio::task::JoinHandle<Result<Vec<LogRecord>, WrlError>>;
 
 /// Sends records after the replica's durable position, keeping at most the in-flight limit of
-/// unacknowledged bytes, and applies position reports as they arrive.
+/// unacknowledged bytes (the window decides what goes: `drv_proto::RelayWindow`), and applies
+/// position reports as they arrive.
 async fn pump(
     st: &Arc<Staging>,
     v: &Arc<VolumeCtx>,
     replica: &str,
     w: &mut FrameWriter<s2n_quic::stream::SendStream>,
     pos_rx: &mut mpsc::UnboundedReceiver<Result<(u64, u64), RelayError>>,
-    durable_seq: &mut u64,
+    mut window: RelayWindow,
     frame_limit: u32,
 ) -> Result<(), RelayError> {
-    // In flight: (seq, lsn, bytes) sent but not yet durable at the replica.
-    let mut inflight: VecDeque<(u64, u64, u64)> = VecDeque::new();
-    let mut inflight_bytes = 0u64;
-    let mut sent_seq = *durable_seq;
     let mut cursor = v.wrl.status().first_lsn;
-    let limit = st.inflight_bytes_limit.max(RECORDS_FRAME_BYTES);
     // Read back but not yet sent (a read returns whole batches, a frame takes about 4 MiB).
     let mut pending: VecDeque<LogRecord> = VecDeque::new();
     // The next read, started early: (from lsn, task).
@@ -171,16 +163,20 @@ async fn pump(
         // Apply every position report that is waiting.
         while let Ok(m) = pos_rx.try_recv() {
             let (d, a) = m?;
-            ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
+            ack(v, replica, &mut window, d, a)?;
         }
         let notified = st.appended.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if inflight_bytes >= limit {
+        if window.is_full() {
             let t = std::time::Instant::now();
             let (d, a) = pos_rx.recv().await.ok_or(RelayError::Closed)??;
-            tracing::debug!(waited_us = t.elapsed().as_micros() as u64, inflight_bytes, "relay window full");
-            ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
+            tracing::debug!(
+                waited_us = t.elapsed().as_micros() as u64,
+                inflight = window.inflight_bytes(),
+                "relay window full"
+            );
+            ack(v, replica, &mut window, d, a)?;
             continue;
         }
         // Records read but not sent yet carry over; otherwise take the read that was started
@@ -203,58 +199,26 @@ async fn pump(
             read_any = !recs.is_empty();
             pending.extend(recs);
         }
-        let mut frame = RecordsFrameBuilder::new(v.id);
-        let mut frame_payload = 0u64;
-        // The last record skipped because the replica holds it already (at resume).
-        let mut held_lsn = None;
-        while frame_payload < RECORDS_FRAME_BYTES
-            && let Some(rec) = pending.pop_front()
-        {
-            // Never over the replica's frame limit: a record that does not fit waits for the next
-            // frame (a frame always takes its first record; one record always fits a valid limit).
-            let rec_len = RECORD_HEADER_LEN + rec.payload.len();
-            if frame.count() > 0 && frame.body_len() + rec_len > frame_limit as usize {
-                pending.push_front(rec);
-                break;
-            }
-            if rec.header.desc.volume_id != v.id {
-                continue;
-            }
-            let seq = rec.header.desc.volume_seq;
-            if seq <= sent_seq {
-                // Already at the replica (resume; or a checkpoint of a position it reported):
-                // it counts as confirmed here, so it never holds the log's trimming back.
-                held_lsn = Some(rec.header.lsn);
-                continue;
-            }
-            if rec.header.desc.flags.contains(Flags::CHECKPOINT) {
-                // A position past the replica's: the records up to it are gone from this log.
-                return Err(RelayError::Missing { need: sent_seq + 1, first: seq + 1 });
-            }
-            if seq != sent_seq + 1 {
-                // The replica needs records this log no longer holds (trimmed, or a new replica).
-                return Err(RelayError::Missing { need: sent_seq + 1, first: seq });
-            }
-            frame.push(&rec.header.encode(), &rec.payload);
-            sent_seq = seq;
-            let b = rec.header.desc.length as u64;
-            frame_payload += b;
-            inflight.push_back((seq, rec.header.lsn, b));
-            inflight_bytes += b + 112;
-        }
-        if let Some(lsn) = held_lsn {
-            if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
-                p.durable_lsn = p.durable_lsn.max(lsn);
-            }
-            v.confirm_replicated();
+        let confirmed = window.confirmed_lsn();
+        let frame = fill_frame(v.id, &mut window, &mut pending, frame_limit)?;
+        if window.confirmed_lsn() > confirmed {
+            // Records the replica held already (at resume) count as confirmed: an idle volume
+            // never holds the log's trimming back.
+            progress(v, replica, &window, None);
         }
         let count = frame.count();
         if count > 0 {
             let t = std::time::Instant::now();
             w.send_chunks(&mut frame.finish()).await?;
-            tracing::debug!(read_us, send_us = t.elapsed().as_micros() as u64, count, inflight_bytes, "relay frame");
+            tracing::debug!(
+                read_us,
+                send_us = t.elapsed().as_micros() as u64,
+                count,
+                inflight = window.inflight_bytes(),
+                "relay frame"
+            );
             if let Some(p) = v.progress.lock().expect("progress").get_mut(replica) {
-                p.sent_seq = sent_seq;
+                p.sent_seq = window.sent_seq();
             }
             continue;
         }
@@ -271,40 +235,74 @@ async fn pump(
             }
             m = pos_rx.recv() => {
                 let (d, a) = m.ok_or(RelayError::Closed)??;
-                ack(v, replica, d, a, &mut inflight, &mut inflight_bytes, sent_seq)?;
+                ack(v, replica, &mut window, d, a)?;
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
 }
 
+/// Takes records from `pending` into one Records frame, as the window decides, up to about
+/// `RECORDS_FRAME_BYTES` of data and never over the replica's `frame_limit` (a record that does
+/// not fit waits for the next frame; a frame always takes its first record, and one record always
+/// fits a valid limit).
+fn fill_frame(
+    volume_id: u64,
+    window: &mut RelayWindow,
+    pending: &mut VecDeque<LogRecord>,
+    frame_limit: u32,
+) -> Result<RecordsFrameBuilder, RelayError> {
+    let mut frame = RecordsFrameBuilder::new(volume_id);
+    let mut frame_payload = 0u64;
+    while frame_payload < RECORDS_FRAME_BYTES
+        && let Some(rec) = pending.pop_front()
+    {
+        let rec_len = RECORD_HEADER_LEN + rec.payload.len();
+        if frame.count() > 0 && frame.body_len() + rec_len > frame_limit as usize {
+            pending.push_front(rec);
+            break;
+        }
+        let d = &rec.header.desc;
+        let r = Record {
+            volume_id: d.volume_id,
+            seq: d.volume_seq,
+            lsn: rec.header.lsn,
+            length: d.length as u64,
+            checkpoint: d.flags.contains(Flags::CHECKPOINT),
+        };
+        if window.offer(&r)? == Offer::Send {
+            frame.push(&rec.header.encode(), &rec.payload);
+            frame_payload += r.length;
+        }
+    }
+    Ok(frame)
+}
+
+/// A position report of the replica: the window takes it, and staging's view of the replica and
+/// the WRL's confirmations follow.
 fn ack(
     v: &Arc<VolumeCtx>,
     replica: &str,
+    window: &mut RelayWindow,
     durable: u64,
     applied: u64,
-    inflight: &mut VecDeque<(u64, u64, u64)>,
-    inflight_bytes: &mut u64,
-    sent_seq: u64,
 ) -> Result<(), RelayError> {
-    if durable > sent_seq {
-        return Err(RelayError::Ahead { got: durable, sent: sent_seq });
-    }
-    let mut lsn = None;
-    while inflight.front().is_some_and(|e| e.0 <= durable) {
-        let (_, l, b) = inflight.pop_front().expect("front");
-        *inflight_bytes -= b + 112;
-        lsn = Some(l);
-    }
+    window.acknowledged(durable)?;
+    progress(v, replica, window, Some(applied));
+    Ok(())
+}
+
+/// Publishes the window's positions (and `applied`, when reported) and confirms to the WRL what
+/// every replica holds.
+fn progress(v: &Arc<VolumeCtx>, replica: &str, window: &RelayWindow, applied: Option<u64>) {
     {
         let mut p = v.progress.lock().expect("progress");
         let e = p.entry(replica.to_owned()).or_default();
-        e.durable_seq = e.durable_seq.max(durable);
-        e.applied_seq = e.applied_seq.max(applied);
-        if let Some(l) = lsn {
-            e.durable_lsn = e.durable_lsn.max(l);
+        e.durable_seq = e.durable_seq.max(window.durable_seq());
+        if let Some(a) = applied {
+            e.applied_seq = e.applied_seq.max(a);
         }
+        e.durable_lsn = e.durable_lsn.max(window.confirmed_lsn());
     }
     v.confirm_replicated();
-    Ok(())
 }
