@@ -9,11 +9,15 @@
 //!   roll back when the log fails).
 //! - [`relay`]: the relay window of one volume to one replica (resume, in order, in-flight bound,
 //!   acknowledgements, what the log may trim).
+//! - [`units`]: the replica's units of apply (an epoch, or a whole resync run) and when one is
+//!   complete.
 
 #![forbid(unsafe_code)]
 
 pub mod relay;
 pub mod seq;
+pub mod units;
 
 pub use relay::{Offer, RelayRefusal, RelayWindow};
 pub use seq::{Admit, Refusal, Sequencer};
+pub use units::Units;

@@ -26,6 +26,7 @@ use std::time::Duration;
 use drv_format::crypto::VolumeKey;
 use drv_format::record::Flags;
 use drv_proto::Sequencer;
+use drv_proto::units::{Entry, Units};
 use drv_wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
 
@@ -188,26 +189,24 @@ impl ReplicaVolume {
     }
 }
 
-/// The unit a record belongs to: all RESYNC records of a run form one unit; otherwise the epoch.
-fn unit_of(r: &LogRecord) -> (bool, u64) {
-    let resync = r.header.desc.flags.contains(Flags::RESYNC);
-    (resync, if resync { 0 } else { r.header.desc.epoch })
-}
-
-/// The apply cursor of one volume over the DR log.
+/// The apply cursor of one volume over the DR log, and its records waiting for their unit
+/// (`drv_proto::Units`: an epoch, or a whole resync run) to complete.
 pub struct Applier {
     cursor: u64,
-    pending: Vec<LogRecord>,
-    last_read_seq: u64,
+    units: Units<LogRecord>,
 }
 
 impl Applier {
     pub fn new(v: &ReplicaVolume, drlog: &Wrl) -> Applier {
         Applier {
             cursor: drlog.status().first_lsn,
-            pending: Vec::new(),
-            last_read_seq: v.state.lock().expect("apply state").applied.seq,
+            units: Units::new(v.state.lock().expect("apply state").applied.seq),
         }
+    }
+
+    /// The last sequence read from the DR log.
+    pub fn last_read_seq(&self) -> u64 {
+        self.units.last_seq()
     }
 
     /// Reads what the DR log holds beyond the cursor and applies every unit that is complete.
@@ -227,45 +226,45 @@ impl Applier {
         let mut units = 0u64;
         for r in recs {
             self.cursor = r.header.lsn + 1;
+            let d = r.header.desc;
             // A checkpoint (the log's own record of a position) is never applied.
-            if r.header.desc.volume_id != v.id
-                || r.header.desc.volume_seq <= self.last_read_seq
-                || r.header.desc.flags.contains(Flags::CHECKPOINT)
-            {
+            if d.volume_id != v.id || d.volume_seq <= self.units.last_seq() || d.flags.contains(Flags::CHECKPOINT) {
                 continue;
             }
-            self.last_read_seq = r.header.desc.volume_seq;
-            if let Some(first) = self.pending.first()
-                && unit_of(first) != unit_of(&r)
-            {
-                ready.append(&mut self.pending);
-                units += 1;
+            if d.volume_seq != self.units.last_seq() + 1 {
+                return Err(format!(
+                    "the DR log holds volume {} seq {} after seq {}: a gap (the log refuses them, so it is damaged)",
+                    v.id,
+                    d.volume_seq,
+                    self.units.last_seq()
+                ));
             }
-            let ends_epoch = r.header.desc.flags.contains(Flags::EPOCH_END);
-            self.pending.push(r);
-            if ends_epoch {
-                // The agent says no later record belongs to this epoch: it is complete now.
-                ready.append(&mut self.pending);
-                units += 1;
-            }
+            let e = Entry {
+                seq: d.volume_seq,
+                epoch: d.epoch,
+                resync: d.flags.contains(Flags::RESYNC),
+                epoch_end: d.flags.contains(Flags::EPOCH_END),
+            };
+            units += self.units.push(e, r, &mut ready);
         }
         if !ready.is_empty() {
             apply_units(v, drlog, observer, &ready, units, false)?;
         }
         // An incomplete RESYNC run filling the DR log is applied as far as it came (see the
         // module docs): its end may not fit beside it.
-        if self.pending.first().is_some_and(|r| unit_of(r).0) && drlog.room_bytes() < drlog.capacity_bytes() / 2 {
+        if drlog.room_bytes() < drlog.capacity_bytes() / 2
+            && let Some(part) = self.units.take_partial_resync()
+        {
             tracing::info!(
                 volume = v.id,
-                records = self.pending.len(),
+                records = part.len(),
                 "a resync run larger than half the DR log: applying it as it arrives (the target is consistent again when it ends)"
             );
-            let part = std::mem::take(&mut self.pending);
             apply_units(v, drlog, observer, &part, 0, true)?;
         }
         let mut s = v.state.lock().expect("apply state");
-        s.pending_records = self.pending.len() as u64;
-        s.resyncing = self.pending.first().is_some_and(|r| unit_of(r).0) || s.applied.partial_resync;
+        s.pending_records = self.units.pending_len() as u64;
+        s.resyncing = self.units.pending_resync() || s.applied.partial_resync;
         Ok(true)
     }
 }
@@ -291,7 +290,7 @@ pub fn run(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         {
             let s = v.state.lock().expect("apply state");
-            if s.error.is_some() || s.seq.durable() <= applier.last_read_seq {
+            if s.error.is_some() || s.seq.durable() <= applier.last_read_seq() {
                 let _ = v.changed.wait_timeout(s, Duration::from_millis(200)).expect("apply state");
                 continue;
             }
@@ -373,6 +372,12 @@ fn apply_units(
         v.target.sync_data().map_err(|e| format!("fdatasync {}: {e}", v.target_path.display()))?;
     }
     let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch, partial_resync };
+    let before = v.state.lock().expect("apply state").applied;
+    assert!(
+        applied.seq > before.seq && applied.epoch >= before.epoch,
+        "volume {}: the applied position would move back from {before:?} to {applied:?}",
+        v.id
+    );
     applied.store(&v.applied_path).map_err(|e| format!("store {}: {e}", v.applied_path.display()))?;
     v.media.lock().expect("media").applied(applied.seq)?;
     // Applied and recorded: the DR log may drop these records (a retention window for
