@@ -32,7 +32,7 @@ use drv_transport::{Identity, Role, TransportError, tls};
 use tokio::sync::{Notify, RwLock, Semaphore, oneshot};
 
 use crate::changemap::{ChangeMap, ChangeMapError};
-use crate::epoch::EpochClock;
+use drv_proto::EpochClock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

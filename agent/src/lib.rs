@@ -1,7 +1,7 @@
 //! drv host agent: decides the partial write order of a protected volume, holds each write until
 //! staging has it durably, and only then lets the local write happen.
 //!
-//! - `epoch.rs`: the I/O-free epoch rule (and the argument for it), property-tested.
+//! - the epoch rule (`drv_proto::EpochClock`, I/O-free, with the argument for it).
 //! - `agent.rs`: the synchronous path to staging, the [`LocalDisk`] a write lands on after the
 //!   acknowledgement, `write_with` for capture paths that perform the local write themselves, and
 //!   the change-map mode with its resync.
@@ -18,10 +18,9 @@
 pub mod agent;
 pub mod control;
 pub use drv_changemap as changemap;
-pub mod epoch;
 pub mod kmod;
 pub mod user;
 
 pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, IssueTap, LocalDisk, Mode};
 pub use changemap::ChangeMap;
-pub use epoch::EpochClock;
+pub use drv_proto::EpochClock;

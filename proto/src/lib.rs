@@ -4,6 +4,8 @@
 //! the simulator drives the same code with simulated ones. **Invariant:** nothing here depends on
 //! tokio, opens a file or reads the time.
 //!
+//! - [`epoch`]: partial write order, the agent's epoch rule (and the argument why a replica at any
+//!   epoch boundary is a state the application could have seen after a crash).
 //! - [`seq`]: the volume sequencer, the gate every write or relayed record of a volume passes at
 //!   staging and at the replica (skip what is logged, refuse a gap, refuse an epoch going back,
 //!   roll back when the log fails).
@@ -14,10 +16,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod epoch;
 pub mod relay;
 pub mod seq;
 pub mod units;
 
+pub use epoch::EpochClock;
 pub use relay::{Offer, RelayRefusal, RelayWindow};
 pub use seq::{Admit, Refusal, Sequencer};
 pub use units::Units;
