@@ -133,6 +133,8 @@ struct State {
     /// Highest lsn that every volume confirmed; the committer trims up to it.
     trim_target: u64,
     used_segments: u64,
+    /// No committer thread: the owner commits ([`Wrl::commit`]).
+    driven: bool,
 }
 
 struct Shared {
@@ -164,6 +166,21 @@ pub struct Wrl {
 impl Wrl {
     /// Opens (recovers) a WRL and starts its committer thread.
     pub fn open(devices: Vec<Arc<dyn Storage>>, opts: WrlOptions) -> Result<(Wrl, Recovery)> {
+        let (mut w, rec) = Self::open_driven(devices, opts)?;
+        let s = w.shared.clone();
+        s.state.lock().expect("wrl state").driven = false;
+        let committer = std::thread::Builder::new()
+            .name("wrl-commit".into())
+            .spawn(move || committer(s))
+            .map_err(|e| WrlError::io("spawn WRL committer thread", e))?;
+        w.committer = Some(committer);
+        Ok((w, rec))
+    }
+
+    /// Opens (recovers) a WRL without a committer thread: nothing is written until the caller
+    /// calls [`Wrl::commit`], on its own thread (the simulator drives it so, one step at a time).
+    /// An append over the queue limit commits inline instead of waiting.
+    pub fn open_driven(devices: Vec<Arc<dyn Storage>>, opts: WrlOptions) -> Result<(Wrl, Recovery)> {
         let (core, rec) = LogCore::open(devices.clone())?;
         let volumes = rec
             .volumes
@@ -177,6 +194,7 @@ impl Wrl {
             state: Mutex::new(State {
                 trim_target: rec.meta.trim_lsn,
                 used_segments: core.used_segments(),
+                driven: true,
                 ..State::default()
             }),
             work: Condvar::new(),
@@ -195,12 +213,16 @@ impl Wrl {
             stats: Stats::default(),
             core: Mutex::new(core),
         });
-        let s = shared.clone();
-        let committer = std::thread::Builder::new()
-            .name("wrl-commit".into())
-            .spawn(move || committer(s))
-            .map_err(|e| WrlError::io("spawn WRL committer thread", e))?;
-        Ok((Wrl { shared, committer: Some(committer) }, rec))
+        Ok((Wrl { shared, committer: None }, rec))
+    }
+
+    /// Driven mode ([`Wrl::open_driven`]): commits what is queued (one batch) and trims when due,
+    /// on this thread; completions run here. Returns whether anything was queued.
+    pub fn commit(&self) -> bool {
+        let sh = &*self.shared;
+        let queued = !sh.state.lock().expect("wrl state").queue.is_empty();
+        commit_step(sh, &mut sh.core.lock().expect("WRL core"));
+        queued
     }
 
     /// The largest write one record may hold.
@@ -296,6 +318,13 @@ impl Wrl {
             if st.admitted_bytes == 0 || st.admitted_bytes + need <= sh.opts.queue_bytes_limit {
                 break;
             }
+            if st.driven {
+                // No committer to wait for: make the room here.
+                drop(st);
+                self.commit();
+                st = sh.state.lock().expect("wrl state");
+                continue;
+            }
             st = sh.room.wait(st).expect("wrl state");
         }
         st.admitted_bytes += need;
@@ -319,6 +348,15 @@ impl Wrl {
             }),
         )
         .hand_off();
+        // Driven: commit until this append completed (nobody else will).
+        while self.shared.state.lock().expect("wrl state").driven {
+            match rx.try_recv() {
+                Ok(r) => return r,
+                Err(_) => {
+                    self.commit();
+                }
+            }
+        }
         rx.recv().unwrap_or(Err(WrlError::Closed))
     }
 

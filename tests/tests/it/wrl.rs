@@ -412,3 +412,32 @@ fn io_error_fails_the_log_and_loses_nothing_acknowledged() {
     assert_eq!(rec.last_lsn, acked);
     assert_eq!(w.append(&key, req(1, 21, b"again")).unwrap().header.lsn, acked + 1);
 }
+
+/// Driven mode (the simulator's): nothing is written until the owner commits, completions run in
+/// `commit`, and the log is the same log (reopened by the threaded front).
+#[test]
+fn a_driven_wrl_writes_only_when_told_and_is_the_same_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let devs = make(dir.path(), 1, 16 << 20, 1 << 20, None);
+    let key = test_key();
+    let (w, _) = Wrl::open_driven(devs, WrlOptions::default()).unwrap();
+    let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for seq in 1..=5u64 {
+        let d = done.clone();
+        w.submit(
+            &key,
+            req(1, seq, &pattern(seq, 1000)),
+            Box::new(move |r| d.lock().unwrap().push(r.unwrap().header.lsn)),
+        )
+        .hand_off();
+    }
+    assert!(done.lock().unwrap().is_empty(), "nothing written before commit");
+    assert_eq!(w.status().durable_lsn, 0);
+    assert!(w.commit());
+    assert_eq!(*done.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    assert!(!w.commit(), "nothing queued");
+    assert_eq!(w.append(&key, req(1, 6, b"sync")).unwrap().header.lsn, 6, "append commits itself");
+    drop(w);
+    let (w, rec) = Wrl::open(reopen(dir.path(), 1), WrlOptions::default()).unwrap();
+    assert_eq!((rec.last_lsn, w.volume(1).unwrap().log.last_seq), (6, 6));
+}
