@@ -338,6 +338,19 @@ pub mod sim {
             }))
         }
 
+        /// Folds the part of the trace every later crash keeps whole (everything before the oldest
+        /// write not yet synced) into the initial images, so a long run's trace stays short.
+        pub fn compact(&mut self) {
+            let keep_from = self.unsynced_writes(self.trace.len()).first().copied().unwrap_or(self.trace.len());
+            for op in self.trace.drain(..keep_from) {
+                if let Op::Write { device, offset, data } = op {
+                    let off = offset as usize;
+                    self.initial[device][off..off + data.len()].copy_from_slice(&data);
+                }
+            }
+            self.fail_at = self.fail_at.and_then(|f| f.checked_sub(keep_from));
+        }
+
         /// The indices of unsynced writes at crash point `at` (a crash before trace op `at`).
         pub fn unsynced_writes(&self, at: usize) -> Vec<usize> {
             let mut pending: Vec<Vec<usize>> = vec![Vec::new(); self.initial.len()];

@@ -3,6 +3,7 @@
 //! - `cargo xtask test`: the whole test suite (what `.ci/run` and the README run), the VM test of
 //!   the kernel module included; first `tidy`, last a check that the tests left the tree alone.
 //! - `cargo xtask tidy`: cited paths exist, decoders are fuzzed (`tidy.rs`).
+//! - `cargo xtask sim [--seeds N | --seed S] [--bug B]`: the deterministic simulator (`drv-sim`).
 //! - `cargo xtask bench wrl`: WRL benchmarks against baselines measured in the same run, then a
 //!   short fuzz run of the record decoder.
 //! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
@@ -39,6 +40,20 @@ enum Cmd {
     Test,
     /// Check that every path the docs cite exists and every decoder has a fuzz target.
     Tidy,
+    /// Run the deterministic simulator: `--seeds N` from seed 1 (or `--seed S` alone, to replay).
+    Sim {
+        #[arg(long, default_value_t = 1000)]
+        seeds: u64,
+        /// Replay this one seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Steps of each run's fault phase.
+        #[arg(long, default_value_t = 3000)]
+        steps: u64,
+        /// Inject a bug: ack-before-durable, apply-partial-units, no-overlap-wait.
+        #[arg(long)]
+        bug: Option<drv_sim::Bug>,
+    },
     /// Run a benchmark and print ratios against baselines measured in the same run.
     Bench {
         /// wrl, relay, agent, kmod, ebpf or user
@@ -101,6 +116,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
         Cmd::Tidy => tidy::tidy(),
+        Cmd::Sim { seeds, seed, steps, bug } => sim(seed.map_or(1..=seeds, |s| s..=s), steps, bug),
         Cmd::Bench { what, quick, fuzz_seconds } => match what.as_str() {
             "wrl" => bench_wrl(quick, fuzz_seconds),
             "relay" => bench_relay(quick),
@@ -161,8 +177,65 @@ fn test() -> Result<()> {
         bail!("no test ran");
     }
     tree.unchanged_since()?;
+    // The whole pipeline under faults, deterministically: 1,000 seeds.
+    sim(1..=1000, 3000, None)?;
     // The kernel module, in a VM booting Debian's kernel.
     kmod::vm_test()
+}
+
+/// Runs the simulator over `seeds` (on every core; each run is deterministic on its own); stops at
+/// the first broken invariant, naming the seed that replays it.
+fn sim(seeds: std::ops::RangeInclusive<u64>, steps: u64, bug: Option<drv_sim::Bug>) -> Result<()> {
+    use std::collections::BTreeMap;
+    let started = Instant::now();
+    let seeds: Vec<u64> = seeds.collect();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let results: Vec<Result<drv_sim::Report, drv_sim::Failure>> = std::thread::scope(|s| {
+        let chunks: Vec<_> = seeds
+            .chunks(seeds.len().div_ceil(threads).max(1))
+            .map(|chunk| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for &seed in chunk {
+                        let r = drv_sim::run(&drv_sim::Config { steps, bug, ..drv_sim::Config::new(seed) });
+                        let stop = r.is_err();
+                        out.push(r);
+                        if stop {
+                            break;
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        chunks.into_iter().flat_map(|h| h.join().expect("simulator thread")).collect()
+    });
+    let (mut runs, mut total_steps, mut writes) = (0u64, 0u64, 0u64);
+    let (mut faults, mut events) = (BTreeMap::new(), BTreeMap::new());
+    for r in results {
+        let r = r.map_err(|f| {
+            let bug = bug.map(|b| format!(" --bug {b}")).unwrap_or_default();
+            anyhow::anyhow!("{f}\nreplay: cargo xtask sim --seed {} --steps {steps}{bug}", f.seed)
+        })?;
+        runs += 1;
+        total_steps += r.steps;
+        writes += r.writes;
+        for (k, n) in r.faults {
+            *faults.entry(k).or_insert(0u64) += n;
+        }
+        for (k, n) in r.events {
+            *events.entry(k).or_insert(0u64) += n;
+        }
+    }
+    let list =
+        |m: &BTreeMap<&'static str, u64>| m.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ");
+    println!(
+        "sim: {runs} seeds, {total_steps} steps, {writes} writes, every invariant held ({:.1} s)\n  faults: {}\n  events: {}",
+        started.elapsed().as_secs_f64(),
+        list(&faults),
+        list(&events)
+    );
+    Ok(())
 }
 
 /// Median of a few samples.
