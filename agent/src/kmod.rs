@@ -296,21 +296,7 @@ impl Control {
 /// The byte ranges of the set bits of `bitmap` (bit i: byte i/8, bit i%8; block i covers
 /// `[i*block_bytes, (i+1)*block_bytes)`), adjacent ones merged, clipped to `limit`.
 fn bitmap_ranges(bitmap: &[u8], blocks: u64, block_bytes: u64, limit: u64) -> Vec<(u64, u64)> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for blk in 0..blocks.min(bitmap.len() as u64 * 8) {
-        if bitmap[(blk / 8) as usize] & (1 << (blk % 8)) == 0 {
-            continue;
-        }
-        let (off, end) = (blk * block_bytes, ((blk + 1) * block_bytes).min(limit));
-        if off >= end {
-            continue;
-        }
-        match ranges.last_mut() {
-            Some((o, l)) if *o + *l == off => *l += end - off,
-            _ => ranges.push((off, end - off)),
-        }
-    }
-    ranges
+    drv_changemap::extents(drv_changemap::set_bits(bitmap, blocks), block_bytes, limit)
 }
 
 fn info(r: &RawInfo) -> DeviceInfo {
@@ -361,23 +347,11 @@ impl crate::LocalDisk for DirectDisk {
         let a = DIRECT_ALIGN as u64;
         let start = offset / a * a;
         let end = (offset + buf.len() as u64).div_ceil(a) * a;
-        let len = (end - start) as usize;
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN).expect("layout");
-        // SAFETY: non-zero size; freed below with the same layout.
-        let p = unsafe { std::alloc::alloc(layout) };
-        if p.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        // SAFETY: `len` bytes allocated at `p`, exclusively ours until dealloc.
-        let bounce = unsafe { std::slice::from_raw_parts_mut(p, len) };
-        let r = self.file.read_exact_at(bounce, start);
-        if r.is_ok() {
-            let from = (offset - start) as usize;
-            buf.copy_from_slice(&bounce[from..from + buf.len()]);
-        }
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(p, layout) };
-        r
+        let mut bounce = drv_files::aligned::AlignedBuf::zeroed((end - start) as usize);
+        self.file.read_exact_at(&mut bounce, start)?;
+        let from = (offset - start) as usize;
+        buf.copy_from_slice(&bounce[from..from + buf.len()]);
+        Ok(())
     }
 
     fn flush(&self) -> std::io::Result<()> {

@@ -45,6 +45,30 @@ pub enum ChangeMapError {
     Invalid { path: String, reason: String },
 }
 
+/// The byte ranges `(offset, len)` of `blocks` (ascending block numbers of `block_bytes` each),
+/// adjacent blocks merged, cut at `limit` (the volume's end): the one conversion from a set of
+/// blocks to what is read and shipped (change map, the kernel module's dirty bitmap, eBPF marks).
+pub fn extents(blocks: impl IntoIterator<Item = u64>, block_bytes: u64, limit: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for b in blocks {
+        let (off, end) = (b * block_bytes, ((b + 1) * block_bytes).min(limit));
+        if off >= end {
+            continue;
+        }
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += end - off,
+            _ => out.push((off, end - off)),
+        }
+    }
+    out
+}
+
+/// The numbers of the set bits of a byte bitmap (bit `i` is bit `i % 8` of byte `i / 8`), below
+/// `blocks`.
+pub fn set_bits(bitmap: &[u8], blocks: u64) -> impl Iterator<Item = u64> + '_ {
+    (0..blocks.min(bitmap.len() as u64 * 8)).filter(|b| bitmap[(b / 8) as usize] & (1 << (b % 8)) != 0)
+}
+
 /// A volume's change map, open.
 pub struct ChangeMap {
     file: File,
@@ -200,16 +224,7 @@ impl ChangeMap {
     /// The marked blocks as byte ranges `(offset, len)`, adjacent blocks merged, the last one cut
     /// at the volume's end.
     pub fn dirty_extents(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for b in self.dirty_blocks() {
-            let off = b * self.block_bytes;
-            let len = self.block_bytes.min(self.volume_bytes - off);
-            match out.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += len,
-                _ => out.push((off, len)),
-            }
-        }
-        out
+        extents(self.dirty_blocks(), self.block_bytes, self.volume_bytes)
     }
 
     /// Whether every block of `[offset, offset + len)` is marked already (no I/O).

@@ -133,14 +133,7 @@ pub fn run(a: BenchDeviceArgs) -> Result<()> {
         for t in 0..a.qd as u64 {
             let (f, a) = (&f, &a);
             hs.push(s.spawn(move || -> std::io::Result<u64> {
-                let layout = std::alloc::Layout::from_size_align(a.bs as usize, 4096).expect("layout");
-                // SAFETY: non-zero size; filled before use and freed below with the same layout.
-                let p = unsafe { std::alloc::alloc(layout) };
-                if p.is_null() {
-                    std::alloc::handle_alloc_error(layout);
-                }
-                // SAFETY: `bs` bytes at `p`, owned by this thread until dealloc.
-                let buf = unsafe { std::slice::from_raw_parts_mut(p, a.bs as usize) };
+                let mut buf = drv_files::aligned::AlignedBuf::zeroed(a.bs as usize);
                 let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
                 for chunk in buf.chunks_mut(8) {
                     x ^= x << 13;
@@ -160,14 +153,12 @@ pub fn run(a: BenchDeviceArgs) -> Result<()> {
                         x % slots
                     };
                     buf[..8].copy_from_slice(&x.to_le_bytes());
-                    if let Err(e) = f.write_all_at(buf, slot * a.bs) {
+                    if let Err(e) = f.write_all_at(&buf, slot * a.bs) {
                         r = Err(e);
                         break;
                     }
                     n += 1;
                 }
-                // SAFETY: allocated above with this layout.
-                unsafe { std::alloc::dealloc(p, layout) };
                 r.map(|()| n)
             }));
         }

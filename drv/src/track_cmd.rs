@@ -190,20 +190,15 @@ impl Marks {
     }
     /// The marked extents (merged runs of blocks), clearing them.
     fn take(&mut self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut blocks = Vec::new();
         for (w, word) in self.bits.iter_mut().enumerate() {
             let mut v = std::mem::take(word);
             while v != 0 {
-                let b = w as u64 * 64 + v.trailing_zeros() as u64;
+                blocks.push(w as u64 * 64 + v.trailing_zeros() as u64);
                 v &= v - 1;
-                let (o, end) = (b * self.block, ((b + 1) * self.block).min(self.volume_bytes));
-                match out.last_mut() {
-                    Some((lo, len)) if *lo + *len == o => *len += end - o,
-                    _ => out.push((o, end - o)),
-                }
             }
         }
-        out
+        drv_changemap::extents(blocks, self.block, self.volume_bytes)
     }
     fn bytes(&self) -> u64 {
         self.bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() * self.block

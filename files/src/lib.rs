@@ -13,6 +13,8 @@
 //!   their real name only if nothing has that name yet. A start that fails half-way leaves no
 //!   half-made file that would block the next start.
 
+pub mod aligned;
+
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;

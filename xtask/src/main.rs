@@ -284,20 +284,14 @@ fn fdatasync_samples(path: &Path, n: usize) -> Result<Vec<f64>> {
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("layout");
-    // SAFETY: non-zero layout; freed below.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    // SAFETY: 4096 initialised bytes owned here.
-    let buf = unsafe { std::slice::from_raw_parts(ptr, 4096) };
+    let buf = drv_files::aligned::AlignedBuf::zeroed(4096);
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        f.write_all_at(buf, (i as u64 % 4096) * 4096)?;
+        f.write_all_at(&buf, (i as u64 % 4096) * 4096)?;
         f.sync_data()?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    // SAFETY: allocated above with this layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
     Ok(lat)
 }
 
