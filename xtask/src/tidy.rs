@@ -18,9 +18,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::root;
 
-/// The files git tracks (and the directories holding them), relative to the root.
+/// The files of the tree (and the directories holding them), relative to the root.
 fn tracked() -> Result<BTreeSet<String>> {
-    let out = Command::new("git").arg("ls-files").current_dir(root()).output().context("run git ls-files")?;
+    // Tracked files and new ones not ignored (a file about to be committed counts).
+    let out = Command::new("git")
+        .args(["ls-files", "--cached", "--others", "--exclude-standard"])
+        .current_dir(root())
+        .output()
+        .context("run git ls-files")?;
     let mut set = BTreeSet::new();
     for f in String::from_utf8_lossy(&out.stdout).lines() {
         let mut p = Path::new(f);
