@@ -27,6 +27,8 @@
 //! was set before it (true of 4 KiB-sector and of 512-byte-sector devices that write sectors whole,
 //! since a set bit only ever stays set in every sector version the page write can leave).
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

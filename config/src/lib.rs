@@ -6,6 +6,8 @@
 //! installation (volume ids, WRL nonce domains) are allocated here from a counter table, in the same
 //! transaction that stores the entry, and never change afterwards.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -10,6 +10,7 @@ pub struct AlignedBuf {
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references give only `&[u8]` (no interior mutability), like a Vec<u8>.
 unsafe impl Sync for AlignedBuf {}
 
 pub const BUF_ALIGN: usize = 4096;

@@ -4,6 +4,8 @@
 //! Everything here is pure: functions over byte slices, no I/O. The byte diagrams, versioning rules
 //! and the crash analysis are in `docs/formats.md`; keep the two in step.
 
+#![forbid(unsafe_code)]
+
 mod codec;
 pub mod crypto;
 pub mod frame;

@@ -17,6 +17,8 @@
 //!
 //! Bugs can be injected ([`Bug`]) to show that the invariants catch them.
 
+#![forbid(unsafe_code)]
+
 mod net;
 mod replica;
 mod staging;

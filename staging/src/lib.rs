@@ -2,5 +2,7 @@
 //! (`drv-wrl`) and acknowledged once durable (`server.rs`), and relayed to every replica of the
 //! volume (`relay.rs`).
 
+#![forbid(unsafe_code)]
+
 pub mod relay;
 pub mod server;

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+#![forbid(unsafe_code)]
+
 use drv_format::crypto::VolumeKey;
 
 /// The key every test record is encrypted with.

@@ -17,6 +17,8 @@
 //!
 //! **Invariant:** an append completes with `Ok` only after the record's batch is durable.
 
+#![forbid(unsafe_code)]
+
 mod cache;
 pub mod core;
 pub mod error;

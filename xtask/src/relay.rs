@@ -22,6 +22,7 @@ const CHUNK: usize = 1 << 20;
 
 /// User + system CPU seconds of this process.
 fn self_cpu() -> f64 {
+    // SAFETY: rusage is plain integers; all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct we own.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
@@ -35,6 +36,7 @@ fn proc_cpu(pid: u32) -> f64 {
     let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields after the command: state is [0]; utime [11], stime [12].
+    // SAFETY: sysconf reads a constant, no pointers.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let get = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     (get(11) + get(12)) / tick

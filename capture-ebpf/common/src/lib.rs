@@ -121,8 +121,12 @@ mod user {
     // SAFETY: plain `repr(C)` integers and byte arrays with explicit padding: every bit pattern is
     // a valid value.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Layout {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Loss {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::BtfLayout {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Watch {}
 }
