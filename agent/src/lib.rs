@@ -4,8 +4,14 @@
 //! - the epoch rule (`drv_proto::EpochClock`, I/O-free, with the argument for it).
 //! - `agent.rs`: the synchronous path to staging, the [`LocalDisk`] a write lands on after the
 //!   acknowledgement, `write_with` for capture paths that perform the local write themselves, and
-//!   the change-map mode with its resync.
-//!   [`Agent::write`] is the in-process capture the demo and the tests use.
+//!   the change-map mode. [`Agent::write`] is the in-process capture the demo and the tests use.
+//!   The rules (order, epochs, overlaps, mode machine, acks, activity, resync budget and passes)
+//!   are `drv_proto::agent`'s, I/O-free; the files here are the tokio, link and files around them.
+//! - `session.rs`: one session with staging (connect, `OpenVolume`, the ack reader, the ack
+//!   timeout watchdog).
+//! - `resync.rs`: the reconnect task and the resync passes.
+//! - `state.rs`, `activity.rs`: the state directory (lock, change map, activity log, the
+//!   writes-in-doubt rule after a crash) and the activity log.
 //! - `control.rs`: the control socket through which `drv sync start`, `drv agent status` and
 //!   `drv media-resync complete` reach a running agent (`drv agent run`).
 //! - `kmod.rs`: the kernel-module capture path (`/dev/drvN` of `capture-kmod/`): the module's
@@ -15,10 +21,14 @@
 //! - [`changemap`] (crate `drv-changemap`): the persistent bitmap (format and crash analysis in
 //!   its header).
 
+mod activity;
 pub mod agent;
 pub mod control;
 pub use drv_changemap as changemap;
 pub mod kmod;
+mod resync;
+mod session;
+mod state;
 pub mod user;
 
 pub use agent::{Agent, AgentError, AgentOptions, AgentStatus, FileDisk, IssueTap, LocalDisk, Mode};

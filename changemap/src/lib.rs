@@ -29,14 +29,19 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+pub mod marks;
+
+use marks::PAGE;
+pub use marks::{Bits, Todo};
+
 const MAGIC: &[u8; 8] = b"DRVCMAP\x01";
 const VERSION: u32 = 1;
-const PAGE: u64 = 4096;
 const BITMAP_AT: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,20 +82,9 @@ pub struct ChangeMap {
     path: String,
     pub block_bytes: u64,
     pub volume_bytes: u64,
-    bits: Mutex<Vec<u8>>,
-    /// In memory only (lock order: `bits`, then `todo`).
+    /// Held while its pages are written and synced (lock order: `bits`, then `todo`).
+    bits: Mutex<Bits>,
     todo: Mutex<Todo>,
-}
-
-/// What a resync still has to ship, in memory.
-#[derive(Default)]
-struct Todo {
-    /// Blocks marked since they were last taken for shipping (a resync pass). Starts as everything
-    /// the file has marked.
-    blocks: std::collections::BTreeSet<u64>,
-    /// Blocks with a write in progress (marked by [`ChangeMap::mark_write`], local write not yet
-    /// done): a copy read from the disk now may lack that write.
-    writing: std::collections::BTreeMap<u64, u32>,
 }
 
 impl ChangeMap {
@@ -103,8 +97,7 @@ impl ChangeMap {
         if !block_bytes.is_power_of_two() || !(512..=(64 << 20)).contains(&block_bytes) {
             return Err(invalid(format!("block size {block_bytes} is not a power of two from 512 B to 64 MiB")));
         }
-        let blocks = volume_bytes.div_ceil(block_bytes);
-        let map_bytes = blocks.div_ceil(8).next_multiple_of(PAGE);
+        let map_bytes = Bits::map_bytes(volume_bytes, block_bytes);
         let exists = path.exists();
         let file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
@@ -155,6 +148,7 @@ impl ChangeMap {
         }
         let mut bits = vec![0u8; map_bytes as usize];
         file.read_exact_at(&mut bits, BITMAP_AT).map_err(io)?;
+        let bits = Bits::from_bytes(bits, volume_bytes, block_bytes);
         let m = ChangeMap { file, path: p, block_bytes, volume_bytes, bits: Mutex::new(bits), todo: Mutex::default() };
         m.reset_todo();
         Ok(m)
@@ -165,61 +159,38 @@ impl ChangeMap {
     }
 
     fn blocks_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
-        let first = offset / self.block_bytes;
-        let end = (offset + len.max(1)).div_ceil(self.block_bytes).min(self.volume_bytes.div_ceil(self.block_bytes));
-        first..end.max(first)
+        marks::blocks_of(offset, len, self.block_bytes, self.volume_bytes.div_ceil(self.block_bytes))
+    }
+
+    /// Writes the pages `pages` of `bits` (under its lock).
+    fn write_pages(&self, bits: &Bits, pages: &BTreeSet<u64>) -> Result<(), ChangeMapError> {
+        for &p in pages {
+            self.file.write_all_at(bits.page(p), BITMAP_AT + p * PAGE).map_err(|e| self.io(e))?;
+        }
+        Ok(())
     }
 
     /// Marks the blocks of `[offset, offset + len)` and makes the marks durable before returning.
     pub fn mark(&self, offset: u64, len: u64) -> Result<(), ChangeMapError> {
-        let mut bits = self.bits.lock().expect("bits");
-        self.todo.lock().expect("todo").blocks.extend(self.blocks_of(offset, len));
-        let mut pages: Vec<u64> = Vec::new();
-        for b in self.blocks_of(offset, len) {
-            let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
-            if bits[byte] & bit == 0 {
-                bits[byte] |= bit;
-                let page = byte as u64 / PAGE;
-                if pages.last() != Some(&page) {
-                    pages.push(page);
-                }
-            }
-        }
-        if pages.is_empty() {
-            return Ok(()); // already durable
-        }
-        for p in &pages {
-            let s = (p * PAGE) as usize;
-            self.file.write_all_at(&bits[s..s + PAGE as usize], BITMAP_AT + p * PAGE).map_err(|e| self.io(e))?;
-        }
-        // Under the lock: a concurrent mark of the same page returns only after this sync.
-        self.file.sync_data().map_err(|e| self.io(e))
+        self.mark_ranges(&[(offset, len)])
     }
 
     /// Marks the blocks of every `(offset, len)` range with one `fdatasync` for all of them.
     pub fn mark_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
-        let mut pages = std::collections::BTreeSet::new();
+        let mut pages = BTreeSet::new();
         {
             let mut todo = self.todo.lock().expect("todo");
             for &(offset, len) in ranges {
-                for b in self.blocks_of(offset, len) {
-                    todo.blocks.insert(b);
-                    let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
-                    if bits[byte] & bit == 0 {
-                        bits[byte] |= bit;
-                        pages.insert(byte as u64 / PAGE);
-                    }
-                }
+                todo.marked(self.blocks_of(offset, len));
+                bits.set(self.blocks_of(offset, len), &mut pages);
             }
         }
         if pages.is_empty() {
-            return Ok(());
+            return Ok(()); // already durable
         }
-        for p in &pages {
-            let s = (p * PAGE) as usize;
-            self.file.write_all_at(&bits[s..s + PAGE as usize], BITMAP_AT + p * PAGE).map_err(|e| self.io(e))?;
-        }
+        self.write_pages(&bits, &pages)?;
+        // Under the lock: a concurrent mark of the same page returns only after this sync.
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
@@ -232,18 +203,16 @@ impl ChangeMap {
     /// Whether every block of `[offset, offset + len)` is marked already (no I/O).
     pub fn is_marked(&self, offset: u64, len: u64) -> bool {
         let bits = self.bits.lock().expect("bits");
-        self.blocks_of(offset, len).all(|b| bits[(b / 8) as usize] & (1 << (b % 8)) != 0)
+        self.blocks_of(offset, len).all(|b| bits.is_set(b))
     }
 
     /// Marks every block of the volume, durably (an initial sync ships them all).
     pub fn mark_all(&self) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
-        let total = self.volume_bytes.div_ceil(self.block_bytes);
-        for b in 0..total {
-            bits[(b / 8) as usize] |= 1 << (b % 8);
-        }
-        self.todo.lock().expect("todo").blocks.extend(0..total);
-        self.file.write_all_at(&bits, BITMAP_AT).map_err(|e| self.io(e))?;
+        let all = 0..bits.blocks();
+        self.todo.lock().expect("todo").marked(all.clone());
+        bits.set(all, &mut BTreeSet::new());
+        self.file.write_all_at(bits.as_bytes(), BITMAP_AT).map_err(|e| self.io(e))?;
         self.file.sync_data().map_err(|e| self.io(e))
     }
 
@@ -251,12 +220,7 @@ impl ChangeMap {
     /// [`ChangeMap::mark`]) and notes it in progress until [`ChangeMap::write_done`]: until then
     /// its blocks are never cleared as shipped.
     pub fn mark_write(&self, offset: u64, len: u64) -> Result<(), ChangeMapError> {
-        {
-            let mut todo = self.todo.lock().expect("todo");
-            for b in self.blocks_of(offset, len) {
-                *todo.writing.entry(b).or_default() += 1;
-            }
-        }
+        self.todo.lock().expect("todo").write_begins(self.blocks_of(offset, len));
         let r = self.mark(offset, len);
         if r.is_err() {
             self.write_done(offset, len);
@@ -267,26 +231,17 @@ impl ChangeMap {
     /// The local write of a [`ChangeMap::mark_write`] is done (or failed): its blocks are left to
     /// ship again, since a copy read while it ran may lack it.
     pub fn write_done(&self, offset: u64, len: u64) {
-        let mut todo = self.todo.lock().expect("todo");
-        for b in self.blocks_of(offset, len) {
-            todo.blocks.insert(b);
-            if let std::collections::btree_map::Entry::Occupied(mut e) = todo.writing.entry(b) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
-        }
+        self.todo.lock().expect("todo").write_done(self.blocks_of(offset, len));
     }
 
     /// Takes the blocks marked since the last take (a resync pass ships them).
     pub fn take_todo(&self) -> Vec<u64> {
-        std::mem::take(&mut self.todo.lock().expect("todo").blocks).into_iter().collect()
+        self.todo.lock().expect("todo").take()
     }
 
     /// Blocks marked since the last take.
     pub fn todo_len(&self) -> usize {
-        self.todo.lock().expect("todo").blocks.len()
+        self.todo.lock().expect("todo").len()
     }
 
     /// Blocks left to ship: everything the map has marked (after an interrupted pass; blocks
@@ -294,7 +249,7 @@ impl ChangeMap {
     /// pass resumes where this one stopped).
     pub fn reset_todo(&self) {
         let all = self.dirty_blocks();
-        self.todo.lock().expect("todo").blocks = all.into_iter().collect();
+        self.todo.lock().expect("todo").reset(all);
     }
 
     /// Clears, lazily, the blocks of `shipped` that staging acknowledged (durable in its log),
@@ -302,35 +257,17 @@ impl ChangeMap {
     /// shipped may lack that write. A clear that a crash loses only ships a block again.
     pub fn clear_shipped(&self, shipped: &[u64]) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
-        let clear: Vec<u64> = {
-            let todo = self.todo.lock().expect("todo");
-            shipped.iter().copied().filter(|b| !todo.blocks.contains(b) && !todo.writing.contains_key(b)).collect()
-        };
+        let clear = self.todo.lock().expect("todo").clearable(shipped);
         self.clear_locked(&mut bits, &clear)
     }
 
     /// The marked blocks, in order.
     pub fn dirty_blocks(&self) -> Vec<u64> {
-        let bits = self.bits.lock().expect("bits");
-        let total = self.volume_bytes.div_ceil(self.block_bytes);
-        let mut out = Vec::new();
-        for (i, byte) in bits.iter().enumerate() {
-            if *byte == 0 {
-                continue;
-            }
-            for k in 0..8 {
-                let b = i as u64 * 8 + k;
-                if byte & (1 << k) != 0 && b < total {
-                    out.push(b);
-                }
-            }
-        }
-        out
+        self.bits.lock().expect("bits").marked()
     }
 
     pub fn dirty_bytes(&self) -> u64 {
-        let bits = self.bits.lock().expect("bits");
-        bits.iter().map(|b| b.count_ones() as u64).sum::<u64>() * self.block_bytes
+        self.bits.lock().expect("bits").marked_bytes()
     }
 
     /// Clears the bits of `blocks` in memory and writes their pages without waiting for them to be
@@ -340,41 +277,19 @@ impl ChangeMap {
         self.clear_locked(&mut bits, blocks)
     }
 
-    fn clear_locked(&self, bits: &mut [u8], blocks: &[u64]) -> Result<(), ChangeMapError> {
-        let mut pages: Vec<u64> = Vec::new();
-        for &b in blocks {
-            let (byte, bit) = ((b / 8) as usize, 1u8 << (b % 8));
-            if bits[byte] & bit != 0 {
-                bits[byte] &= !bit;
-                let page = byte as u64 / PAGE;
-                if !pages.contains(&page) {
-                    pages.push(page);
-                }
-            }
-        }
-        for p in &pages {
-            let s = (p * PAGE) as usize;
-            self.file.write_all_at(&bits[s..s + PAGE as usize], BITMAP_AT + p * PAGE).map_err(|e| self.io(e))?;
-        }
-        Ok(())
+    fn clear_locked(&self, bits: &mut Bits, blocks: &[u64]) -> Result<(), ChangeMapError> {
+        let mut pages = BTreeSet::new();
+        bits.clear(blocks, &mut pages);
+        self.write_pages(bits, &pages)
     }
 
     /// Clears every bit, durably: call only when every marked block was shipped and acknowledged
     /// and no write is in progress.
     pub fn clear_all(&self) -> Result<(), ChangeMapError> {
         let mut bits = self.bits.lock().expect("bits");
-        bits.iter_mut().for_each(|b| *b = 0);
-        let mut todo = self.todo.lock().expect("todo");
-        // A write in progress would lose its mark: its block may reach the disk without staging.
-        assert!(
-            todo.writing.is_empty(),
-            "change map {}: cleared while {} blocks are being written",
-            self.path,
-            todo.writing.len()
-        );
-        todo.blocks.clear();
-        drop(todo);
-        self.file.write_all_at(&bits, BITMAP_AT).map_err(|e| self.io(e))?;
+        bits.clear_all();
+        self.todo.lock().expect("todo").clear_all(&format!("change map {}", self.path));
+        self.file.write_all_at(bits.as_bytes(), BITMAP_AT).map_err(|e| self.io(e))?;
         self.file.sync_data().map_err(|e| self.io(e))
     }
 }

@@ -11,16 +11,20 @@
 //!   roll back when the log fails).
 //! - [`relay`]: the relay window of one volume to one replica (resume, in order, in-flight bound,
 //!   acknowledgements, what the log may trim).
+//! - [`agent`]: the agent's order (sequence numbers, epochs, overlaps, the mode machine), its
+//!   acknowledgement queue, the activity log's rules and the resync's budget, passes and pace.
 //! - [`units`]: the replica's units of apply (an epoch, or a whole resync run) and when one is
 //!   complete.
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod epoch;
 pub mod relay;
 pub mod seq;
 pub mod units;
 
+pub use agent::{AckQueue, Activity, Issue, Mode, Order, Stamp};
 pub use epoch::EpochClock;
 pub use relay::{Offer, RelayRefusal, RelayWindow};
 pub use seq::{Admit, Refusal, Sequencer};

@@ -1,37 +1,45 @@
-//! drv's deterministic simulator: a protected volume's writer, the staging server and the replica,
-//! each a protocol core of `drv-proto` around the real WRL of `drv-wrl` on simulated disks, joined
-//! by a simulated network, driven one step at a time by one seeded random generator. Every run is
-//! replayed exactly from its seed.
+//! drv's deterministic simulator: a protected volume's agent, the staging server and the replica,
+//! each a protocol core of `drv-proto` (and the change map's of `drv-changemap`) around the real
+//! WRL of `drv-wrl` on simulated disks, joined by a simulated network, driven one step at a time by
+//! one seeded random generator. Every run is replayed exactly from its seed.
 //!
 //! A run has a fault phase (writes go on while connections break, staging and the replica lose
-//! power at any moment, the disks keeping, losing or tearing what was not synced) and a quiet phase
-//! (no faults, no new writes) in which the pipeline must converge.
+//! power at any moment, the disks keeping, losing or tearing what was not synced; the agent falls
+//! back to its change map and resyncs) and a quiet phase (no faults, no new writes) in which the
+//! pipeline must converge.
 //!
 //! Invariants, checked as the run goes:
 //! - **No acknowledged write is lost**: staging never reopens holding less than it acknowledged.
+//! - **The local disk and staging see the same order**: when a write completes, each of its
+//!   blocks that no write in flight touches and the change map does not hold reads as the source
+//!   (the records sent, in sequence order).
 //! - **The replica is crash-consistent**: each applied position it stores ends a unit (no later
-//!   write of its epoch exists, checked against the whole history at the end), and the target then
-//!   holds exactly the writes up to it, in sequence order.
-//! - **Convergence**: after the faults stop, the replica applies every write, and its target equals
-//!   both the source (the writes in sequence order) and the writer's own disk.
+//!   data write of its epoch exists, and no RESYNC record follows one of a run, checked against
+//!   the whole history at the end), and the target then holds exactly the records up to it, in
+//!   sequence order. After a change-map period the records are not a prefix of the application's
+//!   writes (the failed ones are missing until the resync run ships their blocks): that is the
+//!   recorded exception of a partial resync, and the run applies as one unit.
+//! - **Convergence**: after the faults stop, the agent is back in sync mode with a clear change
+//!   map, the replica applies every record, and its target equals both the source and the agent's
+//!   local disk.
 //!
 //! Bugs can be injected ([`Bug`]) to show that the invariants catch them.
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod net;
 mod replica;
 mod staging;
-mod writer;
 
 use std::collections::BTreeMap;
 
 use drv_format::crypto::VolumeKey;
 
+use crate::agent::{Agent, ToAgent, ToStaging};
 use crate::net::{Link, Rng};
 use crate::replica::Replica;
 use crate::staging::{Staging, ToRelay, ToReplica};
-use crate::writer::{ToStaging, ToWriter, Writer};
 
 /// A bug to inject, to show that a run finds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +48,7 @@ pub enum Bug {
     AckBeforeDurable,
     /// The replica applies each record as it comes, not whole units.
     ApplyPartialUnits,
-    /// The writer lets overlapping writes be in flight together.
+    /// The agent lets overlapping writes be in flight together.
     NoOverlapWait,
 }
 
@@ -110,10 +118,10 @@ const VOLUME_BYTES: u64 = 1 << 20;
 struct World {
     rng: Rng,
     step: u64,
-    writer: Writer,
+    agent: Agent,
     staging: Staging,
     replica: Replica,
-    agent_link: Link<ToStaging, ToWriter>,
+    agent_link: Link<ToStaging, ToAgent>,
     relay_link: Link<ToReplica, ToRelay>,
     /// Every applied position the replica stored, for the end check.
     stored: Vec<(u64, u64)>,
@@ -126,7 +134,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
     let mut w = World {
         rng: Rng::new(cfg.seed),
         step: 0,
-        writer: Writer::new(VOLUME_BYTES),
+        agent: Agent::new(VOLUME_BYTES),
         staging: Staging::new(key.clone()),
         replica: Replica::new(key, VOLUME_BYTES),
         agent_link: Link::default(),
@@ -134,7 +142,9 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
         stored: Vec::new(),
         report: Report { seed: cfg.seed, ..Report::default() },
     };
-    w.writer.overlap_bug = cfg.bug == Some(Bug::NoOverlapWait);
+    if cfg.bug == Some(Bug::NoOverlapWait) {
+        w.agent.inject_no_overlap_wait();
+    }
     w.staging.ack_early_bug = cfg.bug == Some(Bug::AckBeforeDurable);
     w.replica.unit_bug = cfg.bug == Some(Bug::ApplyPartialUnits);
     let fail = |w: &World, what: String| Failure { seed: cfg.seed, step: w.step, what };
@@ -153,7 +163,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
     }
     w.check_end().map_err(|e| fail(&w, e))?;
     w.report.steps = w.step;
-    w.report.writes = w.writer.history.len() as u64;
+    w.report.writes = w.agent.history.len() as u64;
     w.report.applied_seq = w.replica.applied.0;
     Ok(w.report)
 }
@@ -162,6 +172,12 @@ impl World {
     /// One step: one event, chosen by the generator.
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.step += 1;
+        let mode = match self.agent.mode() {
+            drv_proto::Mode::Sync => "steps in sync mode",
+            drv_proto::Mode::ChangeMap => "steps in change-map mode",
+            drv_proto::Mode::Resyncing => "steps resyncing",
+        };
+        self.event(mode);
         if self.step.is_multiple_of(512) {
             self.staging.world.lock().expect("sim world").compact();
             self.replica.compact();
@@ -169,10 +185,16 @@ impl World {
         if faults && self.rng.one_in(120) {
             return self.fault();
         }
-        match self.rng.below(10) {
+        match self.rng.below(11) {
             0 | 1 if faults => self.issue(),
             0 | 1 => self.close_idle(),
-            2 => self.deliver_agent(),
+            2 => {
+                // A burst: the network carries many messages at once.
+                for _ in 0..1 + self.rng.below(32) {
+                    self.deliver_agent()?;
+                }
+                Ok(())
+            }
             3 => self.deliver_relay(),
             4 => self.staging_commit(),
             5 => self.relay_pump(),
@@ -180,10 +202,11 @@ impl World {
             7 => self.replica_apply(),
             8 => {
                 for _ in 0..1 + self.rng.below(3) {
-                    self.writer.local_write(&mut self.rng);
+                    self.agent.local_write(&mut self.rng)?;
                 }
                 self.close_idle()
             }
+            9 => self.resync_step(),
             _ => self.connect(),
         }
     }
@@ -202,7 +225,7 @@ impl World {
             0 => {
                 self.count("agent link broken");
                 self.agent_link.break_at(until);
-                self.writer.open = false;
+                self.agent.session_lost();
             }
             1 if self.rng.one_in(3) => {
                 // The replica's site is cut off for a long while: staging's log fills.
@@ -219,13 +242,13 @@ impl World {
                 self.count("staging power cut");
                 self.staging.crash(&mut self.rng);
                 self.agent_link.break_at(until);
-                self.writer.open = false;
+                self.agent.session_lost();
                 self.relay_link.break_at(until);
                 // Nothing acknowledged may be missing from the recovered log.
-                if self.staging.seq.submitted() < self.writer.acked {
+                if self.staging.seq.submitted() < self.agent.acked {
                     return Err(format!(
                         "staging lost acknowledged writes: it acknowledged seq {}, its log recovered up to seq {}",
-                        self.writer.acked,
+                        self.agent.acked,
                         self.staging.seq.submitted()
                     ));
                 }
@@ -244,17 +267,41 @@ impl World {
         Ok(())
     }
 
+    /// The application writes: a few at once in sync mode; one in the other modes, where each
+    /// write waits for the change map's `fdatasync` (and a resync competes for the disk).
     fn issue(&mut self) -> Result<(), String> {
-        for _ in 0..1 + self.rng.below(3) {
-            if let Some(m) = self.writer.issue(&mut self.rng) {
+        let n = if self.agent.mode() == drv_proto::Mode::Sync { 1 + self.rng.below(3) } else { 1 };
+        for _ in 0..n {
+            if let Some(m) = self.agent.issue(&mut self.rng) {
                 self.agent_link.send_to_server(m);
             }
         }
         Ok(())
     }
 
+    /// The resync goes on (a block, a pass, its end), when one runs and the link is up.
+    fn resync_step(&mut self) -> Result<(), String> {
+        for _ in 0..1 + self.rng.below(16) {
+            if !self.agent_link.up {
+                return Ok(());
+            }
+            match self.agent.resync_step() {
+                Ok(Some(m)) => self.agent_link.send_to_server(m),
+                Ok(None) => return Ok(()),
+                Err(()) => {
+                    // The room staging gave is used up: a new session asks again.
+                    self.event("resync paused for room");
+                    self.agent_link.break_at(self.step + 1);
+                    self.agent.resync_paused();
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn close_idle(&mut self) -> Result<(), String> {
-        if let Some(m) = self.writer.close_idle() {
+        if let Some(m) = self.agent.close_idle() {
             self.agent_link.send_to_server(m);
         }
         Ok(())
@@ -289,36 +336,35 @@ impl World {
                 ToStaging::Write(w) => self.staging.write(w, &mut out),
             };
             self.agent_link.to_server.pop_front();
-            return self.answer_writer(r, out);
+            return self.answer_agent(r, out);
         }
         let Some(m) = self.agent_link.to_client.pop_front() else { return Ok(()) };
         let r = match m {
-            ToWriter::State { last_seq } => match self.writer.opened(last_seq) {
-                Ok(resend) => {
-                    for r in resend {
-                        self.agent_link.send_to_server(r);
-                    }
-                    Ok(())
+            m @ ToAgent::State { .. } if !self.agent.open => match self.agent.opened(m)? {
+                true => Ok(()),
+                false => {
+                    // No room in staging's log for the resync: ask again later.
+                    self.event("resync waited for room");
+                    Err("no room".to_string())
                 }
-                Err(lost) => return Err(lost),
             },
-            other => self.writer.receive(other),
+            other => self.agent.receive(other),
         };
         if r.is_err() {
             self.agent_link.break_at(self.step + 5);
-            self.writer.open = false;
+            self.agent.session_lost();
         }
         Ok(())
     }
 
-    /// Answers to the writer, or the connection breaks.
-    fn answer_writer(&mut self, r: Result<(), String>, out: Vec<ToWriter>) -> Result<(), String> {
+    /// Answers to the agent, or the connection breaks.
+    fn answer_agent(&mut self, r: Result<(), String>, out: Vec<ToAgent>) -> Result<(), String> {
         for m in out {
             self.agent_link.send_to_client(m);
         }
         if r.is_err() {
             self.agent_link.break_at(self.step + 5);
-            self.writer.open = false;
+            self.agent.session_lost();
         }
         Ok(())
     }
@@ -333,7 +379,7 @@ impl World {
         if self.staging.wrl.status().trim_lsn > trimmed {
             self.event("staging trimmed");
         }
-        self.answer_writer(r, out)
+        self.answer_agent(r, out)
     }
 
     fn relay_pump(&mut self) -> Result<(), String> {
@@ -405,7 +451,7 @@ impl World {
 
     /// A position the replica stored.
     fn applied(&mut self, p: (u64, u64)) -> Result<(), String> {
-        let h = &self.writer.history;
+        let h = &self.agent.history;
         let w = h.get(p.0 as usize - 1).ok_or(format!("applied seq {} was never written", p.0))?;
         if w.epoch != p.1 {
             return Err(format!("applied position {p:?}, but seq {} has epoch {}", p.0, w.epoch));
@@ -417,25 +463,24 @@ impl World {
     /// The target holds exactly the writes up to the applied position.
     fn check_target(&self) -> Result<(), String> {
         let (seq, _) = self.replica.applied;
-        if self.replica.target_image() != self.writer.image_at(seq) {
+        if self.replica.target_image() != self.agent.image_at(seq) {
             return Err(format!("the replica's target differs from the source as of its applied seq {seq}"));
         }
         Ok(())
     }
 
     fn converged(&self) -> bool {
-        let last = self.writer.history.len() as u64;
-        self.writer.busy() == 0
-            && self.writer.acked == last
-            && self.replica.applied.0 == last
-            && self.writer.history.last().is_none_or(|w| w.epoch_end)
+        let last = self.agent.history.len() as u64;
+        self.agent.idle() && self.replica.applied.0 == last && self.agent.history.last().is_none_or(|w| w.epoch_end)
     }
 
     fn progress(&self) -> String {
         format!(
-            "{} writes, acknowledged up to {}, staging durable {}, replica durable {} applied {}",
-            self.writer.history.len(),
-            self.writer.acked,
+            "agent in {} mode with {} writes in flight, {} records, acknowledged up to {}, staging durable {}, replica durable {} applied {}",
+            self.agent.mode(),
+            self.agent.busy(),
+            self.agent.history.len(),
+            self.agent.acked,
             self.staging.seq.durable(),
             self.replica.seq.durable(),
             self.replica.applied.0
@@ -444,21 +489,29 @@ impl World {
 
     /// After convergence: every stored position ended a unit, and the three images agree.
     fn check_end(&self) -> Result<(), String> {
-        let h = &self.writer.history;
+        let h = &self.agent.history;
         for (seq, epoch) in &self.stored {
-            if let Some(later) = h[*seq as usize..].iter().find(|w| w.epoch == *epoch) {
+            let later = &h[*seq as usize..];
+            if h[*seq as usize - 1].resync && later.first().is_some_and(|w| w.resync) {
+                return Err(format!(
+                    "the replica stored position seq {seq} inside a resync run (a partial run was applied)"
+                ));
+            }
+            // Only data writes name an epoch's members: RESYNC records belong to their run, and
+            // an EPOCH_END after a run carries the epoch the run resumed from.
+            if let Some(w) = later.iter().find(|w| w.epoch == *epoch && !w.resync && !w.epoch_end) {
                 return Err(format!(
                     "the replica stored position seq {seq} inside epoch {epoch}: seq {} of that epoch came later (a partial epoch was applied)",
-                    later.seq
+                    w.seq
                 ));
             }
         }
-        let source = self.writer.image_at(h.len() as u64);
+        let source = self.agent.image_at(h.len() as u64);
         if self.replica.target_image() != source {
             return Err("after convergence the replica's target differs from the source".into());
         }
-        if self.writer.local != source {
-            return Err("after convergence the writer's own disk differs from the source (sequence order)".into());
+        if self.agent.local != source {
+            return Err("after convergence the agent's local disk differs from the source (sequence order)".into());
         }
         Ok(())
     }
@@ -498,14 +551,14 @@ mod bugs {
     #[test]
     fn applying_part_of_an_epoch_is_caught() {
         let f = caught(Bug::ApplyPartialUnits);
-        assert!(f.what.contains("partial epoch") || f.what.contains("differs"), "{f}");
+        assert!(f.what.contains("partial") || f.what.contains("differs"), "{f}");
         println!("{f}");
     }
 
     #[test]
     fn overlapping_writes_in_flight_together_are_caught() {
         let f = caught(Bug::NoOverlapWait);
-        assert!(f.what.contains("writer's own disk"), "{f}");
+        assert!(f.what.contains("different orders"), "{f}");
         println!("{f}");
     }
 }

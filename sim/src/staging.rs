@@ -12,8 +12,8 @@ use drv_proto::{Admit, Offer, RelayWindow, Sequencer};
 use drv_wrl::storage::sim::{Fate, SimStorage, SimWorld};
 use drv_wrl::{AppendRequest, CreateOptions, LogRecord, Wrl, WrlOptions};
 
+use crate::agent::{Sent, ToAgent};
 use crate::net::Rng;
-use crate::writer::{Issued, ToWriter};
 
 /// Messages from staging's relay to the replica, and back.
 #[derive(Clone, Debug)]
@@ -88,14 +88,18 @@ impl Staging {
     }
 
     /// A write from the agent link; the answers go to `out`. `Err`: the connection breaks.
-    pub fn write(&mut self, w: &Issued, out: &mut Vec<ToWriter>) -> Result<(), String> {
+    pub fn write(&mut self, w: &Sent, out: &mut Vec<ToAgent>) -> Result<(), String> {
         match self.seq.admit(w.seq, w.epoch).map_err(|r| r.to_string())? {
             Admit::Duplicate => {
                 self.dup_acks.push(w.seq);
                 Ok(())
             }
             Admit::Append => {
-                let flags = if w.epoch_end { Flags::EPOCH_END } else { Flags::default() };
+                let flags = match (w.epoch_end, w.resync) {
+                    (true, _) => Flags::EPOCH_END,
+                    (false, true) => Flags::RESYNC,
+                    (false, false) => Flags::default(),
+                };
                 let req = AppendRequest {
                     volume_id: VOLUME,
                     volume_seq: w.seq,
@@ -110,7 +114,7 @@ impl Staging {
                 });
                 self.wrl.submit(&self.key, req, cb).hand_off();
                 if self.ack_early_bug {
-                    out.push(ToWriter::Ack { seq: w.seq });
+                    out.push(ToAgent::Ack { seq: w.seq });
                 }
                 Ok(())
             }
@@ -118,7 +122,7 @@ impl Staging {
     }
 
     /// One group commit; acknowledgements (or refusals) to `out`. `Err`: the connection breaks.
-    pub fn commit(&mut self, out: &mut Vec<ToWriter>) -> Result<(), String> {
+    pub fn commit(&mut self, out: &mut Vec<ToAgent>) -> Result<(), String> {
         self.wrl.commit();
         let done = std::mem::take(&mut *self.done.lock().expect("done"));
         let mut refused = None;
@@ -127,7 +131,7 @@ impl Staging {
                 Ok(last_of_volume) => {
                     self.seq.durable_through(seq);
                     if last_of_volume {
-                        out.push(ToWriter::Ack { seq });
+                        out.push(ToAgent::Ack { seq });
                     }
                 }
                 Err(e) => {
@@ -140,7 +144,7 @@ impl Staging {
         self.dup_acks.retain(|s| {
             let ack = *s <= durable;
             if ack {
-                out.push(ToWriter::Ack { seq: *s });
+                out.push(ToAgent::Ack { seq: *s });
             }
             !ack
         });
@@ -151,8 +155,13 @@ impl Staging {
     }
 
     /// What the agent hears on opening the volume: the position, once nothing is in flight.
-    pub fn volume_state(&self) -> Option<ToWriter> {
-        (self.seq.durable() >= self.seq.submitted()).then(|| ToWriter::State { last_seq: self.seq.submitted() })
+    pub fn volume_state(&self) -> Option<ToAgent> {
+        (self.seq.durable() >= self.seq.submitted()).then(|| ToAgent::State {
+            last_seq: self.seq.submitted(),
+            last_epoch: self.seq.last_epoch(),
+            room_bytes: self.wrl.room_bytes(),
+            capacity_bytes: self.wrl.capacity_bytes(),
+        })
     }
 
     /// The replica's position on a new relay connection: the window resumes after it.

@@ -1,9 +1,10 @@
 //! A real agent process for the kill tests: the drv agent library on a local image with its state
 //! directory (change map, activity log).
 //!
-//! `agent-run CERTS STAGING VOLUME_ID VOLUME_BYTES IMAGE STATE_DIR write SEED COUNT [HANG_AFTER_SEQ]`
+//! `agent-run CERTS STAGING VOLUME_ID VOLUME_BYTES IMAGE STATE_DIR write SEED COUNT [HANG_AT]`
 //!   writes COUNT seeded random writes one after another (printing `WROTE n` as it goes); with
-//!   HANG_AFTER_SEQ it stops after staging acknowledged that sequence, before the local write.
+//!   HANG_AT it stops after staging acknowledged write number HANG_AT, before its local write (a
+//!   write in doubt, made through `Agent::write_with`, not a hook in the agent).
 //! `agent-run ... resync`
 //!   starts the agent (which resyncs whatever its state directory holds), waits until it is back
 //!   in sync mode with a clear change map, writes one more block (so every earlier epoch is
@@ -28,11 +29,10 @@ async fn main() {
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&a[5]).expect("image");
     f.set_len(volume).expect("size");
     let state = std::path::PathBuf::from(&a[6]);
-    let hang = a.get(10).map(|s| s.parse::<u64>().expect("hang seq"));
+    let hang = a.get(10).map(|s| s.parse::<u64>().expect("hang at write"));
     let opts = AgentOptions {
         ack_timeout: Duration::from_millis(800),
         reconnect_interval: Duration::from_millis(200),
-        test_hang_after_ack: hang,
         ..AgentOptions::default()
     };
     let disk = Arc::new(FileDisk(f));
@@ -45,7 +45,17 @@ async fn main() {
                 let len = 4096 * (1 + rng.below(8)) as usize;
                 let offset = rng.below(volume - len as u64) / 4096 * 4096;
                 let data = Bytes::from(drv_format::pattern(rng.next_u64(), len));
-                agent.write(offset, data, Flags::default()).await.expect("write");
+                if hang == Some(n) {
+                    // The local write of this one never happens: staging has it, the disk not
+                    // (the test kills the agent here, making it a write in doubt).
+                    let hold = agent.write_with(offset, data, Flags::default(), move || async move {
+                        println!("HANG after the acknowledgement of write {n}");
+                        std::future::pending::<std::io::Result<()>>().await
+                    });
+                    hold.await.expect("never completes");
+                } else {
+                    agent.write(offset, data, Flags::default()).await.expect("write");
+                }
                 println!("WROTE {n}");
             }
             println!("DONE {:?}", agent.mode());
