@@ -33,6 +33,35 @@ use tokio::sync::oneshot;
 use crate::Agent;
 
 pub const CTL_PATH: &str = "/dev/drv-ctl";
+
+/// `STATE/kmod-attached`: written (durably) before the agent creates or finds the volume's drv
+/// device, removed when it is detached cleanly. A device the agent has to create while the marker
+/// is there went away without `drv detach` (host crash or reboot, module reloaded) and took its
+/// dirty bitmap with it.
+pub const ATTACH_MARKER: &str = "kmod-attached";
+
+/// What an agent attaching to the volume's drv device does about writes it did not see (with no
+/// agent attached, the module lets writes through and marks them in its dirty bitmap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// The device was there: its dirty bitmap holds what passed through meanwhile.
+    Resume,
+    /// A new device, and none went away uncleanly: nothing passed through unseen.
+    Fresh,
+    /// A new device, but an earlier one went away without `drv detach`: what passed through it
+    /// is unknown, so the whole volume is shipped again.
+    FullResync,
+}
+
+/// The crash-recovery rule: `created` (the device had to be created) and `marker` (the attach
+/// marker was there before this attach wrote it).
+pub fn recovery(created: bool, marker: bool) -> Recovery {
+    match (created, marker) {
+        (false, _) => Recovery::Resume,
+        (true, false) => Recovery::Fresh,
+        (true, true) => Recovery::FullResync,
+    }
+}
 const KMSG_MAGIC: u32 = 0x4b56_5244;
 const ABI_VERSION: u16 = 2;
 /// Devices the module keeps at most (`DRV_MAX_DEVICES`).
@@ -581,6 +610,14 @@ pub fn capture(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_that_went_away_uncleanly_means_a_full_resync() {
+        assert_eq!(recovery(true, true), Recovery::FullResync, "created again while the marker was there");
+        assert_eq!(recovery(false, true), Recovery::Resume, "the agent died, the device and its bitmap stayed");
+        assert_eq!(recovery(true, false), Recovery::Fresh, "first attach");
+        assert_eq!(recovery(false, false), Recovery::Resume, "attached to a device someone else created");
+    }
 
     fn header(kind: u16, seq: u64, offset: u64, length: u32, flags: u32) -> Vec<u8> {
         let m = KMsg { magic: KMSG_MAGIC, version: ABI_VERSION, kind, seq, offset, length, flags, ..KMsg::default() };

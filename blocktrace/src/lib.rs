@@ -1,13 +1,16 @@
 //! Block tracepoint programs (`capture-ebpf/`) from userspace: load and attach them
 //! ([`Tracer`]), decode their events ([`Op`], [`Request`]), and turn the event stream into
-//! telemetry ([`stats`]) and tracked changes ([`track`]).
+//! telemetry ([`stats`]), tracked changes ([`track`]) and the cross-check of a capture path's
+//! epochs against the kernel's order ([`crosscheck`]).
 //!
 //! The kernel side is built into this crate by `build.rs` when the eBPF toolchain is present;
 //! [`ebpf_built_in`] says whether it was and why not.
 //!
-//! Everything but [`loader`] is I/O-free and unit-tested with synthetic event streams.
+//! Everything but [`loader`] (and the thread of [`crosscheck::OrderCheck`]) is I/O-free and
+//! unit-tested with synthetic event streams.
 
 pub mod btf;
+pub mod crosscheck;
 pub mod layout;
 pub mod loader;
 pub mod order;
@@ -20,13 +23,13 @@ pub use loader::{LossReport, Mode, Tracer, TracerError};
 pub use rwbs::{Op, Request};
 
 /// `Ok` if the eBPF programs are built into this binary, else why not.
-pub fn ebpf_built_in() -> Result<(), String> {
+pub fn ebpf_built_in() -> Result<(), TracerError> {
     let why = env!("DRV_EBPF_MISSING");
     if loader::OBJECT.is_empty() {
-        Err(format!(
+        Err(TracerError::NotBuiltIn(format!(
             "this drv was built without eBPF support: {}",
             if why.is_empty() { "the eBPF object is empty" } else { why }
-        ))
+        )))
     } else {
         Ok(())
     }

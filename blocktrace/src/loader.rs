@@ -86,6 +86,8 @@ pub enum TracerError {
     Map { map: &'static str, message: String },
     #[error("{count} devices to trace: at most {max} at once")]
     TooManyDevices { count: usize, max: usize },
+    #[error("start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Everything the programs and the kernel report as not delivered, since the programs loaded.
@@ -127,7 +129,7 @@ impl Tracer {
     /// `devices` (kernel device numbers, see [`crate::block_dev_of`]; at most
     /// [`drv_ebpf_common::MAX_WATCHED`]), or every block device if it is empty.
     pub fn start(devices: &[u32]) -> Result<Tracer, TracerError> {
-        crate::ebpf_built_in().map_err(TracerError::NotBuiltIn)?;
+        crate::ebpf_built_in()?;
         if devices.len() > MAX_WATCHED {
             return Err(TracerError::TooManyDevices { count: devices.len(), max: MAX_WATCHED });
         }

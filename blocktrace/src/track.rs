@@ -169,6 +169,70 @@ impl Tracker {
     }
 }
 
+/// A tracker with its marks in memory (a restart ships everything anyway): what `drv track`
+/// keeps, and the cut rule.
+pub struct Marked {
+    pub tracker: Tracker,
+    marks: drv_changemap::Bits,
+    /// Events the kernel reported lost so far.
+    pub lost: u64,
+}
+
+/// What a cut ships.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// The marked extents (merged runs of blocks).
+    pub extents: Vec<(u64, u64)>,
+    /// The age of the oldest change the cut covers, in nanoseconds.
+    pub rpo_before_ns: Option<u64>,
+    pub lost: u64,
+}
+
+impl Marked {
+    pub fn new(dev: u32, volume_bytes: u64, block_bytes: u64) -> Marked {
+        Marked {
+            tracker: Tracker::new(dev, volume_bytes),
+            marks: drv_changemap::Bits::new(volume_bytes, block_bytes),
+            lost: 0,
+        }
+    }
+
+    /// One kernel event.
+    pub fn on(&mut self, r: &Request) {
+        self.tracker.on(r);
+        for (o, l) in self.tracker.take_marks() {
+            self.marks.mark_range(o, l);
+        }
+    }
+
+    /// The kernel's loss counters: what they say was lost is marked (a range, or everything).
+    pub fn on_losses(&mut self, l: &LossReport) -> LossAction {
+        self.lost = l.total();
+        let action = self.tracker.on_losses(l);
+        match &action {
+            LossAction::None => {}
+            LossAction::Ranges(r) => r.iter().for_each(|&(o, l)| self.marks.mark_range(o, l)),
+            LossAction::All => self.marks.mark_range(0, self.marks.volume_bytes),
+        }
+        action
+    }
+
+    /// A cut at `now_ns` (every event up to now fed): the marked extents, cleared, except the
+    /// writes still in flight, which stay marked for the next cut.
+    pub fn cut(&mut self, now_ns: u64) -> Cut {
+        let extents = self.marks.take_extents();
+        for (o, l) in self.tracker.in_flight() {
+            self.marks.mark_range(o, l);
+        }
+        Cut { extents, rpo_before_ns: self.tracker.cut(now_ns), lost: self.lost }
+    }
+
+    /// Bytes marked for the next cut.
+    pub fn pending_bytes(&self) -> u64 {
+        self.marks.marked_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +255,29 @@ mod tests {
             sync: false,
             error: 0,
         }
+    }
+
+    #[test]
+    fn a_cut_ships_what_completed_and_keeps_what_is_in_flight() {
+        let mut m = Marked::new(DEV, 1 << 20, 4096);
+        m.on(&ev(false, 0, 4096, Op::Write));
+        m.on(&ev(false, 8192, 4096, Op::Write));
+        m.on(&ev(true, 0, 4096, Op::Write));
+        let c = m.cut(11);
+        assert_eq!(c.extents, vec![(0, 4096), (8192, 4096)]);
+        assert_eq!(c.rpo_before_ns, Some(10), "the oldest change was issued at 1");
+        assert_eq!(m.pending_bytes(), 4096, "the write in flight stays marked for the next cut");
+        m.on(&ev(true, 8192, 4096, Op::Write));
+        assert_eq!(m.cut(20).extents, vec![(8192, 4096)]);
+        assert_eq!(m.cut(30).extents, vec![], "a completed write is in one cut only");
+    }
+
+    #[test]
+    fn a_loss_without_a_range_makes_the_next_cut_the_whole_volume() {
+        let mut m = Marked::new(DEV, 1 << 20, 4096);
+        let r = LossReport { issue_misses: 1, ..Default::default() };
+        assert_eq!(m.on_losses(&r), LossAction::All);
+        assert_eq!(m.cut(1), Cut { extents: vec![(0, 1 << 20)], rpo_before_ns: None, lost: r.total() });
     }
 
     #[test]

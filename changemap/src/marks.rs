@@ -77,6 +77,22 @@ impl Bits {
         }
     }
 
+    /// Sets the blocks of `[offset, offset + len)` (nothing for an empty range or one past the
+    /// volume's end).
+    pub fn mark_range(&mut self, offset: u64, len: u64) {
+        if len > 0 && offset < self.volume_bytes {
+            self.set(self.blocks_of(offset, len), &mut BTreeSet::new());
+        }
+    }
+
+    /// The marked blocks as extents (adjacent blocks merged, cut at the volume's end), clearing
+    /// them.
+    pub fn take_extents(&mut self) -> Vec<(u64, u64)> {
+        let e = crate::extents(self.marked(), self.block_bytes, self.volume_bytes);
+        self.clear_all();
+        e
+    }
+
     pub fn clear_all(&mut self) {
         self.bits.iter_mut().for_each(|b| *b = 0);
     }
@@ -168,5 +184,37 @@ impl Todo {
     pub fn clear_all(&mut self, what: &str) {
         assert!(self.writing.is_empty(), "{what}: cleared while {} blocks are being written", self.writing.len());
         self.blocks.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_into_extents_and_clear() {
+        let mut m = Bits::new(10 * 4096 + 100, 4096);
+        m.mark_range(4096, 1);
+        m.mark_range(8192, 4096);
+        m.mark_range(10 * 4096, 4096); // the short last block
+        m.mark_range(0, 0);
+        m.mark_range(1 << 20, 4096); // past the end
+        assert_eq!(m.marked_bytes(), 3 * 4096);
+        assert_eq!(m.take_extents(), vec![(4096, 8192), (40960, 100)]);
+        assert!(m.take_extents().is_empty());
+        m.mark_range(0, 10 * 4096 + 100);
+        assert_eq!(m.take_extents(), vec![(0, 10 * 4096 + 100)]);
+    }
+
+    #[test]
+    fn a_block_written_while_shipped_is_not_cleared() {
+        let mut t = Todo::default();
+        t.marked(0..4);
+        let taken = t.take();
+        t.write_begins(1..2);
+        t.marked(2..3);
+        assert_eq!(t.clearable(&taken), vec![0, 3]);
+        t.write_done(1..2);
+        assert_eq!(t.take(), vec![1, 2], "a finished write leaves its block to ship again");
     }
 }

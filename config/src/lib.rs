@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 mod validate;
-pub use validate::{MIN_FRAME_BYTES, check_address, human};
+pub use validate::{AddressError, MIN_FRAME_BYTES, check_address, human};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -247,19 +247,27 @@ pub fn parse_size(s: &str) -> Option<u64> {
     size_bytes(s).ok()
 }
 
+/// What is wrong with a size's text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0:?} is not a size: it does not start with a number (sizes look like 4096, 64K, 1M, 2G)")]
+    NoNumber(String),
+    #[error("{0} is too large (the largest size is 16 EiB - 1 byte)")]
+    TooLarge(String),
+    #[error("{text:?} has an unknown unit {unit:?} (use B, K, M, G, T or P: powers of 1024)")]
+    UnknownUnit { text: String, unit: String },
+}
+
 /// Parses a size like [`parse_size`], or says what is wrong with the text (also the `value_parser`
 /// of size arguments on the command line).
-pub fn size_bytes(s: &str) -> Result<u64, String> {
-    const MAX: &str = "the largest size is 16 EiB - 1 byte";
+pub fn size_bytes(s: &str) -> Result<u64, SizeError> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(digits);
     if n.is_empty() {
-        return Err(format!(
-            "{s:?} is not a size: it does not start with a number (sizes look like 4096, 64K, 1M, 2G)"
-        ));
+        return Err(SizeError::NoNumber(s.to_owned()));
     }
-    let n: u64 = n.parse().map_err(|_| format!("{s} is too large ({MAX})"))?;
+    let n: u64 = n.parse().map_err(|_| SizeError::TooLarge(s.to_owned()))?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -267,9 +275,9 @@ pub fn size_bytes(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
-        _ => return Err(format!("{s:?} has an unknown unit {unit:?} (use B, K, M, G, T or P: powers of 1024)")),
+        _ => return Err(SizeError::UnknownUnit { text: s.to_owned(), unit: unit.to_owned() }),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large ({MAX})"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::TooLarge(s.to_owned()))
 }
 
 /// Sizes in entries: a number of bytes, or text with a unit.

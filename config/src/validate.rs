@@ -101,7 +101,7 @@ impl Entry for Endpoint {
             c.fail(
                 "address",
                 &format!("{:?}", self.address),
-                &problem,
+                &problem.to_string(),
                 "HOST:PORT, port 1 to 65535, e.g. 10.0.0.5:7001",
             );
         }
@@ -241,18 +241,33 @@ pub fn small_local_targets(vol: &Volume) -> Vec<String> {
     out
 }
 
+/// What is wrong with an address (said after the address: "address X is not HOST:PORT").
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("is not HOST:PORT")]
+    NotHostPort,
+    #[error("has port {0}, not from 1 to 65535")]
+    PortRange(u32),
+    #[error("has port {0:?}, not a number")]
+    PortNotNumber(String),
+    #[error("has host {0:?}, not an IPv6 address")]
+    BadIpv6(String),
+    #[error("has host {0:?}, not an IP address or host name")]
+    BadHost(String),
+}
+
 /// Whether `a` is `HOST:PORT` with a port from 1 to 65535 and a host that is an IPv4 address, a
 /// bracketed IPv6 address or a DNS name. Not resolved: the configuration may be written on a
 /// host that cannot resolve the name.
-pub fn check_address(a: &str) -> Result<(), String> {
-    let Some((host, port)) = a.rsplit_once(':') else { return Err("is not HOST:PORT".into()) };
+pub fn check_address(a: &str) -> Result<(), AddressError> {
+    let Some((host, port)) = a.rsplit_once(':') else { return Err(AddressError::NotHostPort) };
     match port.parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => {}
-        Ok(p) => return Err(format!("has port {p}, not from 1 to 65535")),
-        Err(_) => return Err(format!("has port {port:?}, not a number")),
+        Ok(p) => return Err(AddressError::PortRange(p)),
+        Err(_) => return Err(AddressError::PortNotNumber(port.to_owned())),
     }
     if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return v6.parse::<Ipv6Addr>().map(|_| ()).map_err(|_| format!("has host {host:?}, not an IPv6 address"));
+        return v6.parse::<Ipv6Addr>().map(|_| ()).map_err(|_| AddressError::BadIpv6(host.to_owned()));
     }
     if host.parse::<Ipv4Addr>().is_ok() {
         return Ok(());
@@ -269,7 +284,7 @@ pub fn check_address(a: &str) -> Result<(), String> {
         || !name.split('.').all(label_ok)
         || name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
     {
-        return Err(format!("has host {host:?}, not an IP address or host name"));
+        return Err(AddressError::BadHost(host.to_owned()));
     }
     Ok(())
 }
@@ -405,7 +420,7 @@ mod tests {
             ("a_b:7001", "not an IP address or host name"),
             ("300.1.1.1:7001", "not an IP address or host name"),
         ] {
-            let e = check_address(bad).unwrap_err();
+            let e = check_address(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -6,7 +6,7 @@
 //! writes of the volume to this agent.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Client, Request};
 use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod, user};
+use drv_blocktrace::crosscheck::OrderCheck;
 use drv_config::ConfigStore;
 use drv_format::frame::{Frame, media_op};
 use drv_transport::{Identity, Role, quic};
@@ -358,6 +359,24 @@ pub fn devices(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Cross-checks the agent's epochs against the kernel's order of `loop_dev` (eBPF), writing the
+/// figures to `STATE/order-check.json` every second.
+fn start_order_check(agent: &drv_agent::Agent, loop_dev: &Path, state: &Path) -> Result<OrderCheck> {
+    drv_blocktrace::ebpf_built_in()?;
+    let dev = drv_blocktrace::block_dev_of(loop_dev).with_context(|| format!("{}", loop_dev.display()))?;
+    let out = state.join("order-check.json");
+    let report = Box::new(move |s: &drv_blocktrace::crosscheck::Summary| {
+        let text = serde_json::to_string(s).expect("summary serializes");
+        if let Err(e) = drv_files::replace(&out, text.as_bytes()) {
+            tracing::warn!("write {}: {e}", out.display());
+        }
+    });
+    let (check, tap) =
+        OrderCheck::start(dev, loop_dev.display().to_string(), report).context("start the eBPF programs")?;
+    agent.set_issue_tap(tap);
+    Ok(check)
+}
+
 fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check: bool) -> Result<()> {
     let store =
         ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
@@ -390,10 +409,24 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 None | Some(CaptureMode::User) => None,
                 Some(CaptureMode::Kmod) => {
                     let ctl = kmod::Control::open()?;
-                    let (d, created) = ctl
-                        .create_or_find(volume, &a.device, view.volume.block_bytes as u32)
-                        .with_context(|| format!("the drv device of volume {volume}"))?;
-                    Some((ctl, d, created))
+                    // The marker before the device: a crash from here on, with writes passing
+                    // through a device no agent holds, finds it at the next start.
+                    let marker = state.join(kmod::ATTACH_MARKER);
+                    let was = marker.exists();
+                    std::fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+                    drv_files::replace(&marker, format!("{volume}\n").as_bytes()).context("write the attach marker")?;
+                    let found = ctl.create_or_find(volume, &a.device, view.volume.block_bytes as u32);
+                    let (d, created) = match found {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // No device came of it: this attach leaves no marker behind.
+                            if !was {
+                                let _ = std::fs::remove_file(&marker);
+                            }
+                            return Err(e).with_context(|| format!("the drv device of volume {volume}"));
+                        }
+                    };
+                    Some((ctl, d, kmod::recovery(created, was)))
                 }
             };
             // A crashed agent's device first: its loop device and dead FUSE mount go away.
@@ -433,7 +466,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 crate::trace_cmd::record_device(&state, &d.loop_dev)?;
                 // The check first: it sees every write from the moment the device is announced.
                 if order_check {
-                    match crate::order_check::OrderCheck::start(&agent, &d.loop_dev, &state) {
+                    match start_order_check(&agent, &d.loop_dev, &state) {
                         Ok(c) => check = Some(c),
                         Err(e) => eprintln!(
                             "volume {volume}: the agent's epochs are not cross-checked with eBPF: {} (`drv doctor` says why)", crate::report(e.as_ref())
@@ -448,17 +481,13 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
             // A device that went away without `drv detach` (the host crashed or rebooted, the
             // module was reloaded) took its dirty bitmap with it: whatever passed through while
             // no agent held it is unknown, so everything is shipped again.
-            let marker = state.join("kmod-attached");
-            if let Some((_, d, created)) = &kdev {
-                if *created && marker.exists() {
-                    eprintln!(
-                        "volume {volume}: {} was not detached cleanly before it went away (host crash or reboot?): writes that passed through without an agent are unknown; resyncing the whole volume",
-                        d.path()
-                    );
-                    agent.start_initial_sync(None).await.context("full resync")?;
-                }
-                std::fs::write(&marker, format!("{}\n", d.name)).context("write the attach marker")?;
-                std::fs::File::open(&state)?.sync_all()?;
+            let marker = state.join(kmod::ATTACH_MARKER);
+            if let Some((_, d, kmod::Recovery::FullResync)) = &kdev {
+                eprintln!(
+                    "volume {volume}: {} was not detached cleanly before it went away (host crash or reboot?): writes that passed through without an agent are unknown; resyncing the whole volume",
+                    d.path()
+                );
+                agent.start_initial_sync(None).await.context("full resync")?;
             }
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let mut detach_hook: Option<control::DetachHook> = None;
@@ -675,16 +704,12 @@ async fn media_call(
 
 /// The volume's id on the replica, by name or id.
 async fn replica_volume(id: &Identity, server: std::net::SocketAddr, volume: &str) -> Result<u64> {
-    let st = fetch_status(id, server, Role::Replica).await?;
-    st["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| {
-            v["name"].as_str() == Some(volume) || v["volume_id"].as_u64().is_some_and(|i| i.to_string() == volume)
-        })
-        .and_then(|v| v["volume_id"].as_u64())
-        .with_context(|| format!("volume {volume} is not on replica {}", st["name"].as_str().unwrap_or("?")))
+    let st: drv_proto::status::ReplicaStatus = fetch_status(id, server, Role::Replica).await?;
+    st.volumes
+        .iter()
+        .find(|v| crate::snapshot_cmd::matches(v, volume))
+        .map(|v| v.volume_id)
+        .with_context(|| format!("volume {volume} is not on replica {}", st.name))
 }
 
 /// `op` (without an argument) on `volume` of the replica `t` names.

@@ -194,20 +194,20 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let (next_seq, epoch) = agent.position();
     let t0 = Instant::now();
     let last_seq = loop {
-        let st = replica.status_json();
-        let applied = st["volumes"][0]["applied_seq"].as_u64().unwrap_or(0);
+        let st = replica.status();
+        let applied = st.volumes[0].applied_seq;
         // The idle EPOCH_END record takes the sequence after the last write.
         if applied + 1 >= next_seq && agent.position().0 > next_seq {
             break applied;
         }
-        if let Some(e) = st["volumes"][0]["error"].as_str() {
+        if let Some(e) = &st.volumes[0].error {
             bail!("replica apply stopped: {e}");
         }
-        ensure!(t0.elapsed() < Duration::from_secs(60), "the replica did not catch up: {st}");
+        ensure!(t0.elapsed() < Duration::from_secs(60), "the replica did not catch up: {st:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let lag = t0.elapsed();
-    let st = staging.status_json();
+    let st = staging.status();
     let (src, rep) = (digest(&source)?, digest(&target)?);
     println!(
         "  wrote    {writes} writes, {:.1} MiB in {:.2} s: {:.0} writes/s, {:.1} MB/s, each durable at staging before the local write",
@@ -222,7 +222,7 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     );
     println!(
         "  staging  {} group commits for {} records; relayed to rep1 with AES-256-GCM payloads",
-        st["wrls"][0]["batches"], st["wrls"][0]["appends"]
+        st.wrls[0].batches, st.wrls[0].appends
     );
     println!("  digests  source {src:032x}\n           replica {rep:032x}");
     ensure!(src == rep, "the replica image differs from the source image");

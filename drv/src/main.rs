@@ -7,7 +7,6 @@ mod agent_cmd;
 mod config_cmd;
 mod demo;
 mod devbench;
-mod order_check;
 mod servers;
 mod snapshot_cmd;
 mod trace_cmd;

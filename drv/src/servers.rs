@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_config::ConfigStore;
 use drv_format::frame::Frame;
+use drv_proto::status::{ReplicaStatus, StagingStatus};
 use drv_transport::{Identity, Role, ca, quic};
 
 #[derive(Subcommand)]
@@ -141,12 +142,18 @@ pub fn replica_recover(n: NodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Fetches the status document of a server.
-pub async fn fetch_status(id: &Identity, server: SocketAddr, role: Role) -> Result<serde_json::Value> {
+/// Fetches the status reply of a server, as sent.
+pub async fn fetch_status_json(id: &Identity, server: SocketAddr, role: Role) -> Result<Vec<u8>> {
     match quic::request(id, server, role, &Frame::StatusRequest, 16 << 20).await? {
-        Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json).context("parse status")?),
+        Some(Frame::StatusReply { json }) => Ok(json),
         other => Err(unexpected(server, other)),
     }
+}
+
+/// Fetches the status reply of a server (`StagingStatus` or `ReplicaStatus`).
+pub async fn fetch_status<T: serde::de::DeserializeOwned>(id: &Identity, server: SocketAddr, role: Role) -> Result<T> {
+    let json = fetch_status_json(id, server, role).await?;
+    serde_json::from_slice(&json).with_context(|| format!("parse the status reply of {server}"))
 }
 
 /// The error for an answer that is not the one asked for: the server's refusal, or a frame of
@@ -163,56 +170,61 @@ pub fn status(a: StatusArgs) -> Result<()> {
     let (id, server) = a.conn.open()?;
     let role: Role = a.role.parse()?;
     let rt = runtime()?;
-    let v = rt
+    let json = rt
         .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(10), fetch_status(&id, server, role)).await
+            tokio::time::timeout(std::time::Duration::from_secs(10), fetch_status_json(&id, server, role)).await
         })
         .with_context(|| format!("no answer from {server} within 10 s"))??;
     if a.conn.json {
-        println!("{v}");
+        println!("{}", String::from_utf8_lossy(&json));
         return Ok(());
     }
-    println!(
-        "{} {} (up {:.0}s), peers: {}",
-        v["role"].as_str().unwrap_or("?"),
-        v["name"].as_str().unwrap_or("?"),
-        v["uptime_seconds"].as_f64().unwrap_or(0.0),
-        v["peers"]
-    );
-    for vol in v["volumes"].as_array().into_iter().flatten() {
-        if role == Role::Staging {
+    let parse = || format!("parse the status reply of {server}");
+    match role {
+        Role::Staging => print_staging(&serde_json::from_slice(&json).with_context(parse)?),
+        _ => print_replica(&serde_json::from_slice(&json).with_context(parse)?),
+    }
+    Ok(())
+}
+
+fn print_staging(v: &StagingStatus) {
+    println!("{} {} (up {:.0}s), peers: {:?}", v.role, v.name, v.uptime_seconds, v.peers);
+    for vol in &v.volumes {
+        println!(
+            "  volume {:<12} received {:>8} durable {:>8} replicated {:>8}  lag {} records, {} bytes, {:.1}s",
+            vol.name,
+            vol.received_seq,
+            vol.durable_seq,
+            vol.replicated_seq,
+            vol.lag_records,
+            vol.lag_bytes,
+            vol.lag_seconds
+        );
+        for r in &vol.replicas {
             println!(
-                "  volume {:<12} received {:>8} durable {:>8} replicated {:>8}  lag {} records, {} bytes, {:.1}s",
-                vol["name"].as_str().unwrap_or("?"),
-                vol["received_seq"],
-                vol["durable_seq"],
-                vol["replicated_seq"],
-                vol["lag_records"],
-                vol["lag_bytes"],
-                vol["lag_seconds"].as_f64().unwrap_or(0.0)
-            );
-            for r in vol["replicas"].as_array().into_iter().flatten() {
-                println!(
-                    "    -> {:<10} {} sent {} durable {} applied {}",
-                    r["replica"].as_str().unwrap_or("?"),
-                    if r["connected"] == true { "connected   " } else { "disconnected" },
-                    r["sent_seq"],
-                    r["durable_seq"],
-                    r["applied_seq"]
-                );
-            }
-        } else {
-            println!(
-                "  volume {:<12} {:<11} received {:>8} durable {:>8} applied {:>8} (epoch {}), {} snapshot(s)",
-                vol["name"].as_str().unwrap_or("?"),
-                vol["state"].as_str().unwrap_or("?"),
-                vol["received_seq"],
-                vol["durable_seq"],
-                vol["applied_seq"],
-                vol["applied_epoch"],
-                vol["snapshots"].as_array().map(|a| a.len()).unwrap_or(0)
+                "    -> {:<10} {} sent {} durable {} applied {}",
+                r.replica,
+                if r.connected { "connected   " } else { "disconnected" },
+                r.sent_seq,
+                r.durable_seq,
+                r.applied_seq
             );
         }
     }
-    Ok(())
+}
+
+fn print_replica(v: &ReplicaStatus) {
+    println!("{} {} (up {:.0}s), peers: {:?}", v.role, v.name, v.uptime_seconds, v.peers);
+    for vol in &v.volumes {
+        println!(
+            "  volume {:<12} {:<11} received {:>8} durable {:>8} applied {:>8} (epoch {}), {} snapshot(s)",
+            vol.name,
+            vol.state.to_string(),
+            vol.received_seq,
+            vol.durable_seq,
+            vol.applied_seq,
+            vol.applied_epoch,
+            vol.snapshots.len()
+        );
+    }
 }

@@ -5,6 +5,8 @@ use clap::Subcommand;
 use drv_format::frame::Frame;
 use drv_transport::{Role, quic};
 
+use drv_proto::status::{self, ReplicaStatus, SnapshotInfo};
+
 use crate::servers::{ServerConn, fetch_status, runtime, unexpected};
 
 #[derive(Subcommand)]
@@ -25,8 +27,9 @@ pub enum SnapshotCommand {
     },
 }
 
-fn matches(vol: &serde_json::Value, want: &str) -> bool {
-    vol["name"].as_str() == Some(want) || vol["volume_id"].as_u64().is_some_and(|id| id.to_string() == want)
+/// Whether `vol` is the volume named (or numbered) `want`.
+pub fn matches(vol: &status::ReplicaVolume, want: &str) -> bool {
+    vol.name == want || vol.volume_id.to_string() == want
 }
 
 pub fn run(c: SnapshotCommand) -> Result<()> {
@@ -40,57 +43,38 @@ fn create(volume: &str, snapshot: &str, t: &ServerConn) -> Result<()> {
     let (id, server) = t.open()?;
     let rt = runtime()?;
     let info = rt.block_on(async {
-        let st = fetch_status(&id, server, Role::Replica).await?;
-        let Some(vol) = st["volumes"].as_array().into_iter().flatten().find(|v| matches(v, volume)) else {
-            bail!("volume {volume} is not on replica {}", st["name"].as_str().unwrap_or("?"));
+        let st: ReplicaStatus = fetch_status(&id, server, Role::Replica).await?;
+        let Some(vol) = st.volumes.iter().find(|v| matches(v, volume)) else {
+            bail!("volume {volume} is not on replica {}", st.name);
         };
-        let volume_id = vol["volume_id"].as_u64().context("volume id in status")?;
+        let volume_id = vol.volume_id;
         let req = Frame::SnapshotRequest { volume_id, name: snapshot.to_owned() };
         match quic::request(&id, server, Role::Replica, &req, 1 << 20).await? {
             Some(Frame::SnapshotReply { json }) => {
-                Ok(serde_json::from_slice::<serde_json::Value>(&json).context("parse the snapshot reply")?)
+                Ok(serde_json::from_slice::<SnapshotInfo>(&json).context("parse the snapshot reply")?)
             }
             other => Err(unexpected(server, other).context(format!("snapshot {snapshot} of {volume}"))),
         }
     })?;
     if t.json {
-        println!("{info}");
+        println!("{}", serde_json::to_string(&info)?);
     } else {
-        println!(
-            "snapshot {} of {} at seq {} (epoch {}): {}",
-            info["name"].as_str().unwrap_or("?"),
-            info["volume"].as_str().unwrap_or("?"),
-            info["seq"],
-            info["epoch"],
-            info["path"].as_str().unwrap_or("?")
-        );
+        println!("snapshot {} of {} at seq {} (epoch {}): {}", info.name, info.volume, info.seq, info.epoch, info.path);
     }
     Ok(())
 }
 
 fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {
     let (id, server) = t.open()?;
-    let st = runtime()?.block_on(fetch_status(&id, server, Role::Replica))?;
-    let snaps: Vec<&serde_json::Value> = st["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|v| volume.is_none_or(|want| matches(v, want)))
-        .flat_map(|v| v["snapshots"].as_array().into_iter().flatten())
-        .collect();
+    let st: ReplicaStatus = runtime()?.block_on(fetch_status(&id, server, Role::Replica))?;
+    let snaps: Vec<&SnapshotInfo> =
+        st.volumes.iter().filter(|v| volume.is_none_or(|want| matches(v, want))).flat_map(|v| &v.snapshots).collect();
     if t.json {
-        println!("{}", serde_json::Value::Array(snaps.into_iter().cloned().collect()));
+        println!("{}", serde_json::to_string(&snaps)?);
         return Ok(());
     }
     for s in snaps {
-        println!(
-            "{:<12} {:<24} seq {:>8} epoch {:>8}  {}",
-            s["volume"].as_str().unwrap_or("?"),
-            s["name"].as_str().unwrap_or("?"),
-            s["seq"],
-            s["epoch"],
-            s["path"].as_str().unwrap_or("?")
-        );
+        println!("{:<12} {:<24} seq {:>8} epoch {:>8}  {}", s.volume, s.name, s.seq, s.epoch, s.path);
     }
     Ok(())
 }

@@ -87,13 +87,7 @@ pub fn record_device(state: &Path, device: &Path) -> Result<()> {
         .with_context(|| format!("write {}", state.join("device").display()))
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use drv_blocktrace::crosscheck::monotonic_ns;
 
 pub fn trace(a: TraceArgs) -> Result<()> {
     let mut devices = Vec::new();
@@ -299,7 +293,12 @@ pub fn doctor(a: DoctorArgs) -> Result<()> {
             Err(format!("{release}: the eBPF ring buffer needs 5.8 or later"))
         },
     );
-    check!("ebpf built in", drv_blocktrace::ebpf_built_in().map(|_| "the eBPF programs are in this binary".into()));
+    check!(
+        "ebpf built in",
+        drv_blocktrace::ebpf_built_in()
+            .map(|_| "the eBPF programs are in this binary".into())
+            .map_err(|e| e.to_string())
+    );
     // SAFETY: no arguments.
     let root = unsafe { libc::geteuid() } == 0;
     check!(

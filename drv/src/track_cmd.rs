@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Request};
 use drv_agent::{Agent, Mode, kmod};
-use drv_blocktrace::track::{LossAction, Tracker};
+use drv_blocktrace::track::{Cut, LossAction, Marked};
 use drv_blocktrace::{Request as IoRequest, Tracer};
 use drv_config::ConfigStore;
 use drv_transport::Identity;
@@ -164,76 +164,23 @@ fn sync(volume: &str, freeze: Option<PathBuf>, timeout: f64, json: bool, control
     Ok(())
 }
 
-/// Marked blocks, in memory: a restart ships everything anyway (see the module doc).
-struct Marks {
-    block: u64,
-    volume_bytes: u64,
-    bits: Vec<u64>,
-}
-
-impl Marks {
-    fn new(volume_bytes: u64, block: u64) -> Marks {
-        let blocks = volume_bytes.div_ceil(block);
-        Marks { block, volume_bytes, bits: vec![0; blocks.div_ceil(64) as usize] }
-    }
-    fn mark(&mut self, offset: u64, len: u64) {
-        if len == 0 || offset >= self.volume_bytes {
-            return;
-        }
-        let end = (offset + len).min(self.volume_bytes);
-        for b in offset / self.block..end.div_ceil(self.block) {
-            self.bits[(b / 64) as usize] |= 1 << (b % 64);
-        }
-    }
-    fn mark_all(&mut self) {
-        self.mark(0, self.volume_bytes);
-    }
-    /// The marked extents (merged runs of blocks), clearing them.
-    fn take(&mut self) -> Vec<(u64, u64)> {
-        let mut blocks = Vec::new();
-        for (w, word) in self.bits.iter_mut().enumerate() {
-            let mut v = std::mem::take(word);
-            while v != 0 {
-                blocks.push(w as u64 * 64 + v.trailing_zeros() as u64);
-                v &= v - 1;
-            }
-        }
-        drv_changemap::extents(blocks, self.block, self.volume_bytes)
-    }
-    fn bytes(&self) -> u64 {
-        self.bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() * self.block
-    }
-}
-
 /// The tracker's state, shared by the polling thread and the cuts.
 struct State {
     tracer: Tracer,
-    tracker: Tracker,
-    marks: Marks,
-    lost: u64,
+    marked: Marked,
 }
 
 impl State {
     /// Takes every queued event and every loss report into the marks.
     fn pump(&mut self) -> Result<()> {
-        let State { tracer, tracker, .. } = self;
-        tracer.drain(|e| tracker.on(&IoRequest::from_event(e)));
-        for extent in self.tracker.take_marks() {
-            self.marks.mark(extent.0, extent.1);
-        }
+        let State { tracer, marked } = self;
+        tracer.drain(|e| marked.on(&IoRequest::from_event(e)));
         let losses = self.tracer.losses().context("read the eBPF loss counters")?;
-        self.lost = losses.total();
-        match self.tracker.on_losses(&losses) {
+        match self.marked.on_losses(&losses) {
             LossAction::None => {}
-            LossAction::Ranges(r) => {
-                tracing::warn!("eBPF events lost: marking {} lost ranges as changed", r.len());
-                for (o, l) in r {
-                    self.marks.mark(o, l);
-                }
-            }
+            LossAction::Ranges(r) => tracing::warn!("eBPF events lost: marking {} lost ranges as changed", r.len()),
             LossAction::All => {
-                tracing::warn!("eBPF events lost without a known range: marking the whole volume as changed");
-                self.marks.mark_all();
+                tracing::warn!("eBPF events lost without a known range: marking the whole volume as changed")
             }
         }
         Ok(())
@@ -264,9 +211,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
     let tracer = Tracer::start(&[dev]).context("start the eBPF programs")?;
     let state = Arc::new(Mutex::new(State {
         tracer,
-        tracker: Tracker::new(dev, view.volume.size_bytes),
-        marks: Marks::new(view.volume.size_bytes, view.volume.block_bytes),
-        lost: 0,
+        marked: Marked::new(dev, view.volume.size_bytes, view.volume.block_bytes),
     }));
     let opts = a.options(view.volume.block_bytes);
     let socket = a.control.socket_of(volume);
@@ -359,17 +304,12 @@ async fn cut(
     };
     // After a freeze returns, every write of the filesystem has completed: the events up to
     // now describe the device as it is.
-    let (extents, rpo_before_ns, lost) = {
+    let Cut { extents, rpo_before_ns, lost } = {
         let st = state.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {
             let mut s = st.lock().expect("track state");
             s.pump()?;
-            let extents = s.marks.take();
-            for (o, l) in s.tracker.in_flight() {
-                s.marks.mark(o, l);
-            }
-            let age = s.tracker.cut(monotonic_ns());
-            Ok((extents, age, s.lost))
+            Ok(s.marked.cut(monotonic_ns()))
         })
         .await??
     };
@@ -391,7 +331,7 @@ async fn cut(
     if let Some(f) = frozen {
         f.thaw()?;
     }
-    let pending = state.lock().expect("track state").marks.bytes();
+    let pending = state.lock().expect("track state").marked.pending_bytes();
     Ok(serde_json::json!({
         "extents": extents.len(),
         "bytes": bytes,
@@ -456,23 +396,5 @@ impl Drop for Frozen {
         {
             eprintln!("drv: could not thaw {}: {e} (run fsfreeze -u {})", self.path.display(), self.path.display());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Marks;
-
-    #[test]
-    fn marks_merge_into_extents_and_clear() {
-        let mut m = Marks::new(10 * 4096 + 100, 4096);
-        m.mark(4096, 1);
-        m.mark(8192, 4096);
-        m.mark(10 * 4096, 4096); // the short last block
-        assert_eq!(m.bytes(), 3 * 4096);
-        assert_eq!(m.take(), vec![(4096, 8192), (40960, 100)]);
-        assert!(m.take().is_empty());
-        m.mark_all();
-        assert_eq!(m.take(), vec![(0, 10 * 4096 + 100)]);
     }
 }

@@ -13,6 +13,7 @@
 //!   acknowledgements, what the log may trim).
 //! - [`agent`]: the agent's order (sequence numbers, epochs, overlaps, the mode machine), its
 //!   acknowledgement queue, the activity log's rules and the resync's budget, passes and pace.
+//! - [`status`]: the servers' status replies, one serde type each, shared by servers and clients.
 //! - [`units`]: the replica's units of apply (an epoch, or a whole resync run) and when one is
 //!   complete.
 
@@ -22,6 +23,7 @@ pub mod agent;
 pub mod epoch;
 pub mod relay;
 pub mod seq;
+pub mod status;
 pub mod units;
 
 pub use agent::{AckQueue, Activity, Issue, Mode, Order, Stamp};

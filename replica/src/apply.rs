@@ -30,7 +30,31 @@ use drv_proto::units::{Entry, Units};
 use drv_wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
 
-use crate::media::Media;
+use crate::media::{Media, MediaError};
+
+/// Why the apply step of a volume stopped (the volume's status shows it; nothing acknowledged is
+/// lost: the DR log keeps every record not applied).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("read DR log: {0}")]
+    ReadLog(#[source] drv_wrl::WrlError),
+    #[error(
+        "the DR log holds volume {volume} seq {seq} after seq {after}: a gap (the log refuses them, so it is damaged)"
+    )]
+    Gap { volume: u64, seq: u64, after: u64 },
+    #[error("volume {volume} seq {seq}: {err}")]
+    Decrypt { volume: u64, seq: u64, err: drv_format::crypto::KeyError },
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    #[error("before overwrite at {offset}: {err}")]
+    BeforeOverwrite { offset: u64, err: std::io::Error },
+    #[error("write {path} at offset {offset}: {err}")]
+    Write { path: String, offset: u64, err: std::io::Error },
+    #[error("fdatasync {path}: {err}")]
+    Sync { path: String, err: std::io::Error },
+    #[error("store {path}: {err}")]
+    StorePosition { path: String, err: std::io::Error },
+}
 
 /// Called with the range of every block the apply step is about to overwrite: the one place where
 /// copy-on-write snapshots (save the old block first) will hook in.
@@ -211,12 +235,17 @@ impl Applier {
 
     /// Reads what the DR log holds beyond the cursor and applies every unit that is complete.
     /// Returns whether any record was read.
-    pub fn step(&mut self, v: &ReplicaVolume, drlog: &Wrl, observer: &dyn OverwriteObserver) -> Result<bool, String> {
+    pub fn step(
+        &mut self,
+        v: &ReplicaVolume,
+        drlog: &Wrl,
+        observer: &dyn OverwriteObserver,
+    ) -> Result<bool, ApplyError> {
         // While this volume was idle, other volumes' records moved the DR log on and it trimmed
         // past this cursor. Nothing of this volume was in what it trimmed: the log trims only
         // what every volume confirmed, and this one confirms only what it applied.
         self.cursor = self.cursor.max(drlog.status().first_lsn);
-        let recs = drlog.read(self.cursor, 8 << 20).map_err(|e| format!("read DR log: {e}"))?;
+        let recs = drlog.read(self.cursor, 8 << 20).map_err(ApplyError::ReadLog)?;
         if recs.is_empty() {
             return Ok(false);
         }
@@ -232,12 +261,7 @@ impl Applier {
                 continue;
             }
             if d.volume_seq != self.units.last_seq() + 1 {
-                return Err(format!(
-                    "the DR log holds volume {} seq {} after seq {}: a gap (the log refuses them, so it is damaged)",
-                    v.id,
-                    d.volume_seq,
-                    self.units.last_seq()
-                ));
+                return Err(ApplyError::Gap { volume: v.id, seq: d.volume_seq, after: self.units.last_seq() });
             }
             let e = Entry {
                 seq: d.volume_seq,
@@ -271,7 +295,7 @@ impl Applier {
 
 /// Applies every complete unit the DR log holds (at start-up, and for `drv replica recover`), so
 /// the target is at the last complete epoch before anything else happens.
-pub fn catch_up(v: &ReplicaVolume, drlog: &Wrl, observer: &dyn OverwriteObserver) -> Result<Applier, String> {
+pub fn catch_up(v: &ReplicaVolume, drlog: &Wrl, observer: &dyn OverwriteObserver) -> Result<Applier, ApplyError> {
     let mut a = Applier::new(v, drlog);
     while a.step(v, drlog, observer)? {}
     Ok(a)
@@ -309,7 +333,7 @@ pub fn run(
             Ok(false) => std::thread::sleep(Duration::from_millis(2)),
             Err(e) => {
                 tracing::error!(volume = v.id, "apply stopped: {e}");
-                v.state.lock().expect("apply state").error = Some(e);
+                v.state.lock().expect("apply state").error = Some(e.to_string());
             }
         }
     }
@@ -338,7 +362,7 @@ fn apply_units(
     records: &[LogRecord],
     units: u64,
     partial_resync: bool,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     let last = records.last().expect("units are not empty");
     let _gate = v.apply_gate.lock().expect("apply gate");
     // The media phase changes only under the apply gate (held here): lock it briefly each time,
@@ -349,27 +373,33 @@ fn apply_units(
         let mut ranges = Vec::new();
         for r in records {
             let d = &r.header.desc;
-            v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;
+            v.key.open(d, &r.payload).map_err(|err| ApplyError::Decrypt { volume: v.id, seq: d.volume_seq, err })?;
             if d.length > 0 {
                 ranges.push((d.offset, d.length as u64));
             }
         }
-        v.media.lock().expect("media").mark(&ranges).map_err(|e| format!("media resync of volume {}: {e}", v.name))?;
+        v.media.lock().expect("media").mark(&ranges)?;
     } else {
         for r in records {
             let d = &r.header.desc;
-            let plain = v.key.open(d, &r.payload).map_err(|e| format!("volume {} seq {}: {e}", v.id, d.volume_seq))?;
+            let plain = v.key.open(d, &r.payload).map_err(|err| ApplyError::Decrypt {
+                volume: v.id,
+                seq: d.volume_seq,
+                err,
+            })?;
             if plain.is_empty() {
                 continue;
             }
             observer
                 .before_overwrite(v.id, d.offset, plain.len() as u64)
-                .map_err(|e| format!("before overwrite at {}: {e}", d.offset))?;
-            v.target
-                .write_all_at(&plain, d.offset)
-                .map_err(|e| format!("write {} at offset {}: {e}", v.target_path.display(), d.offset))?;
+                .map_err(|err| ApplyError::BeforeOverwrite { offset: d.offset, err })?;
+            v.target.write_all_at(&plain, d.offset).map_err(|err| ApplyError::Write {
+                path: v.target_path.display().to_string(),
+                offset: d.offset,
+                err,
+            })?;
         }
-        v.target.sync_data().map_err(|e| format!("fdatasync {}: {e}", v.target_path.display()))?;
+        v.target.sync_data().map_err(|err| ApplyError::Sync { path: v.target_path.display().to_string(), err })?;
     }
     let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch, partial_resync };
     let before = v.state.lock().expect("apply state").applied;
@@ -378,7 +408,9 @@ fn apply_units(
         "volume {}: the applied position would move back from {before:?} to {applied:?}",
         v.id
     );
-    applied.store(&v.applied_path).map_err(|e| format!("store {}: {e}", v.applied_path.display()))?;
+    applied
+        .store(&v.applied_path)
+        .map_err(|err| ApplyError::StorePosition { path: v.applied_path.display().to_string(), err })?;
     v.media.lock().expect("media").applied(applied.seq)?;
     // Applied and recorded: the DR log may drop these records (a retention window for
     // point-in-time recovery would confirm later instead).

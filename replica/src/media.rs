@@ -42,17 +42,7 @@ use serde::{Deserialize, Serialize};
 /// Most extents in one `complete` reply (a client asks again from `next`).
 pub const MAX_EXTENTS: usize = 65536;
 
-/// Where a volume's media resync is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "phase", rename_all = "kebab-case")]
-pub enum Phase {
-    /// Applied records mark their blocks; the target is left to the operator's copy.
-    Tracking { begun_seq: u64, begun_unix: u64 },
-    /// The target is written again; the map holds the blocks the agent must ship.
-    Completed { begun_seq: u64, completed_seq: u64 },
-    /// The agent shipped every block in records up to `through_seq`; consistent once applied.
-    Pending { through_seq: u64 },
-}
+pub use drv_proto::status::Phase;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -164,18 +154,18 @@ impl Media {
     }
 
     /// Marks `ranges` durably (tracking only).
-    pub fn mark(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+    pub fn mark(&self, ranges: &[(u64, u64)]) -> Result<(), MediaError> {
         let map = self.map.as_ref().expect("a tracking volume has its map");
-        map.mark_ranges(ranges).map_err(|e| e.to_string())
+        map.mark_ranges(ranges).map_err(|e| self.io(&self.map_path, e.to_string()))
     }
 
     /// The apply step reached `applied_seq`: a pending media resync is over once it covers the
     /// agent's resync run.
-    pub fn applied(&mut self, applied_seq: u64) -> Result<(), String> {
+    pub fn applied(&mut self, applied_seq: u64) -> Result<(), MediaError> {
         if let Some(Phase::Pending { through_seq }) = self.phase
             && applied_seq >= through_seq
         {
-            self.store(None).map_err(|e| e.to_string())?;
+            self.store(None)?;
             tracing::info!(volume = %self.volume, applied_seq, "media resync finished: the volume is consistent again");
         }
         Ok(())

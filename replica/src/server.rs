@@ -14,10 +14,10 @@ use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code, media_op};
 use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
 use drv_proto::Admit;
+use drv_proto::status::{self, DrLogSummary, ReplicaStatus, VolumeState};
 use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
 use drv_wrl::storage::{FileStorage, Storage};
 use drv_wrl::{self as wrl, CreateOptions, Wrl, WrlOptions};
-use serde_json::json;
 
 use crate::apply::{self, NoSnapshots, ReplicaVolume};
 use crate::media::{MediaError, MediaReport};
@@ -36,8 +36,30 @@ pub enum ReplicaError {
     Locked(#[from] drv_files::LockError),
     #[error("volume {name}: {reason}")]
     Volume { name: String, reason: String },
+    #[error("volume {name}: {err}")]
+    Apply { name: String, err: Box<apply::ApplyError> },
     #[error(transparent)]
     Transport(#[from] drv_transport::TransportError),
+}
+
+/// Why a relay stream from staging was refused (logged once and sent to staging as an `Error`
+/// frame; the relay reconnects and resumes from the replica's durable position).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Transport(#[from] drv_transport::TransportError),
+    #[error("{what} task: {err}")]
+    Task { what: &'static str, err: tokio::task::JoinError },
+    #[error("records for volume {0} before RelayOpen on this stream")]
+    NoRelayOpen(u64),
+    #[error("unexpected {0:?} frame from a staging server")]
+    Unexpected(drv_format::frame::FrameType),
+    #[error("a records frame of {bytes} bytes does not fit the DR log ({capacity} bytes): raise drlog_bytes")]
+    DrLogTooSmall { bytes: u64, capacity: u64 },
+    #[error("record in frame: {0}")]
+    BadRecord(drv_format::FormatError),
+    #[error("volume {volume} record {refusal}")]
+    Refused { volume: u64, refusal: drv_proto::Refusal },
 }
 
 pub struct ReplicaServer {
@@ -134,7 +156,7 @@ impl ReplicaServer {
         let mut out = Vec::new();
         for v in self.volumes.values() {
             let a = apply::catch_up(v, &self.drlog, &NoSnapshots)
-                .map_err(|reason| ReplicaError::Volume { name: v.name.clone(), reason })?;
+                .map_err(|err| ReplicaError::Apply { name: v.name.clone(), err: Box::new(err) })?;
             let s = v.state.lock().expect("apply state");
             tracing::info!(volume = %v.name, applied_seq = s.applied.seq, applied_epoch = s.applied.epoch, "caught up from the DR log");
             drop(s);
@@ -173,7 +195,7 @@ impl ReplicaServer {
         self: &Arc<Self>,
         r: &mut FrameReader<R>,
         out: &Outbox,
-    ) -> Result<(), String> {
+    ) -> Result<(), StreamError> {
         let mut volume: Option<Arc<ReplicaVolume>> = None;
         // Tasks that live as long as this stream (aborted on every way out).
         struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
@@ -185,122 +207,82 @@ impl ReplicaServer {
             }
         }
         let mut tasks = AbortOnDrop(Vec::new());
-        while let Some(frame) = r.next().await.map_err(|e| e.to_string())? {
+        while let Some(frame) = r.next().await? {
             match frame {
                 Frame::StatusRequest => {
                     let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
                 }
                 Frame::SnapshotRequest { volume_id, name } => {
-                    let reply = match self.volumes.get(&volume_id) {
-                        None => Frame::Error {
-                            code: code::UNKNOWN_VOLUME,
-                            message: format!("volume {volume_id} is not configured on replica {}", self.name),
-                        },
-                        Some(v) => {
-                            let (v, dir) = (v.clone(), self.dir.clone());
-                            match tokio::task::spawn_blocking(move || snapshot::create(&dir, &v, &name)).await {
-                                Ok(Ok(info)) => {
-                                    Frame::SnapshotReply { json: serde_json::to_vec(&info).expect("serializable") }
-                                }
-                                Ok(Err(e @ snapshot::SnapshotError::Refused(_))) => {
-                                    Frame::Error { code: code::BUSY, message: e.to_string() }
-                                }
-                                Ok(Err(
-                                    e @ (snapshot::SnapshotError::BadName(_) | snapshot::SnapshotError::Exists(..)),
-                                )) => Frame::Error { code: code::INVALID, message: e.to_string() },
-                                Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
-                                Err(e) => Frame::Error { code: code::SERVER, message: format!("snapshot task: {e}") },
-                            }
-                        }
-                    };
-                    let _ = out.send(reply);
+                    let _ = out.send(self.snapshot(volume_id, name).await);
                 }
                 Frame::MediaRequest { volume_id, op, arg } => {
-                    let reply = match self.volumes.get(&volume_id) {
-                        None => Frame::Error {
-                            code: code::UNKNOWN_VOLUME,
-                            message: format!("volume {volume_id} is not configured on replica {}", self.name),
-                        },
-                        Some(v) => {
-                            let v = v.clone();
-                            match tokio::task::spawn_blocking(move || media_step(&v, op, arg)).await {
-                                Ok(Ok(r)) => Frame::MediaReply { json: serde_json::to_vec(&r).expect("serializable") },
-                                Ok(Err(e @ MediaError::Phase { .. })) => {
-                                    Frame::Error { code: code::BUSY, message: e.to_string() }
-                                }
-                                Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
-                                Err(e) => Frame::Error { code: code::SERVER, message: format!("media task: {e}") },
-                            }
-                        }
-                    };
-                    let _ = out.send(reply);
+                    let _ = out.send(self.media(volume_id, op, arg).await);
                 }
                 Frame::RelayOpen { volume_id } => {
                     let Some(v) = self.volumes.get(&volume_id) else {
-                        let _ = out.send(Frame::Error {
-                            code: code::UNKNOWN_VOLUME,
-                            message: format!("volume {volume_id} is not configured on replica {}", self.name),
-                        });
+                        let _ = out.send(self.unknown(volume_id));
                         continue;
                     };
-                    // Report a durable position: wait until what was submitted is durable.
-                    let v2 = v.clone();
-                    let (durable, applied) = tokio::task::spawn_blocking(move || {
-                        let mut s = v2.state.lock().expect("apply state");
-                        while s.seq.durable() < s.seq.submitted() {
-                            s = v2.changed.wait_timeout(s, std::time::Duration::from_millis(50)).expect("state").0;
-                        }
-                        (s.seq.durable(), s.applied.seq)
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    let _ = out.send(Frame::ReplicaPosition { volume_id, durable_seq: durable, applied_seq: applied });
-                    // Report the applied position as it moves (status on staging shows it), until
-                    // the stream's writer is gone.
-                    let (v2, out2) = (v.clone(), out.clone());
-                    tasks.0.push(tokio::spawn(async move {
-                        let mut rx = v2.applied_tx.subscribe();
-                        while rx.changed().await.is_ok() {
-                            let applied = *rx.borrow_and_update();
-                            let durable = v2.state.lock().expect("apply state").seq.durable();
-                            if out2
-                                .send(Frame::ReplicaPosition {
-                                    volume_id: v2.id,
-                                    durable_seq: durable,
-                                    applied_seq: applied,
-                                })
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                    }));
+                    tasks.0.push(relay_open(v, out).await?);
                     volume = Some(v.clone());
                 }
                 Frame::Records { volume_id, count, bytes } => {
                     let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
-                        return Err(format!("records for volume {volume_id} before RelayOpen on this stream"));
+                        return Err(StreamError::NoRelayOpen(volume_id));
                     };
                     self.wait_for_room(v, bytes.len() as u64).await?;
                     self.log_records(v, count, &bytes, out)?;
                 }
-                other => return Err(format!("unexpected {:?} frame from a staging server", other.ftype())),
+                other => return Err(StreamError::Unexpected(other.ftype())),
             }
         }
         Ok(())
+    }
+
+    fn unknown(&self, volume_id: u64) -> Frame {
+        Frame::Error {
+            code: code::UNKNOWN_VOLUME,
+            message: format!("volume {volume_id} is not configured on replica {}", self.name),
+        }
+    }
+
+    /// A snapshot request: the reply.
+    async fn snapshot(&self, volume_id: u64, name: String) -> Frame {
+        let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
+        let (v, dir) = (v.clone(), self.dir.clone());
+        match tokio::task::spawn_blocking(move || snapshot::create(&dir, &v, &name)).await {
+            Ok(Ok(info)) => Frame::SnapshotReply { json: serde_json::to_vec(&info).expect("serializable") },
+            Ok(Err(e @ snapshot::SnapshotError::Refused(_))) => {
+                Frame::Error { code: code::BUSY, message: e.to_string() }
+            }
+            Ok(Err(e @ (snapshot::SnapshotError::BadName(_) | snapshot::SnapshotError::Exists(..)))) => {
+                Frame::Error { code: code::INVALID, message: e.to_string() }
+            }
+            Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
+            Err(e) => Frame::Error { code: code::SERVER, message: format!("snapshot task: {e}") },
+        }
+    }
+
+    /// A media-resync request: the reply.
+    async fn media(&self, volume_id: u64, op: u8, arg: u64) -> Frame {
+        let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
+        let v = v.clone();
+        match tokio::task::spawn_blocking(move || media_step(&v, op, arg)).await {
+            Ok(Ok(r)) => Frame::MediaReply { json: serde_json::to_vec(&r).expect("serializable") },
+            Ok(Err(e @ MediaError::Phase { .. })) => Frame::Error { code: code::BUSY, message: e.to_string() },
+            Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
+            Err(e) => Frame::Error { code: code::SERVER, message: format!("media task: {e}") },
+        }
     }
 
     /// Waits until the DR log has room for `bytes` more (plus a segment of slack for batch
     /// overhead): the DR log frees space only as the apply step confirms what it applied. While
     /// this stream waits it reads nothing more, so QUIC flow control and staging's in-flight limit
     /// hold the relay back: a full DR log is backpressure, never a refused record.
-    async fn wait_for_room(&self, v: &ReplicaVolume, bytes: u64) -> Result<(), String> {
+    async fn wait_for_room(&self, v: &ReplicaVolume, bytes: u64) -> Result<(), StreamError> {
         let need = bytes + self.drlog.status().segment_bytes;
         if need > self.drlog.capacity_bytes() / 2 {
-            return Err(format!(
-                "a records frame of {bytes} bytes does not fit the DR log ({} bytes): raise drlog_bytes",
-                self.drlog.capacity_bytes()
-            ));
+            return Err(StreamError::DrLogTooSmall { bytes, capacity: self.drlog.capacity_bytes() });
         }
         let mut applied = v.applied_tx.subscribe();
         let mut waited = false;
@@ -323,13 +305,13 @@ impl ReplicaServer {
         count: u32,
         bytes: &bytes::Bytes,
         out: &Outbox,
-    ) -> Result<(), String> {
+    ) -> Result<(), StreamError> {
         // The frame decoder already checked every record (header and payload checksums, volume);
         // here the header is decoded again only to find the boundaries.
         let mut at = 0usize;
         let mut batch = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let h = RecordHeader::decode(&bytes[at..]).map_err(|e| format!("record in frame: {e}"))?;
+            let h = RecordHeader::decode(&bytes[at..]).map_err(StreamError::BadRecord)?;
             // A view into the frame body: the payload is copied once, into the DR log's batch.
             let payload = bytes.slice(at + RECORD_HEADER_LEN..at + h.record_len());
             debug_assert!(h.check_payload(&payload).is_ok(), "frame decoder checked the payload");
@@ -344,7 +326,7 @@ impl ReplicaServer {
             match st.seq.admit(seq, h.desc.epoch) {
                 Ok(Admit::Append) => {}
                 Ok(Admit::Duplicate) => continue, // already logged (a resend after reconnect)
-                Err(r) => return Err(format!("volume {} record {r}", v.id)),
+                Err(refusal) => return Err(StreamError::Refused { volume: v.id, refusal }),
             }
             last = Some(seq);
             to_log.push((h, payload));
@@ -392,51 +374,88 @@ impl ReplicaServer {
     }
 
     pub fn status_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.status()).expect("status serializes")
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
         let mut vs: Vec<_> = self.volumes.values().collect();
         vs.sort_by_key(|v| v.id);
-        let volumes: Vec<_> = vs
-            .iter()
-            .map(|v| {
-                let media = v.media.lock().expect("media").phase;
-                let s = v.state.lock().expect("apply state").clone();
-                let state = if s.error.is_some() {
-                    "error"
-                } else if media.is_some() {
-                    "media-resync"
-                } else if s.resyncing {
-                    "resyncing"
-                } else {
-                    "replicating"
-                };
-                json!({
-                    "volume_id": v.id,
-                    "name": v.name,
-                    "target": v.target_path.display().to_string(),
-                    "state": state,
-                    "media": media,
-                    "received_seq": s.seq.submitted(),
-                    "durable_seq": s.seq.durable(),
-                    "applied_seq": s.applied.seq,
-                    "applied_epoch": s.applied.epoch,
-                    "apply_lag_records": s.seq.durable().saturating_sub(s.applied.seq),
-                    "pending_records": s.pending_records,
-                    "applied_units": s.applied_units,
-                    "error": s.error,
-                    "snapshots": snapshot::list(&self.dir, v),
-                })
-            })
-            .collect();
         let d = self.drlog.status();
-        json!({
-            "role": "replica",
-            "name": self.name,
-            "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "peers": self.peers.list(),
-            "volumes": volumes,
-            "drlog": { "first_lsn": d.first_lsn, "durable_lsn": d.durable_lsn, "used_segments": d.used_segments,
-                       "total_segments": d.total_segments, "cache_bytes": d.cache_bytes, "failed": d.failed },
-        })
+        ReplicaStatus {
+            role: "replica".into(),
+            name: self.name.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            peers: self.peers.list(),
+            volumes: vs.iter().map(|v| self.volume_status(v)).collect(),
+            drlog: DrLogSummary {
+                first_lsn: d.first_lsn,
+                durable_lsn: d.durable_lsn,
+                used_segments: d.used_segments,
+                total_segments: d.total_segments,
+                cache_bytes: d.cache_bytes,
+                failed: d.failed,
+            },
+        }
     }
+
+    fn volume_status(&self, v: &ReplicaVolume) -> status::ReplicaVolume {
+        let media = v.media.lock().expect("media").phase;
+        let s = v.state.lock().expect("apply state").clone();
+        let state = if s.error.is_some() {
+            VolumeState::Error
+        } else if media.is_some() {
+            VolumeState::MediaResync
+        } else if s.resyncing {
+            VolumeState::Resyncing
+        } else {
+            VolumeState::Replicating
+        };
+        status::ReplicaVolume {
+            volume_id: v.id,
+            name: v.name.clone(),
+            target: v.target_path.display().to_string(),
+            state,
+            media,
+            received_seq: s.seq.submitted(),
+            durable_seq: s.seq.durable(),
+            applied_seq: s.applied.seq,
+            applied_epoch: s.applied.epoch,
+            apply_lag_records: s.seq.durable().saturating_sub(s.applied.seq),
+            pending_records: s.pending_records,
+            applied_units: s.applied_units,
+            error: s.error,
+            snapshots: snapshot::list(&self.dir, v),
+        }
+    }
+}
+
+/// A relay stream opens volume `v`: reports its durable position once what was submitted is
+/// durable, then the applied position as it moves (staging's status shows it), from a task that
+/// lives as long as the stream.
+async fn relay_open(v: &Arc<ReplicaVolume>, out: &Outbox) -> Result<tokio::task::JoinHandle<()>, StreamError> {
+    let v2 = v.clone();
+    let (durable, applied) = tokio::task::spawn_blocking(move || {
+        let mut s = v2.state.lock().expect("apply state");
+        while s.seq.durable() < s.seq.submitted() {
+            s = v2.changed.wait_timeout(s, std::time::Duration::from_millis(50)).expect("state").0;
+        }
+        (s.seq.durable(), s.applied.seq)
+    })
+    .await
+    .map_err(|err| StreamError::Task { what: "relay open", err })?;
+    let _ = out.send(Frame::ReplicaPosition { volume_id: v.id, durable_seq: durable, applied_seq: applied });
+    let (v2, out2) = (v.clone(), out.clone());
+    Ok(tokio::spawn(async move {
+        let mut rx = v2.applied_tx.subscribe();
+        while rx.changed().await.is_ok() {
+            let applied = *rx.borrow_and_update();
+            let durable = v2.state.lock().expect("apply state").seq.durable();
+            let p = Frame::ReplicaPosition { volume_id: v2.id, durable_seq: durable, applied_seq: applied };
+            if out2.send(p).is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 /// One media-resync step on volume `v`, at a unit boundary (the apply gate is held).
@@ -450,11 +469,7 @@ fn media_step(v: &ReplicaVolume, op: u8, arg: u64) -> Result<MediaReport, MediaE
         media_op::RELEASE => {
             let r = m.release(arg)?;
             // Already applied that far: finished at once.
-            m.applied(applied).map_err(|reason| MediaError::Io {
-                volume: v.name.clone(),
-                path: "phase".into(),
-                reason,
-            })?;
+            m.applied(applied)?;
             Ok(MediaReport { phase: m.phase, ..r })
         }
         _ => Ok(m.report(Vec::new(), None)),

@@ -20,8 +20,6 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::apply::ReplicaVolume;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,18 +35,7 @@ pub enum SnapshotError {
     Io { path: String, reason: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotInfo {
-    pub volume: String,
-    pub volume_id: u64,
-    pub name: String,
-    /// The applied position the copy shows: every write up to `seq` (epoch `epoch`), none after.
-    pub seq: u64,
-    pub epoch: u64,
-    pub bytes: u64,
-    pub created_unix: u64,
-    pub path: String,
-}
+pub use drv_proto::status::SnapshotInfo;
 
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

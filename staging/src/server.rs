@@ -1,7 +1,8 @@
 //! The staging server (`drv staging run`): accepts agents on the agent link (TLS over TCP, a thread
-//! per connection, `drv_transport::link`) and on mTLS QUIC, logs their writes in the volume's WRL
-//! and acknowledges each after group commit; relays every volume to its replicas (`relay.rs`);
-//! answers status requests.
+//! per connection, `drv_transport::link`), logs their writes in the volume's WRL and acknowledges
+//! them after group commit; relays every volume to its replicas (`relay.rs`); answers status
+//! requests (on mTLS QUIC, the admin role, and on the link). Agents' writes come only on the link:
+//! one agent transport.
 //!
 //! On the link, a connection's thread takes every frame already received, submits the writes, and
 //! then commits them itself if the WRL's committer is idle (`Submitted::commit_here`) and sends the
@@ -22,24 +23,18 @@ use drv_config::{NodeConfig, VolumeView};
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code};
 use drv_format::record::Flags;
+use drv_proto::status::{ReplicaLink, StagingStatus, StagingVolume, WrlSummary};
 use drv_proto::{Admit, Refusal, Sequencer};
 use drv_transport::link::{Link, LinkReader};
 use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve, tls};
-use serde_json::json;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use drv_wrl::storage::{FileStorage, Storage, create_files};
 use drv_wrl::{self as wrl, AppendRequest, CreateOptions, Submitted, Wrl, WrlError, WrlOptions};
 
-/// Where a connection's answers go: a QUIC stream's outbox or an agent link.
-trait Reply: Clone + Send + Sync + 'static {
+/// Where a link's answers go.
+trait Reply {
     fn reply(&self, f: Frame);
-}
-
-impl Reply for Outbox {
-    fn reply(&self, f: Frame) {
-        let _ = self.send(f);
-    }
 }
 
 impl Reply for Arc<Link> {
@@ -233,13 +228,14 @@ impl Staging {
 
     /// Serves agents and status requests on `addr` and relays every volume, until the task is dropped.
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ServerError> {
-        let server = quic::server_with(addr, &self.identity, &[Role::Agent, Role::Admin], &self.quic)?;
+        // QUIC: status for administrators. Agents write on the link.
+        let server = quic::server_with(addr, &self.identity, &[Role::Admin], &self.quic)?;
         // The agent link: TCP at the same port number.
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             drv_transport::TransportError::Endpoint(format!("agent link: cannot listen on TCP {addr}: {e}"))
         })?;
         let link_cfg = tls::server_config(&self.identity, &[Role::Agent, Role::Admin])?;
-        tracing::info!(%addr, "staging server {} listening (QUIC and the agent link on TCP)", self.name);
+        tracing::info!(%addr, "staging server {} listening (the agent link on TCP, status on QUIC)", self.name);
         let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
         tokio::spawn(serve::link_accept_loop(
             listener,
@@ -247,7 +243,7 @@ impl Staging {
             self.max_connections,
             self.frame_bytes_limit,
             self.peers.clone(),
-            move |mut r, link| me.serve_link(&mut r, &link, &rt).map_err(|e| e.to_string()),
+            move |mut r, link| me.serve_link(&mut r, &link, &rt),
         ));
         for v in self.volumes.values() {
             for (replica, raddr, limit) in &v.replicas {
@@ -262,58 +258,38 @@ impl Staging {
             self.peers.clone(),
             move |mut r, out| {
                 let me = me.clone();
-                async move { me.serve_stream(&mut r, &out).await.map_err(|e| e.to_string()) }
+                async move { me.serve_stream(&mut r, &out).await }
             },
         )
         .await;
         Ok(())
     }
 
+    /// A QUIC stream: status requests only.
     async fn serve_stream<R: tokio::io::AsyncRead + Unpin>(
         self: &Arc<Self>,
         r: &mut FrameReader<R>,
         out: &Outbox,
     ) -> Result<(), drv_transport::TransportError> {
-        let mut volume: Option<Arc<VolumeCtx>> = None;
-        // In-flight bytes of this stream, in 4 KiB units: reading stops while the limit is used up.
-        let units = (self.inflight_bytes_limit / 4096).clamp(1, u32::MAX as u64) as u32;
-        let inflight = Arc::new(Semaphore::new(units as usize));
         while let Some(frame) = r.next().await? {
-            match frame {
-                Frame::StatusRequest => {
-                    let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
-                }
-                Frame::OpenVolume { volume_id } => volume = self.open_volume(volume_id, out).await,
-                Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
-                    let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
-                        let _ = out.send(Frame::Error {
-                            code: code::UNKNOWN_VOLUME,
-                            message: format!("write for volume {volume_id} before OpenVolume on this stream"),
-                        });
-                        continue;
-                    };
-                    let need = (data.len() as u32).div_ceil(4096).clamp(1, units);
-                    let permit = inflight.clone().acquire_many_owned(need).await.expect("semaphore open");
-                    let rt = tokio::runtime::Handle::current();
-                    // On a runtime worker: the committer thread commits (see `commit_here`).
-                    if let Some(s) = self.write(v, seq, epoch, offset, flags, &data, out, Some(permit), &rt) {
-                        s.hand_off();
-                    }
-                }
-                other => {
-                    let _ = out.send(Frame::Error {
-                        code: code::MALFORMED,
-                        message: format!("unexpected {:?} frame from an agent", other.ftype()),
-                    });
-                }
-            }
+            let answer = match frame {
+                Frame::StatusRequest => Frame::StatusReply { json: self.status_json().to_string().into_bytes() },
+                other => Frame::Error {
+                    code: code::MALFORMED,
+                    message: format!(
+                        "unexpected {:?} frame on QUIC: staging takes agents' writes on the agent link (TLS over TCP at the same port)",
+                        other.ftype()
+                    ),
+                },
+            };
+            let _ = out.send(answer);
         }
         Ok(())
     }
 
     /// The volume a connection opens, once every append of it in flight is durable (so the
     /// position reported is); `None` (and an `Error` frame) for a volume not configured here.
-    async fn open_volume<O: Reply>(&self, volume_id: u64, out: &O) -> Option<Arc<VolumeCtx>> {
+    async fn open_volume(&self, volume_id: u64, out: &Arc<Link>) -> Option<Arc<VolumeCtx>> {
         let Some(v) = self.volumes.get(&volume_id) else {
             out.reply(Frame::Error {
                 code: code::UNKNOWN_VOLUME,
@@ -393,7 +369,7 @@ impl Staging {
                     };
                     // The WRL's admission limit bounds what is queued: this thread waits there,
                     // and stops reading the link meanwhile.
-                    if let Some(s) = self.write(v, seq, epoch, offset, flags, &data, out, None, rt) {
+                    if let Some(s) = self.write(v, seq, epoch, offset, flags, &data, out, rt) {
                         match pending.take() {
                             Some(p) if p.same_log(&s) => p.covered_by(&s),
                             Some(p) => p.hand_off(),
@@ -411,9 +387,9 @@ impl Staging {
     }
 
     /// Checks and submits one write; the returned append still has to be committed (or handed to
-    /// the committer). `permit` (the QUIC path's in-flight bound) is released when it completes.
+    /// the committer).
     #[allow(clippy::too_many_arguments)]
-    fn write<O: Reply>(
+    fn write(
         &self,
         v: &Arc<VolumeCtx>,
         seq: u64,
@@ -421,8 +397,7 @@ impl Staging {
         offset: u64,
         flags: u32,
         data: &[u8],
-        out: &O,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        out: &Arc<Link>,
         rt: &tokio::runtime::Handle,
     ) -> Option<Submitted> {
         let refuse = |code, message: String| {
@@ -459,7 +434,6 @@ impl Staging {
                     if rx.wait_for(|d| *d >= seq).await.is_ok() {
                         out.reply(Frame::Ack { volume_id: vid, seq, lsn: 0 });
                     }
-                    drop(permit);
                 });
                 return None;
             }
@@ -507,7 +481,6 @@ impl Staging {
                         out2.reply(Frame::Error { code: c, message: format!("volume {} seq {seq}: {e}", ctx.id) });
                     }
                 }
-                drop(permit);
             }),
         );
         drop(st);
@@ -516,58 +489,70 @@ impl Staging {
 
     /// The status document of `drv status`.
     pub fn status_json(&self) -> serde_json::Value {
-        let now = Instant::now();
-        let volumes: Vec<_> = {
-            let mut vs: Vec<_> = self.volumes.values().collect();
-            vs.sort_by_key(|v| v.id);
-            vs.iter()
-                .map(|v| {
-                    let s = v.seq.lock().expect("seq").clone();
-                    let p = v.progress.lock().expect("progress");
-                    let u = v.unreplicated.lock().expect("unreplicated");
-                    let min_durable = p.values().map(|r| r.durable_seq).min().unwrap_or(s.durable());
-                    let lag_bytes: u64 = u.iter().map(|e| e.1).sum();
-                    let lag_secs = u.front().map(|e| now.duration_since(e.2).as_secs_f64()).unwrap_or(0.0);
-                    json!({
-                        "volume_id": v.id,
-                        "name": v.name,
-                        "wrl": v.wrl_name,
-                        "received_seq": s.submitted(),
-                        "durable_seq": s.durable(),
-                        "last_epoch": s.last_epoch(),
-                        "replicated_seq": min_durable,
-                        "lag_records": s.durable().saturating_sub(min_durable),
-                        "lag_bytes": lag_bytes,
-                        "lag_seconds": lag_secs,
-                        "replicas": p.iter().map(|(name, r)| json!({
-                            "replica": name, "connected": r.connected, "sent_seq": r.sent_seq,
-                            "durable_seq": r.durable_seq, "applied_seq": r.applied_seq, "reconnects": r.reconnects,
-                        })).collect::<Vec<_>>(),
-                    })
-                })
-                .collect()
-        };
-        let wrls: Vec<_> = self
-            .wrls
-            .iter()
-            .map(|(name, w)| {
-                let s = w.status();
-                json!({
-                    "wrl": name, "first_lsn": s.first_lsn, "durable_lsn": s.durable_lsn, "trim_lsn": s.trim_lsn,
-                    "used_segments": s.used_segments, "total_segments": s.total_segments,
-                    "cache_bytes": s.cache_bytes, "appends": s.appends, "batches": s.batches,
-                    "cache_reads": s.cache_reads, "disk_reads": s.disk_reads, "failed": s.failed,
-                })
-            })
-            .collect();
-        json!({
-            "role": "staging",
-            "name": self.name,
-            "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "peers": self.peers.list(),
-            "volumes": volumes,
-            "wrls": wrls,
+        serde_json::to_value(self.status()).expect("status serializes")
+    }
+
+    pub fn status(&self) -> StagingStatus {
+        let mut vs: Vec<_> = self.volumes.values().collect();
+        vs.sort_by_key(|v| v.id);
+        let wrls = self.wrls.iter().map(|(name, w)| wrl_summary(name, &w.status())).collect();
+        StagingStatus {
+            role: "staging".into(),
+            name: self.name.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            peers: self.peers.list(),
+            volumes: vs.iter().map(|v| volume_status(v, Instant::now())).collect(),
+            wrls,
+        }
+    }
+}
+
+/// One volume's line of the status.
+fn volume_status(v: &VolumeCtx, now: Instant) -> StagingVolume {
+    let s = v.seq.lock().expect("seq").clone();
+    let p = v.progress.lock().expect("progress");
+    let u = v.unreplicated.lock().expect("unreplicated");
+    let min_durable = p.values().map(|r| r.durable_seq).min().unwrap_or(s.durable());
+    let replicas = p
+        .iter()
+        .map(|(name, r)| ReplicaLink {
+            replica: name.clone(),
+            connected: r.connected,
+            sent_seq: r.sent_seq,
+            durable_seq: r.durable_seq,
+            applied_seq: r.applied_seq,
+            reconnects: r.reconnects,
         })
+        .collect();
+    StagingVolume {
+        volume_id: v.id,
+        name: v.name.clone(),
+        wrl: v.wrl_name.clone(),
+        received_seq: s.submitted(),
+        durable_seq: s.durable(),
+        last_epoch: s.last_epoch(),
+        replicated_seq: min_durable,
+        lag_records: s.durable().saturating_sub(min_durable),
+        lag_bytes: u.iter().map(|e| e.1).sum(),
+        lag_seconds: u.front().map(|e| now.duration_since(e.2).as_secs_f64()).unwrap_or(0.0),
+        replicas,
+    }
+}
+
+fn wrl_summary(name: &str, s: &wrl::WrlStatus) -> WrlSummary {
+    WrlSummary {
+        wrl: name.to_owned(),
+        first_lsn: s.first_lsn,
+        durable_lsn: s.durable_lsn,
+        trim_lsn: s.trim_lsn,
+        used_segments: s.used_segments,
+        total_segments: s.total_segments,
+        cache_bytes: s.cache_bytes,
+        appends: s.appends,
+        batches: s.batches,
+        cache_reads: s.cache_reads,
+        disk_reads: s.disk_reads,
+        failed: s.failed.clone(),
     }
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 use drv_format::crypto::VolumeKey;
+use drv_proto::status::{ReplicaStatus, StagingStatus};
 
 /// The key every test record is encrypted with.
 pub fn test_key() -> VolumeKey {
@@ -145,6 +146,22 @@ impl Cluster {
 
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The status of staging, if it answers (typed: `drv status --json` read as the reply type).
+    pub fn staging_status(&self) -> Option<StagingStatus> {
+        self.status(&self.staging_addr, "staging", "admin")
+            .map(|v| serde_json::from_value(v).expect("a staging status"))
+    }
+
+    /// The status of the replica at `addr`, if it answers.
+    pub fn replica_status_at(&self, addr: &str) -> Option<ReplicaStatus> {
+        self.status(addr, "replica", "admin").map(|v| serde_json::from_value(v).expect("a replica status"))
+    }
+
+    /// The status of the first replica, if it answers.
+    pub fn replica_status(&self) -> Option<ReplicaStatus> {
+        self.replica_status_at(&self.replica_addrs[0])
     }
 
     /// `drv status --json` of a server, if it answers.

@@ -142,6 +142,24 @@ impl Link {
         Ok(())
     }
 
+    /// Ends the sending side after what was sent (TLS `close_notify`, then a TCP half-close):
+    /// the peer reads to the end of it, and this side still receives. Tests use it to end the
+    /// link inside a frame.
+    pub fn finish(&self) -> Result<(), TransportError> {
+        let mut st = self.state.lock().expect("link state");
+        st.tls.send_close_notify();
+        self.write_out(&mut st)?;
+        if st.tls.wants_write() {
+            return Err(TransportError::Stream("finish: the socket's send buffer is full".into()));
+        }
+        st.broken.get_or_insert_with(|| "link finished".to_owned());
+        let s = match &self.io {
+            Io::Blocking(s) => s,
+            Io::Async { std, .. } => std,
+        };
+        s.shutdown(std::net::Shutdown::Write).map_err(|e| stream_err("finish", e))
+    }
+
     /// Closes the connection both ways (the reader sees the end; later sends fail).
     pub fn shutdown(&self) {
         self.state.lock().expect("link state").broken.get_or_insert_with(|| "link closed".to_owned());

@@ -31,7 +31,7 @@ pub use crate::outbox::Outbox;
 /// Accepts connections until the server stops. Beyond `max_connections` a connection is closed at
 /// once (and logged). `on_stream` serves one stream; an `Err` is logged and sent to the peer as an
 /// `Error` frame (code MALFORMED) before the stream is closed.
-pub async fn accept_loop<F, Fut>(
+pub async fn accept_loop<F, Fut, E>(
     mut server: s2n_quic::Server,
     max_connections: u32,
     frame_bytes_limit: u32,
@@ -39,7 +39,8 @@ pub async fn accept_loop<F, Fut>(
     on_stream: F,
 ) where
     F: Fn(FrameReader<ReceiveStream>, Outbox) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
 {
     let conns = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
     while let Some(mut conn) = server.accept().await {
@@ -61,7 +62,7 @@ pub async fn accept_loop<F, Fut>(
                     let writer = tokio::spawn(flusher);
                     if let Err(e) = on_stream(FrameReader::new(rx, frame_bytes_limit), out.clone()).await {
                         tracing::warn!(%peer, "stream from {peer} refused: {e}");
-                        let _ = out.send(Frame::Error { code: code::MALFORMED, message: e });
+                        let _ = out.send(Frame::Error { code: code::MALFORMED, message: e.to_string() });
                     }
                     drop(out);
                     let _ = writer.await;
@@ -77,7 +78,7 @@ pub async fn accept_loop<F, Fut>(
 /// is served on a thread of its own (`on_link`, blocking), after its handshake there. Beyond
 /// `max_connections` a connection is closed at once (and logged). An `Err` from `on_link` is logged
 /// and sent to the peer as an `Error` frame (code MALFORMED) before the link is closed.
-pub async fn link_accept_loop<F>(
+pub async fn link_accept_loop<F, E>(
     listener: tokio::net::TcpListener,
     cfg: Arc<rustls::ServerConfig>,
     max_connections: u32,
@@ -85,7 +86,8 @@ pub async fn link_accept_loop<F>(
     peers: Arc<Peers>,
     on_link: F,
 ) where
-    F: Fn(crate::link::LinkReader, Arc<crate::link::Link>) -> Result<(), String> + Clone + Send + 'static,
+    F: Fn(crate::link::LinkReader, Arc<crate::link::Link>) -> Result<(), E> + Clone + Send + 'static,
+    E: std::fmt::Display,
 {
     let conns = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
     loop {
@@ -122,7 +124,7 @@ pub async fn link_accept_loop<F>(
             peers.table.lock().expect("peers").insert(id, format!("{peer} (link)"));
             if let Err(e) = on_link(reader, link.clone()) {
                 tracing::warn!(%peer, "link from {peer} refused: {e}");
-                let _ = link.send(&Frame::Error { code: code::MALFORMED, message: e });
+                let _ = link.send(&Frame::Error { code: code::MALFORMED, message: e.to_string() });
             }
             link.shutdown();
             peers.table.lock().expect("peers").remove(&id);

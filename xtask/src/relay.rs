@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use drv_config::{ConfigStore, Kind};
 use drv_format::frame::Frame;
+use drv_proto::status::StagingStatus;
 use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic};
 
 const CHUNK: usize = 1 << 20;
@@ -254,7 +255,7 @@ impl StatusConn {
         Ok(StatusConn { _client: c, conn })
     }
 
-    async fn get(&mut self) -> Result<serde_json::Value> {
+    async fn get(&mut self) -> Result<StagingStatus> {
         let st = self.conn.open_bidirectional_stream().await?;
         let (rx, tx) = st.split();
         let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
@@ -266,7 +267,7 @@ impl StatusConn {
     }
 }
 
-/// An agent stream writing `write_bytes`-sized writes; `rate` (bytes/s) paces it when set.
+/// An agent link writing `write_bytes`-sized writes; `rate` (bytes/s) paces it when set.
 /// Returns the last sequence written.
 async fn agent_load(
     id: &Identity,
@@ -277,12 +278,9 @@ async fn agent_load(
     rate: Option<f64>,
     first_seq: u64,
 ) -> Result<u64> {
-    let c = quic::client(id, Role::Staging)?;
-    let mut conn = quic::connect(&c, addr, Role::Staging).await?;
-    let st = conn.open_bidirectional_stream().await?;
-    let (rx, tx) = st.split();
-    let (mut r, mut w) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
-    w.send(&Frame::OpenVolume { volume_id }).await?;
+    let cfg = drv_transport::tls::client_config(id, Role::Staging)?;
+    let (w, mut r) = drv_transport::link::connect(addr, cfg, 1 << 20).await?;
+    w.send(&Frame::OpenVolume { volume_id })?;
     match r.next().await? {
         Some(Frame::VolumeState { .. }) => {}
         other => bail!("staging refused the volume: {other:?}"),
@@ -302,12 +300,13 @@ async fn agent_load(
             }
             let seq = first_seq + sent;
             let offset = (seq % (64 << 20) as u64 / write_bytes as u64) * write_bytes as u64;
-            w.send(&Frame::Write { volume_id, seq, epoch: seq, offset, flags: 0, data: data.clone() }).await?;
+            w.send(&Frame::Write { volume_id, seq, epoch: seq, offset, flags: 0, data: data.clone() })?;
             sent += 1;
         }
         let wait = if sent < n && sent - acked < window { Duration::from_millis(2) } else { Duration::from_secs(30) };
         match tokio::time::timeout(wait, r.next()).await {
-            Ok(Ok(Some(Frame::Ack { .. }))) => acked += 1,
+            // Cumulative: every write up to `seq` is durable.
+            Ok(Ok(Some(Frame::Ack { seq, .. }))) => acked = acked.max(seq + 1 - first_seq),
             Ok(Ok(Some(other))) => bail!("staging answered {other:?}"),
             Ok(Ok(None)) => bail!("staging closed the stream"),
             Ok(Err(e)) => return Err(e.into()),
@@ -338,7 +337,7 @@ async fn disconnected(sc: &mut StatusConn) -> Result<()> {
     let t = Instant::now();
     loop {
         if let Ok(st) = sc.get().await
-            && st["volumes"][0]["replicas"][0]["connected"] == false
+            && !st.volumes[0].replicas[0].connected
         {
             return Ok(());
         }
@@ -354,7 +353,7 @@ async fn catch_up(sc: &mut StatusConn, staging: u32, replica: u32, bytes: u64, l
     let w0 = Instant::now();
     loop {
         if let Ok(st) = sc.get().await
-            && st["volumes"][0]["replicas"][0]["connected"] == true
+            && st.volumes[0].replicas[0].connected
         {
             break;
         }
@@ -377,8 +376,8 @@ async fn catch_up(sc: &mut StatusConn, staging: u32, replica: u32, bytes: u64, l
     Ok((bytes as f64 / secs / 1e6, stg_cpu + rep_cpu))
 }
 
-fn replicated(s: &serde_json::Value) -> u64 {
-    s["volumes"][0]["replicated_seq"].as_u64().unwrap_or(0)
+fn replicated(s: &StagingStatus) -> u64 {
+    s.volumes[0].replicated_seq
 }
 
 pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
@@ -439,7 +438,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
         let ta = Instant::now();
         loop {
             if let Ok(st) = sc.get().await
-                && st["volumes"][0]["replicas"][0]["applied_seq"].as_u64().unwrap_or(0) >= last - 1
+                && st.volumes[0].replicas[0].applied_seq >= last - 1
             {
                 break;
             }
@@ -462,7 +461,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
                 let Ok(mut sc) = StatusConn::open(&admin, addr).await else { return lags };
                 while Instant::now() < end {
                     if let Ok(st) = sc.get().await {
-                        lags.push(st["volumes"][0]["lag_seconds"].as_f64().unwrap_or(0.0));
+                        lags.push(st.volumes[0].lag_seconds);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -1,4 +1,4 @@
-//! Test helper that speaks the agent protocol to a staging server over mTLS QUIC: a random
+//! Test helper that speaks the agent protocol to a staging server on the agent link: a random
 //! concurrent workload with epochs (a write issued after another completed gets a later epoch),
 //! at most `inflight` writes in flight and never two overlapping ones. A write reaches the local
 //! "source" image only after staging acknowledged it. Survives staging restarts: it reconnects,
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use drv_format::frame::Frame;
 use drv_format::record::Flags;
 use drv_tests::{Rng, pattern};
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, quic};
+use drv_transport::{Identity, Role, link, tls};
 
 struct W {
     epoch: u64,
@@ -45,7 +45,7 @@ async fn main() {
     let seed: u64 = a[8].parse().unwrap();
     let window: usize = a[9].parse().unwrap();
     let mut rng = Rng::new(seed);
-    let client = quic::client(&id, Role::Staging).expect("client");
+    let cfg = tls::client_config(&id, Role::Staging).expect("client");
 
     let blocks = size / 4096;
     let mut inflight: BTreeMap<u64, W> = BTreeMap::new();
@@ -59,14 +59,11 @@ async fn main() {
         if last_progress.elapsed() > Duration::from_secs(90) {
             panic!("no progress for 90 s");
         }
-        let Ok(mut conn) = quic::connect(&client, addr, Role::Staging).await else {
+        let Ok((w, mut r)) = link::connect(addr, cfg.clone(), 1 << 20).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(stream) = conn.open_bidirectional_stream().await else { continue };
-        let (rx, tx) = stream.split();
-        let (mut r, mut w) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
-        if w.send(&Frame::OpenVolume { volume_id }).await.is_err() {
+        if w.send(&Frame::OpenVolume { volume_id }).is_err() {
             continue;
         }
         let last_seq = match r.next().await {
@@ -90,7 +87,7 @@ async fn main() {
                 flags: wr.flags,
                 data: wr.data.clone().into(),
             };
-            if w.send(&f).await.is_err() {
+            if w.send(&f).is_err() {
                 continue 'session;
             }
         }
@@ -132,7 +129,7 @@ async fn main() {
                 let f = Frame::Write { volume_id, seq, epoch, offset, flags, data: data.clone().into() };
                 inflight.insert(seq, W { epoch, offset, data, flags });
                 next_seq += 1;
-                if w.send(&f).await.is_err() {
+                if w.send(&f).is_err() {
                     continue 'session;
                 }
             }

@@ -3,6 +3,7 @@
 //! after staging has them, the idle epoch close lets the replica apply the last epoch, and the
 //! replica ends byte-identical to the local image. Plus the README's demo command.
 
+use drv_proto::status::{Phase, ReplicaStatus, VolumeState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,11 +105,11 @@ pub(crate) async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path,
 
 /// Waits until the replica applied every record before sequence `next` (the last epoch is closed
 /// by the agent when idle); returns its last status.
-pub(crate) async fn wait_applied(cl: &Cluster, next: u64) -> Option<serde_json::Value> {
+pub(crate) async fn wait_applied(cl: &Cluster, next: u64) -> Option<ReplicaStatus> {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        let last = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        if last.as_ref().is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next) {
+        let last = cl.replica_status();
+        if last.as_ref().is_some_and(|s| s.volumes[0].applied_seq + 1 >= next) {
             return last;
         }
         if Instant::now() >= end {
@@ -373,8 +374,8 @@ async fn a_write_in_doubt_is_resynced_from_the_local_disk() {
     read_until(&mut a, "HANG");
     a.kill().unwrap();
     a.wait().unwrap();
-    let s = cl.status(&cl.staging_addr, "staging", "admin").unwrap();
-    assert!(s["volumes"][0]["durable_seq"].as_u64().unwrap() >= 40, "staging holds the write in doubt: {s}");
+    let s = cl.staging_status().unwrap();
+    assert!(s.volumes[0].durable_seq >= 40, "staging holds the write in doubt: {s:?}");
     // Restart: the activity log names the extents in doubt; they are resynced from the local disk,
     // so the replica ends equal to the local disk (which never got that write).
     resync_and_compare(&cl, &image, &state).await;
@@ -455,16 +456,16 @@ async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identica
     agent.start_initial_sync(None).await.unwrap();
     let mut saw_resyncing = false;
     until("the initial sync", Duration::from_secs(120), || {
-        let st = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        saw_resyncing |= st.is_some_and(|s| s["volumes"][0]["state"] == "resyncing");
+        let st = cl.replica_status();
+        saw_resyncing |= st.is_some_and(|s| s.volumes[0].state == VolumeState::Resyncing);
         agent.mode() == Mode::Sync && agent.dirty_bytes() == 0
     })
     .await;
     assert!(saw_resyncing, "the replica never said it was resyncing");
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
-    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
-    assert_eq!(st["volumes"][0]["state"], "replicating", "consistent again once the run ended: {st}");
+    let st = cl.replica_status().unwrap();
+    assert_eq!(st.volumes[0].state, VolumeState::Replicating, "consistent again once the run ended: {st:?}");
     assert!(cl.log("rep1").contains("resync run larger than half the DR log"), "{}", cl.log("rep1"));
     kill_all([&mut staging, &mut replica]);
 }
@@ -671,8 +672,8 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     replica = cl.start("replica", "rep1");
     until("replica back", Duration::from_secs(20), || cl.status(&cl.replica_addrs[0], "replica", "admin").is_some())
         .await;
-    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
-    assert_eq!(st["volumes"][0]["media"]["phase"], "tracking", "{st}");
+    let st = cl.replica_status().unwrap();
+    assert!(matches!(st.volumes[0].media, Some(Phase::Tracking { .. })), "{st:?}");
     // The backup: dd of the source onto the replica's target.
     let target = cl.dir.path().join("rep1/vol1.img");
     let dd = std::process::Command::new("dd")
@@ -687,8 +688,7 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     // Every write applied (marked) on the replica before `complete`: the count is then exact.
     let (next, _) = agent.position();
     until("the replica to take every write", Duration::from_secs(30), || {
-        cl.status(&cl.replica_addrs[0], "replica", "admin")
-            .is_some_and(|s| s["volumes"][0]["applied_seq"].as_u64().unwrap_or(0) + 1 >= next)
+        cl.replica_status().is_some_and(|s| s.volumes[0].applied_seq + 1 >= next)
     })
     .await;
     let mut complete = strings(&["media-resync", "complete", "vol1", "--run-dir", &run_dir]);
@@ -705,9 +705,9 @@ async fn media_resync_with_dd_ships_only_the_blocks_changed_since_begin() {
     assert_eq!(agent.mode(), Mode::Sync);
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
-    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
-    assert_eq!(st["volumes"][0]["media"], serde_json::Value::Null, "{st}");
-    assert_eq!(st["volumes"][0]["state"], "replicating", "{st}");
+    let st = cl.replica_status().unwrap();
+    assert_eq!(st.volumes[0].media, None, "{st:?}");
+    assert_eq!(st.volumes[0].state, VolumeState::Replicating, "{st:?}");
     // Nothing left to complete: a clear refusal.
     let mut again = strings(&["media-resync", "complete", "vol1", "--run-dir", &run_dir]);
     again.extend(conn(false));
@@ -769,8 +769,7 @@ async fn a_volume_trimmed_out_of_the_wrl_keeps_its_sequence_across_a_staging_res
     let (_, next) = vol1(1).await;
     push(1, 40).await;
     until("vol1's records trimmed", Duration::from_secs(60), || {
-        cl.status(&cl.staging_addr, "staging", "admin")
-            .is_some_and(|s| s["wrls"][0]["first_lsn"].as_u64().unwrap_or(0) > next + 16)
+        cl.staging_status().is_some_and(|s| s.wrls[0].first_lsn > next + 16)
     })
     .await;
     kill_all([&mut staging]);

@@ -148,9 +148,9 @@ async fn recover_beside_a_running_replica_is_refused_and_the_replica_stays_intac
     }
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
-    let st = cl.status(&cl.replica_addrs[0], "replica", "admin").unwrap();
-    assert_eq!(st["volumes"][0]["state"], "replicating", "{st}");
-    assert!(st["volumes"][0]["error"].is_null(), "{st}");
+    let st = cl.replica_status().unwrap();
+    assert_eq!(st.volumes[0].state, drv_proto::status::VolumeState::Replicating, "{st:?}");
+    assert!(st.volumes[0].error.is_none(), "{st:?}");
     let leftovers: Vec<_> = std::fs::read_dir(cl.dir.path().join("rep1"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

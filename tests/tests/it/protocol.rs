@@ -1,28 +1,26 @@
-//! The agent protocol against a real staging server (and replica), frame by frame: refused peers
-//! (other CA, wrong role), malformed/truncated/oversized/corrupted frames, unknown volumes, sequence
-//! gaps and retries, a RESYNC run that is applied only once complete (snapshots refused meanwhile),
-//! and snapshots taken at the applied epoch.
+//! The agent protocol against a real staging server (and replica), frame by frame, on the agent
+//! link (TLS over TCP) agents use: refused peers (other CA, wrong role), malformed/truncated/
+//! oversized/corrupted frames, unknown volumes, sequence gaps and retries, a RESYNC run that is
+//! applied only once complete (snapshots refused meanwhile), snapshots taken at the applied epoch,
+//! and writes refused on QUIC (status only).
 
 use std::time::{Duration, Instant};
 
 use drv_format::frame::{Frame, code};
 use drv_format::record::Flags;
+use drv_proto::status::VolumeState;
 use drv_tests::Cluster;
-use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic};
+use drv_transport::link::{self, Link, LinkReader};
+use drv_transport::{FrameReader, FrameWriter, Identity, Role, ca, quic, tls};
 
-type Reader = FrameReader<s2n_quic::stream::ReceiveStream>;
-type Writer = FrameWriter<s2n_quic::stream::SendStream>;
+type Reader = LinkReader;
+type Writer = std::sync::Arc<Link>;
 
-async fn open(client: &quic::QuicClient, addr: std::net::SocketAddr) -> (Reader, Writer) {
-    let mut conn = quic::connect(client, addr, Role::Staging).await.expect("connect");
-    let s = conn.open_bidirectional_stream().await.expect("stream");
-    // Keep the connection alive as long as the stream: leak the handle into the task.
-    tokio::spawn(async move {
-        let _conn = conn;
-        tokio::time::sleep(Duration::from_secs(600)).await;
-    });
-    let (rx, tx) = s.split();
-    (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx))
+/// An agent link to staging, as agents open it.
+async fn open(agent: &Identity, addr: std::net::SocketAddr) -> (Reader, Writer) {
+    let cfg = tls::client_config(agent, Role::Staging).expect("client config");
+    let (w, r) = link::connect(addr, cfg, 1 << 20).await.expect("connect");
+    (r, w)
 }
 
 async fn next(r: &mut Reader) -> Frame {
@@ -69,7 +67,6 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     let mut replica = cl.start("replica", "rep1");
     let addr: std::net::SocketAddr = cl.staging_addr.parse().unwrap();
     let agent = Identity::load(&cl.certs, "host1").unwrap();
-    let client = quic::client(&agent, Role::Staging).unwrap();
     let vid = cl.volume_id;
     // Wait until staging listens.
     assert!(wait_for(Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await);
@@ -89,8 +86,7 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     assert!(cl.status(&cl.staging_addr, "staging", "rep1").is_none(), "a replica certificate was accepted by staging");
     let log_has = |s: &str| cl.log("stg1").contains(s);
     assert!(
-        wait_for(Duration::from_secs(5), || log_has(": rep1's certificate has role replica, expected agent or admin"))
-            .await,
+        wait_for(Duration::from_secs(5), || log_has(": rep1's certificate has role replica, expected admin")).await,
         "wrong role not logged:\n{}",
         cl.log("stg1")
     );
@@ -98,8 +94,8 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     assert!(wait_for(Duration::from_secs(5), || log_has("TLS handshake with 127.0.0.1:")).await, "{}", cl.log("stg1"));
 
     // An unknown volume is refused by number.
-    let (mut r, mut w) = open(&client, addr).await;
-    w.send(&Frame::OpenVolume { volume_id: 999 }).await.unwrap();
+    let (mut r, w) = open(&agent, addr).await;
+    w.send(&Frame::OpenVolume { volume_id: 999 }).unwrap();
     match next(&mut r).await {
         Frame::Error { code: c, message } => {
             assert_eq!(c, code::UNKNOWN_VOLUME);
@@ -123,12 +119,12 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
         (oversized, "over the limit"),
         (truncated, "truncated"),
     ] {
-        let (mut r, mut w) = open(&client, addr).await;
-        w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+        let (mut r, w) = open(&agent, addr).await;
+        w.send(&Frame::OpenVolume { volume_id: vid }).unwrap();
         assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
-        w.send_raw(&bytes).await.unwrap();
+        w.send_bytes(&bytes).unwrap();
         // The server may already have abandoned the stream (it stops reading after a bad frame).
-        let _ = w.finish().await;
+        let _ = w.finish();
         match next(&mut r).await {
             Frame::Error { code: c, message } => {
                 assert_eq!(c, code::MALFORMED);
@@ -137,20 +133,49 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
             f => panic!("{expect}: {f:?}"),
         }
     }
-    let s = cl.status(&cl.staging_addr, "staging", "admin").unwrap();
-    assert_eq!(s["volumes"][0]["durable_seq"], 0, "nothing from a bad frame is logged");
+    let s = cl.staging_status().unwrap();
+    assert_eq!(s.volumes[0].durable_seq, 0, "nothing from a bad frame is logged");
+
+    // QUIC is for status: an agent certificate is refused there, and writes are refused even with
+    // an administrator's, naming the transport agents use.
+    let quic_to = |id: &Identity| quic::client(id, Role::Staging).unwrap();
+    let as_agent = async {
+        let mut c = quic::connect(&quic_to(&agent), addr, Role::Staging).await.ok()?;
+        let (rx, tx) = c.open_bidirectional_stream().await.ok()?.split();
+        let (mut r, mut w) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
+        w.send(&Frame::StatusRequest).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(5), r.next()).await.ok()?.ok()?
+    };
+    assert!(!matches!(as_agent.await, Some(Frame::StatusReply { .. })), "an agent certificate was served on QUIC");
+    assert!(
+        wait_for(Duration::from_secs(5), || log_has(": host1's certificate has role agent, expected admin")).await,
+        "{}",
+        cl.log("stg1")
+    );
+    let admin = Identity::load(&cl.certs, "admin").unwrap();
+    let mut conn = quic::connect(&quic_to(&admin), addr, Role::Staging).await.expect("admin on QUIC");
+    let (rx, tx) = conn.open_bidirectional_stream().await.expect("stream").split();
+    let (mut qr, mut qw) = (FrameReader::new(rx, 1 << 20), FrameWriter::new(tx));
+    qw.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), qr.next()).await.expect("answer").expect("frame") {
+        Some(Frame::Error { code: c, message }) => {
+            assert_eq!(c, code::MALFORMED);
+            assert!(message.contains("agent link"), "{message}");
+        }
+        f => panic!("{f:?}"),
+    }
 
     // The server keeps serving: writes, a retry acknowledged without a second append, a gap refused.
-    let (mut r, mut w) = open(&client, addr).await;
-    w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+    let (mut r, w) = open(&agent, addr).await;
+    w.send(&Frame::OpenVolume { volume_id: vid }).unwrap();
     assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
     for seq in 1..=3 {
-        w.send(&write(vid, seq, 1, Flags::default(), seq as u8)).await.unwrap();
+        w.send(&write(vid, seq, 1, Flags::default(), seq as u8)).unwrap();
         assert!(matches!(next(&mut r).await, Frame::Ack { seq: s, .. } if s == seq));
     }
-    w.send(&write(vid, 2, 1, Flags::default(), 2)).await.unwrap();
+    w.send(&write(vid, 2, 1, Flags::default(), 2)).unwrap();
     assert!(matches!(next(&mut r).await, Frame::Ack { seq: 2, .. }));
-    w.send(&write(vid, 9, 2, Flags::default(), 9)).await.unwrap();
+    w.send(&write(vid, 9, 2, Flags::default(), 9)).unwrap();
     match next(&mut r).await {
         Frame::Error { code: c, message } => {
             assert_eq!(c, code::SEQUENCE_GAP);
@@ -158,33 +183,34 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
         }
         f => panic!("{f:?}"),
     }
-    let s = cl.status(&cl.staging_addr, "staging", "admin").unwrap();
-    assert_eq!(s["wrls"][0]["appends"], 3, "the retry was not appended again: {s}");
+    let s = cl.staging_status().unwrap();
+    assert_eq!(s.wrls[0].appends, 3, "the retry was not appended again: {s:?}");
 
     // A RESYNC run is logged but not applied until it is complete.
     for seq in 4..=6 {
-        w.send(&write(vid, seq, 2, Flags::RESYNC, 0x70 + seq as u8)).await.unwrap();
+        w.send(&write(vid, seq, 2, Flags::RESYNC, 0x70 + seq as u8)).unwrap();
         assert!(matches!(next(&mut r).await, Frame::Ack { .. }));
     }
-    let rep = |c: &Cluster| c.status(&c.replica_addrs[0], "replica", "admin");
+    let rep = |c: &Cluster| c.replica_status();
     assert!(
-        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s["volumes"][0]["state"] == "resyncing")).await,
+        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s.volumes[0].state == VolumeState::Resyncing))
+            .await,
         "replica never reported resyncing: {:?}\n{}",
         rep(&cl),
         cl.log("rep1")
     );
     let s = rep(&cl).unwrap();
-    assert_eq!(s["volumes"][0]["applied_seq"], 3, "nothing of the resync run is applied yet: {s}");
+    assert_eq!(s.volumes[0].applied_seq, 3, "nothing of the resync run is applied yet: {s:?}");
     // A snapshot now is refused, with the reason.
     let (ok, out) = snapshot(&cl, &["create", "vol1", "during-resync"]);
     assert!(!ok && out.contains("resyncing"), "snapshot during a resync: {out}");
     // The run ends with the next ordered write; that completes it.
-    w.send(&write(vid, 7, 3, Flags::default(), 7)).await.unwrap();
+    w.send(&write(vid, 7, 3, Flags::default(), 7)).unwrap();
     assert!(matches!(next(&mut r).await, Frame::Ack { seq: 7, .. }));
-    w.send(&write(vid, 8, 4, Flags::FLUSH, 8)).await.unwrap();
+    w.send(&write(vid, 8, 4, Flags::FLUSH, 8)).unwrap();
     assert!(matches!(next(&mut r).await, Frame::Ack { seq: 8, .. }));
     assert!(
-        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s["volumes"][0]["applied_seq"] == 7)).await,
+        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s.volumes[0].applied_seq == 7)).await,
         "{:?}",
         rep(&cl)
     );
@@ -218,15 +244,14 @@ async fn a_write_over_the_record_limit_is_refused_and_leaves_no_gap() {
     let mut staging = cl.start("staging", "stg1");
     let addr: std::net::SocketAddr = cl.staging_addr.parse().unwrap();
     let agent = Identity::load(&cl.certs, "host1").unwrap();
-    let client = quic::client(&agent, Role::Staging).unwrap();
     assert!(wait_for(Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await);
     let vid = cl.volume_id;
-    let (mut r, mut w) = open(&client, addr).await;
-    w.send(&Frame::OpenVolume { volume_id: vid }).await.unwrap();
+    let (mut r, w) = open(&agent, addr).await;
+    w.send(&Frame::OpenVolume { volume_id: vid }).unwrap();
     assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
     // This cluster's WRL has 4 MiB segments: a 4 MiB write cannot be one record.
     let big = Frame::Write { volume_id: vid, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![1u8; 4 << 20].into() };
-    w.send(&big).await.unwrap();
+    w.send(&big).unwrap();
     match next(&mut r).await {
         Frame::Error { code: c, message } => {
             assert_eq!(c, code::INVALID);
@@ -235,7 +260,7 @@ async fn a_write_over_the_record_limit_is_refused_and_leaves_no_gap() {
         f => panic!("{f:?}"),
     }
     // The sequence did not move: seq 1 is still the next write, and it is logged.
-    w.send(&write(vid, 1, 1, Flags::default(), 1)).await.unwrap();
+    w.send(&write(vid, 1, 1, Flags::default(), 1)).unwrap();
     assert!(matches!(next(&mut r).await, Frame::Ack { seq: 1, .. }));
     let _ = staging.kill();
     let _ = staging.wait();

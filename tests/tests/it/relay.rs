@@ -3,6 +3,7 @@
 //! (brought to its last complete epoch by `drv replica recover`) equals the source as of an epoch
 //! prefix of the write history; at the end it equals the source byte for byte.
 
+use drv_proto::status::{ReplicaStatus, StagingStatus};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ fn kill(c: &mut Child) {
     let _ = c.wait();
 }
 
-fn recover_replica(cl: &Cluster, name: &str) -> serde_json::Value {
+fn recover_replica(cl: &Cluster, name: &str) -> ReplicaStatus {
     let out = Command::new(drv_bin())
         .args(["replica", "recover", "--name", name])
         .arg("--config")
@@ -100,7 +101,7 @@ fn kills_of_staging_and_replica_keep_the_replica_epoch_consistent() {
                 kill(&mut replica);
                 replica_kills += 1;
                 let st = recover_replica(&cl, "rep1");
-                let applied = st["volumes"][0]["applied_seq"].as_u64().unwrap();
+                let applied = st.volumes[0].applied_seq;
                 let h = history(&hist);
                 let img = std::fs::read(&target).unwrap();
                 assert!(
@@ -127,8 +128,8 @@ fn kills_of_staging_and_replica_keep_the_replica_epoch_consistent() {
     // Wait for the replica to apply everything.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let st = cl.status(&cl.replica_addrs[0], "replica", "admin");
-        let applied = st.as_ref().and_then(|s| s["volumes"][0]["applied_seq"].as_u64()).unwrap_or(0);
+        let st = cl.replica_status();
+        let applied = st.as_ref().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
         if applied >= last {
             break;
         }
@@ -167,10 +168,10 @@ fn one_volume_to_two_replicas_trims_only_what_both_hold() {
         .unwrap();
     assert!(writer.wait().unwrap().success());
     let last = 600;
-    let wait = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+    let wait = |what: &str, f: &dyn Fn(&StagingStatus) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(s) = cl.status(&cl.staging_addr, "staging", "admin")
+            if let Some(s) = cl.staging_status()
                 && f(&s)
             {
                 return s;
@@ -180,17 +181,17 @@ fn one_volume_to_two_replicas_trims_only_what_both_hold() {
         }
     };
     // rep1 has everything; rep2 is down, so nothing is confirmed and nothing is trimmed.
-    let s = wait("rep1 durable", &|s| s["volumes"][0]["replicas"][0]["durable_seq"].as_u64() == Some(last + 1));
-    assert_eq!(s["volumes"][0]["replicated_seq"], 0, "{s}");
-    assert_eq!(s["wrls"][0]["trim_lsn"], 0, "records were trimmed before every replica had them: {s}");
-    assert_eq!(s["volumes"][0]["lag_records"], last + 1);
+    let s = wait("rep1 durable", &|s| s.volumes[0].replicas[0].durable_seq == last + 1);
+    assert_eq!(s.volumes[0].replicated_seq, 0, "{s:?}");
+    assert_eq!(s.wrls[0].trim_lsn, 0, "records were trimmed before every replica had them: {s:?}");
+    assert_eq!(s.volumes[0].lag_records, last + 1);
     // rep2 comes up: it catches up from the log, and both replicas equal the source.
     let mut rep2 = cl.start("replica", "rep2");
-    wait("rep2 durable", &|s| s["volumes"][0]["replicated_seq"].as_u64() == Some(last + 1));
+    wait("rep2 durable", &|s| s.volumes[0].replicated_seq == last + 1);
     let src = std::fs::read(&source).unwrap();
     for (name, addr) in [("rep1", &cl.replica_addrs[0]), ("rep2", &cl.replica_addrs[1])] {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while cl.status(addr, "replica", "admin").and_then(|s| s["volumes"][0]["applied_seq"].as_u64()) != Some(last) {
+        while cl.replica_status_at(addr).map(|s| s.volumes[0].applied_seq) != Some(last) {
             assert!(Instant::now() < deadline, "{name} did not apply everything");
             std::thread::sleep(Duration::from_millis(200));
         }

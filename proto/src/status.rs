@@ -1,0 +1,178 @@
+//! The status replies of the servers (`drv status`, the tests, the benchmarks): one serde type per
+//! reply, built by the server and read by every client, so a field is named in one place.
+
+use serde::{Deserialize, Serialize};
+
+/// What staging answers to a status request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StagingStatus {
+    pub role: String,
+    pub name: String,
+    pub uptime_seconds: f64,
+    /// Connected peers (address, and `(link)` for agents on the agent link).
+    pub peers: Vec<String>,
+    pub volumes: Vec<StagingVolume>,
+    pub wrls: Vec<WrlSummary>,
+}
+
+/// One volume at staging.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StagingVolume {
+    pub volume_id: u64,
+    pub name: String,
+    pub wrl: String,
+    /// The last write taken (submitted to the WRL).
+    pub received_seq: u64,
+    /// The last write durable in the WRL (acknowledged).
+    pub durable_seq: u64,
+    pub last_epoch: u64,
+    /// The last write every replica holds durably.
+    pub replicated_seq: u64,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    /// Age of the oldest write not yet at every replica.
+    pub lag_seconds: f64,
+    pub replicas: Vec<ReplicaLink>,
+}
+
+/// The relay of one volume to one replica.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaLink {
+    pub replica: String,
+    pub connected: bool,
+    pub sent_seq: u64,
+    pub durable_seq: u64,
+    pub applied_seq: u64,
+    pub reconnects: u64,
+}
+
+/// One WRL at staging.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WrlSummary {
+    pub wrl: String,
+    pub first_lsn: u64,
+    pub durable_lsn: u64,
+    pub trim_lsn: u64,
+    pub used_segments: u64,
+    pub total_segments: u64,
+    pub cache_bytes: u64,
+    pub appends: u64,
+    pub batches: u64,
+    pub cache_reads: u64,
+    pub disk_reads: u64,
+    /// Why the log stopped taking writes, if it did.
+    pub failed: Option<String>,
+}
+
+/// What a replica answers to a status request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub role: String,
+    pub name: String,
+    pub uptime_seconds: f64,
+    pub peers: Vec<String>,
+    pub volumes: Vec<ReplicaVolume>,
+    pub drlog: DrLogSummary,
+}
+
+/// Where a replica's volume is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Applying epochs as they come: the target is crash-consistent.
+    #[default]
+    Replicating,
+    /// A resync run is arriving: the target is consistent again when it is applied whole.
+    Resyncing,
+    /// A media resync is in progress (see `media`).
+    MediaResync,
+    /// The apply step stopped (see `error`).
+    Error,
+}
+
+impl std::fmt::Display for VolumeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeState::Replicating => "replicating",
+            VolumeState::Resyncing => "resyncing",
+            VolumeState::MediaResync => "media-resync",
+            VolumeState::Error => "error",
+        })
+    }
+}
+
+/// One volume at a replica.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaVolume {
+    pub volume_id: u64,
+    pub name: String,
+    pub target: String,
+    pub state: VolumeState,
+    pub media: Option<Phase>,
+    pub received_seq: u64,
+    pub durable_seq: u64,
+    pub applied_seq: u64,
+    pub applied_epoch: u64,
+    pub apply_lag_records: u64,
+    /// Records logged and waiting for their unit to complete.
+    pub pending_records: u64,
+    pub applied_units: u64,
+    /// Why the apply step stopped, if it did.
+    pub error: Option<String>,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// A replica's DR log.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrLogSummary {
+    pub first_lsn: u64,
+    pub durable_lsn: u64,
+    pub used_segments: u64,
+    pub total_segments: u64,
+    pub cache_bytes: u64,
+    pub failed: Option<String>,
+}
+
+/// Where a volume's media resync is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Applied records mark their blocks; the target is left to the operator's copy.
+    Tracking { begun_seq: u64, begun_unix: u64 },
+    /// The target is written again; the map holds the blocks the agent must ship.
+    Completed { begun_seq: u64, completed_seq: u64 },
+    /// The agent shipped every block in records up to `through_seq`; consistent once applied.
+    Pending { through_seq: u64 },
+}
+
+/// A snapshot at a replica: a full copy of the target at an applied position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub volume_id: u64,
+    pub name: String,
+    /// The applied position the copy shows: every write up to `seq` (epoch `epoch`), none after.
+    pub seq: u64,
+    pub epoch: u64,
+    pub bytes: u64,
+    pub created_unix: u64,
+    pub path: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_phases_read_as_before() {
+        let v = ReplicaVolume {
+            state: VolumeState::MediaResync,
+            media: Some(Phase::Pending { through_seq: 9 }),
+            ..Default::default()
+        };
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["state"], "media-resync");
+        assert_eq!(j["media"]["phase"], "pending");
+        assert_eq!(serde_json::from_value::<ReplicaVolume>(j).unwrap(), v);
+    }
+}
