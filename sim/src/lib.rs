@@ -125,6 +125,9 @@ struct World {
     relay_link: Link<ToReplica, ToRelay>,
     /// Every applied position the replica stored, for the end check.
     stored: Vec<(u64, u64)>,
+    /// A log that failed on an I/O error is restarted by its operator at this step.
+    staging_restart: Option<u64>,
+    replica_restart: Option<u64>,
     report: Report,
 }
 
@@ -140,6 +143,8 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
         agent_link: Link::default(),
         relay_link: Link::default(),
         stored: Vec::new(),
+        staging_restart: None,
+        replica_restart: None,
         report: Report { seed: cfg.seed, ..Report::default() },
     };
     if cfg.bug == Some(Bug::NoOverlapWait) {
@@ -182,6 +187,7 @@ impl World {
             self.staging.world.lock().expect("sim world").compact();
             self.replica.compact();
         }
+        self.operator()?;
         if faults && self.rng.one_in(120) {
             return self.fault();
         }
@@ -221,7 +227,7 @@ impl World {
 
     fn fault(&mut self) -> Result<(), String> {
         let until = self.step + 1 + self.rng.below(50);
-        match self.rng.below(4) {
+        match self.rng.below(5) {
             0 => {
                 self.count("agent link broken");
                 self.agent_link.break_at(until);
@@ -240,31 +246,80 @@ impl World {
             }
             2 => {
                 self.count("staging power cut");
-                self.staging.crash(&mut self.rng);
-                self.agent_link.break_at(until);
-                self.agent.session_lost();
-                self.relay_link.break_at(until);
-                // Nothing acknowledged may be missing from the recovered log.
-                if self.staging.seq.submitted() < self.agent.acked {
-                    return Err(format!(
-                        "staging lost acknowledged writes: it acknowledged seq {}, its log recovered up to seq {}",
-                        self.agent.acked,
-                        self.staging.seq.submitted()
-                    ));
-                }
+                self.restart_staging(until)?;
             }
-            _ => {
+            3 => {
                 self.count("replica power cut");
-                let stored = self.replica.crash(&mut self.rng)?;
-                self.relay_link.break_at(until);
-                self.staging.relay = None;
-                for p in stored {
-                    self.applied(p)?;
-                }
-                self.check_target()?;
+                self.restart_replica(until)?;
             }
+            _ => self.io_error(),
         }
         Ok(())
+    }
+
+    /// A disk of staging's WRL or of the replica's DR log fails one of its next writes or syncs:
+    /// the log stops taking records (staging refuses writes, the agent falls back to its change
+    /// map) until its operator restarts the server.
+    fn io_error(&mut self) {
+        let in_ops = self.rng.below(4) as usize;
+        let restart = self.step + 50 + self.rng.below(300);
+        let world = if self.rng.one_in(2) {
+            self.count("staging disk I/O error");
+            self.staging_restart.get_or_insert(restart);
+            self.staging.world.clone()
+        } else {
+            self.count("replica disk I/O error");
+            self.replica_restart.get_or_insert(restart);
+            self.replica.log_world.clone()
+        };
+        let mut w = world.lock().expect("sim world");
+        w.fail_at = Some(w.trace.len() + in_ops);
+    }
+
+    /// Restarts whose time came (in the quiet phase too: the operator does not stop).
+    fn operator(&mut self) -> Result<(), String> {
+        let until = self.step + 1;
+        if self.staging_restart.is_some_and(|t| self.step >= t) {
+            self.staging_restart = None;
+            self.event("staging restarted after an I/O error");
+            self.staging.world.lock().expect("sim world").fail_at = None;
+            self.restart_staging(until)?;
+        }
+        if self.replica_restart.is_some_and(|t| self.step >= t) {
+            self.replica_restart = None;
+            self.event("replica restarted after an I/O error");
+            self.replica.log_world.lock().expect("sim world").fail_at = None;
+            self.restart_replica(until)?;
+        }
+        Ok(())
+    }
+
+    /// Staging loses power (or is restarted) and recovers its log.
+    fn restart_staging(&mut self, until: u64) -> Result<(), String> {
+        self.staging.crash(&mut self.rng);
+        self.agent_link.break_at(until);
+        self.agent.session_lost();
+        self.relay_link.break_at(until);
+        // Nothing acknowledged may be missing from the recovered log.
+        if self.staging.seq.submitted() < self.agent.acked {
+            return Err(format!(
+                "staging lost acknowledged writes: it acknowledged seq {}, its log recovered up to seq {}",
+                self.agent.acked,
+                self.staging.seq.submitted()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The replica loses power (or is restarted), recovers its DR log and catches up.
+    fn restart_replica(&mut self, until: u64) -> Result<(), String> {
+        let stored = self.replica.crash(&mut self.rng)?;
+        self.relay_link.break_at(until);
+        self.staging.relay = None;
+        for p in stored {
+            self.applied(p)?;
+        }
+        self.check_target()
     }
 
     /// The application writes: a few at once in sync mode; one in the other modes, where each

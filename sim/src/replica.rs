@@ -24,7 +24,7 @@ const DEVICE: u64 = (64 << 10) + SLOTS * SEGMENT;
 type Done = Arc<Mutex<Vec<(u64, Result<(), String>)>>>;
 
 pub struct Replica {
-    log_world: Arc<Mutex<SimWorld>>,
+    pub log_world: Arc<Mutex<SimWorld>>,
     drlog: Wrl,
     pub seq: Sequencer,
     done: Done,

@@ -154,9 +154,12 @@ impl Staging {
         }
     }
 
-    /// What the agent hears on opening the volume: the position, once nothing is in flight.
+    /// What the agent hears on opening the volume: the position, once nothing is in flight, and
+    /// never while the log has failed (records it reported failed may still be on its disks: the
+    /// position is known again once it recovered).
     pub fn volume_state(&self) -> Option<ToAgent> {
-        (self.seq.durable() >= self.seq.submitted()).then(|| ToAgent::State {
+        let settled = self.seq.durable() >= self.seq.submitted() && self.wrl.status().failed.is_none();
+        settled.then(|| ToAgent::State {
             last_seq: self.seq.submitted(),
             last_epoch: self.seq.last_epoch(),
             room_bytes: self.wrl.room_bytes(),
