@@ -49,6 +49,9 @@ pub enum AgentError {
     AckTimeout { seq: u64, timeout: Duration },
     #[error("the connection to staging is gone")]
     Disconnected,
+    /// Staging answered but cannot take writes now (its log failed).
+    #[error("staging cannot take writes now: {0}")]
+    Unavailable(String),
     #[error("write of {0} bytes is over the {MAX_WRITE_BYTES}-byte limit of one record")]
     TooLarge(usize),
     #[error("local write at offset {offset}: {err}")]
@@ -266,7 +269,12 @@ impl Agent {
                 let mut ord = inner.order.lock().expect("order");
                 ord.core.connected(o.last_seq, o.last_epoch);
                 ord.session = Some(o.session);
-                tracing::info!(volume_id, o.last_seq, o.last_epoch, "agent connected to staging {staging}");
+                tracing::info!(
+                    volume_id,
+                    last_seq = o.last_seq,
+                    last_epoch = o.last_epoch,
+                    "agent connected to staging {staging}"
+                );
             }
             // Marked blocks from an earlier run: the reconnect task resyncs them first (it asks
             // staging for room on a session of its own).
@@ -348,9 +356,10 @@ impl Agent {
                 map.write_done(offset, len);
             }
             if let (Some(al), Some(g), true) = (&i.activity, flush_gen, result.is_ok()) {
-                al.flush_done(g)?;
+                result = al.flush_done(g).map(|()| marked).map_err(AgentError::from);
             }
         }
+        // Always: a write that ends, however, leaves the order (its range, the epoch's count).
         i.finish(offset, len);
         drop(permit);
         if result.is_ok() {
@@ -426,6 +435,21 @@ impl Agent {
 
     pub fn mode(&self) -> Mode {
         self.inner.order.lock().expect("order").core.mode()
+    }
+
+    /// Waits until the agent is in sync mode with a clear change map (everything marked was
+    /// shipped and acknowledged), at most `timeout`: whether it got there.
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.mode() == Mode::Sync && self.dirty_bytes() == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Bytes marked in the change map (what a resync will ship).

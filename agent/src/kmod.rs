@@ -40,6 +40,11 @@ pub const CTL_PATH: &str = "/dev/drv-ctl";
 /// dirty bitmap with it.
 pub const ATTACH_MARKER: &str = "kmod-attached";
 
+/// `STATE/full-resync-pending`: a full resync was decided (the device went away uncleanly) and is
+/// not yet marked in the change map. Written durably right after the device is created, removed
+/// once the whole volume is marked: an attach that fails in between decides it again.
+pub const FULL_RESYNC_MARKER: &str = "full-resync-pending";
+
 /// What an agent attaching to the volume's drv device does about writes it did not see (with no
 /// agent attached, the module lets writes through and marks them in its dirty bitmap).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,15 +58,17 @@ pub enum Recovery {
     FullResync,
 }
 
-/// The crash-recovery rule: `created` (the device had to be created) and `marker` (the attach
-/// marker was there before this attach wrote it).
-pub fn recovery(created: bool, marker: bool) -> Recovery {
-    match (created, marker) {
-        (false, _) => Recovery::Resume,
-        (true, false) => Recovery::Fresh,
-        (true, true) => Recovery::FullResync,
+/// The crash-recovery rule: `created` (the device had to be created), `marker` (the attach
+/// marker was there before this attach wrote it) and `pending` (an earlier attach decided a full
+/// resync and failed before marking it).
+pub fn recovery(created: bool, marker: bool, pending: bool) -> Recovery {
+    match (created, marker, pending) {
+        (_, _, true) | (true, true, _) => Recovery::FullResync,
+        (false, _, false) => Recovery::Resume,
+        (true, false, false) => Recovery::Fresh,
     }
 }
+
 const KMSG_MAGIC: u32 = 0x4b56_5244;
 const ABI_VERSION: u16 = 2;
 /// Devices the module keeps at most (`DRV_MAX_DEVICES`).
@@ -613,10 +620,11 @@ mod tests {
 
     #[test]
     fn a_device_that_went_away_uncleanly_means_a_full_resync() {
-        assert_eq!(recovery(true, true), Recovery::FullResync, "created again while the marker was there");
-        assert_eq!(recovery(false, true), Recovery::Resume, "the agent died, the device and its bitmap stayed");
-        assert_eq!(recovery(true, false), Recovery::Fresh, "first attach");
-        assert_eq!(recovery(false, false), Recovery::Resume, "attached to a device someone else created");
+        assert_eq!(recovery(true, true, false), Recovery::FullResync, "created again while the marker was there");
+        assert_eq!(recovery(false, true, false), Recovery::Resume, "the agent died, the device and its bitmap stayed");
+        assert_eq!(recovery(true, false, false), Recovery::Fresh, "first attach");
+        assert_eq!(recovery(false, false, false), Recovery::Resume, "attached to a device someone else created");
+        assert_eq!(recovery(false, true, true), Recovery::FullResync, "an attach decided it and failed before marking");
     }
 
     fn header(kind: u16, seq: u64, offset: u64, length: u32, flags: u32) -> Vec<u8> {

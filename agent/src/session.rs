@@ -80,8 +80,14 @@ impl Session {
     pub(crate) fn send(&self, seq: u64, f: Frame) -> Option<AckWait> {
         let (tx, rx) = oneshot::channel();
         self.acks.lock().expect("acks").sent(seq, self.born.elapsed(), tx);
-        if self.is_broken() || self.out.send(&f).is_err() {
+        if self.is_broken() {
             self.acks.lock().expect("acks").unsent(seq);
+            return None;
+        }
+        if let Err(e) = self.out.send(&f) {
+            // Never a later frame on this session: its sequence would have a gap.
+            self.acks.lock().expect("acks").unsent(seq);
+            self.fail(format!("send to staging: {e}"), AgentError::Disconnected);
             return None;
         }
         Some(rx)
@@ -130,6 +136,10 @@ pub(crate) async fn open_session(
     let (last_seq, last_epoch, room_bytes, capacity_bytes) = match answer? {
         Some(Frame::VolumeState { last_seq, last_epoch, room_bytes, capacity_bytes, .. }) => {
             (last_seq, last_epoch, room_bytes, capacity_bytes)
+        }
+        // Staging cannot take writes now (its log failed or is full): an outage, not a refusal.
+        Some(Frame::Error { code: c, message }) if c == code::SERVER || c == code::LOG_FULL => {
+            return Err(AgentError::Unavailable(message));
         }
         Some(Frame::Error { message, .. }) => return Err(AgentError::Refused { volume: volume_id, message }),
         _ => return Err(AgentError::Disconnected),

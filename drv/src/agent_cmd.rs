@@ -17,6 +17,7 @@ use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod, user};
 use drv_blocktrace::crosscheck::OrderCheck;
 use drv_config::ConfigStore;
 use drv_format::frame::{Frame, media_op};
+use drv_replica::media::{MediaReport, phase_name};
 use drv_transport::{Identity, Role, quic};
 
 use crate::servers::{ServerConn, addr, fetch_status, runtime};
@@ -359,6 +360,41 @@ pub fn devices(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Creates (or finds) the volume's drv device and decides what to do about writes it did not see.
+/// The attach marker is written before the device exists, and a full resync decided is written
+/// down before anything can fail, so that a crash or a failed attach anywhere after this keeps
+/// both (`kmod::recovery`).
+fn kmod_device(
+    ctl: &kmod::Control,
+    volume: &str,
+    device: &Path,
+    block_bytes: u32,
+    state: &Path,
+) -> Result<(kmod::DeviceInfo, kmod::Recovery)> {
+    let marker = state.join(kmod::ATTACH_MARKER);
+    let pending = state.join(kmod::FULL_RESYNC_MARKER);
+    let was = marker.exists();
+    std::fs::create_dir_all(state).with_context(|| format!("create {}", state.display()))?;
+    drv_files::replace(&marker, format!("{volume}\n").as_bytes()).context("write the attach marker")?;
+    let (d, created) = match ctl.create_or_find(volume, device, block_bytes) {
+        Ok(x) => x,
+        Err(e) => {
+            // No device came of it (checked: creation may have failed after the device
+            // appeared): this attach leaves no marker behind.
+            if !was && matches!(ctl.find(volume), Ok(None)) {
+                let _ = std::fs::remove_file(&marker);
+            }
+            return Err(e).with_context(|| format!("the drv device of volume {volume}"));
+        }
+    };
+    let recovery = kmod::recovery(created, was, pending.exists());
+    if recovery == kmod::Recovery::FullResync {
+        drv_files::replace(&pending, b"the drv device went away without detach\n")
+            .context("write the full-resync marker")?;
+    }
+    Ok((d, recovery))
+}
+
 /// Cross-checks the agent's epochs against the kernel's order of `loop_dev` (eBPF), writing the
 /// figures to `STATE/order-check.json` every second.
 fn start_order_check(agent: &drv_agent::Agent, loop_dev: &Path, state: &Path) -> Result<OrderCheck> {
@@ -409,24 +445,8 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 None | Some(CaptureMode::User) => None,
                 Some(CaptureMode::Kmod) => {
                     let ctl = kmod::Control::open()?;
-                    // The marker before the device: a crash from here on, with writes passing
-                    // through a device no agent holds, finds it at the next start.
-                    let marker = state.join(kmod::ATTACH_MARKER);
-                    let was = marker.exists();
-                    std::fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
-                    drv_files::replace(&marker, format!("{volume}\n").as_bytes()).context("write the attach marker")?;
-                    let found = ctl.create_or_find(volume, &a.device, view.volume.block_bytes as u32);
-                    let (d, created) = match found {
-                        Ok(x) => x,
-                        Err(e) => {
-                            // No device came of it: this attach leaves no marker behind.
-                            if !was {
-                                let _ = std::fs::remove_file(&marker);
-                            }
-                            return Err(e).with_context(|| format!("the drv device of volume {volume}"));
-                        }
-                    };
-                    Some((ctl, d, kmod::recovery(created, was)))
+                    let (d, recovery) = kmod_device(&ctl, volume, &a.device, view.volume.block_bytes as u32, &state)?;
+                    Some((ctl, d, recovery))
                 }
             };
             // A crashed agent's device first: its loop device and dead FUSE mount go away.
@@ -488,6 +508,8 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                     d.path()
                 );
                 agent.start_initial_sync(None).await.context("full resync")?;
+                // Marked in the change map (durably): the decision is kept there now.
+                drv_files::remove_durably(&state.join(kmod::FULL_RESYNC_MARKER)).context("remove the full-resync marker")?;
             }
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let mut detach_hook: Option<control::DetachHook> = None;
@@ -695,7 +717,7 @@ async fn media_call(
     volume_id: u64,
     op: u8,
     arg: u64,
-) -> Result<serde_json::Value> {
+) -> Result<MediaReport> {
     match quic::request(id, server, Role::Replica, &Frame::MediaRequest { volume_id, op, arg }, 16 << 20).await? {
         Some(Frame::MediaReply { json }) => Ok(serde_json::from_slice(&json).context("parse media reply")?),
         other => Err(crate::servers::unexpected(server, other)),
@@ -713,7 +735,7 @@ async fn replica_volume(id: &Identity, server: std::net::SocketAddr, volume: &st
 }
 
 /// `op` (without an argument) on `volume` of the replica `t` names.
-async fn media_step(volume: &str, t: &ServerConn, op: u8) -> Result<serde_json::Value> {
+async fn media_step(volume: &str, t: &ServerConn, op: u8) -> Result<MediaReport> {
     let (id, server) = t.open()?;
     let vid = replica_volume(&id, server, volume).await?;
     media_call(&id, server, vid, op, 0).await
@@ -725,7 +747,7 @@ pub fn media(c: MediaCommand) -> Result<()> {
         MediaCommand::Begin { volume, t } => {
             let r = rt.block_on(media_step(&volume, &t, media_op::BEGIN))?;
             if t.json {
-                println!("{r}");
+                println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
                     "media resync of {volume} begun on {}: the replica now leaves its target alone and tracks changed blocks.\n\
@@ -738,13 +760,9 @@ pub fn media(c: MediaCommand) -> Result<()> {
         MediaCommand::Status { volume, t } => {
             let r = rt.block_on(media_step(&volume, &t, media_op::STATUS))?;
             if t.json {
-                println!("{r}");
+                println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
-                    "volume {volume}: media resync {}, {} marked",
-                    r["phase"]["phase"].as_str().unwrap_or("none"),
-                    human(r["marked_bytes"].as_u64().unwrap_or(0))
-                );
+                println!("volume {volume}: media resync {}, {} marked", phase_name(r.phase), human(r.marked_bytes));
             }
             Ok(())
         }
@@ -770,21 +788,19 @@ async fn complete(volume: &str, t: &ServerConn, control: &ControlArgs) -> Result
     }
     let mut from = 0u64;
     let (mut ranges, mut bytes) = (0usize, 0u64);
-    let mut marked = 0u64;
-    loop {
+    let marked = loop {
         let r = media_call(&id, server, vid, media_op::COMPLETE, from).await?;
-        marked = r["marked_bytes"].as_u64().unwrap_or(marked);
-        let extents: Vec<(u64, u64)> = serde_json::from_value(r["extents"].clone()).context("extents in the reply")?;
+        let extents = r.extents;
         for chunk in extents.chunks(control::MAX_EXTENTS) {
             c.call(&Request::Resync { extents: chunk.to_vec() }).await?;
         }
         ranges += extents.len();
         bytes += extents.iter().map(|(_, l)| l).sum::<u64>();
-        match r["next"].as_u64() {
+        match r.next {
             Some(n) => from = n,
-            None => break,
+            None => break r.marked_bytes,
         }
-    }
+    };
     if json {
         println!(
             "{}",
@@ -796,19 +812,21 @@ async fn complete(volume: &str, t: &ServerConn, control: &ControlArgs) -> Result
     follow(&mut c, volume, before.resync_bytes, bytes, json, "shipping").await?;
     // Every range was shipped in records below the agent's next sequence number.
     let st = c.status().await?;
-    let r = media_call(&id, server, vid, media_op::RELEASE, st.next_seq - 1).await?;
-    let shipped = st.resync_bytes - before.resync_bytes;
+    let through_seq = st.next_seq.saturating_sub(1);
+    let r = media_call(&id, server, vid, media_op::RELEASE, through_seq).await?;
+    // An agent restarted meanwhile counts from zero again.
+    let shipped = st.resync_bytes.saturating_sub(before.resync_bytes);
     if json {
         println!(
             "{}",
-            serde_json::json!({"volume": volume, "done": true, "shipped_bytes": shipped, "changed_bytes": bytes, "through_seq": st.next_seq - 1, "phase": r["phase"]})
+            serde_json::json!({"volume": volume, "done": true, "shipped_bytes": shipped, "changed_bytes": bytes, "through_seq": through_seq, "phase": r.phase})
         );
     } else {
         println!(
             "media resync of {volume} done: {} shipped for {} changed; the replica is consistent once it applies seq {}",
             human(shipped),
             human(bytes),
-            st.next_seq - 1
+            through_seq
         );
     }
     Ok(())

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Request};
-use drv_agent::{Agent, Mode, kmod};
+use drv_agent::{Agent, kmod};
 use drv_blocktrace::track::{Cut, LossAction, Marked};
 use drv_blocktrace::{Request as IoRequest, Tracer};
 use drv_config::ConfigStore;
@@ -317,16 +317,7 @@ async fn cut(
     if !extents.is_empty() {
         agent.resync_ranges(&extents).await.context("hand the changes to the agent")?;
     }
-    let deadline = Instant::now() + timeout;
-    let complete = loop {
-        if agent.mode() == Mode::Sync && agent.dirty_bytes() == 0 {
-            break true;
-        }
-        if Instant::now() >= deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let complete = agent.wait_synced(timeout).await;
     let frozen_s = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
     if let Some(f) = frozen {
         f.thaw()?;

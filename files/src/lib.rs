@@ -199,6 +199,15 @@ pub fn install(tmp: &Path, path: &Path) -> io::Result<()> {
     sync_dir(path)
 }
 
+/// Removes `path` (if it exists) and makes the removal durable.
+pub fn remove_durably(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_dir(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// `fsync` of the directory holding `path`, so a rename or creation in it is durable.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -106,6 +106,8 @@ pub struct Agent {
     pub open: bool,
     pub resync_runs: u64,
     pub mapped_writes: u64,
+    /// The simulated clock (a step is a millisecond).
+    now: std::time::Duration,
 }
 
 impl Agent {
@@ -127,7 +129,19 @@ impl Agent {
             open: false,
             resync_runs: 0,
             mapped_writes: 0,
+            now: std::time::Duration::ZERO,
         }
+    }
+
+    /// The clock moves to `step` (milliseconds).
+    pub fn tick(&mut self, step: u64) {
+        self.now = std::time::Duration::from_millis(step);
+    }
+
+    /// The oldest record waiting for staging longer than `timeout`: the session fails (the real
+    /// agent's watchdog, on the same `AckQueue`).
+    pub fn ack_overdue(&self, timeout: std::time::Duration) -> Option<u64> {
+        self.acks.overdue(self.now, timeout)
     }
 
     /// Injects a bug: overlapping writes in flight together.
@@ -178,7 +192,7 @@ impl Agent {
             Issue::Staging { seq, epoch } if self.open => {
                 self.next_write += 1;
                 self.writes.insert(id, Write { offset, data: data.clone(), waiting: true, marked: false });
-                self.acks.sent(seq, std::time::Duration::ZERO, Waiter::Write(id));
+                self.acks.sent(seq, self.now, Waiter::Write(id));
                 Some(ToStaging::Write(self.record(Stamp { seq, epoch }, offset, data, false, false)))
             }
             issue => {
@@ -211,7 +225,7 @@ impl Agent {
             return None;
         }
         let stamp = self.order.close_idle()?;
-        self.acks.sent(stamp.seq, std::time::Duration::ZERO, Waiter::EpochEnd);
+        self.acks.sent(stamp.seq, self.now, Waiter::EpochEnd);
         Some(ToStaging::Write(self.record(stamp, 0, Bytes::new(), true, false)))
     }
 
@@ -304,7 +318,7 @@ impl Agent {
             r.budget -= len;
             let data = Bytes::copy_from_slice(&self.local[offset as usize..(offset + len) as usize]);
             let stamp = self.order.resync_record();
-            self.acks.sent(stamp.seq, std::time::Duration::ZERO, Waiter::Block(b));
+            self.acks.sent(stamp.seq, self.now, Waiter::Block(b));
             return Ok(Some(ToStaging::Write(self.record(stamp, offset, data, false, true))));
         }
         if !self.acks.is_empty() {
@@ -315,7 +329,7 @@ impl Agent {
             self.bits.clear_all();
             self.todo.clear_all("simulated change map");
             let end = self.order.resync_end();
-            self.acks.sent(end.seq, std::time::Duration::ZERO, Waiter::EpochEnd);
+            self.acks.sent(end.seq, self.now, Waiter::EpochEnd);
             return Ok(Some(ToStaging::Write(self.record(end, 0, Bytes::new(), true, false))));
         }
         if !r.last {

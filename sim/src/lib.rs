@@ -4,8 +4,9 @@
 //! one seeded random generator. Every run is replayed exactly from its seed.
 //!
 //! A run has a fault phase (writes go on while connections break, staging and the replica lose
-//! power at any moment, the disks keeping, losing or tearing what was not synced; the agent falls
-//! back to its change map and resyncs) and a quiet phase (no faults, no new writes) in which the
+//! power at any moment, the disks keeping, losing or tearing what was not synced, a log's disk
+//! fails (until its operator restarts the server) or stalls (the agent's ack timeout fires); the
+//! agent falls back to its change map and resyncs) and a quiet phase (no faults, no new writes) in which the
 //! pipeline must converge.
 //!
 //! Invariants, checked as the run goes:
@@ -111,6 +112,9 @@ pub struct Failure {
     pub what: String,
 }
 
+/// How long the agent waits for an acknowledgement (steps are milliseconds).
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(400);
+
 /// Steps the quiet phase may take to converge.
 const CONVERGE_STEPS: u64 = 30_000;
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -128,6 +132,8 @@ struct World {
     /// A log that failed on an I/O error is restarted by its operator at this step.
     staging_restart: Option<u64>,
     replica_restart: Option<u64>,
+    /// Staging's disk stalls (no group commit) until this step.
+    staging_stalled_until: u64,
     report: Report,
 }
 
@@ -145,6 +151,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
         stored: Vec::new(),
         staging_restart: None,
         replica_restart: None,
+        staging_stalled_until: 0,
         report: Report { seed: cfg.seed, ..Report::default() },
     };
     if cfg.bug == Some(Bug::NoOverlapWait) {
@@ -188,6 +195,13 @@ impl World {
             self.replica.compact();
         }
         self.operator()?;
+        self.agent.tick(self.step);
+        if self.agent.open && self.agent.ack_overdue(ACK_TIMEOUT).is_some() {
+            // Staging too slow (its log full while the replica is away): the change map.
+            self.event("ack timeout");
+            self.agent_link.break_at(self.step + 1);
+            self.agent.session_lost();
+        }
         if faults && self.rng.one_in(120) {
             return self.fault();
         }
@@ -227,7 +241,13 @@ impl World {
 
     fn fault(&mut self) -> Result<(), String> {
         let until = self.step + 1 + self.rng.below(50);
-        match self.rng.below(5) {
+        match self.rng.below(6) {
+            5 => {
+                // A slow disk: staging commits nothing for a while; the agent's ack timeout
+                // (400 ms) moves it to its change map.
+                self.count("staging disk stalled");
+                self.staging_stalled_until = self.step + 200 + self.rng.below(800);
+            }
             0 => {
                 self.count("agent link broken");
                 self.agent_link.break_at(until);
@@ -425,6 +445,9 @@ impl World {
     }
 
     fn staging_commit(&mut self) -> Result<(), String> {
+        if self.step < self.staging_stalled_until {
+            return Ok(());
+        }
         let mut out = Vec::new();
         let trimmed = self.staging.wrl.status().trim_lsn;
         let r = self.staging.commit(&mut out);

@@ -297,6 +297,18 @@ impl Staging {
             });
             return None;
         };
+        // A failed log: records it reported failed may still be on its devices, so its position
+        // is known again only once it recovered (a restart).
+        if let Some(why) = v.wrl.status().failed {
+            out.reply(Frame::Error {
+                code: code::SERVER,
+                message: format!(
+                    "volume {volume_id}: WRL {} has failed ({why}); staging takes no writes until it is restarted",
+                    v.wrl_name
+                ),
+            });
+            return None;
+        }
         // Once everything submitted is durable (or failed, which moves the position back).
         let (last_seq, last_epoch) = loop {
             let mut rx = v.durable_tx.subscribe();

@@ -48,7 +48,10 @@ async fn main() {
                 if hang == Some(n) {
                     // The local write of this one never happens: staging has it, the disk not
                     // (the test kills the agent here, making it a write in doubt).
+                    let ag = agent.clone();
                     let hold = agent.write_with(offset, data, Flags::default(), move || async move {
+                        // Acknowledged by staging, not marked in the change map: in doubt.
+                        assert_eq!(ag.mode(), Mode::Sync, "write {n} went to the change map: not a write in doubt");
                         println!("HANG after the acknowledgement of write {n}");
                         std::future::pending::<std::io::Result<()>>().await
                     });
