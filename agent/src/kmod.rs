@@ -503,6 +503,33 @@ impl DoneOrder {
     }
 }
 
+/// A capture running on its own thread: `ended` resolves when it stops (detached, or failed);
+/// `detach` removes the device (refused while it is in use, and the capture goes on).
+pub struct Running {
+    pub ended: oneshot::Receiver<Result<(), KmodError>>,
+    pub detach: crate::control::DetachHook,
+}
+
+/// Starts [`capture`] of device `index` on a thread of its own.
+pub fn spawn_capture(ctl: Control, index: u32, agent: Agent, rt: tokio::runtime::Handle) -> std::io::Result<Running> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (tx, ended) = oneshot::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    std::thread::Builder::new().name(format!("drv{index}-capture")).spawn(move || {
+        let _ = tx.send(capture(ctl, index, agent, rt, st));
+    })?;
+    let detach: crate::control::DetachHook = Arc::new(move || {
+        stop.store(true, Ordering::SeqCst);
+        let r = Control::open().and_then(|c| c.remove(index));
+        r.map_err(|e| {
+            stop.store(false, Ordering::SeqCst);
+            format!("{e} (unmount it and close every program using it, then detach again)")
+        })
+    });
+    Ok(Running { ended, detach })
+}
+
 /// Feeds the writes held on `/dev/drv{index}` to `agent` until the device is removed with `stop`
 /// set (`drv detach`: [`Control::remove`] from any channel lets this one go), or reading fails.
 /// Attaches `ctl`, takes the module's dirty bitmap and resyncs it first, and again after every

@@ -32,8 +32,8 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -278,6 +278,57 @@ pub struct UserDevice {
     pub loop_dev: PathBuf,
     marker: PathBuf,
     pub stats: Arc<UserStats>,
+}
+
+/// An attached userspace device shared with the control socket's hooks.
+pub struct Served {
+    /// `None` once detached.
+    pub device: Arc<Mutex<Option<UserDevice>>>,
+    /// Resolves when `drv detach` detached it.
+    pub ended: tokio::sync::oneshot::Receiver<()>,
+    pub detach: crate::control::DetachHook,
+    pub capture: crate::control::CaptureHook,
+}
+
+impl UserDevice {
+    /// Hands the device to the control socket: `detach` detaches it (then `on_detached` runs),
+    /// `capture` reports its figures, with `extra()` (the order check's) as `order_check`.
+    pub fn serve(
+        self,
+        state: &Path,
+        on_detached: impl Fn() + Send + Sync + 'static,
+        extra: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Served {
+        let (stats, loop_dev, fuse) = (self.stats.clone(), self.loop_dev.clone(), mount_point(state).join(FILE_NAME));
+        let capture: crate::control::CaptureHook = Arc::new(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            serde_json::json!({
+                "mode": "user",
+                "device": loop_dev.display().to_string(),
+                "fuse": fuse.display().to_string(),
+                "writes": stats.writes.load(Relaxed),
+                "flushes": stats.flushes.load(Relaxed),
+                "reads": stats.reads.load(Relaxed),
+                "failed": stats.failed.load(Relaxed),
+                "order_check": extra(),
+            })
+        });
+        let device = Arc::new(Mutex::new(Some(self)));
+        let (tx, ended) = tokio::sync::oneshot::channel();
+        let (dv, done) = (device.clone(), Mutex::new(Some(tx)));
+        let detach: crate::control::DetachHook = Arc::new(move || {
+            let mut g = dv.lock().expect("device");
+            let Some(d) = g.as_mut() else { return Err("already detached".into()) };
+            d.detach().map_err(|e| e.to_string())?;
+            *g = None;
+            on_detached();
+            if let Some(tx) = done.lock().expect("done").take() {
+                let _ = tx.send(());
+            }
+            Ok(())
+        });
+        Served { device, ended, detach, capture }
+    }
 }
 
 /// The FUSE mount point of a state directory (absolute: the kernel shows loop devices' backing

@@ -7,7 +7,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -413,6 +413,117 @@ fn start_order_check(agent: &drv_agent::Agent, loop_dev: &Path, state: &Path) ->
     Ok(check)
 }
 
+/// What the control socket gets of the capture path, and what ends it.
+struct Capture {
+    /// What the agent protects, for the start message.
+    on: String,
+    detach: Option<control::DetachHook>,
+    capture: Option<control::CaptureHook>,
+    /// The userspace device (detached at shutdown if nothing uses it).
+    user_dev: Option<Arc<Mutex<Option<user::UserDevice>>>>,
+    /// Resolves when the capture ended (`drv detach`, or the kernel module's capture failed).
+    ended: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>,
+}
+
+/// Starts the capture of the kernel module's device, or hands the userspace device to the
+/// control socket (with the order check's figures); neither: only the control socket.
+fn capture(
+    kdev: Option<(kmod::Control, kmod::DeviceInfo, kmod::Recovery)>,
+    udev: Option<user::UserDevice>,
+    check: Option<OrderCheck>,
+    agent: &Agent,
+    state: &Path,
+    device: &Path,
+) -> Result<Capture> {
+    let on = device.display().to_string();
+    if let Some((ctl, d, _)) = kdev {
+        let run = kmod::spawn_capture(ctl, d.index, agent.clone(), tokio::runtime::Handle::current())?;
+        let ended = run.ended;
+        return Ok(Capture {
+            on: format!("{} over {on}", d.path()),
+            detach: Some(run.detach),
+            capture: None,
+            user_dev: None,
+            ended: Box::pin(async move {
+                match ended.await {
+                    Ok(r) => r.context("capture"),
+                    Err(_) => std::future::pending().await,
+                }
+            }),
+        });
+    }
+    let Some(d) = udev else {
+        return Ok(Capture {
+            on,
+            detach: None,
+            capture: None,
+            user_dev: None,
+            ended: Box::pin(std::future::pending()),
+        });
+    };
+    let fuse = user::mount_point(state).join(user::FILE_NAME);
+    let on = format!("{} (FUSE {} over {on})", d.loop_dev.display(), fuse.display());
+    let check = Mutex::new(check);
+    let figures = state.join("order-check.json");
+    let served = d.serve(
+        state,
+        move || {
+            if let Some(c) = check.lock().expect("check").take().and_then(|c| c.finish()) {
+                eprintln!("order check: {}", serde_json::to_string(&c).unwrap_or_default());
+            }
+        },
+        move || {
+            std::fs::read_to_string(&figures)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .unwrap_or_default()
+        },
+    );
+    let ended = served.ended;
+    Ok(Capture {
+        on,
+        detach: Some(served.detach),
+        capture: Some(served.capture),
+        user_dev: Some(served.device),
+        ended: Box::pin(async move {
+            match ended.await {
+                Ok(()) => Ok(()),
+                Err(_) => std::future::pending().await,
+            }
+        }),
+    })
+}
+
+/// Serves the volume through FUSE and a loop device (`DEVICE /dev/loopN` on stdout once it is
+/// there), with the eBPF cross-check of the agent's epochs started first when asked for.
+async fn start_user(
+    volume: &str,
+    agent: &Agent,
+    image: std::fs::File,
+    size: u64,
+    state: &Path,
+    order_check: bool,
+) -> Result<(user::UserDevice, Option<OrderCheck>)> {
+    let (ag, st, h, vol) = (agent.clone(), state.to_path_buf(), tokio::runtime::Handle::current(), volume.to_owned());
+    let d = tokio::task::spawn_blocking(move || user::UserDevice::attach(&vol, ag, image, size, &st, h))
+        .await?
+        .with_context(|| format!("serve volume {volume} through FUSE and a loop device"))?;
+    crate::trace_cmd::record_device(state, &d.loop_dev)?;
+    // The check first: it sees every write from the moment the device is announced.
+    let mut check = None;
+    if order_check {
+        match start_order_check(agent, &d.loop_dev, state) {
+            Ok(c) => check = Some(c),
+            Err(e) => eprintln!(
+                "volume {volume}: the agent's epochs are not cross-checked with eBPF: {} (`drv doctor` says why)",
+                crate::report(e.as_ref())
+            ),
+        }
+    }
+    println!("DEVICE {}", d.loop_dev.display());
+    Ok((d, check))
+}
+
 fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check: bool) -> Result<()> {
     let store =
         ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
@@ -475,29 +586,16 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
             let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state), opts)
                 .await
                 .with_context(|| format!("start the agent of volume {volume}"))?;
-            let mut udev = None;
-            let mut check = None;
-            if let Some(image) = image {
-                let size = view.volume.size_bytes;
-                let (ag, st, h, vol) = (agent.clone(), state.clone(), tokio::runtime::Handle::current(), volume.to_owned());
-                let d = tokio::task::spawn_blocking(move || user::UserDevice::attach(&vol, ag, image, size, &st, h))
-                    .await?
-                    .with_context(|| format!("serve volume {volume} through FUSE and a loop device"))?;
-                crate::trace_cmd::record_device(&state, &d.loop_dev)?;
-                // The check first: it sees every write from the moment the device is announced.
-                if order_check {
-                    match start_order_check(&agent, &d.loop_dev, &state) {
-                        Ok(c) => check = Some(c),
-                        Err(e) => eprintln!(
-                            "volume {volume}: the agent's epochs are not cross-checked with eBPF: {} (`drv doctor` says why)", crate::report(e.as_ref())
-                        ),
-                    }
+            let (udev, check) = match image {
+                Some(image) => {
+                    let (d, c) = start_user(volume, &agent, image, view.volume.size_bytes, &state, order_check).await?;
+                    (Some(d), c)
                 }
-                println!("DEVICE {}", d.loop_dev.display());
-                udev = Some(d);
-            } else {
-                crate::trace_cmd::record_device(&state, &a.device)?;
-            }
+                None => {
+                    crate::trace_cmd::record_device(&state, &a.device)?;
+                    (None, None)
+                }
+            };
             // A device that went away without `drv detach` (the host crashed or rebooted, the
             // module was reloaded) took its dirty bitmap with it: whatever passed through while
             // no agent held it is unknown, so everything is shipped again.
@@ -511,66 +609,8 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 // Marked in the change map (durably): the decision is kept there now.
                 drv_files::remove_durably(&state.join(kmod::FULL_RESYNC_MARKER)).context("remove the full-resync marker")?;
             }
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let mut detach_hook: Option<control::DetachHook> = None;
-            let mut user_dev = None;
-            let mut capture_hook: Option<control::CaptureHook> = None;
-            let mut on = a.device.display().to_string();
-            if let Some((ctl, d, _)) = kdev {
-                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let (ag, h, st, index) = (agent.clone(), tokio::runtime::Handle::current(), stop.clone(), d.index);
-                std::thread::Builder::new().name(format!("drv{index}-capture")).spawn(move || {
-                    let _ = done_tx.send(kmod::capture(ctl, index, ag, h, st));
-                })?;
-                detach_hook = Some(Arc::new(move || {
-                    use std::sync::atomic::Ordering;
-                    stop.store(true, Ordering::SeqCst);
-                    let r = kmod::Control::open().and_then(|c| c.remove(index));
-                    r.map_err(|e| {
-                        stop.store(false, Ordering::SeqCst);
-                        format!("{e} (unmount it and close every program using it, then detach again)")
-                    })
-                }));
-                on = format!("{} over {on}", d.path());
-            } else if let Some(d) = udev {
-                on = format!("{} (FUSE {} over {on})", d.loop_dev.display(), user::mount_point(&state).join(user::FILE_NAME).display());
-                let (stats, loop_dev, st) = (d.stats.clone(), d.loop_dev.clone(), state.clone());
-                capture_hook = Some(Arc::new(move || {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    let order = std::fs::read_to_string(st.join("order-check.json"))
-                        .ok()
-                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-                    serde_json::json!({
-                        "mode": "user",
-                        "device": loop_dev.display().to_string(),
-                        "fuse": user::mount_point(&st).join(user::FILE_NAME).display().to_string(),
-                        "writes": stats.writes.load(Relaxed),
-                        "flushes": stats.flushes.load(Relaxed),
-                        "reads": stats.reads.load(Relaxed),
-                        "failed": stats.failed.load(Relaxed),
-                        "order_check": order,
-                    })
-                }));
-                let dev = Arc::new(std::sync::Mutex::new(Some(d)));
-                let done = Arc::new(std::sync::Mutex::new(Some(done_tx)));
-                let (dv, check) = (dev.clone(), Arc::new(std::sync::Mutex::new(check)));
-                detach_hook = Some(Arc::new(move || {
-                    let mut g = dv.lock().expect("device");
-                    let Some(d) = g.as_mut() else { return Err("already detached".into()) };
-                    d.detach().map_err(|e| e.to_string())?;
-                    *g = None;
-                    if let Some(c) = check.lock().expect("check").take().and_then(|c| c.finish()) {
-                        eprintln!("order check: {}", serde_json::to_string(&c).unwrap_or_default());
-                    }
-                    if let Some(tx) = done.lock().expect("done").take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                    Ok(())
-                }));
-                user_dev = Some(dev);
-            } else {
-                drop(done_tx);
-            }
+            let Capture { on, detach: detach_hook, capture: capture_hook, user_dev, ended: capture_ended } =
+                capture(kdev, udev, check, &agent, &state, &a.device)?;
             eprintln!(
                 "agent {} protecting volume {volume} ({}) on {on}: {}, staging {} at {staging}; control {}",
                 a.name,
@@ -579,16 +619,10 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 view.staging.0,
                 socket.display()
             );
-            let capture_ended = async {
-                match done_rx.await {
-                    Ok(r) => r,
-                    Err(_) => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 r = control::serve_with(agent.clone(), listener, socket.clone(), control::Hooks { detach: detach_hook, track_sync: None, capture: capture_hook }) => r.context("control socket"),
                 r = capture_ended => {
-                    r.context("capture")?;
+                    r?;
                     if let Err(e) = std::fs::remove_file(&marker) && e.kind() != std::io::ErrorKind::NotFound {
                         return Err(e).context("remove the attach marker");
                     }
