@@ -23,6 +23,7 @@ use drv_agent::{Agent, kmod};
 use drv_blocktrace::track::{Cut, LossAction, Marked};
 use drv_blocktrace::{Request as IoRequest, Tracer};
 use drv_config::ConfigStore;
+use drv_files::freeze::Frozen;
 use drv_transport::Identity;
 
 use crate::agent_cmd::{AgentArgs, ControlArgs, device_bytes, shutdown};
@@ -335,57 +336,4 @@ async fn cut(
         "pending_bytes": pending,
         "lost_events": lost,
     }))
-}
-
-/// A filesystem frozen with FIFREEZE; thawed on drop if not thawed before.
-struct Frozen {
-    dir: std::fs::File,
-    path: PathBuf,
-    since: Instant,
-    thawed: bool,
-}
-
-// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
-
-impl Frozen {
-    fn freeze(mount: &Path) -> Result<Frozen> {
-        use std::os::fd::AsRawFd;
-        let dir = std::fs::File::open(mount).with_context(|| format!("open mount point {}", mount.display()))?;
-        // SAFETY: an ioctl without argument data on an open descriptor.
-        if unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE, 0) } != 0 {
-            let e = std::io::Error::last_os_error();
-            bail!(
-                "freeze the filesystem at {}: {e} (is it a mount point of a filesystem that supports freezing?)",
-                mount.display()
-            );
-        }
-        Ok(Frozen { dir, path: mount.to_path_buf(), since: Instant::now(), thawed: false })
-    }
-
-    fn thaw(mut self) -> Result<()> {
-        self.thawed = true;
-        thaw(&self.dir)
-            .with_context(|| format!("thaw the filesystem at {} (fsfreeze -u it by hand)", self.path.display()))
-    }
-}
-
-fn thaw(dir: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: as in `freeze`.
-    if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if !self.thawed
-            && let Err(e) = thaw(&self.dir)
-        {
-            eprintln!("drv: could not thaw {}: {e} (run fsfreeze -u {})", self.path.display(), self.path.display());
-        }
-    }
 }

@@ -14,6 +14,7 @@
 //!   half-made file that would block the next start.
 
 pub mod aligned;
+pub mod freeze;
 
 use std::fs::File;
 use std::io::{self, Write};
