@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 
-use drv_format::record::{RECORD_HEADER_LEN, TAG_LEN};
+use drv_format::record::{Flags, RECORD_HEADER_LEN, TAG_LEN, WriteDesc};
 
 /// Log bytes of a record beyond its data: header and tag.
 pub const RECORD_OVERHEAD_BYTES: u64 = (RECORD_HEADER_LEN + TAG_LEN) as u64;
@@ -29,6 +29,19 @@ pub struct Record {
     pub length: u64,
     /// The log's own record of a position (`Flags::CHECKPOINT`): never sent.
     pub checkpoint: bool,
+}
+
+impl Record {
+    /// The record at `lsn` described by `d`.
+    pub fn of(d: &WriteDesc, lsn: u64) -> Record {
+        Record {
+            volume_id: d.volume_id,
+            seq: d.volume_seq,
+            lsn,
+            length: d.length as u64,
+            checkpoint: d.flags.contains(Flags::CHECKPOINT),
+        }
+    }
 }
 
 /// What to do with a record offered.

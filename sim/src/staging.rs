@@ -184,14 +184,7 @@ impl Staging {
         let mut send = Vec::new();
         for r in recs {
             *cursor = r.header.lsn + 1;
-            let d = &r.header.desc;
-            let rec = Record {
-                volume_id: d.volume_id,
-                seq: d.volume_seq,
-                lsn: r.header.lsn,
-                length: d.length as u64,
-                checkpoint: d.flags.contains(Flags::CHECKPOINT),
-            };
+            let rec = Record::of(&r.header.desc, r.header.lsn);
             if window.offer(&rec).map_err(|e| e.to_string())? == Offer::Send {
                 send.push(r);
             }

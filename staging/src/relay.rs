@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drv_format::frame::{Frame, RecordsFrameBuilder};
-use drv_format::record::{Flags, RECORD_HEADER_LEN};
+use drv_format::record::RECORD_HEADER_LEN;
 use drv_proto::relay::Record;
 use drv_proto::{Offer, RelayRefusal, RelayWindow};
 use drv_transport::{FrameReader, FrameWriter, Role, TransportError, quic};
@@ -262,14 +262,7 @@ fn fill_frame(
             pending.push_front(rec);
             break;
         }
-        let d = &rec.header.desc;
-        let r = Record {
-            volume_id: d.volume_id,
-            seq: d.volume_seq,
-            lsn: rec.header.lsn,
-            length: d.length as u64,
-            checkpoint: d.flags.contains(Flags::CHECKPOINT),
-        };
+        let r = Record::of(&rec.header.desc, rec.header.lsn);
         if window.offer(&r)? == Offer::Send {
             frame.push(&rec.header.encode(), &rec.payload);
             frame_payload += r.length;
