@@ -40,10 +40,44 @@ pub fn drv_bin() -> std::path::PathBuf {
     bin
 }
 
-/// A free UDP port on loopback (bound and released; good enough for tests).
+/// Sends the log of what runs inside the test process (an agent started by the test) to the
+/// test's captured output, so a failing test shows it. `RUST_LOG` filters it (default `info`).
+pub fn trace_to_test_output() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().with_ansi(false).try_init();
+    });
+}
+
+/// Where test servers' ports come from: below the kernel's ephemeral range (32768 and up by
+/// default), so no client socket of a test running beside this one (a `drv status`, a QUIC
+/// client) is given a port that a cluster chose and has not bound yet.
+const TEST_PORTS: std::ops::Range<u16> = 12_000..32_000;
+
+/// A loopback port free for both UDP and TCP now (a staging server's agent link listens at its
+/// QUIC port number), never handed out twice by one test process: tests run side by side, and a
+/// server starts long after its cluster chose its port.
 pub fn free_port() -> u16 {
-    // Free for TCP too: a staging server's agent link listens at the same port number.
-    drv_transport::free_port([127, 0, 0, 1].into()).expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = (TEST_PORTS.end - TEST_PORTS.start) as u32;
+    // Each test process starts somewhere else in the range (two test binaries may run at once).
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = TEST_PORTS.start + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        let ip = std::net::Ipv4Addr::LOCALHOST;
+        if std::net::TcpListener::bind((ip, port)).is_ok() && std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port in {TEST_PORTS:?} is free for both TCP and UDP");
 }
 
 /// A small installation on loopback: CA and certificates, a key, a configuration store with one
@@ -60,6 +94,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(replicas: usize, volume_bytes: u64) -> Cluster {
+        trace_to_test_output();
         use drv_config::{ConfigStore, Kind};
         use drv_transport::{Role, ca};
         let dir = tempfile::tempdir().expect("tempdir");

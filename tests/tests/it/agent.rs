@@ -140,6 +140,23 @@ pub(crate) async fn staging_up(cl: &Cluster) -> std::process::Child {
     staging
 }
 
+/// Waits until `f` holds, polling every 50 ms; a timeout shows the servers' status and logs.
+pub(crate) async fn until_in(cl: &Cluster, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() >= end {
+            panic!(
+                "timed out waiting for {what}\nreplica status {:?}\nstaging status {:?}\n--- staging log\n{}\n--- replica log\n{}",
+                cl.replica_status(),
+                cl.status(&cl.staging_addr, "staging", "admin"),
+                cl.log("stg1"),
+                cl.log("rep1")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `f` holds, polling every 50 ms.
 pub(crate) async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;

@@ -357,7 +357,8 @@ async fn a_resync_into_a_full_log_waits_for_room_and_ships_the_dirty_bytes_about
     // The replica returns, relaying frees room, the agent resyncs.
     let started = Instant::now();
     let mut replica = cl.start("replica", "rep1");
-    until("sync mode again", Duration::from_secs(90), || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0).await;
+    let synced = || agent.mode() == Mode::Sync && agent.dirty_bytes() == 0;
+    crate::agent::until_in(&cl, "sync mode again", Duration::from_secs(90), synced).await;
     let total = shipped(&agent) - before;
     println!(
         "log-full resync: {dirty} bytes dirty, {total} bytes shipped ({:.2}x, goal <= 2) in {:.1}s",
