@@ -56,12 +56,12 @@ pub enum Request {
     },
 }
 
+/// Why a hook failed: said to the client as the reply's `error`.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What `TrackSync` does, given by a tracker: its report, or why it failed.
 pub type TrackSyncHook = std::sync::Arc<
-    dyn Fn(
-            Option<PathBuf>,
-            Option<u64>,
-        ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>
+    dyn Fn(Option<PathBuf>, Option<u64>) -> std::pin::Pin<Box<dyn Future<Output = Result<CutReport, HookError>> + Send>>
         + Send
         + Sync,
 >;
@@ -76,11 +76,63 @@ pub struct Hooks {
 }
 
 /// The capture path's figures for `status` (its device, counters).
-pub type CaptureHook = std::sync::Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub type CaptureHook = std::sync::Arc<dyn Fn() -> CaptureReport + Send + Sync>;
 
-/// What `Detach` does, given by a capture path that can be detached (the kernel module's): an
-/// error says why not (e.g. the device is mounted).
-pub type DetachHook = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// What `Detach` does, given by a capture path that can be detached: an error says why not
+/// (e.g. the device is mounted).
+pub type DetachHook = std::sync::Arc<dyn Fn() -> Result<(), HookError> + Send + Sync>;
+
+/// A tracker's report of one cut (`drv track sync`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CutReport {
+    /// Extents (merged runs of marked blocks) shipped, and their bytes.
+    pub extents: u64,
+    pub bytes: u64,
+    /// Seconds from the request to staging holding it all (or the timeout).
+    pub took_s: f64,
+    /// Staging holds the volume as of the cut (else the changes stay marked for the next one).
+    pub complete: bool,
+    /// The filesystem was frozen for the cut, and for how long.
+    pub frozen: bool,
+    pub frozen_s: Option<f64>,
+    /// Complete and frozen: a crash-consistent point.
+    pub consistent: bool,
+    /// The age of the oldest change the cut covered (the RPO just before it).
+    pub rpo_before_s: Option<f64>,
+    /// Bytes marked again while the cut ran (shipped by the next one).
+    pub pending_bytes: u64,
+    /// eBPF events lost since the tracker started (their ranges were shipped as unknown).
+    pub lost_events: u64,
+}
+
+/// The userspace capture path's figures (`drv agent status`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CaptureReport {
+    /// `user`.
+    pub mode: String,
+    /// The loop device, and the FUSE file behind it.
+    pub device: String,
+    pub fuse: String,
+    pub writes: u64,
+    pub flushes: u64,
+    pub reads: u64,
+    pub failed: u64,
+    /// The eBPF cross-check of the agent's epochs, when it runs.
+    #[serde(default)]
+    pub order_check: Option<OrderFigures>,
+}
+
+/// The figures of the eBPF order cross-check (`drv_blocktrace::crosscheck::Summary`, of which
+/// the rest is kept as it came).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OrderFigures {
+    pub checked: u64,
+    pub violations: u64,
+    pub unmatched: u64,
+    pub lost: u64,
+    #[serde(flatten)]
+    pub more: serde_json::Map<String, serde_json::Value>,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reply {
@@ -91,10 +143,10 @@ pub struct Reply {
     pub status: Option<AgentStatus>,
     /// A tracker's report of a `track-sync`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub track: Option<serde_json::Value>,
+    pub track: Option<CutReport>,
     /// The capture path's figures (see [`CaptureHook`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capture: Option<serde_json::Value>,
+    pub capture: Option<CaptureReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +250,7 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
                 Ok(report) => {
                     Reply { ok: true, error: None, status: Some(agent.status()), track: Some(report), capture: None }
                 }
-                Err(e) => failed(e),
+                Err(e) => failed(e.to_string()),
             };
         }
         Request::Detach => {
@@ -207,7 +259,7 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
             };
             return match tokio::task::spawn_blocking(move || hook()).await {
                 Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()), track: None, capture: None },
-                Ok(Err(e)) => failed(e),
+                Ok(Err(e)) => failed(e.to_string()),
                 Err(e) => failed(format!("detach: {e}")),
             };
         }

@@ -34,40 +34,9 @@ use crate::Agent;
 
 pub const CTL_PATH: &str = "/dev/drv-ctl";
 
-/// `STATE/kmod-attached`: written (durably) before the agent creates or finds the volume's drv
-/// device, removed when it is detached cleanly. A device the agent has to create while the marker
-/// is there went away without `drv detach` (host crash or reboot, module reloaded) and took its
-/// dirty bitmap with it.
-pub const ATTACH_MARKER: &str = "kmod-attached";
+pub mod attach;
 
-/// `STATE/full-resync-pending`: a full resync was decided (the device went away uncleanly) and is
-/// not yet marked in the change map. Written durably right after the device is created, removed
-/// once the whole volume is marked: an attach that fails in between decides it again.
-pub const FULL_RESYNC_MARKER: &str = "full-resync-pending";
-
-/// What an agent attaching to the volume's drv device does about writes it did not see (with no
-/// agent attached, the module lets writes through and marks them in its dirty bitmap).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recovery {
-    /// The device was there: its dirty bitmap holds what passed through meanwhile.
-    Resume,
-    /// A new device, and none went away uncleanly: nothing passed through unseen.
-    Fresh,
-    /// A new device, but an earlier one went away without `drv detach`: what passed through it
-    /// is unknown, so the whole volume is shipped again.
-    FullResync,
-}
-
-/// The crash-recovery rule: `created` (the device had to be created), `marker` (the attach
-/// marker was there before this attach wrote it) and `pending` (an earlier attach decided a full
-/// resync and failed before marking it).
-pub fn recovery(created: bool, marker: bool, pending: bool) -> Recovery {
-    match (created, marker, pending) {
-        (_, _, true) | (true, true, _) => Recovery::FullResync,
-        (false, _, false) => Recovery::Resume,
-        (true, false, false) => Recovery::Fresh,
-    }
-}
+pub use attach::{ATTACH_MARKER, AttachState, FULL_RESYNC_MARKER, Recovery, attach_device, recovery};
 
 const KMSG_MAGIC: u32 = 0x4b56_5244;
 const ABI_VERSION: u16 = 2;
@@ -265,6 +234,19 @@ impl Control {
             Err(KmodError::Io { err, .. }) if err.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Every device the module has, by index.
+    pub fn list(&self) -> Result<Vec<DeviceInfo>, KmodError> {
+        let mut all = Vec::new();
+        for index in 0..MAX_DEVICES {
+            match self.info(index) {
+                Ok(d) => all.push(d),
+                Err(KmodError::Io { err, .. }) if err.raw_os_error() == Some(libc::ENODEV) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(all)
     }
 
     pub fn info(&self, index: u32) -> Result<DeviceInfo, KmodError> {
@@ -524,7 +506,7 @@ pub fn spawn_capture(ctl: Control, index: u32, agent: Agent, rt: tokio::runtime:
         let r = Control::open().and_then(|c| c.remove(index));
         r.map_err(|e| {
             stop.store(false, Ordering::SeqCst);
-            format!("{e} (unmount it and close every program using it, then detach again)")
+            format!("{e} (unmount it and close every program using it, then detach again)").into()
         })
     });
     Ok(Running { ended, detach })

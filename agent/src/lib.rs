@@ -16,6 +16,7 @@
 //!   `drv media-resync complete` reach a running agent (`drv agent run`).
 //! - `kmod.rs`: the kernel-module capture path (`/dev/drvN` of `capture-kmod/`): the module's
 //!   interface mirrored, and the loop that feeds its held writes to the agent.
+//! - `detach.rs`: `drv detach` with no agent running (the device a dead agent left).
 //! - `user.rs`: the userspace capture path for stock kernels (FUSE file + loop device with direct
 //!   I/O): every write of the loop device reaches [`Agent::write`] as a FUSE write.
 //! - [`changemap`] (crate `drv-changemap`): the persistent bitmap (format and crash analysis in
@@ -24,6 +25,7 @@
 mod activity;
 pub mod agent;
 pub mod control;
+pub mod detach;
 pub use drv_changemap as changemap;
 pub mod kmod;
 mod resync;

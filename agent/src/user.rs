@@ -297,21 +297,21 @@ impl UserDevice {
         self,
         state: &Path,
         on_detached: impl Fn() + Send + Sync + 'static,
-        extra: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+        extra: impl Fn() -> Option<crate::control::OrderFigures> + Send + Sync + 'static,
     ) -> Served {
         let (stats, loop_dev, fuse) = (self.stats.clone(), self.loop_dev.clone(), mount_point(state).join(FILE_NAME));
         let capture: crate::control::CaptureHook = Arc::new(move || {
             use std::sync::atomic::Ordering::Relaxed;
-            serde_json::json!({
-                "mode": "user",
-                "device": loop_dev.display().to_string(),
-                "fuse": fuse.display().to_string(),
-                "writes": stats.writes.load(Relaxed),
-                "flushes": stats.flushes.load(Relaxed),
-                "reads": stats.reads.load(Relaxed),
-                "failed": stats.failed.load(Relaxed),
-                "order_check": extra(),
-            })
+            crate::control::CaptureReport {
+                mode: "user".into(),
+                device: loop_dev.display().to_string(),
+                fuse: fuse.display().to_string(),
+                writes: stats.writes.load(Relaxed),
+                flushes: stats.flushes.load(Relaxed),
+                reads: stats.reads.load(Relaxed),
+                failed: stats.failed.load(Relaxed),
+                order_check: extra(),
+            }
         });
         let device = Arc::new(Mutex::new(Some(self)));
         let (tx, ended) = tokio::sync::oneshot::channel();
@@ -319,7 +319,7 @@ impl UserDevice {
         let detach: crate::control::DetachHook = Arc::new(move || {
             let mut g = dv.lock().expect("device");
             let Some(d) = g.as_mut() else { return Err("already detached".into()) };
-            d.detach().map_err(|e| e.to_string())?;
+            d.detach()?;
             *g = None;
             on_detached();
             if let Some(tx) = done.lock().expect("done").take() {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_agent::control::{self, Client, Request};
+use drv_agent::detach::{Orphan, detach_orphan};
 use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod, user};
 use drv_blocktrace::crosscheck::OrderCheck;
 use drv_config::ConfigStore;
@@ -217,7 +218,7 @@ pub fn agent(c: AgentCommand) -> Result<()> {
             if json {
                 let mut v = serde_json::to_value(&st)?;
                 if let Some(c) = r.capture {
-                    v["capture"] = c;
+                    v["capture"] = serde_json::to_value(c)?;
                 }
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -232,23 +233,15 @@ pub fn agent(c: AgentCommand) -> Result<()> {
 }
 
 /// The capture path's line of `drv agent status`.
-fn print_capture(c: &serde_json::Value) {
-    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+fn print_capture(c: &control::CaptureReport) {
     let mut line = format!(
         "capture: {} mode, device {} (FUSE {}): {} writes, {} flushes, {} reads, {} failed",
-        c["mode"].as_str().unwrap_or("?"),
-        c["device"].as_str().unwrap_or("?"),
-        c["fuse"].as_str().unwrap_or("?"),
-        n("writes"),
-        n("flushes"),
-        n("reads"),
-        n("failed")
+        c.mode, c.device, c.fuse, c.writes, c.flushes, c.reads, c.failed
     );
-    let o = &c["order_check"];
-    if o.is_object() {
+    if let Some(o) = &c.order_check {
         line += &format!(
             "; order check: {} writes checked against the kernel's order, {} violations, {} unmatched, {} events lost",
-            o["checked"], o["violations"], o["unmatched"], o["lost"]
+            o.checked, o.violations, o.unmatched, o.lost
         );
     }
     println!("{line}");
@@ -291,30 +284,18 @@ pub fn detach(a: DetachArgs) -> Result<()> {
                 Ok(())
             }
             Err(e) => {
-                // No agent: a user-mode device it left behind (its I/O fails since the agent
-                // died) is detached, and its dead FUSE mount removed.
+                // No agent: the device it left behind goes.
                 let state = a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/drv/agent").join(&a.volume));
-                if state.join(user::MARKER).exists() {
-                    let m = user::recover(&state).context("detach the user-mode device")?;
-                    let dev = m.map(|m| m.loop_dev.display().to_string()).filter(|d| !d.is_empty());
-                    println!(
-                        "volume {}: {} and the FUSE mount of the agent that died removed; writes in doubt are resynced by the next `drv attach`",
-                        a.volume,
-                        dev.map_or("no loop device was bound; nothing detached".to_string(), |d| format!("{d} detached"))
-                    );
-                    return Ok(());
+                let v = &a.volume;
+                match detach_orphan(v, &state).with_context(|| crate::report(e.as_ref()))? {
+                    Orphan::User { loop_dev } => println!(
+                        "volume {v}: {} and the FUSE mount of the agent that died removed; writes in doubt are resynced by the next `drv attach`",
+                        loop_dev.map_or("no loop device was bound; nothing detached".to_string(), |d| format!("{} detached", d.display()))
+                    ),
+                    Orphan::Kmod { path, dirty_blocks } => println!(
+                        "volume {v}: {path} removed (no agent was running: {dirty_blocks} blocks were dirty and are not resynced)"
+                    ),
                 }
-                let ctl = kmod::Control::open().with_context(|| crate::report(e.as_ref()))?;
-                let d = ctl
-                    .find(&a.volume)?
-                    .with_context(|| format!("no agent runs for volume {} and it has no drv device", a.volume))?;
-                ctl.remove(d.index)?;
-                println!(
-                    "volume {}: {} removed (no agent was running: {} blocks were dirty and are not resynced)",
-                    a.volume,
-                    d.path(),
-                    d.dirty_blocks
-                );
                 Ok(())
             }
         }
@@ -323,15 +304,7 @@ pub fn detach(a: DetachArgs) -> Result<()> {
 
 /// `drv devices`: the kernel module's capture devices.
 pub fn devices(json: bool) -> Result<()> {
-    let ctl = kmod::Control::open()?;
-    let mut all = Vec::new();
-    for index in 0..kmod::MAX_DEVICES {
-        match ctl.info(index) {
-            Ok(d) => all.push(d),
-            Err(kmod::KmodError::Io { err, .. }) if err.raw_os_error() == Some(libc::ENODEV) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let all = kmod::Control::open()?.list()?;
     if json {
         println!("{}", serde_json::to_string(&all)?);
         return Ok(());
@@ -358,41 +331,6 @@ pub fn devices(json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Creates (or finds) the volume's drv device and decides what to do about writes it did not see.
-/// The attach marker is written before the device exists, and a full resync decided is written
-/// down before anything can fail, so that a crash or a failed attach anywhere after this keeps
-/// both (`kmod::recovery`).
-fn kmod_device(
-    ctl: &kmod::Control,
-    volume: &str,
-    device: &Path,
-    block_bytes: u32,
-    state: &Path,
-) -> Result<(kmod::DeviceInfo, kmod::Recovery)> {
-    let marker = state.join(kmod::ATTACH_MARKER);
-    let pending = state.join(kmod::FULL_RESYNC_MARKER);
-    let was = marker.exists();
-    std::fs::create_dir_all(state).with_context(|| format!("create {}", state.display()))?;
-    drv_files::replace(&marker, format!("{volume}\n").as_bytes()).context("write the attach marker")?;
-    let (d, created) = match ctl.create_or_find(volume, device, block_bytes) {
-        Ok(x) => x,
-        Err(e) => {
-            // No device came of it (checked: creation may have failed after the device
-            // appeared): this attach leaves no marker behind.
-            if !was && matches!(ctl.find(volume), Ok(None)) {
-                let _ = std::fs::remove_file(&marker);
-            }
-            return Err(e).with_context(|| format!("the drv device of volume {volume}"));
-        }
-    };
-    let recovery = kmod::recovery(created, was, pending.exists());
-    if recovery == kmod::Recovery::FullResync {
-        drv_files::replace(&pending, b"the drv device went away without detach\n")
-            .context("write the full-resync marker")?;
-    }
-    Ok((d, recovery))
 }
 
 /// Cross-checks the agent's epochs against the kernel's order of `loop_dev` (eBPF), writing the
@@ -428,7 +366,7 @@ struct Capture {
 /// Starts the capture of the kernel module's device, or hands the userspace device to the
 /// control socket (with the order check's figures); neither: only the control socket.
 fn capture(
-    kdev: Option<(kmod::Control, kmod::DeviceInfo, kmod::Recovery)>,
+    kdev: Option<(kmod::Control, kmod::DeviceInfo, kmod::Recovery, kmod::AttachState)>,
     udev: Option<user::UserDevice>,
     check: Option<OrderCheck>,
     agent: &Agent,
@@ -436,7 +374,7 @@ fn capture(
     device: &Path,
 ) -> Result<Capture> {
     let on = device.display().to_string();
-    if let Some((ctl, d, _)) = kdev {
+    if let Some((ctl, d, _, _)) = kdev {
         let run = kmod::spawn_capture(ctl, d.index, agent.clone(), tokio::runtime::Handle::current())?;
         let ended = run.ended;
         return Ok(Capture {
@@ -473,10 +411,7 @@ fn capture(
             }
         },
         move || {
-            std::fs::read_to_string(&figures)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .unwrap_or_default()
+            std::fs::read_to_string(&figures).ok().and_then(|t| serde_json::from_str::<control::OrderFigures>(&t).ok())
         },
     );
     let ended = served.ended;
@@ -556,8 +491,9 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 None | Some(CaptureMode::User) => None,
                 Some(CaptureMode::Kmod) => {
                     let ctl = kmod::Control::open()?;
-                    let (d, recovery) = kmod_device(&ctl, volume, &a.device, view.volume.block_bytes as u32, &state)?;
-                    Some((ctl, d, recovery))
+                    let (d, recovery, st) = kmod::attach_device(&ctl, volume, &a.device, view.volume.block_bytes as u32, &state)
+                        .with_context(|| format!("the drv device of volume {volume}"))?;
+                    Some((ctl, d, recovery, st))
                 }
             };
             // A crashed agent's device first: its loop device and dead FUSE mount go away.
@@ -599,15 +535,14 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
             // A device that went away without `drv detach` (the host crashed or rebooted, the
             // module was reloaded) took its dirty bitmap with it: whatever passed through while
             // no agent held it is unknown, so everything is shipped again.
-            let marker = state.join(kmod::ATTACH_MARKER);
-            if let Some((_, d, kmod::Recovery::FullResync)) = &kdev {
+            if let Some((_, d, kmod::Recovery::FullResync, st)) = &kdev {
                 eprintln!(
                     "volume {volume}: {} was not detached cleanly before it went away (host crash or reboot?): writes that passed through without an agent are unknown; resyncing the whole volume",
                     d.path()
                 );
                 agent.start_initial_sync(None).await.context("full resync")?;
                 // Marked in the change map (durably): the decision is kept there now.
-                drv_files::remove_durably(&state.join(kmod::FULL_RESYNC_MARKER)).context("remove the full-resync marker")?;
+                st.full_resync_marked()?;
             }
             let Capture { on, detach: detach_hook, capture: capture_hook, user_dev, ended: capture_ended } =
                 capture(kdev, udev, check, &agent, &state, &a.device)?;
@@ -623,9 +558,7 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 r = control::serve_with(agent.clone(), listener, socket.clone(), control::Hooks { detach: detach_hook, track_sync: None, capture: capture_hook }) => r.context("control socket"),
                 r = capture_ended => {
                     r?;
-                    if let Err(e) = std::fs::remove_file(&marker) && e.kind() != std::io::ErrorKind::NotFound {
-                        return Err(e).context("remove the attach marker");
-                    }
+                    kmod::attach::detached(&state)?;
                     // Detached: let the control reply of `drv detach` go out first.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     eprintln!("volume {volume}: detached");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use drv_agent::control::{self, Request};
+use drv_agent::control::{self, CutReport, Request};
 use drv_agent::{Agent, kmod};
 use drv_blocktrace::track::{Cut, LossAction, Marked};
 use drv_blocktrace::{Request as IoRequest, Tracer};
@@ -129,38 +129,29 @@ fn sync(volume: &str, freeze: Option<PathBuf>, timeout: f64, json: bool, control
     })?;
     let r = reply.track.context("the agent sent no tracking report")?;
     if json {
-        println!("{r}");
+        println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    let frozen = r.frozen_s.filter(|_| r.frozen).map(|s| format!(", filesystem frozen {s:.2} s")).unwrap_or_default();
     println!(
-        "volume {volume}: shipped {} in {} extents in {:.2} s{}",
-        crate::agent_cmd::human(r["bytes"].as_u64().unwrap_or(0)),
-        r["extents"].as_u64().unwrap_or(0),
-        f("took_s"),
-        if r["frozen"].as_bool() == Some(true) {
-            format!(", filesystem frozen {:.2} s", f("frozen_s"))
-        } else {
-            String::new()
-        }
+        "volume {volume}: shipped {} in {} extents in {:.2} s{frozen}",
+        crate::agent_cmd::human(r.bytes),
+        r.extents,
+        r.took_s
     );
-    if r["complete"].as_bool() == Some(true) {
+    if r.complete {
         println!(
             "  staging holds the volume as of the cut{}; the oldest change it covered was {:.2} s old (the RPO just before this sync)",
-            if r["consistent"].as_bool() == Some(true) {
-                " (crash-consistent: frozen)"
-            } else {
-                " (not frozen: not crash-consistent)"
-            },
-            f("rpo_before_s")
+            if r.consistent { " (crash-consistent: frozen)" } else { " (not frozen: not crash-consistent)" },
+            r.rpo_before_s.unwrap_or(0.0)
         );
     } else {
         println!(
             "  NOT complete: staging did not take everything within the timeout; the changes stay marked for the next sync"
         );
     }
-    if r["lost_events"].as_u64().unwrap_or(0) > 0 {
-        println!("  eBPF events lost since start: {} (their ranges were shipped as unknown)", r["lost_events"]);
+    if r.lost_events > 0 {
+        println!("  eBPF events lost since start: {} (their ranges were shipped as unknown)", r.lost_events);
     }
     Ok(())
 }
@@ -248,7 +239,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
                     Box::pin(async move {
                         let _one = cuts.lock().await;
                         let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000));
-                        cut(&state, &agent, freeze.as_deref(), timeout).await.map_err(|e| crate::report(e.as_ref()))
+                        cut(&state, &agent, freeze.as_deref(), timeout).await.map_err(|e| crate::report(e.as_ref()).into())
                     })
                 })
             };
@@ -269,7 +260,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
                     loop {
                         tick.tick().await;
                         match hook(freeze.clone(), None).await {
-                            Ok(r) => tracing::info!("track cut: {r}"),
+                            Ok(r) => tracing::info!("track cut: {}", serde_json::to_string(&r).unwrap_or_default()),
                             Err(e) => tracing::warn!("track cut failed: {e}"),
                         }
                     }
@@ -292,12 +283,7 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
 }
 
 /// One cut: freeze (optionally), take the marks, ship them, wait for staging, thaw.
-async fn cut(
-    state: &Arc<Mutex<State>>,
-    agent: &Agent,
-    freeze: Option<&Path>,
-    timeout: Duration,
-) -> Result<serde_json::Value> {
+async fn cut(state: &Arc<Mutex<State>>, agent: &Agent, freeze: Option<&Path>, timeout: Duration) -> Result<CutReport> {
     let t0 = Instant::now();
     let frozen = match freeze {
         Some(m) => Some(Frozen::freeze(m)?),
@@ -324,16 +310,16 @@ async fn cut(
         f.thaw()?;
     }
     let pending = state.lock().expect("track state").marked.pending_bytes();
-    Ok(serde_json::json!({
-        "extents": extents.len(),
-        "bytes": bytes,
-        "took_s": t0.elapsed().as_secs_f64(),
-        "complete": complete,
-        "frozen": freeze.is_some(),
-        "frozen_s": frozen_s,
-        "consistent": complete && freeze.is_some(),
-        "rpo_before_s": rpo_before_ns.map(|n| n as f64 / 1e9),
-        "pending_bytes": pending,
-        "lost_events": lost,
-    }))
+    Ok(CutReport {
+        extents: extents.len() as u64,
+        bytes,
+        took_s: t0.elapsed().as_secs_f64(),
+        complete,
+        frozen: freeze.is_some(),
+        frozen_s,
+        consistent: complete && freeze.is_some(),
+        rpo_before_s: rpo_before_ns.map(|n| n as f64 / 1e9),
+        pending_bytes: pending,
+        lost_events: lost,
+    })
 }
