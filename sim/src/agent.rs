@@ -6,15 +6,20 @@
 //! go local; the next session resyncs the marked blocks from the local disk as RESYNC records, in
 //! passes, the last one holding new writes back, then returns to sync mode with an `EPOCH_END`.
 //!
+//! The host can crash (`crash`): the writes in flight fail, the local disk keeps what the last
+//! FLUSH made stable and any of the writes completed after it, and the restarted agent marks the
+//! extents its activity log (`drv_proto::Activity`) held as in doubt, resyncing them from the
+//! local disk, so that staging and the replica converge to what the disk kept.
+//!
 //! The records as staging logged them (by sequence number) are the model the invariants check
 //! the replica against; the local disk is what it must converge to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use drv_changemap::{Bits, Todo};
 use drv_proto::agent::{last_pass, resync_budget};
-use drv_proto::{AckQueue, Issue, Mode, Order, Stamp};
+use drv_proto::{AckQueue, Activity, Issue, Mode, Order, Stamp};
 
 use crate::net::Rng;
 
@@ -24,6 +29,8 @@ const BLOCK: u64 = 4 << 10;
 const FINAL_PASS_BLOCKS: usize = 32;
 /// Writes in flight at most.
 const INFLIGHT_LIMIT: usize = 8;
+/// Extents of the activity log (16 of them on 1 MiB).
+const AL_EXTENT: u64 = 64 << 10;
 
 /// One record as sent (the model).
 #[derive(Clone, Debug)]
@@ -91,9 +98,22 @@ pub struct Agent {
     writes: BTreeMap<u64, Write>,
     next_write: u64,
     resync: Option<Resync>,
-    /// Whether a session ever reached sync mode (a first session with a clean map goes straight
-    /// to sync mode; later ones resync).
+    /// Whether the first session was tried (the agent's start: with a clean map it goes
+    /// straight to sync mode; once it failed, or after a restart, every session resyncs, an
+    /// empty map too).
     started: bool,
+    /// The activity log's rules, and the extents it holds marked (durably: before a write goes
+    /// on; cleared when a FLUSH made them stable).
+    activity: Activity,
+    al_marks: BTreeSet<u64>,
+    /// The local disk as a crash leaves it: what the last FLUSH made stable, and the local writes
+    /// completed since, in order (a crash keeps any of them).
+    stable: Vec<u8>,
+    unflushed: Vec<(u64, Bytes)>,
+    /// Injected bugs: an extent leaves the activity log when its write completes (before a FLUSH
+    /// made it stable); overlapping writes in flight together.
+    pub activity_bug: bool,
+    overlap_bug: bool,
     /// Every record sent, by `seq - 1`; cut back to what staging holds when a session opens.
     pub history: Vec<Sent>,
     /// Every record up to here is acknowledged by staging.
@@ -122,6 +142,12 @@ impl Agent {
             next_write: 0,
             resync: None,
             started: false,
+            activity: Activity::new(AL_EXTENT),
+            al_marks: BTreeSet::new(),
+            stable: vec![0; volume_bytes as usize],
+            unflushed: Vec::new(),
+            activity_bug: false,
+            overlap_bug: false,
             history: Vec::new(),
             acked: 0,
             local: vec![0; volume_bytes as usize],
@@ -146,6 +172,7 @@ impl Agent {
 
     /// Injects a bug: overlapping writes in flight together.
     pub fn inject_no_overlap_wait(&mut self) {
+        self.overlap_bug = true;
         self.order.inject_no_overlap_wait();
     }
 
@@ -188,7 +215,11 @@ impl Agent {
         let offset = rng.below((span - len) / 4096 + 1) * 4096;
         let data = Bytes::from(drv_format::pattern(rng.next_u64(), len as usize));
         let id = self.next_write;
-        match self.order.try_issue(offset, len)? {
+        let issued = self.order.try_issue(offset, len)?;
+        // Marked in the activity log before it goes anywhere (the real agent's `activity_enter`).
+        self.activity.enter(offset, len);
+        self.al_marks.extend(self.activity.extents(offset, len));
+        match issued {
             Issue::Staging { seq, epoch } if self.open => {
                 self.next_write += 1;
                 self.writes.insert(id, Write { offset, data: data.clone(), waiting: true, marked: false });
@@ -233,6 +264,7 @@ impl Agent {
     /// waiting for staging is marked in the change map instead (staging may or may not have it).
     pub fn session_lost(&mut self) {
         self.open = false;
+        self.started = true;
         self.order.leave_sync();
         if self.resync.take().is_some() {
             self.order.resync_stopped();
@@ -364,6 +396,13 @@ impl Agent {
         let w = self.writes.remove(&id).expect("ready");
         let (o, len) = (w.offset as usize, w.data.len() as u64);
         self.local[o..o + w.data.len()].copy_from_slice(&w.data);
+        self.unflushed.push((w.offset, w.data.clone()));
+        self.activity.leave(w.offset, len);
+        if self.activity_bug {
+            for x in self.activity.extents(w.offset, len) {
+                self.al_marks.remove(&x);
+            }
+        }
         if w.marked {
             self.todo.write_done(self.bits.blocks_of(w.offset, len));
         }
@@ -380,6 +419,48 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The application's FLUSH (an fsync): every local write completed so far is stable, and the
+    /// activity log lets go of the extents whose writes all completed before it.
+    pub fn flush(&mut self) {
+        let g = self.activity.flush_begin();
+        self.stable.copy_from_slice(&self.local);
+        self.unflushed.clear();
+        for x in self.activity.flush_done(g) {
+            self.al_marks.remove(&x);
+        }
+    }
+
+    /// The host crashes and the agent starts again: the writes in flight fail (none completed,
+    /// none reached the disk), the disk keeps what was stable and any of the later writes, the
+    /// session and resync are gone. The change map is durable; the activity log's extents are
+    /// in doubt (staging may hold writes the disk lost) and are marked in it to be resynced.
+    pub fn crash(&mut self, rng: &mut Rng) {
+        let mut disk = self.stable.clone();
+        for (offset, data) in std::mem::take(&mut self.unflushed) {
+            if rng.one_in(2) {
+                disk[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            }
+        }
+        self.stable.copy_from_slice(&disk);
+        self.local = disk;
+        self.writes.clear();
+        self.acks = AckQueue::default();
+        self.resync = None;
+        self.open = false;
+        self.started = true;
+        self.order = Order::new();
+        if self.overlap_bug {
+            self.order.inject_no_overlap_wait();
+        }
+        self.activity = Activity::new(AL_EXTENT);
+        for x in std::mem::take(&mut self.al_marks) {
+            let blocks = self.bits.blocks_of(x * AL_EXTENT, AL_EXTENT.min(self.volume_bytes - x * AL_EXTENT));
+            self.bits.set(blocks, &mut Default::default());
+        }
+        self.todo = Todo::default();
+        self.todo.reset(self.bits.marked());
     }
 
     /// The volume as the records `1..=seq` leave it, in sequence order.

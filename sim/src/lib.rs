@@ -6,7 +6,9 @@
 //! A run has a fault phase (writes go on while connections break, staging and the replica lose
 //! power at any moment, the disks keeping, losing or tearing what was not synced, a log's disk
 //! fails (until its operator restarts the server) or stalls (the agent's ack timeout fires); the
-//! agent falls back to its change map and resyncs) and a quiet phase (no faults, no new writes) in which the
+//! agent falls back to its change map and resyncs; the protected host crashes, its disk keeping
+//! what the application's last FLUSH made stable and any of the later writes, and the restarted
+//! agent resyncs what its activity log holds in doubt) and a quiet phase (no faults, no new writes) in which the
 //! pipeline must converge.
 //!
 //! Invariants, checked as the run goes:
@@ -51,6 +53,9 @@ pub enum Bug {
     ApplyPartialUnits,
     /// The agent lets overlapping writes be in flight together.
     NoOverlapWait,
+    /// The agent's activity log lets go of an extent when its write completes, before a FLUSH
+    /// made it stable on the local disk.
+    ActivityClearEarly,
 }
 
 impl std::fmt::Display for Bug {
@@ -59,6 +64,7 @@ impl std::fmt::Display for Bug {
             Bug::AckBeforeDurable => "ack-before-durable",
             Bug::ApplyPartialUnits => "apply-partial-units",
             Bug::NoOverlapWait => "no-overlap-wait",
+            Bug::ActivityClearEarly => "activity-clear-early",
         })
     }
 }
@@ -70,7 +76,10 @@ impl std::str::FromStr for Bug {
             "ack-before-durable" => Ok(Bug::AckBeforeDurable),
             "apply-partial-units" => Ok(Bug::ApplyPartialUnits),
             "no-overlap-wait" => Ok(Bug::NoOverlapWait),
-            other => Err(format!("unknown bug {other:?} (ack-before-durable, apply-partial-units, no-overlap-wait)")),
+            "activity-clear-early" => Ok(Bug::ActivityClearEarly),
+            other => Err(format!(
+                "unknown bug {other:?} (ack-before-durable, apply-partial-units, no-overlap-wait, activity-clear-early)"
+            )),
         }
     }
 }
@@ -157,6 +166,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
     if cfg.bug == Some(Bug::NoOverlapWait) {
         w.agent.inject_no_overlap_wait();
     }
+    w.agent.activity_bug = cfg.bug == Some(Bug::ActivityClearEarly);
     w.staging.ack_early_bug = cfg.bug == Some(Bug::AckBeforeDurable);
     w.replica.unit_bug = cfg.bug == Some(Bug::ApplyPartialUnits);
     let fail = |w: &World, what: String| Failure { seed: cfg.seed, step: w.step, what };
@@ -224,6 +234,9 @@ impl World {
                 for _ in 0..1 + self.rng.below(3) {
                     self.agent.local_write(&mut self.rng)?;
                 }
+                if self.rng.one_in(4) {
+                    self.agent.flush();
+                }
                 self.close_idle()
             }
             9 => self.resync_step(),
@@ -241,7 +254,12 @@ impl World {
 
     fn fault(&mut self) -> Result<(), String> {
         let until = self.step + 1 + self.rng.below(50);
-        match self.rng.below(6) {
+        match self.rng.below(7) {
+            6 => {
+                self.count("agent host crash");
+                self.agent.crash(&mut self.rng);
+                self.agent_link.break_at(until);
+            }
             5 => {
                 // A slow disk: staging commits nothing for a while; the agent's ack timeout
                 // (400 ms) moves it to its change map.
@@ -630,6 +648,13 @@ mod bugs {
     fn applying_part_of_an_epoch_is_caught() {
         let f = caught(Bug::ApplyPartialUnits);
         assert!(f.what.contains("partial") || f.what.contains("differs"), "{f}");
+        println!("{f}");
+    }
+
+    #[test]
+    fn an_activity_log_that_forgets_unflushed_writes_is_caught() {
+        let f = caught(Bug::ActivityClearEarly);
+        assert!(f.what.contains("differs"), "{f}");
         println!("{f}");
     }
 
