@@ -484,9 +484,12 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
                 Err((at, reason, header_valid)) => {
                     // Either the normal end of the log, a torn tail, or corruption.
                     if *id != head_id {
-                        // A non-head segment was complete before the next one was opened: it ends
-                        // exactly where the next segment's first lsn says, at a position with no batch.
-                        if !header_valid && headers[&(id + 1)].first_lsn == expected_lsn {
+                        // A non-head segment ends exactly where the next segment's first lsn
+                        // says (the next header's chain hash is checked against this point
+                        // too). What follows in it is no part of the log: nothing, or a batch
+                        // torn by a crash (or whose sync failed) when this was the head, and
+                        // written again in the next segment after recovery.
+                        if headers[&(id + 1)].first_lsn == expected_lsn {
                             break;
                         }
                         return Err(corrupt(at, expected_lsn, reason));
