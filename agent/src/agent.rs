@@ -65,6 +65,8 @@ pub enum AgentError {
     OutOfRange { offset: u64, len: u64, volume_bytes: u64 },
     #[error("staging is unavailable and this agent has no change map: the write at offset {offset} failed: {why}")]
     Unprotected { offset: u64, why: String },
+    #[error(transparent)]
+    StagingLost(#[from] drv_proto::StagingLost),
     /// A resync used up the room staging reported for its session (it asks again; never shown).
     #[error("the room staging's log reported for this session is used up")]
     RoomUsed,
@@ -194,6 +196,11 @@ pub(crate) struct Inner {
     pub stats: AgentStats,
     /// Resync bandwidth limit in bytes per second (0: none).
     pub bwlimit: AtomicU64,
+    /// The highest sequence number staging acknowledged, on any session: a staging server that
+    /// comes back holding less lost acknowledged writes (`drv_proto::StagingLost`).
+    pub acked: Arc<AtomicU64>,
+    /// See [`AgentStatus::problem`].
+    pub problem: Mutex<Option<String>>,
     /// The state directory's lock (held while the agent lives).
     _lock: Option<drv_files::DirLock>,
     /// Told each write's epoch as it is issued (see [`Agent::set_issue_tap`]).
@@ -262,9 +269,11 @@ impl Agent {
             stats: AgentStats::default(),
             tap: std::sync::OnceLock::new(),
             bwlimit: AtomicU64::new(0),
+            acked: Arc::default(),
+            problem: Mutex::default(),
             _lock: lock,
         });
-        match open_session(id, staging, volume_id, inner.opts.ack_timeout).await {
+        match open_session(id, staging, volume_id, inner.opts.ack_timeout, inner.acked.clone()).await {
             Ok(o) if !dirty => {
                 let mut ord = inner.order.lock().expect("order");
                 ord.core.connected(o.last_seq, o.last_epoch);
@@ -475,6 +484,7 @@ impl Agent {
             writes: s.writes.load(Ordering::Relaxed),
             mapped_writes: s.mapped_writes.load(Ordering::Relaxed),
             resync_bytes: s.resync_bytes.load(Ordering::Relaxed),
+            problem: self.inner.problem.lock().expect("problem").clone(),
         }
     }
 }
@@ -485,6 +495,10 @@ pub struct AgentStatus {
     pub volume_id: u64,
     pub volume_bytes: u64,
     pub mode: Mode,
+    /// What keeps the agent from protecting the volume through staging, when something does
+    /// that the operator must act on (staging lost acknowledged writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     pub next_seq: u64,
     pub epoch: u64,
     pub dirty_bytes: u64,

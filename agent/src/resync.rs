@@ -13,7 +13,8 @@ use bytes::Bytes;
 use drv_changemap::ChangeMap;
 use drv_format::frame::Frame;
 use drv_format::record::Flags;
-use drv_proto::{Mode, agent::last_pass, agent::pace, agent::resync_budget};
+use drv_proto::Mode;
+use drv_proto::agent::{last_pass, pace, resync_budget, staging_holds};
 
 use crate::agent::{AgentError, Inner, blocking, epoch_end, units};
 use crate::session::{AckWait, Opened, open_session, wait_ack};
@@ -29,6 +30,15 @@ enum Attempt {
     Resynced,
 }
 
+/// What the reconnect task said already (each said once until it changes).
+#[derive(Default)]
+struct Said {
+    /// Staging's log has no room for the resync.
+    room: bool,
+    /// Staging holds less than it acknowledged.
+    lost: bool,
+}
+
 /// Acknowledgements a pass waits for at most at once (the oldest is acknowledged first anyway).
 const SHIP_WAITS_LIMIT: usize = 256;
 /// Acknowledged blocks cleared in the map together.
@@ -40,7 +50,7 @@ impl Inner {
     /// reconnect intervals), and says so once.
     pub(crate) async fn reconnect_task(weak: std::sync::Weak<Inner>) {
         let Some(degraded_n) = weak.upgrade().map(|i| i.degraded.clone()) else { return };
-        let mut waiting_for_room = false;
+        let mut said = Said::default();
         let mut delay = Duration::ZERO;
         loop {
             let degraded = degraded_n.notified();
@@ -57,7 +67,7 @@ impl Inner {
                 o.core.mode()
             };
             if mode == Mode::ChangeMap && i.map.is_some() {
-                delay = match i.try_resync(&mut waiting_for_room).await {
+                delay = match i.try_resync(&mut said).await {
                     Attempt::Again => Duration::ZERO,
                     Attempt::NoRoom => (delay * 2).clamp(interval, interval * 4),
                     Attempt::Unreachable | Attempt::Resynced => interval,
@@ -74,18 +84,32 @@ impl Inner {
         }
     }
 
-    /// One attempt of the reconnect task: a session, and a resync if staging's log has room.
-    async fn try_resync(self: &Arc<Self>, waiting_for_room: &mut bool) -> Attempt {
-        let o = match open_session(&self.id, self.staging, self.volume_id, self.opts.ack_timeout).await {
+    /// One attempt of the reconnect task: a session, and a resync if staging's log has room and
+    /// holds everything it acknowledged.
+    async fn try_resync(self: &Arc<Self>, said: &mut Said) -> Attempt {
+        let o = match open_session(&self.id, self.staging, self.volume_id, self.opts.ack_timeout, self.acked.clone())
+            .await
+        {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!("staging still unreachable: {e}");
                 return Attempt::Unreachable;
             }
         };
+        if let Err(e) = staging_holds(o.last_seq, self.acked.load(Ordering::SeqCst)) {
+            if !std::mem::replace(&mut said.lost, true) {
+                tracing::error!(volume = self.volume_id, "{e}");
+                *self.problem.lock().expect("problem") = Some(e.to_string());
+            }
+            o.session.fail(e.to_string(), AgentError::Disconnected);
+            return Attempt::Unreachable;
+        }
+        if std::mem::take(&mut said.lost) {
+            *self.problem.lock().expect("problem") = None;
+        }
         let dirty = self.map.as_ref().map(|m| m.dirty_bytes()).unwrap_or(0);
         let Some(budget) = resync_budget(o.room_bytes, o.capacity_bytes, dirty) else {
-            if !std::mem::replace(waiting_for_room, true) {
+            if !std::mem::replace(&mut said.room, true) {
                 tracing::info!(
                     volume = self.volume_id,
                     room_bytes = o.room_bytes,
@@ -96,7 +120,7 @@ impl Inner {
             }
             return Attempt::NoRoom;
         };
-        *waiting_for_room = false;
+        said.room = false;
         let shipped = self.stats.resync_bytes.load(Ordering::Relaxed);
         match self.resync(o, budget).await {
             // Room for not even one block: wait like for a full log (never a busy loop).
@@ -120,7 +144,10 @@ impl Inner {
                 ord.session.as_ref().is_none_or(|x| x.is_broken()),
                 "a resync started while another session is live"
             );
-            ord.core.resync_begin(o.last_seq, o.last_epoch);
+            if let Err(e) = ord.core.resync_begin(o.last_seq, o.last_epoch, self.acked.load(Ordering::SeqCst)) {
+                s.fail(e.to_string(), AgentError::Disconnected);
+                return Err(e.into());
+            }
             ord.session = Some(o.session);
         }
         tracing::info!(volume = self.volume_id, dirty_bytes = map.dirty_bytes(), budget, "resync started");

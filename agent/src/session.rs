@@ -4,6 +4,7 @@
 //! timeout rule are `drv_proto::AckQueue`; this file is the tokio around it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,8 @@ pub(crate) struct Session {
     broken: Mutex<Option<String>>,
     /// The origin of the times the ack queue is given.
     born: Instant,
+    /// The agent's highest acknowledged sequence number (shared by its sessions).
+    acked_through: Arc<AtomicU64>,
 }
 
 impl Drop for Session {
@@ -43,6 +46,7 @@ impl Drop for Session {
 
 impl Session {
     fn acked(&self, seq: u64) {
+        self.acked_through.fetch_max(seq, Ordering::SeqCst);
         let done = self.acks.lock().expect("acks").acked(seq);
         for tx in done {
             let _ = tx.send(Ok(()));
@@ -115,6 +119,7 @@ pub(crate) async fn open_session(
     staging: SocketAddr,
     volume_id: u64,
     ack_timeout: Duration,
+    acked_through: Arc<AtomicU64>,
 ) -> Result<Opened, AgentError> {
     let cfg = tls::client_config(id, Role::Staging)?;
     let timeout = |_| TransportError::Connect {
@@ -144,7 +149,13 @@ pub(crate) async fn open_session(
         Some(Frame::Error { message, .. }) => return Err(AgentError::Refused { volume: volume_id, message }),
         _ => return Err(AgentError::Disconnected),
     };
-    let s = Arc::new(Session { out, acks: Mutex::default(), broken: Mutex::default(), born: Instant::now() });
+    let s = Arc::new(Session {
+        out,
+        acks: Mutex::default(),
+        broken: Mutex::default(),
+        born: Instant::now(),
+        acked_through,
+    });
     tokio::spawn(watchdog(Arc::downgrade(&s), ack_timeout));
     tokio::spawn(read_acks(Arc::downgrade(&s), r, volume_id));
     Ok(Opened { session: s, last_seq, last_epoch, room_bytes, capacity_bytes })

@@ -259,6 +259,9 @@ fn print_status(volume: &str, s: &AgentStatus) {
         s.mapped_writes,
         human(s.resync_bytes)
     );
+    if let Some(p) = &s.problem {
+        println!("  PROBLEM: {p}");
+    }
 }
 
 pub(crate) fn human(b: u64) -> String {

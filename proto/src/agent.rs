@@ -52,6 +52,24 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Staging reopened the volume holding less than it had acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "staging acknowledged this volume up to seq {acked} but its log holds it only up to seq {holds}: it lost acknowledged writes (a damaged, re-created or replaced write log); nothing more is sent to it, and the change map keeps every write"
+)]
+pub struct StagingLost {
+    pub acked: u64,
+    pub holds: u64,
+}
+
+/// Whether staging, reporting `last_seq`, still holds everything it acknowledged (up to `acked`).
+pub fn staging_holds(last_seq: u64, acked: u64) -> Result<(), StagingLost> {
+    if last_seq < acked {
+        return Err(StagingLost { acked, holds: last_seq });
+    }
+    Ok(())
+}
+
 /// How a write was issued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Issue {
@@ -198,12 +216,17 @@ impl Order {
         was
     }
 
-    /// A resync begins on a new session; staging holds the volume up to `last_seq`/`last_epoch`.
-    pub fn resync_begin(&mut self, last_seq: u64, last_epoch: u64) {
+    /// A resync begins on a new session; staging holds the volume up to `last_seq`/`last_epoch`
+    /// and once acknowledged it up to `acked`. Staging holding less than it acknowledged lost
+    /// acknowledged writes: numbering on from its position would reuse sequence numbers a replica
+    /// may hold with other data, so the resync does not begin ([`StagingLost`]).
+    pub fn resync_begin(&mut self, last_seq: u64, last_epoch: u64, acked: u64) -> Result<(), StagingLost> {
         assert_eq!(self.mode, Mode::ChangeMap, "a resync begins only in change-map mode");
+        staging_holds(last_seq, acked)?;
         self.next_seq = last_seq + 1;
         self.clock.resume_after(last_epoch);
         self.mode = Mode::Resyncing;
+        Ok(())
     }
 
     /// A RESYNC record of the running resync.
@@ -391,7 +414,9 @@ mod tests {
         assert_eq!(o.try_issue(0, 4096), Some(Issue::Local { epoch: 1 }), "no session yet: the change map");
         assert!(o.complete(0, 4096));
         o.leave_sync();
-        o.resync_begin(10, 3);
+        assert_eq!(o.resync_begin(9, 3, 10), Err(StagingLost { acked: 10, holds: 9 }), "staging lost seq 10");
+        assert_eq!(o.mode(), Mode::ChangeMap, "and nothing began");
+        o.resync_begin(10, 3, 10).unwrap();
         // RESYNC records carry staging's last epoch (a run is one unit, whatever its epochs).
         assert_eq!(o.resync_record(), Stamp { seq: 11, epoch: 3 });
         assert_eq!(o.resync_end(), Stamp { seq: 12, epoch: 3 });
@@ -415,7 +440,7 @@ mod tests {
     fn a_resync_never_begins_in_sync_mode() {
         let mut o = Order::new();
         o.connected(0, 0);
-        o.resync_begin(0, 0);
+        let _ = o.resync_begin(0, 0, 0);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub mod seq;
 pub mod status;
 pub mod units;
 
-pub use agent::{AckQueue, Activity, Issue, Mode, Order, Stamp};
+pub use agent::{AckQueue, Activity, Issue, Mode, Order, StagingLost, Stamp};
 pub use epoch::EpochClock;
 pub use relay::{Offer, RelayRefusal, RelayWindow};
 pub use seq::{Admit, Refusal, Sequencer};

@@ -286,9 +286,7 @@ impl Agent {
         let ToAgent::State { last_seq, last_epoch, room_bytes, capacity_bytes } = m else {
             return Err("an Ack before the volume was opened".into());
         };
-        if last_seq < self.acked {
-            return Err(format!("staging acknowledged seq {} but holds only up to seq {last_seq}", self.acked));
-        }
+        drv_proto::agent::staging_holds(last_seq, self.acked).map_err(|e| e.to_string())?;
         assert!(self.acks.is_empty(), "a new session with records of the old one waiting");
         if self.history.len() as u64 > last_seq {
             self.history.truncate(last_seq as usize);
@@ -306,7 +304,7 @@ impl Agent {
             return Ok(false);
         };
         self.started = true;
-        self.order.resync_begin(last_seq, last_epoch);
+        self.order.resync_begin(last_seq, last_epoch, self.acked).map_err(|e| e.to_string())?;
         self.resync = Some(Resync { pass: 0, budget, queue: Vec::new(), last: false, draining: false });
         self.resync_runs += 1;
         Ok(true)

@@ -110,6 +110,8 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     /// What the protocol did about them (refusals, resends, trims), by kind: what a run covered.
     pub events: BTreeMap<&'static str, u64>,
+    /// The run ended early: a misdirected write was detected (and named) here.
+    pub detected: Option<String>,
 }
 
 /// A broken invariant: the seed replays it.
@@ -143,7 +145,19 @@ struct World {
     replica_restart: Option<u64>,
     /// Staging's disk stalls (no group commit) until this step.
     staging_stalled_until: u64,
+    /// A misdirected write was injected into staging's WRL, the replica's DR log.
+    misdirected: Misdirected,
     report: Report,
+}
+
+/// Where misdirected writes were injected.
+#[derive(Clone, Default)]
+struct Misdirected {
+    staging: bool,
+    replica: bool,
+    /// Staging came back holding less than it acknowledged: the agent must notice at its next
+    /// session (`drv_proto::StagingLost`), or the run fails.
+    staging_lost: Option<String>,
 }
 
 /// Runs one simulation.
@@ -161,6 +175,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
         staging_restart: None,
         replica_restart: None,
         staging_stalled_until: 0,
+        misdirected: Misdirected::default(),
         report: Report { seed: cfg.seed, ..Report::default() },
     };
     if cfg.bug == Some(Bug::NoOverlapWait) {
@@ -170,11 +185,11 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
     w.staging.ack_early_bug = cfg.bug == Some(Bug::AckBeforeDurable);
     w.replica.unit_bug = cfg.bug == Some(Bug::ApplyPartialUnits);
     let fail = |w: &World, what: String| Failure { seed: cfg.seed, step: w.step, what };
-    while w.step < cfg.steps {
+    while w.step < cfg.steps && w.report.detected.is_none() {
         w.step(true).map_err(|e| fail(&w, e))?;
     }
     let quiet_until = w.step + CONVERGE_STEPS;
-    while !w.converged() {
+    while !w.converged() && w.report.detected.is_none() {
         if w.step >= quiet_until {
             return Err(fail(
                 &w,
@@ -183,11 +198,24 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
         }
         w.step(false).map_err(|e| fail(&w, e))?;
     }
-    w.check_end().map_err(|e| fail(&w, e))?;
+    if w.report.detected.is_none() {
+        if let Some(e) = w.misdirected.staging_lost.clone() {
+            return Err(fail(&w, format!("{e}, and the agent went on without noticing")));
+        }
+        w.check_end().map_err(|e| fail(&w, e))?;
+        if w.misdirected.staging || w.misdirected.replica {
+            w.event("misdirected write without harm (trimmed or overwritten before anything read it)");
+        }
+    }
     w.report.steps = w.step;
     w.report.writes = w.agent.history.len() as u64;
     w.report.applied_seq = w.replica.applied.0;
     Ok(w.report)
+}
+
+/// Whether an error names damage to a log (not a fault the run injected otherwise).
+fn damage(e: &str) -> bool {
+    !e.contains("simulated I/O error") && !e.contains("log full")
 }
 
 impl World {
@@ -254,6 +282,10 @@ impl World {
 
     fn fault(&mut self) -> Result<(), String> {
         let until = self.step + 1 + self.rng.below(50);
+        if self.rng.one_in(150) {
+            self.misdirect();
+            return Ok(());
+        }
         match self.rng.below(7) {
             6 => {
                 self.count("agent host crash");
@@ -314,6 +346,35 @@ impl World {
         w.fail_at = Some(w.trace.len() + in_ops);
     }
 
+    /// One of the next writes of staging's WRL or of the replica's DR log lands at another
+    /// offset of its disk and reports success.
+    fn misdirect(&mut self) {
+        let world = if self.rng.one_in(2) {
+            self.count("staging misdirected write");
+            self.misdirected.staging = true;
+            self.staging.world.clone()
+        } else {
+            self.count("replica misdirected write");
+            self.misdirected.replica = true;
+            self.replica.log_world.clone()
+        };
+        let mut w = world.lock().expect("sim world");
+        w.misdirect_at = Some((w.trace.len() + self.rng.below(16) as usize, self.rng.next_u64()));
+    }
+
+    /// An error `e` seen `at` a log that had a misdirected write: the damage was detected and
+    /// named, and the run ends there (the pipeline has no repair for a damaged log). Without one,
+    /// `e` breaks an invariant.
+    fn detected(&mut self, at: &'static str, staging: bool, e: String) -> Result<(), String> {
+        let injected = if staging { self.misdirected.staging } else { self.misdirected.replica };
+        if !injected {
+            return Err(e);
+        }
+        self.event(at);
+        self.report.detected = Some(format!("{at}: {e}"));
+        Ok(())
+    }
+
     /// Restarts whose time came (in the quiet phase too: the operator does not stop).
     fn operator(&mut self) -> Result<(), String> {
         let until = self.step + 1;
@@ -334,24 +395,34 @@ impl World {
 
     /// Staging loses power (or is restarted) and recovers its log.
     fn restart_staging(&mut self, until: u64) -> Result<(), String> {
-        self.staging.crash(&mut self.rng);
+        if let Err(e) = self.staging.crash(&mut self.rng) {
+            return self.detected("misdirected write detected by staging's log recovery", true, e);
+        }
         self.agent_link.break_at(until);
         self.agent.session_lost();
         self.relay_link.break_at(until);
-        // Nothing acknowledged may be missing from the recovered log.
+        // Nothing acknowledged may be missing from the recovered log; after a misdirected write
+        // it may, and the agent must then refuse to go on from staging's position.
         if self.staging.seq.submitted() < self.agent.acked {
-            return Err(format!(
+            let e = format!(
                 "staging lost acknowledged writes: it acknowledged seq {}, its log recovered up to seq {}",
                 self.agent.acked,
                 self.staging.seq.submitted()
-            ));
+            );
+            if !self.misdirected.staging {
+                return Err(e);
+            }
+            self.misdirected.staging_lost = Some(e);
         }
         Ok(())
     }
 
     /// The replica loses power (or is restarted), recovers its DR log and catches up.
     fn restart_replica(&mut self, until: u64) -> Result<(), String> {
-        let stored = self.replica.crash(&mut self.rng)?;
+        let stored = match self.replica.crash(&mut self.rng) {
+            Ok(s) => s,
+            Err(e) => return self.detected("misdirected write detected by the replica's recovery", false, e),
+        };
         self.relay_link.break_at(until);
         self.staging.relay = None;
         for p in stored {
@@ -433,9 +504,13 @@ impl World {
         }
         let Some(m) = self.agent_link.to_client.pop_front() else { return Ok(()) };
         let r = match m {
-            m @ ToAgent::State { .. } if !self.agent.open => match self.agent.opened(m)? {
-                true => Ok(()),
-                false => {
+            m @ ToAgent::State { .. } if !self.agent.open => match self.agent.opened(m) {
+                Err(e) => {
+                    let at = "misdirected write detected by the agent (staging lost acknowledged writes)";
+                    return self.detected(at, true, e);
+                }
+                Ok(true) => Ok(()),
+                Ok(false) => {
                     // No room in staging's log for the resync: ask again later.
                     self.event("resync waited for room");
                     Err("no room".to_string())
@@ -485,6 +560,9 @@ impl World {
         match self.staging.relay_pump() {
             Ok(Some(m)) => self.relay_link.send_to_server(m),
             Ok(None) => {}
+            Err(e) if self.misdirected.staging && damage(&e) => {
+                return self.detected("misdirected write detected by staging's relay", true, e);
+            }
             Err(_) => {
                 self.event("relay refused");
                 self.break_relay()
@@ -521,10 +599,16 @@ impl World {
             ToRelay::Position { durable } => self.staging.relay_position(durable),
             ToRelay::Refused(e) => Err(e),
         };
-        if r.is_err() {
-            self.break_relay();
+        match r {
+            Err(e) if self.misdirected.replica && damage(&e) => {
+                self.detected("misdirected write detected between staging and the replica", false, e)
+            }
+            Err(_) => {
+                self.break_relay();
+                Ok(())
+            }
+            Ok(()) => Ok(()),
         }
-        Ok(())
     }
 
     fn replica_commit(&mut self) -> Result<(), String> {
@@ -539,7 +623,11 @@ impl World {
     }
 
     fn replica_apply(&mut self) -> Result<(), String> {
-        for p in self.replica.apply()? {
+        let stored = match self.replica.apply() {
+            Ok(s) => s,
+            Err(e) => return self.detected("misdirected write detected by the replica's apply", false, e),
+        };
+        for p in stored {
             self.applied(p)?;
         }
         self.check_target()

@@ -44,7 +44,7 @@ pub struct Replica {
 impl Replica {
     pub fn new(key: VolumeKey, volume_bytes: u64) -> Replica {
         let target = SimWorld::new(&[volume_bytes]);
-        Replica::open(create_log(DEVICE, 0, SEGMENT), target, (0, 0), key)
+        Replica::open(create_log(DEVICE, 0, SEGMENT), target, (0, 0), key).expect("a new DR log opens")
     }
 
     fn open(
@@ -52,14 +52,14 @@ impl Replica {
         target_world: Arc<Mutex<SimWorld>>,
         applied: (u64, u64),
         key: VolumeKey,
-    ) -> Replica {
-        let (drlog, _) =
-            Wrl::open_driven(SimStorage::all(&log_world), WrlOptions::default()).expect("recover the DR log");
+    ) -> Result<Replica, String> {
+        let (drlog, _) = Wrl::open_driven(SimStorage::all(&log_world), WrlOptions::default())
+            .map_err(|e| format!("the DR log refused to open: {e}"))?;
         let log = drlog.volume(VOLUME).map(|v| v.log).unwrap_or_default();
         let (durable, epoch) = if log.last_seq >= applied.0 { (log.last_seq, log.last_epoch) } else { applied };
         drlog.resume_volume(VOLUME, durable);
         let cursor = drlog.status().first_lsn;
-        Replica {
+        Ok(Replica {
             target: SimStorage::new(target_world.clone(), 0),
             log_world,
             drlog,
@@ -72,7 +72,7 @@ impl Replica {
             key,
             open_pending: false,
             unit_bug: false,
-        }
+        })
     }
 
     /// A relay connection opened: its first position report follows once what is in flight is
@@ -169,7 +169,7 @@ impl Replica {
         let target = crash_images(&self.target_world, rng);
         let bug = self.unit_bug;
         *self =
-            Replica::open(SimWorld::from_images(log), SimWorld::from_images(target), self.applied, self.key.clone());
+            Replica::open(SimWorld::from_images(log), SimWorld::from_images(target), self.applied, self.key.clone())?;
         self.unit_bug = bug;
         let mut stored = Vec::new();
         // Catch up: replay what the DR log holds beyond the applied position.

@@ -67,15 +67,16 @@ pub fn create_log(device: u64, wrl_id: u32, segment: u64) -> Arc<Mutex<SimWorld>
 
 impl Staging {
     pub fn new(key: VolumeKey) -> Staging {
-        Staging::open(create_log(DEVICE, 7, SEGMENT), key)
+        Staging::open(create_log(DEVICE, 7, SEGMENT), key).expect("a new log opens")
     }
 
-    fn open(world: Arc<Mutex<SimWorld>>, key: VolumeKey) -> Staging {
+    /// Recovers the log on `world`'s disks; `Err`: the log refuses to open (damage it names).
+    fn open(world: Arc<Mutex<SimWorld>>, key: VolumeKey) -> Result<Staging, String> {
         let opts = WrlOptions { queue_bytes_limit: 4 << 20, batch_bytes_limit: 256 << 10, cache_bytes_limit: 1 << 20 };
-        let (wrl, _) = Wrl::open_driven(SimStorage::all(&world), opts).expect("recover the simulated WRL");
+        let (wrl, _) = Wrl::open_driven(SimStorage::all(&world), opts).map_err(|e| e.to_string())?;
         let log = wrl.volume(VOLUME).map(|v| v.log).unwrap_or_default();
         wrl.resume_volume(VOLUME, log.last_seq);
-        Staging {
+        Ok(Staging {
             world,
             wrl,
             seq: Sequencer::new(log.last_seq, log.last_epoch),
@@ -84,7 +85,7 @@ impl Staging {
             dup_acks: Vec::new(),
             relay: None,
             ack_early_bug: false,
-        }
+        })
     }
 
     /// A write from the agent link; the answers go to `out`. `Err`: the connection breaks.
@@ -210,11 +211,13 @@ impl Staging {
     }
 
     /// Power cut and restart: the disks as the cut leaves them, the log recovered from them.
-    pub fn crash(&mut self, rng: &mut Rng) {
+    /// `Err`: the log refused to open.
+    pub fn crash(&mut self, rng: &mut Rng) -> Result<(), String> {
         let images = crash_images(&self.world, rng);
         let bug = self.ack_early_bug;
-        *self = Staging::open(SimWorld::from_images(images), self.key.clone());
+        *self = Staging::open(SimWorld::from_images(images), self.key.clone())?;
         self.ack_early_bug = bug;
+        Ok(())
     }
 }
 

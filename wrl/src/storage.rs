@@ -223,6 +223,9 @@ pub mod sim {
         pub trace: Vec<Op>,
         /// Fail the write or sync with this trace index (I/O error injection).
         pub fail_at: Option<usize>,
+        /// The first write at or after this trace index lands at the other offset of the same
+        /// device instead, and reports success (a misdirected write, as a firmware bug makes it).
+        pub misdirect_at: Option<(usize, u64)>,
     }
 
     /// What happens to one unsynced write at the crash.
@@ -237,17 +240,12 @@ pub mod sim {
     impl SimWorld {
         pub fn new(device_bytes: &[u64]) -> Arc<Mutex<SimWorld>> {
             let initial: Vec<Vec<u8>> = device_bytes.iter().map(|n| vec![0u8; *n as usize]).collect();
-            Arc::new(Mutex::new(SimWorld { current: initial.clone(), initial, trace: Vec::new(), fail_at: None }))
+            Arc::new(Mutex::new(SimWorld { current: initial.clone(), initial, ..SimWorld::default() }))
         }
 
         /// Starts a new run from the given images (the result of a crash), with an empty trace.
         pub fn from_images(images: Vec<Vec<u8>>) -> Arc<Mutex<SimWorld>> {
-            Arc::new(Mutex::new(SimWorld {
-                current: images.clone(),
-                initial: images,
-                trace: Vec::new(),
-                fail_at: None,
-            }))
+            Arc::new(Mutex::new(SimWorld { current: images.clone(), initial: images, ..SimWorld::default() }))
         }
 
         /// Folds the part of the trace every later crash keeps whole (everything before the oldest
@@ -261,6 +259,7 @@ pub mod sim {
                 }
             }
             self.fail_at = self.fail_at.and_then(|f| f.checked_sub(keep_from));
+            self.misdirect_at = self.misdirect_at.map(|(i, to)| (i.saturating_sub(keep_from), to));
         }
 
         /// The indices of unsynced writes at crash point `at` (a crash before trace op `at`).
@@ -336,6 +335,14 @@ pub mod sim {
                 return Err(injected());
             }
             assert!((offset as usize).is_multiple_of(SECTOR) && buf.len().is_multiple_of(SECTOR), "unaligned write");
+            let mut offset = offset;
+            if let Some((at, to)) = w.misdirect_at
+                && w.trace.len() >= at
+            {
+                w.misdirect_at = None;
+                let len = w.current[self.device].len() as u64;
+                offset = (to % (len - buf.len() as u64 + 1)) / SECTOR as u64 * SECTOR as u64;
+            }
             let off = offset as usize;
             w.current[self.device][off..off + buf.len()].copy_from_slice(buf);
             w.trace.push(Op::Write { device: self.device, offset, data: Arc::new(buf.to_vec()) });

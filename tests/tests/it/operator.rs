@@ -371,6 +371,49 @@ async fn a_resync_into_a_full_log_waits_for_room_and_ships_the_dirty_bytes_about
     kill_all([&mut staging, &mut replica]);
 }
 
+/// Staging's write log replaced while an agent protects the volume (a log re-created, a new disk,
+/// a damaged tail): the staging server comes back holding less than it acknowledged. The agent
+/// never numbers on from there (the replica holds those sequence numbers with the old data, and
+/// would skip the new ones as already held): it says why once, shows it in its status, and keeps
+/// every write in its change map; the replica keeps its image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_log_that_lost_acknowledged_writes_is_never_written_on() {
+    const VOLUME: u64 = 4 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let (source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    let opts = AgentOptions { reconnect_interval: Duration::from_millis(100), ..AgentOptions::default() };
+    let state = cl.dir.path().join("agent-state");
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), opts).await.unwrap();
+    for i in 0..16u64 {
+        agent.write(i * 65536, Bytes::from(drv_format::pattern(i, 65536)), Flags::default()).await.unwrap();
+    }
+    let (next, _) = agent.position();
+    assert_replica_equals(&cl, &source, next).await;
+    let replica_image = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    // Staging stops, and its log is replaced by a new, empty one.
+    kill_all([&mut staging]);
+    std::fs::remove_file(cl.dir.path().join("wrl0")).unwrap();
+    let mut staging = staging_up(&cl).await;
+    agent.write(0, Bytes::from(drv_format::pattern(99, 65536)), Flags::default()).await.unwrap();
+    until("change-map mode", Duration::from_secs(10), || agent.mode() == Mode::ChangeMap).await;
+    until("the agent's verdict", Duration::from_secs(10), || agent.status().problem.is_some()).await;
+    // Many reconnect intervals: it never resyncs into that log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = agent.status();
+    assert_eq!(st.mode, Mode::ChangeMap, "{st:?}");
+    assert_eq!(st.resync_bytes, 0, "nothing shipped into the new log: {st:?}");
+    let problem = st.problem.clone().unwrap();
+    assert!(problem.contains("holds it only up to seq 0") && problem.contains("lost acknowledged writes"), "{problem}");
+    assert!(st.dirty_bytes >= 65536, "the write since is kept in the change map: {st:?}");
+    let rep = cl.replica_status().unwrap();
+    assert!(rep.volumes[0].applied_seq + 1 >= next, "the replica stays where it was: {rep:?}");
+    assert_eq!(std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap(), replica_image);
+    kill_all([&mut staging, &mut replica]);
+}
+
 /// A replica target that is a block device smaller than the volume is refused when the entry is
 /// set on the replica's host, and by the replica at start wherever the entry was set.
 #[test]
