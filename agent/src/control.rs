@@ -56,6 +56,8 @@ pub enum Request {
     },
 }
 
+pub use drv_proto::status::CutReport;
+
 /// Why a hook failed: said to the client as the reply's `error`.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -81,29 +83,6 @@ pub type CaptureHook = std::sync::Arc<dyn Fn() -> CaptureReport + Send + Sync>;
 /// What `Detach` does, given by a capture path that can be detached: an error says why not
 /// (e.g. the device is mounted).
 pub type DetachHook = std::sync::Arc<dyn Fn() -> Result<(), HookError> + Send + Sync>;
-
-/// A tracker's report of one cut (`drv track sync`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CutReport {
-    /// Extents (merged runs of marked blocks) shipped, and their bytes.
-    pub extents: u64,
-    pub bytes: u64,
-    /// Seconds from the request to staging holding it all (or the timeout).
-    pub took_s: f64,
-    /// Staging holds the volume as of the cut (else the changes stay marked for the next one).
-    pub complete: bool,
-    /// The filesystem was frozen for the cut, and for how long.
-    pub frozen: bool,
-    pub frozen_s: Option<f64>,
-    /// Complete and frozen: a crash-consistent point.
-    pub consistent: bool,
-    /// The age of the oldest change the cut covered (the RPO just before it).
-    pub rpo_before_s: Option<f64>,
-    /// Bytes marked again while the cut ran (shipped by the next one).
-    pub pending_bytes: u64,
-    /// eBPF events lost since the tracker started (their ranges were shipped as unknown).
-    pub lost_events: u64,
-}
 
 /// The userspace capture path's figures (`drv agent status`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -1,12 +1,13 @@
 //! Block tracepoint programs (`capture-ebpf/`) from userspace: load and attach them
 //! ([`Tracer`]), decode their events ([`Op`], [`Request`]), and turn the event stream into
-//! telemetry ([`stats`]), tracked changes ([`track`]) and the cross-check of a capture path's
-//! epochs against the kernel's order ([`crosscheck`]).
+//! telemetry ([`stats`]), tracked changes ([`track`], and the tracker with its cuts:
+//! [`tracking`]) and the cross-check of a capture path's epochs against the kernel's order
+//! ([`crosscheck`]).
 //!
 //! The kernel side is built into this crate by `build.rs` when the eBPF toolchain is present;
 //! [`ebpf_built_in`] says whether it was and why not.
 //!
-//! Everything but [`loader`] (and the thread of [`crosscheck::OrderCheck`]) is I/O-free and
+//! Everything but [`loader`], [`tracking`] and the thread of [`crosscheck::OrderCheck`] is I/O-free and
 //! unit-tested with synthetic event streams.
 
 pub mod btf;
@@ -17,6 +18,7 @@ pub mod order;
 pub mod rwbs;
 pub mod stats;
 pub mod track;
+pub mod tracking;
 
 pub use drv_ebpf_common::{Event, KIND_COMPLETE, KIND_ISSUE};
 pub use loader::{LossReport, Mode, Tracer, TracerError};

@@ -87,7 +87,7 @@ pub fn record_device(state: &Path, device: &Path) -> Result<()> {
         .with_context(|| format!("write {}", state.join("device").display()))
 }
 
-pub use drv_blocktrace::crosscheck::monotonic_ns;
+use drv_blocktrace::crosscheck::monotonic_ns;
 
 pub fn trace(a: TraceArgs) -> Result<()> {
     let mut devices = Vec::new();

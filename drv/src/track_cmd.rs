@@ -1,34 +1,27 @@
 //! `drv track VOLUME` (eBPF change tracking without holding writes) and `drv track sync VOLUME`
-//! (ship the changes recorded so far, optionally at a frozen, consistent point).
-//!
-//! The tracker is an agent without a capture path: the eBPF programs see each write to the
-//! device when it is issued (see `drv_blocktrace::track` for the rules); a cut hands the marked
-//! extents to the agent as a resync, which reads them from the device (O_DIRECT) and ships them
-//! through staging like any resync. The replica applies a resync only when it is complete, so it
-//! moves from one cut to the next as a whole.
+//! (ship the changes recorded so far, optionally at a frozen, consistent point). The tracker and
+//! its cuts are `drv_blocktrace::tracking`'s; this file starts them around an agent and prints.
 //!
 //! What it does not give (ARCHITECTURE.md, "eBPF change tracking"): writes are not held, so a
 //! disaster loses everything written since the last completed cut; and a cut is crash-consistent
-//! only with `--freeze` (without it the blocks are read while the application keeps writing).
-//! Writes made while no tracker runs are invisible, so every start ships the whole volume.
+//! only with `--freeze`. Writes made while no tracker runs are invisible, so every start ships the
+//! whole volume.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use drv_agent::control::{self, CutReport, Request};
+use drv_agent::control::{self, Request};
 use drv_agent::{Agent, kmod};
-use drv_blocktrace::track::{Cut, LossAction, Marked};
-use drv_blocktrace::{Request as IoRequest, Tracer};
+use drv_blocktrace::tracking::{Poller, Ship, TrackError, Tracking, cut};
 use drv_config::ConfigStore;
-use drv_files::freeze::Frozen;
 use drv_transport::Identity;
 
 use crate::agent_cmd::{AgentArgs, ControlArgs, device_bytes, shutdown};
 use crate::servers::{addr, runtime};
-use crate::trace_cmd::{POLL, monotonic_ns, record_device};
+use crate::trace_cmd::{POLL, record_device};
 
 /// `drv track VOLUME ...` or `drv track sync VOLUME`.
 #[derive(Args)]
@@ -156,26 +149,15 @@ fn sync(volume: &str, freeze: Option<PathBuf>, timeout: f64, json: bool, control
     Ok(())
 }
 
-/// The tracker's state, shared by the polling thread and the cuts.
-struct State {
-    tracer: Tracer,
-    marked: Marked,
-}
+/// The agent ships a cut's extents (a resync of them) and says when staging holds them.
+struct AgentShip(Agent);
 
-impl State {
-    /// Takes every queued event and every loss report into the marks.
-    fn pump(&mut self) -> Result<()> {
-        let State { tracer, marked } = self;
-        tracer.drain(|e| marked.on(&IoRequest::from_event(e)));
-        let losses = self.tracer.losses().context("read the eBPF loss counters")?;
-        match self.marked.on_losses(&losses) {
-            LossAction::None => {}
-            LossAction::Ranges(r) => tracing::warn!("eBPF events lost: marking {} lost ranges as changed", r.len()),
-            LossAction::All => {
-                tracing::warn!("eBPF events lost without a known range: marking the whole volume as changed")
-            }
-        }
-        Ok(())
+impl Ship for AgentShip {
+    async fn ship(&self, extents: &[(u64, u64)]) -> Result<(), TrackError> {
+        self.0.resync_ranges(extents).await.map_err(|e| TrackError::Ship(e.to_string()))
+    }
+    async fn wait_synced(&self, timeout: Duration) -> bool {
+        self.0.wait_synced(timeout).await
     }
 }
 
@@ -200,11 +182,9 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
     let state_dir = a.state_dir(volume);
     record_device(&state_dir, &a.device)?;
     // The programs first: from here on no write to the device goes unseen.
-    let tracer = Tracer::start(&[dev]).context("start the eBPF programs")?;
-    let state = Arc::new(Mutex::new(State {
-        tracer,
-        marked: Marked::new(dev, view.volume.size_bytes, view.volume.block_bytes),
-    }));
+    let tracking =
+        Tracking::start(dev, view.volume.size_bytes, view.volume.block_bytes).context("start the eBPF programs")?;
+    let state = Arc::new(Mutex::new(tracking));
     let opts = a.options(view.volume.block_bytes);
     let socket = a.control.socket_of(volume);
     let rt = runtime()?;
@@ -220,26 +200,16 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
             // Nothing before this start was seen: copy everything once (the application keeps
             // writing; what it writes from now on is tracked and shipped at the next cut).
             agent.start_initial_sync(None).await.context("start the initial copy")?;
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let poller = {
-                let (state, stop) = (state.clone(), stop.clone());
-                std::thread::Builder::new().name("drv-track-poll".into()).spawn(move || -> Result<()> {
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        state.lock().expect("track state").pump()?;
-                        std::thread::sleep(POLL);
-                    }
-                    Ok(())
-                })?
-            };
+            let poller = Poller::start(state.clone(), POLL)?;
             let cuts = Arc::new(tokio::sync::Mutex::new(()));
             let hook: control::TrackSyncHook = {
-                let (state, agent, cuts) = (state.clone(), agent.clone(), cuts.clone());
+                let (state, ship, cuts) = (state.clone(), Arc::new(AgentShip(agent.clone())), cuts.clone());
                 Arc::new(move |freeze, timeout_ms| {
-                    let (state, agent, cuts) = (state.clone(), agent.clone(), cuts.clone());
+                    let (state, ship, cuts) = (state.clone(), ship.clone(), cuts.clone());
                     Box::pin(async move {
                         let _one = cuts.lock().await;
                         let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000));
-                        cut(&state, &agent, freeze.as_deref(), timeout).await.map_err(|e| crate::report(e.as_ref()).into())
+                        Ok(cut(&state, ship.as_ref(), freeze.as_deref(), timeout).await?)
                     })
                 })
             };
@@ -272,54 +242,11 @@ fn run_tracker(volume: &str, a: &AgentArgs, every: Option<f64>, freeze: Option<P
                 _ = periodic => Ok(()),
                 _ = shutdown() => Ok(()),
             };
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            poller.join().map_err(|_| anyhow::anyhow!("the polling thread panicked"))??;
+            poller.stop()?;
             r
         };
         let r = run.await;
         let _ = std::fs::remove_file(&socket);
         r
-    })
-}
-
-/// One cut: freeze (optionally), take the marks, ship them, wait for staging, thaw.
-async fn cut(state: &Arc<Mutex<State>>, agent: &Agent, freeze: Option<&Path>, timeout: Duration) -> Result<CutReport> {
-    let t0 = Instant::now();
-    let frozen = match freeze {
-        Some(m) => Some(Frozen::freeze(m)?),
-        None => None,
-    };
-    // After a freeze returns, every write of the filesystem has completed: the events up to
-    // now describe the device as it is.
-    let Cut { extents, rpo_before_ns, lost } = {
-        let st = state.clone();
-        tokio::task::spawn_blocking(move || -> Result<_> {
-            let mut s = st.lock().expect("track state");
-            s.pump()?;
-            Ok(s.marked.cut(monotonic_ns()))
-        })
-        .await??
-    };
-    let bytes: u64 = extents.iter().map(|e| e.1).sum();
-    if !extents.is_empty() {
-        agent.resync_ranges(&extents).await.context("hand the changes to the agent")?;
-    }
-    let complete = agent.wait_synced(timeout).await;
-    let frozen_s = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
-    if let Some(f) = frozen {
-        f.thaw()?;
-    }
-    let pending = state.lock().expect("track state").marked.pending_bytes();
-    Ok(CutReport {
-        extents: extents.len() as u64,
-        bytes,
-        took_s: t0.elapsed().as_secs_f64(),
-        complete,
-        frozen: freeze.is_some(),
-        frozen_s,
-        consistent: complete && freeze.is_some(),
-        rpo_before_s: rpo_before_ns.map(|n| n as f64 / 1e9),
-        pending_bytes: pending,
-        lost_events: lost,
     })
 }
