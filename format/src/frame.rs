@@ -132,12 +132,13 @@ pub enum Frame {
     StatusReply {
         json: Vec<u8>,
     },
-    /// Admin -> replica: take a snapshot of a volume at its applied epoch.
+    /// Admin -> replica: a snapshot operation ([`snapshot_op`]) on snapshot `name` of a volume.
     SnapshotRequest {
         volume_id: u64,
+        op: u8,
         name: String,
     },
-    /// Replica -> admin: the snapshot taken (JSON).
+    /// Replica -> admin: what the operation did (JSON, one type per operation).
     SnapshotReply {
         json: Vec<u8>,
     },
@@ -153,6 +154,18 @@ pub enum Frame {
     MediaReply {
         json: Vec<u8>,
     },
+}
+
+/// Snapshot operations ([`Frame::SnapshotRequest`]).
+pub mod snapshot_op {
+    /// Take snapshot `name` at the applied position.
+    pub const CREATE: u8 = 1;
+    /// Delete it, freeing what no other snapshot needs.
+    pub const DELETE: u8 = 2;
+    /// The digest of its image.
+    pub const DIGEST: u8 = 3;
+    /// Every snapshot of the volume with the space each holds alone (`name` empty).
+    pub const LIST: u8 = 4;
 }
 
 /// Steps of a media resync ([`Frame::MediaRequest`]).
@@ -284,13 +297,21 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
         }
         FrameType::StatusReply => Frame::StatusReply { json: body.to_vec() },
         FrameType::SnapshotRequest => {
-            need(10)?;
-            let (volume_id, len) = (d.u64(), d.u16());
-            exact(10 + len as usize)?;
-            let name = std::str::from_utf8(&body[10..])
+            need(12)?;
+            let volume_id = d.u64();
+            let (op, reserved) = (body[8], body[9]);
+            if reserved != 0 {
+                return Err(FormatError::ReservedNotZero { what: "snapshot request" });
+            }
+            if !(snapshot_op::CREATE..=snapshot_op::LIST).contains(&op) {
+                return Err(FormatError::Invalid { what: "snapshot request", field: "op", value: op as u64 });
+            }
+            let len = u16::from_le_bytes([body[10], body[11]]);
+            exact(12 + len as usize)?;
+            let name = std::str::from_utf8(&body[12..])
                 .map_err(|_| FormatError::Invalid { what: "snapshot request", field: "name", value: 0 })?
                 .to_owned();
-            Frame::SnapshotRequest { volume_id, name }
+            Frame::SnapshotRequest { volume_id, op, name }
         }
         FrameType::SnapshotReply => Frame::SnapshotReply { json: body.to_vec() },
         FrameType::MediaRequest => {
@@ -402,10 +423,10 @@ impl Frame {
                     e.u64(*volume_id).bytes(&[*op, 0, 0, 0, 0, 0, 0, 0]).u64(*arg);
                 });
             }
-            Frame::SnapshotRequest { volume_id, name } => {
+            Frame::SnapshotRequest { volume_id, op, name } => {
                 let n = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
-                put(&mut out, 10, &mut |e| {
-                    e.u64(*volume_id).u16(n.len() as u16);
+                put(&mut out, 12, &mut |e| {
+                    e.u64(*volume_id).bytes(&[*op, 0]).u16(n.len() as u16);
                 });
                 out.extend_from_slice(n);
             }
@@ -428,7 +449,7 @@ impl Frame {
             Frame::Write { data, .. } => 40 + data.len(),
             Frame::Records { bytes, .. } => 16 + bytes.len(),
             Frame::StatusReply { json } | Frame::SnapshotReply { json } | Frame::MediaReply { json } => json.len(),
-            Frame::SnapshotRequest { name, .. } => 10 + name.len(),
+            Frame::SnapshotRequest { name, .. } => 12 + name.len(),
             Frame::Error { message, .. } => 4 + message.len(),
             _ => 24,
         }
@@ -545,7 +566,7 @@ mod tests {
             Frame::Records { volume_id: 3, count: 0, bytes: Bytes::new() },
             Frame::StatusRequest,
             Frame::StatusReply { json: b"{}".to_vec() },
-            Frame::SnapshotRequest { volume_id: 3, name: "before-upgrade".into() },
+            Frame::SnapshotRequest { volume_id: 3, op: snapshot_op::CREATE, name: "before-upgrade".into() },
             Frame::SnapshotReply { json: b"{}".to_vec() },
             Frame::MediaRequest { volume_id: 3, op: media_op::COMPLETE, arg: 1 << 40 },
             Frame::MediaReply { json: b"{}".to_vec() },

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod cow;
 pub mod epoch;
 pub mod relay;
 pub mod seq;

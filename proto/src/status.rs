@@ -120,6 +120,9 @@ pub struct ReplicaVolume {
     /// Why the apply step stopped, if it did.
     pub error: Option<String>,
     pub snapshots: Vec<SnapshotInfo>,
+    /// Bytes the snapshot store holds for all of them.
+    #[serde(default)]
+    pub snapshot_store_bytes: u64,
 }
 
 /// A replica's DR log.
@@ -151,12 +154,40 @@ pub struct SnapshotInfo {
     pub volume: String,
     pub volume_id: u64,
     pub name: String,
-    /// The applied position the copy shows: every write up to `seq` (epoch `epoch`), none after.
+    /// The applied position the image shows: every write up to `seq` (epoch `epoch`), none after.
+    pub seq: u64,
+    pub epoch: u64,
+    /// The image's size (the volume's).
+    pub bytes: u64,
+    pub created_unix: u64,
+    /// The volume's snapshot store (copy-on-write: the image is the target plus the blocks the
+    /// store preserved for it).
+    pub path: String,
+    /// Bytes of the store only this snapshot needs (what deleting it frees); in `drv snapshot
+    /// list`, not in the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_bytes: Option<u64>,
+}
+
+/// What deleting a snapshot did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDeleted {
+    pub volume: String,
+    pub name: String,
+    /// Store bytes freed (what no other snapshot needed).
+    pub freed_bytes: u64,
+}
+
+/// The digest of a snapshot's image (xxh3-128 of the whole image, as `drv demo` prints).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDigest {
+    pub volume: String,
+    pub name: String,
     pub seq: u64,
     pub epoch: u64,
     pub bytes: u64,
-    pub created_unix: u64,
-    pub path: String,
+    /// 32 hex digits.
+    pub xxh3_128: String,
 }
 
 /// A tracker's report of one cut (`drv track sync`).

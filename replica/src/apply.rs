@@ -26,6 +26,7 @@ use std::time::Duration;
 use drv_format::crypto::VolumeKey;
 use drv_format::record::Flags;
 use drv_proto::Sequencer;
+use drv_proto::cow::Write;
 use drv_proto::units::{Entry, Units};
 use drv_wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
@@ -46,8 +47,9 @@ pub enum ApplyError {
     Decrypt { volume: u64, seq: u64, err: drv_format::crypto::KeyError },
     #[error(transparent)]
     Media(#[from] MediaError),
-    #[error("before overwrite at {offset}: {err}")]
-    BeforeOverwrite { offset: u64, err: std::io::Error },
+    /// The snapshot store could not preserve what a snapshot needs (nothing was overwritten).
+    #[error("preserve blocks for snapshots: {0}")]
+    Preserve(#[from] crate::cow::CowError),
     #[error("write {path} at offset {offset}: {err}")]
     Write { path: String, offset: u64, err: std::io::Error },
     #[error("fdatasync {path}: {err}")]
@@ -56,19 +58,40 @@ pub enum ApplyError {
     StorePosition { path: String, err: std::io::Error },
 }
 
-/// Called with the range of every block the apply step is about to overwrite: the one place where
-/// copy-on-write snapshots (save the old block first) will hook in.
+/// Told every batch of writes the apply step is about to make, before any reaches the target:
+/// where copy-on-write snapshots save the old blocks (`snapshot::Snapshots`).
 pub trait OverwriteObserver: Send + Sync {
-    fn before_overwrite(&self, volume_id: u64, offset: u64, len: u64) -> std::io::Result<()>;
+    fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write]) -> Result<(), crate::cow::CowError>;
 }
 
-/// The observer used while no snapshot exists.
+/// The observer of a replica without snapshot stores (tools that replay a DR log).
 pub struct NoSnapshots;
 
 impl OverwriteObserver for NoSnapshots {
-    fn before_overwrite(&self, _: u64, _: u64, _: u64) -> std::io::Result<()> {
+    fn before_apply(&self, _: u64, _: &File, _: &[Write]) -> Result<(), crate::cow::CowError> {
         Ok(())
     }
+}
+
+/// The writes of `records` (whole units, in order), each with the position that ends its unit
+/// (a resync run is one unit whatever its epochs; an epoch is one otherwise).
+pub fn unit_writes(records: &[LogRecord]) -> Vec<Write> {
+    let unit = |d: &drv_format::record::WriteDesc| {
+        if d.flags.contains(Flags::RESYNC) { (true, 0) } else { (false, d.epoch) }
+    };
+    let mut out = Vec::with_capacity(records.len());
+    let (mut end, mut current) = (0, None);
+    for r in records.iter().rev() {
+        let d = &r.header.desc;
+        if current != Some(unit(d)) {
+            (end, current) = (d.volume_seq, Some(unit(d)));
+        }
+        if d.length > 0 {
+            out.push(Write { offset: d.offset, len: d.length as u64, unit_end: end });
+        }
+    }
+    out.reverse();
+    out
 }
 
 /// The durable applied position of a volume (`NAME.applied`, replaced atomically).
@@ -119,6 +142,9 @@ pub struct ApplyState {
 pub struct ReplicaVolume {
     pub id: u64,
     pub name: String,
+    pub size_bytes: u64,
+    /// The volume's block size (change maps, snapshot stores).
+    pub block_bytes: u64,
     pub key: VolumeKey,
     pub target_path: PathBuf,
     target: File,
@@ -187,6 +213,8 @@ impl ReplicaVolume {
         Ok(ReplicaVolume {
             id,
             name: name.to_owned(),
+            size_bytes,
+            block_bytes,
             key,
             target_path,
             target,
@@ -202,6 +230,11 @@ impl ReplicaVolume {
             apply_gate: Mutex::new(()),
             media: Mutex::new(media),
         })
+    }
+
+    /// The target, for reads (snapshot images read it where nothing was preserved).
+    pub fn target(&self) -> &File {
+        &self.target
     }
 
     /// Notes records durable in the DR log up to `seq` and wakes the apply loop.
@@ -311,6 +344,7 @@ pub fn run(
 ) {
     lower_priority();
     let mut last_step = std::time::Instant::now();
+    let mut full_said = false;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         {
             let s = v.state.lock().expect("apply state");
@@ -329,8 +363,19 @@ pub fn run(
         }
         last_step = std::time::Instant::now();
         match applier.step(&v, &drlog, observer.as_ref()) {
-            Ok(true) => {}
+            Ok(true) => full_said = false,
             Ok(false) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e @ ApplyError::Preserve(crate::cow::CowError::Full { .. })) => {
+                // Never overwrite what a snapshot needs: wait until a snapshot is deleted (or
+                // the limit raised), then read the DR log again from the applied position.
+                if !std::mem::replace(&mut full_said, true) {
+                    tracing::error!(volume = v.id, "apply waits: {e}");
+                }
+                v.state.lock().expect("apply state").error = Some(e.to_string());
+                std::thread::sleep(STORE_FULL_RETRY);
+                applier = Applier::new(&v, &drlog);
+                v.state.lock().expect("apply state").error = None;
+            }
             Err(e) => {
                 tracing::error!(volume = v.id, "apply stopped: {e}");
                 v.state.lock().expect("apply state").error = Some(e.to_string());
@@ -338,6 +383,9 @@ pub fn run(
         }
     }
 }
+
+/// How often apply tries again while the snapshot store is full.
+const STORE_FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// Least time between two apply steps while the DR log has room (see `run`).
 pub const APPLY_INTERVAL: Duration = Duration::from_millis(50);
@@ -380,6 +428,8 @@ fn apply_units(
         }
         v.media.lock().expect("media").mark(&ranges)?;
     } else {
+        // Snapshots first: what they need of the blocks about to change is preserved, durably.
+        observer.before_apply(v.id, &v.target, &unit_writes(records))?;
         for r in records {
             let d = &r.header.desc;
             let plain = v.key.open(d, &r.payload).map_err(|err| ApplyError::Decrypt {
@@ -390,9 +440,6 @@ fn apply_units(
             if plain.is_empty() {
                 continue;
             }
-            observer
-                .before_overwrite(v.id, d.offset, plain.len() as u64)
-                .map_err(|err| ApplyError::BeforeOverwrite { offset: d.offset, err })?;
             v.target.write_all_at(&plain, d.offset).map_err(|err| ApplyError::Write {
                 path: v.target_path.display().to_string(),
                 offset: d.offset,

@@ -10,6 +10,7 @@
 //! - `snapshot.rs`: point-in-time copies of a volume at a unit boundary (`drv snapshot create`).
 
 pub mod apply;
+pub mod cow;
 pub mod media;
 pub mod server;
 pub mod snapshot;

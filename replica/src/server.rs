@@ -19,9 +19,9 @@ use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
 use drv_wrl::storage::{FileStorage, Storage};
 use drv_wrl::{self as wrl, CreateOptions, Wrl, WrlOptions};
 
-use crate::apply::{self, NoSnapshots, ReplicaVolume};
+use crate::apply::{self, ReplicaVolume};
 use crate::media::{MediaError, MediaReport};
-use crate::snapshot;
+use crate::snapshot::{self, Snapshots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -67,6 +67,8 @@ pub struct ReplicaServer {
     pub identity: Identity,
     pub drlog: Arc<Wrl>,
     pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
+    /// The volumes' snapshot stores (the apply step preserves through them).
+    pub snapshots: Arc<Snapshots>,
     /// The data directory (DR log, applied positions, default targets, snapshots).
     pub dir: PathBuf,
     /// The data directory's lock, held while the server lives.
@@ -132,14 +134,16 @@ impl ReplicaServer {
             let rv =
                 ReplicaVolume::open(&v.name, &v.volume, key, target, dir.join(format!("{}.applied", v.name)), &drlog)
                     .map_err(|e| err(e.to_string()))?;
-            snapshot::sweep(&dir, &rv);
             volumes.insert(v.volume.id, Arc::new(rv));
         }
+        let snapshots = Snapshots::open(&dir, volumes.values().map(|v| v.as_ref()), None)
+            .map_err(|e| ReplicaError::DataDir { path: dir.display().to_string(), reason: e.to_string() })?;
         Ok(Arc::new(ReplicaServer {
             name: node.name.clone(),
             identity,
             drlog,
             volumes,
+            snapshots: Arc::new(snapshots),
             dir,
             _lock: lock,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
@@ -155,7 +159,7 @@ impl ReplicaServer {
     pub fn catch_up(&self) -> Result<Vec<(u64, apply::Applier)>, ReplicaError> {
         let mut out = Vec::new();
         for v in self.volumes.values() {
-            let a = apply::catch_up(v, &self.drlog, &NoSnapshots)
+            let a = apply::catch_up(v, &self.drlog, self.snapshots.as_ref())
                 .map_err(|err| ReplicaError::Apply { name: v.name.clone(), err: Box::new(err) })?;
             let s = v.state.lock().expect("apply state");
             tracing::info!(volume = %v.name, applied_seq = s.applied.seq, applied_epoch = s.applied.epoch, "caught up from the DR log");
@@ -168,10 +172,10 @@ impl ReplicaServer {
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ReplicaError> {
         for (id, applier) in self.catch_up()? {
             let v = self.volumes[&id].clone();
-            let (log, stop) = (self.drlog.clone(), self.stop.clone());
+            let (log, stop, snapshots) = (self.drlog.clone(), self.stop.clone(), self.snapshots.clone());
             std::thread::Builder::new()
                 .name(format!("apply-{}", v.name))
-                .spawn(move || apply::run(v, log, Arc::new(NoSnapshots), stop, applier))
+                .spawn(move || apply::run(v, log, snapshots, stop, applier))
                 .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })?;
         }
         let server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
@@ -212,8 +216,8 @@ impl ReplicaServer {
                 Frame::StatusRequest => {
                     let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
                 }
-                Frame::SnapshotRequest { volume_id, name } => {
-                    let _ = out.send(self.snapshot(volume_id, name).await);
+                Frame::SnapshotRequest { volume_id, op, name } => {
+                    let _ = out.send(self.snapshot(volume_id, op, name).await);
                 }
                 Frame::MediaRequest { volume_id, op, arg } => {
                     let _ = out.send(self.media(volume_id, op, arg).await);
@@ -247,15 +251,27 @@ impl ReplicaServer {
     }
 
     /// A snapshot request: the reply.
-    async fn snapshot(&self, volume_id: u64, name: String) -> Frame {
+    async fn snapshot(&self, volume_id: u64, op: u8, name: String) -> Frame {
+        use drv_format::frame::snapshot_op;
+        use snapshot::SnapshotError as E;
         let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
-        let (v, dir) = (v.clone(), self.dir.clone());
-        match tokio::task::spawn_blocking(move || snapshot::create(&dir, &v, &name)).await {
-            Ok(Ok(info)) => Frame::SnapshotReply { json: serde_json::to_vec(&info).expect("serializable") },
-            Ok(Err(e @ snapshot::SnapshotError::Refused(_))) => {
-                Frame::Error { code: code::BUSY, message: e.to_string() }
-            }
-            Ok(Err(e @ (snapshot::SnapshotError::BadName(_) | snapshot::SnapshotError::Exists(..)))) => {
+        let (v, snaps) = (v.clone(), self.snapshots.clone());
+        fn json<T: serde::Serialize>(x: &T) -> Vec<u8> {
+            serde_json::to_vec(x).expect("serializable")
+        }
+        let r = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, E> {
+            Ok(match op {
+                snapshot_op::CREATE => json(&snaps.create(&v, &name)?),
+                snapshot_op::DELETE => json(&snaps.delete(&v, &name)?),
+                snapshot_op::DIGEST => json(&snaps.digest(&v, &name)?),
+                _ => json(&snaps.list(&v, true)?),
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok(json)) => Frame::SnapshotReply { json },
+            Ok(Err(e @ E::Refused(_))) => Frame::Error { code: code::BUSY, message: e.to_string() },
+            Ok(Err(e @ (E::BadName(_) | E::Exists(..) | E::NotFound { .. }))) => {
                 Frame::Error { code: code::INVALID, message: e.to_string() }
             }
             Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
@@ -267,6 +283,18 @@ impl ReplicaServer {
     async fn media(&self, volume_id: u64, op: u8, arg: u64) -> Frame {
         let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
         let v = v.clone();
+        // A backup copied onto the target passes by the apply step, and so by the snapshot store:
+        // the snapshots would read the backup's blocks as theirs.
+        let snapshots = self.snapshots.list(&v, false).map(|l| l.len()).unwrap_or(0);
+        if op == drv_format::frame::media_op::BEGIN && snapshots > 0 {
+            return Frame::Error {
+                code: code::BUSY,
+                message: format!(
+                    "volume {} has {snapshots} snapshot(s): a media resync writes the target outside the replica, under them; delete them first (`drv snapshot list`)",
+                    v.name
+                ),
+            };
+        }
         match tokio::task::spawn_blocking(move || media_step(&v, op, arg)).await {
             Ok(Ok(r)) => Frame::MediaReply { json: serde_json::to_vec(&r).expect("serializable") },
             Ok(Err(e @ MediaError::Phase { .. })) => Frame::Error { code: code::BUSY, message: e.to_string() },
@@ -424,7 +452,8 @@ impl ReplicaServer {
             pending_records: s.pending_records,
             applied_units: s.applied_units,
             error: s.error,
-            snapshots: snapshot::list(&self.dir, v),
+            snapshots: self.snapshots.list(v, false).unwrap_or_default(),
+            snapshot_store_bytes: self.snapshots.store_bytes(v),
         }
     }
 }

@@ -1,26 +1,25 @@
-//! Snapshots of a replica volume: a full, point-in-time copy of the target taken at a unit
-//! boundary (the apply step is held while it is copied), with its metadata beside it.
+//! Snapshots of the replica's volumes, copy-on-write: taking one records the applied position (one
+//! small commit, whatever the volume's size); from then on the apply step preserves a block's old
+//! content in the volume's store the first time it overwrites it ([`Snapshots`] is the apply
+//! step's [`OverwriteObserver`]), and the snapshot's image is the target plus what the store
+//! preserved for it. One preserved block serves every snapshot taken between two writes of it.
+//! The store is `cow.rs`; the rules are `drv_proto::cow`'s.
 //!
-//! Layout under the replica's data directory:
-//!
-//! ```text
-//! snapshots/VOLUME/NAME.img    the copy (same size as the volume)
-//! snapshots/VOLUME/NAME.json   {"volume", "volume_id", "name", "seq", "epoch", "bytes", "created_unix"}
-//! ```
-//!
-//! Crash analysis: the copy is written to a temporary file of its own (`drv_files::temp_path`),
-//! synced, renamed, then the metadata is replaced the same way and the directory synced. A snapshot
-//! exists only once `NAME.json` does; a crash before that leaves a temporary file (removed at the
-//! next start, `sweep`) or an `.img` without metadata, which `list` ignores and the next `create`
-//! of that name replaces.
-//!
-//! Copy-on-write snapshots hook into the apply step's `OverwriteObserver` instead of copying; this
-//! full copy is what works on any file system and block device.
+//! Layout under the replica's data directory: `snapshots/VOLUME/cow.redb` and
+//! `snapshots/VOLUME/cow.data` (docs/formats.md, "Snapshot store").
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use crate::apply::ReplicaVolume;
+use drv_proto::cow::Write;
+use drv_proto::status::{SnapshotDeleted, SnapshotDigest};
+
+use crate::apply::{OverwriteObserver, ReplicaVolume};
+use crate::cow::{CowError, CowStore, SnapshotMeta};
+
+pub use drv_proto::status::SnapshotInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -31,11 +30,11 @@ pub enum SnapshotError {
     BadName(String),
     #[error("snapshot {0} of volume {1} exists already")]
     Exists(String, String),
-    #[error("snapshot {path}: {reason}")]
-    Io { path: String, reason: String },
+    #[error("volume {volume} has no snapshot {name}")]
+    NotFound { name: String, volume: String },
+    #[error(transparent)]
+    Store(CowError),
 }
-
-pub use drv_proto::status::SnapshotInfo;
 
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -43,101 +42,154 @@ fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn volume_dir(root: &Path, v: &ReplicaVolume) -> PathBuf {
-    root.join("snapshots").join(&v.name)
+/// The snapshot stores of a replica's volumes.
+pub struct Snapshots {
+    root: PathBuf,
+    stores: HashMap<u64, Arc<RwLock<CowStore>>>,
 }
 
-/// Removes what copies interrupted by a crash left in `v`'s snapshot directory.
-pub fn sweep(root: &Path, v: &ReplicaVolume) {
-    let _ = drv_files::sweep_temps(&volume_dir(root, v));
-}
+impl Snapshots {
+    /// Opens the store of every volume under `root` (the data directory), each allowed at most
+    /// `limit_bytes` (`None`: no limit).
+    pub fn open<'a>(
+        root: &Path,
+        volumes: impl IntoIterator<Item = &'a ReplicaVolume>,
+        limit_bytes: Option<u64>,
+    ) -> Result<Snapshots, CowError> {
+        let mut stores = HashMap::new();
+        for v in volumes {
+            let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, limit_bytes)?;
+            stores.insert(v.id, Arc::new(RwLock::new(store)));
+        }
+        Ok(Snapshots { root: root.to_path_buf(), stores })
+    }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
-    move |e| SnapshotError::Io { path: path.display().to_string(), reason: e.to_string() }
-}
+    fn store(&self, v: &ReplicaVolume) -> &Arc<RwLock<CowStore>> {
+        self.stores.get(&v.id).unwrap_or_else(|| panic!("volume {} has no snapshot store", v.id))
+    }
 
-/// Takes a snapshot named `name` of `v` under `root` (the replica's data directory). Refused while
-/// the volume is resyncing (its target would not show any state the source had) or stopped by an
-/// apply error.
-pub fn create(root: &Path, v: &ReplicaVolume, name: &str) -> Result<SnapshotInfo, SnapshotError> {
-    if !valid_name(name) {
-        return Err(SnapshotError::BadName(name.to_owned()));
+    fn info(&self, v: &ReplicaVolume, name: String, m: &SnapshotMeta, own_bytes: Option<u64>) -> SnapshotInfo {
+        SnapshotInfo {
+            volume: v.name.clone(),
+            volume_id: v.id,
+            name,
+            seq: m.seq,
+            epoch: m.epoch,
+            bytes: v.size_bytes,
+            created_unix: m.created_unix,
+            path: volume_dir(&self.root, v).display().to_string(),
+            own_bytes,
+        }
     }
-    let dir = volume_dir(root, v);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let meta_path = dir.join(format!("{name}.json"));
-    if meta_path.exists() {
-        return Err(SnapshotError::Exists(name.to_owned(), v.name.clone()));
-    }
-    // Hold the apply step: the target stays at the unit boundary read below.
-    let _gate = v.apply_gate.lock().expect("apply gate");
-    let media = v.media.lock().expect("media").phase;
-    if media.is_some() {
-        return Err(SnapshotError::Refused(format!(
-            "volume {} is in a media resync ({}): its target shows no state the source had until it finishes",
-            v.name,
-            crate::media::phase_name(media)
-        )));
-    }
-    let applied = {
-        let s = v.state.lock().expect("apply state");
-        if s.resyncing {
+
+    /// Takes snapshot `name` of `v` at its applied position. Refused while the volume is
+    /// resyncing or in a media resync (its target shows no state the source had) or stopped by
+    /// an apply error.
+    pub fn create(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotInfo, SnapshotError> {
+        if !valid_name(name) {
+            return Err(SnapshotError::BadName(name.to_owned()));
+        }
+        // Hold the apply step: the position read below does not move until the snapshot is in.
+        let _gate = v.apply_gate.lock().expect("apply gate");
+        let media = v.media.lock().expect("media").phase;
+        if media.is_some() {
             return Err(SnapshotError::Refused(format!(
-                "volume {} is resyncing: a snapshot now would not be consistent with any state of the source",
-                v.name
+                "volume {} is in a media resync ({}): its target shows no state the source had until it finishes",
+                v.name,
+                crate::media::phase_name(media)
             )));
         }
-        if let Some(e) = &s.error {
-            return Err(SnapshotError::Refused(format!("volume {}: apply is stopped: {e}", v.name)));
-        }
-        s.applied
-    };
-    let img = dir.join(format!("{name}.img"));
-    // A temporary name of its own: two copies never write one file.
-    let tmp = drv_files::temp_path(&img);
-    let copied = (|| {
-        let mut src = File::open(&v.target_path).map_err(io_err(&v.target_path))?;
-        let mut dst = File::create(&tmp).map_err(io_err(&tmp))?;
-        // std::io::copy uses copy_file_range between files: the kernel copies, no user buffer.
-        let n = std::io::copy(&mut src, &mut dst).map_err(io_err(&tmp))?;
-        dst.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &img).map_err(io_err(&img))?;
-        Ok(n)
-    })();
-    if copied.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let applied = {
+            let s = v.state.lock().expect("apply state");
+            if s.resyncing {
+                return Err(SnapshotError::Refused(format!(
+                    "volume {} is resyncing: a snapshot now would not be consistent with any state of the source",
+                    v.name
+                )));
+            }
+            if let Some(e) = &s.error {
+                return Err(SnapshotError::Refused(format!("volume {}: apply is stopped: {e}", v.name)));
+            }
+            s.applied
+        };
+        let meta =
+            self.store(v).write().expect("store").create(name, applied.seq, applied.epoch).map_err(|e| match e {
+                CowError::Exists(_) => SnapshotError::Exists(name.to_owned(), v.name.clone()),
+                e => SnapshotError::Store(e),
+            })?;
+        tracing::info!(volume = %v.name, snapshot = name, seq = meta.seq, epoch = meta.epoch, "snapshot taken");
+        Ok(self.info(v, name.to_owned(), &meta, None))
     }
-    let bytes = copied?;
-    let info = SnapshotInfo {
-        volume: v.name.clone(),
-        volume_id: v.id,
-        name: name.to_owned(),
-        seq: applied.seq,
-        epoch: applied.epoch,
-        bytes,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        path: img.display().to_string(),
-    };
-    drv_files::replace(&meta_path, serde_json::to_string_pretty(&info).expect("serializable").as_bytes())
-        .map_err(io_err(&meta_path))?;
-    tracing::info!(volume = %v.name, snapshot = name, seq = applied.seq, epoch = applied.epoch, "snapshot taken");
-    Ok(info)
+
+    /// Deletes snapshot `name` of `v`.
+    pub fn delete(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotDeleted, SnapshotError> {
+        let freed_bytes = self.store(v).write().expect("store").delete(name).map_err(|e| self.not_found(v, name, e))?;
+        tracing::info!(volume = %v.name, snapshot = name, freed_bytes, "snapshot deleted");
+        Ok(SnapshotDeleted { volume: v.name.clone(), name: name.to_owned(), freed_bytes })
+    }
+
+    fn not_found(&self, v: &ReplicaVolume, name: &str, e: CowError) -> SnapshotError {
+        match e {
+            CowError::NotFound(_) => SnapshotError::NotFound { name: name.to_owned(), volume: v.name.clone() },
+            e => SnapshotError::Store(e),
+        }
+    }
+
+    /// The xxh3-128 digest of snapshot `name`'s image (read while replication goes on).
+    pub fn digest(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotDigest, SnapshotError> {
+        let store = self.store(v).read().expect("store");
+        let meta = store.get(name).map_err(|e| self.not_found(v, name, e))?;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; v.block_bytes as usize];
+        for block in 0..v.size_bytes.div_ceil(v.block_bytes) {
+            let len = v.block_bytes.min(v.size_bytes - block * v.block_bytes) as usize;
+            store.read_at_point(v.target(), meta.seq, block, &mut buf[..len]).map_err(SnapshotError::Store)?;
+            h.update(&buf[..len]);
+        }
+        Ok(SnapshotDigest {
+            volume: v.name.clone(),
+            name: name.to_owned(),
+            seq: meta.seq,
+            epoch: meta.epoch,
+            bytes: v.size_bytes,
+            xxh3_128: format!("{:032x}", h.digest128()),
+        })
+    }
+
+    /// The snapshots of `v`, oldest first; with the bytes each holds alone when `space`.
+    pub fn list(&self, v: &ReplicaVolume, space: bool) -> Result<Vec<SnapshotInfo>, SnapshotError> {
+        let store = self.store(v).read().expect("store");
+        let own = if space { Some(store.own_bytes().map_err(SnapshotError::Store)?) } else { None };
+        let mut out: Vec<SnapshotInfo> = store
+            .list()
+            .map_err(SnapshotError::Store)?
+            .into_iter()
+            .map(|(name, m)| {
+                let own = own.as_ref().map(|o| o.get(&m.seq).copied().unwrap_or(0));
+                self.info(v, name, &m, own)
+            })
+            .collect();
+        out.sort_by_key(|s| (s.seq, s.created_unix));
+        Ok(out)
+    }
+
+    /// Bytes `v`'s store holds for all of its snapshots.
+    pub fn store_bytes(&self, v: &ReplicaVolume) -> u64 {
+        self.store(v).read().expect("store").usage().map(|u| u.used_bytes).unwrap_or(0)
+    }
 }
 
-/// The snapshots of `v` (those whose metadata was written), oldest first.
-pub fn list(root: &Path, v: &ReplicaVolume) -> Vec<SnapshotInfo> {
-    let Ok(rd) = std::fs::read_dir(volume_dir(root, v)) else { return Vec::new() };
-    let mut out: Vec<SnapshotInfo> = rd
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice(&b).ok())
-        .collect();
-    out.sort_by_key(|s| (s.created_unix, s.seq));
-    out
+impl OverwriteObserver for Snapshots {
+    fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write]) -> Result<(), CowError> {
+        match self.stores.get(&volume_id) {
+            Some(s) => s.read().expect("store").preserve(target, writes).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn volume_dir(root: &Path, v: &ReplicaVolume) -> PathBuf {
+    root.join("snapshots").join(&v.name)
 }
 
 #[cfg(test)]

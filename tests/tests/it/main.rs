@@ -8,6 +8,7 @@ mod ebpf;
 mod operator;
 mod protocol;
 mod relay;
+mod snapshots;
 mod user;
 mod wrl;
 mod wrl_crash;

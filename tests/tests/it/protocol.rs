@@ -224,7 +224,31 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     assert!(ok, "snapshot: {out}");
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(info["seq"], 7, "{info}");
-    assert_eq!(std::fs::read(info["path"].as_str().unwrap()).unwrap(), img, "the snapshot is the applied image");
+    let digest = |cl: &Cluster| {
+        let (ok, out) = snapshot(cl, &["digest", "vol1", "after-resync", "--json"]);
+        assert!(ok, "digest: {out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["xxh3_128"].as_str().unwrap().to_owned()
+    };
+    let want = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&img));
+    assert_eq!(digest(&cl), want, "the snapshot is the applied image");
+    // Replication goes on and overwrites a block the snapshot holds: its image stays.
+    let mut over = write(vid, 9, 5, Flags::default(), 0xaa);
+    if let Frame::Write { offset, .. } = &mut over {
+        *offset = 4096;
+    }
+    w.send(&over).unwrap();
+    assert!(matches!(next(&mut r).await, Frame::Ack { seq: 9, .. }));
+    w.send(&write(vid, 10, 6, Flags::default(), 10)).unwrap();
+    assert!(matches!(next(&mut r).await, Frame::Ack { seq: 10, .. }));
+    assert!(
+        wait_for(Duration::from_secs(20), || rep(&cl).is_some_and(|s| s.volumes[0].applied_seq >= 9)).await,
+        "{:?}",
+        rep(&cl)
+    );
+    let now = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    assert!(now[4096..8192].iter().all(|b| *b == 0xaa), "the target moved on");
+    assert_eq!(digest(&cl), want, "the snapshot's image did not");
+    assert!(rep(&cl).unwrap().volumes[0].snapshot_store_bytes > 0, "the old block is in the store");
     let (ok, out) = snapshot(&cl, &["create", "vol1", "after-resync"]);
     assert!(!ok && out.contains("exists"), "a second snapshot of the same name: {out}");
     let (ok, out) = snapshot(&cl, &["create", "vol1", "../escape"]);
@@ -232,6 +256,13 @@ async fn staging_refuses_bad_peers_and_frames_and_keeps_serving() {
     let (ok, out) = snapshot(&cl, &["list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert!(ok && list.as_array().is_some_and(|l| l.len() == 1 && l[0]["name"] == "after-resync"), "{out}");
+    assert!(list[0]["own_bytes"].as_u64().unwrap() > 0, "{out}");
+    let (ok, out) = snapshot(&cl, &["delete", "vol1", "after-resync", "--json"]);
+    let deleted: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert!(ok && deleted["freed_bytes"] == list[0]["own_bytes"], "{out}");
+    let (ok, out) = snapshot(&cl, &["delete", "vol1", "after-resync"]);
+    assert!(!ok && out.contains("has no snapshot after-resync"), "a second delete: {out}");
+    assert_eq!(rep(&cl).unwrap().volumes[0].snapshot_store_bytes, 0);
     let _ = staging.kill();
     let _ = replica.kill();
     let _ = staging.wait();

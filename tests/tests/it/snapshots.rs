@@ -1,0 +1,105 @@
+//! Copy-on-write snapshots on a live replica: taken at random moments while an agent writes, their
+//! images checked against the recorded write history (every write's sequence number and data)
+//! replayed to exactly the snapshot's position, and again after more writes and SIGKILLs of the
+//! replica while it applies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use drv_agent::{Agent, AgentOptions, FileDisk};
+use drv_format::record::Flags;
+use drv_proto::status::SnapshotDigest;
+use drv_tests::{Cluster, Rng, pattern};
+
+use crate::agent::{blank_image, drv, host1, kill_all, staging_up, strings, until_in};
+
+const VOLUME: u64 = 8 << 20;
+
+/// The image after writes `1..=seq` of `history` (`(offset, data)` by `seq - 1`).
+fn image_at(history: &[(u64, Vec<u8>)], seq: u64) -> Vec<u8> {
+    let mut img = vec![0u8; VOLUME as usize];
+    for (offset, data) in &history[..seq as usize] {
+        img[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+    img
+}
+
+fn conn(cl: &Cluster, json: bool) -> Vec<String> {
+    let mut v = strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]);
+    if json {
+        v.push("--json".into());
+    }
+    v
+}
+
+async fn snapshot_json(cl: &Cluster, args: &[&str]) -> serde_json::Value {
+    let mut a = strings(&["snapshot"]);
+    a.extend(strings(args));
+    a.extend(conn(cl, true));
+    serde_json::from_str(drv(a).await.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_taken_under_load_keep_their_images_through_replica_kills() {
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let (_source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    // One write at a time, each its own epoch, no idle EPOCH_END: write i gets sequence i + 1.
+    let opts = AgentOptions { epoch_close_idle: Duration::from_secs(3600), ..AgentOptions::default() };
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, opts).await.unwrap();
+    let mut rng = Rng::new(0x5a95);
+    let mut history: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut snaps: Vec<(String, u64)> = Vec::new();
+    let applied = |cl: &Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
+    for round in 0..6u64 {
+        // A burst of writes, most to a hot eighth of the volume, with snapshots taken while it
+        // runs (the replica applies as it goes).
+        for i in 0..120u64 {
+            let len = 4096 * (1 + rng.below(16));
+            let span = if rng.below(4) == 0 { VOLUME } else { VOLUME / 8 + len };
+            let offset = rng.below((span - len) / 4096 + 1) * 4096;
+            let data = pattern(rng.next_u64(), len as usize);
+            agent.write(offset, Bytes::from(data.clone()), Flags::default()).await.unwrap();
+            history.push((offset, data));
+            assert_eq!(agent.position().0, history.len() as u64 + 1, "one sequence number per write");
+            if i % 40 == 39 {
+                let up = || cl.replica_status().is_some();
+                until_in(&cl, "the replica to answer", Duration::from_secs(30), up).await;
+                let name = format!("r{round}-{i}");
+                let s = snapshot_json(&cl, &["create", "vol1", &name]).await;
+                snaps.push((name, s["seq"].as_u64().unwrap()));
+            }
+        }
+        if round % 2 == 1 {
+            // SIGKILL while it applies; the restarted replica catches up from its DR log.
+            kill_all([&mut replica]);
+            replica = cl.start("replica", "rep1");
+        }
+    }
+    let last = history.len() as u64;
+    // The last write's epoch closes with one more write (to a block already written).
+    agent.write(history[0].0, Bytes::from(history[0].1.clone()), Flags::default()).await.unwrap();
+    history.push(history[0].clone());
+    until_in(&cl, "the replica to apply every write", Duration::from_secs(60), || applied(&cl) >= last).await;
+    for (name, seq) in &snaps {
+        assert!(*seq <= last, "{name} at seq {seq}");
+        let d: SnapshotDigest = serde_json::from_value(snapshot_json(&cl, &["digest", "vol1", name]).await).unwrap();
+        let want = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&image_at(&history, *seq)));
+        assert_eq!(d.xxh3_128, want, "snapshot {name} at seq {seq} differs from the history replayed to it");
+    }
+    // Deleting them all frees the store.
+    let list = snapshot_json(&cl, &["list", "vol1"]).await;
+    assert_eq!(list.as_array().unwrap().len(), snaps.len(), "{list}");
+    let mut freed = 0;
+    for (name, _) in &snaps {
+        freed += snapshot_json(&cl, &["delete", "vol1", name]).await["freed_bytes"].as_u64().unwrap();
+    }
+    assert!(freed > 0);
+    let st = cl.replica_status().unwrap();
+    assert_eq!(st.volumes[0].snapshot_store_bytes, 0, "{st:?}");
+    println!("{} snapshots checked against the history; {freed} bytes freed by deleting them", snaps.len());
+    kill_all([&mut staging, &mut replica]);
+}
