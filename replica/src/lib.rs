@@ -3,11 +3,12 @@
 //! target is always at a crash-consistent point.
 //!
 //! - `server.rs`: the QUIC server, sequence checks, DR log appends, position reports, status.
-//! - `apply.rs`: the epoch-atomic apply loop, the durable applied position, and the one place a
-//!   block is about to be overwritten (`OverwriteObserver`, for copy-on-write snapshots).
+//! - `apply.rs`: the epoch-atomic apply loop, the durable applied position, and the one place the
+//!   target is about to be overwritten (`OverwriteObserver::before_apply`, one call per batch).
 //! - `media.rs`: media resync (a backup copied onto the target): the blocks changed since
 //!   `begin`, which the agent ships at `complete`.
-//! - `snapshot.rs`: point-in-time copies of a volume at a unit boundary (`drv snapshot create`).
+//! - `snapshot.rs`: copy-on-write snapshots of the volumes (`drv snapshot`), the apply step's
+//!   observer; `cow.rs`: one volume's snapshot store (index and preserved blocks).
 
 pub mod apply;
 pub mod cow;
