@@ -19,7 +19,7 @@ use drv_format::record::{
 use drv_format::{align_up, crc32c};
 
 use crate::error::{Result, WrlError};
-use crate::scan::{SegmentCursor, SegmentLoc, parse_batch};
+use crate::scan::{BatchView, SegmentCursor, SegmentLoc, parse_batch};
 use crate::storage::{AlignedBuf, Storage};
 
 /// How far ahead of need the durable nonce high-water mark is moved (one meta write per 2^20 records).
@@ -136,9 +136,10 @@ impl VolumeLog {
 }
 
 /// How the log ended when it was opened.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Tail {
     /// The next batch position held no batch of this log.
+    #[default]
     Clean,
     /// A batch was started but not completed (never acknowledged); it is discarded.
     Torn { segment_id: u64, offset: u64, reason: String },
@@ -352,15 +353,15 @@ fn read_meta(dev: &dyn Storage, uuid: &[u8; 16]) -> Result<MetaBlock> {
     Ok(pick)
 }
 
-/// Scans the whole log: the recovery of `open` and the check of `drv wrl verify`. Never writes.
-/// `each` sees every good record with its payload, in lsn order.
-pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader, &[u8])) -> Result<Recovery> {
-    let (dev0, slots) = read_devices(devices)?;
-    let meta = read_meta(devices[0].as_ref(), &dev0.wrl_uuid)?;
-
-    // Live segment headers: valid, of this WRL, not older than the trim point.
-    let mut found: BTreeMap<u64, SegmentLoc> = BTreeMap::new();
-    let mut headers: BTreeMap<u64, SegmentHeader> = BTreeMap::new();
+/// The live segments: valid headers of this WRL, not older than the trim point, with
+/// consecutive ids from `meta.oldest_segment_id` (a gap or a duplicate is corruption).
+fn live_segments(
+    devices: &[Arc<dyn Storage>],
+    dev0: &DeviceHeader,
+    meta: &MetaBlock,
+    slots: &[u64],
+) -> Result<BTreeMap<u64, (SegmentLoc, SegmentHeader)>> {
+    let mut found: BTreeMap<u64, (SegmentLoc, SegmentHeader)> = BTreeMap::new();
     for (d, dev) in devices.iter().enumerate() {
         for slot in 0..slots[d] {
             let loc = SegmentLoc { id: 0, device: d, slot, segment_bytes: dev0.segment_bytes, io_align: dev0.io_align };
@@ -379,65 +380,121 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
             if h.slot != slot || h.device_index as usize != d {
                 return Err(bad_header(format!("segment header names device {} slot {}", h.device_index, h.slot)));
             }
-            if let Some(other) = found.get(&h.segment_id) {
+            if let Some((other, _)) = found.get(&h.segment_id) {
                 return Err(bad_header(format!(
                     "segment id also found on device {} slot {}",
                     other.device, other.slot
                 )));
             }
-            found.insert(h.segment_id, SegmentLoc { id: h.segment_id, ..loc });
-            headers.insert(h.segment_id, h);
+            found.insert(h.segment_id, (SegmentLoc { id: h.segment_id, ..loc }, h));
         }
     }
+    let missing = |segment_id: u64, expected_lsn: u64, reason: String| WrlError::Corrupt {
+        segment_id,
+        device: devices[0].name(),
+        slot: 0,
+        offset: 0,
+        expected_lsn,
+        reason,
+    };
     for (expected_id, id) in (meta.oldest_segment_id..).zip(found.keys()) {
         if *id != expected_id {
-            return Err(WrlError::Corrupt {
-                segment_id: expected_id,
-                device: devices[0].name(),
-                slot: 0,
-                offset: 0,
-                expected_lsn: 0,
-                reason: format!("segment {expected_id} is missing (next found: {id})"),
-            });
+            return Err(missing(expected_id, 0, format!("segment {expected_id} is missing (next found: {id})")));
         }
     }
     if found.is_empty() {
-        return Err(WrlError::Corrupt {
-            segment_id: meta.oldest_segment_id,
-            device: devices[0].name(),
-            slot: 0,
-            offset: 0,
-            expected_lsn: meta.trim_lsn + 1,
-            reason: "no live segment found".into(),
-        });
+        return Err(missing(meta.oldest_segment_id, meta.trim_lsn + 1, "no live segment found".into()));
+    }
+    Ok(found)
+}
+
+/// The state of a scan across segments: the chain so far and what it found.
+#[derive(Default)]
+struct Scan {
+    expected_lsn: u64,
+    prev_hash: u64,
+    records: u64,
+    volumes: BTreeMap<u64, VolumeLog>,
+    tail: Tail,
+}
+
+/// Where a segment's scan stopped: the batch that failed (or the position where none starts),
+/// where in it, why, and whether its batch header was valid.
+struct BatchStop {
+    offset: u64,
+    at: u64,
+    reason: String,
+    header_valid: bool,
+}
+
+impl Scan {
+    /// Checks a batch's records against scratch copies of the chain state first, so that a batch
+    /// that fails halfway is not counted and leaves the state at its start.
+    fn take_batch(
+        &mut self,
+        batch: &BatchView<'_>,
+        each: &mut dyn FnMut(&RecordHeader, &[u8]),
+    ) -> std::result::Result<(), (u64, String)> {
+        let (mut l, mut p) = (self.expected_lsn, self.prev_hash);
+        let mut seen: Vec<RecordHeader> = Vec::new();
+        parse_batch(batch, &mut l, &mut p, &mut |rh, _| seen.push(*rh))?;
+        let mut at = 0usize;
+        for rh in &seen {
+            let payload = &batch.records[at + RECORD_HEADER_LEN..at + rh.record_len()];
+            at += rh.record_len();
+            self.volumes.entry(rh.desc.volume_id).or_default().note(rh);
+            each(rh, payload);
+        }
+        self.records += seen.len() as u64;
+        (self.expected_lsn, self.prev_hash) = (l, p);
+        Ok(())
     }
 
-    let head_id = *found.keys().last().expect("non-empty");
-    let mut segments = Vec::new();
-    let mut volumes: BTreeMap<u64, VolumeLog> = BTreeMap::new();
-    let mut records = 0u64;
-    let mut tail = Tail::Clean;
-    let mut expected_lsn = 0u64;
-    let mut prev_hash = 0u64;
-    for (id, loc) in &found {
-        let h = &headers[id];
+    /// Scans segment `loc` batch by batch until a batch fails (or none starts).
+    fn batches(
+        &mut self,
+        cur: &mut SegmentCursor,
+        info: &mut SegmentInfo,
+        each: &mut dyn FnMut(&RecordHeader, &[u8]),
+    ) -> Result<BatchStop> {
+        loop {
+            let batch_lsn = self.expected_lsn;
+            let batch = match cur.next_batch(batch_lsn)? {
+                Ok(b) => b,
+                Err(stop) => {
+                    let (offset, at) = (stop.offset, stop.offset);
+                    return Ok(BatchStop { offset, at, reason: stop.reason, header_valid: stop.header_valid });
+                }
+            };
+            let offset = batch.offset;
+            if let Err((at, reason)) = self.take_batch(&batch, each) {
+                return Ok(BatchStop { offset, at, reason, header_valid: true });
+            }
+            info.note_batch(batch_lsn, offset, self.expected_lsn, cur.pos);
+        }
+    }
+
+    /// Scans one live segment (`next_first_lsn`: the first lsn of the segment after it, if it is
+    /// not the head).
+    fn segment(
+        &mut self,
+        devices: &[Arc<dyn Storage>],
+        loc: &SegmentLoc,
+        h: &SegmentHeader,
+        next_first_lsn: Option<u64>,
+        each: &mut dyn FnMut(&RecordHeader, &[u8]),
+    ) -> Result<SegmentInfo> {
         let corrupt = |offset: u64, expected_lsn: u64, reason: String| WrlError::Corrupt {
-            segment_id: *id,
+            segment_id: loc.id,
             device: devices[loc.device].name(),
             slot: loc.slot,
             offset,
             expected_lsn,
             reason,
         };
-        if segments.is_empty() {
-            expected_lsn = h.first_lsn;
-            prev_hash = h.prev_hash;
-        } else if h.first_lsn != expected_lsn || h.prev_hash != prev_hash {
-            return Err(corrupt(
-                0,
-                expected_lsn,
-                format!("segment header starts at lsn {} / does not continue the chain", h.first_lsn),
-            ));
+        if h.first_lsn != self.expected_lsn || h.prev_hash != self.prev_hash {
+            let reason = format!("segment header starts at lsn {} / does not continue the chain", h.first_lsn);
+            return Err(corrupt(0, self.expected_lsn, reason));
         }
         let mut info = SegmentInfo {
             loc: loc.clone(),
@@ -448,69 +505,42 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
             index: Vec::new(),
         };
         let mut cur = SegmentCursor::new(devices[loc.device].clone(), loc.clone(), SEGMENT_HEADER_BYTES);
-        loop {
-            let batch_lsn = expected_lsn;
-            let (offset, next) = match cur.next_batch(batch_lsn)? {
-                Ok(batch) => {
-                    let offset = batch.offset;
-                    let mut count = |rh: &RecordHeader, p: &[u8]| {
-                        volumes.entry(rh.desc.volume_id).or_default().note(rh);
-                        each(rh, p);
-                    };
-                    // Records are checked against scratch copies of the chain state first, so a
-                    // batch that fails halfway is not counted and leaves the state at its start.
-                    let (mut l, mut p) = (expected_lsn, prev_hash);
-                    let mut seen: Vec<RecordHeader> = Vec::new();
-                    match parse_batch(&batch, &mut l, &mut p, &mut |rh, _| seen.push(*rh)) {
-                        Ok(()) => {
-                            let mut at = 0usize;
-                            for rh in &seen {
-                                let payload = &batch.records[at + RECORD_HEADER_LEN..at + rh.record_len()];
-                                at += rh.record_len();
-                                count(rh, payload);
-                            }
-                            records += seen.len() as u64;
-                            expected_lsn = l;
-                            prev_hash = p;
-                            (offset, Ok(cur.pos))
-                        }
-                        Err((at, reason)) => (offset, Err((at, reason, true))),
-                    }
-                }
-                Err(stop) => (stop.offset, Err((stop.offset, stop.reason, stop.header_valid))),
-            };
-            match next {
-                Ok(end) => info.note_batch(batch_lsn, offset, expected_lsn, end),
-                Err((at, reason, header_valid)) => {
-                    // Either the normal end of the log, a torn tail, or corruption.
-                    if *id != head_id {
-                        // A non-head segment ends exactly where the next segment's first lsn
-                        // says (the next header's chain hash is checked against this point
-                        // too). What follows in it is no part of the log: nothing, or a batch
-                        // torn by a crash (or whose sync failed) when this was the head, and
-                        // written again in the next segment after recovery.
-                        if headers[&(id + 1)].first_lsn == expected_lsn {
-                            break;
-                        }
-                        return Err(corrupt(at, expected_lsn, reason));
-                    }
-                    if let Some((later, lsn)) = cur.find_later_batch(offset, expected_lsn)? {
-                        return Err(corrupt(
-                            at,
-                            expected_lsn,
-                            format!("{reason}; a valid batch (lsn {lsn}) follows at offset {later}"),
-                        ));
-                    }
-                    if header_valid {
-                        tail = Tail::Torn { segment_id: *id, offset, reason };
-                    }
-                    break;
-                }
+        let BatchStop { offset, at, reason, header_valid } = self.batches(&mut cur, &mut info, each)?;
+        // Either the normal end of the log, a torn tail, or corruption.
+        if let Some(next) = next_first_lsn {
+            // A non-head segment ends exactly where the next segment's first lsn says (the next
+            // header's chain hash is checked against this point too). What follows in it is no
+            // part of the log: nothing, or a batch torn by a crash (or whose sync failed) when this
+            // was the head, and written again in the next segment after recovery.
+            if next == self.expected_lsn {
+                return Ok(info);
             }
+            return Err(corrupt(at, self.expected_lsn, reason));
         }
-        segments.push(info);
+        if let Some((later, lsn)) = cur.find_later_batch(offset, self.expected_lsn)? {
+            let reason = format!("{reason}; a valid batch (lsn {lsn}) follows at offset {later}");
+            return Err(corrupt(at, self.expected_lsn, reason));
+        }
+        if header_valid {
+            self.tail = Tail::Torn { segment_id: loc.id, offset, reason };
+        }
+        Ok(info)
     }
-    let last_lsn = expected_lsn - 1;
+}
+
+/// Scans the whole log: the recovery of `open` and the check of `drv wrl verify`. Never writes.
+/// `each` sees every good record with its payload, in lsn order.
+pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader, &[u8])) -> Result<Recovery> {
+    let (dev0, slots) = read_devices(devices)?;
+    let meta = read_meta(devices[0].as_ref(), &dev0.wrl_uuid)?;
+    let found = live_segments(devices, &dev0, &meta, &slots)?;
+    let (_, first) = found.values().next().expect("non-empty");
+    let mut scan = Scan { expected_lsn: first.first_lsn, prev_hash: first.prev_hash, ..Scan::default() };
+    let mut segments = Vec::new();
+    for (id, (loc, h)) in &found {
+        let next_first_lsn = found.get(&(id + 1)).map(|(_, n)| n.first_lsn);
+        segments.push(scan.segment(devices, loc, h, next_first_lsn, each)?);
+    }
     let first_lsn = (meta.trim_lsn + 1).max(segments[0].first_lsn);
     Ok(Recovery {
         uuid: dev0.wrl_uuid,
@@ -522,11 +552,11 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
         meta,
         segments,
         first_lsn,
-        last_lsn,
-        last_hash: prev_hash,
-        records,
-        tail,
-        volumes,
+        last_lsn: scan.expected_lsn - 1,
+        last_hash: scan.prev_hash,
+        records: scan.records,
+        tail: scan.tail,
+        volumes: scan.volumes,
     })
 }
 
