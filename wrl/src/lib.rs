@@ -634,40 +634,12 @@ fn checkpoint(volume_id: u64, log: &VolumeLog) -> PendingRecord {
 /// One batch: takes what is queued (and trims when due), writes and syncs it, completes it. On an
 /// I/O error the WRL is failed (everything queued and later gets `Failed`).
 fn commit_step(sh: &Shared, core: &mut LogCore) {
-    let mut st = sh.state.lock().expect("wrl state");
-    if st.failed.is_some() {
-        return;
-    }
-    let trim_target = st.trim_target;
-    // Take a batch: everything queued, up to the batch limit and what the log can hold.
-    let mut batch: Vec<Queued> = Vec::new();
-    let mut record_bytes = 0u64;
-    while let Some(q) = st.queue.front() {
-        let b = q.rec.log_bytes();
-        let next = record_bytes + b;
-        if !batch.is_empty() && (next > sh.opts.batch_bytes_limit || !core.can_fit(core.batch_disk_bytes(next))) {
-            break;
-        }
-        record_bytes = next;
-        batch.push(st.queue.pop_front().expect("front exists"));
-    }
-    drop(st);
+    let Some((mut batch, mut record_bytes, trim_target)) = take_batch(sh, core) else { return };
     record_bytes -= refuse_out_of_order(sh, &mut batch);
-
-    if trim_due(sh, trim_target) {
-        let target = match checkpoint_idle_volumes(sh, core, trim_target) {
-            Ok(t) => t,
-            Err(e) => {
-                fail(sh, batch, e);
-                return;
-            }
-        };
-        core.set_reader_hint(target + 1);
-        if let Err(e) = core.trim(target) {
-            fail(sh, batch, e);
-            return;
-        }
-        sh.state.lock().expect("wrl state").used_segments = core.used_segments();
+    if trim_due(sh, trim_target)
+        && let Err(e) = trim_step(sh, core, trim_target)
+    {
+        return fail(sh, batch, e);
     }
     if batch.is_empty() {
         return;
@@ -679,65 +651,102 @@ fn commit_step(sh: &Shared, core: &mut LogCore) {
         let freed: u64 = batch.iter().map(|q| q.rec.log_bytes()).sum();
         st.admitted_bytes -= freed;
         drop(st);
-        sh.room.notify_all();
-        for q in batch {
-            (q.done)(Err(core.log_full()));
-        }
-        return;
+        return refuse_full(sh, core, batch);
     }
     let recs: Vec<PendingRecord> =
         batch.iter().map(|q| PendingRecord { payload: q.rec.payload.clone(), ..q.rec }).collect();
     match core.append_batch(&recs) {
-        Ok(headers) => {
-            {
-                let mut vols = sh.volumes.lock().expect("volumes");
-                for h in &headers {
-                    let v = vols.entry(h.desc.volume_id).or_default();
-                    v.log.note(h);
-                    v.next_seq = Some(h.desc.volume_seq + 1);
-                }
-            }
-            {
-                let mut cache = sh.cache.lock().expect("cache");
-                for (h, r) in headers.iter().zip(&recs) {
-                    cache.push(LogRecord { header: *h, payload: r.payload.clone() });
-                }
-            }
-            let payload: u64 = headers.iter().map(|h| h.desc.length as u64).sum();
-            sh.stats.appends.fetch_add(headers.len() as u64, Ordering::Relaxed);
-            sh.stats.batches.fetch_add(1, Ordering::Relaxed);
-            sh.stats.payload_bytes.fetch_add(payload, Ordering::Relaxed);
-            {
-                let mut st = sh.state.lock().expect("wrl state");
-                st.admitted_bytes -= record_bytes;
-                st.used_segments = core.used_segments();
-            }
-            sh.room.notify_all();
-            // Whether a later record of the same volume is in the batch (batches hold few volumes).
-            let mut seen: Vec<u64> = Vec::new();
-            let mut last_of_volume = vec![false; headers.len()];
-            for (i, h) in headers.iter().enumerate().rev() {
-                if !seen.contains(&h.desc.volume_id) {
-                    seen.push(h.desc.volume_id);
-                    last_of_volume[i] = true;
-                }
-            }
-            // In log order: appenders may rely on it (staging's lag bookkeeping does).
-            for ((q, h), last_of_volume) in batch.into_iter().zip(headers).zip(last_of_volume) {
-                (q.done)(Ok(Appended { header: h, last_of_volume }));
-            }
-        }
-        Err(e @ WrlError::LogFull { .. }) => {
-            let mut st = sh.state.lock().expect("wrl state");
-            st.admitted_bytes -= record_bytes;
-            drop(st);
-            sh.room.notify_all();
-            drop(e);
-            for q in batch {
-                (q.done)(Err(core.log_full()));
-            }
+        Ok(headers) => batch_durable(sh, core, batch, &recs, headers, record_bytes),
+        Err(WrlError::LogFull { .. }) => {
+            sh.state.lock().expect("wrl state").admitted_bytes -= record_bytes;
+            refuse_full(sh, core, batch);
         }
         Err(e) => fail(sh, batch, e),
+    }
+}
+
+/// Takes a batch: everything queued, up to the batch limit and what the log can hold; with its
+/// record bytes and the trim target. `None` once the log failed.
+fn take_batch(sh: &Shared, core: &LogCore) -> Option<(Vec<Queued>, u64, u64)> {
+    let mut st = sh.state.lock().expect("wrl state");
+    if st.failed.is_some() {
+        return None;
+    }
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut record_bytes = 0u64;
+    while let Some(q) = st.queue.front() {
+        let next = record_bytes + q.rec.log_bytes();
+        if !batch.is_empty() && (next > sh.opts.batch_bytes_limit || !core.can_fit(core.batch_disk_bytes(next))) {
+            break;
+        }
+        record_bytes = next;
+        batch.push(st.queue.pop_front().expect("front exists"));
+    }
+    Some((batch, record_bytes, st.trim_target))
+}
+
+/// Checkpoints the idle volumes the trim would drop, then trims up to `trim_target`.
+fn trim_step(sh: &Shared, core: &mut LogCore, trim_target: u64) -> Result<()> {
+    let target = checkpoint_idle_volumes(sh, core, trim_target)?;
+    core.set_reader_hint(target + 1);
+    core.trim(target)?;
+    sh.state.lock().expect("wrl state").used_segments = core.used_segments();
+    Ok(())
+}
+
+/// Refuses `batch` (already taken off the admitted bytes): the log is full.
+fn refuse_full(sh: &Shared, core: &LogCore, batch: Vec<Queued>) {
+    sh.room.notify_all();
+    for q in batch {
+        (q.done)(Err(core.log_full()));
+    }
+}
+
+/// `batch` is durable as `headers`: the volumes' positions, the cache, the figures, the room,
+/// then the appenders, in log order (staging's lag bookkeeping relies on it).
+fn batch_durable(
+    sh: &Shared,
+    core: &LogCore,
+    batch: Vec<Queued>,
+    recs: &[PendingRecord],
+    headers: Vec<RecordHeader>,
+    record_bytes: u64,
+) {
+    {
+        let mut vols = sh.volumes.lock().expect("volumes");
+        for h in &headers {
+            let v = vols.entry(h.desc.volume_id).or_default();
+            v.log.note(h);
+            v.next_seq = Some(h.desc.volume_seq + 1);
+        }
+    }
+    {
+        let mut cache = sh.cache.lock().expect("cache");
+        for (h, r) in headers.iter().zip(recs) {
+            cache.push(LogRecord { header: *h, payload: r.payload.clone() });
+        }
+    }
+    let payload: u64 = headers.iter().map(|h| h.desc.length as u64).sum();
+    sh.stats.appends.fetch_add(headers.len() as u64, Ordering::Relaxed);
+    sh.stats.batches.fetch_add(1, Ordering::Relaxed);
+    sh.stats.payload_bytes.fetch_add(payload, Ordering::Relaxed);
+    {
+        let mut st = sh.state.lock().expect("wrl state");
+        st.admitted_bytes -= record_bytes;
+        st.used_segments = core.used_segments();
+    }
+    sh.room.notify_all();
+    // Whether a later record of the same volume is in the batch (batches hold few volumes).
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last_of_volume = vec![false; headers.len()];
+    for (i, h) in headers.iter().enumerate().rev() {
+        if !seen.contains(&h.desc.volume_id) {
+            seen.push(h.desc.volume_id);
+            last_of_volume[i] = true;
+        }
+    }
+    for ((q, h), last_of_volume) in batch.into_iter().zip(headers).zip(last_of_volume) {
+        (q.done)(Ok(Appended { header: h, last_of_volume }));
     }
 }
 
