@@ -31,6 +31,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use drv_format::record::{Flags, WriteDesc};
+
 /// The preserved content of one block: what the block held at every position `p` with
 /// `lo <= p < hi`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -140,6 +142,24 @@ pub fn plan(points: &Points, block_bytes: u64, writes: &[Write], mut bound: impl
             }
         }
     }
+    out
+}
+
+/// The writes of records `descs` (whole units, in order), each with the position that ends its
+/// unit (a resync run is one unit whatever its epochs; an epoch is one otherwise).
+pub fn unit_writes<'a>(descs: impl DoubleEndedIterator<Item = &'a WriteDesc>) -> Vec<Write> {
+    let unit = |d: &WriteDesc| if d.flags.contains(Flags::RESYNC) { (true, 0) } else { (false, d.epoch) };
+    let mut out = Vec::new();
+    let (mut end, mut current) = (0, None);
+    for d in descs.rev() {
+        if current != Some(unit(d)) {
+            (end, current) = (d.volume_seq, Some(unit(d)));
+        }
+        if d.length > 0 {
+            out.push(Write { offset: d.offset, len: d.length as u64, unit_end: end });
+        }
+    }
+    out.reverse();
     out
 }
 
@@ -254,6 +274,30 @@ mod tests {
             [Version { block: 0, lo: 0, hi: 3 }, Version { block: 1, lo: 0, hi: 3 }]
         );
         assert_eq!(plan(&p, 4096, &ws, |b| if b == 0 { 3 } else { 2 }), [Version { block: 1, lo: 2, hi: 3 }]);
+    }
+
+    #[test]
+    fn each_write_carries_the_end_of_its_unit() {
+        let d = |seq: u64, epoch: u64, flags: Flags, length: u32| WriteDesc {
+            volume_id: 1,
+            volume_seq: seq,
+            epoch,
+            offset: seq * 4096,
+            length,
+            flags,
+            key_id: 1,
+            nonce: [0; 12],
+        };
+        let descs = [
+            d(1, 1, Flags::default(), 4096),
+            d(2, 1, Flags::default(), 4096),
+            d(3, 2, Flags::RESYNC, 4096),
+            d(4, 3, Flags::RESYNC, 4096),
+            d(5, 3, Flags::EPOCH_END, 0),
+            d(6, 4, Flags::default(), 4096),
+        ];
+        let ends: Vec<(u64, u64)> = unit_writes(descs.iter()).iter().map(|w| (w.offset / 4096, w.unit_end)).collect();
+        assert_eq!(ends, [(1, 2), (2, 2), (3, 4), (4, 4), (6, 6)], "a run is one unit across epochs");
     }
 
     proptest! {

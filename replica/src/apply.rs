@@ -15,7 +15,9 @@
 //! received so far are applied and the position is stored with `partial_resync: true`: the
 //! target no longer shows a state the source had, until the run ends. Status says `resyncing`,
 //! snapshots are refused, and this survives a restart (the flag is persisted with the position).
-//! A snapshot taken before the resync keeps the last consistent state.
+//! Before the first part is applied, the observer keeps the last consistent image as a snapshot
+//! of its own (`auto-resync-SEQ`, `OverwriteObserver::hold_consistent_point`), released when the
+//! run ends: the replica always has a consistent image to recover.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -62,6 +64,15 @@ pub enum ApplyError {
 /// where copy-on-write snapshots save the old blocks (`snapshot::Snapshots`).
 pub trait OverwriteObserver: Send + Sync {
     fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write]) -> Result<(), crate::cow::CowError>;
+
+    /// A resync run is about to be applied in part (the target then shows no state the source
+    /// had until it ends): keep the image at `applied`, the last consistent one, readable.
+    fn hold_consistent_point(&self, _v: &ReplicaVolume, _applied: Applied) -> Result<(), crate::cow::CowError> {
+        Ok(())
+    }
+
+    /// The run ended: the target is consistent again, and what `hold_consistent_point` kept goes.
+    fn release_consistent_point(&self, _v: &ReplicaVolume) {}
 }
 
 /// The observer of a replica without snapshot stores (tools that replay a DR log).
@@ -73,25 +84,9 @@ impl OverwriteObserver for NoSnapshots {
     }
 }
 
-/// The writes of `records` (whole units, in order), each with the position that ends its unit
-/// (a resync run is one unit whatever its epochs; an epoch is one otherwise).
+/// The writes of `records` (whole units, in order), each with the position ending its unit.
 pub fn unit_writes(records: &[LogRecord]) -> Vec<Write> {
-    let unit = |d: &drv_format::record::WriteDesc| {
-        if d.flags.contains(Flags::RESYNC) { (true, 0) } else { (false, d.epoch) }
-    };
-    let mut out = Vec::with_capacity(records.len());
-    let (mut end, mut current) = (0, None);
-    for r in records.iter().rev() {
-        let d = &r.header.desc;
-        if current != Some(unit(d)) {
-            (end, current) = (d.volume_seq, Some(unit(d)));
-        }
-        if d.length > 0 {
-            out.push(Write { offset: d.offset, len: d.length as u64, unit_end: end });
-        }
-    }
-    out.reverse();
-    out
+    drv_proto::cow::unit_writes(records.iter().map(|r| &r.header.desc))
 }
 
 /// The durable applied position of a volume (`NAME.applied`, replaced atomically).
@@ -413,6 +408,11 @@ fn apply_units(
 ) -> Result<(), ApplyError> {
     let last = records.last().expect("units are not empty");
     let _gate = v.apply_gate.lock().expect("apply gate");
+    let before = v.state.lock().expect("apply state").applied;
+    if partial_resync && !before.partial_resync {
+        // The target stops showing a state the source had: its last one stays readable.
+        observer.hold_consistent_point(v, before)?;
+    }
     // The media phase changes only under the apply gate (held here): lock it briefly each time,
     // so that status is not held up by a whole apply.
     if v.media.lock().expect("media").tracking() {
@@ -449,7 +449,6 @@ fn apply_units(
         v.target.sync_data().map_err(|err| ApplyError::Sync { path: v.target_path.display().to_string(), err })?;
     }
     let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch, partial_resync };
-    let before = v.state.lock().expect("apply state").applied;
     assert!(
         applied.seq > before.seq && applied.epoch >= before.epoch,
         "volume {}: the applied position would move back from {before:?} to {applied:?}",
@@ -468,5 +467,8 @@ fn apply_units(
     s.applied_units += units;
     drop(s);
     v.applied_tx.send_replace(applied.seq);
+    if before.partial_resync && !partial_resync {
+        observer.release_consistent_point(v);
+    }
     Ok(())
 }

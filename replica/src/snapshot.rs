@@ -26,7 +26,9 @@ pub enum SnapshotError {
     /// The volume is in a state where no consistent snapshot can be taken.
     #[error("{0}")]
     Refused(String),
-    #[error("snapshot name {0:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'")]
+    #[error(
+        "snapshot name {0:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.' or 'auto-resync-' (the replica's own)"
+    )]
     BadName(String),
     #[error("snapshot {0} of volume {1} exists already")]
     Exists(String, String),
@@ -36,9 +38,14 @@ pub enum SnapshotError {
     Store(CowError),
 }
 
+/// The names of the snapshots the replica keeps of the last consistent image while a resync run
+/// is applied in part (reserved: no operator's snapshot starts so).
+pub const AUTO_PREFIX: &str = "auto-resync-";
+
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && !name.starts_with('.')
+        && !name.starts_with(AUTO_PREFIX)
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -57,11 +64,20 @@ impl Snapshots {
         limit_bytes: Option<u64>,
     ) -> Result<Snapshots, CowError> {
         let mut stores = HashMap::new();
+        let mut consistent = Vec::new();
         for v in volumes {
             let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, limit_bytes)?;
             stores.insert(v.id, Arc::new(RwLock::new(store)));
+            if !v.state.lock().expect("apply state").applied.partial_resync {
+                consistent.push(v);
+            }
         }
-        Ok(Snapshots { root: root.to_path_buf(), stores })
+        let s = Snapshots { root: root.to_path_buf(), stores };
+        // A run that ended just before a crash: its consistent point was not released yet.
+        for v in consistent {
+            s.release_consistent_point(v);
+        }
+        Ok(s)
     }
 
     fn store(&self, v: &ReplicaVolume) -> &Arc<RwLock<CowStore>> {
@@ -184,6 +200,38 @@ impl OverwriteObserver for Snapshots {
         match self.stores.get(&volume_id) {
             Some(s) => s.read().expect("store").preserve(target, writes).map(|_| ()),
             None => Ok(()),
+        }
+    }
+
+    /// An automatic snapshot `auto-resync-SEQ` of the last consistent image (the caller holds
+    /// the apply gate; kept across restarts until the run ends).
+    fn hold_consistent_point(&self, v: &ReplicaVolume, applied: crate::apply::Applied) -> Result<(), CowError> {
+        let name = format!("{AUTO_PREFIX}{}", applied.seq);
+        match self.store(v).write().expect("store").create(&name, applied.seq, applied.epoch) {
+            Ok(_) => {
+                tracing::info!(
+                    volume = %v.name,
+                    seq = applied.seq,
+                    "a resync run is applied in part: the last consistent image is kept as snapshot {name} until it ends"
+                );
+                Ok(())
+            }
+            Err(CowError::Exists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn release_consistent_point(&self, v: &ReplicaVolume) {
+        let mut store = self.store(v).write().expect("store");
+        let autos: Vec<String> = match store.list() {
+            Ok(l) => l.into_iter().map(|(n, _)| n).filter(|n| n.starts_with(AUTO_PREFIX)).collect(),
+            Err(e) => return tracing::warn!(volume = %v.name, "list snapshots: {e}"),
+        };
+        for name in autos {
+            match store.delete(&name) {
+                Ok(freed) => tracing::info!(volume = %v.name, freed, "the resync run ended: snapshot {name} released"),
+                Err(e) => tracing::warn!(volume = %v.name, "release snapshot {name}: {e} (released at the next start)"),
+            }
         }
     }
 }

@@ -22,6 +22,9 @@
 //!   sequence order. After a change-map period the records are not a prefix of the application's
 //!   writes (the failed ones are missing until the resync run ships their blocks): that is the
 //!   recorded exception of a partial resync, and the run applies as one unit.
+//! - **Snapshots keep their images**: the operator takes and deletes copy-on-write snapshots
+//!   of the replica (`drv_proto::cow`'s rules); after every apply, crash and deletion each live
+//!   snapshot reads exactly the target it was taken of.
 //! - **Convergence**: after the faults stop, the agent is back in sync mode with a clear change
 //!   map, the replica applies every record, and its target equals both the source and the agent's
 //!   local disk.
@@ -56,6 +59,8 @@ pub enum Bug {
     /// The agent's activity log lets go of an extent when its write completes, before a FLUSH
     /// made it stable on the local disk.
     ActivityClearEarly,
+    /// The replica writes the target first and preserves the snapshots' blocks after.
+    PreserveAfterWrite,
 }
 
 impl std::fmt::Display for Bug {
@@ -65,6 +70,7 @@ impl std::fmt::Display for Bug {
             Bug::ApplyPartialUnits => "apply-partial-units",
             Bug::NoOverlapWait => "no-overlap-wait",
             Bug::ActivityClearEarly => "activity-clear-early",
+            Bug::PreserveAfterWrite => "preserve-after-write",
         })
     }
 }
@@ -77,8 +83,9 @@ impl std::str::FromStr for Bug {
             "apply-partial-units" => Ok(Bug::ApplyPartialUnits),
             "no-overlap-wait" => Ok(Bug::NoOverlapWait),
             "activity-clear-early" => Ok(Bug::ActivityClearEarly),
+            "preserve-after-write" => Ok(Bug::PreserveAfterWrite),
             other => Err(format!(
-                "unknown bug {other:?} (ack-before-durable, apply-partial-units, no-overlap-wait, activity-clear-early)"
+                "unknown bug {other:?} (ack-before-durable, apply-partial-units, no-overlap-wait, activity-clear-early, preserve-after-write)"
             )),
         }
     }
@@ -145,6 +152,8 @@ struct World {
     replica_restart: Option<u64>,
     /// Staging's disk stalls (no group commit) until this step.
     staging_stalled_until: u64,
+    /// Snapshots taken so far (their ids).
+    snapshot_ids: u64,
     /// A misdirected write was injected into staging's WRL, the replica's DR log.
     misdirected: Misdirected,
     report: Report,
@@ -175,6 +184,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
         staging_restart: None,
         replica_restart: None,
         staging_stalled_until: 0,
+        snapshot_ids: 0,
         misdirected: Misdirected::default(),
         report: Report { seed: cfg.seed, ..Report::default() },
     };
@@ -184,6 +194,7 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
     w.agent.activity_bug = cfg.bug == Some(Bug::ActivityClearEarly);
     w.staging.ack_early_bug = cfg.bug == Some(Bug::AckBeforeDurable);
     w.replica.unit_bug = cfg.bug == Some(Bug::ApplyPartialUnits);
+    w.replica.cow_bug = cfg.bug == Some(Bug::PreserveAfterWrite);
     let fail = |w: &World, what: String| Failure { seed: cfg.seed, step: w.step, what };
     while w.step < cfg.steps && w.report.detected.is_none() {
         w.step(true).map_err(|e| fail(&w, e))?;
@@ -257,12 +268,13 @@ impl World {
             4 => self.staging_commit(),
             5 => self.relay_pump(),
             6 => self.replica_commit(),
+            7 if self.rng.one_in(40) => self.snapshots(),
             7 => self.replica_apply(),
             8 => {
                 for _ in 0..1 + self.rng.below(3) {
                     self.agent.local_write(&mut self.rng)?;
                 }
-                if self.rng.one_in(4) {
+                if self.rng.one_in(12) {
                     self.agent.flush();
                 }
                 self.close_idle()
@@ -622,6 +634,21 @@ impl World {
         Ok(())
     }
 
+    /// The operator takes a snapshot (at most four live), or deletes the oldest.
+    fn snapshots(&mut self) -> Result<(), String> {
+        if self.replica.store.snapshots.len() < 4 && !self.rng.one_in(3) {
+            self.snapshot_ids += 1;
+            if self.replica.snapshot(self.snapshot_ids).is_some() {
+                self.event("snapshot taken");
+            }
+        } else if !self.replica.store.snapshots.is_empty() {
+            let freed = self.replica.delete_snapshot();
+            self.event("snapshot deleted");
+            *self.report.events.entry("snapshot blocks freed").or_default() += freed as u64;
+        }
+        self.replica.check_snapshots()
+    }
+
     fn replica_apply(&mut self) -> Result<(), String> {
         let stored = match self.replica.apply() {
             Ok(s) => s,
@@ -650,7 +677,7 @@ impl World {
         if self.replica.target_image() != self.agent.image_at(seq) {
             return Err(format!("the replica's target differs from the source as of its applied seq {seq}"));
         }
-        Ok(())
+        self.replica.check_snapshots()
     }
 
     fn converged(&self) -> bool {
@@ -743,6 +770,13 @@ mod bugs {
     fn an_activity_log_that_forgets_unflushed_writes_is_caught() {
         let f = caught(Bug::ActivityClearEarly);
         assert!(f.what.contains("differs"), "{f}");
+        println!("{f}");
+    }
+
+    #[test]
+    fn preserving_after_the_target_was_written_is_caught() {
+        let f = caught(Bug::PreserveAfterWrite);
+        assert!(f.what.contains("no longer shows the image"), "{f}");
         println!("{f}");
     }
 

@@ -3,11 +3,17 @@
 //! (`drv_proto::Units`), each unit written to the target and synced, then the applied position
 //! stored (a small file replaced whole: it survives a crash once stored), then confirmed to the
 //! DR log. A crash rebuilds the DR log's and the target's disks as a power cut could leave them.
+//!
+//! Snapshots: the copy-on-write rules of `drv_proto::cow` around a store whose commits are
+//! atomic and durable (the real one is redb), preserving old blocks before the target is written;
+//! each snapshot remembers the image it was taken of, and the world checks every snapshot's image
+//! against it after every apply and every crash.
 
 use std::sync::{Arc, Mutex};
 
 use drv_format::crypto::VolumeKey;
 use drv_format::record::Flags;
+use drv_proto::cow::{self, Points, Source, Version};
 use drv_proto::units::{Entry, Units};
 use drv_proto::{Admit, Sequencer};
 use drv_wrl::storage::Storage;
@@ -22,6 +28,38 @@ const SLOTS: u64 = 6;
 const DEVICE: u64 = (64 << 10) + SLOTS * SEGMENT;
 
 type Done = Arc<Mutex<Vec<(u64, Result<(), String>)>>>;
+
+/// Blocks of the snapshot store.
+pub const COW_BLOCK: u64 = 16 << 10;
+
+/// The snapshot store: what a commit made durable survives every crash.
+#[derive(Clone, Debug, Default)]
+pub struct Store {
+    pub points: Points,
+    /// Per block, its versions with their contents.
+    pub versions: std::collections::BTreeMap<u64, Vec<(Version, Vec<u8>)>>,
+    /// Snapshots: (id, position, the image when taken).
+    pub snapshots: Vec<(u64, u64, Vec<u8>)>,
+}
+
+impl Store {
+    fn bound(&self, block: u64) -> u64 {
+        self.versions.get(&block).and_then(|v| v.iter().map(|(x, _)| x.hi).max()).unwrap_or(0)
+    }
+
+    /// The image of the snapshot at `position`, read the way the replica reads it.
+    pub fn image(&self, position: u64, target: &[u8]) -> Vec<u8> {
+        let mut img = target.to_vec();
+        for (block, vs) in &self.versions {
+            if let Source::Version(v) = cow::read_source(position, vs.iter().map(|(x, _)| x)) {
+                let data = &vs.iter().find(|(x, _)| *x == v).expect("found").1;
+                let off = (block * COW_BLOCK) as usize;
+                img[off..off + data.len()].copy_from_slice(data);
+            }
+        }
+        img
+    }
+}
 
 pub struct Replica {
     pub log_world: Arc<Mutex<SimWorld>>,
@@ -39,6 +77,10 @@ pub struct Replica {
     open_pending: bool,
     /// Apply each record as it comes, not whole units (an injected bug).
     pub unit_bug: bool,
+    /// The snapshot store (kept across crashes: its commits are durable).
+    pub store: Store,
+    /// Write the target before preserving its old blocks (an injected bug).
+    pub cow_bug: bool,
 }
 
 impl Replica {
@@ -72,6 +114,8 @@ impl Replica {
             key,
             open_pending: false,
             unit_bug: false,
+            store: Store::default(),
+            cow_bug: false,
         })
     }
 
@@ -145,6 +189,9 @@ impl Replica {
         }
         let Some(last) = ready.last() else { return Ok(Vec::new()) };
         let (lsn, position) = (last.header.lsn, (last.header.desc.volume_seq, last.header.desc.epoch));
+        if !self.cow_bug {
+            self.preserve(&ready);
+        }
         for r in &ready {
             let plain = self.key.open(&r.header.desc, &r.payload).map_err(|e| e.to_string())?;
             if !plain.is_empty() {
@@ -152,9 +199,64 @@ impl Replica {
             }
         }
         self.target.sync().map_err(|e| e.to_string())?;
+        if self.cow_bug {
+            self.preserve(&ready);
+        }
         self.applied = position;
         self.drlog.confirm(VOLUME, lsn);
         Ok(vec![position])
+    }
+
+    /// Preserves what the snapshots need of the blocks `records` overwrite (one commit).
+    fn preserve(&mut self, records: &[LogRecord]) {
+        let writes = cow::unit_writes(records.iter().map(|r| &r.header.desc));
+        let store = &self.store;
+        let plan = cow::plan(&store.points, COW_BLOCK, &writes, |b| store.bound(b));
+        let target = self.target_image();
+        for v in plan {
+            let off = (v.block * COW_BLOCK) as usize;
+            let old = target[off..(off + COW_BLOCK as usize).min(target.len())].to_vec();
+            self.store.versions.entry(v.block).or_default().push((v, old));
+        }
+    }
+
+    /// A snapshot of the applied position (between apply steps, as the real one holds the apply
+    /// gate); `None` inside a partly applied resync run or with a unit pending of one.
+    pub fn snapshot(&mut self, id: u64) -> Option<u64> {
+        if self.units.pending_resync() {
+            return None;
+        }
+        let p = self.applied.0;
+        self.store.points.pin(p);
+        self.store.snapshots.push((id, p, self.target_image()));
+        Some(p)
+    }
+
+    /// Deletes the oldest snapshot and what only it needed; returns the blocks freed.
+    pub fn delete_snapshot(&mut self) -> usize {
+        if self.store.snapshots.is_empty() {
+            return 0;
+        }
+        let (_, p, _) = self.store.snapshots.remove(0);
+        self.store.points.unpin(p);
+        let mut freed = 0;
+        for vs in self.store.versions.values_mut() {
+            let dead = cow::garbage(&self.store.points, vs.iter().map(|(v, _)| v));
+            freed += dead.len();
+            vs.retain(|(v, _)| !dead.contains(v));
+        }
+        freed
+    }
+
+    /// Every snapshot's image is the one it was taken of.
+    pub fn check_snapshots(&self) -> Result<(), String> {
+        let target = self.target_image();
+        for (id, p, want) in &self.store.snapshots {
+            if self.store.image(*p, &target) != *want {
+                return Err(format!("snapshot {id} (at seq {p}) no longer shows the image it was taken of"));
+            }
+        }
+        Ok(())
     }
 
     /// The target as written so far (what a reader of it sees).
@@ -167,10 +269,10 @@ impl Replica {
     pub fn crash(&mut self, rng: &mut Rng) -> Result<Vec<(u64, u64)>, String> {
         let log = crash_images(&self.log_world, rng);
         let target = crash_images(&self.target_world, rng);
-        let bug = self.unit_bug;
+        let (bug, cow_bug, store) = (self.unit_bug, self.cow_bug, std::mem::take(&mut self.store));
         *self =
             Replica::open(SimWorld::from_images(log), SimWorld::from_images(target), self.applied, self.key.clone())?;
-        self.unit_bug = bug;
+        (self.unit_bug, self.cow_bug, self.store) = (bug, cow_bug, store);
         let mut stored = Vec::new();
         // Catch up: replay what the DR log holds beyond the applied position.
         loop {

@@ -470,19 +470,44 @@ async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identica
         Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), AgentOptions::default())
             .await
             .unwrap();
-    agent.start_initial_sync(None).await.unwrap();
-    let mut saw_resyncing = false;
-    until("the initial sync", Duration::from_secs(120), || {
+    // Paced, so that the run is applied in part for a few seconds.
+    agent.start_initial_sync(Some(24 << 20)).await.unwrap();
+    let (mut saw_resyncing, mut checked_point) = (false, false);
+    let blank = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&vec![0u8; VOLUME as usize]));
+    let end = Instant::now() + Duration::from_secs(120);
+    while !(agent.mode() == Mode::Sync && agent.dirty_bytes() == 0) {
+        assert!(Instant::now() < end, "timed out waiting for the initial sync");
         let st = cl.replica_status();
-        saw_resyncing |= st.is_some_and(|s| s.volumes[0].state == VolumeState::Resyncing);
-        agent.mode() == Mode::Sync && agent.dirty_bytes() == 0
-    })
-    .await;
+        saw_resyncing |= st.as_ref().is_some_and(|s| s.volumes[0].state == VolumeState::Resyncing);
+        // While the run is applied in part, the last consistent image (the blank target) is
+        // kept as a snapshot of the replica's own, readable and unchanged.
+        let auto = st.and_then(|s| s.volumes[0].snapshots.iter().find(|x| x.name.starts_with("auto-resync-")).cloned());
+        if let (Some(a), false) = (auto, checked_point) {
+            let mut args = strings(&["snapshot", "digest", "vol1", &a.name, "--json"]);
+            args.extend(strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]));
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(drv_tests::drv_bin()).args(&args).output().expect("run drv")
+            })
+            .await
+            .unwrap();
+            // Gone already if the run ended meanwhile.
+            if out.status.success() {
+                let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(d["xxh3_128"], blank.as_str(), "the consistent point during the resync: {d}");
+                assert_eq!(d["seq"], a.seq);
+                checked_point = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(saw_resyncing, "the replica never said it was resyncing");
+    assert!(checked_point, "the consistent point was never seen during the resync\n{}", cl.log("rep1"));
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
     let st = cl.replica_status().unwrap();
     assert_eq!(st.volumes[0].state, VolumeState::Replicating, "consistent again once the run ended: {st:?}");
+    assert!(st.volumes[0].snapshots.is_empty(), "the consistent point is released: {st:?}");
+    assert_eq!(st.volumes[0].snapshot_store_bytes, 0, "and its space freed");
     assert!(cl.log("rep1").contains("resync run larger than half the DR log"), "{}", cl.log("rep1"));
     kill_all([&mut staging, &mut replica]);
 }
