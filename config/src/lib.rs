@@ -236,6 +236,10 @@ pub struct Volume {
     /// Replica name -> target file or block device (default: `DATA_DIR/NAME.img` on that replica).
     #[serde(default)]
     pub targets: std::collections::BTreeMap<String, String>,
+    /// Most bytes the volume's snapshot store may hold on each replica (none: no limit). Full,
+    /// new snapshots are refused and apply waits for one to be deleted; none is ever dropped.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub snapshot_bytes_limit: Option<u64>,
 }
 
 fn default_block() -> u64 {

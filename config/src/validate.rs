@@ -185,6 +185,10 @@ impl Entry for Volume {
                 "512 bytes to 4 MiB, a power of two",
             );
         }
+        if let Some(limit) = self.snapshot_bytes_limit {
+            // Room for a batch's worth of blocks at least.
+            c.size("snapshot_bytes_limit", limit, 64 * self.block_bytes.max(512), 1 << 60, 1);
+        }
         if self.replicas.is_empty() {
             c.fail("replicas", &"[]", "names no replica", "one or more replica endpoints");
         }

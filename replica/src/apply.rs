@@ -140,6 +140,8 @@ pub struct ReplicaVolume {
     pub size_bytes: u64,
     /// The volume's block size (change maps, snapshot stores).
     pub block_bytes: u64,
+    /// Most bytes its snapshot store may hold (`None`: no limit).
+    pub snapshot_bytes_limit: Option<u64>,
     pub key: VolumeKey,
     pub target_path: PathBuf,
     target: File,
@@ -210,6 +212,7 @@ impl ReplicaVolume {
             name: name.to_owned(),
             size_bytes,
             block_bytes,
+            snapshot_bytes_limit: vol.snapshot_bytes_limit,
             key,
             target_path,
             target,

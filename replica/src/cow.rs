@@ -56,7 +56,7 @@ pub enum CowError {
     #[error("no snapshot {0}")]
     NotFound(String),
     #[error(
-        "snapshot store {path} is full: {used} of {limit} bytes in use; delete a snapshot (or raise the limit) so that apply can go on"
+        "snapshot store {path} is full: {used} of {limit} bytes in use; delete a snapshot (or raise the volume's snapshot_bytes_limit) so that apply can go on"
     )]
     Full { path: String, used: u64, limit: u64 },
 }

@@ -136,7 +136,7 @@ impl ReplicaServer {
                     .map_err(|e| err(e.to_string()))?;
             volumes.insert(v.volume.id, Arc::new(rv));
         }
-        let snapshots = Snapshots::open(&dir, volumes.values().map(|v| v.as_ref()), None)
+        let snapshots = Snapshots::open(&dir, volumes.values().map(|v| v.as_ref()))
             .map_err(|e| ReplicaError::DataDir { path: dir.display().to_string(), reason: e.to_string() })?;
         Ok(Arc::new(ReplicaServer {
             name: node.name.clone(),

@@ -57,16 +57,12 @@ pub struct Snapshots {
 
 impl Snapshots {
     /// Opens the store of every volume under `root` (the data directory), each allowed at most
-    /// `limit_bytes` (`None`: no limit).
-    pub fn open<'a>(
-        root: &Path,
-        volumes: impl IntoIterator<Item = &'a ReplicaVolume>,
-        limit_bytes: Option<u64>,
-    ) -> Result<Snapshots, CowError> {
+    /// its volume's `snapshot_bytes_limit`.
+    pub fn open<'a>(root: &Path, volumes: impl IntoIterator<Item = &'a ReplicaVolume>) -> Result<Snapshots, CowError> {
         let mut stores = HashMap::new();
         let mut consistent = Vec::new();
         for v in volumes {
-            let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, limit_bytes)?;
+            let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, v.snapshot_bytes_limit)?;
             stores.insert(v.id, Arc::new(RwLock::new(store)));
             if !v.state.lock().expect("apply state").applied.partial_resync {
                 consistent.push(v);
@@ -128,11 +124,20 @@ impl Snapshots {
             }
             s.applied
         };
-        let meta =
-            self.store(v).write().expect("store").create(name, applied.seq, applied.epoch).map_err(|e| match e {
-                CowError::Exists(_) => SnapshotError::Exists(name.to_owned(), v.name.clone()),
-                e => SnapshotError::Store(e),
-            })?;
+        let mut store = self.store(v).write().expect("store");
+        if let Some(limit) = v.snapshot_bytes_limit {
+            let used = store.usage().map_err(SnapshotError::Store)?.used_bytes;
+            if used >= limit / 10 * 9 {
+                return Err(SnapshotError::Refused(format!(
+                    "the snapshot store of volume {} holds {used} of its {limit} bytes (snapshot_bytes_limit): delete a snapshot (drv snapshot list shows what each holds alone) before taking another",
+                    v.name
+                )));
+            }
+        }
+        let meta = store.create(name, applied.seq, applied.epoch).map_err(|e| match e {
+            CowError::Exists(_) => SnapshotError::Exists(name.to_owned(), v.name.clone()),
+            e => SnapshotError::Store(e),
+        })?;
         tracing::info!(volume = %v.name, snapshot = name, seq = meta.seq, epoch = meta.epoch, "snapshot taken");
         Ok(self.info(v, name.to_owned(), &meta, None))
     }

@@ -103,3 +103,46 @@ async fn snapshots_taken_under_load_keep_their_images_through_replica_kills() {
     println!("{} snapshots checked against the history; {freed} bytes freed by deleting them", snaps.len());
     kill_all([&mut staging, &mut replica]);
 }
+
+/// A volume whose snapshot store has a limit: once the snapshots need more, apply waits (nothing
+/// a snapshot needs is overwritten, no snapshot is dropped), the status says why, a new snapshot
+/// is refused; deleting the snapshot lets apply go on to the source's image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_snapshot_store_holds_apply_back_until_a_snapshot_is_deleted() {
+    let cl = Cluster::new(1, VOLUME);
+    let store = cl.config.display().to_string();
+    let set = strings(&["config", "--store", &store, "set", "volume", "vol1", "snapshot_bytes_limit=4M"]);
+    drv(set).await;
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let (source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, AgentOptions::default())
+        .await
+        .unwrap();
+    let applied = |cl: &Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
+    agent.write(0, Bytes::from(pattern(1, 65536)), Flags::default()).await.unwrap();
+    let first = agent.position().0 - 1;
+    until_in(&cl, "the first write applied", Duration::from_secs(30), || applied(&cl) >= first).await;
+    let snap = snapshot_json(&cl, &["create", "vol1", "keep"]).await;
+    let digest = snapshot_json(&cl, &["digest", "vol1", "keep"]).await["xxh3_128"].clone();
+    // 8 MiB of blocks the snapshot holds (zeros) overwritten: twice what the store may keep.
+    for i in 0..128u64 {
+        agent.write(i * 65536, Bytes::from(pattern(100 + i, 65536)), Flags::default()).await.unwrap();
+    }
+    let full = || cl.replica_status().and_then(|s| s.volumes[0].error.clone()).is_some_and(|e| e.contains("is full"));
+    until_in(&cl, "apply to wait for room in the store", Duration::from_secs(30), full).await;
+    let held = applied(&cl);
+    assert!(held < agent.position().0 - 1, "apply went past the limit");
+    let mut args = strings(&["snapshot", "create", "vol1", "another"]);
+    args.extend(conn(&cl, false));
+    let e = crate::agent::drv_fails(args).await;
+    assert!(e.contains("snapshot_bytes_limit") && e.contains("vol1"), "{e}");
+    assert_eq!(snapshot_json(&cl, &["digest", "vol1", "keep"]).await["xxh3_128"], digest, "{snap}");
+    // Deleted: apply goes on to the source's image.
+    snapshot_json(&cl, &["delete", "vol1", "keep"]).await;
+    let (next, _) = agent.position();
+    crate::agent::assert_replica_equals(&cl, &source, next).await;
+    assert!(cl.log("rep1").matches("is full").count() == 1, "said once:\n{}", cl.log("rep1"));
+    kill_all([&mut staging, &mut replica]);
+}
