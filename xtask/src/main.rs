@@ -24,6 +24,7 @@ mod agent;
 mod ebpf;
 mod kmod;
 mod relay;
+mod snapshots;
 mod tidy;
 mod user;
 
@@ -124,7 +125,8 @@ fn main() -> Result<()> {
             "kmod" => kmod::bench(quick),
             "ebpf" => bench_ebpf(quick),
             "user" => bench_user(quick),
-            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user)"),
+            "snapshots" => bench_snapshots(quick),
+            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots)"),
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Setup => kmod::setup().and_then(|_| ebpf::setup()),
@@ -400,6 +402,14 @@ fn bench_relay(quick: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     // The directory (server logs) stays under target/ for a look afterwards.
     relay::bench(&root().join("target/release/drv"), &dir, quick)
+}
+
+fn bench_snapshots(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-snapshots");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    snapshots::bench(&root().join("target/release/drv"), &dir, quick)
 }
 
 fn bench_agent(quick: bool) -> Result<()> {

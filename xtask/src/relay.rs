@@ -243,7 +243,7 @@ pub fn start(drv: &Path, s: &Setup, role: &str, name: &str, log: &Path) -> Resul
 }
 
 /// One status connection, reused for every poll (a handshake per poll would load staging).
-struct StatusConn {
+pub(crate) struct StatusConn {
     _client: quic::QuicClient,
     conn: s2n_quic::Connection,
 }
@@ -255,7 +255,7 @@ impl StatusConn {
         Ok(StatusConn { _client: c, conn })
     }
 
-    async fn get(&mut self) -> Result<StagingStatus> {
+    pub(crate) async fn get(&mut self) -> Result<StagingStatus> {
         let st = self.conn.open_bidirectional_stream().await?;
         let (rx, tx) = st.split();
         let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
@@ -269,7 +269,7 @@ impl StatusConn {
 
 /// An agent link writing `write_bytes`-sized writes; `rate` (bytes/s) paces it when set.
 /// Returns the last sequence written.
-async fn agent_load(
+pub(crate) async fn agent_load(
     id: &Identity,
     addr: SocketAddr,
     volume_id: u64,
@@ -318,7 +318,7 @@ async fn agent_load(
 }
 
 /// A status connection to staging, once it answers.
-async fn status_conn(admin: &Identity, addr: SocketAddr, dir: &Path) -> Result<StatusConn> {
+pub(crate) async fn status_conn(admin: &Identity, addr: SocketAddr, dir: &Path) -> Result<StatusConn> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut sc) = StatusConn::open(admin, addr).await
