@@ -249,13 +249,19 @@ impl ReplicaVolume {
 pub struct Applier {
     cursor: u64,
     units: Units<LogRecord>,
+    /// The last step found more than half a step's worth of records: a backlog to work off.
+    backlog: bool,
 }
+
+/// Bytes of records one apply step reads from the DR log at most.
+const STEP_READ_BYTES: u64 = 8 << 20;
 
 impl Applier {
     pub fn new(v: &ReplicaVolume, drlog: &Wrl) -> Applier {
         Applier {
             cursor: drlog.status().first_lsn,
             units: Units::new(v.state.lock().expect("apply state").applied.seq),
+            backlog: false,
         }
     }
 
@@ -276,7 +282,9 @@ impl Applier {
         // past this cursor. Nothing of this volume was in what it trimmed: the log trims only
         // what every volume confirmed, and this one confirms only what it applied.
         self.cursor = self.cursor.max(drlog.status().first_lsn);
-        let recs = drlog.read(self.cursor, 8 << 20).map_err(ApplyError::ReadLog)?;
+        let recs = drlog.read(self.cursor, STEP_READ_BYTES).map_err(ApplyError::ReadLog)?;
+        let read: u64 = recs.iter().map(|r| r.payload.len() as u64).sum();
+        self.backlog = read >= STEP_READ_BYTES / 2;
         if recs.is_empty() {
             return Ok(false);
         }
@@ -354,9 +362,10 @@ pub fn run(
         // Pacing: what is durable in the DR log is safe already (the RPO); applying it a few
         // milliseconds later lets units gather, so one target fdatasync and one position update
         // cover many of them instead of one each (at a low write rate every write is its own
-        // epoch). Not while the DR log fills: then apply runs flat out to free room.
+        // epoch). Not while there is a backlog (units have gathered already) or the DR log
+        // fills: then apply runs flat out.
         let since = last_step.elapsed();
-        if since < APPLY_INTERVAL && drlog.room_bytes() > drlog.capacity_bytes() / 2 {
+        if since < APPLY_INTERVAL && !applier.backlog && drlog.room_bytes() > drlog.capacity_bytes() / 2 {
             std::thread::sleep(APPLY_INTERVAL - since);
         }
         last_step = std::time::Instant::now();

@@ -250,20 +250,30 @@ pub(crate) struct StatusConn {
 
 impl StatusConn {
     async fn open(id: &Identity, addr: SocketAddr) -> Result<StatusConn> {
-        let c = quic::client(id, Role::Staging)?;
-        let conn = quic::connect(&c, addr, Role::Staging).await?;
+        StatusConn::open_to(id, addr, Role::Staging).await
+    }
+
+    /// A connection to the server of `role` at `addr`, reused for every request.
+    pub(crate) async fn open_to(id: &Identity, addr: SocketAddr, role: Role) -> Result<StatusConn> {
+        let c = quic::client(id, role)?;
+        let conn = quic::connect(&c, addr, role).await?;
         Ok(StatusConn { _client: c, conn })
     }
 
     pub(crate) async fn get(&mut self) -> Result<StagingStatus> {
-        let st = self.conn.open_bidirectional_stream().await?;
-        let (rx, tx) = st.split();
-        let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
-        w.send(&Frame::StatusRequest).await?;
-        match r.next().await? {
+        match self.request(&Frame::StatusRequest).await? {
             Some(Frame::StatusReply { json }) => Ok(serde_json::from_slice(&json)?),
             other => bail!("unexpected status answer {other:?}"),
         }
+    }
+
+    /// One request on a stream of its own; the answer.
+    pub(crate) async fn request(&mut self, f: &Frame) -> Result<Option<Frame>> {
+        let st = self.conn.open_bidirectional_stream().await?;
+        let (rx, tx) = st.split();
+        let (mut r, mut w) = (FrameReader::new(rx, 16 << 20), FrameWriter::new(tx));
+        w.send(f).await?;
+        Ok(r.next().await?)
     }
 }
 
@@ -299,7 +309,8 @@ pub(crate) async fn agent_load(
                 }
             }
             let seq = first_seq + sent;
-            let offset = (seq % (64 << 20) as u64 / write_bytes as u64) * write_bytes as u64;
+            // Round and round a 64 MiB working set.
+            let offset = (seq % ((64 << 20) / write_bytes as u64)) * write_bytes as u64;
             w.send(&Frame::Write { volume_id, seq, epoch: seq, offset, flags: 0, data: data.clone() })?;
             sent += 1;
         }
@@ -333,7 +344,7 @@ pub(crate) async fn status_conn(admin: &Identity, addr: SocketAddr, dir: &Path) 
 
 /// Waits until staging has noticed that the replica is gone (so that the next `catch_up` times a
 /// new connection, not the old one's idle timeout).
-async fn disconnected(sc: &mut StatusConn) -> Result<()> {
+pub(crate) async fn disconnected(sc: &mut StatusConn) -> Result<()> {
     let t = Instant::now();
     loop {
         if let Ok(st) = sc.get().await
