@@ -93,11 +93,22 @@ async fn snapshots_taken_under_load_keep_their_images_through_replica_kills() {
     // Deleting them all frees the store.
     let list = snapshot_json(&cl, &["list", "vol1"]).await;
     assert_eq!(list.as_array().unwrap().len(), snaps.len(), "{list}");
+    let on_disk = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(cl.dir.path().join("rep1/snapshots/vol1/cow.data")).unwrap().blocks() * 512
+    };
+    let before = on_disk();
     let mut freed = 0;
     for (name, _) in &snaps {
         freed += snapshot_json(&cl, &["delete", "vol1", name]).await["freed_bytes"].as_u64().unwrap();
     }
     assert!(freed > 0);
+    // The freed slots' space went back to the file system.
+    assert!(
+        on_disk() + freed / 2 <= before,
+        "store file: {before} bytes on disk before, {} after freeing {freed}",
+        on_disk()
+    );
     let st = cl.replica_status().unwrap();
     assert_eq!(st.volumes[0].snapshot_store_bytes, 0, "{st:?}");
     println!("{} snapshots checked against the history; {freed} bytes freed by deleting them", snaps.len());
