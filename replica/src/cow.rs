@@ -29,7 +29,7 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 const VERSIONS: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("versions");
 /// Free slots below `next_slot`.
 const FREE: TableDefinition<u64, ()> = TableDefinition::new("free");
-/// `next_slot`, `slot_bytes`, `volume_id`.
+/// `next_slot`, `slot_bytes`, `volume_id`, `versions` (how many `VERSIONS` holds: slots in use).
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// What a snapshot records.
@@ -122,11 +122,15 @@ impl CowStore {
                         c.insert("next_slot", 0).map_err(|e| store_err(e.into()))?;
                     }
                 }
-                let found = found(&c, "slot_bytes").map_err(|e| store_err(e.into()))?.unwrap_or(slot_bytes);
-                if found != slot_bytes {
-                    return Err(CowError::OtherBlockSize { path: db_path.clone(), found, want: slot_bytes });
+                let have = found(&c, "slot_bytes").map_err(|e| store_err(e.into()))?.unwrap_or(slot_bytes);
+                if have != slot_bytes {
+                    return Err(CowError::OtherBlockSize { path: db_path.clone(), found: have, want: slot_bytes });
                 }
-                tx.open_table(VERSIONS).map_err(|e| store_err(e.into()))?;
+                let n =
+                    tx.open_table(VERSIONS).map_err(|e| store_err(e.into()))?.len().map_err(|e| store_err(e.into()))?;
+                if found(&c, "versions").map_err(|e| store_err(e.into()))?.is_none() {
+                    c.insert("versions", n).map_err(|e| store_err(e.into()))?;
+                }
                 tx.open_table(FREE).map_err(|e| store_err(e.into()))?;
             }
             let points = {
@@ -226,6 +230,9 @@ impl CowStore {
                 versions.remove(k).map_err(|x| e(x.into()))?;
                 free.insert(slot, ()).map_err(|x| e(x.into()))?;
             }
+            let mut c = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+            let n = counter(&c, "versions").map_err(|x| e(x.into()))?;
+            c.insert("versions", n - dead.len() as u64).map_err(|x| e(x.into()))?;
             dead
         };
         tx.commit().map_err(|x| e(x.into()))?;
@@ -257,7 +264,8 @@ impl CowStore {
     pub fn usage(&self) -> Result<Usage, CowError> {
         let e = self.err();
         let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
-        let versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?.len().map_err(|x| e(x.into()))?;
+        let c = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+        let versions = c.get("versions").map_err(|x| e(x.into()))?.map(|v| v.value()).unwrap_or(0);
         Ok(Usage { used_bytes: versions * self.slot_bytes, versions })
     }
 
@@ -326,8 +334,8 @@ impl CowStore {
         let mut c = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
         let next = c.get("next_slot").map_err(|x| e(x.into()))?.map(|v| v.value()).unwrap_or(0);
         let more = (n - slots.len()) as u64;
+        let in_use = counter(&c, "versions").map_err(|x| e(x.into()))?;
         if let Some(limit) = self.limit_bytes {
-            let in_use = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?.len().map_err(|x| e(x.into()))?;
             let used = (in_use + n as u64) * self.slot_bytes;
             if used > limit {
                 return Err(CowError::Full { path: self.db_path.clone(), used: in_use * self.slot_bytes, limit });
@@ -335,6 +343,7 @@ impl CowStore {
         }
         slots.extend(next..next + more);
         c.insert("next_slot", next + more).map_err(|x| e(x.into()))?;
+        c.insert("versions", in_use + n as u64).map_err(|x| e(x.into()))?;
         Ok(slots)
     }
 
@@ -389,6 +398,10 @@ impl CowStore {
         let m = self.data.metadata().map_err(self.io("stat".into()))?;
         Ok(m.blocks() * 512)
     }
+}
+
+fn counter(c: &redb::Table<&str, u64>, name: &str) -> Result<u64, redb::StorageError> {
+    Ok(c.get(name)?.map(|v| v.value()).unwrap_or(0))
 }
 
 fn parse_meta(path: &str, bytes: &[u8]) -> Result<SnapshotMeta, CowError> {
