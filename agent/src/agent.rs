@@ -67,6 +67,9 @@ pub enum AgentError {
     Unprotected { offset: u64, why: String },
     #[error(transparent)]
     StagingLost(#[from] drv_proto::StagingLost),
+    /// A digest of the local disk could not be taken at one sequence number.
+    #[error("no exact digest: {0}")]
+    NotExact(String),
     /// A resync used up the room staging reported for its session (it asks again; never shown).
     #[error("the room staging's log reported for this session is used up")]
     RoomUsed,
@@ -462,6 +465,46 @@ impl Agent {
     }
 
     /// Bytes marked in the change map (what a resync will ship).
+    /// The xxh3-128 digest of the local disk holding every write up to the returned sequence
+    /// number and none after: new writes wait while the disk is read (a pause of the volume for
+    /// as long as reading it takes). Refused outside sync mode (writes in the change map are not
+    /// at staging yet: the disk is ahead of every sequence number). Compare it with `drv snapshot
+    /// digest` of a replica snapshot at that sequence number (or after it, with no write between).
+    pub async fn digest(&self) -> Result<AgentDigest, AgentError> {
+        let i = &self.inner;
+        let _exclusive = i.gate.write().await;
+        let check = || -> Result<(u64, u64), AgentError> {
+            let (mode, dirty) = (self.mode(), self.dirty_bytes());
+            if mode != Mode::Sync || dirty > 0 {
+                return Err(AgentError::NotExact(format!(
+                    "the agent is in {mode} mode with {dirty} bytes marked: the local disk holds writes staging does not have yet"
+                )));
+            }
+            Ok((self.position().0 - 1, i.stats.mapped_writes.load(Ordering::Relaxed)))
+        };
+        let before = check()?;
+        let (disk, size) = (i.disk.clone(), i.volume_bytes);
+        let xxh3_128 = blocking(0, move || -> Result<u128, AgentError> {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            let mut buf = vec![0u8; DIGEST_READ_BYTES];
+            let mut offset = 0;
+            while offset < size {
+                let n = (size - offset).min(DIGEST_READ_BYTES as u64) as usize;
+                disk.read_at(offset, &mut buf[..n]).map_err(|err| AgentError::Local { offset, err })?;
+                h.update(&buf[..n]);
+                offset += n as u64;
+            }
+            Ok(h.digest128())
+        })
+        .await?;
+        // Writes that passed by meanwhile (a capture path's hold timeout) went to the change map.
+        // (An idle EPOCH_END may have taken a sequence number: it changes no block.)
+        if check()?.1 != before.1 {
+            return Err(AgentError::NotExact("writes passed by while the disk was read: try again".into()));
+        }
+        Ok(AgentDigest { seq: before.0, bytes: size, xxh3_128: format!("{xxh3_128:032x}") })
+    }
+
     pub fn dirty_bytes(&self) -> u64 {
         self.inner.map.as_ref().map(|m| m.dirty_bytes()).unwrap_or(0)
     }
@@ -487,6 +530,19 @@ impl Agent {
             problem: self.inner.problem.lock().expect("problem").clone(),
         }
     }
+}
+
+/// Bytes read at once for [`Agent::digest`].
+const DIGEST_READ_BYTES: usize = 1 << 20;
+
+/// The digest of the local disk at a sequence number ([`Agent::digest`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentDigest {
+    /// Every write up to `seq` is in it, none after.
+    pub seq: u64,
+    pub bytes: u64,
+    /// 32 hex digits.
+    pub xxh3_128: String,
 }
 
 /// What `Agent::status` reports.

@@ -12,6 +12,7 @@
 //! | `{"op":"resync","extents":[[offset,len],...]}` | `{"ok":true,...}` once the ranges are marked durably |
 //! | `{"op":"detach"}` | `{"ok":true,...}` once the capture device is gone (the agent then stops) |
 //! | `{"op":"track-sync","freeze":PATH,"timeout_ms":N}` | `{"ok":true,"track":{...}}` once a tracker's cut reached the replica |
+//! | `{"op":"digest"}` | `{"ok":true,"digest":{"seq","bytes","xxh3_128"}}`: the local disk at one sequence number (writes wait meanwhile) |
 //!
 //! A failure is `{"ok":false,"error":"..."}` naming what was wrong. Lines are at most
 //! [`MAX_LINE`] bytes (a client sends a long extent list in several requests).
@@ -46,6 +47,8 @@ pub enum Request {
     },
     /// Remove the capture device (`drv detach`); the agent then stops.
     Detach,
+    /// The digest of the local disk at one sequence number (writes wait meanwhile).
+    Digest,
     /// Ship what an eBPF tracker recorded (`drv track sync`), optionally with the filesystem
     /// mounted at `freeze` frozen for a consistent point, waiting at most `timeout_ms` for it.
     TrackSync {
@@ -126,6 +129,9 @@ pub struct Reply {
     /// The capture path's figures (see [`CaptureHook`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureReport>,
+    /// The local disk's digest (`digest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<crate::agent::AgentDigest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,7 +222,7 @@ async fn serve_client(agent: &Agent, stream: UnixStream, hooks: Hooks) -> std::i
 }
 
 fn failed(error: String) -> Reply {
-    Reply { ok: false, error: Some(error), status: None, track: None, capture: None }
+    Reply { ok: false, error: Some(error), status: None, track: None, capture: None, digest: None }
 }
 
 async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
@@ -226,9 +232,14 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
                 return failed("this agent is not an eBPF tracker (`drv track VOLUME` runs one)".into());
             };
             return match hook(freeze, timeout_ms).await {
-                Ok(report) => {
-                    Reply { ok: true, error: None, status: Some(agent.status()), track: Some(report), capture: None }
-                }
+                Ok(report) => Reply {
+                    ok: true,
+                    error: None,
+                    status: Some(agent.status()),
+                    track: Some(report),
+                    capture: None,
+                    digest: None,
+                },
                 Err(e) => failed(e.to_string()),
             };
         }
@@ -237,9 +248,29 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
                 return failed("this agent has no capture device to detach (stop it with SIGTERM)".into());
             };
             return match tokio::task::spawn_blocking(move || hook()).await {
-                Ok(Ok(())) => Reply { ok: true, error: None, status: Some(agent.status()), track: None, capture: None },
+                Ok(Ok(())) => Reply {
+                    ok: true,
+                    error: None,
+                    status: Some(agent.status()),
+                    track: None,
+                    capture: None,
+                    digest: None,
+                },
                 Ok(Err(e)) => failed(e.to_string()),
                 Err(e) => failed(format!("detach: {e}")),
+            };
+        }
+        Request::Digest => {
+            return match agent.digest().await {
+                Ok(d) => Reply {
+                    ok: true,
+                    error: None,
+                    status: Some(agent.status()),
+                    track: None,
+                    capture: None,
+                    digest: Some(d),
+                },
+                Err(e) => failed(e.to_string()),
             };
         }
         Request::Status => Ok(()),
@@ -260,6 +291,7 @@ async fn handle(agent: &Agent, req: Request, hooks: &Hooks) -> Reply {
             status: Some(agent.status()),
             track: None,
             capture: hooks.capture.as_ref().map(|c| c()),
+            digest: None,
         },
         Err(e) => failed(e.to_string()),
     }

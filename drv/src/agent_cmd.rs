@@ -64,6 +64,16 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The xxh3-128 digest of the protected volume's local disk with every write up to a
+    /// sequence number and none after (the application's writes wait while it is read): compare
+    /// it with `drv snapshot digest` of a replica snapshot at that sequence number.
+    Digest {
+        volume: String,
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -210,6 +220,18 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 pub fn agent(c: AgentCommand) -> Result<()> {
     match c {
         AgentCommand::Run(a) => agent_run(a),
+        AgentCommand::Digest { volume, control, json } => {
+            let r = runtime()?.block_on(async {
+                control.connect(&volume).await?.call(&Request::Digest).await.map_err(anyhow::Error::from)
+            })?;
+            let d = r.digest.context("the agent's reply has no digest")?;
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+            } else {
+                println!("{}  volume {volume} at seq {} ({})", d.xxh3_128, d.seq, human(d.bytes));
+            }
+            Ok(())
+        }
         AgentCommand::Status { volume, control, json } => {
             let r = runtime()?.block_on(async {
                 control.connect(&volume).await?.call(&Request::Status).await.map_err(anyhow::Error::from)

@@ -640,6 +640,21 @@ async fn drv_agent_run_and_sync_start_copy_the_whole_volume() {
             .unwrap();
     assert_eq!(st["mode"], "sync", "{st}");
     assert_replica_equals(&cl, &source, st["next_seq"].as_u64().unwrap()).await;
+    // The source's digest at a sequence number, and a replica snapshot's at it: the same.
+    let d: serde_json::Value =
+        serde_json::from_str(&drv(strings(&["agent", "digest", "vol1", "--json", "--run-dir", &run_dir])).await)
+            .unwrap();
+    let want = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&std::fs::read(&source).unwrap()));
+    assert_eq!(d["xxh3_128"], want.as_str(), "{d}");
+    let conn = strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string(), "--json"]);
+    let mut create = strings(&["snapshot", "create", "vol1", "verify"]);
+    create.extend(conn.clone());
+    let snap: serde_json::Value = serde_json::from_str(&drv(create).await).unwrap();
+    assert!(snap["seq"].as_u64() >= d["seq"].as_u64(), "{snap} {d}");
+    let mut digest = strings(&["snapshot", "digest", "vol1", "verify"]);
+    digest.extend(conn);
+    let r: serde_json::Value = serde_json::from_str(&drv(digest).await).unwrap();
+    assert_eq!(r["xxh3_128"], d["xxh3_128"], "the replica at seq {} and the source at seq {}", r["seq"], d["seq"]);
     // SIGTERM: a clean stop that removes the socket.
     assert!(std::process::Command::new("kill").args(["-TERM", &agent.id().to_string()]).status().unwrap().success());
     assert!(agent.wait().unwrap().success(), "{}", cl.log("agent"));

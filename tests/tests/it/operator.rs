@@ -408,6 +408,9 @@ async fn a_staging_log_that_lost_acknowledged_writes_is_never_written_on() {
     let problem = st.problem.clone().unwrap();
     assert!(problem.contains("holds it only up to seq 0") && problem.contains("lost acknowledged writes"), "{problem}");
     assert!(st.dirty_bytes >= 65536, "the write since is kept in the change map: {st:?}");
+    // No digest claims a sequence number the local disk is ahead of.
+    let e = agent.digest().await.unwrap_err().to_string();
+    assert!(e.contains("no exact digest") && e.contains("change-map mode"), "{e}");
     let rep = cl.replica_status().unwrap();
     assert!(rep.volumes[0].applied_seq + 1 >= next, "the replica stays where it was: {rep:?}");
     assert_eq!(std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap(), replica_image);
