@@ -217,13 +217,16 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a rate such as 50M (bytes per second)"))
 }
 
+/// One request to the running agent of `volume`.
+fn call(control: &ControlArgs, volume: &str, req: &Request) -> Result<control::Reply> {
+    runtime()?.block_on(async { Ok(control.connect(volume).await?.call(req).await?) })
+}
+
 pub fn agent(c: AgentCommand) -> Result<()> {
     match c {
         AgentCommand::Run(a) => agent_run(a),
         AgentCommand::Digest { volume, control, json } => {
-            let r = runtime()?.block_on(async {
-                control.connect(&volume).await?.call(&Request::Digest).await.map_err(anyhow::Error::from)
-            })?;
+            let r = call(&control, &volume, &Request::Digest)?;
             let d = r.digest.context("the agent's reply has no digest")?;
             if json {
                 println!("{}", serde_json::to_string(&d)?);
@@ -233,9 +236,7 @@ pub fn agent(c: AgentCommand) -> Result<()> {
             Ok(())
         }
         AgentCommand::Status { volume, control, json } => {
-            let r = runtime()?.block_on(async {
-                control.connect(&volume).await?.call(&Request::Status).await.map_err(anyhow::Error::from)
-            })?;
+            let r = call(&control, &volume, &Request::Status)?;
             let st = r.status.context("the agent's reply has no status")?;
             if json {
                 let mut v = serde_json::to_value(&st)?;

@@ -29,7 +29,7 @@
 //! **Freeing.** A version is needed while a live point lies in its range; when the last one is
 //! deleted, its slot is free.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use drv_format::record::{Flags, WriteDesc};
 
@@ -186,15 +186,17 @@ pub fn garbage<'a>(points: &Points, versions: impl IntoIterator<Item = &'a Versi
 
 /// A model of a volume under apply, for tests of these rules: the target, the versions, and the
 /// images the points must keep.
+#[cfg(test)]
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     pub target: BTreeMap<u64, u64>,
     pub versions: BTreeMap<u64, Vec<(Version, u64)>>,
     pub points: Points,
     pub images: BTreeMap<u64, BTreeMap<u64, u64>>,
-    pub freed: BTreeSet<Version>,
+    pub freed: std::collections::BTreeSet<Version>,
 }
 
+#[cfg(test)]
 impl Model {
     /// Applies a batch of writes (block, value, unit end) the way the replica does: plan,
     /// preserve, write.
