@@ -51,15 +51,27 @@ pub fn lock_shared(file: &File, what: &str, path: &Path) -> Result<(), LockError
     lock(file, what, path, true)
 }
 
+/// How long a lock found held is tried again before it is reported held: a process that forks
+/// (to start a helper) lends its descriptors, and so its locks, to the child until the child
+/// execs (they are close-on-exec); a lock seen in that window is not really held.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn lock(file: &File, what: &str, path: &Path, shared: bool) -> Result<(), LockError> {
-    let r = if shared { file.try_lock_shared() } else { file.try_lock() };
-    match r {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(LockError::Held { what: what.into(), path: path.display().to_string(), holder: holder(file) })
-        }
-        Err(std::fs::TryLockError::Error(err)) => {
-            Err(LockError::Io { what: what.into(), path: path.display().to_string(), err })
+    let started = std::time::Instant::now();
+    loop {
+        let r = if shared { file.try_lock_shared() } else { file.try_lock() };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_PATIENCE => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = holder(file);
+                return Err(LockError::Held { what: what.into(), path: path.display().to_string(), holder });
+            }
+            Err(std::fs::TryLockError::Error(err)) => {
+                return Err(LockError::Io { what: what.into(), path: path.display().to_string(), err });
+            }
         }
     }
 }
