@@ -176,6 +176,7 @@ pub(crate) fn epoch_end(volume_id: u64) -> impl FnOnce(Stamp) -> Frame {
         epoch: s.epoch,
         offset: 0,
         flags: Flags::EPOCH_END.0,
+        capture_unix: drv_format::record::capture_clock(),
         data: Bytes::new(),
     }
 }
@@ -624,8 +625,16 @@ impl Inner {
         }
         if let Issue::Staging { seq, epoch } = issue {
             let (volume_id, d) = (self.volume_id, data.take().expect("issued once"));
-            let frame =
-                |s: Stamp| Frame::Write { volume_id, seq: s.seq, epoch: s.epoch, offset, flags: flags.0, data: d };
+            let capture_unix = drv_format::record::capture_clock();
+            let frame = |s: Stamp| Frame::Write {
+                volume_id,
+                seq: s.seq,
+                epoch: s.epoch,
+                offset,
+                flags: flags.0,
+                capture_unix,
+                data: d,
+            };
             if let Some((_, rx)) = o.send(Stamp { seq, epoch }, frame) {
                 return Some(Issued::Staging(rx));
             }

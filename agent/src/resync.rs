@@ -279,6 +279,7 @@ impl Inner {
                 epoch: s.epoch,
                 offset,
                 flags: Flags::RESYNC.0,
+                capture_unix: drv_format::record::capture_clock(),
                 data,
             };
             o.send(stamp, frame).ok_or(AgentError::Disconnected)?

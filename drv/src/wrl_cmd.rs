@@ -352,6 +352,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                             offset: i * record,
                             flags: Flags::default(),
                             data: &data[idx],
+                            capture_unix: drv_format::record::capture_clock(),
                         },
                         Box::new(move |r| {
                             let _ = tx.send((idx as u64, i, r.map(|a| a.header.lsn), t0.elapsed()));

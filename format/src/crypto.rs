@@ -122,6 +122,7 @@ mod tests {
             flags: Flags::FUA,
             key_id: 9,
             nonce: nonce(5, 77),
+            capture_unix: 1_700_000_000,
         }
     }
 
@@ -140,6 +141,9 @@ mod tests {
         let mut moved = d;
         moved.offset += 512;
         assert!(matches!(key.open(&moved, &stored), Err(KeyError::Authentication { .. })));
+        // So is the capture time: a record cannot be passed off as written at another time.
+        let later = WriteDesc { capture_unix: d.capture_unix + 3600, ..d };
+        assert!(matches!(key.open(&later, &stored), Err(KeyError::Authentication { .. })));
         // A flipped ciphertext bit does not open.
         let mut bad = stored.clone();
         bad[0] ^= 1;

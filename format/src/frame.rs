@@ -98,6 +98,8 @@ pub enum Frame {
         epoch: u64,
         offset: u64,
         flags: u32,
+        /// The agent's clock at capture, seconds since the UNIX epoch (0: unknown).
+        capture_unix: u32,
         data: Bytes,
     },
     /// Staging -> agent: the write with `seq` (and every earlier one) is durable in the log.
@@ -269,13 +271,17 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             Frame::ReplicaPosition { volume_id: d.u64(), durable_seq: d.u64(), applied_seq: d.u64() }
         }
         FrameType::Write => {
-            need(40)?;
+            need(48)?;
             let (volume_id, seq, epoch, offset, flags, len) = (d.u64(), d.u64(), d.u64(), d.u64(), d.u32(), d.u32());
+            let (capture_unix, reserved) = (d.u32(), d.u32());
             if len > MAX_WRITE_BYTES {
                 return Err(FormatError::Invalid { what: "write frame", field: "length", value: len as u64 });
             }
-            exact(40 + len as usize)?;
-            Frame::Write { volume_id, seq, epoch, offset, flags, data: body.slice(40..) }
+            if reserved != 0 {
+                return Err(FormatError::Invalid { what: "write frame", field: "reserved", value: reserved as u64 });
+            }
+            exact(48 + len as usize)?;
+            Frame::Write { volume_id, seq, epoch, offset, flags, capture_unix, data: body.slice(48..) }
         }
         FrameType::Error => {
             need(4)?;
@@ -395,9 +401,10 @@ impl Frame {
             Frame::ReplicaPosition { volume_id, durable_seq, applied_seq } => put(&mut out, 24, &mut |e| {
                 e.u64(*volume_id).u64(*durable_seq).u64(*applied_seq);
             }),
-            Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
-                put(&mut out, 40, &mut |e| {
+            Frame::Write { volume_id, seq, epoch, offset, flags, capture_unix, data } => {
+                put(&mut out, 48, &mut |e| {
                     e.u64(*volume_id).u64(*seq).u64(*epoch).u64(*offset).u32(*flags).u32(data.len() as u32);
+                    e.u32(*capture_unix).u32(0);
                 });
                 out.extend_from_slice(data);
             }
@@ -446,7 +453,7 @@ impl Frame {
 
     fn body_len_hint(&self) -> usize {
         match self {
-            Frame::Write { data, .. } => 40 + data.len(),
+            Frame::Write { data, .. } => 48 + data.len(),
             Frame::Records { bytes, .. } => 16 + bytes.len(),
             Frame::StatusReply { json } | Frame::SnapshotReply { json } | Frame::MediaReply { json } => json.len(),
             Frame::SnapshotRequest { name, .. } => 12 + name.len(),
@@ -558,7 +565,15 @@ mod tests {
                 room_bytes: 1 << 30,
                 capacity_bytes: 2 << 30,
             },
-            Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100].into() },
+            Frame::Write {
+                volume_id: 3,
+                seq: 11,
+                epoch: 5,
+                offset: 4096,
+                flags: 2,
+                capture_unix: 1_800_000_000,
+                data: vec![9; 100].into(),
+            },
             Frame::Ack { volume_id: 3, seq: 11, lsn: 77 },
             Frame::Error { code: code::SEQUENCE_GAP, message: "gap".into() },
             Frame::RelayOpen { volume_id: 3 },
@@ -602,6 +617,7 @@ mod tests {
                         flags: Flags::default(),
                         key_id: 1,
                         nonce: [0; 12],
+                        capture_unix: 0,
                     },
                     stored_len: n as u32,
                     payload_crc: crate::crc32c(&payload),
@@ -619,8 +635,16 @@ mod tests {
 
     #[test]
     fn oversized_is_refused_from_the_header() {
-        let b =
-            Frame::Write { volume_id: 1, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![0; 5000].into() }.encode();
+        let b = Frame::Write {
+            volume_id: 1,
+            seq: 1,
+            epoch: 1,
+            offset: 0,
+            flags: 0,
+            capture_unix: 0,
+            data: vec![0; 5000].into(),
+        }
+        .encode();
         let e = decode_frame(&b, 4096).unwrap_err();
         assert!(e.to_string().contains("over the limit"), "{e}");
     }

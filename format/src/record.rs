@@ -1,6 +1,6 @@
 //! The WRL record: a 96-byte header (see `docs/formats.md`, "Record") followed by the encrypted
-//! payload. The header is the unit of the hash chain; bytes 24..80 (the write descriptor) are the
-//! AEAD associated data.
+//! payload. The header is the unit of the hash chain; bytes 24..80 and 88..92 (the write
+//! descriptor and its capture time) are the AEAD associated data.
 
 use crate::FormatError;
 use crate::codec::{Dec, Enc, check, seal};
@@ -72,6 +72,13 @@ impl std::fmt::Display for Flags {
     }
 }
 
+/// The wall clock now, as a record's capture time (whole seconds since the UNIX epoch; a clock
+/// before 1970 reads as 0, unknown, and one past 2106 as the largest time).
+pub fn capture_clock() -> u32 {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
 /// What the agent wrote, plus the encryption envelope's key and nonce: the part of a record that
 /// travels end to end and is authenticated by AES-GCM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,11 +93,22 @@ pub struct WriteDesc {
     pub flags: Flags,
     pub key_id: u32,
     pub nonce: [u8; 12],
+    /// The agent's clock when it captured the write: whole seconds since the UNIX epoch (0:
+    /// unknown, e.g. a record of the log itself). Header bytes 88..92.
+    pub capture_unix: u32,
 }
 
 impl WriteDesc {
-    /// The 56 bytes that are the AEAD associated data (header bytes 24..80).
-    pub fn aad(&self) -> [u8; 56] {
+    /// The AEAD associated data: header bytes 24..80 then 88..92 (the capture time).
+    pub fn aad(&self) -> [u8; 60] {
+        let mut out = [0u8; 60];
+        out[..56].copy_from_slice(&self.header_bytes());
+        out[56..].copy_from_slice(&self.capture_unix.to_le_bytes());
+        out
+    }
+
+    /// Header bytes 24..80.
+    fn header_bytes(&self) -> [u8; 56] {
         let mut out = [0u8; 56];
         let mut e = Enc::new(&mut out);
         e.u64(self.volume_id)
@@ -130,10 +148,10 @@ impl RecordHeader {
             .u16(RECORD_HEADER_LEN as u16)
             .u64(self.lsn)
             .u64(self.prev_hash)
-            .bytes(&self.desc.aad())
+            .bytes(&self.desc.header_bytes())
             .u32(self.stored_len)
             .u32(self.payload_crc)
-            .zero_to(92);
+            .u32(self.desc.capture_unix);
         seal(&mut buf, RECORD_HEADER_LEN);
         buf
     }
@@ -142,7 +160,7 @@ impl RecordHeader {
     /// separately ([`RecordHeader::check_payload`]) because it may not have been read yet.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "record header";
-        check(WHAT, buf, RECORD_MAGIC, RECORD_VERSION, RECORD_HEADER_LEN, (88, 92))?;
+        check(WHAT, buf, RECORD_MAGIC, RECORD_VERSION, RECORD_HEADER_LEN, (92, 92))?;
         let mut d = Dec::at(buf, 8);
         let lsn = d.u64();
         let prev_hash = d.u64();
@@ -155,9 +173,11 @@ impl RecordHeader {
             flags: Flags(d.u32()),
             key_id: d.u32(),
             nonce: d.array(),
+            capture_unix: 0,
         };
         let stored_len = d.u32();
         let payload_crc = d.u32();
+        let desc = WriteDesc { capture_unix: d.u32(), ..desc };
         if !desc.flags.is_valid() {
             return Err(FormatError::Invalid { what: WHAT, field: "flags", value: desc.flags.0 as u64 });
         }
@@ -253,6 +273,7 @@ mod tests {
                         flags: Flags(flags),
                         key_id,
                         nonce,
+                        capture_unix: (lsn as u32).rotate_left(7),
                     },
                     stored_len: (len + TAG_LEN) as u32,
                     payload_crc: crate::crc32c(&payload),

@@ -289,6 +289,7 @@ mod tests {
             flags,
             key_id: 1,
             nonce: [0; 12],
+            capture_unix: 0,
         };
         let descs = [
             d(1, 1, Flags::default(), 4096),

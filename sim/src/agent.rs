@@ -43,7 +43,12 @@ pub struct Sent {
     pub epoch_end: bool,
     /// A block shipped by a resync.
     pub resync: bool,
+    /// The agent's clock at capture (the simulated clock from [`SIM_CLOCK_BASE`]), in seconds.
+    pub capture_unix: u32,
 }
+
+/// The simulated wall clock at step 0 (2026-01-01T00:00:00Z), in seconds since the UNIX epoch.
+pub const SIM_CLOCK_BASE: u32 = 1_767_225_600;
 
 /// What the agent sends to staging.
 #[derive(Clone, Debug)]
@@ -195,7 +200,8 @@ impl Agent {
     }
 
     fn record(&mut self, stamp: Stamp, offset: u64, data: Bytes, epoch_end: bool, resync: bool) -> Sent {
-        let s = Sent { seq: stamp.seq, epoch: stamp.epoch, offset, data, epoch_end, resync };
+        let capture_unix = SIM_CLOCK_BASE + self.now.as_secs() as u32;
+        let s = Sent { seq: stamp.seq, epoch: stamp.epoch, offset, data, epoch_end, resync, capture_unix };
         assert_eq!(stamp.seq, self.history.len() as u64 + 1, "records are sent in sequence order");
         self.history.push(s.clone());
         self.source[offset as usize..offset as usize + s.data.len()].copy_from_slice(&s.data);

@@ -108,6 +108,7 @@ impl Staging {
                     offset: w.offset,
                     flags,
                     data: &w.data,
+                    capture_unix: w.capture_unix,
                 };
                 let (done, seq) = (self.done.clone(), w.seq);
                 let cb = Box::new(move |r: drv_wrl::Result<drv_wrl::Appended>| {

@@ -371,7 +371,7 @@ impl Staging {
                     }
                     volume = rt.block_on(self.open_volume(volume_id, out));
                 }
-                Frame::Write { volume_id, seq, epoch, offset, flags, data } => {
+                Frame::Write { volume_id, seq, epoch, offset, flags, capture_unix, data } => {
                     let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
                         out.reply(Frame::Error {
                             code: code::UNKNOWN_VOLUME,
@@ -381,7 +381,9 @@ impl Staging {
                     };
                     // The WRL's admission limit bounds what is queued: this thread waits there,
                     // and stops reading the link meanwhile.
-                    if let Some(s) = self.write(v, seq, epoch, offset, flags, &data, out, rt) {
+                    let (volume_seq, flags) = (seq, Flags(flags));
+                    let req = AppendRequest { volume_id, volume_seq, epoch, offset, flags, data: &data, capture_unix };
+                    if let Some(s) = self.write(v, req, out, rt) {
                         match pending.take() {
                             Some(p) if p.same_log(&s) => p.covered_by(&s),
                             Some(p) => p.hand_off(),
@@ -404,11 +406,7 @@ impl Staging {
     fn write(
         &self,
         v: &Arc<VolumeCtx>,
-        seq: u64,
-        epoch: u64,
-        offset: u64,
-        flags: u32,
-        data: &[u8],
+        req: AppendRequest<'_>,
         out: &Arc<Link>,
         rt: &tokio::runtime::Handle,
     ) -> Option<Submitted> {
@@ -416,7 +414,7 @@ impl Staging {
             out.reply(Frame::Error { code, message });
             None
         };
-        let flags = Flags(flags);
+        let AppendRequest { volume_seq: seq, epoch, flags, data, .. } = req;
         if flags.0 & !Flags::AGENT.0 != 0 {
             return refuse(code::INVALID, format!("volume {} seq {seq}: flags {:#x} are not a write's", v.id, flags.0));
         }
@@ -462,7 +460,7 @@ impl Staging {
         // Submitted under the volume lock: the WRL takes this volume's writes in sequence order.
         let submitted = v.wrl.submit(
             &v.key,
-            AppendRequest { volume_id: v.id, volume_seq: seq, epoch, offset, flags, data },
+            req,
             Box::new(move |r| {
                 match r {
                     Ok(a) => {

@@ -508,7 +508,8 @@ mod tests {
         // 64 frames of 1 MiB: far more than the socket buffers hold, so the flusher runs.
         for seq in 1..=64u64 {
             let data = Bytes::from(vec![seq as u8; 1 << 20]);
-            link.send(&Frame::Write { volume_id: 7, seq, epoch: 1, offset: 0, flags: 0, data }).unwrap();
+            link.send(&Frame::Write { volume_id: 7, seq, epoch: 1, offset: 0, flags: 0, capture_unix: 0, data })
+                .unwrap();
         }
         for seq in 1..=64u64 {
             match r.next().await.unwrap() {
@@ -553,8 +554,15 @@ mod tests {
     fn a_truncated_or_oversized_frame_is_named() {
         let mut b = BytesMut::from(&Frame::StatusRequest.encode()[..10]);
         assert!(take_frame(&mut b, 1 << 20).unwrap().is_none(), "partial header waits for more");
-        let big =
-            Frame::Write { volume_id: 1, seq: 1, epoch: 1, offset: 0, flags: 0, data: Bytes::from(vec![0; 4096]) };
+        let big = Frame::Write {
+            volume_id: 1,
+            seq: 1,
+            epoch: 1,
+            offset: 0,
+            flags: 0,
+            capture_unix: 0,
+            data: Bytes::from(vec![0; 4096]),
+        };
         let mut b = BytesMut::from(&big.encode()[..]);
         let e = take_frame(&mut b, 1024).unwrap_err().to_string();
         assert!(e.contains("1024") || e.contains("limit"), "{e}");

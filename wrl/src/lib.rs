@@ -66,6 +66,8 @@ pub struct AppendRequest<'a> {
     pub offset: u64,
     pub flags: Flags,
     pub data: &'a [u8],
+    /// The agent's clock at capture, seconds since the UNIX epoch (0: unknown).
+    pub capture_unix: u32,
 }
 
 /// A durable record.
@@ -267,6 +269,7 @@ impl Wrl {
             flags: req.flags,
             key_id: key.id(),
             nonce: nonce(sh.wrl_id, counter),
+            capture_unix: req.capture_unix,
         };
         let mut payload = Vec::with_capacity(req.data.len() + TAG_LEN);
         key.seal(&desc, req.data, &mut payload);
@@ -627,6 +630,7 @@ fn checkpoint(volume_id: u64, log: &VolumeLog) -> PendingRecord {
         flags: Flags::CHECKPOINT,
         key_id: 0,
         nonce: [0; 12],
+        capture_unix: 0,
     };
     PendingRecord::new(desc, Bytes::from_static(&[0; TAG_LEN]))
 }

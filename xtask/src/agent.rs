@@ -110,7 +110,15 @@ fn link_rtt(dir: &Path, n: usize, client_cpu: usize, server_cpu: usize) -> Resul
             let mut lat = Vec::with_capacity(n);
             for seq in 1..=n as u64 {
                 let t = Instant::now();
-                l.send(&Frame::Write { volume_id: 1, seq, epoch: 1, offset: 0, flags: 0, data: data.clone() })?;
+                l.send(&Frame::Write {
+                    volume_id: 1,
+                    seq,
+                    epoch: 1,
+                    offset: 0,
+                    flags: 0,
+                    capture_unix: 0,
+                    data: data.clone(),
+                })?;
                 match r.next().await? {
                     Some(Frame::Ack { .. }) => {}
                     other => anyhow::bail!("echo answered {other:?}"),

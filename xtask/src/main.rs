@@ -481,7 +481,15 @@ fn seed_frame_corpus(dir: &Path) -> Result<()> {
     let frames = [
         Frame::OpenVolume { volume_id: 3 },
         Frame::VolumeState { volume_id: 3, last_seq: 10, last_epoch: 4, room_bytes: 1 << 30, capacity_bytes: 2 << 30 },
-        Frame::Write { volume_id: 3, seq: 11, epoch: 5, offset: 4096, flags: 2, data: vec![9; 100].into() },
+        Frame::Write {
+            volume_id: 3,
+            seq: 11,
+            epoch: 5,
+            offset: 4096,
+            flags: 2,
+            capture_unix: 1_800_000_000,
+            data: vec![9; 100].into(),
+        },
         Frame::Ack { volume_id: 3, seq: 11, lsn: 77 },
         Frame::Error { code: 3, message: "gap".into() },
         Frame::RelayOpen { volume_id: 3 },
@@ -511,6 +519,7 @@ fn seed_corpus(dir: &Path) -> Result<()> {
         flags: Flags::FUA,
         key_id: 1,
         nonce: drv_format::nonce(1, 9),
+        capture_unix: 0,
     };
     let h = RecordHeader { lsn: 5, prev_hash: 6, desc, stored_len: 40, payload_crc: drv_format::crc32c(&payload) };
     let mut rec = h.encode().to_vec();

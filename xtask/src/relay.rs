@@ -311,7 +311,15 @@ pub(crate) async fn agent_load(
             let seq = first_seq + sent;
             // Round and round a 64 MiB working set.
             let offset = (seq % ((64 << 20) / write_bytes as u64)) * write_bytes as u64;
-            w.send(&Frame::Write { volume_id, seq, epoch: seq, offset, flags: 0, data: data.clone() })?;
+            w.send(&Frame::Write {
+                volume_id,
+                seq,
+                epoch: seq,
+                offset,
+                flags: 0,
+                capture_unix: 0,
+                data: data.clone(),
+            })?;
             sent += 1;
         }
         let wait = if sent < n && sent - acked < window { Duration::from_millis(2) } else { Duration::from_secs(30) };

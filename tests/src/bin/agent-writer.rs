@@ -24,6 +24,7 @@ struct W {
     offset: u64,
     data: Vec<u8>,
     flags: u32,
+    capture_unix: u32,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -85,6 +86,7 @@ async fn main() {
                 epoch: wr.epoch,
                 offset: wr.offset,
                 flags: wr.flags,
+                capture_unix: wr.capture_unix,
                 data: wr.data.clone().into(),
             };
             if w.send(&f).is_err() {
@@ -126,8 +128,9 @@ async fn main() {
                 };
                 writeln!(history, "{seq} {epoch} {offset} {}", data.len()).unwrap();
                 history.flush().unwrap();
-                let f = Frame::Write { volume_id, seq, epoch, offset, flags, data: data.clone().into() };
-                inflight.insert(seq, W { epoch, offset, data, flags });
+                let capture_unix = drv_format::record::capture_clock();
+                let f = Frame::Write { volume_id, seq, epoch, offset, flags, capture_unix, data: data.clone().into() };
+                inflight.insert(seq, W { epoch, offset, data, flags, capture_unix });
                 next_seq += 1;
                 if w.send(&f).is_err() {
                     continue 'session;

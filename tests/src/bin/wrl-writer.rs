@@ -36,6 +36,7 @@ fn main() {
                         offset: i * 4096,
                         flags: Flags::default(),
                         data: &data,
+                        capture_unix: 0,
                     };
                     let a = wrl.append(&key, req).expect("append");
                     let mut o = out.lock().unwrap();

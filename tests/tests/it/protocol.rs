@@ -32,7 +32,15 @@ async fn next(r: &mut Reader) -> Frame {
 }
 
 fn write(vid: u64, seq: u64, epoch: u64, flags: Flags, byte: u8) -> Frame {
-    Frame::Write { volume_id: vid, seq, epoch, offset: seq * 4096, flags: flags.0, data: vec![byte; 4096].into() }
+    Frame::Write {
+        volume_id: vid,
+        seq,
+        epoch,
+        offset: seq * 4096,
+        flags: flags.0,
+        capture_unix: 0,
+        data: vec![byte; 4096].into(),
+    }
 }
 
 /// Runs `drv snapshot ARGS` against the first replica; (success, stdout + stderr).
@@ -281,7 +289,15 @@ async fn a_write_over_the_record_limit_is_refused_and_leaves_no_gap() {
     w.send(&Frame::OpenVolume { volume_id: vid }).unwrap();
     assert!(matches!(next(&mut r).await, Frame::VolumeState { last_seq: 0, .. }));
     // This cluster's WRL has 4 MiB segments: a 4 MiB write cannot be one record.
-    let big = Frame::Write { volume_id: vid, seq: 1, epoch: 1, offset: 0, flags: 0, data: vec![1u8; 4 << 20].into() };
+    let big = Frame::Write {
+        volume_id: vid,
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        flags: 0,
+        capture_unix: 0,
+        data: vec![1u8; 4 << 20].into(),
+    };
     w.send(&big).unwrap();
     match next(&mut r).await {
         Frame::Error { code: c, message } => {

@@ -22,7 +22,15 @@ fn reopen(dir: &std::path::Path, n: usize) -> Vec<Arc<dyn Storage>> {
 }
 
 fn req(volume_id: u64, seq: u64, data: &[u8]) -> AppendRequest<'_> {
-    AppendRequest { volume_id, volume_seq: seq, epoch: seq / 4, offset: seq * 4096, flags: Flags::default(), data }
+    AppendRequest {
+        volume_id,
+        volume_seq: seq,
+        epoch: seq / 4,
+        offset: seq * 4096,
+        flags: Flags::default(),
+        data,
+        capture_unix: 0,
+    }
 }
 
 #[test]

@@ -62,6 +62,7 @@ fn workload(seed: u64, io_align: u32) -> (SimWorld, Vec<Appended>, Vec<(usize, u
                 flags: Flags((rng.below(8)) as u32),
                 key_id: 1,
                 nonce: nonce(11, counter),
+                capture_unix: 0,
             };
             let mut payload = Vec::with_capacity(len + TAG_LEN);
             key.seal(&desc, &pattern(counter, len), &mut payload);
@@ -126,6 +127,7 @@ fn check_state(
             flags: Flags::default(),
             key_id: 1,
             nonce: nonce(11, counter),
+            capture_unix: 0,
         };
         // First a record as large as a segment holds: the log moves on to a new segment, leaving
         // whatever a torn tail left at the end of the old head (found by the simulator: recovery
