@@ -240,6 +240,47 @@ pub struct Volume {
     /// new snapshots are refused and apply waits for one to be deleted; none is ever dropped.
     #[serde(default, deserialize_with = "de_opt_size")]
     pub snapshot_bytes_limit: Option<u64>,
+    /// Any point in time: how far back every epoch boundary stays recoverable on each replica
+    /// (`24h`, `90m`, `7d`, or seconds; none: only snapshots). Measured by the agent's clock on
+    /// the records and, as well, by the replica's: a point goes when both call it older.
+    #[serde(default, deserialize_with = "de_opt_duration", skip_serializing_if = "Option::is_none")]
+    pub retention: Option<u64>,
+    /// Most bytes the snapshot store may hold before the window gives back its oldest points
+    /// (none: only `retention` and `snapshot_bytes_limit` bound it). Snapshots are never dropped.
+    #[serde(default, deserialize_with = "de_opt_size", skip_serializing_if = "Option::is_none")]
+    pub retention_bytes: Option<u64>,
+}
+
+/// Parses a duration: `3600`, `90s`, `15m`, `24h`, `7d`, `2w` (into seconds).
+pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 =
+        num.parse().map_err(|_| format!("{s:?} is not a duration (durations look like 3600, 90s, 15m, 24h, 7d)"))?;
+    let mul = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use s, m, h, d or w)")),
+    };
+    n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Secs(u64),
+        Text(String),
+    }
+    match Option::<Given>::deserialize(d)? {
+        None => Ok(None),
+        Some(Given::Secs(n)) => Ok(Some(n)),
+        Some(Given::Text(t)) => parse_duration(&t).map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 fn default_block() -> u64 {

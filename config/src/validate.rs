@@ -189,6 +189,14 @@ impl Entry for Volume {
             // Room for a batch's worth of blocks at least.
             c.size("snapshot_bytes_limit", limit, 64 * self.block_bytes.max(512), 1 << 60, 1);
         }
+        if let Some(limit) = self.retention_bytes {
+            c.size("retention_bytes", limit, 64 * self.block_bytes.max(512), 1 << 60, 1);
+        }
+        if let Some(secs) = self.retention
+            && !(60..=366 * 86_400).contains(&secs)
+        {
+            c.fail("retention", &format!("{secs} s"), "is out of range", "1 minute to 366 days");
+        }
         if self.replicas.is_empty() {
             c.fail("replicas", &"[]", "names no replica", "one or more replica endpoints");
         }

@@ -7,18 +7,37 @@ use drv_format::frame::{Frame, snapshot_op};
 use drv_transport::{Role, quic};
 use serde::de::DeserializeOwned;
 
-use drv_proto::status::{self, ReplicaStatus, SnapshotDeleted, SnapshotDigest, SnapshotInfo};
+use drv_proto::status::{
+    self, RecoveryPoint, RecoveryWindow, ReplicaStatus, SnapshotDeleted, SnapshotDigest, SnapshotInfo,
+};
 
 use crate::agent_cmd::human;
 use crate::servers::{ServerConn, fetch_status, runtime, unexpected};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
-    /// Take a snapshot of VOLUME (name or id) at its applied epoch: it costs no time or space
-    /// until the replica overwrites blocks (copy-on-write). Refused while the volume is resyncing.
+    /// Take a snapshot of VOLUME (name or id) at its applied epoch, or with --at at a point of
+    /// its retention window: it costs no time or space until the replica overwrites blocks
+    /// (copy-on-write). Refused while the volume is resyncing (unless --at).
     Create {
         volume: String,
         snapshot: String,
+        /// A point of the retention window: the last epoch boundary at or before a sequence
+        /// number (`12345`), a time (`2026-12-07T09:41:00Z`, the agent's clock), or a time this
+        /// long ago (`-15m`, `-2h`, `-1d`).
+        #[arg(long, allow_hyphen_values = true)]
+        at: Option<String>,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// What VOLUME's retention window can bring back: its oldest and newest point, and the
+    /// newest points that end with a cache flush (where a file system or database on the volume
+    /// had just made its data durable), with their capture times.
+    Points {
+        volume: String,
+        /// How many flush points to list, newest last.
+        #[arg(long, default_value_t = 20)]
+        flush: u64,
         #[command(flatten)]
         t: ServerConn,
     },
@@ -52,18 +71,34 @@ pub fn matches(vol: &status::ReplicaVolume, want: &str) -> bool {
 
 pub fn run(c: SnapshotCommand) -> Result<()> {
     match c {
-        SnapshotCommand::Create { volume, snapshot, t } => {
-            let s: SnapshotInfo = request(&volume, snapshot_op::CREATE, &snapshot, &t)?;
+        SnapshotCommand::Create { volume, snapshot, at, t } => {
+            let (op, arg) = match at.as_deref() {
+                None => (snapshot_op::CREATE, 0),
+                Some(at) => parse_at(at)?,
+            };
+            let s: SnapshotInfo = request(&volume, op, arg, &snapshot, &t)?;
             print(&t, &s, || {
-                format!("snapshot {} of {} at seq {} (epoch {}), store {}", s.name, s.volume, s.seq, s.epoch, s.path)
+                let when = if s.capture_unix == 0 {
+                    String::new()
+                } else {
+                    format!(", captured {}", time_text(s.capture_unix))
+                };
+                format!(
+                    "snapshot {} of {} at seq {} (epoch {}{when}), store {}",
+                    s.name, s.volume, s.seq, s.epoch, s.path
+                )
             })
         }
+        SnapshotCommand::Points { volume, flush, t } => {
+            let w: RecoveryWindow = request(&volume, snapshot_op::POINTS, flush, "", &t)?;
+            print(&t, &w, || points_text(&volume, &w))
+        }
         SnapshotCommand::Delete { volume, snapshot, t } => {
-            let d: SnapshotDeleted = request(&volume, snapshot_op::DELETE, &snapshot, &t)?;
+            let d: SnapshotDeleted = request(&volume, snapshot_op::DELETE, 0, &snapshot, &t)?;
             print(&t, &d, || format!("snapshot {} of {} deleted: {} freed", d.name, d.volume, human(d.freed_bytes)))
         }
         SnapshotCommand::Digest { volume, snapshot, t } => {
-            let d: SnapshotDigest = request(&volume, snapshot_op::DIGEST, &snapshot, &t)?;
+            let d: SnapshotDigest = request(&volume, snapshot_op::DIGEST, 0, &snapshot, &t)?;
             print(&t, &d, || {
                 format!(
                     "{}  {}/{} at seq {} (epoch {}, {})",
@@ -90,14 +125,14 @@ fn print<T: serde::Serialize>(t: &ServerConn, v: &T, text: impl FnOnce() -> Stri
 }
 
 /// Sends snapshot operation `op` on `snapshot` of `volume`; the reply's document.
-fn request<T: DeserializeOwned>(volume: &str, op: u8, snapshot: &str, t: &ServerConn) -> Result<T> {
+fn request<T: DeserializeOwned>(volume: &str, op: u8, arg: u64, snapshot: &str, t: &ServerConn) -> Result<T> {
     let (id, server) = t.open()?;
     runtime()?.block_on(async {
         let st: ReplicaStatus = fetch_status(&id, server, Role::Replica).await?;
         let Some(vol) = st.volumes.iter().find(|v| matches(v, volume)) else {
             bail!("volume {volume} is not on replica {}", st.name);
         };
-        let req = Frame::SnapshotRequest { volume_id: vol.volume_id, op, name: snapshot.to_owned() };
+        let req = Frame::SnapshotRequest { volume_id: vol.volume_id, op, arg, name: snapshot.to_owned() };
         match quic::request(&id, server, Role::Replica, &req, 1 << 20).await? {
             Some(Frame::SnapshotReply { json }) => {
                 Ok(serde_json::from_slice(&json).context("parse the replica's reply")?)
@@ -113,7 +148,7 @@ fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {
     let mut snaps: Vec<SnapshotInfo> = Vec::new();
     let mut totals = Vec::new();
     for v in st.volumes.iter().filter(|v| volume.is_none_or(|want| matches(v, want))) {
-        let mut s: Vec<SnapshotInfo> = request(&v.volume_id.to_string(), snapshot_op::LIST, "", t)?;
+        let mut s: Vec<SnapshotInfo> = request(&v.volume_id.to_string(), snapshot_op::LIST, 0, "", t)?;
         snaps.append(&mut s);
         totals.push((v.name.clone(), v.snapshot_store_bytes));
     }
@@ -140,4 +175,59 @@ fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {
         println!("{v}: the snapshot store holds {}", human(bytes));
     }
     Ok(())
+}
+
+/// `--at`: a sequence number, an RFC 3339 time, or `-DURATION` (that long before now, by this
+/// host's clock): the request's operation and argument.
+fn parse_at(at: &str) -> Result<(u8, u64)> {
+    if !at.is_empty() && at.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok((snapshot_op::CREATE_AT_SEQ, at.parse().context("--at: sequence number")?));
+    }
+    if let Some(ago) = at.strip_prefix('-') {
+        let secs = drv_config::parse_duration(ago).map_err(|e| anyhow::anyhow!("--at {at}: {e}"))?;
+        let now = drv_format::record::capture_clock() as u64;
+        return Ok((snapshot_op::CREATE_AT_TIME, now.saturating_sub(secs)));
+    }
+    let t = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        anyhow::anyhow!(
+            "--at {at:?}: not a sequence number, an RFC 3339 time (2026-12-07T09:41:00Z) or a time ago (-15m): {e}"
+        )
+    })?;
+    match u64::try_from(t.unix_timestamp()) {
+        Ok(secs) => Ok((snapshot_op::CREATE_AT_TIME, secs)),
+        Err(_) => bail!("--at {at}: before 1970"),
+    }
+}
+
+/// A capture time as RFC 3339 (UTC), or `unknown`.
+fn time_text(unix: u32) -> String {
+    if unix == 0 {
+        return "unknown".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(i64::from(unix))
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn point_text(p: &RecoveryPoint) -> String {
+    format!("seq {:>10}  epoch {:>10}  captured {}", p.seq, p.epoch, time_text(p.capture_unix))
+}
+
+fn points_text(volume: &str, w: &RecoveryWindow) -> String {
+    let mut out = format!("{volume}: {} points in the retention window\n", w.points);
+    if let Some(p) = &w.oldest {
+        out += &format!("  oldest  {}\n", point_text(p));
+    }
+    if let Some(p) = &w.newest {
+        out += &format!("  newest  {}\n", point_text(p));
+    }
+    out += &format!("  {} points end with a flush", w.flush_count);
+    if !w.flush_points.is_empty() {
+        out += &format!(" (the newest {}):", w.flush_points.len());
+        for p in &w.flush_points {
+            out += &format!("\n  flush   {}", point_text(p));
+        }
+    }
+    out
 }

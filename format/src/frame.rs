@@ -138,6 +138,8 @@ pub enum Frame {
     SnapshotRequest {
         volume_id: u64,
         op: u8,
+        /// The operation's number (see [`snapshot_op`]; 0 where it takes none).
+        arg: u64,
         name: String,
     },
     /// Replica -> admin: what the operation did (JSON, one type per operation).
@@ -168,6 +170,13 @@ pub mod snapshot_op {
     pub const DIGEST: u8 = 3;
     /// Every snapshot of the volume with the space each holds alone (`name` empty).
     pub const LIST: u8 = 4;
+    /// Take snapshot `name` at the retention window's last point at or before sequence `arg`.
+    pub const CREATE_AT_SEQ: u8 = 5;
+    /// Take snapshot `name` at the window's newest point captured at or before time `arg`
+    /// (seconds since the UNIX epoch, the agent's clock).
+    pub const CREATE_AT_TIME: u8 = 6;
+    /// The retention window: oldest and newest point, and the newest `arg` flush points.
+    pub const POINTS: u8 = 7;
 }
 
 /// Steps of a media resync ([`Frame::MediaRequest`]).
@@ -303,21 +312,22 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
         }
         FrameType::StatusReply => Frame::StatusReply { json: body.to_vec() },
         FrameType::SnapshotRequest => {
-            need(12)?;
+            need(24)?;
             let volume_id = d.u64();
             let (op, reserved) = (body[8], body[9]);
-            if reserved != 0 {
+            let len = u16::from_le_bytes([body[10], body[11]]);
+            let (_, reserved2, arg) = (d.u32(), d.u32(), d.u64());
+            if reserved != 0 || reserved2 != 0 {
                 return Err(FormatError::ReservedNotZero { what: "snapshot request" });
             }
-            if !(snapshot_op::CREATE..=snapshot_op::LIST).contains(&op) {
+            if !(snapshot_op::CREATE..=snapshot_op::POINTS).contains(&op) {
                 return Err(FormatError::Invalid { what: "snapshot request", field: "op", value: op as u64 });
             }
-            let len = u16::from_le_bytes([body[10], body[11]]);
-            exact(12 + len as usize)?;
-            let name = std::str::from_utf8(&body[12..])
+            exact(24 + len as usize)?;
+            let name = std::str::from_utf8(&body[24..])
                 .map_err(|_| FormatError::Invalid { what: "snapshot request", field: "name", value: 0 })?
                 .to_owned();
-            Frame::SnapshotRequest { volume_id, op, name }
+            Frame::SnapshotRequest { volume_id, op, arg, name }
         }
         FrameType::SnapshotReply => Frame::SnapshotReply { json: body.to_vec() },
         FrameType::MediaRequest => {
@@ -430,10 +440,10 @@ impl Frame {
                     e.u64(*volume_id).bytes(&[*op, 0, 0, 0, 0, 0, 0, 0]).u64(*arg);
                 });
             }
-            Frame::SnapshotRequest { volume_id, op, name } => {
+            Frame::SnapshotRequest { volume_id, op, arg, name } => {
                 let n = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
-                put(&mut out, 12, &mut |e| {
-                    e.u64(*volume_id).bytes(&[*op, 0]).u16(n.len() as u16);
+                put(&mut out, 24, &mut |e| {
+                    e.u64(*volume_id).bytes(&[*op, 0]).u16(n.len() as u16).u32(0).u64(*arg);
                 });
                 out.extend_from_slice(n);
             }
@@ -456,7 +466,7 @@ impl Frame {
             Frame::Write { data, .. } => 48 + data.len(),
             Frame::Records { bytes, .. } => 16 + bytes.len(),
             Frame::StatusReply { json } | Frame::SnapshotReply { json } | Frame::MediaReply { json } => json.len(),
-            Frame::SnapshotRequest { name, .. } => 12 + name.len(),
+            Frame::SnapshotRequest { name, .. } => 24 + name.len(),
             Frame::Error { message, .. } => 4 + message.len(),
             _ => 24,
         }
@@ -581,7 +591,13 @@ mod tests {
             Frame::Records { volume_id: 3, count: 0, bytes: Bytes::new() },
             Frame::StatusRequest,
             Frame::StatusReply { json: b"{}".to_vec() },
-            Frame::SnapshotRequest { volume_id: 3, op: snapshot_op::CREATE, name: "before-upgrade".into() },
+            Frame::SnapshotRequest { volume_id: 3, op: snapshot_op::CREATE, arg: 0, name: "before-upgrade".into() },
+            Frame::SnapshotRequest {
+                volume_id: 3,
+                op: snapshot_op::CREATE_AT_TIME,
+                arg: 1_800_000_000,
+                name: "before-ransomware".into(),
+            },
             Frame::SnapshotReply { json: b"{}".to_vec() },
             Frame::MediaRequest { volume_id: 3, op: media_op::COMPLETE, arg: 1 << 40 },
             Frame::MediaReply { json: b"{}".to_vec() },

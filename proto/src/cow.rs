@@ -28,6 +28,16 @@
 //!
 //! **Freeing.** A version is needed while a live point lies in its range; when the last one is
 //! deleted, its slot is free.
+//!
+//! **Any point in time.** A volume may keep a *window*: every unit end at or after its start
+//! `from` (itself a unit end) is a point. A version `[lo, hi)` holds a window point iff
+//! `from < hi` (if `lo >= from`, `lo` is one; otherwise `from` lies inside), so the window costs
+//! one copy per overwritten block per unit, and a snapshot can be pinned *afterwards* at any unit
+//! end `p >= from`: every version it needs exists already. The bound argument above holds for
+//! window points too as long as `from` never starts below the position the window was opened at
+//! (every write after it was applied under the window) and only moves forward. When the window's
+//! start moves forward ("expiry"), the versions with `hi <= from` that no pinned point needs are
+//! garbage.
 
 use std::collections::BTreeMap;
 
@@ -49,10 +59,12 @@ impl Version {
     }
 }
 
-/// The live points of one volume.
+/// The live points of one volume: the pinned ones (snapshots) and the window, if one is kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Points {
     pinned: BTreeMap<u64, u32>,
+    /// Every unit end at or after this position is a point (a retention window).
+    window_from: Option<u64>,
 }
 
 impl Points {
@@ -78,19 +90,41 @@ impl Points {
         }
     }
 
+    /// No point at all: nothing to preserve.
     pub fn is_empty(&self) -> bool {
-        self.pinned.is_empty()
+        self.pinned.is_empty() && self.window_from.is_none()
+    }
+
+    /// The start of the window (`None`: no window).
+    pub fn window(&self) -> Option<u64> {
+        self.window_from
+    }
+
+    /// Opens the window at `from` (the applied position, a unit end), moves its start forward, or
+    /// closes it (`None`). A window never starts earlier than it did: the positions before its
+    /// start were applied without preserving for it.
+    pub fn set_window(&mut self, from: Option<u64>) {
+        if let (Some(old), Some(new)) = (self.window_from, from) {
+            assert!(new >= old, "the window's start would move back from {old} to {new}");
+        }
+        self.window_from = from;
+    }
+
+    /// Whether a snapshot may be pinned at `p`, a unit end no later than the applied position:
+    /// inside the window, or no older than the newest pinned point.
+    pub fn can_pin(&self, p: u64) -> bool {
+        self.window_from.is_some_and(|w| p >= w) || self.newest().is_none_or(|n| p >= n)
     }
 
     /// Whether a point needs the content a block had over positions `[lo, hi)`.
     pub fn need(&self, lo: u64, hi: u64) -> bool {
-        lo < hi && self.pinned.range(lo..hi).next().is_some()
+        lo < hi && (self.window_from.is_some_and(|w| w < hi) || self.pinned.range(lo..hi).next().is_some())
     }
 
     /// The position of the one point in `[lo, hi)`, when exactly one lies there (a version only
-    /// it needs: deleting it frees the version).
+    /// it needs: deleting it frees the version; never one the window needs).
     pub fn sole(&self, lo: u64, hi: u64) -> Option<u64> {
-        if lo >= hi {
+        if lo >= hi || self.window_from.is_some_and(|w| w < hi) {
             return None;
         }
         let mut r = self.pinned.range(lo..hi);
@@ -114,10 +148,38 @@ pub struct Write {
     pub unit_end: u64,
 }
 
-/// The versions to preserve before the target takes `writes` (in apply order), given each
-/// block's bound (the `hi` of its newest version, 0 if none: `bound(b)`), with blocks of
-/// `block_bytes`. Each block is preserved at most once per batch unless a point lies between
-/// two of its writes (never, while points are created between batches).
+/// The blocks a write covers.
+fn blocks(w: &Write, block_bytes: u64) -> std::ops::Range<u64> {
+    w.offset / block_bytes..(w.offset + w.len).div_ceil(block_bytes)
+}
+
+/// How many of `writes` (in apply order) one *pass* of the apply step takes: the preserve step
+/// reads a block's old content from the target, so a pass must not write a block twice with a
+/// point in between (the content between the two writes would be needed, and it exists only once
+/// the pass's first write is on the target). Pinned points are created between batches, so this
+/// splits only under a window (a point at every unit end). At least one write.
+pub fn pass_len(points: &Points, block_bytes: u64, writes: &[Write]) -> usize {
+    assert!(block_bytes > 0, "blocks of zero bytes");
+    if points.window().is_none() {
+        return writes.len();
+    }
+    let mut written: BTreeMap<u64, u64> = BTreeMap::new();
+    for (i, w) in writes.iter().enumerate() {
+        let conflict = blocks(w, block_bytes).any(|b| written.get(&b).is_some_and(|&e| points.need(e, w.unit_end)));
+        if conflict {
+            return i.max(1);
+        }
+        for b in blocks(w, block_bytes) {
+            written.insert(b, w.unit_end);
+        }
+    }
+    writes.len()
+}
+
+/// The versions to preserve before the target takes `writes` (one pass, in apply order: see
+/// [`pass_len`]), given each block's bound (the `hi` of its newest version, 0 if none:
+/// `bound(b)`), with blocks of `block_bytes`. A block whose bound is at or past its write's unit
+/// end was preserved for this write already (a pass replayed after a crash): nothing to do.
 pub fn plan(points: &Points, block_bytes: u64, writes: &[Write], mut bound: impl FnMut(u64) -> u64) -> Vec<Version> {
     assert!(block_bytes > 0, "blocks of zero bytes");
     if points.is_empty() {
@@ -129,13 +191,8 @@ pub fn plan(points: &Points, block_bytes: u64, writes: &[Write], mut bound: impl
         if w.len == 0 {
             continue;
         }
-        for block in w.offset / block_bytes..(w.offset + w.len).div_ceil(block_bytes) {
+        for block in blocks(w, block_bytes) {
             let lo = *moved.entry(block).or_insert_with(|| bound(block));
-            assert!(
-                lo <= w.unit_end,
-                "block {block}: a version up to position {lo} is newer than the write at {}",
-                w.unit_end
-            );
             if points.need(lo, w.unit_end) {
                 out.push(Version { block, lo, hi: w.unit_end });
                 moved.insert(block, w.unit_end);
@@ -145,22 +202,49 @@ pub fn plan(points: &Points, block_bytes: u64, writes: &[Write], mut bound: impl
     out
 }
 
-/// The writes of records `descs` (whole units, in order), each with the position that ends its
-/// unit (a resync run is one unit whatever its epochs; an epoch is one otherwise).
-pub fn unit_writes<'a>(descs: impl DoubleEndedIterator<Item = &'a WriteDesc>) -> Vec<Write> {
+/// The end of a unit: a position the target passes through, with what labels it as a recovery
+/// point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnitEnd {
+    /// The unit's last sequence number (the position).
+    pub seq: u64,
+    pub epoch: u64,
+    /// The latest capture time of the unit's records (the agent's clock, seconds since the UNIX
+    /// epoch; 0: unknown).
+    pub capture_unix: u32,
+    /// The unit holds a cache flush: what a file system or database on the volume wrote before
+    /// it was durable there (a point worth choosing).
+    pub flush: bool,
+}
+
+/// One apply batch: its writes (in order, each with the end of its unit) and its unit ends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub writes: Vec<Write>,
+    pub ends: Vec<UnitEnd>,
+}
+
+/// The batch of records `descs` (whole units, in order): a resync run is one unit whatever its
+/// epochs; an epoch is one otherwise.
+pub fn unit_writes<'a>(descs: impl DoubleEndedIterator<Item = &'a WriteDesc>) -> Batch {
     let unit = |d: &WriteDesc| if d.flags.contains(Flags::RESYNC) { (true, 0) } else { (false, d.epoch) };
-    let mut out = Vec::new();
-    let (mut end, mut current) = (0, None);
+    let mut b = Batch::default();
+    let mut current = None;
     for d in descs.rev() {
         if current != Some(unit(d)) {
-            (end, current) = (d.volume_seq, Some(unit(d)));
+            current = Some(unit(d));
+            b.ends.push(UnitEnd { seq: d.volume_seq, epoch: d.epoch, ..UnitEnd::default() });
         }
+        let end = b.ends.last_mut().expect("a unit");
+        end.capture_unix = end.capture_unix.max(d.capture_unix);
+        end.flush |= d.flags.contains(Flags::FLUSH);
         if d.length > 0 {
-            out.push(Write { offset: d.offset, len: d.length as u64, unit_end: end });
+            b.writes.push(Write { offset: d.offset, len: d.length as u64, unit_end: end.seq });
         }
     }
-    out.reverse();
-    out
+    b.writes.reverse();
+    b.ends.reverse();
+    b
 }
 
 /// Where the image of point `p` reads a block from.
@@ -194,6 +278,8 @@ pub struct Model {
     pub points: Points,
     pub images: BTreeMap<u64, BTreeMap<u64, u64>>,
     pub freed: std::collections::BTreeSet<Version>,
+    /// While a window is open: the image at every unit end since it opened.
+    pub history: BTreeMap<u64, BTreeMap<u64, u64>>,
 }
 
 #[cfg(test)]
@@ -203,16 +289,53 @@ impl Model {
     pub fn apply(&mut self, block_bytes: u64, writes: &[(u64, u64, u64)]) {
         let ws: Vec<Write> =
             writes.iter().map(|&(b, _, e)| Write { offset: b * block_bytes, len: block_bytes, unit_end: e }).collect();
-        let versions = &self.versions;
-        let plan = plan(&self.points, block_bytes, &ws, |b| {
-            versions.get(&b).and_then(|v| v.iter().map(|(x, _)| x.hi).max()).unwrap_or(0)
-        });
-        for v in plan {
-            let old = self.target.get(&v.block).copied().unwrap_or(0);
-            self.versions.entry(v.block).or_default().push((v, old));
+        let mut done = 0;
+        while done < ws.len() {
+            let n = pass_len(&self.points, block_bytes, &ws[done..]);
+            let versions = &self.versions;
+            let plan = plan(&self.points, block_bytes, &ws[done..done + n], |b| {
+                versions.get(&b).and_then(|v| v.iter().map(|(x, _)| x.hi).max()).unwrap_or(0)
+            });
+            for v in plan {
+                let old = self.target.get(&v.block).copied().unwrap_or(0);
+                self.versions.entry(v.block).or_default().push((v, old));
+            }
+            for (i, &(b, value, end)) in writes.iter().enumerate().skip(done).take(n) {
+                self.target.insert(b, value);
+                let unit_done = writes.get(i + 1).is_none_or(|w| w.2 != end);
+                if unit_done && self.points.window().is_some() {
+                    self.history.insert(end, self.target.clone());
+                }
+            }
+            done += n;
         }
-        for &(b, value, _) in writes {
-            self.target.insert(b, value);
+    }
+
+    /// Opens the window at the current position `p`.
+    pub fn open_window(&mut self, p: u64) {
+        self.points.set_window(Some(p));
+        self.history.insert(p, self.target.clone());
+    }
+
+    /// Moves the window's start to `p` (a unit end inside it) and frees what no point needs.
+    pub fn move_window(&mut self, p: u64) {
+        self.points.set_window(Some(p));
+        self.history = self.history.split_off(&p);
+        self.collect();
+    }
+
+    /// A snapshot pinned afterwards at `p`, a unit end inside the window.
+    pub fn pin_past(&mut self, p: u64) {
+        assert!(self.points.can_pin(p));
+        self.points.pin(p);
+        self.images.insert(p, self.history[&p].clone());
+    }
+
+    fn collect(&mut self) {
+        for vs in self.versions.values_mut() {
+            let dead = garbage(&self.points, vs.iter().map(|(v, _)| v));
+            vs.retain(|(v, _)| !dead.contains(v));
+            self.freed.extend(dead);
         }
     }
 
@@ -224,11 +347,7 @@ impl Model {
 
     pub fn unpin(&mut self, p: u64) {
         self.points.unpin(p);
-        for vs in self.versions.values_mut() {
-            let dead = garbage(&self.points, vs.iter().map(|(v, _)| v));
-            vs.retain(|(v, _)| !dead.contains(v));
-            self.freed.extend(dead);
-        }
+        self.collect();
     }
 
     /// Block `b` of point `p` as the rules read it.
@@ -289,21 +408,75 @@ mod tests {
             flags,
             key_id: 1,
             nonce: [0; 12],
-            capture_unix: 0,
+            capture_unix: 100 + seq as u32,
         };
         let descs = [
-            d(1, 1, Flags::default(), 4096),
+            d(1, 1, Flags::FLUSH, 4096),
             d(2, 1, Flags::default(), 4096),
             d(3, 2, Flags::RESYNC, 4096),
             d(4, 3, Flags::RESYNC, 4096),
             d(5, 3, Flags::EPOCH_END, 0),
             d(6, 4, Flags::default(), 4096),
         ];
-        let ends: Vec<(u64, u64)> = unit_writes(descs.iter()).iter().map(|w| (w.offset / 4096, w.unit_end)).collect();
+        let b = unit_writes(descs.iter());
+        let ends: Vec<(u64, u64)> = b.writes.iter().map(|w| (w.offset / 4096, w.unit_end)).collect();
         assert_eq!(ends, [(1, 2), (2, 2), (3, 4), (4, 4), (6, 6)], "a run is one unit across epochs");
+        let units: Vec<(u64, u32, bool)> = b.ends.iter().map(|e| (e.seq, e.capture_unix, e.flush)).collect();
+        assert_eq!(units, [(2, 102, true), (4, 104, false), (5, 105, false), (6, 106, false)]);
     }
 
     proptest! {
+        /// A window opened at some position and moved forward at random, snapshots pinned
+        /// afterwards at past unit ends inside it: every unit end in the window and every pinned
+        /// point reads the image the target had there, and what is freed no point needs.
+        #[test]
+        fn every_unit_end_in_the_window_keeps_its_image(
+            steps in proptest::collection::vec((0u8..6, proptest::collection::vec((0u64..8, 1u64..1000, 0u64..3), 1..6)), 1..40)
+        ) {
+            let mut m = Model::default();
+            let mut position = 0u64;
+            let mut live: Vec<u64> = Vec::new();
+            for (op, batch) in steps {
+                let pick = batch[0].1 as usize;
+                match op {
+                    0 if m.points.window().is_none() => m.open_window(position),
+                    1 if m.points.window().is_some() => {
+                        let ends: Vec<u64> = m.history.keys().copied().collect();
+                        m.move_window(ends[pick % ends.len()]);
+                    }
+                    2 if m.points.window().is_some() => {
+                        let ends: Vec<u64> = m.history.keys().copied().collect();
+                        let p = ends[pick % ends.len()];
+                        m.pin_past(p);
+                        live.push(p);
+                    }
+                    3 if !live.is_empty() => {
+                        let p = live.remove(pick % live.len());
+                        m.unpin(p);
+                    }
+                    _ => {
+                        let mut ws = Vec::new();
+                        for (i, (b, value, step)) in batch.into_iter().enumerate() {
+                            position += if i == 0 { step + 1 } else { step };
+                            ws.push((b, value, position));
+                        }
+                        m.apply(4096, &ws);
+                    }
+                }
+                let want: Vec<(u64, BTreeMap<u64, u64>)> = m
+                    .history
+                    .iter()
+                    .chain(live.iter().map(|p| (p, &m.images[p])))
+                    .map(|(p, img)| (*p, img.clone()))
+                    .collect();
+                for (p, img) in want {
+                    for b in 0..8 {
+                        prop_assert_eq!(m.read(p, b), img.get(&b).copied().unwrap_or(0), "point {} block {}", p, b);
+                    }
+                }
+            }
+        }
+
         /// Any history of batches, points pinned between batches and unpinned at random: every
         /// live point reads exactly the image it had when pinned, and freed versions are only
         /// those no live point needs.

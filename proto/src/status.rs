@@ -123,6 +123,37 @@ pub struct ReplicaVolume {
     /// Bytes the snapshot store holds for all of them.
     #[serde(default)]
     pub snapshot_store_bytes: u64,
+    /// The retention window, when one is kept (its flush points left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<RecoveryWindow>,
+}
+
+/// A recovery point of the window: a unit end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    pub seq: u64,
+    pub epoch: u64,
+    /// The agent's clock when it captured the unit's last write (seconds since the UNIX epoch;
+    /// 0: unknown).
+    pub capture_unix: u32,
+    /// The replica's clock when it applied the unit.
+    pub applied_unix: u64,
+    /// The unit holds a cache flush (a point worth choosing).
+    pub flush: bool,
+}
+
+/// A volume's retention window (any point in time) at a replica.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryWindow {
+    /// The oldest and newest recoverable points (unit ends).
+    pub oldest: Option<RecoveryPoint>,
+    pub newest: Option<RecoveryPoint>,
+    /// Unit ends in the window.
+    pub points: u64,
+    /// The newest points that end with a flush, oldest first (at most `limit` of them), and how
+    /// many there are in all.
+    pub flush_points: Vec<RecoveryPoint>,
+    pub flush_count: u64,
 }
 
 /// A replica's DR log.
@@ -160,6 +191,9 @@ pub struct SnapshotInfo {
     /// The image's size (the volume's).
     pub bytes: u64,
     pub created_unix: u64,
+    /// The agent's clock when it captured the point's last writes (0: unknown).
+    #[serde(default)]
+    pub capture_unix: u32,
     /// The volume's snapshot store (copy-on-write: the image is the target plus the blocks the
     /// store preserved for it).
     pub path: String,

@@ -28,7 +28,7 @@ use std::time::Duration;
 use drv_format::crypto::VolumeKey;
 use drv_format::record::Flags;
 use drv_proto::Sequencer;
-use drv_proto::cow::Write;
+use drv_proto::cow::{Batch, UnitEnd, Write};
 use drv_proto::units::{Entry, Units};
 use drv_wrl::{LogRecord, Wrl};
 use serde::{Deserialize, Serialize};
@@ -63,7 +63,25 @@ pub enum ApplyError {
 /// Told every batch of writes the apply step is about to make, before any reaches the target:
 /// where copy-on-write snapshots save the old blocks (`snapshot::Snapshots`).
 pub trait OverwriteObserver: Send + Sync {
-    fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write]) -> Result<(), crate::cow::CowError>;
+    /// `writes` (one pass, see [`OverwriteObserver::pass_len`]) are about to reach the target;
+    /// `ends` are the batch's unit ends (given with its last pass; none for a resync run applied
+    /// in part: it ends no unit).
+    fn before_apply(
+        &self,
+        volume_id: u64,
+        target: &File,
+        writes: &[Write],
+        ends: &[UnitEnd],
+    ) -> Result<(), crate::cow::CowError>;
+
+    /// How many of `writes` one pass may take (all, unless the observer must see the target
+    /// between two writes of a block).
+    fn pass_len(&self, _volume_id: u64, writes: &[Write]) -> usize {
+        writes.len()
+    }
+
+    /// Called by the apply thread about once a second between steps (upkeep: expiry).
+    fn tick(&self, _v: &ReplicaVolume) {}
 
     /// A resync run is about to be applied in part (the target then shows no state the source
     /// had until it ends): keep the image at `applied`, the last consistent one, readable.
@@ -79,13 +97,14 @@ pub trait OverwriteObserver: Send + Sync {
 pub struct NoSnapshots;
 
 impl OverwriteObserver for NoSnapshots {
-    fn before_apply(&self, _: u64, _: &File, _: &[Write]) -> Result<(), crate::cow::CowError> {
+    fn before_apply(&self, _: u64, _: &File, _: &[Write], _: &[UnitEnd]) -> Result<(), crate::cow::CowError> {
         Ok(())
     }
 }
 
-/// The writes of `records` (whole units, in order), each with the position ending its unit.
-pub fn unit_writes(records: &[LogRecord]) -> Vec<Write> {
+/// The writes of `records` (whole units, in order), each with the position ending its unit, and
+/// the unit ends.
+pub fn unit_writes(records: &[LogRecord]) -> Batch {
     drv_proto::cow::unit_writes(records.iter().map(|r| &r.header.desc))
 }
 
@@ -142,6 +161,9 @@ pub struct ReplicaVolume {
     pub block_bytes: u64,
     /// Most bytes its snapshot store may hold (`None`: no limit).
     pub snapshot_bytes_limit: Option<u64>,
+    /// The retention window (any point in time): how long, in seconds, and most bytes.
+    pub retention_secs: Option<u64>,
+    pub retention_bytes: Option<u64>,
     pub key: VolumeKey,
     pub target_path: PathBuf,
     target: File,
@@ -213,6 +235,8 @@ impl ReplicaVolume {
             size_bytes,
             block_bytes,
             snapshot_bytes_limit: vol.snapshot_bytes_limit,
+            retention_secs: vol.retention,
+            retention_bytes: vol.retention_bytes,
             key,
             target_path,
             target,
@@ -350,8 +374,13 @@ pub fn run(
 ) {
     lower_priority();
     let mut last_step = std::time::Instant::now();
+    let mut last_tick = std::time::Instant::now();
     let mut full_said = false;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if last_tick.elapsed() >= TICK_INTERVAL {
+            observer.tick(&v);
+            last_tick = std::time::Instant::now();
+        }
         {
             let s = v.state.lock().expect("apply state");
             if s.error.is_some() || s.seq.durable() <= applier.last_read_seq() {
@@ -391,6 +420,9 @@ pub fn run(
     }
 }
 
+/// How often the observer's upkeep runs.
+const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often apply tries again while the snapshot store is full.
 const STORE_FULL_RETRY: Duration = Duration::from_secs(1);
 
@@ -407,6 +439,49 @@ fn lower_priority() {
     if r != 0 {
         tracing::debug!("apply thread keeps its priority: {}", std::io::Error::last_os_error());
     }
+}
+
+/// Writes `records` to the target and syncs it, in passes: before each, snapshots preserve what
+/// they need of the blocks it overwrites, durably.
+fn write_target(
+    v: &ReplicaVolume,
+    observer: &dyn OverwriteObserver,
+    records: &[LogRecord],
+    partial_resync: bool,
+) -> Result<(), ApplyError> {
+    let mut plain = Vec::with_capacity(records.len());
+    for r in records {
+        let d = &r.header.desc;
+        let p =
+            v.key.open(d, &r.payload).map_err(|err| ApplyError::Decrypt { volume: v.id, seq: d.volume_seq, err })?;
+        if !p.is_empty() {
+            plain.push((d.offset, p));
+        }
+    }
+    let mut batch = unit_writes(records);
+    if partial_resync {
+        batch.ends.clear();
+    }
+    assert_eq!(plain.len(), batch.writes.len(), "one write per record with data");
+    let mut done = 0;
+    loop {
+        let n = observer.pass_len(v.id, &batch.writes[done..]);
+        let last = done + n == batch.writes.len();
+        let ends = if last { batch.ends.as_slice() } else { &[] };
+        observer.before_apply(v.id, &v.target, &batch.writes[done..done + n], ends)?;
+        for (offset, data) in &plain[done..done + n] {
+            v.target.write_all_at(data, *offset).map_err(|err| ApplyError::Write {
+                path: v.target_path.display().to_string(),
+                offset: *offset,
+                err,
+            })?;
+        }
+        done += n;
+        if last {
+            break;
+        }
+    }
+    v.target.sync_data().map_err(|err| ApplyError::Sync { path: v.target_path.display().to_string(), err })
 }
 
 /// Applies whole units (`records` ends at a unit boundary), then makes them and the new position durable.
@@ -440,25 +515,7 @@ fn apply_units(
         }
         v.media.lock().expect("media").mark(&ranges)?;
     } else {
-        // Snapshots first: what they need of the blocks about to change is preserved, durably.
-        observer.before_apply(v.id, &v.target, &unit_writes(records))?;
-        for r in records {
-            let d = &r.header.desc;
-            let plain = v.key.open(d, &r.payload).map_err(|err| ApplyError::Decrypt {
-                volume: v.id,
-                seq: d.volume_seq,
-                err,
-            })?;
-            if plain.is_empty() {
-                continue;
-            }
-            v.target.write_all_at(&plain, d.offset).map_err(|err| ApplyError::Write {
-                path: v.target_path.display().to_string(),
-                offset: d.offset,
-                err,
-            })?;
-        }
-        v.target.sync_data().map_err(|err| ApplyError::Sync { path: v.target_path.display().to_string(), err })?;
+        write_target(v, observer, records, partial_resync)?;
     }
     let applied = Applied { seq: last.header.desc.volume_seq, epoch: last.header.desc.epoch, partial_resync };
     assert!(

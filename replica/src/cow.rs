@@ -19,7 +19,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use drv_proto::cow::{self, Points, Source, Version, Write};
+use drv_proto::cow::{self, Points, Source, UnitEnd, Version, Write};
+use drv_proto::status::{RecoveryPoint, RecoveryWindow};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +30,24 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 const VERSIONS: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("versions");
 /// Free slots below `next_slot`.
 const FREE: TableDefinition<u64, ()> = TableDefinition::new("free");
-/// `next_slot`, `slot_bytes`, `volume_id`, `versions` (how many `VERSIONS` holds: slots in use).
+/// `next_slot`, `slot_bytes`, `volume_id`, `versions` (how many `VERSIONS` holds: slots in use),
+/// `window_from` (present while a window is kept: its start).
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// The window's unit ends: seq -> (epoch, capture_unix, applied_unix, flags: bit 0 a flush).
+const POINTS: TableDefinition<u64, (u64, u32, u64, u8)> = TableDefinition::new("points");
+/// The versions made while the window was open, by (hi, block): expiry frees them in `hi` order.
+const EXPIRING: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiring");
+
+fn point_from(seq: u64, (epoch, capture_unix, applied_unix, flags): (u64, u32, u64, u8)) -> RecoveryPoint {
+    RecoveryPoint { seq, epoch, capture_unix, applied_unix, flush: flags & 1 != 0 }
+}
+
+/// Where `--at` points: at or before a sequence number, or a capture time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    Seq(u64),
+    Time(u64),
+}
 
 /// What a snapshot records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +56,13 @@ pub struct SnapshotMeta {
     pub seq: u64,
     pub epoch: u64,
     pub created_unix: u64,
+    /// The agent's clock at capture of the point's last unit, when known.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub capture_unix: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +79,8 @@ pub enum CowError {
     Exists(String),
     #[error("no snapshot {0}")]
     NotFound(String),
+    #[error("{0}")]
+    NoPoint(String),
     #[error(
         "snapshot store {path} is full: {used} of {limit} bytes in use; delete a snapshot (or raise the volume's snapshot_bytes_limit) so that apply can go on"
     )]
@@ -82,7 +108,7 @@ pub struct Usage {
     pub versions: u64,
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -132,10 +158,17 @@ impl CowStore {
                     c.insert("versions", n).map_err(|e| store_err(e.into()))?;
                 }
                 tx.open_table(FREE).map_err(|e| store_err(e.into()))?;
+                tx.open_table(POINTS).map_err(|e| store_err(e.into()))?;
+                tx.open_table(EXPIRING).map_err(|e| store_err(e.into()))?;
             }
+            let window = {
+                let c = tx.open_table(COUNTERS).map_err(|e| store_err(e.into()))?;
+                c.get("window_from").map_err(|e| store_err(e.into()))?.map(|v| v.value())
+            };
             let points = {
                 let s = tx.open_table(SNAPSHOTS).map_err(|e| store_err(e.into()))?;
                 let mut p = Points::default();
+                p.set_window(window);
                 for entry in s.iter().map_err(|e| store_err(e.into()))? {
                     let (_, v) = entry.map_err(|e| store_err(e.into()))?;
                     p.pin(parse_meta(&db_path, v.value())?.seq);
@@ -164,12 +197,10 @@ impl CowStore {
 
     /// A snapshot `name` at applied position `seq`/`epoch` (the caller holds the apply step at
     /// that position). One small commit, whatever the volume's size.
-    pub fn create(&mut self, name: &str, seq: u64, epoch: u64) -> Result<SnapshotMeta, CowError> {
-        if let Some(newest) = self.points.newest() {
-            assert!(seq >= newest, "a snapshot at position {seq} older than the newest point {newest}");
-        }
+    pub fn create(&mut self, name: &str, seq: u64, epoch: u64, capture_unix: u32) -> Result<SnapshotMeta, CowError> {
+        assert!(self.points.can_pin(seq), "a snapshot at position {seq}, outside the window and older than a snapshot");
         let e = self.err();
-        let meta = SnapshotMeta { seq, epoch, created_unix: unix_now() };
+        let meta = SnapshotMeta { seq, epoch, created_unix: unix_now(), capture_unix };
         let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
             let mut s = tx.open_table(SNAPSHOTS).map_err(|x| e(x.into()))?;
@@ -214,34 +245,233 @@ impl CowStore {
         let mut points = self.points.clone();
         points.unpin(meta.seq);
         let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
-        let freed = {
-            tx.open_table(SNAPSHOTS).map_err(|x| e(x.into()))?.remove(name).map_err(|x| e(x.into()))?;
-            let mut versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
-            let mut dead = Vec::new();
-            for entry in versions.iter().map_err(|x| e(x.into()))? {
-                let (k, v) = entry.map_err(|x| e(x.into()))?;
-                let ((block, hi), (lo, slot)) = (k.value(), v.value());
-                if !points.need(lo, hi) {
-                    dead.push(((block, hi), slot));
-                }
+        tx.open_table(SNAPSHOTS).map_err(|x| e(x.into()))?.remove(name).map_err(|x| e(x.into()))?;
+        let dead = self.unneeded(&tx, &points)?;
+        self.commit_freeing(tx, points, &dead)
+    }
+
+    /// Every version `points` does not need (a scan of all of them).
+    fn unneeded(&self, tx: &redb::WriteTransaction, points: &Points) -> Result<Vec<Dead>, CowError> {
+        let e = self.err();
+        let versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
+        let mut dead = Vec::new();
+        for entry in versions.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = entry.map_err(|x| e(x.into()))?;
+            let ((block, hi), (lo, slot)) = (k.value(), v.value());
+            if !points.need(lo, hi) {
+                dead.push(((block, hi), slot));
             }
+        }
+        Ok(dead)
+    }
+
+    /// Removes versions `dead` (key, slot) and frees their slots in `tx`, commits, and takes
+    /// `points` as the live ones. Returns the bytes freed.
+    fn commit_freeing(&mut self, tx: redb::WriteTransaction, points: Points, dead: &[Dead]) -> Result<u64, CowError> {
+        let e = self.err();
+        {
+            let mut versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
             let mut free = tx.open_table(FREE).map_err(|x| e(x.into()))?;
-            for (k, slot) in &dead {
+            for (k, slot) in dead {
                 versions.remove(k).map_err(|x| e(x.into()))?;
                 free.insert(slot, ()).map_err(|x| e(x.into()))?;
             }
             let mut c = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
             let n = counter(&c, "versions").map_err(|x| e(x.into()))?;
             c.insert("versions", n - dead.len() as u64).map_err(|x| e(x.into()))?;
-            dead
-        };
+        }
         tx.commit().map_err(|x| e(x.into()))?;
         self.points = points;
         // Committed: the slots are free (a crash before this only keeps their space allocated).
-        for (_, slot) in &freed {
+        for (_, slot) in dead {
             punch_hole(&self.data, slot * self.slot_bytes, self.slot_bytes);
         }
-        Ok(freed.len() as u64 * self.slot_bytes)
+        Ok(dead.len() as u64 * self.slot_bytes)
+    }
+
+    /// The start of the window (`None`: none is kept).
+    pub fn window(&self) -> Option<u64> {
+        self.points.window()
+    }
+
+    /// Opens the window at `at`, the applied position (the caller holds the apply step there):
+    /// from now on every unit end applied is a point.
+    pub fn open_window(&mut self, at: RecoveryPoint) -> Result<(), CowError> {
+        assert!(self.points.window().is_none(), "a window is open already");
+        let e = self.err();
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            let mut c = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+            c.insert("window_from", at.seq).map_err(|x| e(x.into()))?;
+            let mut p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+            p.insert(at.seq, point_entry(&at)).map_err(|x| e(x.into()))?;
+        }
+        tx.commit().map_err(|x| e(x.into()))?;
+        self.points.set_window(Some(at.seq));
+        Ok(())
+    }
+
+    /// Closes the window: its points go, and what only they needed is freed. Returns the bytes
+    /// freed.
+    pub fn close_window(&mut self) -> Result<u64, CowError> {
+        if self.points.window().is_none() {
+            return Ok(0);
+        }
+        let e = self.err();
+        let mut points = self.points.clone();
+        points.set_window(None);
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        {
+            tx.open_table(COUNTERS).map_err(|x| e(x.into()))?.remove("window_from").map_err(|x| e(x.into()))?;
+            tx.delete_table(POINTS).map_err(|x| e(x.into()))?;
+            tx.delete_table(EXPIRING).map_err(|x| e(x.into()))?;
+            tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+            tx.open_table(EXPIRING).map_err(|x| e(x.into()))?;
+        }
+        let dead = self.unneeded(&tx, &points)?;
+        self.commit_freeing(tx, points, &dead)
+    }
+
+    /// Moves the window's start forward to `to` (a point in it), and frees the versions that no
+    /// point needs any more, at most `EXPIRE_STEP` of them (call again while it returns `true`).
+    /// Returns the bytes freed and whether more may be due.
+    pub fn expire_to(&mut self, to: u64) -> Result<(u64, bool), CowError> {
+        let from = self.points.window().expect("a window");
+        assert!(to >= from, "the window's start would move back from {from} to {to}");
+        let e = self.err();
+        let mut points = self.points.clone();
+        points.set_window(Some(to));
+        let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
+        let (dead, more) = {
+            let mut c = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+            c.insert("window_from", to).map_err(|x| e(x.into()))?;
+            let mut p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+            p.retain_in(..to, |_, _| false).map_err(|x| e(x.into()))?;
+            let mut expiring = tx.open_table(EXPIRING).map_err(|x| e(x.into()))?;
+            let keys: Vec<(u64, u64)> = expiring
+                .range(..=(to, u64::MAX))
+                .map_err(|x| e(x.into()))?
+                .take(EXPIRE_STEP + 1)
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(|x| e(x.into()))?;
+            let more = keys.len() > EXPIRE_STEP;
+            let versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
+            let mut dead = Vec::new();
+            for &(hi, block) in keys.iter().take(EXPIRE_STEP) {
+                expiring.remove((hi, block)).map_err(|x| e(x.into()))?;
+                // Gone already when a snapshot's delete freed it.
+                if let Some(v) = versions.get((block, hi)).map_err(|x| e(x.into()))? {
+                    let (lo, slot) = v.value();
+                    if !points.need(lo, hi) {
+                        dead.push(((block, hi), slot));
+                    }
+                }
+            }
+            (dead, more)
+        };
+        let freed = self.commit_freeing(tx, points, &dead)?;
+        Ok((freed, more))
+    }
+
+    /// The window's points: its oldest and newest, and the newest `limit` that end with a flush.
+    pub fn window_info(&self, limit: usize) -> Result<RecoveryWindow, CowError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+        let first = p.first().map_err(|x| e(x.into()))?;
+        let last = p.last().map_err(|x| e(x.into()))?;
+        let mut info = RecoveryWindow {
+            oldest: first.map(|(k, v)| point_from(k.value(), v.value())),
+            newest: last.map(|(k, v)| point_from(k.value(), v.value())),
+            points: p.len().map_err(|x| e(x.into()))?,
+            ..RecoveryWindow::default()
+        };
+        for entry in p.iter().map_err(|x| e(x.into()))?.rev() {
+            let (k, v) = entry.map_err(|x| e(x.into()))?;
+            let r = point_from(k.value(), v.value());
+            if r.flush {
+                info.flush_count += 1;
+                if info.flush_points.len() < limit {
+                    info.flush_points.push(r);
+                }
+            }
+        }
+        info.flush_points.reverse();
+        Ok(info)
+    }
+
+    /// The point `at` picks: the last unit end of the window at or before a sequence number, or
+    /// the newest whose capture time is at or before a time; never past `applied`.
+    pub fn resolve(&self, at: At, applied: u64) -> Result<RecoveryPoint, CowError> {
+        let e = self.err();
+        let Some(from) = self.points.window() else {
+            return Err(CowError::NoPoint(
+                "no retention window is kept for this volume (set `retention` or `retention_bytes` in its configuration)"
+                    .into(),
+            ));
+        };
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+        let mut found = None;
+        for entry in p.range(from..=applied).map_err(|x| e(x.into()))?.rev() {
+            let (k, v) = entry.map_err(|x| e(x.into()))?;
+            let r = point_from(k.value(), v.value());
+            let fits = match at {
+                At::Seq(n) => r.seq <= n,
+                At::Time(t) => r.capture_unix != 0 && u64::from(r.capture_unix) <= t,
+            };
+            if fits {
+                found = Some(r);
+                break;
+            }
+        }
+        found.ok_or_else(|| {
+            let what = match at {
+                At::Seq(n) => format!("sequence {n}"),
+                At::Time(t) => format!("time {t} (seconds since the UNIX epoch)"),
+            };
+            CowError::NoPoint(format!(
+                "{what} is before the retention window, which starts at sequence {from}: `drv snapshot points` shows what can be recovered"
+            ))
+        })
+    }
+
+    /// The oldest point of the window that `gone` does not call expired (scanning from the
+    /// oldest), and the `n`th point (0: the oldest), each if there is one.
+    pub fn first_kept(
+        &self,
+        gone: impl Fn(&RecoveryPoint) -> bool,
+        n: u64,
+    ) -> Result<(Option<RecoveryPoint>, Option<RecoveryPoint>), CowError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+        let mut kept = None;
+        for entry in p.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = entry.map_err(|x| e(x.into()))?;
+            let r = point_from(k.value(), v.value());
+            if !gone(&r) {
+                kept = Some(r);
+                break;
+            }
+        }
+        let nth = match p.iter().map_err(|x| e(x.into()))?.nth(n as usize) {
+            Some(entry) => {
+                let (k, v) = entry.map_err(|x| e(x.into()))?;
+                Some(point_from(k.value(), v.value()))
+            }
+            None => None,
+        };
+        Ok((kept, nth))
+    }
+
+    /// The window's point at `seq`, if it has one.
+    pub fn point(&self, seq: u64) -> Result<Option<RecoveryPoint>, CowError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+        Ok(p.get(seq).map_err(|x| e(x.into()))?.map(|v| point_from(seq, v.value())))
     }
 
     /// Per point position, the bytes of the versions only it needs (what deleting its snapshot
@@ -272,10 +502,12 @@ impl CowStore {
     /// Preserves what the points need of the blocks `writes` (one apply batch, in order) are about
     /// to overwrite on `target`: copies into free slots, syncs them, then commits the versions.
     /// Returns the versions preserved. Call it before any of the writes reaches the target.
-    pub fn preserve(&self, target: &File, writes: &[Write]) -> Result<Vec<Version>, CowError> {
+    /// With a window, the batch's unit ends `ends` become its points in the same commit.
+    pub fn preserve(&self, target: &File, writes: &[Write], ends: &[UnitEnd]) -> Result<Vec<Version>, CowError> {
         if self.points.is_empty() {
             return Ok(Vec::new());
         }
+        let record_ends = self.points.window().is_some() && !ends.is_empty();
         let e = self.err();
         let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
         let plan = {
@@ -296,7 +528,7 @@ impl CowStore {
             }
             plan
         };
-        if plan.is_empty() {
+        if plan.is_empty() && !record_ends {
             return Ok(plan);
         }
         let slots = self.take_slots(&tx, plan.len())?;
@@ -309,15 +541,41 @@ impl CowStore {
             })?;
             self.data.write_all_at(&buf, slot * self.slot_bytes).map_err(self.io(format!("write slot {slot}")))?;
         }
-        self.data.sync_data().map_err(self.io("fdatasync".into()))?;
+        if !plan.is_empty() {
+            self.data.sync_data().map_err(self.io("fdatasync".into()))?;
+        }
         {
             let mut versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
+            let mut expiring = tx.open_table(EXPIRING).map_err(|x| e(x.into()))?;
+            let window = self.points.window();
             for (v, slot) in plan.iter().zip(&slots) {
                 versions.insert((v.block, v.hi), (v.lo, *slot)).map_err(|x| e(x.into()))?;
+                if window.is_some_and(|w| w < v.hi) {
+                    expiring.insert((v.hi, v.block), ()).map_err(|x| e(x.into()))?;
+                }
+            }
+            if record_ends {
+                let mut p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
+                let applied_unix = unix_now();
+                for u in ends {
+                    let r = RecoveryPoint {
+                        seq: u.seq,
+                        epoch: u.epoch,
+                        capture_unix: u.capture_unix,
+                        applied_unix,
+                        flush: u.flush,
+                    };
+                    p.insert(u.seq, point_entry(&r)).map_err(|x| e(x.into()))?;
+                }
             }
         }
         tx.commit().map_err(|x| e(x.into()))?;
         Ok(plan)
+    }
+
+    /// How many of `writes` one apply pass takes ([`cow::pass_len`]).
+    pub fn pass_len(&self, writes: &[Write]) -> usize {
+        cow::pass_len(&self.points, self.slot_bytes, writes)
     }
 
     /// `n` slots: free ones first, then new ones past the end, within the limit.
@@ -400,6 +658,16 @@ impl CowStore {
     }
 }
 
+/// A version to free: its key `(block, hi)` and its slot.
+type Dead = ((u64, u64), u64);
+
+/// Versions one expiry step frees at most (one commit).
+const EXPIRE_STEP: usize = 65_536;
+
+fn point_entry(r: &RecoveryPoint) -> (u64, u32, u64, u8) {
+    (r.epoch, r.capture_unix, r.applied_unix, u8::from(r.flush))
+}
+
 fn counter(c: &redb::Table<&str, u64>, name: &str) -> Result<u64, redb::StorageError> {
     Ok(c.get(name)?.map(|v| v.value()).unwrap_or(0))
 }
@@ -463,7 +731,7 @@ mod tests {
 
     /// Writes block `b` with value `v` in the unit ending at `e`, through the store first.
     fn write(s: &CowStore, t: &File, b: u64, v: u8, e: u64) {
-        s.preserve(t, &[Write { offset: b * BS, len: BS, unit_end: e }]).unwrap();
+        s.preserve(t, &[Write { offset: b * BS, len: BS, unit_end: e }], &[]).unwrap();
         t.write_all_at(&fill(b, v), b * BS).unwrap();
     }
 
@@ -481,12 +749,12 @@ mod tests {
         write(&s, &t, 0, 1, 1);
         write(&s, &t, 1, 1, 2);
         assert_eq!(s.usage().unwrap().versions, 0, "no snapshot: nothing preserved");
-        s.create("a", 2, 1).unwrap();
-        s.create("b", 2, 1).unwrap();
-        assert!(matches!(s.create("a", 2, 1), Err(CowError::Exists(_))));
+        s.create("a", 2, 1, 0).unwrap();
+        s.create("b", 2, 1, 0).unwrap();
+        assert!(matches!(s.create("a", 2, 1, 0), Err(CowError::Exists(_))));
         write(&s, &t, 0, 2, 3);
         write(&s, &t, 0, 3, 4);
-        s.create("c", 4, 2).unwrap();
+        s.create("c", 4, 2, 0).unwrap();
         write(&s, &t, 0, 4, 5);
         write(&s, &t, 2, 4, 5);
         // Block 0: one version for a and b (written at 1, overwritten at 3), one for c.
@@ -519,10 +787,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = target(dir.path(), 8);
         let mut s = CowStore::open(&dir.path().join("store"), 1, BS, Some(2 * BS)).unwrap();
-        s.create("a", 0, 0).unwrap();
+        s.create("a", 0, 0, 0).unwrap();
         write(&s, &t, 0, 1, 1);
         write(&s, &t, 1, 1, 1);
-        let full = s.preserve(&t, &[Write { offset: 2 * BS, len: BS, unit_end: 2 }]).unwrap_err();
+        let full = s.preserve(&t, &[Write { offset: 2 * BS, len: BS, unit_end: 2 }], &[]).unwrap_err();
         assert!(full.to_string().contains("is full: 8192 of 8192 bytes"), "{full}");
         drop(s);
         let other = CowStore::open(&dir.path().join("store"), 2, BS, None).err().unwrap();
@@ -539,13 +807,96 @@ mod tests {
         let t = target(dir.path(), 4);
         let mut s = CowStore::open(&dir.path().join("store"), 1, BS, None).unwrap();
         write(&s, &t, 0, 1, 1);
-        s.create("a", 1, 1).unwrap();
+        s.create("a", 1, 1, 0).unwrap();
         let batch = [Write { offset: 0, len: BS, unit_end: 2 }];
-        assert_eq!(s.preserve(&t, &batch).unwrap().len(), 1);
+        assert_eq!(s.preserve(&t, &batch, &[]).unwrap().len(), 1);
         t.write_all_at(&fill(0, 9), 0).unwrap();
         drop(s);
         let s = CowStore::open(&dir.path().join("store"), 1, BS, None).unwrap();
-        assert_eq!(s.preserve(&t, &batch).unwrap(), [], "already preserved");
+        assert_eq!(s.preserve(&t, &batch, &[]).unwrap(), [], "already preserved");
         assert_eq!(read(&s, &t, 1, 0), fill(0, 1));
+    }
+
+    /// Applies `writes` (block, value, unit end) the way the apply step does: in passes, each
+    /// preserved before it is written; the unit ends (with capture time `100 + seq`, a flush at
+    /// even ones) recorded with the last pass.
+    fn apply(s: &CowStore, t: &File, writes: &[(u64, u8, u64)]) {
+        let ws: Vec<Write> = writes.iter().map(|&(b, _, e)| Write { offset: b * BS, len: BS, unit_end: e }).collect();
+        let mut ends: Vec<UnitEnd> = writes
+            .iter()
+            .map(|&(_, _, e)| UnitEnd { seq: e, epoch: e, capture_unix: 100 + e as u32, flush: e % 2 == 0 })
+            .collect();
+        ends.dedup();
+        let mut done = 0;
+        while done < ws.len() {
+            let n = s.pass_len(&ws[done..]);
+            let last = done + n == ws.len();
+            s.preserve(t, &ws[done..done + n], if last { &ends } else { &[] }).unwrap();
+            for &(b, v, _) in &writes[done..done + n] {
+                t.write_all_at(&fill(b, v), b * BS).unwrap();
+            }
+            done += n;
+        }
+    }
+
+    #[test]
+    fn the_window_keeps_every_unit_end_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), 4);
+        let mut s = CowStore::open(&dir.path().join("store"), 1, BS, None).unwrap();
+        apply(&s, &t, &[(0, 1, 1)]);
+        let no = s.resolve(At::Seq(1), 1).unwrap_err().to_string();
+        assert!(no.contains("no retention window"), "{no}");
+        s.open_window(RecoveryPoint { seq: 1, epoch: 1, ..Default::default() }).unwrap();
+        // One batch, block 0 written in three units (three passes), block 1 in two.
+        apply(&s, &t, &[(0, 2, 2), (1, 2, 2), (0, 3, 3), (1, 3, 4), (0, 4, 4)]);
+        apply(&s, &t, &[(2, 5, 5)]);
+        let want = |p: u64, b: u64| -> Vec<u8> {
+            let v = match (p, b) {
+                (1, 0) => 1,
+                (2 | 3, 1) => 2,
+                (2, 0) => 2,
+                (3, 0) => 3,
+                (4 | 5, 0) => 4,
+                (4 | 5, 1) => 3,
+                (5, 2) => 5,
+                _ => return vec![0; BS as usize],
+            };
+            fill(b, v)
+        };
+        for p in 1..=5 {
+            for b in 0..3 {
+                assert_eq!(read(&s, &t, p, b), want(p, b), "point {p} block {b}");
+            }
+        }
+        // Points: by sequence and by capture time (100 + seq); a flush at even ones.
+        assert_eq!(s.resolve(At::Seq(3), 5).unwrap().seq, 3);
+        assert_eq!(s.resolve(At::Time(104), 5).unwrap().seq, 4);
+        assert_eq!(s.resolve(At::Seq(99), 4).unwrap().seq, 4, "never past the applied position");
+        let w = s.window_info(10).unwrap();
+        assert_eq!((w.points, w.oldest.unwrap().seq, w.newest.unwrap().seq, w.flush_count), (5, 1, 5, 2));
+        assert_eq!(w.flush_points.iter().map(|p| p.seq).collect::<Vec<_>>(), [2, 4]);
+        // A snapshot pinned afterwards at 3 outlives the window's move past it.
+        s.create("was", 3, 3, 103).unwrap();
+        let before = s.usage().unwrap().versions;
+        let (freed, more) = s.expire_to(4).unwrap();
+        assert!(!more);
+        assert!(freed > 0 && s.usage().unwrap().versions < before, "versions only points 1..3 needed are freed");
+        let e = s.resolve(At::Seq(2), 5).unwrap_err().to_string();
+        assert!(e.contains("before the retention window, which starts at sequence 4"), "{e}");
+        for b in 0..3 {
+            assert_eq!(read(&s, &t, 3, b), want(3, b), "snapshot block {b}");
+            assert_eq!(read(&s, &t, 4, b), want(4, b), "point 4 block {b}");
+        }
+        // Reopened: the same window.
+        drop(s);
+        let mut s = CowStore::open(&dir.path().join("store"), 1, BS, None).unwrap();
+        assert_eq!(s.window(), Some(4));
+        assert_eq!(read(&s, &t, 4, 0), want(4, 0));
+        s.close_window().unwrap();
+        assert_eq!(s.window(), None);
+        assert_eq!(read(&s, &t, 3, 0), want(3, 0), "the snapshot stays");
+        s.delete("was").unwrap();
+        assert_eq!(s.usage().unwrap(), Usage::default());
     }
 }

@@ -15,5 +15,6 @@ pub mod cow;
 pub mod media;
 pub mod server;
 pub mod snapshot;
+pub mod window;
 
 pub use server::ReplicaServer;

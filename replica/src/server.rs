@@ -20,6 +20,7 @@ use drv_wrl::storage::{FileStorage, Storage};
 use drv_wrl::{self as wrl, CreateOptions, Wrl, WrlOptions};
 
 use crate::apply::{self, ReplicaVolume};
+use crate::cow::{At, CowError};
 use crate::media::{MediaError, MediaReport};
 use crate::snapshot::{self, Snapshots};
 
@@ -216,8 +217,8 @@ impl ReplicaServer {
                 Frame::StatusRequest => {
                     let _ = out.send(Frame::StatusReply { json: self.status_json().to_string().into_bytes() });
                 }
-                Frame::SnapshotRequest { volume_id, op, name } => {
-                    let _ = out.send(self.snapshot(volume_id, op, name).await);
+                Frame::SnapshotRequest { volume_id, op, arg, name } => {
+                    let _ = out.send(self.snapshot(volume_id, op, arg, name).await);
                 }
                 Frame::MediaRequest { volume_id, op, arg } => {
                     let _ = out.send(self.media(volume_id, op, arg).await);
@@ -251,7 +252,7 @@ impl ReplicaServer {
     }
 
     /// A snapshot request: the reply.
-    async fn snapshot(&self, volume_id: u64, op: u8, name: String) -> Frame {
+    async fn snapshot(&self, volume_id: u64, op: u8, arg: u64, name: String) -> Frame {
         use drv_format::frame::snapshot_op;
         use snapshot::SnapshotError as E;
         let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
@@ -261,9 +262,12 @@ impl ReplicaServer {
         }
         let r = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, E> {
             Ok(match op {
-                snapshot_op::CREATE => json(&snaps.create(&v, &name)?),
+                snapshot_op::CREATE => json(&snaps.create(&v, &name, None)?),
+                snapshot_op::CREATE_AT_SEQ => json(&snaps.create(&v, &name, Some(At::Seq(arg)))?),
+                snapshot_op::CREATE_AT_TIME => json(&snaps.create(&v, &name, Some(At::Time(arg)))?),
                 snapshot_op::DELETE => json(&snaps.delete(&v, &name)?),
                 snapshot_op::DIGEST => json(&snaps.digest(&v, &name)?),
+                snapshot_op::POINTS => json(&snaps.points(&v, arg.min(10_000) as usize)?),
                 _ => json(&snaps.list(&v, true)?),
             })
         })
@@ -271,7 +275,7 @@ impl ReplicaServer {
         match r {
             Ok(Ok(json)) => Frame::SnapshotReply { json },
             Ok(Err(e @ E::Refused(_))) => Frame::Error { code: code::BUSY, message: e.to_string() },
-            Ok(Err(e @ (E::BadName(_) | E::Exists(..) | E::NotFound { .. }))) => {
+            Ok(Err(e @ (E::BadName(_) | E::Exists(..) | E::NotFound { .. } | E::Store(CowError::NoPoint(_))))) => {
                 Frame::Error { code: code::INVALID, message: e.to_string() }
             }
             Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
@@ -295,7 +299,18 @@ impl ReplicaServer {
                 ),
             };
         }
-        match tokio::task::spawn_blocking(move || media_step(&v, op, arg)).await {
+        let snaps = self.snapshots.clone();
+        let step = move || {
+            let r = media_step(&v, op, arg);
+            if op == drv_format::frame::media_op::BEGIN && r.is_ok() {
+                // The backup is copied onto the target outside the apply step: the window's
+                // points would read its blocks as theirs. Closed now (the media phase keeps it
+                // closed) and opened again once the volume is consistent.
+                snaps.close_window(&v);
+            }
+            r
+        };
+        match tokio::task::spawn_blocking(step).await {
             Ok(Ok(r)) => Frame::MediaReply { json: serde_json::to_vec(&r).expect("serializable") },
             Ok(Err(e @ MediaError::Phase { .. })) => Frame::Error { code: code::BUSY, message: e.to_string() },
             Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
@@ -454,6 +469,7 @@ impl ReplicaServer {
             error: s.error,
             snapshots: self.snapshots.list(v, false).unwrap_or_default(),
             snapshot_store_bytes: self.snapshots.store_bytes(v),
+            window: self.snapshots.window_summary(v),
         }
     }
 }

@@ -13,11 +13,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use drv_proto::cow::Write;
-use drv_proto::status::{SnapshotDeleted, SnapshotDigest};
+use drv_proto::cow::{UnitEnd, Write};
+use drv_proto::status::{RecoveryPoint, RecoveryWindow, SnapshotDeleted, SnapshotDigest};
 
 use crate::apply::{OverwriteObserver, ReplicaVolume};
-use crate::cow::{CowError, CowStore, SnapshotMeta};
+use crate::cow::{At, CowError, CowStore, SnapshotMeta};
 
 pub use drv_proto::status::SnapshotInfo;
 
@@ -89,20 +89,57 @@ impl Snapshots {
             epoch: m.epoch,
             bytes: v.size_bytes,
             created_unix: m.created_unix,
+            capture_unix: m.capture_unix,
             path: volume_dir(&self.root, v).display().to_string(),
             own_bytes,
         }
     }
 
-    /// Takes snapshot `name` of `v` at its applied position. Refused while the volume is
-    /// resyncing or in a media resync (its target shows no state the source had) or stopped by
-    /// an apply error.
-    pub fn create(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotInfo, SnapshotError> {
+    /// Takes snapshot `name` of `v` at its applied position, or with `at` at a point of the
+    /// retention window. Refused while the volume is resyncing or in a media resync (its target
+    /// shows no state the source had) or stopped by an apply error (a point of the window is
+    /// consistent whatever the target does now: those refusals do not apply to `at`).
+    pub fn create(&self, v: &ReplicaVolume, name: &str, at: Option<At>) -> Result<SnapshotInfo, SnapshotError> {
         if !valid_name(name) {
             return Err(SnapshotError::BadName(name.to_owned()));
         }
         // Hold the apply step: the position read below does not move until the snapshot is in.
         let _gate = v.apply_gate.lock().expect("apply gate");
+        let (point, mut store) = match at {
+            Some(at) => {
+                let applied = v.state.lock().expect("apply state").applied.seq;
+                let store = self.store(v).write().expect("store");
+                let p = store.resolve(at, applied).map_err(SnapshotError::Store)?;
+                (p, store)
+            }
+            None => {
+                let applied = self.current_point(v)?;
+                let store = self.store(v).write().expect("store");
+                let capture_unix =
+                    store.point(applied.seq).map_err(SnapshotError::Store)?.map_or(0, |p| p.capture_unix);
+                (RecoveryPoint { seq: applied.seq, epoch: applied.epoch, capture_unix, ..Default::default() }, store)
+            }
+        };
+        if let Some(limit) = v.snapshot_bytes_limit {
+            let used = store.usage().map_err(SnapshotError::Store)?.used_bytes;
+            if used >= limit / 10 * 9 && store.window().is_none() {
+                return Err(SnapshotError::Refused(format!(
+                    "the snapshot store of volume {} holds {used} of its {limit} bytes (snapshot_bytes_limit): delete a snapshot (drv snapshot list shows what each holds alone) before taking another",
+                    v.name
+                )));
+            }
+        }
+        let meta = store.create(name, point.seq, point.epoch, point.capture_unix).map_err(|e| match e {
+            CowError::Exists(_) => SnapshotError::Exists(name.to_owned(), v.name.clone()),
+            e => SnapshotError::Store(e),
+        })?;
+        tracing::info!(volume = %v.name, snapshot = name, seq = meta.seq, epoch = meta.epoch, "snapshot taken");
+        Ok(self.info(v, name.to_owned(), &meta, None))
+    }
+
+    /// The applied position, if the target shows a state the source had (the caller holds the
+    /// apply gate).
+    fn current_point(&self, v: &ReplicaVolume) -> Result<crate::apply::Applied, SnapshotError> {
         let media = v.media.lock().expect("media").phase;
         if media.is_some() {
             return Err(SnapshotError::Refused(format!(
@@ -124,22 +161,36 @@ impl Snapshots {
             }
             s.applied
         };
-        let mut store = self.store(v).write().expect("store");
-        if let Some(limit) = v.snapshot_bytes_limit {
-            let used = store.usage().map_err(SnapshotError::Store)?.used_bytes;
-            if used >= limit / 10 * 9 {
-                return Err(SnapshotError::Refused(format!(
-                    "the snapshot store of volume {} holds {used} of its {limit} bytes (snapshot_bytes_limit): delete a snapshot (drv snapshot list shows what each holds alone) before taking another",
-                    v.name
-                )));
-            }
+        Ok(applied)
+    }
+
+    /// What `v`'s retention window holds: its oldest and newest points, and the newest `limit`
+    /// that end with a flush.
+    pub fn points(&self, v: &ReplicaVolume, limit: usize) -> Result<RecoveryWindow, SnapshotError> {
+        let store = self.store(v).read().expect("store");
+        if store.window().is_none() {
+            return Err(SnapshotError::Refused(format!(
+                "volume {} keeps no retention window (set `retention` or `retention_bytes` in its configuration); only its snapshots can be recovered",
+                v.name
+            )));
         }
-        let meta = store.create(name, applied.seq, applied.epoch).map_err(|e| match e {
-            CowError::Exists(_) => SnapshotError::Exists(name.to_owned(), v.name.clone()),
-            e => SnapshotError::Store(e),
-        })?;
-        tracing::info!(volume = %v.name, snapshot = name, seq = meta.seq, epoch = meta.epoch, "snapshot taken");
-        Ok(self.info(v, name.to_owned(), &meta, None))
+        store.window_info(limit).map_err(SnapshotError::Store)
+    }
+
+    /// The window's summary for status (no flush points listed).
+    pub fn window_summary(&self, v: &ReplicaVolume) -> Option<RecoveryWindow> {
+        let store = self.store(v).read().expect("store");
+        store.window()?;
+        store.window_info(0).ok()
+    }
+
+    /// Closes `v`'s window (a media resync writes the target outside the apply step).
+    pub fn close_window(&self, v: &ReplicaVolume) {
+        match self.store(v).write().expect("store").close_window() {
+            Ok(0) => {}
+            Ok(freed) => tracing::info!(volume = %v.name, freed, "the retention window was closed"),
+            Err(e) => tracing::error!(volume = %v.name, "close the retention window: {e}"),
+        }
     }
 
     /// Deletes snapshot `name` of `v`.
@@ -201,10 +252,24 @@ impl Snapshots {
 }
 
 impl OverwriteObserver for Snapshots {
-    fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write]) -> Result<(), CowError> {
+    fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write], ends: &[UnitEnd]) -> Result<(), CowError> {
         match self.stores.get(&volume_id) {
-            Some(s) => s.read().expect("store").preserve(target, writes).map(|_| ()),
+            Some(s) => s.read().expect("store").preserve(target, writes, ends).map(|_| ()),
             None => Ok(()),
+        }
+    }
+
+    fn pass_len(&self, volume_id: u64, writes: &[Write]) -> usize {
+        match self.stores.get(&volume_id) {
+            Some(s) => s.read().expect("store").pass_len(writes),
+            None => writes.len(),
+        }
+    }
+
+    /// Opens, moves and closes the retention window as the volume's configuration says.
+    fn tick(&self, v: &ReplicaVolume) {
+        if let Err(e) = crate::window::upkeep(v, self.store(v)) {
+            tracing::error!(volume = %v.name, "retention window: {e}");
         }
     }
 
@@ -212,7 +277,7 @@ impl OverwriteObserver for Snapshots {
     /// the apply gate; kept across restarts until the run ends).
     fn hold_consistent_point(&self, v: &ReplicaVolume, applied: crate::apply::Applied) -> Result<(), CowError> {
         let name = format!("{AUTO_PREFIX}{}", applied.seq);
-        match self.store(v).write().expect("store").create(&name, applied.seq, applied.epoch) {
+        match self.store(v).write().expect("store").create(&name, applied.seq, applied.epoch, 0) {
             Ok(_) => {
                 tracing::info!(
                     volume = %v.name,

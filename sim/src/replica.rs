@@ -189,29 +189,45 @@ impl Replica {
         }
         let Some(last) = ready.last() else { return Ok(Vec::new()) };
         let (lsn, position) = (last.header.lsn, (last.header.desc.volume_seq, last.header.desc.epoch));
-        if !self.cow_bug {
-            self.preserve(&ready);
-        }
-        for r in &ready {
-            let plain = self.key.open(&r.header.desc, &r.payload).map_err(|e| e.to_string())?;
-            if !plain.is_empty() {
-                self.target.write_at(r.header.desc.offset, &plain).map_err(|e| e.to_string())?;
-            }
-        }
-        self.target.sync().map_err(|e| e.to_string())?;
-        if self.cow_bug {
-            self.preserve(&ready);
-        }
+        self.write_target(&ready)?;
         self.applied = position;
         self.drlog.confirm(VOLUME, lsn);
         Ok(vec![position])
     }
 
-    /// Preserves what the snapshots need of the blocks `records` overwrite (one commit).
-    fn preserve(&mut self, records: &[LogRecord]) {
-        let writes = cow::unit_writes(records.iter().map(|r| &r.header.desc));
+    /// Writes `records` (whole units) to the target in passes, each after preserving what the
+    /// snapshots need of the blocks it overwrites (before, unless the injected bug says after),
+    /// then syncs it.
+    fn write_target(&mut self, records: &[LogRecord]) -> Result<(), String> {
+        let mut plain = Vec::new();
+        for r in records {
+            let p = self.key.open(&r.header.desc, &r.payload).map_err(|e| e.to_string())?;
+            if !p.is_empty() {
+                plain.push((r.header.desc.offset, p));
+            }
+        }
+        let batch = cow::unit_writes(records.iter().map(|r| &r.header.desc));
+        let mut done = 0;
+        while done < batch.writes.len() {
+            let n = cow::pass_len(&self.store.points, COW_BLOCK, &batch.writes[done..]);
+            if !self.cow_bug {
+                self.preserve(&batch.writes[done..done + n]);
+            }
+            for (offset, data) in &plain[done..done + n] {
+                self.target.write_at(*offset, data).map_err(|e| e.to_string())?;
+            }
+            if self.cow_bug {
+                self.preserve(&batch.writes[done..done + n]);
+            }
+            done += n;
+        }
+        self.target.sync().map_err(|e| e.to_string())
+    }
+
+    /// Preserves what the snapshots need of the blocks `writes` (one pass) overwrite (one commit).
+    fn preserve(&mut self, writes: &[cow::Write]) {
         let store = &self.store;
-        let plan = cow::plan(&store.points, COW_BLOCK, &writes, |b| store.bound(b));
+        let plan = cow::plan(&store.points, COW_BLOCK, writes, |b| store.bound(b));
         let target = self.target_image();
         for v in plan {
             let off = (v.block * COW_BLOCK) as usize;

@@ -496,7 +496,7 @@ fn seed_frame_corpus(dir: &Path) -> Result<()> {
         Frame::ReplicaPosition { volume_id: 3, durable_seq: 9, applied_seq: 8 },
         Frame::StatusRequest,
         Frame::StatusReply { json: b"{}".to_vec() },
-        Frame::SnapshotRequest { volume_id: 3, op: drv_format::frame::snapshot_op::CREATE, name: "s1".into() },
+        Frame::SnapshotRequest { volume_id: 3, op: drv_format::frame::snapshot_op::CREATE, arg: 0, name: "s1".into() },
         Frame::MediaRequest { volume_id: 3, op: 1, arg: 0 },
     ];
     for (i, f) in frames.iter().enumerate() {

@@ -20,7 +20,7 @@ use crate::relay::{Setup, StatusConn, agent_load, disconnected, setup_volume, st
 const WRITE: usize = 64 << 10;
 
 async fn snapshot(admin: &Identity, s: &Setup, addr: std::net::SocketAddr, op: u8, name: &str) -> Result<()> {
-    let req = Frame::SnapshotRequest { volume_id: s.volume_id, op, name: name.to_owned() };
+    let req = Frame::SnapshotRequest { volume_id: s.volume_id, op, arg: 0, name: name.to_owned() };
     match quic::request(admin, addr, Role::Replica, &req, 1 << 20).await? {
         Some(Frame::SnapshotReply { .. }) => Ok(()),
         other => bail!("snapshot {name}: {other:?}"),
@@ -58,7 +58,12 @@ fn create_ms(drv: &Path, dir: &Path, volume_bytes: u64, n: usize) -> Result<(f64
             let t = Instant::now();
             c.request(&Frame::StatusRequest).await?;
             base.push(t.elapsed().as_secs_f64() * 1e3);
-            let req = Frame::SnapshotRequest { volume_id: s.volume_id, op: snapshot_op::CREATE, name: format!("s{i}") };
+            let req = Frame::SnapshotRequest {
+                volume_id: s.volume_id,
+                op: snapshot_op::CREATE,
+                arg: 0,
+                name: format!("s{i}"),
+            };
             let t = Instant::now();
             match c.request(&req).await? {
                 Some(Frame::SnapshotReply { .. }) => {}
@@ -121,7 +126,7 @@ async fn round(
     wait_applied(&mut sc, *last - 1).await?;
     let mbs = bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
     // The snapshots go, freeing the store for the next round.
-    let list = Frame::SnapshotRequest { volume_id: s.volume_id, op: snapshot_op::LIST, name: String::new() };
+    let list = Frame::SnapshotRequest { volume_id: s.volume_id, op: snapshot_op::LIST, arg: 0, name: String::new() };
     if let Some(Frame::SnapshotReply { json }) = quic::request(admin, addr, Role::Replica, &list, 1 << 20).await? {
         let list: Vec<drv_proto::status::SnapshotInfo> = serde_json::from_slice(&json)?;
         for snap in list {

@@ -157,3 +157,112 @@ async fn a_full_snapshot_store_holds_apply_back_until_a_snapshot_is_deleted() {
     assert!(cl.log("rep1").matches("is full").count() == 1, "said once:\n{}", cl.log("rep1"));
     kill_all([&mut staging, &mut replica]);
 }
+
+/// Any point in time: a volume with a retention window; after writes (some with a cache flush)
+/// and a replica SIGKILL, snapshots created afterwards `--at` random sequence numbers and at a
+/// flush point's capture time show the history replayed to exactly the point picked, and keep it
+/// while replication goes on; points before the window are refused with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there() {
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    let (_source, f) = blank_image(&cl);
+    let (id, addr) = host1(&cl);
+    // One write at a time, each its own epoch: write i has sequence i + 1 and ends a unit once
+    // the next write is sent.
+    let opts = AgentOptions { epoch_close_idle: Duration::from_secs(3600), ..AgentOptions::default() };
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, opts).await.unwrap();
+    let mut rng = Rng::new(0xa7);
+    let mut history: Vec<(u64, Vec<u8>)> = Vec::new();
+    let write = async |rng: &mut Rng, history: &mut Vec<(u64, Vec<u8>)>, flags: Flags| {
+        let len = 4096 * (1 + rng.below(8));
+        let offset = rng.below((VOLUME / 4 - len) / 4096 + 1) * 4096;
+        let data = pattern(rng.next_u64(), len as usize);
+        agent.write(offset, Bytes::from(data.clone()), flags).await.unwrap();
+        history.push((offset, data));
+    };
+    for _ in 0..20 {
+        write(&mut rng, &mut history, Flags::default()).await;
+    }
+    let applied = |cl: &Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
+    until_in(&cl, "the first writes applied", Duration::from_secs(30), || applied(&cl) >= 19).await;
+    let mut args = strings(&["snapshot", "points", "vol1"]);
+    args.extend(conn(&cl, false));
+    let e = crate::agent::drv_fails(args).await;
+    assert!(e.contains("keeps no retention window") && e.contains("retention"), "{e}");
+    // Retention configured; the replica restarted opens the window where it stands.
+    let store = cl.config.display().to_string();
+    drv(strings(&["config", "--store", &store, "set", "volume", "vol1", "retention=1h"])).await;
+    kill_all([&mut replica]);
+    replica = cl.start("replica", "rep1");
+    let window = || cl.replica_status().and_then(|s| s.volumes[0].window.clone()).and_then(|w| w.oldest);
+    until_in(&cl, "the window to open", Duration::from_secs(30), || window().is_some()).await;
+    let from = window().unwrap().seq;
+    assert!((19..=20).contains(&from), "window opened at {from}");
+    let mut flushes = Vec::new();
+    for i in 0..200u64 {
+        let flags = if i % 25 == 24 { Flags::FLUSH } else { Flags::default() };
+        write(&mut rng, &mut history, flags).await;
+        if flags == Flags::FLUSH {
+            flushes.push(history.len() as u64);
+        }
+        if i == 120 {
+            kill_all([&mut replica]);
+            replica = cl.start("replica", "rep1");
+        }
+    }
+    let last = history.len() as u64;
+    write(&mut rng, &mut history, Flags::default()).await;
+    until_in(&cl, "the replica to apply every write", Duration::from_secs(60), || applied(&cl) >= last).await;
+    let points = snapshot_json(&cl, &["points", "vol1", "--flush", "100"]).await;
+    assert_eq!(points["oldest"]["seq"].as_u64(), Some(from), "{points}");
+    assert!(points["newest"]["seq"].as_u64().unwrap() >= last, "{points}");
+    let listed: Vec<u64> =
+        points["flush_points"].as_array().unwrap().iter().map(|p| p["seq"].as_u64().unwrap()).collect();
+    assert_eq!(listed, flushes, "the flush points: {points}");
+    let digest =
+        |history: &[(u64, Vec<u8>)], seq: u64| format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&image_at(history, seq)));
+    // Random sequence numbers inside the window, and a flush point's capture time.
+    let mut made = Vec::new();
+    for k in 0..6 {
+        let at = from + rng.below(last - from + 1);
+        let s = snapshot_json(&cl, &["create", "vol1", &format!("at{k}"), "--at", &at.to_string()]).await;
+        assert_eq!(s["seq"].as_u64(), Some(at), "every write ends a unit here: {s}");
+        made.push((format!("at{k}"), at));
+    }
+    let flush = &points["flush_points"][1];
+    let when = flush["capture_unix"].as_u64().unwrap();
+    let rfc = time::OffsetDateTime::from_unix_timestamp(when as i64)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let s = snapshot_json(&cl, &["create", "vol1", "at-time", "--at", &rfc]).await;
+    let seq = s["seq"].as_u64().unwrap();
+    assert!(seq >= flush["seq"].as_u64().unwrap() && s["capture_unix"].as_u64() == Some(when), "{s} for {flush}");
+    made.push(("at-time".into(), seq));
+    // Replication goes on; every image stays the history at its point.
+    for _ in 0..60 {
+        write(&mut rng, &mut history, Flags::default()).await;
+    }
+    let last = history.len() as u64 - 1;
+    until_in(&cl, "the replica to apply the rest", Duration::from_secs(60), || applied(&cl) >= last).await;
+    for (name, seq) in &made {
+        let d: SnapshotDigest = serde_json::from_value(snapshot_json(&cl, &["digest", "vol1", name]).await).unwrap();
+        assert_eq!(d.xxh3_128, digest(&history, *seq), "snapshot {name} at seq {seq}");
+    }
+    // Before the window: refused, nothing made.
+    for at in ["5", "-50m"] {
+        let mut args = strings(&["snapshot", "create", "vol1", "early", "--at", at]);
+        args.extend(conn(&cl, false));
+        let e = crate::agent::drv_fails(args).await;
+        assert!(e.contains("before the retention window"), "--at {at}: {e}");
+    }
+    let mut args = strings(&["snapshot", "create", "vol1", "early", "--at", "yesterday"]);
+    args.extend(conn(&cl, false));
+    let e = crate::agent::drv_fails(args).await;
+    assert!(e.contains("RFC 3339"), "{e}");
+    let list = snapshot_json(&cl, &["list", "vol1"]).await;
+    assert_eq!(list.as_array().unwrap().len(), made.len(), "{list}");
+    kill_all([&mut staging, &mut replica]);
+}
