@@ -25,6 +25,10 @@
 //! - **Snapshots keep their images**: the operator takes and deletes copy-on-write snapshots
 //!   of the replica (`drv_proto::cow`'s rules); after every apply, crash and deletion each live
 //!   snapshot reads exactly the target it was taken of.
+//! - **Every point of the window is the source there**: half the seeds keep a retention window
+//!   (any point in time), moved forward at random; snapshots are also pinned afterwards at its
+//!   points. After every apply and crash, its oldest, its newest and a random point read exactly
+//!   the source's records replayed to that sequence number.
 //! - **Convergence**: after the faults stop, the agent is back in sync mode with a clear change
 //!   map, the replica applies every record, and its target equals both the source and the agent's
 //!   local disk.
@@ -61,6 +65,9 @@ pub enum Bug {
     ActivityClearEarly,
     /// The replica writes the target first and preserves the snapshots' blocks after.
     PreserveAfterWrite,
+    /// The replica preserves a whole batch in one pass, though a window point lies between two
+    /// writes of a block (the content between them is never read).
+    OnePass,
 }
 
 impl std::fmt::Display for Bug {
@@ -71,6 +78,7 @@ impl std::fmt::Display for Bug {
             Bug::NoOverlapWait => "no-overlap-wait",
             Bug::ActivityClearEarly => "activity-clear-early",
             Bug::PreserveAfterWrite => "preserve-after-write",
+            Bug::OnePass => "one-pass",
         })
     }
 }
@@ -84,8 +92,9 @@ impl std::str::FromStr for Bug {
             "no-overlap-wait" => Ok(Bug::NoOverlapWait),
             "activity-clear-early" => Ok(Bug::ActivityClearEarly),
             "preserve-after-write" => Ok(Bug::PreserveAfterWrite),
+            "one-pass" => Ok(Bug::OnePass),
             other => Err(format!(
-                "unknown bug {other:?} (ack-before-durable, apply-partial-units, no-overlap-wait, activity-clear-early, preserve-after-write)"
+                "unknown bug {other:?} (ack-before-durable, apply-partial-units, no-overlap-wait, activity-clear-early, preserve-after-write, one-pass)"
             )),
         }
     }
@@ -195,6 +204,10 @@ pub fn run(cfg: &Config) -> Result<Report, Failure> {
     w.staging.ack_early_bug = cfg.bug == Some(Bug::AckBeforeDurable);
     w.replica.unit_bug = cfg.bug == Some(Bug::ApplyPartialUnits);
     w.replica.cow_bug = cfg.bug == Some(Bug::PreserveAfterWrite);
+    w.replica.one_pass_bug = cfg.bug == Some(Bug::OnePass);
+    if w.rng.one_in(2) || cfg.bug == Some(Bug::OnePass) {
+        w.replica.open_window();
+    }
     let fail = |w: &World, what: String| Failure { seed: cfg.seed, step: w.step, what };
     while w.step < cfg.steps && w.report.detected.is_none() {
         w.step(true).map_err(|e| fail(&w, e))?;
@@ -634,9 +647,20 @@ impl World {
         Ok(())
     }
 
-    /// The operator takes a snapshot (at most four live), or deletes the oldest.
+    /// The operator takes a snapshot (at most four live; now, or at a point of the window), or
+    /// deletes the oldest; the window moves forward now and then.
     fn snapshots(&mut self) -> Result<(), String> {
-        if self.replica.store.snapshots.len() < 4 && !self.rng.one_in(3) {
+        if self.rng.one_in(3) {
+            let freed = self.replica.expire_window(4 + self.rng.below(8) as usize);
+            *self.report.events.entry("window blocks freed").or_default() += freed as u64;
+        }
+        let points = self.replica.window_points();
+        if self.replica.store.snapshots.len() < 4 && !points.is_empty() && self.rng.one_in(2) {
+            self.snapshot_ids += 1;
+            let p = points[self.rng.below(points.len() as u64) as usize];
+            self.replica.pin_past(self.snapshot_ids, p, self.agent.image_at(p));
+            self.event("snapshot taken at a past point");
+        } else if self.replica.store.snapshots.len() < 4 && !self.rng.one_in(3) {
             self.snapshot_ids += 1;
             if self.replica.snapshot(self.snapshot_ids).is_some() {
                 self.event("snapshot taken");
@@ -650,10 +674,14 @@ impl World {
     }
 
     fn replica_apply(&mut self) -> Result<(), String> {
+        let partial = self.replica.partial_applies;
         let stored = match self.replica.apply() {
             Ok(s) => s,
             Err(e) => return self.detected("misdirected write detected by the replica's apply", false, e),
         };
+        if self.replica.partial_applies > partial {
+            self.event("resync run applied in part (its consistent image kept)");
+        }
         for p in stored {
             self.applied(p)?;
         }
@@ -672,12 +700,31 @@ impl World {
     }
 
     /// The target holds exactly the writes up to the applied position.
-    fn check_target(&self) -> Result<(), String> {
+    fn check_target(&mut self) -> Result<(), String> {
         let (seq, _) = self.replica.applied;
         if self.replica.target_image() != self.agent.image_at(seq) {
             return Err(format!("the replica's target differs from the source as of its applied seq {seq}"));
         }
-        self.replica.check_snapshots()
+        self.replica.check_snapshots()?;
+        self.check_window()
+    }
+
+    /// The window's oldest, newest and a random point read the source's image there (one check
+    /// in four: each replays the history).
+    fn check_window(&mut self) -> Result<(), String> {
+        if !self.rng.one_in(4) {
+            return Ok(());
+        }
+        let points = self.replica.window_points();
+        let (Some(first), Some(last)) = (points.first(), points.last()) else { return Ok(()) };
+        let random = points[self.rng.below(points.len() as u64) as usize];
+        let target = self.replica.target_image();
+        for p in [*first, *last, random] {
+            if self.replica.store.image(p, &target) != self.agent.image_at(p) {
+                return Err(format!("the window's point at seq {p} differs from the source replayed to it"));
+            }
+        }
+        Ok(())
     }
 
     fn converged(&self) -> bool {
@@ -784,6 +831,14 @@ mod bugs {
     fn preserving_after_the_target_was_written_is_caught() {
         let f = caught(Bug::PreserveAfterWrite);
         assert!(f.what.contains("no longer shows the image"), "{f}");
+        println!("{f}");
+    }
+
+    #[test]
+    fn one_pass_over_a_block_written_twice_under_a_window_is_caught() {
+        let f = caught(Bug::OnePass);
+        // Seen at a point of the window, or at a snapshot pinned there afterwards.
+        assert!(f.what.contains("the window's point") || f.what.contains("no longer shows the image"), "{f}");
         println!("{f}");
     }
 

@@ -29,6 +29,10 @@ const DEVICE: u64 = (64 << 10) + SLOTS * SEGMENT;
 
 type Done = Arc<Mutex<Vec<(u64, Result<(), String>)>>>;
 
+/// The id of the snapshot the replica keeps of the last consistent image while a resync run is
+/// applied in part.
+pub const AUTO_SNAPSHOT: u64 = u64::MAX;
+
 /// Blocks of the snapshot store.
 pub const COW_BLOCK: u64 = 16 << 10;
 
@@ -40,6 +44,9 @@ pub struct Store {
     pub versions: std::collections::BTreeMap<u64, Vec<(Version, Vec<u8>)>>,
     /// Snapshots: (id, position, the image when taken).
     pub snapshots: Vec<(u64, u64, Vec<u8>)>,
+    /// The retention window's points (unit ends, recorded with a batch's last pass; its start is
+    /// `points.window()`).
+    pub window: std::collections::BTreeSet<u64>,
 }
 
 impl Store {
@@ -77,6 +84,13 @@ pub struct Replica {
     open_pending: bool,
     /// Apply each record as it comes, not whole units (an injected bug).
     pub unit_bug: bool,
+    /// Preserve a whole batch in one pass, even with a window point between two writes of a
+    /// block (an injected bug).
+    pub one_pass_bug: bool,
+    /// The stored position is inside a RESYNC run applied in part (stored with it).
+    partial: bool,
+    /// How many times a resync run was applied in part.
+    pub partial_applies: u64,
     /// The snapshot store (kept across crashes: its commits are durable).
     pub store: Store,
     /// Write the target before preserving its old blocks (an injected bug).
@@ -116,6 +130,9 @@ impl Replica {
             unit_bug: false,
             store: Store::default(),
             cow_bug: false,
+            one_pass_bug: false,
+            partial: false,
+            partial_applies: 0,
         })
     }
 
@@ -187,18 +204,49 @@ impl Replica {
             };
             self.units.push(e, r, &mut ready);
         }
-        let Some(last) = ready.last() else { return Ok(Vec::new()) };
+        let Some(last) = ready.last() else { return self.apply_partial_resync() };
         let (lsn, position) = (last.header.lsn, (last.header.desc.volume_seq, last.header.desc.epoch));
-        self.write_target(&ready)?;
+        self.write_target(&ready, false)?;
         self.applied = position;
         self.drlog.confirm(VOLUME, lsn);
+        if std::mem::replace(&mut self.partial, false) {
+            // The run ended: the target is consistent again; its last consistent image goes.
+            let autos: Vec<u64> = self.store.snapshots.iter().filter(|s| s.0 == AUTO_SNAPSHOT).map(|s| s.1).collect();
+            self.store.snapshots.retain(|s| s.0 != AUTO_SNAPSHOT);
+            for p in autos {
+                self.store.points.unpin(p);
+            }
+            self.collect();
+        }
         Ok(vec![position])
+    }
+
+    /// A RESYNC run filling more than half the DR log is applied as far as it came (as the real
+    /// replica does), after the last consistent image was kept as a snapshot. Stores a position
+    /// inside the run (not reported: it ends no unit).
+    fn apply_partial_resync(&mut self) -> Result<Vec<(u64, u64)>, String> {
+        if self.drlog.room_bytes() >= self.drlog.capacity_bytes() / 2 {
+            return Ok(Vec::new());
+        }
+        let Some(part) = self.units.take_partial_resync() else { return Ok(Vec::new()) };
+        let last = part.last().expect("a run is not empty");
+        let (lsn, position) = (last.header.lsn, (last.header.desc.volume_seq, last.header.desc.epoch));
+        if !self.partial {
+            let p = self.applied.0;
+            self.store.points.pin(p);
+            self.store.snapshots.push((AUTO_SNAPSHOT, p, self.target_image()));
+        }
+        self.write_target(&part, true)?;
+        (self.applied, self.partial) = (position, true);
+        self.partial_applies += 1;
+        self.drlog.confirm(VOLUME, lsn);
+        Ok(Vec::new())
     }
 
     /// Writes `records` (whole units) to the target in passes, each after preserving what the
     /// snapshots need of the blocks it overwrites (before, unless the injected bug says after),
     /// then syncs it.
-    fn write_target(&mut self, records: &[LogRecord]) -> Result<(), String> {
+    fn write_target(&mut self, records: &[LogRecord], partial: bool) -> Result<(), String> {
         let mut plain = Vec::new();
         for r in records {
             let p = self.key.open(&r.header.desc, &r.payload).map_err(|e| e.to_string())?;
@@ -207,9 +255,16 @@ impl Replica {
             }
         }
         let batch = cow::unit_writes(records.iter().map(|r| &r.header.desc));
+        if self.store.points.window().is_some() && !partial {
+            // Recorded with the last pass's commit (before its writes reach the target).
+            self.store.window.extend(batch.ends.iter().map(|e| e.seq));
+        }
         let mut done = 0;
         while done < batch.writes.len() {
-            let n = cow::pass_len(&self.store.points, COW_BLOCK, &batch.writes[done..]);
+            let n = match self.one_pass_bug {
+                true => batch.writes.len() - done,
+                false => cow::pass_len(&self.store.points, COW_BLOCK, &batch.writes[done..]),
+            };
             if !self.cow_bug {
                 self.preserve(&batch.writes[done..done + n]);
             }
@@ -239,7 +294,7 @@ impl Replica {
     /// A snapshot of the applied position (between apply steps, as the real one holds the apply
     /// gate); `None` inside a partly applied resync run or with a unit pending of one.
     pub fn snapshot(&mut self, id: u64) -> Option<u64> {
-        if self.units.pending_resync() {
+        if self.units.pending_resync() || self.partial {
             return None;
         }
         let p = self.applied.0;
@@ -248,13 +303,40 @@ impl Replica {
         Some(p)
     }
 
-    /// Deletes the oldest snapshot and what only it needed; returns the blocks freed.
-    pub fn delete_snapshot(&mut self) -> usize {
-        if self.store.snapshots.is_empty() {
+    /// Opens the retention window at the applied position (a unit end).
+    pub fn open_window(&mut self) {
+        let p = self.applied.0;
+        self.store.points.set_window(Some(p));
+        self.store.window.insert(p);
+    }
+
+    /// Moves the window's start forward so that at most `keep` points stay, and frees what no
+    /// point needs; returns the blocks freed.
+    pub fn expire_window(&mut self, keep: usize) -> usize {
+        let n = self.store.window.len();
+        if self.store.points.window().is_none() || n <= keep {
             return 0;
         }
-        let (_, p, _) = self.store.snapshots.remove(0);
-        self.store.points.unpin(p);
+        let to = *self.store.window.iter().nth(n - keep).expect("a point");
+        self.store.points.set_window(Some(to));
+        self.store.window = self.store.window.split_off(&to);
+        self.collect()
+    }
+
+    /// A snapshot pinned afterwards at `p`, a point of the window, with the source's image there.
+    pub fn pin_past(&mut self, id: u64, p: u64, image: Vec<u8>) {
+        assert!(self.store.points.can_pin(p), "point {p} is not in the window");
+        self.store.points.pin(p);
+        self.store.snapshots.push((id, p, image));
+    }
+
+    /// The window's points up to the applied position (what `--at` may pick).
+    pub fn window_points(&self) -> Vec<u64> {
+        self.store.window.range(..=self.applied.0).copied().collect()
+    }
+
+    /// Frees the versions no point needs; returns how many.
+    fn collect(&mut self) -> usize {
         let mut freed = 0;
         for vs in self.store.versions.values_mut() {
             let dead = cow::garbage(&self.store.points, vs.iter().map(|(v, _)| v));
@@ -262,6 +344,14 @@ impl Replica {
             vs.retain(|(v, _)| !dead.contains(v));
         }
         freed
+    }
+
+    /// Deletes the oldest snapshot and what only it needed; returns the blocks freed.
+    pub fn delete_snapshot(&mut self) -> usize {
+        let Some(i) = self.store.snapshots.iter().position(|s| s.0 != AUTO_SNAPSHOT) else { return 0 };
+        let (_, p, _) = self.store.snapshots.remove(i);
+        self.store.points.unpin(p);
+        self.collect()
     }
 
     /// Every snapshot's image is the one it was taken of.
@@ -285,10 +375,13 @@ impl Replica {
     pub fn crash(&mut self, rng: &mut Rng) -> Result<Vec<(u64, u64)>, String> {
         let log = crash_images(&self.log_world, rng);
         let target = crash_images(&self.target_world, rng);
-        let (bug, cow_bug, store) = (self.unit_bug, self.cow_bug, std::mem::take(&mut self.store));
+        let (bugs, store) = ((self.unit_bug, self.cow_bug, self.one_pass_bug), std::mem::take(&mut self.store));
+        let partial = self.partial;
         *self =
             Replica::open(SimWorld::from_images(log), SimWorld::from_images(target), self.applied, self.key.clone())?;
-        (self.unit_bug, self.cow_bug, self.store) = (bug, cow_bug, store);
+        let partial_applies = self.partial_applies;
+        ((self.unit_bug, self.cow_bug, self.one_pass_bug), self.store, self.partial) = (bugs, store, partial);
+        self.partial_applies = partial_applies;
         let mut stored = Vec::new();
         // Catch up: replay what the DR log holds beyond the applied position.
         loop {

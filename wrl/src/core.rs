@@ -408,6 +408,44 @@ fn live_segments(
     Ok(found)
 }
 
+/// Refuses a log whose next segment (`next_id`, expected to start at `next_lsn`) lost its header
+/// while its records are there: a free slot whose first batch belongs to it. The header is
+/// durable before any batch is written to its slot, so only damage (a misdirected or lost write
+/// of the disk) leaves such a slot; without this check the scan would end before it and drop
+/// records that were acknowledged. A stale batch of a freed slot has an older segment id.
+fn orphan_head(
+    devices: &[Arc<dyn Storage>],
+    dev0: &DeviceHeader,
+    slots: &[u64],
+    found: &BTreeMap<u64, (SegmentLoc, SegmentHeader)>,
+    next_id: u64,
+    next_lsn: u64,
+) -> Result<()> {
+    let used: std::collections::BTreeSet<(usize, u64)> = found.values().map(|(l, _)| (l.device, l.slot)).collect();
+    for (d, dev) in devices.iter().enumerate() {
+        for slot in (0..slots[d]).filter(|s| !used.contains(&(d, *s))) {
+            let loc =
+                SegmentLoc { id: next_id, device: d, slot, segment_bytes: dev0.segment_bytes, io_align: dev0.io_align };
+            let Ok(b) = BatchHeader::decode(&read_block(dev.as_ref(), loc.base() + SEGMENT_HEADER_BYTES)?) else {
+                continue;
+            };
+            if b.segment_id == next_id && b.first_lsn == next_lsn {
+                return Err(WrlError::Corrupt {
+                    segment_id: next_id,
+                    device: dev.name(),
+                    slot,
+                    offset: 0,
+                    expected_lsn: next_lsn,
+                    reason: format!(
+                        "the segment's header is damaged or missing, but the slot holds its first batch (lsn {next_lsn} on): the records from there on would be lost"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The state of a scan across segments: the chain so far and what it found.
 #[derive(Default)]
 struct Scan {
@@ -541,6 +579,8 @@ pub fn recover(devices: &[Arc<dyn Storage>], each: &mut dyn FnMut(&RecordHeader,
         let next_first_lsn = found.get(&(id + 1)).map(|(_, n)| n.first_lsn);
         segments.push(scan.segment(devices, loc, h, next_first_lsn, each)?);
     }
+    let (last_id, _) = found.iter().next_back().expect("non-empty");
+    orphan_head(devices, &dev0, &slots, &found, last_id + 1, scan.expected_lsn)?;
     let first_lsn = (meta.trim_lsn + 1).max(segments[0].first_lsn);
     Ok(Recovery {
         uuid: dev0.wrl_uuid,

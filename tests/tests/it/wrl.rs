@@ -298,6 +298,37 @@ fn corruption_in_the_middle_is_named_and_stops_the_log() {
     assert!(msg.contains("segment 1") && msg.contains("offset") && msg.contains("lsn 2"), "{msg}");
 }
 
+/// The head segment's header lost (a misdirected or lost write of the disk) while its batches are
+/// there: the log refuses to open, naming the segment, instead of ending at the segment before and
+/// dropping records it acknowledged.
+#[test]
+fn a_lost_head_segment_header_is_named_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let devs = make(dir.path(), 1, 8 << 20, 1 << 20, None);
+    let key = test_key();
+    let (w, _) = Wrl::open(devs, WrlOptions::default()).unwrap();
+    for seq in 1..=40 {
+        w.append(&key, req(1, seq, &pattern(seq, 60_000))).unwrap();
+    }
+    drop(w);
+    let (w, rec) = Wrl::open(reopen(dir.path(), 1), WrlOptions::default()).unwrap();
+    drop(w);
+    assert!(rec.segments.len() >= 3, "{} segments", rec.segments.len());
+    let head = rec.segments.last().unwrap();
+    let path = dir.path().join("dev0");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = (64 << 10) + head.loc.slot as usize * (1 << 20);
+    bytes[at..at + 4096].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = match Wrl::open(reopen(dir.path(), 1), WrlOptions::default()) {
+        Err(e) => e,
+        Ok((_, r)) => panic!("opened with records up to lsn {} of 40", r.last_lsn),
+    };
+    let msg = err.to_string();
+    assert!(matches!(err, WrlError::Corrupt { expected_lsn, .. } if expected_lsn == head.first_lsn), "{msg}");
+    assert!(msg.contains("header is damaged or missing"), "{msg}");
+}
+
 #[test]
 fn devices_must_match() {
     let dir = tempfile::tempdir().unwrap();
