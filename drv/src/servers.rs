@@ -226,5 +226,25 @@ fn print_replica(v: &ReplicaStatus) {
             vol.applied_epoch,
             vol.snapshots.len()
         );
+        if let Some(w) = &vol.window
+            && let (Some(old), Some(new)) = (&w.oldest, &w.newest)
+        {
+            let t = crate::snapshot_cmd::time_text;
+            println!(
+                "    any point in time: seq {} ({}) to seq {} ({}), {} points, {} end with a flush",
+                old.seq,
+                t(old.capture_unix),
+                new.seq,
+                t(new.capture_unix),
+                w.points,
+                w.flush_count
+            );
+        }
+        for s in vol.snapshots.iter().filter(|s| s.name.starts_with("auto-resync-")) {
+            println!(
+                "    a resync run is applied in part: the last consistent image (seq {}) is kept as snapshot {}",
+                s.seq, s.name
+            );
+        }
     }
 }

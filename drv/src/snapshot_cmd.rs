@@ -200,7 +200,7 @@ fn parse_at(at: &str) -> Result<(u8, u64)> {
 }
 
 /// A capture time as RFC 3339 (UTC), or `unknown`.
-fn time_text(unix: u32) -> String {
+pub(crate) fn time_text(unix: u32) -> String {
     if unix == 0 {
         return "unknown".into();
     }

@@ -122,7 +122,12 @@ impl Snapshots {
         };
         if let Some(limit) = v.snapshot_bytes_limit {
             let used = store.usage().map_err(SnapshotError::Store)?.used_bytes;
-            if used >= limit / 10 * 9 && store.window().is_none() {
+            // A window gives its space back first; refused once it has nothing left to give.
+            let window_points = match store.window() {
+                Some(_) => store.window_info(0).map_err(SnapshotError::Store)?.points,
+                None => 0,
+            };
+            if used >= limit / 10 * 9 && window_points <= 1 {
                 return Err(SnapshotError::Refused(format!(
                     "the snapshot store of volume {} holds {used} of its {limit} bytes (snapshot_bytes_limit): delete a snapshot (drv snapshot list shows what each holds alone) before taking another",
                     v.name

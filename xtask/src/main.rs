@@ -27,6 +27,7 @@ mod relay;
 mod snapshots;
 mod tidy;
 mod user;
+mod window;
 
 #[derive(Parser)]
 #[command(name = "xtask")]

@@ -288,6 +288,22 @@ pub(crate) async fn agent_load(
     rate: Option<f64>,
     first_seq: u64,
 ) -> Result<u64> {
+    agent_load_at(id, addr, volume_id, total, write_bytes, rate, first_seq, &|_| 0).await
+}
+
+/// [`agent_load`] with capture times: `capture(i)` for the `i`th write (seconds since the UNIX
+/// epoch, as the agent's clock would stamp them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn agent_load_at(
+    id: &Identity,
+    addr: SocketAddr,
+    volume_id: u64,
+    total: u64,
+    write_bytes: usize,
+    rate: Option<f64>,
+    first_seq: u64,
+    capture: &(dyn Fn(u64) -> u32 + Sync),
+) -> Result<u64> {
     let cfg = drv_transport::tls::client_config(id, Role::Staging)?;
     let (w, mut r) = drv_transport::link::connect(addr, cfg, 1 << 20).await?;
     w.send(&Frame::OpenVolume { volume_id })?;
@@ -317,7 +333,7 @@ pub(crate) async fn agent_load(
                 epoch: seq,
                 offset,
                 flags: 0,
-                capture_unix: 0,
+                capture_unix: capture(sent),
                 data: data.clone(),
             })?;
             sent += 1;

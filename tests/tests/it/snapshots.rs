@@ -215,6 +215,13 @@ async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there
     let last = history.len() as u64;
     write(&mut rng, &mut history, Flags::default()).await;
     until_in(&cl, "the replica to apply every write", Duration::from_secs(60), || applied(&cl) >= last).await;
+    let mut args = strings(&["snapshot", "points", "vol1", "--flush", "3"]);
+    args.extend(conn(&cl, false));
+    let text = drv(args).await;
+    assert!(
+        text.contains(&format!("oldest  seq {from:>10}")) && text.contains("8 points end with a flush (the newest 3)"),
+        "{text}"
+    );
     let points = snapshot_json(&cl, &["points", "vol1", "--flush", "100"]).await;
     assert_eq!(points["oldest"]["seq"].as_u64(), Some(from), "{points}");
     assert!(points["newest"]["seq"].as_u64().unwrap() >= last, "{points}");
