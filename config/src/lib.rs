@@ -269,18 +269,35 @@ pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too long"))
 }
 
+struct DurationVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DurationVisitor {
+    type Value = Option<u64>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a duration such as 3600, 90m, 24h or 7d, or null")
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Self::Value, E> {
+        u64::try_from(v).map(Some).map_err(|_| E::custom(format!("{v} is negative: a duration is 0 or more seconds")))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        parse_duration(v).map(Some).map_err(E::custom)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_any(DurationVisitor)
+    }
+}
+
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Given {
-        Secs(u64),
-        Text(String),
-    }
-    match Option::<Given>::deserialize(d)? {
-        None => Ok(None),
-        Some(Given::Secs(n)) => Ok(Some(n)),
-        Some(Given::Text(t)) => parse_duration(&t).map(Some).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_option(DurationVisitor)
 }
 
 fn default_block() -> u64 {
@@ -778,6 +795,17 @@ mod tests {
         assert!(e.to_string().contains("has role staging, expected replica"), "{e}");
         let v = st.set(Kind::Volume, "db", &s(&["size_bytes=10G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"])).unwrap();
         assert_eq!(v["size_bytes"], 10u64 << 30);
+        // A retention window: a duration, in range; bad text named.
+        let v = st.set(Kind::Volume, "db", &s(&["retention=24h", "retention_bytes=1G"])).unwrap();
+        assert_eq!((v["retention"].as_u64(), v["retention_bytes"].as_u64()), (Some(86_400), Some(1 << 30)), "{v}");
+        let e = st.set(Kind::Volume, "db", &s(&["retention=banana"])).unwrap_err();
+        assert!(e.to_string().contains("\"banana\" is not a duration"), "{e}");
+        let e = st.set(Kind::Volume, "db", &s(&["retention=30s"])).unwrap_err();
+        assert!(e.to_string().contains("retention") && e.to_string().contains("1 minute to 366 days"), "{e}");
+        let e = st.set(Kind::Volume, "db", &s(&["retention=3fortnights"])).unwrap_err();
+        assert!(e.to_string().contains("unknown unit"), "{e}");
+        let v = st.set(Kind::Volume, "db", &s(&["retention=null", "retention_bytes=null"])).unwrap();
+        assert!(v.get("retention").is_none_or(|x| x.is_null()), "{v}");
         // Unknown fields and bad types are named.
         let e = st.set(Kind::Volume, "db", &s(&["colour=blue"])).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");

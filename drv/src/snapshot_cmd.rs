@@ -8,7 +8,7 @@ use drv_transport::{Role, quic};
 use serde::de::DeserializeOwned;
 
 use drv_proto::status::{
-    self, RecoveryPoint, RecoveryWindow, ReplicaStatus, SnapshotDeleted, SnapshotDigest, SnapshotInfo,
+    self, RecoveryPoint, RecoveryPoints, RecoveryWindow, ReplicaStatus, SnapshotDeleted, SnapshotDigest, SnapshotInfo,
 };
 
 use crate::agent_cmd::human;
@@ -30,9 +30,10 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         t: ServerConn,
     },
-    /// What VOLUME's retention window can bring back: its oldest and newest point, and the
-    /// newest points that end with a cache flush (where a file system or database on the volume
-    /// had just made its data durable), with their capture times.
+    /// What VOLUME can bring back: its image now, its retention window's oldest and newest
+    /// point and the newest points that end with a cache flush (where a file system or database
+    /// on the volume had just made its data durable), with their capture times, and its
+    /// snapshots.
     Points {
         volume: String,
         /// How many flush points to list, newest last.
@@ -90,8 +91,8 @@ pub fn run(c: SnapshotCommand) -> Result<()> {
             })
         }
         SnapshotCommand::Points { volume, flush, t } => {
-            let w: RecoveryWindow = request(&volume, snapshot_op::POINTS, flush, "", &t)?;
-            print(&t, &w, || points_text(&volume, &w))
+            let p: RecoveryPoints = request(&volume, snapshot_op::POINTS, flush, "", &t)?;
+            print(&t, &p, || points_text(&p))
         }
         SnapshotCommand::Delete { volume, snapshot, t } => {
             let d: SnapshotDeleted = request(&volume, snapshot_op::DELETE, 0, &snapshot, &t)?;
@@ -214,8 +215,34 @@ fn point_text(p: &RecoveryPoint) -> String {
     format!("seq {:>10}  epoch {:>10}  captured {}", p.seq, p.epoch, time_text(p.capture_unix))
 }
 
-fn points_text(volume: &str, w: &RecoveryWindow) -> String {
-    let mut out = format!("{volume}: {} points in the retention window\n", w.points);
+fn points_text(p: &RecoveryPoints) -> String {
+    let mut out = format!("{}: what can be recovered\n", p.volume);
+    match &p.current {
+        Some(c) => out += &format!("  now     {}\n", point_text(c)),
+        None => {
+            out += "  now     no consistent image (a resync run is applied in part, a media resync runs, or apply stopped)\n"
+        }
+    }
+    match &p.window {
+        Some(w) => out += &window_text(w),
+        None => {
+            out += "  no retention window (set `retention` or `retention_bytes` for the volume): only the snapshots\n"
+        }
+    }
+    for s in &p.snapshots {
+        let what = if s.name.starts_with("auto-resync-") {
+            " (the last consistent image, kept while a resync run is applied in part)"
+        } else {
+            ""
+        };
+        let c = RecoveryPoint { seq: s.seq, epoch: s.epoch, capture_unix: s.capture_unix, ..Default::default() };
+        out += &format!("  snapshot {}: {}{what}\n", s.name, point_text(&c));
+    }
+    out.trim_end().to_owned()
+}
+
+fn window_text(w: &RecoveryWindow) -> String {
+    let mut out = format!("  {} points in the retention window\n", w.points);
     if let Some(p) = &w.oldest {
         out += &format!("  oldest  {}\n", point_text(p));
     }
@@ -229,5 +256,5 @@ fn points_text(volume: &str, w: &RecoveryWindow) -> String {
             out += &format!("\n  flush   {}", point_text(p));
         }
     }
-    out
+    out + "\n"
 }

@@ -156,6 +156,20 @@ pub struct RecoveryWindow {
     pub flush_count: u64,
 }
 
+/// What a replica volume can bring back (`drv snapshot points`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoints {
+    pub volume: String,
+    /// The image now, when the target shows a state the source had (none while a resync run is
+    /// applied in part, in a media resync, or with apply stopped).
+    pub current: Option<RecoveryPoint>,
+    /// The retention window, when one is kept.
+    pub window: Option<RecoveryWindow>,
+    /// The snapshots, oldest first (`auto-resync-SEQ`: the last consistent image, kept while a
+    /// resync run is applied in part).
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
 /// A replica's DR log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DrLogSummary {

@@ -531,7 +531,8 @@ impl CowStore {
         if plan.is_empty() && !record_ends {
             return Ok(plan);
         }
-        let slots = self.take_slots(&tx, plan.len())?;
+        // Only the unit ends to record: no slot is taken (nor refused for a full store).
+        let slots = if plan.is_empty() { Vec::new() } else { self.take_slots(&tx, plan.len())? };
         let mut buf = vec![0u8; self.slot_bytes as usize];
         for (v, slot) in plan.iter().zip(&slots) {
             read_block(target, v.block * self.slot_bytes, &mut buf).map_err(|err| CowError::Io {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use drv_proto::cow::{UnitEnd, Write};
-use drv_proto::status::{RecoveryPoint, RecoveryWindow, SnapshotDeleted, SnapshotDigest};
+use drv_proto::status::{RecoveryPoint, RecoveryPoints, RecoveryWindow, SnapshotDeleted, SnapshotDigest};
 
 use crate::apply::{OverwriteObserver, ReplicaVolume};
 use crate::cow::{At, CowError, CowStore, SnapshotMeta};
@@ -171,15 +171,26 @@ impl Snapshots {
 
     /// What `v`'s retention window holds: its oldest and newest points, and the newest `limit`
     /// that end with a flush.
-    pub fn points(&self, v: &ReplicaVolume, limit: usize) -> Result<RecoveryWindow, SnapshotError> {
+    pub fn points(&self, v: &ReplicaVolume, limit: usize) -> Result<RecoveryPoints, SnapshotError> {
+        let snapshots = self.list(v, false)?;
+        let consistent = {
+            let media = v.media.lock().expect("media").phase.is_some();
+            let s = v.state.lock().expect("apply state");
+            (!media && !s.resyncing && !s.applied.partial_resync && s.error.is_none()).then_some(s.applied)
+        };
         let store = self.store(v).read().expect("store");
-        if store.window().is_none() {
-            return Err(SnapshotError::Refused(format!(
-                "volume {} keeps no retention window (set `retention` or `retention_bytes` in its configuration); only its snapshots can be recovered",
-                v.name
-            )));
-        }
-        store.window_info(limit).map_err(SnapshotError::Store)
+        let current = match consistent {
+            Some(a) => {
+                let capture_unix = store.point(a.seq).map_err(SnapshotError::Store)?.map_or(0, |p| p.capture_unix);
+                Some(RecoveryPoint { seq: a.seq, epoch: a.epoch, capture_unix, ..Default::default() })
+            }
+            None => None,
+        };
+        let window = match store.window() {
+            Some(_) => Some(store.window_info(limit).map_err(SnapshotError::Store)?),
+            None => None,
+        };
+        Ok(RecoveryPoints { volume: v.name.clone(), current, window, snapshots })
     }
 
     /// The window's summary for status (no flush points listed).

@@ -472,7 +472,7 @@ async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identica
             .unwrap();
     // Paced, so that the run is applied in part for a few seconds.
     agent.start_initial_sync(Some(24 << 20)).await.unwrap();
-    let (mut saw_resyncing, mut checked_point) = (false, false);
+    let (mut saw_resyncing, mut checked_point, mut listed_point) = (false, false, false);
     let blank = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&vec![0u8; VOLUME as usize]));
     let end = Instant::now() + Duration::from_secs(120);
     while !(agent.mode() == Mode::Sync && agent.dirty_bytes() == 0) {
@@ -482,7 +482,7 @@ async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identica
         // While the run is applied in part, the last consistent image (the blank target) is
         // kept as a snapshot of the replica's own, readable and unchanged.
         let auto = st.and_then(|s| s.volumes[0].snapshots.iter().find(|x| x.name.starts_with("auto-resync-")).cloned());
-        if let (Some(a), false) = (auto, checked_point) {
+        if let (Some(a), false) = (auto.clone(), checked_point) {
             let mut args = strings(&["snapshot", "digest", "vol1", &a.name, "--json"]);
             args.extend(strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]));
             let out = tokio::task::spawn_blocking(move || {
@@ -498,10 +498,26 @@ async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identica
                 checked_point = true;
             }
         }
+        // `drv snapshot points` says so: no consistent image now, the kept one listed.
+        if let (Some(a), false) = (auto, listed_point) {
+            let mut args = strings(&["snapshot", "points", "vol1", "--json"]);
+            args.extend(strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]));
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(drv_tests::drv_bin()).args(&args).output().expect("run drv")
+            })
+            .await
+            .unwrap();
+            if out.status.success() {
+                let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let kept = p["snapshots"].as_array().unwrap().iter().any(|s| s["name"] == a.name.as_str());
+                listed_point |= kept && p["current"].is_null();
+            }
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(saw_resyncing, "the replica never said it was resyncing");
     assert!(checked_point, "the consistent point was never seen during the resync\n{}", cl.log("rep1"));
+    assert!(listed_point, "drv snapshot points never listed the kept image as the only consistent one");
     let (next, _) = agent.position();
     assert_replica_equals(&cl, &source, next).await;
     let st = cl.replica_status().unwrap();

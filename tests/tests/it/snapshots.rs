@@ -189,8 +189,12 @@ async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there
     until_in(&cl, "the first writes applied", Duration::from_secs(30), || applied(&cl) >= 19).await;
     let mut args = strings(&["snapshot", "points", "vol1"]);
     args.extend(conn(&cl, false));
+    let text = drv(args).await;
+    assert!(text.contains("no retention window") && text.contains("now     seq"), "{text}");
+    let mut args = strings(&["snapshot", "create", "vol1", "early", "--at", "5"]);
+    args.extend(conn(&cl, false));
     let e = crate::agent::drv_fails(args).await;
-    assert!(e.contains("keeps no retention window") && e.contains("retention"), "{e}");
+    assert!(e.contains("no retention window is kept for this volume"), "{e}");
     // Retention configured; the replica restarted opens the window where it stands.
     let store = cl.config.display().to_string();
     drv(strings(&["config", "--store", &store, "set", "volume", "vol1", "retention=1h"])).await;
@@ -222,7 +226,8 @@ async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there
         text.contains(&format!("oldest  seq {from:>10}")) && text.contains("8 points end with a flush (the newest 3)"),
         "{text}"
     );
-    let points = snapshot_json(&cl, &["points", "vol1", "--flush", "100"]).await;
+    let all = snapshot_json(&cl, &["points", "vol1", "--flush", "100"]).await;
+    let points = all["window"].clone();
     assert_eq!(points["oldest"]["seq"].as_u64(), Some(from), "{points}");
     assert!(points["newest"]["seq"].as_u64().unwrap() >= last, "{points}");
     let listed: Vec<u64> =
@@ -271,5 +276,8 @@ async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there
     assert!(e.contains("RFC 3339"), "{e}");
     let list = snapshot_json(&cl, &["list", "vol1"]).await;
     assert_eq!(list.as_array().unwrap().len(), made.len(), "{list}");
+    let all = snapshot_json(&cl, &["points", "vol1"]).await;
+    assert_eq!(all["snapshots"].as_array().unwrap().len(), made.len(), "{all}");
+    assert!(all["current"]["seq"].as_u64().unwrap() >= last, "{all}");
     kill_all([&mut staging, &mut replica]);
 }
