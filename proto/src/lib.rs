@@ -16,12 +16,15 @@
 //! - [`status`]: the servers' status replies, one serde type each, shared by servers and clients.
 //! - [`units`]: the replica's units of apply (an epoch, or a whole resync run) and when one is
 //!   complete.
+//! - [`nbd`]: the NBD protocol's server side (fixed-newstyle handshake, requests, simple replies)
+//!   for exporting recovery points.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod cow;
 pub mod epoch;
+pub mod nbd;
 pub mod relay;
 pub mod seq;
 pub mod status;
