@@ -1,5 +1,5 @@
-//! `drv snapshot create|list|delete|digest`: copy-on-write snapshots of a replica volume, asked of
-//! a running replica server.
+//! `drv snapshot create|list|delete|digest|points|export|unexport`: copy-on-write snapshots of a
+//! replica volume, asked of a running replica server.
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -50,6 +50,25 @@ pub enum SnapshotCommand {
     },
     /// Delete a snapshot of VOLUME, freeing what no other snapshot needs.
     Delete {
+        volume: String,
+        snapshot: String,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// Serve a snapshot's image over NBD from the replica, read-only (`nbd://ADDR/SNAPSHOT`, for
+    /// qemu-img, nbdinfo, nbdcopy, nbd-client). No TLS: listen on a trusted network only.
+    Export {
+        volume: String,
+        snapshot: String,
+        /// Address the replica listens on for NBD clients (port 0: any free one; the reply says
+        /// which).
+        #[arg(long)]
+        listen: String,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// Stop serving a snapshot over NBD (its clients are disconnected).
+    Unexport {
         volume: String,
         snapshot: String,
         #[command(flatten)]
@@ -113,6 +132,22 @@ pub fn run(c: SnapshotCommand) -> Result<()> {
             })
         }
         SnapshotCommand::List { volume, t } => list(volume.as_deref(), &t),
+        SnapshotCommand::Export { volume, snapshot, listen, t } => {
+            if listen.contains(' ') {
+                bail!("--listen {listen:?}: an address has no spaces");
+            }
+            let arg = format!("{snapshot} {listen}");
+            let e: serde_json::Value = request(&volume, snapshot_op::EXPORT, 0, &arg, &t)?;
+            print(&t, &e, || {
+                format!("nbd://{}/{} (read-only, seq {})", e["listen"].as_str().unwrap_or("?"), snapshot, e["seq"])
+            })
+        }
+        SnapshotCommand::Unexport { volume, snapshot, t } => {
+            let e: serde_json::Value = request(&volume, snapshot_op::UNEXPORT, 0, &snapshot, &t)?;
+            print(&t, &e, || {
+                format!("snapshot {snapshot} of {volume} no longer exported on {}", e["listen"].as_str().unwrap_or("?"))
+            })
+        }
     }
 }
 

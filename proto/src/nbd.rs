@@ -1,7 +1,8 @@
 //! The NBD protocol, server side, I/O-free: the fixed-newstyle handshake (option haggling) and the
-//! transmission phase's requests and simple replies, as NBD's `doc/proto.md` defines them. The
-//! export server (`drv snapshot export`) feeds it bytes and writes what it returns; clients no one
-//! here wrote (qemu-img, nbdinfo, nbdcopy, the kernel's nbd-client) are the test of it.
+//! transmission phase's requests and simple replies, as the NBD project's protocol document
+//! (proto.md) defines them. The export server (`drv snapshot export`) feeds it bytes and writes
+//! what it returns; clients no one here wrote (qemu-img, nbdinfo, nbdcopy, the kernel's
+//! nbd-client) are the test of it.
 //!
 //! ```text
 //! S: "NBDMAGIC" u64 | "IHAVEOPT" u64 | handshake flags u16 (FIXED_NEWSTYLE | NO_ZEROES)

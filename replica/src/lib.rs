@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod cow;
+pub mod export;
 pub mod media;
 pub mod server;
 pub mod snapshot;

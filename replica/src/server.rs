@@ -70,6 +70,8 @@ pub struct ReplicaServer {
     pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
     /// The volumes' snapshot stores (the apply step preserves through them).
     pub snapshots: Arc<Snapshots>,
+    /// Snapshots served over NBD.
+    pub exports: crate::export::Exports,
     /// The data directory (DR log, applied positions, default targets, snapshots).
     pub dir: PathBuf,
     /// The data directory's lock, held while the server lives.
@@ -145,6 +147,7 @@ impl ReplicaServer {
             drlog,
             volumes,
             snapshots: Arc::new(snapshots),
+            exports: crate::export::Exports::default(),
             dir,
             _lock: lock,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
@@ -259,6 +262,32 @@ impl ReplicaServer {
         let (v, snaps) = (v.clone(), self.snapshots.clone());
         fn json<T: serde::Serialize>(x: &T) -> Vec<u8> {
             serde_json::to_vec(x).expect("serializable")
+        }
+        let busy = |message: String| Frame::Error { code: code::BUSY, message };
+        match op {
+            snapshot_op::EXPORT => {
+                let Some((snap, listen)) = name.split_once(' ') else {
+                    return Frame::Error { code: code::INVALID, message: "export: NAME ADDRESS expected".into() };
+                };
+                return match self.exports.start(snaps, v, snap, listen).await {
+                    Ok(info) => Frame::SnapshotReply { json: json(&info) },
+                    Err(e) => busy(e),
+                };
+            }
+            snapshot_op::UNEXPORT => {
+                return match self.exports.stop(&v, &name) {
+                    Ok(info) => Frame::SnapshotReply { json: json(&info) },
+                    Err(e) => busy(e),
+                };
+            }
+            snapshot_op::DELETE if self.exports.exported(&v, &name).is_some() => {
+                let at = self.exports.exported(&v, &name).unwrap_or_default();
+                return busy(format!(
+                    "snapshot {name} of {} is exported over NBD on {at}: `drv snapshot unexport` it first",
+                    v.name
+                ));
+            }
+            _ => {}
         }
         let r = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, E> {
             Ok(match op {

@@ -223,6 +223,31 @@ impl Snapshots {
         }
     }
 
+    /// Snapshot `name` of `v`.
+    pub fn get(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotMeta, SnapshotError> {
+        self.store(v).read().expect("store").get(name).map_err(|e| self.not_found(v, name, e))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the image at position `seq` (a snapshot's), block
+    /// by block (read while replication goes on).
+    pub fn read(&self, v: &ReplicaVolume, seq: u64, offset: u64, buf: &mut [u8]) -> Result<(), CowError> {
+        assert!(offset + buf.len() as u64 <= v.size_bytes, "a read past the end of volume {}", v.name);
+        let store = self.store(v).read().expect("store");
+        let bs = v.block_bytes;
+        let mut block = vec![0u8; bs as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (b, within) = (pos / bs, (pos % bs) as usize);
+            let len = bs.min(v.size_bytes - b * bs) as usize;
+            store.read_at_point(v.target(), seq, b, &mut block[..len])?;
+            let n = (len - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&block[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
     /// The xxh3-128 digest of snapshot `name`'s image (read while replication goes on).
     pub fn digest(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotDigest, SnapshotError> {
         let store = self.store(v).read().expect("store");

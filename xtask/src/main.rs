@@ -474,7 +474,31 @@ fn fuzz(seconds: u64) -> Result<()> {
 type Seeder = fn(&Path) -> Result<()>;
 
 /// The fuzz targets (`fuzz/fuzz_targets`) and how to seed each one's corpus.
-const FUZZ_TARGETS: [(&str, Seeder); 2] = [("record_decode", seed_corpus), ("frame_decode", seed_frame_corpus)];
+const FUZZ_TARGETS: [(&str, Seeder); 3] =
+    [("record_decode", seed_corpus), ("frame_decode", seed_frame_corpus), ("nbd_server", seed_nbd_corpus)];
+
+/// A client's side of a whole NBD session: flags, LIST, INFO, GO, a READ, a FLUSH, a DISC.
+fn seed_nbd_corpus(dir: &Path) -> Result<()> {
+    use drv_proto::nbd::{self, Request, cmd, opt};
+    let option = |o: u32, data: &[u8]| {
+        let mut b = nbd::IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&o.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        b
+    };
+    let go = [&4u32.to_be_bytes()[..], b"snap", &1u16.to_be_bytes(), &nbd::info::NAME.to_be_bytes()].concat();
+    let mut s = vec![8u8];
+    s.extend_from_slice(&(nbd::FLAG_C_FIXED_NEWSTYLE | nbd::FLAG_C_NO_ZEROES).to_be_bytes());
+    s.extend(option(opt::LIST, &[]));
+    s.extend(option(opt::INFO, &go));
+    s.extend(option(opt::GO, &go));
+    for (command, length) in [(cmd::READ, 4096), (cmd::FLUSH, 0), (cmd::DISC, 0)] {
+        s.extend(Request { flags: 0, command, cookie: 1, offset: 0, length }.encode());
+    }
+    std::fs::write(dir.join("session"), s)?;
+    Ok(())
+}
 
 /// One encoding of every frame type, so the fuzzer starts from valid bodies.
 fn seed_frame_corpus(dir: &Path) -> Result<()> {

@@ -40,16 +40,22 @@ async fn snapshot_json(cl: &Cluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(drv(a).await.trim()).unwrap()
 }
 
+/// Staging, replica rep1 and an agent whose writes are one at a time, each its own epoch, with no
+/// idle EPOCH_END: write i gets sequence i + 1 (and ends a unit once the next one is sent).
+async fn writer_cluster(cl: &Cluster) -> (std::process::Child, std::process::Child, Agent) {
+    let staging = staging_up(cl).await;
+    let replica = cl.start("replica", "rep1");
+    let (_source, f) = blank_image(cl);
+    let (id, addr) = host1(cl);
+    let opts = AgentOptions { epoch_close_idle: Duration::from_secs(3600), ..AgentOptions::default() };
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, opts).await.unwrap();
+    (staging, replica, agent)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_taken_under_load_keep_their_images_through_replica_kills() {
     let cl = Cluster::new(1, VOLUME);
-    let mut staging = staging_up(&cl).await;
-    let mut replica = cl.start("replica", "rep1");
-    let (_source, f) = blank_image(&cl);
-    let (id, addr) = host1(&cl);
-    // One write at a time, each its own epoch, no idle EPOCH_END: write i gets sequence i + 1.
-    let opts = AgentOptions { epoch_close_idle: Duration::from_secs(3600), ..AgentOptions::default() };
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, opts).await.unwrap();
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
     let mut rng = Rng::new(0x5a95);
     let mut history: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut snaps: Vec<(String, u64)> = Vec::new();
@@ -165,14 +171,7 @@ async fn a_full_snapshot_store_holds_apply_back_until_a_snapshot_is_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there() {
     let cl = Cluster::new(1, VOLUME);
-    let mut staging = staging_up(&cl).await;
-    let mut replica = cl.start("replica", "rep1");
-    let (_source, f) = blank_image(&cl);
-    let (id, addr) = host1(&cl);
-    // One write at a time, each its own epoch: write i has sequence i + 1 and ends a unit once
-    // the next write is sent.
-    let opts = AgentOptions { epoch_close_idle: Duration::from_secs(3600), ..AgentOptions::default() };
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, opts).await.unwrap();
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
     let mut rng = Rng::new(0xa7);
     let mut history: Vec<(u64, Vec<u8>)> = Vec::new();
     let write = async |rng: &mut Rng, history: &mut Vec<(u64, Vec<u8>)>, flags: Flags| {
@@ -279,5 +278,82 @@ async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there
     let all = snapshot_json(&cl, &["points", "vol1"]).await;
     assert_eq!(all["snapshots"].as_array().unwrap().len(), made.len(), "{all}");
     assert!(all["current"]["seq"].as_u64().unwrap() >= last, "{all}");
+    kill_all([&mut staging, &mut replica]);
+}
+
+/// Runs a program no one here wrote; its output, or a panic naming it.
+async fn run_tool(prog: &str, args: Vec<String>) -> std::process::Output {
+    let p = prog.to_owned();
+    tokio::task::spawn_blocking(move || std::process::Command::new(&p).args(&args).output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("run {prog} (Debian: qemu-utils, libnbd-bin): {e}"))
+}
+
+/// A snapshot served over NBD by the replica while replication goes on, read by clients no one
+/// here wrote: `qemu-img compare` against the write history replayed to the snapshot, `nbdinfo`'s
+/// size and export name, `nbdcopy` to a file; a client that sends garbage is closed while the
+/// others are served; a snapshot is not deleted while exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_exported_over_nbd_reads_back_with_qemu_img_nbdinfo_and_nbdcopy() {
+    let cl = Cluster::new(1, VOLUME);
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
+    let mut rng = Rng::new(0xdb);
+    let mut history: Vec<(u64, Vec<u8>)> = Vec::new();
+    for _ in 0..60 {
+        let len = 4096 * (1 + rng.below(16));
+        let offset = rng.below((VOLUME - len) / 4096 + 1) * 4096;
+        let data = pattern(rng.next_u64(), len as usize);
+        agent.write(offset, Bytes::from(data.clone()), Flags::default()).await.unwrap();
+        history.push((offset, data));
+    }
+    let applied = |cl: &Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
+    until_in(&cl, "the writes applied", Duration::from_secs(30), || applied(&cl) >= 59).await;
+    let snap = snapshot_json(&cl, &["create", "vol1", "s1"]).await;
+    let seq = snap["seq"].as_u64().unwrap();
+    let expected = cl.dir.path().join("expected.img");
+    std::fs::write(&expected, image_at(&history, seq)).unwrap();
+    // Replication goes on under the export.
+    for i in 0..20u64 {
+        agent.write(i * 65536, Bytes::from(pattern(900 + i, 65536)), Flags::default()).await.unwrap();
+    }
+    let e = snapshot_json(&cl, &["export", "vol1", "s1", "--listen", "127.0.0.1:0"]).await;
+    let url = format!("nbd://{}/s1", e["listen"].as_str().unwrap());
+    let out =
+        run_tool("qemu-img", strings(&["compare", "-f", "raw", "-F", "raw", &expected.display().to_string(), &url]))
+            .await;
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_tool("nbdinfo", strings(&["--json", &url])).await;
+    assert!(out.status.success(), "nbdinfo: {}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["exports"][0]["export-size"].as_u64(), Some(VOLUME), "{info}");
+    assert_eq!(info["exports"][0]["is_read_only"].as_bool(), Some(true), "{info}");
+    // A client that sends garbage is closed; the others are served.
+    let mut junk = tokio::net::TcpStream::connect(e["listen"].as_str().unwrap()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut junk, &[0xee; 64]).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut junk, &mut rest))
+        .await
+        .expect("the server closes a client that breaks the protocol");
+    // Closed: an orderly end, or a reset (the junk it did not read was still queued).
+    assert!(n.as_ref().map_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionReset, |_| true), "{n:?}");
+    let copy = cl.dir.path().join("copy.img");
+    let out = run_tool("nbdcopy", strings(&[&url, &copy.display().to_string()])).await;
+    assert!(out.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&expected).unwrap(), "nbdcopy's copy differs");
+    // Not deleted while exported; unexported, it is.
+    let mut args = strings(&["snapshot", "delete", "vol1", "s1"]);
+    args.extend(conn(&cl, false));
+    let err = crate::agent::drv_fails(args).await;
+    assert!(err.contains("exported over NBD") && err.contains("unexport"), "{err}");
+    snapshot_json(&cl, &["unexport", "vol1", "s1"]).await;
+    let out = run_tool("nbdinfo", strings(&[&url])).await;
+    assert!(!out.status.success(), "still served after unexport");
+    snapshot_json(&cl, &["delete", "vol1", "s1"]).await;
     kill_all([&mut staging, &mut replica]);
 }
