@@ -73,7 +73,8 @@ impl Exports {
             writable: false,
             description: format!("{} at seq {seq}", v.name),
         };
-        let task = tokio::spawn(accept(listener, export, Arc::new(Image { snaps, v: v.clone(), seq })));
+        let image = Arc::new(Image { snaps, v: v.clone(), name: name.to_owned(), seq });
+        let task = tokio::spawn(accept(listener, export, image));
         tracing::info!(volume = %v.name, snapshot = name, listen = %bound, "snapshot exported over NBD (read-only)");
         self.running.lock().expect("exports").insert(key, Running { info: info.clone(), task });
         Ok(info)
@@ -106,7 +107,21 @@ impl Drop for Exports {
 struct Image {
     snaps: Arc<Snapshots>,
     v: Arc<ReplicaVolume>,
+    name: String,
     seq: u64,
+}
+
+impl Image {
+    /// `len` bytes at `offset`, while the snapshot exists (the replica deletes an
+    /// `auto-resync-` one itself when its run ends: its blocks may then be reused).
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+        let mut b = vec![0u8; len as usize];
+        self.snaps.read(&self.v, self.seq, offset, &mut b).map_err(|e| e.to_string())?;
+        match self.snaps.get(&self.v, &self.name) {
+            Ok(m) if m.seq == self.seq => Ok(b),
+            _ => Err(format!("snapshot {} of {} is gone", self.name, self.v.name)),
+        }
+    }
 }
 
 async fn accept(listener: TcpListener, export: Export, image: Arc<Image>) {
@@ -171,12 +186,8 @@ async fn transmission(mut s: TcpStream, export: &Export, image: Arc<Image>) -> R
         match nbd::check(&r, export) {
             Ok(Action::Read { offset, len }) => {
                 let img = image.clone();
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut b = vec![0u8; len as usize];
-                    img.snaps.read(&img.v, img.seq, offset, &mut b).map(|()| b)
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+                let data =
+                    tokio::task::spawn_blocking(move || img.read(offset, len)).await.map_err(|e| e.to_string())?;
                 match data {
                     Ok(b) => {
                         s.write_all(&reply(0)).await.map_err(|e| e.to_string())?;
