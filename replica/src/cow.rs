@@ -376,6 +376,16 @@ impl CowStore {
 
     /// The window's points: its oldest and newest, and the newest `limit` that end with a flush.
     pub fn window_info(&self, limit: usize) -> Result<RecoveryWindow, CowError> {
+        self.window_scan(Some(limit))
+    }
+
+    /// The window's oldest and newest point and how many it has, without the scan for flush
+    /// points (what the apply thread's upkeep reads every second).
+    pub fn window_bounds(&self) -> Result<RecoveryWindow, CowError> {
+        self.window_scan(None)
+    }
+
+    fn window_scan(&self, flush_limit: Option<usize>) -> Result<RecoveryWindow, CowError> {
         let e = self.err();
         let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
         let p = tx.open_table(POINTS).map_err(|x| e(x.into()))?;
@@ -387,6 +397,7 @@ impl CowStore {
             points: p.len().map_err(|x| e(x.into()))?,
             ..RecoveryWindow::default()
         };
+        let Some(limit) = flush_limit else { return Ok(info) };
         for entry in p.iter().map_err(|x| e(x.into()))?.rev() {
             let (k, v) = entry.map_err(|x| e(x.into()))?;
             let r = point_from(k.value(), v.value());

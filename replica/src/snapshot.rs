@@ -124,7 +124,7 @@ impl Snapshots {
             let used = store.usage().map_err(SnapshotError::Store)?.used_bytes;
             // A window gives its space back first; refused once it has nothing left to give.
             let window_points = match store.window() {
-                Some(_) => store.window_info(0).map_err(SnapshotError::Store)?.points,
+                Some(_) => store.window_bounds().map_err(SnapshotError::Store)?.points,
                 None => 0,
             };
             if used >= limit / 10 * 9 && window_points <= 1 {

@@ -65,7 +65,7 @@ fn open_if_consistent(v: &ReplicaVolume, store: &RwLock<CowStore>) -> Result<(),
 fn expire(v: &ReplicaVolume, store: &RwLock<CowStore>) -> Result<(), CowError> {
     let (info, used) = {
         let s = store.read().expect("store");
-        (s.window_info(0)?, s.usage()?.used_bytes)
+        (s.window_bounds()?, s.usage()?.used_bytes)
     };
     let (Some(oldest), Some(newest)) = (info.oldest, info.newest) else { return Ok(()) };
     let now = unix_now();
