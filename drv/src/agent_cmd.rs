@@ -429,7 +429,8 @@ fn capture(
     let on = format!("{} (FUSE {} over {on})", d.loop_dev.display(), fuse.display());
     let check = Mutex::new(check);
     let figures = state.join("order-check.json");
-    let served = d.serve(
+    let served = user::serve(
+        d,
         state,
         move || {
             if let Some(c) = check.lock().expect("check").take().and_then(|c| c.finish()) {
@@ -466,7 +467,7 @@ async fn start_user(
     order_check: bool,
 ) -> Result<(user::UserDevice, Option<OrderCheck>)> {
     let (ag, st, h, vol) = (agent.clone(), state.to_path_buf(), tokio::runtime::Handle::current(), volume.to_owned());
-    let d = tokio::task::spawn_blocking(move || user::UserDevice::attach(&vol, ag, image, size, &st, h))
+    let d = tokio::task::spawn_blocking(move || user::attach(&vol, ag, image, size, &st, h))
         .await?
         .with_context(|| format!("serve volume {volume} through FUSE and a loop device"))?;
     crate::trace_cmd::record_device(state, &d.loop_dev)?;

@@ -1,4 +1,4 @@
-//! `drv snapshot create|list|delete|digest|points|export|unexport`: copy-on-write snapshots of a
+//! `drv snapshot create|list|delete|digest|points|export|unexport|mount|unmount`: copy-on-write snapshots of a
 //! replica volume, asked of a running replica server.
 
 use anyhow::{Context, Result, bail};
@@ -55,8 +55,9 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         t: ServerConn,
     },
-    /// Serve a snapshot's image over NBD from the replica, read-only (`nbd://ADDR/SNAPSHOT`, for
-    /// qemu-img, nbdinfo, nbdcopy, nbd-client). No TLS: listen on a trusted network only.
+    /// Serve a snapshot's image over NBD from the replica (`nbd://ADDR/SNAPSHOT`, for qemu-img,
+    /// nbdinfo, nbdcopy, nbd-client), read-only unless --writable. No TLS: listen on a trusted
+    /// network only.
     Export {
         volume: String,
         snapshot: String,
@@ -64,6 +65,28 @@ pub enum SnapshotCommand {
         /// which).
         #[arg(long)]
         listen: String,
+        /// Clients may write: to a private overlay, discarded at unexport, never to the snapshot.
+        #[arg(long)]
+        writable: bool,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// Serve a snapshot as a block device on the replica host (prints `DEVICE /dev/loopN`),
+    /// read-only unless --writable, while replication goes on.
+    Mount {
+        volume: String,
+        snapshot: String,
+        /// Writes go to a private overlay, discarded at unmount: mount it, write, even `fsck -y`,
+        /// without changing the snapshot or the replica.
+        #[arg(long)]
+        writable: bool,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// Detach a snapshot's block device (refused while a filesystem on it is mounted).
+    Unmount {
+        volume: String,
+        snapshot: String,
         #[command(flatten)]
         t: ServerConn,
     },
@@ -132,14 +155,37 @@ pub fn run(c: SnapshotCommand) -> Result<()> {
             })
         }
         SnapshotCommand::List { volume, t } => list(volume.as_deref(), &t),
-        SnapshotCommand::Export { volume, snapshot, listen, t } => {
+        SnapshotCommand::Export { volume, snapshot, listen, writable, t } => {
             if listen.contains(' ') {
                 bail!("--listen {listen:?}: an address has no spaces");
             }
             let arg = format!("{snapshot} {listen}");
-            let e: serde_json::Value = request(&volume, snapshot_op::EXPORT, 0, &arg, &t)?;
+            let e: serde_json::Value = request(&volume, snapshot_op::EXPORT, flags(writable), &arg, &t)?;
             print(&t, &e, || {
-                format!("nbd://{}/{} (read-only, seq {})", e["listen"].as_str().unwrap_or("?"), snapshot, e["seq"])
+                format!(
+                    "nbd://{}/{} ({}, seq {})",
+                    e["listen"].as_str().unwrap_or("?"),
+                    snapshot,
+                    mode(writable),
+                    e["seq"]
+                )
+            })
+        }
+        SnapshotCommand::Mount { volume, snapshot, writable, t } => {
+            let m: serde_json::Value = request(&volume, snapshot_op::MOUNT, flags(writable), &snapshot, &t)?;
+            print(&t, &m, || {
+                format!(
+                    "DEVICE {}\nsnapshot {snapshot} of {volume} at seq {} ({}), on the replica host",
+                    m["device"].as_str().unwrap_or("?"),
+                    m["seq"],
+                    mode(writable)
+                )
+            })
+        }
+        SnapshotCommand::Unmount { volume, snapshot, t } => {
+            let m: serde_json::Value = request(&volume, snapshot_op::UNMOUNT, 0, &snapshot, &t)?;
+            print(&t, &m, || {
+                format!("snapshot {snapshot} of {volume}: {} detached", m["device"].as_str().unwrap_or("?"))
             })
         }
         SnapshotCommand::Unexport { volume, snapshot, t } => {
@@ -149,6 +195,14 @@ pub fn run(c: SnapshotCommand) -> Result<()> {
             })
         }
     }
+}
+
+fn flags(writable: bool) -> u64 {
+    if writable { snapshot_op::WRITABLE } else { 0 }
+}
+
+fn mode(writable: bool) -> &'static str {
+    if writable { "writable: a private overlay, the snapshot never changes" } else { "read-only" }
 }
 
 fn print<T: serde::Serialize>(t: &ServerConn, v: &T, text: impl FnOnce() -> String) -> Result<()> {

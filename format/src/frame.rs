@@ -177,11 +177,17 @@ pub mod snapshot_op {
     pub const CREATE_AT_TIME: u8 = 6;
     /// The retention window: oldest and newest point, and the newest `arg` flush points.
     pub const POINTS: u8 = 7;
-    /// Serve snapshot NAME over NBD, read-only: `name` is `NAME ADDRESS` (the address to listen
-    /// on, after one space).
+    /// Serve snapshot NAME over NBD: `name` is `NAME ADDRESS` (the address to listen on, after
+    /// one space); `arg` is [`WRITABLE`] for a private overlay clients may write, else 0.
     pub const EXPORT: u8 = 8;
     /// Stop serving snapshot `name` over NBD.
     pub const UNEXPORT: u8 = 9;
+    /// Serve snapshot `name` as a loop device on the replica host; `arg` as for [`EXPORT`].
+    pub const MOUNT: u8 = 10;
+    /// Detach the loop device of snapshot `name`.
+    pub const UNMOUNT: u8 = 11;
+    /// `arg` of [`EXPORT`] and [`MOUNT`]: writes go to a private overlay.
+    pub const WRITABLE: u64 = 1;
 }
 
 /// Steps of a media resync ([`Frame::MediaRequest`]).
@@ -325,7 +331,7 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             if reserved != 0 || reserved2 != 0 {
                 return Err(FormatError::ReservedNotZero { what: "snapshot request" });
             }
-            if !(snapshot_op::CREATE..=snapshot_op::UNEXPORT).contains(&op) {
+            if !(snapshot_op::CREATE..=snapshot_op::UNMOUNT).contains(&op) {
                 return Err(FormatError::Invalid { what: "snapshot request", field: "op", value: op as u64 });
             }
             exact(24 + len as usize)?;

@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::apply::ReplicaVolume;
+use crate::image::{Overlay, SnapImage, View};
 use crate::snapshot::Snapshots;
 
 /// Clients of one export at once at most (more are closed at once).
@@ -30,6 +31,9 @@ pub struct ExportInfo {
     pub listen: String,
     pub seq: u64,
     pub bytes: u64,
+    /// Clients write to a private overlay (discarded when the export ends), never the snapshot.
+    #[serde(default)]
+    pub writable: bool,
 }
 
 struct Running {
@@ -51,6 +55,7 @@ impl Exports {
         v: Arc<ReplicaVolume>,
         name: &str,
         listen: &str,
+        overlay_dir: Option<&std::path::Path>,
     ) -> Result<ExportInfo, String> {
         let key = (v.id, name.to_owned());
         if let Some(r) = self.running.lock().expect("exports").get(&key) {
@@ -66,16 +71,19 @@ impl Exports {
             listen: bound.to_string(),
             seq,
             bytes: v.size_bytes,
+            writable: overlay_dir.is_some(),
         };
+        let overlay = overlay_dir.map(|d| Overlay::create(d, v.size_bytes)).transpose()?;
         let export = Export {
             name: name.to_owned(),
             size: v.size_bytes,
-            writable: false,
+            writable: overlay.is_some(),
             description: format!("{} at seq {seq}", v.name),
         };
-        let image = Arc::new(Image { snaps, v: v.clone(), name: name.to_owned(), seq });
+        let base = SnapImage { snaps, v: v.clone(), name: name.to_owned(), seq };
+        let image = Arc::new(View { base, overlay });
         let task = tokio::spawn(accept(listener, export, image));
-        tracing::info!(volume = %v.name, snapshot = name, listen = %bound, "snapshot exported over NBD (read-only)");
+        tracing::info!(volume = %v.name, snapshot = name, listen = %bound, writable = info.writable, "snapshot exported over NBD");
         self.running.lock().expect("exports").insert(key, Running { info: info.clone(), task });
         Ok(info)
     }
@@ -103,28 +111,7 @@ impl Drop for Exports {
     }
 }
 
-/// The image a connection reads: a snapshot's.
-struct Image {
-    snaps: Arc<Snapshots>,
-    v: Arc<ReplicaVolume>,
-    name: String,
-    seq: u64,
-}
-
-impl Image {
-    /// `len` bytes at `offset`, while the snapshot exists (the replica deletes an
-    /// `auto-resync-` one itself when its run ends: its blocks may then be reused).
-    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, String> {
-        let mut b = vec![0u8; len as usize];
-        self.snaps.read(&self.v, self.seq, offset, &mut b).map_err(|e| e.to_string())?;
-        match self.snaps.get(&self.v, &self.name) {
-            Ok(m) if m.seq == self.seq => Ok(b),
-            _ => Err(format!("snapshot {} of {} is gone", self.name, self.v.name)),
-        }
-    }
-}
-
-async fn accept(listener: TcpListener, export: Export, image: Arc<Image>) {
+async fn accept(listener: TcpListener, export: Export, image: Arc<View>) {
     let clients = Arc::new(AtomicUsize::new(0));
     // The connection tasks end with the listener's (an aborted export disconnects them).
     let mut tasks = tokio::task::JoinSet::new();
@@ -147,7 +134,7 @@ async fn accept(listener: TcpListener, export: Export, image: Arc<Image>) {
 }
 
 /// One client: the handshake, then requests until it disconnects or breaks the protocol.
-async fn serve(mut s: TcpStream, export: &Export, image: Arc<Image>) -> Result<(), String> {
+async fn serve(mut s: TcpStream, export: &Export, image: Arc<View>) -> Result<(), String> {
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.write_all(&nbd::greeting()).await.map_err(|e| e.to_string())?;
     let exports = std::slice::from_ref(export);
@@ -177,41 +164,60 @@ async fn serve(mut s: TcpStream, export: &Export, image: Arc<Image>) -> Result<(
     transmission(s, export, image).await
 }
 
-async fn transmission(mut s: TcpStream, export: &Export, image: Arc<Image>) -> Result<(), String> {
+async fn transmission(mut s: TcpStream, export: &Export, image: Arc<View>) -> Result<(), String> {
     let mut head = [0u8; nbd::REQUEST_LEN];
     loop {
         s.read_exact(&mut head).await.map_err(|e| format!("request: {e}"))?;
         let r = Request::decode(&head).ok_or("a request with the wrong magic")?;
-        let reply = |error| nbd::simple_reply(r.cookie, error);
-        match nbd::check(&r, export) {
-            Ok(Action::Read { offset, len }) => {
-                let img = image.clone();
-                let data =
-                    tokio::task::spawn_blocking(move || img.read(offset, len)).await.map_err(|e| e.to_string())?;
-                match data {
-                    Ok(b) => {
-                        s.write_all(&reply(0)).await.map_err(|e| e.to_string())?;
-                        s.write_all(&b).await.map_err(|e| e.to_string())?;
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = %image.v.name, export = %export.name, offset, "NBD read: {e}");
-                        s.write_all(&reply(nbd::errno::EIO)).await.map_err(|e| e.to_string())?;
-                    }
-                }
-            }
-            Ok(Action::Flush) => s.write_all(&reply(0)).await.map_err(|e| e.to_string())?,
+        let action = match nbd::check(&r, export) {
             Ok(Action::Disconnect) => return Ok(()),
-            // A read-only export: nothing else passes `check`.
-            Ok(a) => return Err(format!("{a:?} on a read-only export")),
+            Ok(a) => a,
             Err(Refuse::Error(errno)) => {
                 if r.command == nbd::cmd::WRITE {
                     // Its data follows: read and drop it, to stay in step.
                     let mut skip = (&mut s).take(u64::from(r.length));
                     tokio::io::copy(&mut skip, &mut tokio::io::sink()).await.map_err(|e| e.to_string())?;
                 }
-                s.write_all(&reply(errno)).await.map_err(|e| e.to_string())?;
+                s.write_all(&nbd::simple_reply(r.cookie, errno)).await.map_err(|e| e.to_string())?;
+                continue;
             }
             Err(Refuse::Close) => return Err(format!("a write of {} bytes (over the limit)", r.length)),
+        };
+        let data = match action {
+            Action::Write { len, .. } => {
+                let mut b = vec![0u8; len as usize];
+                s.read_exact(&mut b).await.map_err(|e| format!("write data: {e}"))?;
+                b
+            }
+            _ => Vec::new(),
+        };
+        let img = image.clone();
+        let done = tokio::task::spawn_blocking(move || perform(&img, action, data)).await.map_err(|e| e.to_string())?;
+        match done {
+            Ok(out) => {
+                s.write_all(&nbd::simple_reply(r.cookie, 0)).await.map_err(|e| e.to_string())?;
+                s.write_all(&out).await.map_err(|e| e.to_string())?;
+            }
+            Err(e) => {
+                tracing::error!(volume = %image.base.v.name, export = %export.name, ?action, "NBD request: {e}");
+                s.write_all(&nbd::simple_reply(r.cookie, nbd::errno::EIO)).await.map_err(|e| e.to_string())?;
+            }
         }
+    }
+}
+
+/// Carries out a checked request on the image (on the blocking pool): a READ's data.
+fn perform(image: &View, action: Action, data: Vec<u8>) -> Result<Vec<u8>, String> {
+    match action {
+        Action::Read { offset, len } => {
+            let mut b = vec![0u8; len as usize];
+            image.read(offset, &mut b)?;
+            Ok(b)
+        }
+        Action::Write { offset, .. } => image.write(offset, &data).map(|()| Vec::new()),
+        Action::WriteZeroes { offset, len, .. } => image.write_zeroes(offset, u64::from(len)).map(|()| Vec::new()),
+        // The overlay is private and discarded with the export: nothing to make durable, and a
+        // TRIM is advice a server may ignore.
+        Action::Flush | Action::Trim { .. } | Action::Disconnect => Ok(Vec::new()),
     }
 }

@@ -13,7 +13,9 @@
 pub mod apply;
 pub mod cow;
 pub mod export;
+pub mod image;
 pub mod media;
+pub mod mount;
 pub mod server;
 pub mod snapshot;
 pub mod window;

@@ -72,6 +72,7 @@ pub struct ReplicaServer {
     pub snapshots: Arc<Snapshots>,
     /// Snapshots served over NBD.
     pub exports: crate::export::Exports,
+    pub mounts: crate::mount::Mounts,
     /// The data directory (DR log, applied positions, default targets, snapshots).
     pub dir: PathBuf,
     /// The data directory's lock, held while the server lives.
@@ -148,6 +149,7 @@ impl ReplicaServer {
             volumes,
             snapshots: Arc::new(snapshots),
             exports: crate::export::Exports::default(),
+            mounts: crate::mount::Mounts::open(&dir),
             dir,
             _lock: lock,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
@@ -255,7 +257,7 @@ impl ReplicaServer {
     }
 
     /// A snapshot request: the reply.
-    async fn snapshot(&self, volume_id: u64, op: u8, arg: u64, name: String) -> Frame {
+    async fn snapshot(self: &Arc<Self>, volume_id: u64, op: u8, arg: u64, name: String) -> Frame {
         use drv_format::frame::snapshot_op;
         use snapshot::SnapshotError as E;
         let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
@@ -263,31 +265,8 @@ impl ReplicaServer {
         fn json<T: serde::Serialize>(x: &T) -> Vec<u8> {
             serde_json::to_vec(x).expect("serializable")
         }
-        let busy = |message: String| Frame::Error { code: code::BUSY, message };
-        match op {
-            snapshot_op::EXPORT => {
-                let Some((snap, listen)) = name.split_once(' ') else {
-                    return Frame::Error { code: code::INVALID, message: "export: NAME ADDRESS expected".into() };
-                };
-                return match self.exports.start(snaps, v, snap, listen).await {
-                    Ok(info) => Frame::SnapshotReply { json: json(&info) },
-                    Err(e) => busy(e),
-                };
-            }
-            snapshot_op::UNEXPORT => {
-                return match self.exports.stop(&v, &name) {
-                    Ok(info) => Frame::SnapshotReply { json: json(&info) },
-                    Err(e) => busy(e),
-                };
-            }
-            snapshot_op::DELETE if self.exports.exported(&v, &name).is_some() => {
-                let at = self.exports.exported(&v, &name).unwrap_or_default();
-                return busy(format!(
-                    "snapshot {name} of {} is exported over NBD on {at}: `drv snapshot unexport` it first",
-                    v.name
-                ));
-            }
-            _ => {}
+        if let Some(reply) = self.serving(&v, &snaps, op, arg, &name).await {
+            return reply;
         }
         let r = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, E> {
             Ok(match op {
@@ -310,6 +289,61 @@ impl ReplicaServer {
             Ok(Err(e)) => Frame::Error { code: code::SERVER, message: e.to_string() },
             Err(e) => Frame::Error { code: code::SERVER, message: format!("snapshot task: {e}") },
         }
+    }
+
+    /// The snapshot operations that start or stop serving an image (export, mount), and a delete
+    /// refused while one is served: the reply; `None` for the others.
+    async fn serving(
+        self: &Arc<Self>,
+        v: &Arc<ReplicaVolume>,
+        snaps: &Arc<Snapshots>,
+        op: u8,
+        arg: u64,
+        name: &str,
+    ) -> Option<Frame> {
+        use drv_format::frame::snapshot_op;
+        fn reply<T: serde::Serialize>(r: Result<T, String>) -> Frame {
+            match r {
+                Ok(x) => Frame::SnapshotReply { json: serde_json::to_vec(&x).expect("serializable") },
+                Err(message) => Frame::Error { code: code::BUSY, message },
+            }
+        }
+        let writable = arg & snapshot_op::WRITABLE != 0;
+        Some(match op {
+            snapshot_op::EXPORT => {
+                let Some((snap, listen)) = name.split_once(' ') else {
+                    return Some(Frame::Error { code: code::INVALID, message: "export: NAME ADDRESS expected".into() });
+                };
+                let overlays = writable.then(|| self.dir.join("overlays"));
+                reply(self.exports.start(snaps.clone(), v.clone(), snap, listen, overlays.as_deref()).await)
+            }
+            snapshot_op::UNEXPORT => reply(self.exports.stop(v, name)),
+            snapshot_op::MOUNT | snapshot_op::UNMOUNT => {
+                let (me, snaps, v, name) = (self.clone(), snaps.clone(), v.clone(), name.to_owned());
+                let rt = tokio::runtime::Handle::current();
+                let r = tokio::task::spawn_blocking(move || {
+                    if op == snapshot_op::MOUNT {
+                        me.mounts.start(snaps, v, &name, writable, rt)
+                    } else {
+                        me.mounts.stop(&v, &name)
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("mount task: {e}")));
+                reply(r)
+            }
+            snapshot_op::DELETE => {
+                let served = self
+                    .exports
+                    .exported(v, name)
+                    .map(|at| format!("exported over NBD on {at}: `drv snapshot unexport` it first"))
+                    .or_else(|| {
+                        self.mounts.mounted(v, name).map(|d| format!("mounted as {d}: `drv snapshot unmount` it first"))
+                    })?;
+                Frame::Error { code: code::BUSY, message: format!("snapshot {name} of {} is {served}", v.name) }
+            }
+            _ => return None,
+        })
     }
 
     /// A media-resync request: the reply.

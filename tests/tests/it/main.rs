@@ -7,6 +7,7 @@ mod agent;
 mod ebpf;
 mod operator;
 mod protocol;
+mod recovery;
 mod relay;
 mod snapshots;
 mod user;

@@ -25,7 +25,7 @@ fn image_at(history: &[(u64, Vec<u8>)], seq: u64) -> Vec<u8> {
     img
 }
 
-fn conn(cl: &Cluster, json: bool) -> Vec<String> {
+pub(crate) fn conn(cl: &Cluster, json: bool) -> Vec<String> {
     let mut v = strings(&["--server", &cl.replica_addrs[0], "--certs", &cl.certs.display().to_string()]);
     if json {
         v.push("--json".into());
@@ -33,7 +33,7 @@ fn conn(cl: &Cluster, json: bool) -> Vec<String> {
     v
 }
 
-async fn snapshot_json(cl: &Cluster, args: &[&str]) -> serde_json::Value {
+pub(crate) async fn snapshot_json(cl: &Cluster, args: &[&str]) -> serde_json::Value {
     let mut a = strings(&["snapshot"]);
     a.extend(strings(args));
     a.extend(conn(cl, true));
@@ -282,7 +282,7 @@ async fn snapshots_at_past_points_of_the_retention_window_show_the_history_there
 }
 
 /// Runs a program no one here wrote; its output, or a panic naming it.
-async fn run_tool(prog: &str, args: Vec<String>) -> std::process::Output {
+pub(crate) async fn run_tool(prog: &str, args: Vec<String>) -> std::process::Output {
     let p = prog.to_owned();
     tokio::task::spawn_blocking(move || std::process::Command::new(&p).args(&args).output())
         .await
@@ -355,5 +355,149 @@ async fn a_snapshot_exported_over_nbd_reads_back_with_qemu_img_nbdinfo_and_nbdco
     let out = run_tool("nbdinfo", strings(&[&url])).await;
     assert!(!out.status.success(), "still served after unexport");
     snapshot_json(&cl, &["delete", "vol1", "s1"]).await;
+    kill_all([&mut staging, &mut replica]);
+}
+
+/// A raw NBD client through the handshake (fixed newstyle, `OPT_GO` for `name`), ready for
+/// requests.
+async fn nbd_go(addr: &str, name: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&7u32.to_be_bytes());
+    opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name.as_bytes());
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt).await.unwrap();
+    // Option replies until the ACK (type 1).
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await.unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut skip = vec![0u8; len as usize];
+        s.read_exact(&mut skip).await.unwrap();
+        assert!(kind < 1 << 31, "option error {kind:#x}");
+        if kind == 1 {
+            return s;
+        }
+    }
+}
+
+fn nbd_request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&command.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A writable export: qemu-io's unaligned writes and nbdcopy's whole-image write land in the
+/// private overlay and read back from it; several clients at once, some dropping mid-request,
+/// leave the others served; the snapshot's digest never changes, and a new export after
+/// `unexport` shows the snapshot as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_export_takes_writes_from_several_clients_and_never_changes_the_snapshot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cl = Cluster::new(1, VOLUME);
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
+    for i in 0..32u64 {
+        agent.write(i * 131072, Bytes::from(pattern(i, 65536)), Flags::default()).await.unwrap();
+    }
+    let applied = |cl: &Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
+    until_in(&cl, "the writes applied", Duration::from_secs(30), || applied(&cl) >= 31).await;
+    let snap = snapshot_json(&cl, &["create", "vol1", "w1"]).await;
+    let digest = snapshot_json(&cl, &["digest", "vol1", "w1"]).await["xxh3_128"].clone();
+    let dir = cl.dir.path();
+    let original = dir.join("original.img");
+    let e = snapshot_json(&cl, &["export", "vol1", "w1", "--listen", "127.0.0.1:0"]).await;
+    let url = format!("nbd://{}/w1", e["listen"].as_str().unwrap());
+    let out = run_tool("nbdcopy", strings(&[&url, &original.display().to_string()])).await;
+    assert!(out.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&out.stderr));
+    snapshot_json(&cl, &["unexport", "vol1", "w1"]).await;
+
+    let e = snapshot_json(&cl, &["export", "vol1", "w1", "--listen", "127.0.0.1:0", "--writable"]).await;
+    assert_eq!(e["writable"], true, "{e}");
+    let addr = e["listen"].as_str().unwrap().to_owned();
+    let url = format!("nbd://{addr}/w1");
+    // Replication goes on under it.
+    for i in 0..8u64 {
+        agent.write(i * 4096, Bytes::from(pattern(500 + i, 4096)), Flags::default()).await.unwrap();
+    }
+    // Unaligned writes, a zeroed range, and a flush, from qemu-io.
+    let mut model = std::fs::read(&original).unwrap();
+    let cmds = ["write -P 0xab 1000 5000", "write -z 70000 9000", "write -P 0x5c 8388000 608", "flush"];
+    let mut args = strings(&["-f", "raw"]);
+    for c in cmds {
+        args.extend(strings(&["-c", c]));
+    }
+    args.push(url.clone());
+    let out = run_tool("qemu-io", args).await;
+    assert!(
+        out.status.success(),
+        "qemu-io: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model[1000..6000].fill(0xab);
+    model[70000..79000].fill(0);
+    model[8388000..8388608].fill(0x5c);
+    let expected = dir.join("expected.img");
+    std::fs::write(&expected, &model).unwrap();
+    // Clients that drop mid-request: a READ whose reply is never read, a WRITE whose data
+    // never comes.
+    let mut r = nbd_go(&addr, "w1").await;
+    r.write_all(&nbd_request(0, 1, 0, 8 << 20)).await.unwrap();
+    drop(r);
+    let mut w = nbd_go(&addr, "w1").await;
+    w.write_all(&nbd_request(1, 2, 0, 1 << 20)).await.unwrap();
+    w.write_all(&[0x77; 100]).await.unwrap();
+    drop(w);
+    // A bad request gets an error reply, and the connection goes on.
+    let mut c = nbd_go(&addr, "w1").await;
+    c.write_all(&nbd_request(0, 3, VOLUME, 4096)).await.unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).await.unwrap();
+    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 22, "a read past the end is EINVAL");
+    c.write_all(&nbd_request(0, 4, 1000, 8)).await.unwrap();
+    let mut reply = [0u8; 24];
+    c.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[16..], &[0xab; 8], "the overlay's data");
+    // Several clients at once, each comparing the whole export.
+    let compares: Vec<_> = (0..3)
+        .map(|_| {
+            let args = strings(&["compare", "-f", "raw", "-F", "raw", &expected.display().to_string(), &url]);
+            tokio::spawn(run_tool("qemu-img", args))
+        })
+        .collect();
+    for c in compares {
+        let out = c.await.unwrap();
+        assert!(out.status.success(), "qemu-img compare: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    // nbdcopy writes a whole image into it.
+    let other = dir.join("other.img");
+    std::fs::write(&other, pattern(77, VOLUME as usize)).unwrap();
+    let out = run_tool("nbdcopy", strings(&[&other.display().to_string(), &url])).await;
+    assert!(out.status.success(), "nbdcopy to the export: {}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        run_tool("qemu-img", strings(&["compare", "-f", "raw", "-F", "raw", &other.display().to_string(), &url])).await;
+    assert!(out.status.success(), "after nbdcopy: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(snapshot_json(&cl, &["digest", "vol1", "w1"]).await["xxh3_128"], digest, "the snapshot changed");
+    // The overlay goes with the export.
+    snapshot_json(&cl, &["unexport", "vol1", "w1"]).await;
+    let e = snapshot_json(&cl, &["export", "vol1", "w1", "--listen", "127.0.0.1:0"]).await;
+    let url = format!("nbd://{}/w1", e["listen"].as_str().unwrap());
+    let out =
+        run_tool("qemu-img", strings(&["compare", "-f", "raw", "-F", "raw", &original.display().to_string(), &url]))
+            .await;
+    assert!(out.status.success(), "the snapshot after the overlay: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(snap["seq"], e["seq"]);
     kill_all([&mut staging, &mut replica]);
 }

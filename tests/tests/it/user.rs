@@ -13,9 +13,9 @@ use crate::agent::{drv, kill_all, staging_up, strings, until, wait_applied};
 use crate::ebpf::root_or_skip;
 
 /// A running `drv attach vol1 --mode user` and the loop device it printed.
-struct Attached {
+pub(crate) struct Attached {
     child: Child,
-    dev: String,
+    pub(crate) dev: String,
     run_dir: String,
     state: PathBuf,
 }
@@ -41,7 +41,7 @@ impl Attached {
     /// Starts the agent on `image` and waits for its `DEVICE` line. The caller waits for the
     /// process (`detach`, or a kill in the crash test).
     #[allow(clippy::zombie_processes)]
-    fn start(cl: &Cluster, image: &Path, extra: &[&str]) -> Attached {
+    pub(crate) fn start(cl: &Cluster, image: &Path, extra: &[&str]) -> Attached {
         let run = cl.dir.path().join("run");
         let run_dir = run.display().to_string();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(cl.dir.path().join("agent.log")).unwrap();
@@ -78,7 +78,7 @@ impl Attached {
         }
     }
 
-    async fn status(&self) -> serde_json::Value {
+    pub(crate) async fn status(&self) -> serde_json::Value {
         let out = drv(strings(&["agent", "status", "vol1", "--json", "--run-dir", &self.run_dir])).await;
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"))
     }
@@ -97,7 +97,7 @@ impl Attached {
     }
 
     /// `drv detach vol1`; the agent exits successfully.
-    async fn detach(mut self, cl: &Cluster) {
+    pub(crate) async fn detach(mut self, cl: &Cluster) {
         drv(strings(&["detach", "vol1", "--run-dir", &self.run_dir])).await;
         let st = tokio::task::spawn_blocking(move || self.child.wait()).await.unwrap().unwrap();
         assert!(st.success(), "drv attach after detach: {st}\n{}", cl.log("agent"));
@@ -106,7 +106,7 @@ impl Attached {
 
 /// A cluster with staging and replica running, and the source image of its volume: zeros, or a
 /// pattern from seed `fill`.
-async fn running(volume: u64, fill: Option<u64>) -> (Cluster, Child, Child, PathBuf) {
+pub(crate) async fn running(volume: u64, fill: Option<u64>) -> (Cluster, Child, Child, PathBuf) {
     let cl = Cluster::new(1, volume);
     let staging = staging_up(&cl).await;
     let replica = cl.start("replica", "rep1");
@@ -122,7 +122,7 @@ fn state(cl: &Cluster) -> PathBuf {
     cl.dir.path().join("agent-state")
 }
 
-fn run(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
     assert!(
         out.status.success(),
@@ -134,10 +134,10 @@ fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 /// Unmounts on drop (a failed test must not leave a mount behind).
-struct Mounted(PathBuf);
+pub(crate) struct Mounted(PathBuf);
 
 impl Mounted {
-    fn new(dev: &str, dir: &Path, opts: &str) -> Mounted {
+    pub(crate) fn new(dev: &str, dir: &Path, opts: &str) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
         run("mount", &["-o", opts, dev, &dir.display().to_string()]);
         Mounted(dir.to_path_buf())
@@ -178,7 +178,7 @@ fn order_checked(cl: &Cluster) -> serde_json::Value {
 
 /// Waits until the replica applied everything before the agent's next sequence number and then
 /// compares its image with `image`.
-async fn replica_equals(cl: &Cluster, image: &Path, next: u64) {
+pub(crate) async fn replica_equals(cl: &Cluster, image: &Path, next: u64) {
     wait_applied(cl, next).await;
     let src = std::fs::read(image).unwrap();
     let rep = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
@@ -198,7 +198,7 @@ fn sqlite_script(start: u64, n: u64) -> String {
     s
 }
 
-fn sqlite(db: &Path, script: &str) -> String {
+pub(crate) fn sqlite(db: &Path, script: &str) -> String {
     let mut child = Command::new("sqlite3")
         .arg(db)
         .stdin(Stdio::piped())
@@ -284,7 +284,7 @@ async fn ext4_fio_verify_and_sqlite_on_the_user_device_then_detach_leave_an_iden
 
 /// A workload on the mounted filesystem, as its own process group: sqlite transactions and files
 /// written with `fsync`, forever (until killed).
-fn start_workload(mnt: &Path, round: u64) -> Child {
+pub(crate) fn start_workload(mnt: &Path, round: u64) -> Child {
     let script = format!(
         "i={start}\n\
          while :; do\n\
