@@ -209,7 +209,7 @@ pub enum MediaCommand {
 }
 
 /// `10M`, `10MiB/s`, `512K`, `1G` (binary units), or plain bytes per second.
-fn parse_rate(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().trim_end_matches("/s").trim_end_matches("ps");
     let t = t.strip_suffix('B').unwrap_or(t);
     drv_config::parse_size(t)

@@ -7,6 +7,7 @@ mod agent_cmd;
 mod config_cmd;
 mod demo;
 mod devbench;
+mod restore_cmd;
 mod servers;
 mod snapshot_cmd;
 mod trace_cmd;
@@ -51,6 +52,9 @@ enum Command {
     /// Snapshots of replica volumes.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// Restore a replica snapshot onto a local file or disk: usable at once (a block device on
+    /// this host, and over NBD with --listen) while a background copy fills it; resumable.
+    Restore(restore_cmd::RestoreArgs),
     /// The host agent of a protected volume.
     #[command(subcommand)]
     Agent(agent_cmd::AgentCommand),
@@ -152,6 +156,7 @@ fn main() {
         Command::Replica(RunCommand::Recover(n)) => servers::replica_recover(n),
         Command::Status(a) => servers::status(a),
         Command::Snapshot(c) => snapshot_cmd::run(c),
+        Command::Restore(a) => restore_cmd::run(a),
         Command::Agent(c) => agent_cmd::agent(c),
         Command::Sync(c) => agent_cmd::sync(c),
         Command::Attach(a) => agent_cmd::attach(a),

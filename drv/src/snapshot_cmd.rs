@@ -217,19 +217,27 @@ fn print<T: serde::Serialize>(t: &ServerConn, v: &T, text: impl FnOnce() -> Stri
 /// Sends snapshot operation `op` on `snapshot` of `volume`; the reply's document.
 fn request<T: DeserializeOwned>(volume: &str, op: u8, arg: u64, snapshot: &str, t: &ServerConn) -> Result<T> {
     let (id, server) = t.open()?;
-    runtime()?.block_on(async {
-        let st: ReplicaStatus = fetch_status(&id, server, Role::Replica).await?;
-        let Some(vol) = st.volumes.iter().find(|v| matches(v, volume)) else {
-            bail!("volume {volume} is not on replica {}", st.name);
-        };
-        let req = Frame::SnapshotRequest { volume_id: vol.volume_id, op, arg, name: snapshot.to_owned() };
-        match quic::request(&id, server, Role::Replica, &req, 1 << 20).await? {
-            Some(Frame::SnapshotReply { json }) => {
-                Ok(serde_json::from_slice(&json).context("parse the replica's reply")?)
-            }
-            other => Err(unexpected(server, other).context(format!("snapshot {snapshot} of {volume}"))),
-        }
-    })
+    runtime()?.block_on(request_to(&id, server, volume, op, arg, snapshot))
+}
+
+/// [`request`] inside a runtime, with the identity and address opened.
+pub(crate) async fn request_to<T: DeserializeOwned>(
+    id: &drv_transport::Identity,
+    server: std::net::SocketAddr,
+    volume: &str,
+    op: u8,
+    arg: u64,
+    snapshot: &str,
+) -> Result<T> {
+    let st: ReplicaStatus = fetch_status(id, server, Role::Replica).await?;
+    let Some(vol) = st.volumes.iter().find(|v| matches(v, volume)) else {
+        bail!("volume {volume} is not on replica {}", st.name);
+    };
+    let req = Frame::SnapshotRequest { volume_id: vol.volume_id, op, arg, name: snapshot.to_owned() };
+    match quic::request(id, server, Role::Replica, &req, 1 << 20).await? {
+        Some(Frame::SnapshotReply { json }) => Ok(serde_json::from_slice(&json).context("parse the replica's reply")?),
+        other => Err(unexpected(server, other).context(format!("snapshot {snapshot} of {volume}"))),
+    }
 }
 
 fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {

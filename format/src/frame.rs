@@ -188,6 +188,9 @@ pub mod snapshot_op {
     pub const UNMOUNT: u8 = 11;
     /// `arg` of [`EXPORT`] and [`MOUNT`]: writes go to a private overlay.
     pub const WRITABLE: u64 = 1;
+    /// `arg` of [`EXPORT`]: a read-only export of the snapshot that runs already is the answer
+    /// (`drv restore` resuming), not a refusal.
+    pub const REUSE: u64 = 2;
 }
 
 /// Steps of a media resync ([`Frame::MediaRequest`]).

@@ -463,6 +463,111 @@ pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
     b
 }
 
+/// The client side of the handshake, for `drv restore` (which reads a snapshot from the replica's
+/// export): the bytes to send first, then [`ClientHandshake::step`] over what the server sends.
+///
+/// The client sends its flags and `OPT_GO` for one export at once, without waiting for the
+/// greeting (the protocol allows it once the server is known to be fixed newstyle; a server
+/// that is not is refused when its greeting arrives).
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let mut b = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&opt::GO.to_be_bytes());
+    b.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b
+}
+
+/// What the client learned: the export's size and transmission flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub size: u64,
+    pub flags: u16,
+}
+
+/// What the client's handshake does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Nothing to do until at least this many bytes (from the start of the input) are there.
+    Need(usize),
+    /// `consumed` bytes were handled; go on with the rest.
+    Consumed(usize),
+    /// The export is open: transmission begins after `consumed` bytes.
+    Open { consumed: usize, opened: Opened },
+    /// The server refused or broke the protocol.
+    Fail(String),
+}
+
+/// The client's handshake: the greeting, then option replies to its `OPT_GO`.
+#[derive(Clone, Debug, Default)]
+pub struct ClientHandshake {
+    greeted: bool,
+    info: Option<Opened>,
+}
+
+impl ClientHandshake {
+    pub fn new() -> ClientHandshake {
+        ClientHandshake::default()
+    }
+
+    /// Takes what the server sent so far (from the first byte not yet consumed).
+    pub fn step(&mut self, input: &[u8]) -> ClientStep {
+        if !self.greeted {
+            if input.len() < 18 {
+                return ClientStep::Need(18);
+            }
+            if be_u64(input) != NBDMAGIC || be_u64(&input[8..]) != IHAVEOPT {
+                return ClientStep::Fail("not an NBD server (no fixed-newstyle greeting)".into());
+            }
+            if be_u16(&input[16..]) & FLAG_FIXED_NEWSTYLE == 0 {
+                return ClientStep::Fail("the NBD server is not fixed newstyle".into());
+            }
+            self.greeted = true;
+            return ClientStep::Consumed(18);
+        }
+        if input.len() < 20 {
+            return ClientStep::Need(20);
+        }
+        let (magic, option, kind, len) =
+            (be_u64(input), be_u32(&input[8..]), be_u32(&input[12..]), be_u32(&input[16..]));
+        if magic != REPLY_MAGIC || option != opt::GO {
+            return ClientStep::Fail(format!("option reply magic {magic:#x} for option {option}"));
+        }
+        if len > OPTION_LIMIT {
+            return ClientStep::Fail(format!("an option reply of {len} bytes"));
+        }
+        let end = 20 + len as usize;
+        if input.len() < end {
+            return ClientStep::Need(end);
+        }
+        let data = &input[20..end];
+        match kind {
+            rep::ACK => match self.info {
+                Some(opened) => ClientStep::Open { consumed: end, opened },
+                None => ClientStep::Fail("the server acknowledged GO without the export's size".into()),
+            },
+            rep::INFO => {
+                if data.len() >= 12 && be_u16(data) == info::EXPORT {
+                    self.info = Some(Opened { size: be_u64(&data[2..]), flags: be_u16(&data[10..]) });
+                }
+                ClientStep::Consumed(end)
+            }
+            k if k & (1 << 31) != 0 => {
+                ClientStep::Fail(format!("the server refused the export ({k:#x}): {}", String::from_utf8_lossy(data)))
+            }
+            // Other replies are information this client does not need.
+            _ => ClientStep::Consumed(end),
+        }
+    }
+}
+
+/// A simple reply's header: (error, cookie); `None` when the magic is wrong.
+pub fn decode_simple_reply(b: &[u8; 16]) -> Option<(u32, u64)> {
+    (be_u32(b) == SIMPLE_REPLY_MAGIC).then(|| (be_u32(&b[4..]), be_u64(&b[8..])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,7 +725,56 @@ mod tests {
         assert_eq!(&simple_reply(7, 5)[..8], &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5]);
     }
 
+    /// The client's handshake against this server's: the size and flags of the export asked
+    /// for; an unknown name fails with the server's message.
+    #[test]
+    fn the_client_opens_an_export_of_the_server() {
+        fn run(name: &str) -> ClientStep {
+            let mut server = Handshake::new();
+            let mut from_client = client_hello(name);
+            let mut from_server = greeting().to_vec();
+            let mut client = ClientHandshake::new();
+            for _ in 0..10 {
+                match server.step(&from_client, &exports()) {
+                    Step::Reply { consumed, reply } | Step::Go { consumed, reply, .. } => {
+                        from_client.drain(..consumed);
+                        from_server.extend(reply);
+                    }
+                    Step::Need(_) | Step::Close { .. } => {}
+                }
+                loop {
+                    match client.step(&from_server) {
+                        ClientStep::Consumed(n) => drop(from_server.drain(..n)),
+                        ClientStep::Need(_) => break,
+                        done => return done,
+                    }
+                }
+            }
+            panic!("no end")
+        }
+        let want = Opened { size: 1 << 20, flags: exports()[1].flags() };
+        assert!(matches!(run("vol1@test"), ClientStep::Open { opened, .. } if opened == want));
+        assert!(matches!(run("nope"), ClientStep::Fail(m) if m.contains("no export")));
+    }
+
     proptest! {
+        /// The client's handshake takes any server bytes without panicking, and never reads
+        /// past what it asked for.
+        #[test]
+        fn the_client_handshake_takes_any_bytes(b in proptest::collection::vec(any::<u8>(), 0..200), real in any::<bool>()) {
+            let mut input = if real { greeting().to_vec() } else { Vec::new() };
+            input.extend(b);
+            let mut c = ClientHandshake::new();
+            for _ in 0..50 {
+                match c.step(&input) {
+                    ClientStep::Consumed(n) => { prop_assert!(n <= input.len()); input.drain(..n); }
+                    ClientStep::Open { consumed, .. } => { prop_assert!(consumed <= input.len()); break; }
+                    ClientStep::Need(n) => { prop_assert!(n > input.len()); break; }
+                    ClientStep::Fail(_) => break,
+                }
+            }
+        }
+
         /// Whatever a client sends, the handshake never panics, never consumes more than it was
         /// given and never asks for fewer bytes than it has.
         #[test]

@@ -193,6 +193,29 @@ impl View {
     }
 }
 
+impl drv_userdev::nbd::Image for View {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        View::read(self, offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        View::write(self, offset, data)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
+        View::write_zeroes(self, offset, len)
+    }
+
+    /// The overlay is private and discarded with its export: nothing to make durable.
+    fn flush(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn label(&self) -> String {
+        format!("{}@{}", self.base.v.name, self.base.name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

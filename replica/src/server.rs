@@ -315,7 +315,8 @@ impl ReplicaServer {
                     return Some(Frame::Error { code: code::INVALID, message: "export: NAME ADDRESS expected".into() });
                 };
                 let overlays = writable.then(|| self.dir.join("overlays"));
-                reply(self.exports.start(snaps.clone(), v.clone(), snap, listen, overlays.as_deref()).await)
+                let reuse = arg & snapshot_op::REUSE != 0;
+                reply(self.exports.start(snaps.clone(), v.clone(), snap, listen, overlays.as_deref(), reuse).await)
             }
             snapshot_op::UNEXPORT => reply(self.exports.stop(v, name)),
             snapshot_op::MOUNT | snapshot_op::UNMOUNT => {

@@ -20,6 +20,8 @@
 //! detaches it (only if its backing file is still this state directory's FUSE file) and lazily
 //! unmounts the dead FUSE mount.
 
+pub mod nbd;
+
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;

@@ -14,10 +14,10 @@ use drv_tests::{Cluster, Rng, pattern};
 
 use crate::agent::{blank_image, drv, host1, kill_all, staging_up, strings, until_in};
 
-const VOLUME: u64 = 8 << 20;
+pub(crate) const VOLUME: u64 = 8 << 20;
 
 /// The image after writes `1..=seq` of `history` (`(offset, data)` by `seq - 1`).
-fn image_at(history: &[(u64, Vec<u8>)], seq: u64) -> Vec<u8> {
+pub(crate) fn image_at(history: &[(u64, Vec<u8>)], seq: u64) -> Vec<u8> {
     let mut img = vec![0u8; VOLUME as usize];
     for (offset, data) in &history[..seq as usize] {
         img[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
@@ -42,7 +42,7 @@ pub(crate) async fn snapshot_json(cl: &Cluster, args: &[&str]) -> serde_json::Va
 
 /// Staging, replica rep1 and an agent whose writes are one at a time, each its own epoch, with no
 /// idle EPOCH_END: write i gets sequence i + 1 (and ends a unit once the next one is sent).
-async fn writer_cluster(cl: &Cluster) -> (std::process::Child, std::process::Child, Agent) {
+pub(crate) async fn writer_cluster(cl: &Cluster) -> (std::process::Child, std::process::Child, Agent) {
     let staging = staging_up(cl).await;
     let replica = cl.start("replica", "rep1");
     let (_source, f) = blank_image(cl);
