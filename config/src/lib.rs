@@ -249,6 +249,10 @@ pub struct Volume {
     /// (none: only `retention` and `snapshot_bytes_limit` bound it). Snapshots are never dropped.
     #[serde(default, deserialize_with = "de_opt_size", skip_serializing_if = "Option::is_none")]
     pub retention_bytes: Option<u64>,
+    /// Recovery checks on a schedule: every replica checks the volume's newest FLUSH point (or
+    /// its image now, without a retention window) this often (`6h`; none: only when asked).
+    #[serde(default, deserialize_with = "de_opt_duration", skip_serializing_if = "Option::is_none")]
+    pub check_interval: Option<u64>,
 }
 
 /// Parses a duration: `3600`, `90s`, `15m`, `24h`, `7d`, `2w` (into seconds).

@@ -197,6 +197,11 @@ impl Entry for Volume {
         {
             c.fail("retention", &format!("{secs} s"), "is out of range", "1 minute to 366 days");
         }
+        if let Some(secs) = self.check_interval
+            && !(60..=366 * 86_400).contains(&secs)
+        {
+            c.fail("check_interval", &format!("{secs} s"), "is out of range", "1 minute to 366 days");
+        }
         if self.replicas.is_empty() {
             c.fail("replicas", &"[]", "names no replica", "one or more replica endpoints");
         }

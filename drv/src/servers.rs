@@ -240,6 +240,18 @@ fn print_replica(v: &ReplicaStatus) {
                 w.flush_count
             );
         }
+        if let Some(c) = &vol.last_check {
+            let every = vol.check_interval_secs.map(|s| format!(", every {s} s")).unwrap_or_default();
+            println!(
+                "    recovery check of {} (seq {}) at {}: {}{every}",
+                c.snapshot,
+                c.seq,
+                crate::snapshot_cmd::time_text(c.started_unix as u32),
+                c.summary
+            );
+        } else if let Some(s) = vol.check_interval_secs {
+            println!("    recovery checks every {s} s: none yet");
+        }
         for s in vol.snapshots.iter().filter(|s| s.name.starts_with("auto-resync-")) {
             println!(
                 "    a resync run is applied in part: the last consistent image (seq {}) is kept as snapshot {}",

@@ -1,4 +1,4 @@
-//! `drv snapshot create|list|delete|digest|points|export|unexport|mount|unmount`: copy-on-write snapshots of a
+//! `drv snapshot create|list|delete|digest|points|export|unexport|mount|unmount|check`: copy-on-write snapshots of a
 //! replica volume, asked of a running replica server.
 
 use anyhow::{Context, Result, bail};
@@ -8,7 +8,8 @@ use drv_transport::{Role, quic};
 use serde::de::DeserializeOwned;
 
 use drv_proto::status::{
-    self, RecoveryPoint, RecoveryPoints, RecoveryWindow, ReplicaStatus, SnapshotDeleted, SnapshotDigest, SnapshotInfo,
+    self, CheckResult, RecoveryPoint, RecoveryPoints, RecoveryWindow, ReplicaStatus, SnapshotDeleted, SnapshotDigest,
+    SnapshotInfo,
 };
 
 use crate::agent_cmd::human;
@@ -80,6 +81,16 @@ pub enum SnapshotCommand {
         /// without changing the snapshot or the replica.
         #[arg(long)]
         writable: bool,
+        #[command(flatten)]
+        t: ServerConn,
+    },
+    /// Prove a snapshot would mount: the replica serves it through a private overlay, finds each
+    /// filesystem (blkid; every partition of a partitioned image) and runs its own checker
+    /// (e2fsck -fn after replaying the journal, xfs_repair -n after replaying the log). The result
+    /// is kept with the snapshot (`list` shows it); the exit status is 1 when it is not clean.
+    Check {
+        volume: String,
+        snapshot: String,
         #[command(flatten)]
         t: ServerConn,
     },
@@ -182,6 +193,14 @@ pub fn run(c: SnapshotCommand) -> Result<()> {
                 )
             })
         }
+        SnapshotCommand::Check { volume, snapshot, t } => {
+            let c: CheckResult = request(&volume, snapshot_op::CHECK, 0, &snapshot, &t)?;
+            print(&t, &c, || check_text(&c))?;
+            if !c.ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         SnapshotCommand::Unmount { volume, snapshot, t } => {
             let m: serde_json::Value = request(&volume, snapshot_op::UNMOUNT, 0, &snapshot, &t)?;
             print(&t, &m, || {
@@ -260,13 +279,15 @@ fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {
         return Ok(());
     }
     for s in &snaps {
+        let check = s.check.as_ref().map(|c| format!("  checked {}: {}", time_text(c.started_unix as u32), c.summary));
         println!(
-            "{:<12} {:<24} seq {:>8} epoch {:>8}  {:>10} alone",
+            "{:<12} {:<24} seq {:>8} epoch {:>8}  {:>10} alone{}",
             s.volume,
             s.name,
             s.seq,
             s.epoch,
-            human(s.own_bytes.unwrap_or(0))
+            human(s.own_bytes.unwrap_or(0)),
+            check.unwrap_or_default()
         );
     }
     for (v, bytes) in totals {
@@ -295,6 +316,29 @@ fn parse_at(at: &str) -> Result<(u8, u64)> {
         Ok(secs) => Ok((snapshot_op::CREATE_AT_TIME, secs)),
         Err(_) => bail!("--at {at}: before 1970"),
     }
+}
+
+/// A recovery check for humans: the verdict, then each filesystem with the end of its checker's
+/// output when it is not clean.
+pub(crate) fn check_text(c: &CheckResult) -> String {
+    let mut out = format!(
+        "{}@{} (seq {}, captured {}): {} in {:.1} s",
+        c.volume,
+        c.snapshot,
+        c.seq,
+        time_text(c.capture_unix),
+        c.summary,
+        c.millis as f64 / 1000.0
+    );
+    for f in &c.filesystems {
+        out += &format!("\n  {} {}: {}", f.part, f.filesystem, if f.checker.is_empty() { "-" } else { &f.checker });
+        if !f.clean {
+            for l in f.output.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev() {
+                out += &format!("\n    {l}");
+            }
+        }
+    }
+    out
 }
 
 /// A capture time as RFC 3339 (UTC), or `unknown`.

@@ -186,6 +186,8 @@ pub mod snapshot_op {
     pub const MOUNT: u8 = 10;
     /// Detach the loop device of snapshot `name`.
     pub const UNMOUNT: u8 = 11;
+    /// A recovery check of snapshot `name`: each filesystem on it checked by its own checker.
+    pub const CHECK: u8 = 12;
     /// `arg` of [`EXPORT`] and [`MOUNT`]: writes go to a private overlay.
     pub const WRITABLE: u64 = 1;
     /// `arg` of [`EXPORT`]: a read-only export of the snapshot that runs already is the answer
@@ -334,7 +336,7 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             if reserved != 0 || reserved2 != 0 {
                 return Err(FormatError::ReservedNotZero { what: "snapshot request" });
             }
-            if !(snapshot_op::CREATE..=snapshot_op::UNMOUNT).contains(&op) {
+            if !(snapshot_op::CREATE..=snapshot_op::CHECK).contains(&op) {
                 return Err(FormatError::Invalid { what: "snapshot request", field: "op", value: op as u64 });
             }
             exact(24 + len as usize)?;

@@ -126,6 +126,49 @@ pub struct ReplicaVolume {
     /// The retention window, when one is kept (its flush points left out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<RecoveryWindow>,
+    /// Scheduled recovery checks (`check_interval`), in seconds, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_interval_secs: Option<u64>,
+    /// The newest recovery check of the volume (scheduled or asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckResult>,
+}
+
+/// A recovery check of a snapshot (`drv snapshot check`, or scheduled by `check_interval`): the
+/// point mounted through a private overlay, each filesystem found checked by its own checker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub volume: String,
+    pub snapshot: String,
+    pub seq: u64,
+    /// The agent's clock at the point (0: unknown).
+    pub capture_unix: u32,
+    /// Every filesystem checked (one per partition of a partitioned image).
+    pub filesystems: Vec<FsCheck>,
+    /// Every filesystem found is clean (false also when none was found).
+    pub ok: bool,
+    /// One line for humans and alerts.
+    pub summary: String,
+    pub started_unix: u64,
+    /// How long the check took.
+    pub millis: u64,
+    /// Run by the schedule (its snapshot is deleted after the check).
+    pub scheduled: bool,
+}
+
+/// One filesystem's check.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsCheck {
+    /// `whole image` or `partition N`.
+    pub part: String,
+    /// What blkid says (`ext4`, `xfs`, ...).
+    pub filesystem: String,
+    /// The checker's command line (empty: no checker for this filesystem).
+    pub checker: String,
+    pub exit_code: Option<i32>,
+    pub clean: bool,
+    /// The end of the checker's output.
+    pub output: String,
 }
 
 /// A recovery point of the window: a unit end.
@@ -215,6 +258,9 @@ pub struct SnapshotInfo {
     /// list`, not in the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_bytes: Option<u64>,
+    /// Its newest recovery check, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckResult>,
 }
 
 /// What deleting a snapshot did.

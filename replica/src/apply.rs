@@ -164,6 +164,8 @@ pub struct ReplicaVolume {
     /// The retention window (any point in time): how long, in seconds, and most bytes.
     pub retention_secs: Option<u64>,
     pub retention_bytes: Option<u64>,
+    /// Scheduled recovery checks, in seconds.
+    pub check_interval_secs: Option<u64>,
     pub key: VolumeKey,
     pub target_path: PathBuf,
     target: File,
@@ -237,6 +239,7 @@ impl ReplicaVolume {
             snapshot_bytes_limit: vol.snapshot_bytes_limit,
             retention_secs: vol.retention,
             retention_bytes: vol.retention_bytes,
+            check_interval_secs: vol.check_interval,
             key,
             target_path,
             target,

@@ -11,6 +11,7 @@
 //!   observer; `cow.rs`: one volume's snapshot store (index and preserved blocks).
 
 pub mod apply;
+pub mod check;
 pub mod cow;
 pub mod export;
 pub mod image;

@@ -137,9 +137,9 @@ impl Drop for Mounts {
 
 /// The FUSE side of a mount: every request on the blocking pool (snapshot reads may wait for
 /// the store).
-struct MountBackend {
-    view: Arc<View>,
-    rt: tokio::runtime::Handle,
+pub(crate) struct MountBackend {
+    pub(crate) view: Arc<View>,
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 impl Backend for MountBackend {

@@ -73,6 +73,7 @@ pub struct ReplicaServer {
     /// Snapshots served over NBD.
     pub exports: crate::export::Exports,
     pub mounts: crate::mount::Mounts,
+    pub checks: crate::check::Checks,
     /// The data directory (DR log, applied positions, default targets, snapshots).
     pub dir: PathBuf,
     /// The data directory's lock, held while the server lives.
@@ -150,6 +151,7 @@ impl ReplicaServer {
             snapshots: Arc::new(snapshots),
             exports: crate::export::Exports::default(),
             mounts: crate::mount::Mounts::open(&dir),
+            checks: crate::check::Checks::open(&dir),
             dir,
             _lock: lock,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
@@ -184,6 +186,7 @@ impl ReplicaServer {
                 .spawn(move || apply::run(v, log, snapshots, stop, applier))
                 .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })?;
         }
+        self.spawn_check_schedule()?;
         let server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "replica server {} listening", self.name);
         let me = self.clone();
@@ -268,15 +271,21 @@ impl ReplicaServer {
         if let Some(reply) = self.serving(&v, &snaps, op, arg, &name).await {
             return reply;
         }
+        let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
         let r = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, E> {
             Ok(match op {
+                snapshot_op::CHECK => json(&me.checks.run(&snaps, &v, &name, false, rt).map_err(E::Refused)?),
                 snapshot_op::CREATE => json(&snaps.create(&v, &name, None)?),
                 snapshot_op::CREATE_AT_SEQ => json(&snaps.create(&v, &name, Some(At::Seq(arg)))?),
                 snapshot_op::CREATE_AT_TIME => json(&snaps.create(&v, &name, Some(At::Time(arg)))?),
-                snapshot_op::DELETE => json(&snaps.delete(&v, &name)?),
+                snapshot_op::DELETE => {
+                    let d = snaps.delete(&v, &name)?;
+                    me.checks.forget(&v, &name);
+                    json(&d)
+                }
                 snapshot_op::DIGEST => json(&snaps.digest(&v, &name)?),
                 snapshot_op::POINTS => json(&snaps.points(&v, arg.min(10_000) as usize)?),
-                _ => json(&snaps.list(&v, true)?),
+                _ => json(&me.with_checks(&v, snaps.list(&v, true)?)),
             })
         })
         .await;
@@ -531,10 +540,47 @@ impl ReplicaServer {
             pending_records: s.pending_records,
             applied_units: s.applied_units,
             error: s.error,
-            snapshots: self.snapshots.list(v, false).unwrap_or_default(),
+            snapshots: self.with_checks(v, self.snapshots.list(v, false).unwrap_or_default()),
             snapshot_store_bytes: self.snapshots.store_bytes(v),
             window: self.snapshots.window_summary(v),
+            check_interval_secs: v.check_interval_secs,
+            last_check: self.checks.last(v),
         }
+    }
+
+    /// Snapshots with their newest recovery check.
+    fn with_checks(&self, v: &ReplicaVolume, mut l: Vec<status::SnapshotInfo>) -> Vec<status::SnapshotInfo> {
+        for s in &mut l {
+            s.check = self.checks.of_snapshot(v, &s.name);
+        }
+        l
+    }
+
+    /// Scheduled recovery checks (`check_interval`): a thread that looks every few seconds for a
+    /// volume whose check is due, and runs it (one at a time).
+    fn spawn_check_schedule(self: &Arc<Self>) -> Result<(), ReplicaError> {
+        if self.volumes.values().all(|v| v.check_interval_secs.is_none()) {
+            return Ok(());
+        }
+        let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name("checks".into())
+            .spawn(move || {
+                while !me.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    for v in me.volumes.values().filter(|v| me.checks.due(v, now)) {
+                        if let Some(Err(e)) = me.checks.scheduled(&me.snapshots, v, rt.clone()) {
+                            tracing::error!(volume = %v.name, "scheduled recovery check: {e}");
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                }
+            })
+            .map(drop)
+            .map_err(|e| ReplicaError::Volume { name: "checks".into(), reason: e.to_string() })
     }
 }
 

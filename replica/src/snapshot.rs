@@ -92,6 +92,7 @@ impl Snapshots {
             capture_unix: m.capture_unix,
             path: volume_dir(&self.root, v).display().to_string(),
             own_bytes,
+            check: None,
         }
     }
 

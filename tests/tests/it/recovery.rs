@@ -58,6 +58,8 @@ async fn mount_snapshot(cl: &drv_tests::Cluster, name: &str, writable: bool) -> 
 async fn drill(cl: &drv_tests::Cluster, k: u64) {
     let name = format!("s{k}");
     let digest = snapshot_json(cl, &["digest", "vol1", &name]).await["xxh3_128"].as_str().unwrap().to_owned();
+    let (ok, c) = check_json(cl, &name).await;
+    assert!(ok && c["filesystems"][0]["filesystem"] == "ext4" && c["filesystems"][0]["clean"] == true, "{c}");
     let dev = mount_snapshot(cl, &name, false).await;
     let d = dev.clone();
     assert_eq!(tokio::task::spawn_blocking(move || digest_of(&d)).await.unwrap(), digest, "read-only device {dev}");
@@ -282,5 +284,128 @@ async fn a_restore_is_usable_at_once_survives_a_kill_and_ends_as_the_snapshot_pl
     assert!(st.success(), "drv restore after SIGTERM: {st}");
     assert!(std::fs::read(&target).unwrap() == model, "the restored image differs");
     assert!(!cl.dir.path().join("restored.img.drv-restore").exists(), "the state is left");
+    kill_all([&mut staging, &mut replica]);
+}
+
+/// Ships the 64 KiB pieces of `image` that differ from `before` through the agent.
+async fn ship_changes(agent: &drv_agent::Agent, before: &[u8], image: &[u8]) -> u64 {
+    let mut n = 0;
+    for (i, (new, old)) in image.chunks(65536).zip(before.chunks(65536)).enumerate() {
+        if new != old {
+            let data = bytes::Bytes::copy_from_slice(new);
+            agent.write(i as u64 * 65536, data, drv_format::record::Flags::default()).await.unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The writer cluster's writes are each their own unit, complete once the next is sent: one more
+/// (the first piece again, unchanged) completes the last. Returns the sequence to wait for.
+async fn close_unit(agent: &drv_agent::Agent, image: &[u8], sent: u64) -> u64 {
+    let data = bytes::Bytes::copy_from_slice(&image[..65536]);
+    agent.write(0, data, drv_format::record::Flags::default()).await.unwrap();
+    sent + 1
+}
+
+/// An MBR with two Linux partitions: sectors 2048..133120 (64 MiB) and 133120..788480 (320 MiB).
+fn partition_table(img: &mut [u8]) {
+    for (i, (start, sectors)) in [(2048u32, 131_072u32), (133_120, 655_360)].into_iter().enumerate() {
+        let e = &mut img[446 + 16 * i..462 + 16 * i];
+        e[4] = 0x83;
+        e[8..12].copy_from_slice(&start.to_le_bytes());
+        e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    }
+    img[510] = 0x55;
+    img[511] = 0xaa;
+}
+
+async fn check_json(cl: &drv_tests::Cluster, name: &str) -> (bool, serde_json::Value) {
+    let mut a = strings(&["snapshot", "check", "vol1", name]);
+    a.extend(conn(cl, true));
+    let out = tokio::task::spawn_blocking(move || Command::new(drv_tests::drv_bin()).args(&a).output().unwrap())
+        .await
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.success(), v)
+}
+
+/// Recovery checks: a partitioned image with ext4 and xfs checks clean, partition by partition;
+/// the same after damage to the ext4 fails (exit status 1, the checker's words kept); results are
+/// listed with their snapshots; a volume with `check_interval` is checked on its own, and the
+/// status shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_checks_find_ext4_and_xfs_clean_fail_a_damaged_one_and_run_on_a_schedule() {
+    use crate::snapshots::writer_cluster;
+    if !root_or_skip("recovery_checks_find_ext4_and_xfs_clean_fail_a_damaged_one_and_run_on_a_schedule") {
+        return;
+    }
+    const SIZE: u64 = 400 << 20;
+    let cl = drv_tests::Cluster::new(1, SIZE);
+    let store = cl.config.display().to_string();
+    crate::agent::drv(strings(&["config", "--store", &store, "set", "volume", "vol1", "check_interval=1m"])).await;
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
+    // The source image, made here with the filesystems' own tools.
+    let src = cl.dir.path().join("parts.img");
+    let mut img = vec![0u8; SIZE as usize];
+    partition_table(&mut img);
+    std::fs::write(&src, &img).unwrap();
+    // Each partition as a loop device at its offset (a kernel without the MBR parser has no
+    // partscan).
+    let part = |start: u64, sectors: u64| {
+        let (off, len) = ((start * 512).to_string(), (sectors * 512).to_string());
+        let args = ["--find", "--show", "--offset", &off, "--sizelimit", &len, &src.display().to_string()];
+        run("losetup", &args).trim().to_owned()
+    };
+    let (p1, p2) = (part(2048, 131_072), part(133_120, 655_360));
+    let _detach = (crate::user::Detach(p1.clone()), crate::user::Detach(p2.clone()));
+    run("mkfs.ext4", &["-q", "-F", "-b", "4096", &p1]);
+    run("mkfs.xfs", &["-q", "-f", &p2]);
+    run("sync", &[]);
+    let before = vec![0u8; SIZE as usize];
+    let img = std::fs::read(&src).unwrap();
+    let mut sent = ship_changes(&agent, &before, &img).await;
+    assert!(sent > 4, "{sent}");
+    sent = close_unit(&agent, &img, sent).await;
+    wait_applied(&cl, sent).await;
+    snapshot_json(&cl, &["create", "vol1", "parts"]).await;
+    let (ok, c) = check_json(&cl, "parts").await;
+    assert!(ok && c["ok"] == true, "{c}");
+    let fs: Vec<(String, String, bool)> = c["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["part"].as_str().unwrap().into(), f["filesystem"].as_str().unwrap().into(), f["clean"] == true))
+        .collect();
+    let want = [("partition 1".into(), "ext4".into(), true), ("partition 2".into(), "xfs".into(), true)];
+    assert_eq!(fs, want, "{c}");
+    // Damage: the root inode cleared.
+    run("debugfs", &["-w", "-R", "clri <2>", &p1]);
+    run("sync", &[]);
+    let damaged = std::fs::read(&src).unwrap();
+    sent += ship_changes(&agent, &img, &damaged).await;
+    sent = close_unit(&agent, &damaged, sent).await;
+    wait_applied(&cl, sent).await;
+    snapshot_json(&cl, &["create", "vol1", "damaged"]).await;
+    let (ok, c) = check_json(&cl, "damaged").await;
+    assert!(!ok && c["ok"] == false, "{c}");
+    assert!(c["summary"].as_str().unwrap().contains("partition 1 ext4: ERRORS"), "{c}");
+    assert!(c["filesystems"][0]["output"].as_str().unwrap().contains("oot inode"), "{c}");
+    // Kept with the snapshots; the snapshot never changed.
+    let list = snapshot_json(&cl, &["list", "vol1"]).await;
+    let checked: Vec<(&str, bool)> =
+        list.as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap(), s["check"]["ok"] == true)).collect();
+    assert!(checked.contains(&("parts", true)) && checked.contains(&("damaged", false)), "{list}");
+    // The schedule ran on its own (the first check is due at start): the newest image, damaged.
+    crate::agent::until_in(&cl, "a scheduled check", Duration::from_secs(120), || {
+        cl.replica_status().and_then(|s| s.volumes[0].last_check.clone()).is_some_and(|c| c.scheduled)
+    })
+    .await;
+    let st = cl.replica_status().unwrap();
+    let v = &st.volumes[0];
+    assert_eq!(v.check_interval_secs, Some(60));
+    assert!(!v.snapshots.iter().any(|s| s.name.starts_with("check-")), "the schedule's snapshot is left: {v:?}");
     kill_all([&mut staging, &mut replica]);
 }

@@ -48,7 +48,8 @@ pub(crate) async fn writer_cluster(cl: &Cluster) -> (std::process::Child, std::p
     let (_source, f) = blank_image(cl);
     let (id, addr) = host1(cl);
     let opts = AgentOptions { epoch_close_idle: Duration::from_secs(3600), ..AgentOptions::default() };
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, opts).await.unwrap();
+    let agent =
+        Agent::start(&id, addr, cl.volume_id, cl.volume_bytes, Arc::new(FileDisk(f)), None, opts).await.unwrap();
     (staging, replica, agent)
 }
 
@@ -134,9 +135,10 @@ async fn a_full_snapshot_store_holds_apply_back_until_a_snapshot_is_deleted() {
     let mut replica = cl.start("replica", "rep1");
     let (source, f) = blank_image(&cl);
     let (id, addr) = host1(&cl);
-    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), None, AgentOptions::default())
-        .await
-        .unwrap();
+    let agent =
+        Agent::start(&id, addr, cl.volume_id, cl.volume_bytes, Arc::new(FileDisk(f)), None, AgentOptions::default())
+            .await
+            .unwrap();
     let applied = |cl: &Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
     agent.write(0, Bytes::from(pattern(1, 65536)), Flags::default()).await.unwrap();
     let first = agent.position().0 - 1;

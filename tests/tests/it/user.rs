@@ -359,7 +359,7 @@ fn check_replica_image(dir: &Path, point: usize) -> u64 {
 }
 
 /// Detaches a loop device on drop.
-struct Detach(String);
+pub(crate) struct Detach(pub(crate) String);
 
 impl Drop for Detach {
     fn drop(&mut self) {
