@@ -808,6 +808,10 @@ mod tests {
         assert!(e.to_string().contains("retention") && e.to_string().contains("1 minute to 366 days"), "{e}");
         let e = st.set(Kind::Volume, "db", &s(&["retention=3fortnights"])).unwrap_err();
         assert!(e.to_string().contains("unknown unit"), "{e}");
+        let v = st.set(Kind::Volume, "db", &s(&["check_interval=6h"])).unwrap();
+        assert_eq!(v["check_interval"].as_u64(), Some(6 * 3600), "{v}");
+        let e = st.set(Kind::Volume, "db", &s(&["check_interval=10s"])).unwrap_err();
+        assert!(e.to_string().contains("check_interval") && e.to_string().contains("1 minute"), "{e}");
         let v = st.set(Kind::Volume, "db", &s(&["retention=null", "retention_bytes=null"])).unwrap();
         assert!(v.get("retention").is_none_or(|x| x.is_null()), "{v}");
         // Unknown fields and bad types are named.

@@ -7,6 +7,7 @@ mod agent_cmd;
 mod config_cmd;
 mod demo;
 mod devbench;
+mod failover_cmd;
 mod restore_cmd;
 mod servers;
 mod snapshot_cmd;
@@ -55,6 +56,9 @@ enum Command {
     /// Restore a replica snapshot onto a local file or disk: usable at once (a block device on
     /// this host, and over NBD with --listen) while a background copy fills it; resumable.
     Restore(restore_cmd::RestoreArgs),
+    /// Fail a volume over to a point of its replica (a writable device on the replica host;
+    /// apply holds), or drill it with --test (replication goes on); `status`, `end`.
+    Failover(failover_cmd::FailoverArgs),
     /// The host agent of a protected volume.
     #[command(subcommand)]
     Agent(agent_cmd::AgentCommand),
@@ -157,6 +161,7 @@ fn main() {
         Command::Status(a) => servers::status(a),
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Restore(a) => restore_cmd::run(a),
+        Command::Failover(a) => failover_cmd::run(a),
         Command::Agent(c) => agent_cmd::agent(c),
         Command::Sync(c) => agent_cmd::sync(c),
         Command::Attach(a) => agent_cmd::attach(a),

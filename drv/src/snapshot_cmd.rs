@@ -224,7 +224,7 @@ fn mode(writable: bool) -> &'static str {
     if writable { "writable: a private overlay, the snapshot never changes" } else { "read-only" }
 }
 
-fn print<T: serde::Serialize>(t: &ServerConn, v: &T, text: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print<T: serde::Serialize>(t: &ServerConn, v: &T, text: impl FnOnce() -> String) -> Result<()> {
     if t.json {
         println!("{}", serde_json::to_string(v)?);
     } else {
@@ -234,7 +234,13 @@ fn print<T: serde::Serialize>(t: &ServerConn, v: &T, text: impl FnOnce() -> Stri
 }
 
 /// Sends snapshot operation `op` on `snapshot` of `volume`; the reply's document.
-fn request<T: DeserializeOwned>(volume: &str, op: u8, arg: u64, snapshot: &str, t: &ServerConn) -> Result<T> {
+pub(crate) fn request<T: DeserializeOwned>(
+    volume: &str,
+    op: u8,
+    arg: u64,
+    snapshot: &str,
+    t: &ServerConn,
+) -> Result<T> {
     let (id, server) = t.open()?;
     runtime()?.block_on(request_to(&id, server, volume, op, arg, snapshot))
 }
@@ -298,7 +304,7 @@ fn list(volume: Option<&str>, t: &ServerConn) -> Result<()> {
 
 /// `--at`: a sequence number, an RFC 3339 time, or `-DURATION` (that long before now, by this
 /// host's clock): the request's operation and argument.
-fn parse_at(at: &str) -> Result<(u8, u64)> {
+pub(crate) fn parse_at(at: &str) -> Result<(u8, u64)> {
     if !at.is_empty() && at.bytes().all(|b| b.is_ascii_digit()) {
         return Ok((snapshot_op::CREATE_AT_SEQ, at.parse().context("--at: sequence number")?));
     }

@@ -188,6 +188,17 @@ pub mod snapshot_op {
     pub const UNMOUNT: u8 = 11;
     /// A recovery check of snapshot `name`: each filesystem on it checked by its own checker.
     pub const CHECK: u8 = 12;
+    /// Begin a failover of the volume at its image now; `name` is `test` for a failover test
+    /// (replication goes on), empty for a failover (apply holds).
+    pub const FAILOVER: u8 = 13;
+    /// The same at the retention window's last point at or before sequence `arg`.
+    pub const FAILOVER_AT_SEQ: u8 = 14;
+    /// The same at the window's newest point captured at or before time `arg`.
+    pub const FAILOVER_AT_TIME: u8 = 15;
+    /// The volume's failover, if one lasts.
+    pub const FAILOVER_STATUS: u8 = 16;
+    /// End the volume's failover; `arg` bit 0: discard what was written on its device.
+    pub const FAILOVER_END: u8 = 17;
     /// `arg` of [`EXPORT`] and [`MOUNT`]: writes go to a private overlay.
     pub const WRITABLE: u64 = 1;
     /// `arg` of [`EXPORT`]: a read-only export of the snapshot that runs already is the answer
@@ -336,7 +347,7 @@ pub fn decode_body(header_bytes: &[u8; FRAME_HEADER_LEN], h: &FrameHeader, body:
             if reserved != 0 || reserved2 != 0 {
                 return Err(FormatError::ReservedNotZero { what: "snapshot request" });
             }
-            if !(snapshot_op::CREATE..=snapshot_op::CHECK).contains(&op) {
+            if !(snapshot_op::CREATE..=snapshot_op::FAILOVER_END).contains(&op) {
                 return Err(FormatError::Invalid { what: "snapshot request", field: "op", value: op as u64 });
             }
             exact(24 + len as usize)?;

@@ -88,6 +88,8 @@ pub enum VolumeState {
     MediaResync,
     /// The apply step stopped (see `error`).
     Error,
+    /// Failed over (`drv failover`): apply holds; the point serves as a writable device.
+    FailedOver,
 }
 
 impl std::fmt::Display for VolumeState {
@@ -97,6 +99,7 @@ impl std::fmt::Display for VolumeState {
             VolumeState::Resyncing => "resyncing",
             VolumeState::MediaResync => "media-resync",
             VolumeState::Error => "error",
+            VolumeState::FailedOver => "failed-over",
         })
     }
 }
@@ -132,6 +135,28 @@ pub struct ReplicaVolume {
     /// The newest recovery check of the volume (scheduled or asked for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<CheckResult>,
+    /// A failover or failover test of the volume, while one lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverInfo>,
+}
+
+/// A failover (`drv failover VOLUME`: apply holds, the point is a writable device on the replica
+/// host) or a failover test (`--test`: replication goes on).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverInfo {
+    pub volume: String,
+    pub test: bool,
+    /// The snapshot of the point (kept while the failover lasts).
+    pub snapshot: String,
+    pub seq: u64,
+    pub capture_unix: u32,
+    pub started_unix: u64,
+    /// The writable device on the replica host (empty while it is not attached).
+    pub device: String,
+    /// Bytes written on the device since the failover began (whole 4 KiB blocks).
+    pub changed_bytes: u64,
+    /// The change map of the blocks written (docs/formats.md, "Failover").
+    pub change_map: String,
 }
 
 /// A recovery check of a snapshot (`drv snapshot check`, or scheduled by `check_interval`): the

@@ -166,6 +166,8 @@ pub struct ReplicaVolume {
     pub retention_bytes: Option<u64>,
     /// Scheduled recovery checks, in seconds.
     pub check_interval_secs: Option<u64>,
+    /// Failed over: the apply step holds (records are still logged), the target does not change.
+    pub held: std::sync::atomic::AtomicBool,
     pub key: VolumeKey,
     pub target_path: PathBuf,
     target: File,
@@ -240,6 +242,7 @@ impl ReplicaVolume {
             retention_secs: vol.retention,
             retention_bytes: vol.retention_bytes,
             check_interval_secs: vol.check_interval,
+            held: std::sync::atomic::AtomicBool::new(false),
             key,
             target_path,
             target,
@@ -386,7 +389,8 @@ pub fn run(
         }
         {
             let s = v.state.lock().expect("apply state");
-            if s.error.is_some() || s.seq.durable() <= applier.last_read_seq() {
+            let held = v.held.load(std::sync::atomic::Ordering::Acquire);
+            if held || s.error.is_some() || s.seq.durable() <= applier.last_read_seq() {
                 let _ = v.changed.wait_timeout(s, Duration::from_millis(200)).expect("apply state");
                 continue;
             }

@@ -42,12 +42,15 @@ impl SnapImage {
     }
 }
 
-/// A private overlay: written blocks, in a sparse file.
+/// An overlay: written blocks, in a sparse file; private (in memory, discarded) or persistent
+/// (a failover's: the blocks it holds are kept in a change map).
 pub struct Overlay {
     file: File,
     /// One bit per [`OVERLAY_BLOCK`]: set when the overlay holds the block. Writers hold it for
     /// their whole write.
     written: Mutex<Vec<u64>>,
+    /// A persistent overlay's record of the blocks it holds (blocks of [`OVERLAY_BLOCK`]).
+    map: Option<drv_changemap::ChangeMap>,
 }
 
 fn bit(bits: &[u64], b: u64) -> bool {
@@ -61,7 +64,41 @@ impl Overlay {
         let file = tempfile_in(dir)?;
         file.set_len(size).map_err(|e| format!("size the overlay in {}: {e}", dir.display()))?;
         let blocks = size.div_ceil(OVERLAY_BLOCK);
-        Ok(Overlay { file, written: Mutex::new(vec![0; blocks.div_ceil(64) as usize]) })
+        Ok(Overlay { file, written: Mutex::new(vec![0; blocks.div_ceil(64) as usize]), map: None })
+    }
+
+    /// A persistent overlay: its data in `data` (a sparse file of `size` bytes) and the blocks it
+    /// holds in the change map `map` (created empty, or reopened with what it holds).
+    ///
+    /// Crash analysis: a block is marked in the map only after the overlay holds the whole block
+    /// durably (its first write copies the snapshot's block in when it covers only part of it,
+    /// then `fdatasync`, then the durable mark), so after a crash a marked block reads its last
+    /// written data (flushed, or as a disk would) and an unmarked one the snapshot's.
+    pub fn persistent(data: &Path, map: &Path, volume_id: u64, size: u64) -> Result<Overlay, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(data)
+            .map_err(|e| format!("open {}: {e}", data.display()))?;
+        file.set_len(size).map_err(|e| format!("size {}: {e}", data.display()))?;
+        let map = drv_changemap::ChangeMap::open(map, volume_id, size, OVERLAY_BLOCK).map_err(|e| e.to_string())?;
+        let mut bits = vec![0u64; size.div_ceil(OVERLAY_BLOCK).div_ceil(64) as usize];
+        for (offset, len) in map.dirty_extents() {
+            for b in offset / OVERLAY_BLOCK..(offset + len).div_ceil(OVERLAY_BLOCK) {
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+        Ok(Overlay { file, written: Mutex::new(bits), map: Some(map) })
+    }
+
+    /// Makes the overlay's writes durable (a persistent one's; a private one has nothing to keep).
+    pub fn flush(&self) -> Result<(), String> {
+        match &self.map {
+            Some(_) => self.file.sync_data().map_err(|e| format!("sync the overlay: {e}")),
+            None => Ok(()),
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset`: written blocks from the overlay, the rest from
@@ -115,17 +152,23 @@ impl Overlay {
         assert!(end <= size, "a write past the end of the image");
         let mut bits = self.written.lock().expect("overlay");
         let (first, last) = (offset / OVERLAY_BLOCK, (end - 1) / OVERLAY_BLOCK);
-        for b in [first, last] {
+        for b in if first == last { vec![first] } else { vec![first, last] } {
             let (bstart, bend) = (b * OVERLAY_BLOCK, ((b + 1) * OVERLAY_BLOCK).min(size));
             let whole = offset <= bstart && end >= bend;
             if !whole && !bit(&bits, b) {
                 let mut block = vec![0u8; (bend - bstart) as usize];
                 base(bstart, &mut block)?;
                 self.file.write_all_at(&block, bstart).map_err(|e| format!("write the overlay at {bstart}: {e}"))?;
-                bits[(b / 64) as usize] |= 1 << (b % 64);
             }
         }
         self.file.write_all_at(data, offset).map_err(|e| format!("write the overlay at {offset}: {e}"))?;
+        if let Some(map) = &self.map
+            && (first..=last).any(|b| !bit(&bits, b))
+        {
+            // The new blocks are whole in the overlay: durable first, then marked.
+            self.file.sync_data().map_err(|e| format!("sync the overlay: {e}"))?;
+            map.mark(first * OVERLAY_BLOCK, (last - first + 1) * OVERLAY_BLOCK).map_err(|e| e.to_string())?;
+        }
         for b in first..=last {
             bits[(b / 64) as usize] |= 1 << (b % 64);
         }
@@ -180,6 +223,11 @@ impl View {
         o.write(offset, data, self.size(), |at, b| self.base.read(at, b))
     }
 
+    /// Makes the writes durable (a persistent overlay's; a private one is discarded anyway).
+    pub fn flush(&self) -> Result<(), String> {
+        self.overlay.as_ref().map_or(Ok(()), Overlay::flush)
+    }
+
     /// Writes `len` zero bytes at `offset` (in pieces of at most 1 MiB).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
         let zeroes = vec![0u8; len.min(1 << 20) as usize];
@@ -206,9 +254,8 @@ impl drv_userdev::nbd::Image for View {
         View::write_zeroes(self, offset, len)
     }
 
-    /// The overlay is private and discarded with its export: nothing to make durable.
     fn flush(&self) -> Result<(), String> {
-        Ok(())
+        View::flush(self)
     }
 
     fn label(&self) -> String {
@@ -256,5 +303,34 @@ mod tests {
             prop_assert_eq!(all, model);
             prop_assert!(base.iter().enumerate().all(|(i, &x)| x == (i as u64 * 7 % 251) as u8));
         }
+    }
+
+    /// A persistent overlay reopened (as after a restart) reads what was written before, and only
+    /// its written blocks are marked in its change map.
+    #[test]
+    fn a_persistent_overlay_keeps_its_writes_and_marks_only_their_blocks() {
+        let size = 100_000u64;
+        let base: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let read_base = |at: u64, b: &mut [u8]| {
+            b.copy_from_slice(&base[at as usize..at as usize + b.len()]);
+            Ok(())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (data, map) = (dir.path().join("o"), dir.path().join("m"));
+        let mut model = base.clone();
+        {
+            let o = Overlay::persistent(&data, &map, 7, size).unwrap();
+            o.write(5000, &[0xaa; 10_000], size, read_base).unwrap();
+            o.write(99_990, &[0xbb; 10], size, read_base).unwrap();
+            o.flush().unwrap();
+        }
+        model[5000..15_000].fill(0xaa);
+        model[99_990..].fill(0xbb);
+        let o = Overlay::persistent(&data, &map, 7, size).unwrap();
+        let mut all = vec![0u8; size as usize];
+        o.read(0, &mut all, read_base).unwrap();
+        assert!(all == model);
+        let m = drv_changemap::ChangeMap::open(&map, 7, size, OVERLAY_BLOCK).unwrap();
+        assert_eq!(m.dirty_extents(), vec![(4096, 12_288), (98_304, 1696)]);
     }
 }

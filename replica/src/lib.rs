@@ -14,6 +14,7 @@ pub mod apply;
 pub mod check;
 pub mod cow;
 pub mod export;
+pub mod failover;
 pub mod image;
 pub mod media;
 pub mod mount;

@@ -169,7 +169,13 @@ impl Backend for MountBackend {
     }
 
     fn fsync(&self, reply: Done) {
-        // The overlay is private and discarded at unmount: nothing to make durable.
-        reply.ok()
+        let view = self.view.clone();
+        self.rt.spawn_blocking(move || match view.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::error!(volume = %view.base.v.name, snapshot = %view.base.name, "flush: {e}");
+                reply.error(libc::EIO)
+            }
+        });
     }
 }

@@ -74,6 +74,7 @@ pub struct ReplicaServer {
     pub exports: crate::export::Exports,
     pub mounts: crate::mount::Mounts,
     pub checks: crate::check::Checks,
+    pub failovers: crate::failover::Failovers,
     /// The data directory (DR log, applied positions, default targets, snapshots).
     pub dir: PathBuf,
     /// The data directory's lock, held while the server lives.
@@ -152,6 +153,7 @@ impl ReplicaServer {
             exports: crate::export::Exports::default(),
             mounts: crate::mount::Mounts::open(&dir),
             checks: crate::check::Checks::open(&dir),
+            failovers: crate::failover::Failovers::new(&dir),
             dir,
             _lock: lock,
             frame_bytes_limit: node.endpoint.frame_bytes_limit.min(u32::MAX as u64) as u32,
@@ -178,6 +180,10 @@ impl ReplicaServer {
     }
 
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ReplicaError> {
+        let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || me.failovers.resume(&me.snapshots, &me.volumes, &rt))
+            .await
+            .map_err(|e| ReplicaError::Volume { name: "failover".into(), reason: e.to_string() })?;
         for (id, applier) in self.catch_up()? {
             let v = self.volumes[&id].clone();
             let (log, stop, snapshots) = (self.drlog.clone(), self.stop.clone(), self.snapshots.clone());
@@ -275,6 +281,16 @@ impl ReplicaServer {
         let r = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, E> {
             Ok(match op {
                 snapshot_op::CHECK => json(&me.checks.run(&snaps, &v, &name, false, rt).map_err(E::Refused)?),
+                snapshot_op::FAILOVER | snapshot_op::FAILOVER_AT_SEQ | snapshot_op::FAILOVER_AT_TIME => {
+                    let at = match op {
+                        snapshot_op::FAILOVER_AT_SEQ => Some(At::Seq(arg)),
+                        snapshot_op::FAILOVER_AT_TIME => Some(At::Time(arg)),
+                        _ => None,
+                    };
+                    json(&me.failovers.start(&snaps, &v, at, name == "test", rt).map_err(E::Refused)?)
+                }
+                snapshot_op::FAILOVER_STATUS => json(&me.failovers.status(&v)),
+                snapshot_op::FAILOVER_END => json(&me.failovers.end(&snaps, &v, arg & 1 != 0).map_err(E::Refused)?),
                 snapshot_op::CREATE => json(&snaps.create(&v, &name, None)?),
                 snapshot_op::CREATE_AT_SEQ => json(&snaps.create(&v, &name, Some(At::Seq(arg)))?),
                 snapshot_op::CREATE_AT_TIME => json(&snaps.create(&v, &name, Some(At::Time(arg)))?),
@@ -349,6 +365,11 @@ impl ReplicaServer {
                     .map(|at| format!("exported over NBD on {at}: `drv snapshot unexport` it first"))
                     .or_else(|| {
                         self.mounts.mounted(v, name).map(|d| format!("mounted as {d}: `drv snapshot unmount` it first"))
+                    })
+                    .or_else(|| {
+                        self.failovers
+                            .uses(v, name)
+                            .then(|| format!("the point of {}'s failover: `drv failover end` ends it", v.name))
                     })?;
                 Frame::Error { code: code::BUSY, message: format!("snapshot {name} of {} is {served}", v.name) }
             }
@@ -519,6 +540,8 @@ impl ReplicaServer {
         let s = v.state.lock().expect("apply state").clone();
         let state = if s.error.is_some() {
             VolumeState::Error
+        } else if v.held.load(std::sync::atomic::Ordering::Relaxed) {
+            VolumeState::FailedOver
         } else if media.is_some() {
             VolumeState::MediaResync
         } else if s.resyncing {
@@ -545,6 +568,7 @@ impl ReplicaServer {
             window: self.snapshots.window_summary(v),
             check_interval_secs: v.check_interval_secs,
             last_check: self.checks.last(v),
+            failover: self.failovers.status(v),
         }
     }
 

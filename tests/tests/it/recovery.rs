@@ -409,3 +409,107 @@ async fn recovery_checks_find_ext4_and_xfs_clean_fail_a_damaged_one_and_run_on_a
     assert!(!v.snapshots.iter().any(|s| s.name.starts_with("check-")), "the schedule's snapshot is left: {v:?}");
     kill_all([&mut staging, &mut replica]);
 }
+
+async fn failover_json(cl: &drv_tests::Cluster, args: &[&str]) -> serde_json::Value {
+    let mut a = strings(&["failover"]);
+    a.extend(strings(args));
+    a.extend(conn(cl, true));
+    serde_json::from_str(crate::agent::drv(a).await.trim()).unwrap()
+}
+
+fn pwrite_sync(dev: &str, offset: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A failover test while replication runs: the device takes writes, the replica keeps applying
+/// and matches the source. A failover: apply holds while records keep arriving; the device's
+/// writes survive a SIGKILL of the replica (the failover resumes on a new device); `end` is
+/// refused while it holds writes, then with --discard-writes replication catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_test_leaves_replication_running_and_a_failover_holds_apply_through_a_restart() {
+    use crate::snapshots::{VOLUME, image_at, writer_cluster};
+    if !root_or_skip("a_failover_test_leaves_replication_running_and_a_failover_holds_apply_through_a_restart") {
+        return;
+    }
+    let cl = drv_tests::Cluster::new(1, VOLUME);
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
+    let mut history: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut n = 0u64;
+    let mut write = async |history: &mut Vec<(u64, Vec<u8>)>| {
+        n += 1;
+        let (offset, data) = ((n * 37 % 128) * 65536, drv_tests::pattern(n, 65536));
+        agent.write(offset, bytes::Bytes::from(data.clone()), drv_format::record::Flags::default()).await.unwrap();
+        history.push((offset, data));
+    };
+    for _ in 0..20 {
+        write(&mut history).await;
+    }
+    let applied = |cl: &drv_tests::Cluster| cl.replica_status().map(|s| s.volumes[0].applied_seq).unwrap_or(0);
+    crate::agent::until_in(&cl, "the writes applied", Duration::from_secs(30), || applied(&cl) >= 19).await;
+
+    let f = failover_json(&cl, &["vol1", "--test"]).await;
+    assert_eq!(f["test"], true, "{f}");
+    let (dev, seq) = (f["device"].as_str().unwrap().to_owned(), f["seq"].as_u64().unwrap());
+    let drill = drv_tests::pattern(777, 65536);
+    pwrite_sync(&dev, 1 << 20, &drill);
+    assert!(pread(&dev, 1 << 20, 65536) == drill);
+    let at_point = image_at(&history, seq);
+    assert!(pread(&dev, 2 << 20, 65536) == at_point[2 << 20..(2 << 20) + 65536]);
+    // Replication goes on and the replica matches the source.
+    for _ in 0..20 {
+        write(&mut history).await;
+    }
+    crate::agent::until_in(&cl, "applied during the test", Duration::from_secs(30), || applied(&cl) >= 39).await;
+    let st = cl.replica_status().unwrap();
+    assert_eq!(st.volumes[0].state.to_string(), "replicating");
+    assert_eq!(st.volumes[0].failover.as_ref().map(|f| f.test), Some(true));
+    let target = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    assert!(target == image_at(&history, st.volumes[0].applied_seq), "the replica during the test");
+    let e = failover_json(&cl, &["end", "vol1"]).await;
+    assert_eq!(e["changed_bytes"], 65536, "{e}");
+    assert!(!snapshot_json(&cl, &["list", "vol1"]).await.to_string().contains("failover"));
+
+    // A failover: apply holds.
+    let f = failover_json(&cl, &["vol1"]).await;
+    assert_eq!(f["test"], false, "{f}");
+    let (dev, seq) = (f["device"].as_str().unwrap().to_owned(), f["seq"].as_u64().unwrap());
+    let at_point = image_at(&history, seq);
+    let ours = drv_tests::pattern(888, 12_288);
+    pwrite_sync(&dev, (3 << 20) + 4096, &ours);
+    for _ in 0..10 {
+        write(&mut history).await;
+    }
+    crate::agent::until_in(&cl, "records logged while held", Duration::from_secs(30), || {
+        cl.replica_status().is_some_and(|s| s.volumes[0].durable_seq >= 50)
+    })
+    .await;
+    let st = cl.replica_status().unwrap();
+    assert_eq!(st.volumes[0].state.to_string(), "failed-over");
+    assert_eq!(st.volumes[0].applied_seq, seq, "apply moved while failed over");
+    // The replica killed and restarted: the failover resumes with its writes.
+    kill_all([&mut replica]);
+    replica = cl.start("replica", "rep1");
+    crate::agent::until_in(&cl, "the failover resumed", Duration::from_secs(30), || {
+        cl.replica_status().and_then(|s| s.volumes[0].failover.clone()).is_some_and(|f| !f.device.is_empty())
+    })
+    .await;
+    let f = cl.replica_status().unwrap().volumes[0].failover.clone().unwrap();
+    let dev = f.device.clone();
+    assert_eq!(f.changed_bytes, 12_288, "{f:?}");
+    let mut want = at_point.clone();
+    want[(3 << 20) + 4096..(3 << 20) + 16_384].copy_from_slice(&ours);
+    assert!(pread(&dev, 0, VOLUME as usize) == want, "the failover device after the restart");
+    let mut a = strings(&["failover", "end", "vol1"]);
+    a.extend(conn(&cl, false));
+    let err = drv_fails(a).await;
+    assert!(err.contains("--discard-writes") && err.contains("12288 bytes"), "{err}");
+    failover_json(&cl, &["end", "vol1", "--discard-writes"]).await;
+    let last = history.len() as u64 - 1;
+    crate::agent::until_in(&cl, "apply resumed", Duration::from_secs(30), || applied(&cl) >= last).await;
+    let st = cl.replica_status().unwrap();
+    let target = std::fs::read(cl.dir.path().join("rep1/vol1.img")).unwrap();
+    assert!(target == image_at(&history, st.volumes[0].applied_seq), "the replica after the failover");
+    kill_all([&mut staging, &mut replica]);
+}
