@@ -193,6 +193,32 @@ else
 fi
 replica_equals_source "mkfs + files"
 
+step "NBD: a snapshot exported by the replica, attached by the kernel's nbd-client, fsck'd, mounted"
+RA="--server 127.0.0.1:7102"
+drv snapshot create vol1 nbd1 $RA >/dev/null || fail "snapshot create"
+drv snapshot export vol1 nbd1 --listen 127.0.0.1:10809 $RA >/dev/null || fail "snapshot export"
+if nbd-client 127.0.0.1 10809 /dev/nbd0 -N nbd1 >$D/nbd.log 2>&1; then
+	pass "nbd-client attached the export as /dev/nbd0 ($(cat /sys/block/nbd0/size) sectors)"
+	if e2fsck -fn /dev/nbd0 >$D/fsck.log 2>&1; then pass "e2fsck -fn /dev/nbd0: clean"; else
+		fail "e2fsck -fn /dev/nbd0"
+		tail -n 20 $D/fsck.log
+	fi
+	mkdir -p /mnt2
+	if mount -t ext4 -o ro /dev/nbd0 /mnt2; then
+		want=$(cut -d' ' -f1 /tmp/a.md5)
+		got=$(md5sum /mnt2/a | cut -d' ' -f1)
+		[ "$want" = "$got" ] && pass "read-only mount of /dev/nbd0: /a reads back ($got)" || fail "/a over NBD: $got, want $want"
+		umount /mnt2
+	else
+		fail "mount -o ro /dev/nbd0"
+	fi
+	nbd-client -d /dev/nbd0 >/dev/null 2>&1 || fail "nbd-client -d"
+else
+	fail "nbd-client: $(cat $D/nbd.log)"
+fi
+drv snapshot unexport vol1 nbd1 $RA >/dev/null || fail "snapshot unexport"
+drv snapshot delete vol1 nbd1 $RA >/dev/null || fail "snapshot delete"
+
 step "rmmod is refused while a device exists"
 if rmmod drv_capture 2>/dev/null; then fail "rmmod succeeded with /dev/drv0 present"; else pass "rmmod refused while /dev/drv0 exists"; fi
 

@@ -645,6 +645,85 @@ impl CowStore {
         }
     }
 
+    /// Reads whole blocks `first..` of the image at position `seq` into `buf` (its length a
+    /// multiple of the block size, or cut at the volume's end): runs of blocks the store holds no
+    /// version of in one target read each, the others from their slots; then, as
+    /// [`CowStore::read_at_point`] does for one block, the sources are looked up again and a block
+    /// whose version appeared meanwhile is read again from it.
+    pub fn read_blocks_at_point(&self, target: &File, seq: u64, first: u64, buf: &mut [u8]) -> Result<(), CowError> {
+        let bs = self.slot_bytes as usize;
+        let n = buf.len().div_ceil(bs) as u64;
+        let mut src = self.sources(seq, first, n)?;
+        let mut todo = vec![true; n as usize];
+        loop {
+            let mut i = 0;
+            while i < n as usize {
+                if !todo[i] {
+                    i += 1;
+                    continue;
+                }
+                let part = |i: usize, j: usize| (i * bs, (j * bs).min(buf.len()));
+                if let Some(slot) = src[i] {
+                    let (a, z) = part(i, i + 1);
+                    self.data
+                        .read_exact_at(&mut buf[a..z], slot * self.slot_bytes)
+                        .map_err(self.io(format!("read slot {slot}")))?;
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < n as usize && todo[j] && src[j].is_none() {
+                    j += 1;
+                }
+                let (a, z) = part(i, j);
+                let block = first + i as u64;
+                read_block(target, block * self.slot_bytes, &mut buf[a..z]).map_err(|err| CowError::Io {
+                    path: "target".into(),
+                    what: format!("read blocks {block}..{}", first + j as u64),
+                    err,
+                })?;
+                i = j;
+            }
+            let again = self.sources(seq, first, n)?;
+            let mut any = false;
+            for k in 0..n as usize {
+                todo[k] = src[k].is_none() && again[k].is_some();
+                any |= todo[k];
+            }
+            if !any {
+                return Ok(());
+            }
+            src = again;
+        }
+    }
+
+    /// The slot of the version each block of `first..first + n` reads at position `seq`
+    /// (`None`: the target), in one read transaction: one seek per block that has versions.
+    fn sources(&self, seq: u64, first: u64, n: u64) -> Result<Vec<Option<u64>>, CowError> {
+        let e = self.err();
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
+        let mut out = vec![None; n as usize];
+        let (mut b, end) = (first, first + n);
+        while b < end {
+            let mut r = versions.range((b, seq + 1)..=(end - 1, u64::MAX)).map_err(|x| e(x.into()))?;
+            let Some(entry) = r.next() else { break };
+            let (k, v) = entry.map_err(|x| e(x.into()))?;
+            let ((vb, hi), (lo, slot)) = (k.value(), v.value());
+            if vb != b {
+                // No version of `b` ends after `seq`; `vb`'s first entry may end before it.
+                b = vb;
+                continue;
+            }
+            let version = Version { block: b, lo, hi };
+            if matches!(cow::read_source(seq, [&version]), Source::Version(_)) {
+                out[(b - first) as usize] = Some(slot);
+            }
+            b += 1;
+        }
+        Ok(out)
+    }
+
     /// Where position `seq` reads `block` from, with the slot of a version.
     fn source(&self, seq: u64, block: u64) -> Result<(Source, Option<u64>), CowError> {
         let e = self.err();
@@ -750,6 +829,13 @@ mod tests {
     fn read(s: &CowStore, t: &File, seq: u64, b: u64) -> Vec<u8> {
         let mut buf = vec![0u8; BS as usize];
         s.read_at_point(t, seq, b, &mut buf).unwrap();
+        // The range read agrees: the block alone, and within the whole image.
+        let mut one = vec![0u8; BS as usize];
+        s.read_blocks_at_point(t, seq, b, &mut one).unwrap();
+        assert_eq!(one, buf, "block {b} at {seq}");
+        let mut all = vec![0u8; t.metadata().unwrap().len() as usize];
+        s.read_blocks_at_point(t, seq, 0, &mut all).unwrap();
+        assert_eq!(&all[(b * BS) as usize..((b + 1) * BS) as usize], &buf[..], "block {b} at {seq} in the image");
         buf
     }
 

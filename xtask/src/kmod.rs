@@ -28,11 +28,12 @@ const PACKAGES: &[&str] = &[
     "cpio",
     "e2fsprogs",
     "kmod",
+    "nbd-client",
 ];
 
 /// Debian modules the guest loads (their dependencies are added), besides brd (loaded with
 /// parameters by the guest itself).
-const GUEST_MODULES: &[&str] = &["crc32c_generic", "ext4", "loop"];
+const GUEST_MODULES: &[&str] = &["crc32c_generic", "ext4", "loop", "nbd"];
 
 /// The newest Debian kernel whose headers are installed (`/lib/modules/KVER/build`).
 pub fn kver() -> Result<String> {
@@ -181,7 +182,7 @@ fn module_closure(kver: &str, names: &[&str]) -> Result<Vec<(String, PathBuf)>> 
     Ok(order)
 }
 
-/// Packs the guest's initramfs: busybox, /init, modules, mkfs.ext4, drv.
+/// Packs the guest's initramfs: busybox, /init, modules, mkfs.ext4, e2fsck, nbd-client, drv.
 fn initramfs(kver: &str, ko: &Path, drv: &Path, init: &Path) -> Result<PathBuf> {
     let dir = kmod_dir().join("initramfs");
     let _ = std::fs::remove_dir_all(&dir);
@@ -208,6 +209,9 @@ fn initramfs(kver: &str, ko: &Path, drv: &Path, init: &Path) -> Result<PathBuf> 
     }
     std::fs::write(dir.join("modules.list"), list)?;
     copy_with_libs(Path::new("/sbin/mke2fs"), &dir)?;
+    // The kernel's NBD client attaches the replica's export of a snapshot; e2fsck checks it.
+    copy_with_libs(Path::new("/sbin/e2fsck"), &dir)?;
+    copy_with_libs(Path::new("/usr/sbin/nbd-client"), &dir)?;
     std::os::unix::fs::symlink("mke2fs", dir.join("sbin/mkfs.ext4"))?;
     if Path::new("/etc/mke2fs.conf").exists() {
         std::fs::copy("/etc/mke2fs.conf", dir.join("etc/mke2fs.conf"))?;

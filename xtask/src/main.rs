@@ -24,6 +24,7 @@ mod agent;
 mod ebpf;
 mod kmod;
 mod relay;
+mod restore;
 mod snapshots;
 mod tidy;
 mod user;
@@ -127,7 +128,12 @@ fn main() -> Result<()> {
             "ebpf" => bench_ebpf(quick),
             "user" => bench_user(quick),
             "snapshots" => bench_snapshots(quick),
-            other => bail!("unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots)"),
+            "restore" => bench_restore(quick),
+            other => {
+                bail!(
+                    "unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots, restore)"
+                )
+            }
         },
         Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Setup => kmod::setup().and_then(|_| ebpf::setup()),
@@ -411,6 +417,14 @@ fn bench_snapshots(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     snapshots::bench(&root().join("target/release/drv"), &dir, quick)
+}
+
+fn bench_restore(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-restore");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    restore::bench(&root().join("target/release/drv"), &dir, quick)
 }
 
 fn bench_agent(quick: bool) -> Result<()> {
