@@ -81,6 +81,11 @@ impl Points {
         *self.pinned.entry(position).or_default() += 1;
     }
 
+    /// Whether a point is pinned at `position` (a snapshot's image is kept there).
+    pub fn is_pinned(&self, position: u64) -> bool {
+        self.pinned.contains_key(&position)
+    }
+
     /// One point at `position` is gone.
     pub fn unpin(&mut self, position: u64) {
         let n = self.pinned.get_mut(&position).unwrap_or_else(|| panic!("no point at position {position}"));

@@ -645,43 +645,50 @@ impl CowStore {
         }
     }
 
-    /// Reads whole blocks `first..` of the image at position `seq` into `buf` (its length a
-    /// multiple of the block size, or cut at the volume's end): runs of blocks the store holds no
-    /// version of in one target read each, the others from their slots; then, as
-    /// [`CowStore::read_at_point`] does for one block, the sources are looked up again and a block
-    /// whose version appeared meanwhile is read again from it.
-    pub fn read_blocks_at_point(&self, target: &File, seq: u64, first: u64, buf: &mut [u8]) -> Result<(), CowError> {
-        let bs = self.slot_bytes as usize;
-        let n = buf.len().div_ceil(bs) as u64;
+    /// Whether a snapshot pins position `seq` (its image is kept).
+    pub fn pinned(&self, seq: u64) -> bool {
+        self.points.is_pinned(seq)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the image at position `seq` (within the volume):
+    /// runs of blocks the store holds no version of in one target read each, the others from
+    /// their slots, only the bytes asked for; then, as [`CowStore::read_at_point`] does for one
+    /// block, the sources are looked up again and a block whose version appeared meanwhile is
+    /// read again from it.
+    pub fn read_range_at_point(&self, target: &File, seq: u64, offset: u64, buf: &mut [u8]) -> Result<(), CowError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (bs, end) = (self.slot_bytes, offset + buf.len() as u64);
+        let first = offset / bs;
+        let n = (end - 1) / bs - first + 1;
+        // The bytes of block index `i` (from `first`) within the request: (from, to) in the image.
+        let span = |i: u64| (((first + i) * bs).max(offset), ((first + i + 1) * bs).min(end));
         let mut src = self.sources(seq, first, n)?;
         let mut todo = vec![true; n as usize];
         loop {
             let mut i = 0;
-            while i < n as usize {
-                if !todo[i] {
+            while i < n {
+                if !todo[i as usize] {
                     i += 1;
                     continue;
                 }
-                let part = |i: usize, j: usize| (i * bs, (j * bs).min(buf.len()));
-                if let Some(slot) = src[i] {
-                    let (a, z) = part(i, i + 1);
-                    self.data
-                        .read_exact_at(&mut buf[a..z], slot * self.slot_bytes)
-                        .map_err(self.io(format!("read slot {slot}")))?;
+                if let Some(slot) = src[i as usize] {
+                    let (from, to) = span(i);
+                    let at = slot * bs + from % bs;
+                    let part = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                    self.data.read_exact_at(part, at).map_err(self.io(format!("read slot {slot}")))?;
                     i += 1;
                     continue;
                 }
                 let mut j = i + 1;
-                while j < n as usize && todo[j] && src[j].is_none() {
+                while j < n && todo[j as usize] && src[j as usize].is_none() {
                     j += 1;
                 }
-                let (a, z) = part(i, j);
-                let block = first + i as u64;
-                read_block(target, block * self.slot_bytes, &mut buf[a..z]).map_err(|err| CowError::Io {
-                    path: "target".into(),
-                    what: format!("read blocks {block}..{}", first + j as u64),
-                    err,
-                })?;
+                let (from, to) = (span(i).0, span(j - 1).1);
+                read_block(target, from, &mut buf[(from - offset) as usize..(to - offset) as usize]).map_err(
+                    |err| CowError::Io { path: "target".into(), what: format!("read bytes {from}..{to}"), err },
+                )?;
                 i = j;
             }
             let again = self.sources(seq, first, n)?;
@@ -831,11 +838,16 @@ mod tests {
         s.read_at_point(t, seq, b, &mut buf).unwrap();
         // The range read agrees: the block alone, and within the whole image.
         let mut one = vec![0u8; BS as usize];
-        s.read_blocks_at_point(t, seq, b, &mut one).unwrap();
+        s.read_range_at_point(t, seq, b * BS, &mut one).unwrap();
         assert_eq!(one, buf, "block {b} at {seq}");
         let mut all = vec![0u8; t.metadata().unwrap().len() as usize];
-        s.read_blocks_at_point(t, seq, 0, &mut all).unwrap();
+        s.read_range_at_point(t, seq, 0, &mut all).unwrap();
         assert_eq!(&all[(b * BS) as usize..((b + 1) * BS) as usize], &buf[..], "block {b} at {seq} in the image");
+        // And any part of it, across its neighbours.
+        let (from, to) = ((b * BS).saturating_sub(100) + 7, ((b + 1) * BS + 300).min(all.len() as u64));
+        let mut part = vec![0u8; (to - from) as usize];
+        s.read_range_at_point(t, seq, from, &mut part).unwrap();
+        assert_eq!(&part[..], &all[from as usize..to as usize], "bytes {from}..{to} at {seq}");
         buf
     }
 

@@ -31,14 +31,12 @@ pub struct SnapImage {
 }
 
 impl SnapImage {
-    /// Reads `buf.len()` bytes at `offset`, while the snapshot exists (the replica deletes an
-    /// `auto-resync-` one itself when its run ends: its blocks may then be reused).
+    /// Reads `buf.len()` bytes at `offset`, while a snapshot pins its position (the replica
+    /// deletes an `auto-resync-` one itself when its run ends: its blocks may then be reused).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.snaps.read(&self.v, self.seq, offset, buf).map_err(|e| e.to_string())?;
-        match self.snaps.get(&self.v, &self.name) {
-            Ok(m) if m.seq == self.seq => Ok(()),
-            _ => Err(format!("snapshot {} of {} is gone", self.name, self.v.name)),
-        }
+        self.snaps
+            .read(&self.v, self.seq, offset, buf)
+            .map_err(|e| format!("snapshot {} of {}: {e}", self.name, self.v.name))
     }
 }
 

@@ -230,7 +230,9 @@ impl Snapshots {
     }
 
     /// Reads `buf.len()` bytes at `offset` of the image at position `seq` (a snapshot's), the
-    /// covering blocks at once (read while replication goes on).
+    /// covering blocks at once (read while replication goes on). Fails once no snapshot pins `seq`
+    /// (the replica deletes an `auto-resync-` one itself when its run ends: its blocks may then
+    /// be reused).
     pub fn read(&self, v: &ReplicaVolume, seq: u64, offset: u64, buf: &mut [u8]) -> Result<(), CowError> {
         let end = offset + buf.len() as u64;
         assert!(end <= v.size_bytes, "a read past the end of volume {}", v.name);
@@ -238,16 +240,11 @@ impl Snapshots {
             return Ok(());
         }
         let store = self.store(v).read().expect("store");
-        let bs = v.block_bytes;
-        let (first, stop) = (offset / bs, end.div_ceil(bs) * bs);
-        if offset % bs == 0 && (end % bs == 0 || end == v.size_bytes) {
-            return store.read_blocks_at_point(v.target(), seq, first, buf);
+        // Deletes hold the store for writing: pinned now, the image stays while this read lasts.
+        if !store.pinned(seq) {
+            return Err(CowError::NoPoint(format!("no snapshot of {} is at seq {seq} any more", v.name)));
         }
-        let mut whole = vec![0u8; (stop.min(v.size_bytes) - first * bs) as usize];
-        store.read_blocks_at_point(v.target(), seq, first, &mut whole)?;
-        let at = (offset - first * bs) as usize;
-        buf.copy_from_slice(&whole[at..at + buf.len()]);
-        Ok(())
+        store.read_range_at_point(v.target(), seq, offset, buf)
     }
 
     /// The xxh3-128 digest of snapshot `name`'s image (read while replication goes on).

@@ -102,7 +102,7 @@ fn restore_copy(drv: &Path, s: &Setup, to: &Path) -> Result<f64> {
     let to_s = to.display().to_string();
     let out = drv_admin(drv, s, &["restore", "vol1", "s1", "--to", &to_s, "--no-device", "--json"])?;
     let last: serde_json::Value =
-        serde_json::from_str(out.lines().filter(|l| l.starts_with('{')).last().context("no JSON line")?)?;
+        serde_json::from_str(out.lines().rfind(|l| l.starts_with('{')).context("no JSON line")?)?;
     ensure!(last["complete"] == true, "the restore did not complete: {last}");
     let (bytes, secs) = (last["copied_bytes"].as_f64().unwrap_or(0.0), last["elapsed_seconds"].as_f64().unwrap_or(1.0));
     Ok(bytes / secs / 1e6)
