@@ -15,8 +15,8 @@
 //! writes, and sets the bit: the background copy never copies over it, because it writes a chunk
 //! only under the same gate and only while its bit is clear. The copy reads the snapshot in
 //! batches of 64 chunks (one bitmap word) on a few reader threads, writes the chunks still
-//! missing, paced by `--bwlimit`, and persists the bits about once a second (target first, then
-//! the bitmap). At the end every bit is set: the target is the whole image and the replica is no
+//! missing, paced by `--bwlimit`, while a thread beside it persists the bits about once a second
+//! (target first, then the bitmap). At the end every bit is set: the target is the whole image and the replica is no
 //! longer needed.
 
 pub mod client;
@@ -206,7 +206,7 @@ impl Restore {
         let next = AtomicU64::new(0);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>), String>>(READERS);
         let started = Instant::now();
-        let mut last_persist = Instant::now();
+        let copying = AtomicBool::new(true);
         let result = std::thread::scope(|scope| {
             for _ in 0..READERS {
                 let (tx, next) = (tx.clone(), &next);
@@ -224,25 +224,40 @@ impl Restore {
                 });
             }
             drop(tx);
+            // The progress made durable about once a second, beside the copy (which goes on
+            // writing while the target syncs).
+            let persister = scope.spawn(|| {
+                let mut last = Instant::now();
+                while copying.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() >= PERSIST_EVERY {
+                        self.persist()?;
+                        last = Instant::now();
+                    }
+                }
+                Ok::<(), String>(())
+            });
             let mut sent = 0u64;
-            for batch in rx {
-                let (w, data) = batch?;
-                self.write_batch(w, &data)?;
-                sent += data.len() as u64;
-                if let Some(rate) = bwlimit.filter(|r| *r > 0) {
-                    let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let copied = (|| {
+                for batch in rx {
+                    let (w, data) = batch?;
+                    self.write_batch(w, &data)?;
+                    sent += data.len() as u64;
+                    if let Some(rate) = bwlimit.filter(|r| *r > 0) {
+                        let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
+                    progress(self);
+                    if self.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                 }
-                if last_persist.elapsed() >= PERSIST_EVERY {
-                    self.persist()?;
-                    last_persist = Instant::now();
-                }
-                progress(self);
-                if self.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            Ok::<(), String>(())
+                Ok::<(), String>(())
+            })();
+            copying.store(false, Ordering::Relaxed);
+            self.stop.store(copied.is_err() || self.stop.load(Ordering::Relaxed), Ordering::Relaxed);
+            let persisted = persister.join().unwrap_or_else(|_| Err("the persisting thread panicked".into()));
+            copied.and(persisted)
         });
         if let Err(e) = result {
             self.stop();
