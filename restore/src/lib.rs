@@ -15,9 +15,9 @@
 //! writes, and sets the bit: the background copy never copies over it, because it writes a chunk
 //! only under the same gate and only while its bit is clear. The copy reads the snapshot in
 //! batches of 64 chunks (one bitmap word) on a few reader threads, writes the chunks still
-//! missing, paced by `--bwlimit`, while a thread beside it persists the bits every 5 s (a target fdatasync each second halved the copy on this disk)
-//! (target first, then the bitmap). At the end every bit is set: the target is the whole image and the replica is no
-//! longer needed.
+//! missing, paced by `--bwlimit`, while a thread beside it persists the bits every 5 s (target
+//! first, then the bitmap; a target fdatasync each second halved the copy on this disk). At the
+//! end every bit is set: the target is the whole image and the replica is no longer needed.
 
 pub mod client;
 pub mod state;
