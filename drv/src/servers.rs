@@ -240,6 +240,16 @@ fn print_replica(v: &ReplicaStatus) {
                 w.flush_count
             );
         }
+        if let Some(f) = &vol.failover {
+            let what = if f.test { "failover test" } else { "FAILED OVER (apply holds)" };
+            println!(
+                "    {what} at seq {} since {}: device {}, {} written there",
+                f.seq,
+                crate::snapshot_cmd::time_text(f.started_unix as u32),
+                if f.device.is_empty() { "not attached" } else { &f.device },
+                crate::agent_cmd::human(f.changed_bytes)
+            );
+        }
         if let Some(c) = &vol.last_check {
             let every = vol.check_interval_secs.map(|s| format!(", every {s} s")).unwrap_or_default();
             println!(

@@ -488,8 +488,40 @@ fn fuzz(seconds: u64) -> Result<()> {
 type Seeder = fn(&Path) -> Result<()>;
 
 /// The fuzz targets (`fuzz/fuzz_targets`) and how to seed each one's corpus.
-const FUZZ_TARGETS: [(&str, Seeder); 3] =
-    [("record_decode", seed_corpus), ("frame_decode", seed_frame_corpus), ("nbd_server", seed_nbd_corpus)];
+const FUZZ_TARGETS: [(&str, Seeder); 4] = [
+    ("record_decode", seed_corpus),
+    ("frame_decode", seed_frame_corpus),
+    ("nbd_server", seed_nbd_corpus),
+    ("nbd_client", seed_nbd_client_corpus),
+];
+
+/// A server's side of a whole NBD session, as this server answers `drv restore`'s client: the
+/// greeting, the replies to GO, one READ's reply.
+fn seed_nbd_client_corpus(dir: &Path) -> Result<()> {
+    use drv_proto::nbd::{self, Export, Handshake, Step};
+    let exports = [Export { name: "snap".into(), size: 1 << 20, writable: false, description: String::new() }];
+    let mut s = vec![8u8];
+    s.extend(nbd::greeting());
+    let mut h = Handshake::new();
+    let mut from_client = nbd::client_hello("snap");
+    for _ in 0..4 {
+        match h.step(&from_client, &exports) {
+            Step::Reply { consumed, reply } => {
+                from_client.drain(..consumed);
+                s.extend(reply);
+            }
+            Step::Go { reply, .. } => {
+                s.extend(reply);
+                break;
+            }
+            _ => bail!("the server core did not open the export for the seed"),
+        }
+    }
+    s.extend(nbd::simple_reply(1, 0));
+    s.extend([0x5a; 64]);
+    std::fs::write(dir.join("session"), s)?;
+    Ok(())
+}
 
 /// A client's side of a whole NBD session: flags, LIST, INFO, GO, a READ, a FLUSH, a DISC.
 fn seed_nbd_corpus(dir: &Path) -> Result<()> {
