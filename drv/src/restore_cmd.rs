@@ -230,7 +230,7 @@ impl Serving {
         }
         if !a.no_device {
             let label = format!("restore:{}@{}", a.volume, a.snapshot);
-            let backend = drv_restore::DeviceBackend { restore: r.clone(), rt: tokio::runtime::Handle::current() };
+            let backend = drv_userdev::ImageBackend { image: r.clone(), rt: tokio::runtime::Handle::current() };
             let (size, dir) = (r.size(), state_dir.to_path_buf());
             let d = tokio::task::spawn_blocking(move || {
                 let attach = drv_userdev::Attach { label: &label, size, state: &dir, read_only: false };

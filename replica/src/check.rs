@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::ReplicaVolume;
 use crate::image::{Overlay, SnapImage, View};
-use crate::mount::MountBackend;
 use crate::snapshot::Snapshots;
 
 /// Scheduled results kept per volume.
@@ -133,7 +132,8 @@ impl Checks {
         let view = Arc::new(View { base, overlay: Some(Overlay::create(&self.dir, v.size_bytes)?) });
         let label = format!("check:{}@{name}", v.name);
         let attach = Attach { label: &label, size: v.size_bytes, state: &state, read_only: false };
-        let mut dev = UserDevice::attach(attach, MountBackend { view, rt }).map_err(|e| e.to_string())?;
+        let mut dev =
+            UserDevice::attach(attach, drv_userdev::ImageBackend { image: view, rt }).map_err(|e| e.to_string())?;
         let filesystems = check_device(&dev.loop_dev, &state);
         let detached = detach_patiently(&mut dev);
         let _ = std::fs::remove_dir_all(&state);

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use crate::apply::ReplicaVolume;
 use crate::cow::At;
 use crate::image::{Overlay, SnapImage, View};
-use crate::mount::MountBackend;
 use crate::snapshot::Snapshots;
 
 /// What `DATA/failover/VOLUME_ID.json` holds.
@@ -157,7 +156,7 @@ impl Failovers {
         std::fs::create_dir_all(&state).map_err(|e| format!("create {}: {e}", state.display()))?;
         let label = format!("failover:{}@{}", v.name, record.snapshot);
         let attach = Attach { label: &label, size: v.size_bytes, state: &state, read_only: false };
-        let (dev, err) = match UserDevice::attach(attach, MountBackend { view: view.clone(), rt }) {
+        let (dev, err) = match UserDevice::attach(attach, drv_userdev::ImageBackend { image: view.clone(), rt }) {
             Ok(d) => (Some(d), None),
             Err(e) => (None, Some(e.to_string())),
         };

@@ -225,18 +225,6 @@ impl View {
     pub fn flush(&self) -> Result<(), String> {
         self.overlay.as_ref().map_or(Ok(()), Overlay::flush)
     }
-
-    /// Writes `len` zero bytes at `offset` (in pieces of at most 1 MiB).
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
-        let zeroes = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64);
-            self.write(offset + done, &zeroes[..n as usize])?;
-            done += n;
-        }
-        Ok(())
-    }
 }
 
 impl drv_userdev::nbd::Image for View {
@@ -246,10 +234,6 @@ impl drv_userdev::nbd::Image for View {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
         View::write(self, offset, data)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
-        View::write_zeroes(self, offset, len)
     }
 
     fn flush(&self) -> Result<(), String> {

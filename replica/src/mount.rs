@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use drv_userdev::{Attach, Backend, Done, ReadReply, UserDevice};
+use drv_userdev::{Attach, ImageBackend, UserDevice};
 use serde::{Deserialize, Serialize};
 
 use crate::apply::ReplicaVolume;
@@ -86,7 +86,7 @@ impl Mounts {
         std::fs::create_dir_all(&state).map_err(|e| format!("create {}: {e}", state.display()))?;
         let label = format!("{}@{name}", v.name);
         let attach = Attach { label: &label, size: v.size_bytes, state: &state, read_only: !writable };
-        let dev = UserDevice::attach(attach, MountBackend { view, rt }).map_err(|e| e.to_string())?;
+        let dev = UserDevice::attach(attach, ImageBackend { image: view, rt }).map_err(|e| e.to_string())?;
         let info = MountInfo {
             volume: v.name.clone(),
             name: name.to_owned(),
@@ -132,50 +132,5 @@ impl Drop for Mounts {
                 tracing::warn!("{}: left attached at shutdown ({e}); its I/O fails from now on", m.info.device);
             }
         }
-    }
-}
-
-/// The FUSE side of a mount: every request on the blocking pool (snapshot reads may wait for
-/// the store).
-pub(crate) struct MountBackend {
-    pub(crate) view: Arc<View>,
-    pub(crate) rt: tokio::runtime::Handle,
-}
-
-impl Backend for MountBackend {
-    fn read(&self, offset: u64, len: usize, reply: ReadReply) {
-        let view = self.view.clone();
-        self.rt.spawn_blocking(move || {
-            let mut b = vec![0u8; len];
-            match view.read(offset, &mut b) {
-                Ok(()) => reply.data(&b),
-                Err(e) => {
-                    tracing::error!(volume = %view.base.v.name, snapshot = %view.base.name, offset, "mount read: {e}");
-                    reply.error(libc::EIO)
-                }
-            }
-        });
-    }
-
-    fn write(&self, offset: u64, data: &[u8], reply: Done) {
-        let (view, data) = (self.view.clone(), data.to_vec());
-        self.rt.spawn_blocking(move || match view.write(offset, &data) {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::error!(volume = %view.base.v.name, snapshot = %view.base.name, offset, "mount write: {e}");
-                reply.error(libc::EIO)
-            }
-        });
-    }
-
-    fn fsync(&self, reply: Done) {
-        let view = self.view.clone();
-        self.rt.spawn_blocking(move || match view.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::error!(volume = %view.base.v.name, snapshot = %view.base.name, "flush: {e}");
-                reply.error(libc::EIO)
-            }
-        });
     }
 }

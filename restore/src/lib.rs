@@ -24,8 +24,8 @@ pub mod state;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use client::Source;
@@ -177,18 +177,6 @@ impl Restore {
         Ok(())
     }
 
-    /// Writes `len` zero bytes at `offset` (pieces of at most 1 MiB).
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
-        let zeroes = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64);
-            self.write(offset + done, &zeroes[..n as usize])?;
-            done += n;
-        }
-        Ok(())
-    }
-
     /// Makes every write so far and the bits of every present chunk durable: the bits are read
     /// first, the target synced, then the bitmap written (see `state.rs`).
     pub fn persist(&self) -> Result<(), String> {
@@ -314,10 +302,6 @@ impl drv_userdev::nbd::Image for Restore {
         Restore::write(self, offset, data)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
-        Restore::write_zeroes(self, offset, len)
-    }
-
     fn flush(&self) -> Result<(), String> {
         self.persist()
     }
@@ -327,54 +311,11 @@ impl drv_userdev::nbd::Image for Restore {
     }
 }
 
-/// The restore as a local block device (FUSE + loop): every request on the blocking pool.
-pub struct DeviceBackend {
-    pub restore: Arc<Restore>,
-    pub rt: tokio::runtime::Handle,
-}
-
-impl drv_userdev::Backend for DeviceBackend {
-    fn read(&self, offset: u64, len: usize, reply: drv_userdev::ReadReply) {
-        let r = self.restore.clone();
-        self.rt.spawn_blocking(move || {
-            let mut b = vec![0u8; len];
-            match r.read(offset, &mut b) {
-                Ok(()) => reply.data(&b),
-                Err(e) => {
-                    tracing::error!("restore device read at {offset}: {e}");
-                    reply.error(libc::EIO)
-                }
-            }
-        });
-    }
-
-    fn write(&self, offset: u64, data: &[u8], reply: drv_userdev::Done) {
-        let (r, data) = (self.restore.clone(), data.to_vec());
-        self.rt.spawn_blocking(move || match r.write(offset, &data) {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::error!("restore device write at {offset}: {e}");
-                reply.error(libc::EIO)
-            }
-        });
-    }
-
-    fn fsync(&self, reply: drv_userdev::Done) {
-        let r = self.restore.clone();
-        self.rt.spawn_blocking(move || match r.persist() {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::error!("restore device flush: {e}");
-                reply.error(libc::EIO)
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use drv_proto::nbd::Export;
+    use std::sync::Arc;
 
     /// An image in memory behind an NBD server (drv_userdev's, on its own runtime).
     struct Mem(Mutex<Vec<u8>>);

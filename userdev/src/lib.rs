@@ -90,6 +90,51 @@ pub trait Backend: Send + Sync + 'static {
     fn fsync(&self, reply: Done);
 }
 
+/// Any NBD [`nbd::Image`] as a device: each request on the blocking pool of `rt` (an image read
+/// may wait for its storage; the FUSE threads must not).
+pub struct ImageBackend {
+    pub image: Arc<dyn nbd::Image>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Backend for ImageBackend {
+    fn read(&self, offset: u64, len: usize, reply: ReadReply) {
+        let image = self.image.clone();
+        self.rt.spawn_blocking(move || {
+            let mut b = vec![0u8; len];
+            match image.read(offset, &mut b) {
+                Ok(()) => reply.data(&b),
+                Err(e) => {
+                    tracing::error!(image = %image.label(), offset, "device read: {e}");
+                    reply.error(libc::EIO)
+                }
+            }
+        });
+    }
+
+    fn write(&self, offset: u64, data: &[u8], reply: Done) {
+        let (image, data) = (self.image.clone(), data.to_vec());
+        self.rt.spawn_blocking(move || match image.write(offset, &data) {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::error!(image = %image.label(), offset, "device write: {e}");
+                reply.error(libc::EIO)
+            }
+        });
+    }
+
+    fn fsync(&self, reply: Done) {
+        let image = self.image.clone();
+        self.rt.spawn_blocking(move || match image.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::error!(image = %image.label(), "device flush: {e}");
+                reply.error(libc::EIO)
+            }
+        });
+    }
+}
+
 /// The answer to a read.
 pub struct ReadReply {
     reply: ReplyData,

@@ -28,7 +28,17 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub trait Image: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), String>;
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String>;
+    /// Writes `len` zero bytes at `offset` (by default as writes of at most 1 MiB).
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64);
+            self.write(offset + done, &zeroes[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
     /// Makes every write answered so far durable.
     fn flush(&self) -> Result<(), String>;
     /// For the log.
