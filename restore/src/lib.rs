@@ -169,7 +169,7 @@ impl Restore {
             self.target.write_all_at(&b, cs).map_err(|e| format!("write the target at {cs}: {e}"))?;
             self.set(c);
         }
-        self.target.write_all_at(data, offset).map_err(|e| format!("write the target at {offset}: {e}"))?;
+        write_pieces(&self.target, data, offset)?;
         for c in first..=last {
             self.set(c);
         }
@@ -283,7 +283,7 @@ impl Restore {
             }
             let (from, to) = (self.range(start).0, self.range(c - 1).1);
             let part = &data[(from - lo) as usize..(to - lo) as usize];
-            self.target.write_all_at(part, from).map_err(|e| format!("write the target at {from}: {e}"))?;
+            write_pieces(&self.target, part, from)?;
             for k in start..c {
                 self.set(k);
             }
@@ -291,6 +291,20 @@ impl Restore {
         }
         Ok(())
     }
+}
+
+/// Writes of at most this many bytes each: on this host's kernel (6.18, ext4 on virtio) a 1 MiB
+/// or larger buffered write runs at a quarter of the rate of 128 KiB ones (`dd bs=4M` against
+/// `bs=128K` of the same file: 3.9 s against 0.8 s per GiB with the sync).
+const WRITE_PIECE: usize = 128 << 10;
+
+/// Writes `data` at `offset` of the target in pieces of [`WRITE_PIECE`].
+fn write_pieces(f: &File, data: &[u8], offset: u64) -> Result<(), String> {
+    for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
+        let at = offset + (i * WRITE_PIECE) as u64;
+        f.write_all_at(piece, at).map_err(|e| format!("write the target at {at}: {e}"))?;
+    }
+    Ok(())
 }
 
 impl drv_userdev::nbd::Image for Restore {

@@ -9,8 +9,9 @@
 //! - 4 KiB random reads: fio's nbd engine (libnbd), queue depth 16, drv against nbdkit;
 //! - restore: `drv restore --no-device` into a file (the copy's own rate, from its last JSON
 //!   line), against `cp --reflink=never` of the image followed by `sync` of the copy, in turn
-//!   first in alternate rounds after one unmeasured copy (this VM's disk takes the first writes
-//!   after a pause at a quarter of its usual rate);
+//!   first in alternate rounds after one unmeasured copy, each after a `sync` and a pause (this
+//!   VM's disk runs a copy at a quarter of its rate while the last one's writeback and discards
+//!   go on);
 //! - time to first usable read: from starting `drv restore` (with its block device) to a 4 KiB
 //!   O_DIRECT read of the device done, for the 1 GiB volume and a 64 GiB one.
 
@@ -91,8 +92,17 @@ fn fio_iops(uri: &str, bytes: u64, secs: u64) -> Result<f64> {
     v["jobs"][0]["read"]["iops"].as_f64().context("fio's read iops")
 }
 
+/// Lets the disk settle: every dirty page written back, then a moment (writeback and the
+/// discards of a removed copy would otherwise land on whichever copy runs next).
+fn settle() -> Result<()> {
+    timed(&mut Command::new("sync"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
+}
+
 /// Seconds of `cp --reflink=never IMG COPY` and `sync COPY`; the copy is removed.
 fn cp_secs(img: &Path, copy: &Path) -> Result<f64> {
+    settle()?;
     let t = Instant::now();
     timed(Command::new("cp").arg("--reflink=never").arg(img).arg(copy))?;
     timed(Command::new("sync").arg(copy))?;
@@ -112,6 +122,7 @@ impl Drop for Kill {
 
 /// `drv restore --no-device` into `to`: the copy's MB/s as its last JSON line gives it.
 fn restore_copy(drv: &Path, s: &Setup, to: &Path) -> Result<f64> {
+    settle()?;
     let to_s = to.display().to_string();
     let out = drv_admin(drv, s, &["restore", "vol1", "s1", "--to", &to_s, "--no-device", "--json"])?;
     let last: serde_json::Value =
@@ -221,6 +232,7 @@ pub fn bench(drv: &Path, dir: &Path, quick: bool) -> Result<()> {
     let first_small = first_read(drv, &s, "vol1", &dir.join("first.img"), bytes)?;
     let first_big = first_read(drv, &s, "big", &dir.join("first-big.img"), 64 << 30)?;
     let (raw, file, ours, theirs) = (median(raw), median(file), median(ours), median(theirs));
+    println!("  restore copy by round {rest:.0?} MB/s, cp + sync {cp:.0?} MB/s");
     let (io, it, rest, cp) = (median(iops_ours), median(iops_theirs), median(rest), median(cp));
     println!("getting data back, a {} MiB image, {rounds} round(s), medians:", bytes >> 20);
     println!(
