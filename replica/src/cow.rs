@@ -98,6 +98,9 @@ pub struct CowStore {
     points: Points,
     /// At most this many bytes of slots in use (`None`: no limit).
     limit_bytes: Option<u64>,
+    /// Counts the commits that added versions, each before its batch reaches the target: a reader
+    /// that sees it unchanged across its target read knows no block it read was overwritten.
+    preserved: std::sync::atomic::AtomicU64,
 }
 
 /// Space a store uses.
@@ -178,7 +181,7 @@ impl CowStore {
             tx.commit().map_err(|e| store_err(e.into()))?;
             points
         };
-        Ok(CowStore { db, db_path, data, data_path, slot_bytes, points, limit_bytes })
+        Ok(CowStore { db, db_path, data, data_path, slot_bytes, points, limit_bytes, preserved: Default::default() })
     }
 
     fn err(&self) -> impl Fn(redb::Error) -> CowError + use<> {
@@ -582,6 +585,9 @@ impl CowStore {
             }
         }
         tx.commit().map_err(|x| e(x.into()))?;
+        if !plan.is_empty() {
+            self.preserved.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(plan)
     }
 
@@ -664,6 +670,7 @@ impl CowStore {
         let n = (end - 1) / bs - first + 1;
         // The bytes of block index `i` (from `first`) within the request: (from, to) in the image.
         let span = |i: u64| (((first + i) * bs).max(offset), ((first + i + 1) * bs).min(end));
+        let mut generation = self.preserved.load(std::sync::atomic::Ordering::SeqCst);
         let mut src = self.sources(seq, first, n)?;
         let mut todo = vec![true; n as usize];
         loop {
@@ -691,6 +698,12 @@ impl CowStore {
                 )?;
                 i = j;
             }
+            // No commit added versions since the lookup: the target reads were the point's.
+            let now = self.preserved.load(std::sync::atomic::Ordering::SeqCst);
+            if now == generation {
+                return Ok(());
+            }
+            generation = now;
             let again = self.sources(seq, first, n)?;
             let mut any = false;
             for k in 0..n as usize {
