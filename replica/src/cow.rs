@@ -864,6 +864,36 @@ mod tests {
         buf
     }
 
+    /// Reads of a snapshot's whole image while the apply step overwrites its blocks (preserve,
+    /// then the target write) always show the snapshot's image.
+    #[test]
+    fn range_reads_during_apply_show_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), 32);
+        for b in 0..32 {
+            t.write_all_at(&fill(b, 1), b * BS).unwrap();
+        }
+        let mut s = CowStore::open(&dir.path().join("store"), 1, BS, None).unwrap();
+        s.create("a", 2, 1, 0).unwrap();
+        let want: Vec<u8> = (0..32).flat_map(|b| fill(b, 1)).collect();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for e in 3..400u64 {
+                    write(&s, &t, e * 7 % 32, e as u8, e);
+                }
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            let mut reads = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || reads == 0 {
+                let mut all = vec![0u8; 32 * BS as usize];
+                s.read_range_at_point(&t, 2, 0, &mut all).unwrap();
+                assert!(all == want, "read {reads} differs from the snapshot");
+                reads += 1;
+            }
+        });
+    }
+
     #[test]
     fn snapshots_keep_their_images_share_versions_and_delete_frees() {
         let dir = tempfile::tempdir().unwrap();
