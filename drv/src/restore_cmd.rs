@@ -51,6 +51,9 @@ pub struct RestoreArgs {
     t: ServerConn,
 }
 
+/// How long reads of the snapshot wait for the replica (a restart) before they fail.
+const SOURCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub fn run(a: RestoreArgs) -> Result<()> {
     let (id, server) = a.t.open()?;
     runtime()?.block_on(restore(&a, &id, server))
@@ -157,6 +160,15 @@ async fn restore(a: &RestoreArgs, id: &Identity, server: std::net::SocketAddr) -
     let file = open_target(&target, bytes)?;
     let (l, s) = (listen.clone(), a.snapshot.clone());
     let src = tokio::task::spawn_blocking(move || Source::open(&l, &s, 4)).await?.map_err(anyhow::Error::msg)?;
+    // A replica restart ends its export: reads wait, the export is asked for again.
+    let (rid, volume, rt) = (id.clone(), a.volume.clone(), tokio::runtime::Handle::current());
+    let resolve: drv_restore::client::Resolve = Box::new(move || {
+        let e: serde_json::Value = rt
+            .block_on(request_to(&rid, server, &volume, snapshot_op::EXPORT, snapshot_op::REUSE, &arg))
+            .map_err(|e| crate::report(e.as_ref()))?;
+        e["listen"].as_str().map(str::to_owned).ok_or_else(|| "the replica's reply has no address".into())
+    });
+    let src = src.with_retries(resolve, SOURCE_PATIENCE);
     let r = Arc::new(Restore::new(src, file, state).map_err(anyhow::Error::msg)?);
     if resumed {
         eprintln!("resuming: {} of {} already in {}", human(r.present_bytes()), human(bytes), target.display());

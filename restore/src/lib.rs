@@ -121,6 +121,7 @@ impl Restore {
     /// Asks the background copy to stop after its current batch.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.src.cancel();
     }
 
     /// Reads `buf.len()` bytes at `offset`: present chunks from the target, the rest from the

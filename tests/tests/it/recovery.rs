@@ -513,3 +513,57 @@ async fn a_failover_test_leaves_replication_running_and_a_failover_holds_apply_t
     assert!(target == image_at(&history, st.volumes[0].applied_seq), "the replica after the failover");
     kill_all([&mut staging, &mut replica]);
 }
+
+/// A replica killed and restarted under a restore (its export ends with it): the copy's reads and
+/// a read of the device wait, the export is asked for again, and the restore ends with the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_rides_out_a_replica_restart() {
+    use crate::snapshots::writer_cluster;
+    if !root_or_skip("a_restore_rides_out_a_replica_restart") {
+        return;
+    }
+    const SIZE: u64 = 64 << 20;
+    let cl = drv_tests::Cluster::new(1, SIZE);
+    let (mut staging, mut replica, agent) = writer_cluster(&cl).await;
+    let mut image = vec![0u8; SIZE as usize];
+    for i in 0..16u64 {
+        let (offset, data) = (i * (SIZE / 16), drv_tests::pattern(i, 65536));
+        agent.write(offset, bytes::Bytes::from(data.clone()), drv_format::record::Flags::default()).await.unwrap();
+        image[offset as usize..offset as usize + 65536].copy_from_slice(&data);
+    }
+    // Each write is its own unit, complete when the next is sent: this one completes the last
+    // (and is not in the snapshot).
+    agent.write(65536, bytes::Bytes::from(vec![7u8; 4096]), drv_format::record::Flags::default()).await.unwrap();
+    crate::agent::until_in(&cl, "the writes applied", Duration::from_secs(30), || {
+        cl.replica_status().is_some_and(|s| s.volumes[0].applied_seq >= 16)
+    })
+    .await;
+    let snap = snapshot_json(&cl, &["create", "vol1", "r1"]).await;
+    assert_eq!(snap["seq"], 16, "{snap}");
+    let target = cl.dir.path().join("restored.img");
+    // 4 MiB a second: the readers are a few batches ahead at most when the replica goes.
+    let r = Restoring::start(&cl, &target, &["--bwlimit", "4M"]);
+    let dev = r.until(&cl, |l| l.strip_prefix("DEVICE ").map(str::to_owned));
+    r.until(&cl, |l| l.contains("present_bytes").then_some(()));
+    kill_all([&mut replica]);
+    // A read of the device's last block (not copied yet) waits for the replica.
+    let d = dev.clone();
+    let last = tokio::task::spawn_blocking(move || pread(&d, SIZE - 65536, 65536));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    replica = cl.start("replica", "rep1");
+    assert!(last.await.unwrap() == image[(SIZE - 65536) as usize..], "the device's read across the restart");
+    let done = r.until(&cl, |l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["complete"] == true).then_some(v)
+    });
+    assert_eq!(done["present_bytes"], SIZE, "{done}");
+    r.until(&cl, |l| l.starts_with("still serving").then_some(()));
+    let log = std::fs::read_to_string(cl.dir.path().join("restore.log")).unwrap();
+    assert!(log.contains("wait for its export") && log.contains("answers again"), "no outage seen:\n{log}");
+    let mut r = r;
+    // SAFETY: kill(2).
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    assert!(r.child.wait().unwrap().success());
+    assert!(std::fs::read(&target).unwrap() == image, "the restored image differs");
+    kill_all([&mut staging, &mut replica]);
+}
