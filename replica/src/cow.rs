@@ -627,28 +627,7 @@ impl CowStore {
     /// shorter for the volume's last block): from its version, or from `target`, checking again
     /// after a target read (the apply step preserves before it overwrites).
     pub fn read_at_point(&self, target: &File, seq: u64, block: u64, buf: &mut [u8]) -> Result<(), CowError> {
-        let offset = block * self.slot_bytes;
-        loop {
-            match self.source(seq, block)? {
-                (Source::Version(v), Some(slot)) => {
-                    debug_assert_eq!(v.block, block);
-                    return self
-                        .data
-                        .read_exact_at(buf, slot * self.slot_bytes)
-                        .map_err(self.io(format!("read slot {slot}")));
-                }
-                _ => {
-                    read_block(target, offset, buf).map_err(|err| CowError::Io {
-                        path: "target".into(),
-                        what: format!("read block {block}"),
-                        err,
-                    })?;
-                    if matches!(self.source(seq, block)?.0, Source::Target) {
-                        return Ok(());
-                    }
-                }
-            }
-        }
+        self.read_range_at_point(target, seq, block * self.slot_bytes, buf)
     }
 
     /// Whether a snapshot pins position `seq` (its image is kept).
@@ -658,9 +637,9 @@ impl CowStore {
 
     /// Reads `buf.len()` bytes at `offset` of the image at position `seq` (within the volume):
     /// runs of blocks the store holds no version of in one target read each, the others from
-    /// their slots, only the bytes asked for; then, as [`CowStore::read_at_point`] does for one
-    /// block, the sources are looked up again and a block whose version appeared meanwhile is
-    /// read again from it.
+    /// their slots, only the bytes asked for; then, as any reader of the target must (the apply
+    /// step preserves before it overwrites), the sources are looked up again (unless no commit
+    /// added versions meanwhile) and a block whose version appeared is read again from it.
     pub fn read_range_at_point(&self, target: &File, seq: u64, offset: u64, buf: &mut [u8]) -> Result<(), CowError> {
         if buf.is_empty() {
             return Ok(());
@@ -742,23 +721,6 @@ impl CowStore {
             b += 1;
         }
         Ok(out)
-    }
-
-    /// Where position `seq` reads `block` from, with the slot of a version.
-    fn source(&self, seq: u64, block: u64) -> Result<(Source, Option<u64>), CowError> {
-        let e = self.err();
-        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
-        let versions = tx.open_table(VERSIONS).map_err(|x| e(x.into()))?;
-        // The first version ending after `seq` is the only one that can cover it.
-        let mut r = versions.range((block, seq + 1)..=(block, u64::MAX)).map_err(|x| e(x.into()))?;
-        let Some(entry) = r.next() else { return Ok((Source::Target, None)) };
-        let (k, v) = entry.map_err(|x| e(x.into()))?;
-        let ((_, hi), (lo, slot)) = (k.value(), v.value());
-        let version = Version { block, lo, hi };
-        Ok(match cow::read_source(seq, [&version]) {
-            Source::Version(v) => (Source::Version(v), Some(slot)),
-            Source::Target => (Source::Target, None),
-        })
     }
 
     /// Bytes the data file occupies on disk (freed slots are handed back).
