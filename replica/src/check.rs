@@ -128,8 +128,8 @@ impl Checks {
         let state = self.dir.join(format!("dev-{}-{name}", v.id));
         let _ = drv_userdev::recover(&state);
         std::fs::create_dir_all(&state).map_err(|e| format!("create {}: {e}", state.display()))?;
-        let base = SnapImage { snaps: snaps.clone(), v: v.clone(), name: name.to_owned(), seq: meta.seq };
-        let view = Arc::new(View { base, overlay: Some(Overlay::create(&self.dir, v.size_bytes)?) });
+        let base = SnapImage::new(snaps.clone(), v.clone(), name, meta.seq);
+        let view = Arc::new(View { base, overlay: Some(Arc::new(Overlay::create(&self.dir, v.size_bytes)?)) });
         let label = format!("check:{}@{name}", v.name);
         let attach = Attach { label: &label, size: v.size_bytes, state: &state, read_only: false };
         let mut dev =

@@ -74,14 +74,14 @@ impl Exports {
             bytes: v.size_bytes,
             writable: overlay_dir.is_some(),
         };
-        let overlay = overlay_dir.map(|d| Overlay::create(d, v.size_bytes)).transpose()?;
+        let overlay = overlay_dir.map(|d| Overlay::create(d, v.size_bytes).map(Arc::new)).transpose()?;
         let export = Export {
             name: name.to_owned(),
             size: v.size_bytes,
             writable: overlay.is_some(),
             description: format!("{} at seq {seq}", v.name),
         };
-        let base = SnapImage { snaps, v: v.clone(), name: name.to_owned(), seq };
+        let base = SnapImage::new(snaps, v.clone(), name, seq);
         let image: Arc<dyn drv_userdev::nbd::Image> = Arc::new(View { base, overlay });
         let task = tokio::spawn(drv_userdev::nbd::serve_listener(listener, export, image));
         tracing::info!(volume = %v.name, snapshot = name, listen = %bound, writable = info.writable, "snapshot exported over NBD");

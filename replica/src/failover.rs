@@ -150,8 +150,8 @@ impl Failovers {
     ) -> Result<FailoverInfo, String> {
         let (_, overlay, map, state) = self.paths(v);
         let overlay = Overlay::persistent(&overlay, &map, v.id, v.size_bytes)?;
-        let base = SnapImage { snaps: snaps.clone(), v: v.clone(), name: record.snapshot.clone(), seq: record.seq };
-        let view = Arc::new(View { base, overlay: Some(overlay) });
+        let base = SnapImage::new(snaps.clone(), v.clone(), &record.snapshot, record.seq);
+        let view = Arc::new(View { base, overlay: Some(Arc::new(overlay)) });
         let _ = drv_userdev::recover(&state);
         std::fs::create_dir_all(&state).map_err(|e| format!("create {}: {e}", state.display()))?;
         let label = format!("failover:{}@{}", v.name, record.snapshot);
@@ -178,7 +178,7 @@ impl Failovers {
             capture_unix: a.record.capture_unix,
             started_unix: a.record.started_unix,
             device: a.dev.as_ref().map(|d| d.loop_dev.display().to_string()).unwrap_or_default(),
-            changed_bytes: a.view.overlay.as_ref().map_or(0, Overlay::bytes),
+            changed_bytes: a.view.overlay.as_ref().map_or(0, |o| o.bytes()),
             change_map: self.paths(v).2.display().to_string(),
         }
     }

@@ -28,15 +28,33 @@ pub struct SnapImage {
     pub v: Arc<ReplicaVolume>,
     pub name: String,
     pub seq: u64,
+    /// A descriptor of the target of this image's own (one NBD client's: the kernel's readahead
+    /// follows each client's sequential reads apart); `None`: the volume's.
+    target: Option<File>,
 }
 
 impl SnapImage {
+    pub fn new(snaps: Arc<Snapshots>, v: Arc<ReplicaVolume>, name: &str, seq: u64) -> SnapImage {
+        SnapImage { snaps, v, name: name.to_owned(), seq, target: None }
+    }
+
     /// Reads `buf.len()` bytes at `offset`, while a snapshot pins its position (the replica
     /// deletes an `auto-resync-` one itself when its run ends: its blocks may then be reused).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let target = self.target.as_ref().unwrap_or(self.v.target());
         self.snaps
-            .read(&self.v, self.seq, offset, buf)
+            .read_from(&self.v, target, self.seq, offset, buf)
             .map_err(|e| format!("snapshot {} of {}: {e}", self.name, self.v.name))
+    }
+
+    /// The same image with a descriptor of the target of its own (opened again through
+    /// `/proc/self/fd`: the same file, even renamed).
+    fn reopened(&self) -> Result<SnapImage, String> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/proc/self/fd/{}", self.v.target().as_raw_fd());
+        let target = File::open(&path).map_err(|e| format!("open the target of {} again: {e}", self.v.name))?;
+        let (snaps, v) = (self.snaps.clone(), self.v.clone());
+        Ok(SnapImage { snaps, v, name: self.name.clone(), seq: self.seq, target: Some(target) })
     }
 }
 
@@ -194,7 +212,8 @@ fn tempfile_in(dir: &Path) -> Result<File, String> {
 /// An export's or a mount's image: a snapshot, with a private overlay when writable.
 pub struct View {
     pub base: SnapImage,
-    pub overlay: Option<Overlay>,
+    /// Shared by every NBD client's view of one export.
+    pub overlay: Option<Arc<Overlay>>,
 }
 
 impl View {
@@ -223,13 +242,23 @@ impl View {
 
     /// Makes the writes durable (a persistent overlay's; a private one is discarded anyway).
     pub fn flush(&self) -> Result<(), String> {
-        self.overlay.as_ref().map_or(Ok(()), Overlay::flush)
+        self.overlay.as_ref().map_or(Ok(()), |o| o.flush())
     }
 }
 
 impl drv_userdev::nbd::Image for View {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
         View::read(self, offset, buf)
+    }
+
+    fn for_client(&self) -> Option<Arc<dyn drv_userdev::nbd::Image>> {
+        match self.base.reopened() {
+            Ok(base) => Some(Arc::new(View { base, overlay: self.overlay.clone() })),
+            Err(e) => {
+                tracing::warn!("{e}; this NBD client reads through the volume's descriptor");
+                None
+            }
+        }
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {

@@ -80,8 +80,8 @@ impl Mounts {
         }
         let seq = snaps.get(&v, name).map_err(|e| e.to_string())?.seq;
         let state = self.root.join(format!("{}-{name}", v.id));
-        let overlay = if writable { Some(Overlay::create(&self.root, v.size_bytes)?) } else { None };
-        let base = SnapImage { snaps, v: v.clone(), name: name.to_owned(), seq };
+        let overlay = if writable { Some(Arc::new(Overlay::create(&self.root, v.size_bytes)?)) } else { None };
+        let base = SnapImage::new(snaps, v.clone(), name, seq);
         let view = Arc::new(View { base, overlay });
         std::fs::create_dir_all(&state).map_err(|e| format!("create {}: {e}", state.display()))?;
         let label = format!("{}@{name}", v.name);

@@ -234,6 +234,18 @@ impl Snapshots {
     /// (the replica deletes an `auto-resync-` one itself when its run ends: its blocks may then
     /// be reused).
     pub fn read(&self, v: &ReplicaVolume, seq: u64, offset: u64, buf: &mut [u8]) -> Result<(), CowError> {
+        self.read_from(v, v.target(), seq, offset, buf)
+    }
+
+    /// [`Snapshots::read`] through `target`, a descriptor of `v`'s target.
+    pub fn read_from(
+        &self,
+        v: &ReplicaVolume,
+        target: &std::fs::File,
+        seq: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), CowError> {
         let end = offset + buf.len() as u64;
         assert!(end <= v.size_bytes, "a read past the end of volume {}", v.name);
         if buf.is_empty() {
@@ -244,7 +256,7 @@ impl Snapshots {
         if !store.pinned(seq) {
             return Err(CowError::NoPoint(format!("no snapshot of {} is at seq {seq} any more", v.name)));
         }
-        store.read_range_at_point(v.target(), seq, offset, buf)
+        store.read_range_at_point(target, seq, offset, buf)
     }
 
     /// The xxh3-128 digest of snapshot `name`'s image (read while replication goes on).

@@ -8,7 +8,9 @@
 //! data), lets go, carries the request out and takes the write side for its reply (replies go in
 //! the order requests finish; the cookie says which is which, as the protocol allows). So reads
 //! from a cold disk overlap one another and the sending of other replies, as nbdkit's threads
-//! do. The bytes of requests being served are bounded per listener ([`BYTES_IN_FLIGHT`]); a
+//! do; and each client may read through an image of its own ([`Image::for_client`]: the replica
+//! gives each a descriptor of the target, so the kernel's readahead follows each client's
+//! sequential reads apart). The bytes of requests being served are bounded per listener ([`BYTES_IN_FLIGHT`]); a
 //! client that stops reading replies holds only its own threads (each bounded by a write
 //! timeout). Clients run in parallel (the export announces `CAN_MULTI_CONN`). Ending the
 //! listener's task shuts every client's socket down.
@@ -27,11 +29,12 @@ pub const CLIENTS_LIMIT: usize = 16;
 /// A client that takes no reply for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests of one client carried out at once at most (its threads).
-pub const WORKERS: usize = 8;
+pub const WORKERS: usize = 16;
 /// Bytes of the requests being carried out on one listener at most (reads' replies and writes'
 /// data; a request waits for room). One request may be as large as `nbd::REQUEST_LIMIT`.
 pub const BYTES_IN_FLIGHT: u64 = 256 << 20;
-/// A worker's buffer grown past this by a large request is given back after its reply.
+/// A worker's buffer grown past this by a large request is given back after its reply (so the
+/// buffers kept between requests are at most `CLIENTS_LIMIT * WORKERS` MiB).
 const KEEP_BUFFER: usize = 1 << 20;
 
 /// What an export serves. Calls are blocking and never reach past the export's size; the write
@@ -52,6 +55,12 @@ pub trait Image: Send + Sync + 'static {
     }
     /// Makes every write answered so far durable.
     fn flush(&self) -> Result<(), String>;
+    /// The image one client reads and writes, when it should not be this one: an image read
+    /// from a file may give each client a descriptor of its own, so that the kernel's readahead
+    /// follows each client's sequential reads apart. Writes through it reach the same image.
+    fn for_client(&self) -> Option<Arc<dyn Image>> {
+        None
+    }
     /// For the log.
     fn label(&self) -> String;
 }
@@ -133,7 +142,8 @@ fn serve(mut s: TcpStream, export: &Export, image: &dyn Image, budget: &Budget) 
             }
         }
     }
-    transmission(s, export, image, budget)
+    let own = image.for_client();
+    transmission(s, export, own.as_deref().unwrap_or(image), budget)
 }
 
 /// The bytes of the requests being carried out on one listener.
@@ -323,14 +333,18 @@ mod tests {
     use super::*;
     use drv_proto::nbd::{ClientHandshake, ClientStep, cmd};
 
-    /// An image in memory; a read at `slow` takes a while.
+    /// An image in memory; a read at `slow` takes a while. Each client gets a view of its own
+    /// (as the replica gives each a descriptor of its own), counted in `clients`.
     struct Mem {
-        bytes: Mutex<Vec<u8>>,
+        bytes: Arc<Mutex<Vec<u8>>>,
         slow: u64,
+        clients: Arc<AtomicUsize>,
+        own: bool,
     }
 
     impl Image for Mem {
         fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+            assert!(self.own, "a client reads through its own view");
             if offset == self.slow {
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -347,6 +361,11 @@ mod tests {
         fn label(&self) -> String {
             "mem".into()
         }
+        fn for_client(&self) -> Option<Arc<dyn Image>> {
+            self.clients.fetch_add(1, Ordering::SeqCst);
+            let (bytes, clients) = (self.bytes.clone(), self.clients.clone());
+            Some(Arc::new(Mem { bytes, slow: self.slow, clients, own: true }))
+        }
     }
 
     const SIZE: u64 = 1 << 20;
@@ -355,8 +374,8 @@ mod tests {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let bytes = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
-        let image = Arc::new(Mem { bytes: Mutex::new(bytes), slow });
+        let bytes = Arc::new(Mutex::new((0..SIZE).map(|i| (i * 7 % 251) as u8).collect()));
+        let image = Arc::new(Mem { bytes, slow, clients: Arc::default(), own: false });
         let export = Export { name: "e".into(), size: SIZE, writable: true, description: String::new() };
         rt.spawn(serve_listener(listener, export, image.clone()));
         (rt, addr, image)
@@ -432,6 +451,7 @@ mod tests {
                 assert_eq!(data[..], want[at..at + 4096], "read {cookie}");
             }
         }
+        assert_eq!(image.clients.load(Ordering::SeqCst), 1, "the client had a view of its own");
         let now = image.bytes.lock().unwrap();
         for i in 0..16usize {
             let at = i * 65_536 + 32_768;
