@@ -9,6 +9,8 @@
 //! - `cargo xtask bench relay`: relay throughput and lag against network baselines (`relay.rs`).
 //! - `cargo xtask bench agent`: write latency and IOPS through the agent against floors (`agent.rs`).
 //! - `cargo xtask bench kmod`: writes on `/dev/drv0` against its backing device, in the VM (`kmod.rs`).
+//! - `cargo xtask bench ebpf|user|snapshots|restore`: tracing, the user-mode device, snapshots,
+//!   getting data back (`ebpf.rs`, `user.rs`, `snapshots.rs`, `restore.rs`).
 //! - `cargo xtask fuzz [SECONDS]`: the fuzz run alone.
 //! - `cargo xtask setup`, `cargo xtask kmod build`, `cargo xtask vm-test`: the kernel pieces (`kmod.rs`).
 
