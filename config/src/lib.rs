@@ -4,21 +4,25 @@
 //!
 //! Each kind is a redb table from name to the JSON of its struct. Ids that must be unique in the
 //! installation (volume ids, WRL nonce domains) are allocated here from a counter table, in the same
-//! transaction that stores the entry, and never change afterwards.
+//! transaction that stores the entry, and never change afterwards. Every change is a
+//! [`Command`] applied by [`command::apply`] in one transaction, with a version, an author, a time
+//! and a place in the history (`drv config log`).
 
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub mod command;
 mod validate;
+pub use command::{Command, HISTORY_LIMIT, LogRecord, Op, Tables, Written};
 pub use validate::{AddressError, MIN_FRAME_BYTES, check_address, human};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// What can go wrong with the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,25 @@ pub enum ConfigError {
     /// An unknown kind was named.
     #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key)")]
     UnknownKind(String),
+    /// A conditional change found the entry at another version (0: the entry does not exist).
+    #[error("{kind} {name:?} is at version {actual}, not {expected}: it changed since it was read (read it again)")]
+    Stale { kind: Kind, name: String, expected: u64, actual: u64 },
+}
+
+impl ConfigError {
+    /// The kind of error in one word, for a client that must tell them apart (an HTTP status).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConfigError::Store { .. } => "store",
+            ConfigError::Invalid { .. } => "invalid",
+            ConfigError::BadAssignment(_) => "bad_assignment",
+            ConfigError::Reference { .. } => "reference",
+            ConfigError::NotFound { .. } => "not_found",
+            ConfigError::Missing(_) => "missing",
+            ConfigError::UnknownKind(_) => "unknown_kind",
+            ConfigError::Stale { .. } => "stale",
+        }
+    }
 }
 
 type Result<T, E = ConfigError> = std::result::Result<T, E>;
@@ -61,7 +84,7 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::Endpoint, Kind::Key, Kind::Wrl, Kind::Volume];
 
-    fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    pub(crate) fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
             Kind::Endpoint => "endpoints",
             Kind::Key => "keys",
@@ -395,7 +418,7 @@ fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Op
 
 /// Entry names become parts of file names (`NAME.img`, `NAME.applied`) and, for endpoints,
 /// certificate names (`NAME.ROLE.drv`): so only letters, digits and a few safe signs.
-fn check_name(kind: Kind, name: &str) -> Result<()> {
+pub(crate) fn check_name(kind: Kind, name: &str) -> Result<()> {
     let (ok, allowed) = match kind {
         Kind::Endpoint => (
             (1..=63).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
@@ -418,7 +441,7 @@ fn check_name(kind: Kind, name: &str) -> Result<()> {
 /// The JSON value of the text after `FIELD=`: JSON where it parses as JSON, else the text. A
 /// number JSON cannot hold exactly (`99999999999999999999`) stays text, so that a message about
 /// it shows it as it was typed.
-fn assignment_value(raw: &str) -> Value {
+pub(crate) fn assignment_value(raw: &str) -> Value {
     match serde_json::from_str::<Value>(raw) {
         Ok(Value::Number(n)) if n.is_f64() && raw.trim().bytes().all(|b| b.is_ascii_digit()) => {
             Value::String(raw.trim().to_owned())
@@ -426,6 +449,37 @@ fn assignment_value(raw: &str) -> Value {
         Ok(v) => v,
         Err(_) => Value::String(raw.to_owned()),
     }
+}
+
+/// The entry typed (defaults filled in) and checked field by field; back as JSON.
+pub(crate) fn typed_check(kind: Kind, name: &str, value: Value, raw: &BTreeMap<String, String>) -> Result<Value> {
+    fn rt<T: Serialize + for<'de> Deserialize<'de> + validate::Entry>(
+        v: Value,
+        raw: &BTreeMap<String, String>,
+    ) -> std::result::Result<Value, String> {
+        let t: T = serde_path_to_error::deserialize(v).map_err(|e| {
+            let field = e.path().to_string();
+            let why = validate::plain_serde(&e.inner().to_string());
+            match raw.get(&field) {
+                Some(r) => format!("{field}={r}: {why}"),
+                None if field != "." => format!("{field}: {why}"),
+                None => why,
+            }
+        })?;
+        let mut c = validate::Check::new(raw);
+        t.check(&mut c);
+        if !c.problems.is_empty() {
+            return Err(c.problems.join("; "));
+        }
+        Ok(serde_json::to_value(t).expect("serializable"))
+    }
+    match kind {
+        Kind::Endpoint => rt::<Endpoint>(value, raw),
+        Kind::Key => rt::<KeyRef>(value, raw),
+        Kind::Wrl => rt::<WrlDef>(value, raw),
+        Kind::Volume => rt::<Volume>(value, raw),
+    }
+    .map_err(|reason| ConfigError::Invalid { kind, name: name.into(), reason })
 }
 
 enum Db {
@@ -454,6 +508,7 @@ impl ConfigStore {
             tx.open_table(k.table()).map_err(|e| err(e.into()))?;
         }
         tx.open_table(COUNTERS).map_err(|e| err(e.into()))?;
+        command::prepare(&tx).map_err(&err)?;
         tx.commit().map_err(|e| err(e.into()))?;
         Ok(ConfigStore { db: Db::ReadWrite(db), path: p })
     }
@@ -512,107 +567,74 @@ impl ConfigStore {
     /// field and the rules between entries (`validate.rs`), and allocates ids, all in one
     /// transaction: nothing is stored unless all of it holds. Returns the stored entry.
     pub fn set(&self, kind: Kind, name: &str, assignments: &[String]) -> Result<Value> {
-        check_name(kind, name)?;
+        let op = Op::Set { kind, name: name.into(), assignments: assignments.to_vec(), if_version: None };
+        Ok(self.commit(vec![op])?.values.swap_remove(0))
+    }
+
+    /// Applies `ops` as one command of this host's user, now.
+    pub fn commit(&self, ops: Vec<Op>) -> Result<Written> {
+        let cmd = Command { request_id: random_id(), author: local_author(), time_unix_ms: now_unix_ms(), ops };
+        self.apply(&cmd)
+    }
+
+    /// Applies `cmd` as the next version: all of it in one transaction, or nothing. A volume's
+    /// targets on this host's block devices are checked here too (the local store only: a
+    /// replicated store must not read its own host's devices).
+    pub fn apply(&self, cmd: &Command) -> Result<Written> {
         let e = self.err();
         let tx = self.writable()?.begin_write().map_err(|x| e(x.into()))?;
-        let stored = {
-            let mut table = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
-            let mut obj: Map<String, Value> = match table.get(name).map_err(|x| e(x.into()))? {
-                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
-                None => Map::new(),
-            };
-            let old_id = obj.get("id").cloned();
-            // The text of each field as given, for messages.
-            let mut raw = BTreeMap::new();
-            for a in assignments {
-                let (k, v) = a.split_once('=').ok_or_else(|| ConfigError::BadAssignment(a.clone()))?;
-                raw.insert(k.trim().to_owned(), v.to_owned());
-                obj.insert(k.trim().to_owned(), assignment_value(v));
-            }
-            if let Some(old) = old_id
-                && obj.get("id") != Some(&old)
-            {
-                return Err(ConfigError::Invalid { kind, name: name.into(), reason: "id cannot change".into() });
-            }
-            let mut value = self.typed_check(kind, name, Value::Object(obj), &raw)?;
-            if matches!(kind, Kind::Wrl | Kind::Volume) && value["id"].as_u64() == Some(0) {
-                let mut counters = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
-                let counter = if kind == Kind::Wrl { "wrl_id" } else { "volume_id" };
-                let next = counters.get(counter).map_err(|x| e(x.into()))?.map(|v| v.value()).unwrap_or(0) + 1;
-                counters.insert(counter, next).map_err(|x| e(x.into()))?;
-                value["id"] = Value::from(next);
-            }
-            let bytes = serde_json::to_vec(&value).expect("JSON of a Value");
-            table.insert(name, bytes.as_slice()).map_err(|x| e(x.into()))?;
-            value
+        let version = {
+            let counters = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+            let newest = counters.get(command::VERSION).map_err(|x| e(x.into()))?;
+            newest.map_or(0, |v| v.value()) + 1
         };
-        let mut problems = validate::cross_check(&self.snapshot(&tx)?, kind, name);
-        if kind == Kind::Volume {
-            let vol: Volume = serde_json::from_value(stored.clone()).expect("checked above");
-            problems.extend(validate::small_local_targets(&vol));
+        let written = command::apply(&tx, cmd, version, &e)?;
+        if written.replayed {
+            return Ok(written);
         }
-        if !problems.is_empty() {
-            return Err(ConfigError::Reference { kind, name: name.into(), reason: problems.join("; ") });
+        for (op, value) in cmd.ops.iter().zip(&written.values) {
+            if let Op::Set { kind: Kind::Volume, name, .. } = op {
+                let vol: Volume = serde_json::from_value(value.clone()).expect("checked by apply");
+                let problems = validate::small_local_targets(&vol);
+                if !problems.is_empty() {
+                    let reason = problems.join("; ");
+                    return Err(ConfigError::Reference { kind: Kind::Volume, name: name.clone(), reason });
+                }
+            }
         }
         tx.commit().map_err(|x| e(x.into()))?;
-        Ok(stored)
+        Ok(written)
     }
 
-    /// The entry typed (defaults filled in) and checked field by field; back as JSON.
-    fn typed_check(&self, kind: Kind, name: &str, value: Value, raw: &BTreeMap<String, String>) -> Result<Value> {
-        fn rt<T: Serialize + for<'de> Deserialize<'de> + validate::Entry>(
-            v: Value,
-            raw: &BTreeMap<String, String>,
-        ) -> std::result::Result<Value, String> {
-            let t: T = serde_path_to_error::deserialize(v).map_err(|e| {
-                let field = e.path().to_string();
-                let why = validate::plain_serde(&e.inner().to_string());
-                match raw.get(&field) {
-                    Some(r) => format!("{field}={r}: {why}"),
-                    None if field != "." => format!("{field}: {why}"),
-                    None => why,
-                }
-            })?;
-            let mut c = validate::Check::new(raw);
-            t.check(&mut c);
-            if !c.problems.is_empty() {
-                return Err(c.problems.join("; "));
-            }
-            Ok(serde_json::to_value(t).expect("serializable"))
-        }
-        match kind {
-            Kind::Endpoint => rt::<Endpoint>(value, raw),
-            Kind::Key => rt::<KeyRef>(value, raw),
-            Kind::Wrl => rt::<WrlDef>(value, raw),
-            Kind::Volume => rt::<Volume>(value, raw),
-        }
-        .map_err(|reason| ConfigError::Invalid { kind, name: name.into(), reason })
-    }
-
-    /// Every entry that reads as its type, as the transaction sees them (entries that do not are
-    /// skipped here: they are refused when they are set).
-    fn snapshot(&self, tx: &redb::WriteTransaction) -> Result<validate::Snapshot> {
-        fn table<T: for<'de> Deserialize<'de>>(
-            tx: &redb::WriteTransaction,
-            k: Kind,
-        ) -> std::result::Result<BTreeMap<String, T>, redb::Error> {
-            let t = tx.open_table(k.table())?;
-            let mut out = BTreeMap::new();
-            for row in t.iter()? {
-                let (n, v) = row?;
-                if let Ok(x) = serde_json::from_slice(v.value()) {
-                    out.insert(n.value().to_owned(), x);
-                }
-            }
-            Ok(out)
-        }
+    /// The newest version (0: nothing was ever changed).
+    pub fn version(&self) -> Result<u64> {
         let e = self.err();
-        Ok(validate::Snapshot {
-            endpoints: table(tx, Kind::Endpoint).map_err(&e)?,
-            keys: table(tx, Kind::Key).map_err(&e)?,
-            wrls: table(tx, Kind::Wrl).map_err(&e)?,
-            volumes: table(tx, Kind::Volume).map_err(&e)?,
-        })
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
+        let t = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+        let v = t.get(command::VERSION).map_err(|x| e(x.into()))?;
+        Ok(v.map_or(0, |v| v.value()))
+    }
+
+    /// The changes after version `after`, oldest first, at most `limit`.
+    pub fn log(&self, after: u64, limit: usize) -> Result<Vec<LogRecord>> {
+        let e = self.err();
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
+        command::history(&tx, after, limit, &e)
+    }
+
+    /// Everything the store holds (entries, counters, versions, history).
+    pub fn dump(&self) -> Result<Tables> {
+        let e = self.err();
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
+        command::dump(&tx, &e)
+    }
+
+    /// Replaces everything the store holds with `t`, in one transaction.
+    pub fn load(&self, t: &Tables) -> Result<()> {
+        let e = self.err();
+        let tx = self.writable()?.begin_write().map_err(|x| e(x.into()))?;
+        command::load(&tx, t, &e)?;
+        tx.commit().map_err(|x| e(x.into()))
     }
 
     /// One entry as JSON.
@@ -656,37 +678,31 @@ impl ConfigStore {
 
     /// Deletes an entry that nothing refers to.
     pub fn delete(&self, kind: Kind, name: &str) -> Result<()> {
-        let users: Vec<String> = self
-            .list(&[Kind::Wrl, Kind::Volume])?
-            .into_iter()
-            .filter(|(k, _, v)| match (kind, k) {
-                (Kind::Endpoint, Kind::Wrl) => v["staging"] == name,
-                (Kind::Endpoint, Kind::Volume) => v["replicas"].as_array().is_some_and(|r| r.iter().any(|x| x == name)),
-                (Kind::Wrl, Kind::Volume) => v["wrl"] == name,
-                (Kind::Key, Kind::Volume) => v["key"] == name,
-                _ => false,
-            })
-            .map(|(k, n, _)| format!("{k} {n:?}"))
-            .collect();
-        if !users.is_empty() {
-            return Err(ConfigError::Reference {
-                kind,
-                name: name.into(),
-                reason: format!("still used by {}", users.join(", ")),
-            });
-        }
-        let e = self.err();
-        let tx = self.writable()?.begin_write().map_err(|x| e(x.into()))?;
-        let existed = {
-            let mut t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
-            t.remove(name).map_err(|x| e(x.into()))?.is_some()
-        };
-        tx.commit().map_err(|x| e(x.into()))?;
-        if !existed {
-            return Err(ConfigError::NotFound { kind, name: name.into() });
-        }
-        Ok(())
+        self.commit(vec![Op::Delete { kind, name: name.into(), if_version: None }]).map(drop)
     }
+}
+
+/// A request id no other command will have (std's hasher keys are random per process; the time
+/// and a counter tell this process's ids apart).
+fn random_id() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let hi = h.finish();
+    h.write_u64(hi);
+    (u128::from(hi) << 64) | u128::from(h.finish())
+}
+
+/// Who changes the local store: `local:USER` (the user sudo was run by, if any).
+fn local_author() -> String {
+    let user = ["SUDO_USER", "USER", "LOGNAME"].iter().find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()));
+    format!("local:{}", user.as_deref().unwrap_or("unknown"))
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Everything one volume involves, resolved by name.

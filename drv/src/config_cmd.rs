@@ -1,10 +1,10 @@
-//! `drv config set|get|list|delete` on the local configuration store.
+//! `drv config set|get|list|delete|log` on the local configuration store.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use drv_config::{ConfigStore, Kind};
+use drv_config::{ConfigStore, Kind, Op};
 
 #[derive(Args)]
 pub struct ConfigArgs {
@@ -25,6 +25,10 @@ enum ConfigCommand {
         /// FIELD=VALUE assignments (JSON values, or plain strings; sizes take K/M/G/T).
         #[arg(required = true)]
         fields: Vec<String>,
+        /// Only if the entry is still at this version (0: only if it does not exist yet), as
+        /// `set --json` or `log` showed it.
+        #[arg(long)]
+        if_version: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -42,7 +46,24 @@ enum ConfigCommand {
         json: bool,
     },
     /// Delete an entry nothing refers to.
-    Delete { kind: Kind, name: String },
+    Delete {
+        kind: Kind,
+        name: String,
+        /// Only if the entry is still at this version.
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// The history of changes: version, time, author and what changed (the newest 10,000).
+    Log {
+        /// Only the changes after this version.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (the newest of them).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn show(kind: Kind, name: &str, v: &serde_json::Value) {
@@ -62,10 +83,12 @@ pub fn run(a: ConfigArgs) -> Result<()> {
         _ => ConfigStore::open_existing(&a.store)?,
     };
     match a.cmd {
-        ConfigCommand::Set { kind, name, fields, json } => {
-            let v = store.set(kind, &name, &fields)?;
+        ConfigCommand::Set { kind, name, fields, if_version, json } => {
+            let op = Op::Set { kind, name: name.clone(), assignments: fields, if_version };
+            let mut w = store.commit(vec![op])?;
+            let v = w.values.swap_remove(0);
             if json {
-                println!("{}", serde_json::json!({"kind": kind, "name": name, "value": v}));
+                println!("{}", serde_json::json!({"kind": kind, "name": name, "value": v, "version": w.version}));
             } else {
                 show(kind, &name, &v);
             }
@@ -91,9 +114,26 @@ pub fn run(a: ConfigArgs) -> Result<()> {
                 }
             }
         }
-        ConfigCommand::Delete { kind, name } => {
-            store.delete(kind, &name)?;
-            println!("deleted {kind} {name}");
+        ConfigCommand::Delete { kind, name, if_version } => {
+            let w = store.commit(vec![Op::Delete { kind, name: name.clone(), if_version }])?;
+            println!("deleted {kind} {name} (version {})", w.version);
+        }
+        ConfigCommand::Log { after, limit, json } => {
+            let mut rows = store.log(after, usize::MAX)?;
+            rows.drain(..rows.len().saturating_sub(limit));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+            for r in rows.iter().filter(|_| !json) {
+                let ops: Vec<String> = r.ops.iter().map(ToString::to_string).collect();
+                println!(
+                    "{:>6}  {}  {:<16} {}",
+                    r.version,
+                    crate::snapshot_cmd::time_text((r.time_unix_ms / 1000) as u32),
+                    r.author,
+                    ops.join("; ")
+                );
+            }
         }
     }
     Ok(())

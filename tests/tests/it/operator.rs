@@ -102,6 +102,45 @@ fn config_set_refuses_what_cannot_work_naming_entry_field_value_and_range() {
     assert_eq!(before.stdout, after.stdout, "a refused set changed the store");
 }
 
+/// Every change gets a version, an author and a time in `drv config log`; `--if-version` refuses a
+/// change to an entry that changed since it was read, naming both versions.
+#[test]
+fn config_changes_are_versioned_logged_and_conditional() {
+    let cl = Cluster::new(1, 1 << 20);
+    let store = config_arg(&cl);
+    let dir = cl.dir.path();
+    let set = |extra: &[&str]| {
+        let mut a = vec!["config", "--store", &store, "set", "key", "k9", "path=/etc/drv/k9.key", "--json"];
+        a.extend_from_slice(extra);
+        drv(&a, dir)
+    };
+    let r = set(&[]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let version = v["version"].as_u64().expect("a version");
+    let stale = (version + 5).to_string();
+    let r = set(&["--if-version", &stale]);
+    let msg = format!("key \"k9\" is at version {version}, not {stale}");
+    assert_said_once("a stale --if-version", &r, &[&msg]);
+    let r = set(&["--if-version", "0"]);
+    assert_said_once("--if-version 0 of an existing entry", &r, &["not 0"]);
+    let r = set(&["--if-version", &version.to_string()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let r = drv(&["config", "--store", &store, "delete", "key", "k9", "--if-version", &version.to_string()], dir);
+    assert_said_once("a delete at a stale version", &r, &["is at version"]);
+    let r = drv(&["config", "--store", &store, "log", "--json"], dir);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let log: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let last = log.last().unwrap();
+    assert_eq!(last["version"], version + 1, "refused changes leave no record: {last}");
+    assert!(last["author"].as_str().unwrap().starts_with("local:"), "{last}");
+    assert!(last["time_unix_ms"].as_u64().unwrap() > 1_700_000_000_000, "{last}");
+    assert_eq!(last["ops"][0]["op"], "set");
+    let r = drv(&["config", "--store", &store, "log", "--limit", "2"], dir);
+    assert_eq!(r.stdout.lines().count(), 2, "{}", r.stdout);
+    assert!(r.stdout.contains("set key k9 path=/etc/drv/k9.key"), "{}", r.stdout);
+}
+
 #[test]
 fn read_only_config_commands_on_a_missing_store_create_nothing() {
     let dir = tempfile::tempdir().unwrap();

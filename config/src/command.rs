@@ -1,0 +1,702 @@
+//! One change to the configuration, as the configuration server's log will carry it: a
+//! [`Command`] of one or more [`Op`]s, with the author, the time and a request id that travel
+//! inside it. [`apply`] carries it out in a given redb write transaction, the same way wherever
+//! it runs (the local store today, each config server's state machine later): it reads no clock,
+//! no file and no environment, so every store that applies the same commands in the same order
+//! holds the same bytes. Every op applies, or the caller aborts the transaction.
+//!
+//! Each applied command gets a version (the local store counts them; a replicated store will use
+//! the log index): the entries it changed remember it (`entry_versions`, for conditional
+//! updates, [`Op::Set::if_version`]), and the history keeps a [`LogRecord`] of it (the newest
+//! [`HISTORY_LIMIT`] of them), found again by its request id, so a client that retries a
+//! command whose answer it did not get is told the first outcome instead of changing twice.
+//!
+//! Tables (beside the entries' tables and `counters`, where `config_version` is the newest):
+//!
+//! | table            | key                 | value                                  |
+//! |------------------|---------------------|----------------------------------------|
+//! | `entry_versions` | `"KIND/NAME"`       | u64: the version that last changed it  |
+//! | `history`        | u64 version         | JSON of its [`LogRecord`]              |
+//! | `requests`       | u128 request id     | u64: the version it was applied at     |
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::{COUNTERS, ConfigError, Kind, Result, check_name, validate};
+
+const ENTRY_VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("entry_versions");
+const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+const REQUESTS: TableDefinition<u128, u64> = TableDefinition::new("requests");
+/// The counter holding the newest version.
+pub(crate) const VERSION: &str = "config_version";
+
+/// History records kept (older ones are dropped, with their request ids).
+pub const HISTORY_LIMIT: u64 = 10_000;
+
+/// One change: its ops apply together or not at all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Chosen by the client: a retry with the same id is answered with the first outcome.
+    pub request_id: u128,
+    pub author: String,
+    /// When the client asked, in milliseconds since 1970.
+    pub time_unix_ms: u64,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    /// Creates or updates an entry from `FIELD=VALUE` assignments.
+    Set {
+        kind: Kind,
+        name: String,
+        assignments: Vec<String>,
+        /// Only if the entry is at this version (0: only if it does not exist).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_version: Option<u64>,
+    },
+    /// Deletes an entry nothing refers to.
+    Delete {
+        kind: Kind,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_version: Option<u64>,
+    },
+}
+
+impl Op {
+    fn entry(&self) -> (Kind, &str, Option<u64>) {
+        match self {
+            Op::Set { kind, name, if_version, .. } | Op::Delete { kind, name, if_version } => {
+                (*kind, name, *if_version)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Set { kind, name, assignments, .. } => write!(f, "set {kind} {name} {}", assignments.join(" ")),
+            Op::Delete { kind, name, .. } => write!(f, "delete {kind} {name}"),
+        }
+    }
+}
+
+/// What an applied command did: its version, and the stored entry of each op (null for a
+/// delete).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Written {
+    pub version: u64,
+    pub values: Vec<Value>,
+    /// This command had been applied before (a retry): `version` and `values` are the first
+    /// outcome's.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// One applied command in the history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub version: u64,
+    pub request_id: u128,
+    pub author: String,
+    pub time_unix_ms: u64,
+    pub ops: Vec<Op>,
+    pub values: Vec<Value>,
+}
+
+/// Opens every table a command touches. A store written before there were versions gets
+/// version 1, and each of its entries with it (so that `if_version = 0`, "only if it does not
+/// exist", still refuses them).
+pub fn prepare(tx: &WriteTransaction) -> std::result::Result<(), redb::Error> {
+    let mut versions = tx.open_table(ENTRY_VERSIONS)?;
+    tx.open_table(HISTORY)?;
+    tx.open_table(REQUESTS)?;
+    let mut counters = tx.open_table(COUNTERS)?;
+    if counters.get(VERSION)?.is_some() {
+        return Ok(());
+    }
+    let mut any = false;
+    for k in Kind::ALL {
+        for row in tx.open_table(k.table())?.iter()? {
+            versions.insert(version_key(k, row?.0.value()).as_str(), 1)?;
+            any = true;
+        }
+    }
+    if any {
+        counters.insert(VERSION, 1)?;
+    }
+    Ok(())
+}
+
+/// Applies `cmd` as version `version` (greater than every version applied before) in `tx`.
+/// On an error nothing must be committed: the caller aborts `tx`. `e` names the store in errors
+/// of the database itself.
+pub fn apply(
+    tx: &WriteTransaction,
+    cmd: &Command,
+    version: u64,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Written> {
+    if let Some(first) = applied_before(tx, cmd.request_id, e)? {
+        return Ok(Written { version: first.version, values: first.values, replayed: true });
+    }
+    let newest =
+        tx.open_table(COUNTERS).map_err(|x| e(x.into()))?.get(VERSION).map_err(|x| e(x.into()))?.map(|v| v.value());
+    assert!(newest.is_none_or(|n| n < version), "version {version} applied after version {newest:?}");
+    let mut values = Vec::with_capacity(cmd.ops.len());
+    for op in &cmd.ops {
+        let (kind, name, if_version) = op.entry();
+        check_name(kind, name)?;
+        let at = entry_version(tx, kind, name, e)?;
+        if let Some(want) = if_version.filter(|&w| w != at) {
+            return Err(ConfigError::Stale { kind, name: name.into(), expected: want, actual: at });
+        }
+        values.push(match op {
+            Op::Set { assignments, .. } => set(tx, kind, name, assignments, e)?,
+            Op::Delete { .. } => delete(tx, kind, name, e).map(|()| Value::Null)?,
+        });
+        set_entry_version(tx, kind, name, matches!(op, Op::Set { .. }).then_some(version), e)?;
+    }
+    // The rules between entries, on the state the whole command leaves.
+    let snap = snapshot(tx, e)?;
+    for op in &cmd.ops {
+        if let Op::Set { kind, name, .. } = op {
+            let problems = validate::cross_check(&snap, *kind, name);
+            if !problems.is_empty() {
+                return Err(ConfigError::Reference { kind: *kind, name: name.clone(), reason: problems.join("; ") });
+            }
+        }
+    }
+    record(tx, cmd, version, &values, e)?;
+    Ok(Written { version, values, replayed: false })
+}
+
+/// The first outcome of the command with this request id, while the history holds it.
+fn applied_before(
+    tx: &WriteTransaction,
+    id: u128,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Option<LogRecord>> {
+    let Some(version) =
+        tx.open_table(REQUESTS).map_err(|x| e(x.into()))?.get(id).map_err(|x| e(x.into()))?.map(|v| v.value())
+    else {
+        return Ok(None);
+    };
+    let history = tx.open_table(HISTORY).map_err(|x| e(x.into()))?;
+    let row = history.get(version).map_err(|x| e(x.into()))?;
+    let row = row.ok_or_else(|| {
+        e(redb::Error::Corrupted(format!("request {id:x} names version {version}, not in the history")))
+    })?;
+    let r = decode_record(version, row.value(), e)?;
+    Ok(Some(r))
+}
+
+fn decode_record(version: u64, bytes: &[u8], e: &dyn Fn(redb::Error) -> ConfigError) -> Result<LogRecord> {
+    serde_json::from_slice(bytes).map_err(|x| e(redb::Error::Corrupted(format!("history record {version}: {x}"))))
+}
+
+/// Keeps the history of `cmd` and its request id, dropping the oldest beyond the limit.
+fn record(
+    tx: &WriteTransaction,
+    cmd: &Command,
+    version: u64,
+    values: &[Value],
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<()> {
+    let r = LogRecord {
+        version,
+        request_id: cmd.request_id,
+        author: cmd.author.clone(),
+        time_unix_ms: cmd.time_unix_ms,
+        ops: cmd.ops.clone(),
+        values: values.to_vec(),
+    };
+    let mut history = tx.open_table(HISTORY).map_err(|x| e(x.into()))?;
+    let mut requests = tx.open_table(REQUESTS).map_err(|x| e(x.into()))?;
+    let bytes = serde_json::to_vec(&r).expect("JSON of a record");
+    history.insert(version, bytes.as_slice()).map_err(|x| e(x.into()))?;
+    requests.insert(cmd.request_id, version).map_err(|x| e(x.into()))?;
+    while history.len().map_err(|x| e(x.into()))? > HISTORY_LIMIT {
+        let (v, old) = history.pop_first().map_err(|x| e(x.into()))?.expect("a history over its limit is not empty");
+        let old = decode_record(v.value(), old.value(), e)?;
+        requests.remove(old.request_id).map_err(|x| e(x.into()))?;
+    }
+    tx.open_table(COUNTERS).map_err(|x| e(x.into()))?.insert(VERSION, version).map_err(|x| e(x.into()))?;
+    Ok(())
+}
+
+fn version_key(kind: Kind, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+/// The version that last changed entry `kind name` (0: it does not exist).
+fn entry_version(tx: &WriteTransaction, kind: Kind, name: &str, e: &dyn Fn(redb::Error) -> ConfigError) -> Result<u64> {
+    let t = tx.open_table(ENTRY_VERSIONS).map_err(|x| e(x.into()))?;
+    let v = t.get(version_key(kind, name).as_str()).map_err(|x| e(x.into()))?.map(|v| v.value());
+    Ok(v.unwrap_or(0))
+}
+
+fn set_entry_version(
+    tx: &WriteTransaction,
+    kind: Kind,
+    name: &str,
+    version: Option<u64>,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<()> {
+    let mut t = tx.open_table(ENTRY_VERSIONS).map_err(|x| e(x.into()))?;
+    let key = version_key(kind, name);
+    match version {
+        Some(v) => t.insert(key.as_str(), v).map(drop),
+        None => t.remove(key.as_str()).map(drop),
+    }
+    .map_err(|x| e(x.into()))
+}
+
+/// Creates or updates an entry: each field checked (`validate.rs`), ids allocated.
+fn set(
+    tx: &WriteTransaction,
+    kind: Kind,
+    name: &str,
+    assignments: &[String],
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Value> {
+    let mut table = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
+    let mut obj: Map<String, Value> = match table.get(name).map_err(|x| e(x.into()))? {
+        Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+        None => Map::new(),
+    };
+    let old_id = obj.get("id").cloned();
+    // The text of each field as given, for messages.
+    let mut raw = BTreeMap::new();
+    for a in assignments {
+        let (k, v) = a.split_once('=').ok_or_else(|| ConfigError::BadAssignment(a.clone()))?;
+        raw.insert(k.trim().to_owned(), v.to_owned());
+        obj.insert(k.trim().to_owned(), crate::assignment_value(v));
+    }
+    if let Some(old) = old_id
+        && obj.get("id") != Some(&old)
+    {
+        return Err(ConfigError::Invalid { kind, name: name.into(), reason: "id cannot change".into() });
+    }
+    let mut value = crate::typed_check(kind, name, Value::Object(obj), &raw)?;
+    if matches!(kind, Kind::Wrl | Kind::Volume) && value["id"].as_u64() == Some(0) {
+        let mut counters = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+        let counter = if kind == Kind::Wrl { "wrl_id" } else { "volume_id" };
+        let next = counters.get(counter).map_err(|x| e(x.into()))?.map(|v| v.value()).unwrap_or(0) + 1;
+        counters.insert(counter, next).map_err(|x| e(x.into()))?;
+        value["id"] = Value::from(next);
+    }
+    let bytes = serde_json::to_vec(&value).expect("JSON of a Value");
+    table.insert(name, bytes.as_slice()).map_err(|x| e(x.into()))?;
+    Ok(value)
+}
+
+/// Deletes an entry that nothing refers to (as the transaction sees it).
+fn delete(tx: &WriteTransaction, kind: Kind, name: &str, e: &dyn Fn(redb::Error) -> ConfigError) -> Result<()> {
+    let snap = snapshot(tx, e)?;
+    let mut users: Vec<String> = Vec::new();
+    for (w, def) in &snap.wrls {
+        if kind == Kind::Endpoint && def.staging == name {
+            users.push(format!("wrl {w:?}"));
+        }
+    }
+    for (v, vol) in &snap.volumes {
+        let uses = match kind {
+            Kind::Endpoint => vol.replicas.iter().any(|r| r == name),
+            Kind::Wrl => vol.wrl == name,
+            Kind::Key => vol.key == name,
+            Kind::Volume => false,
+        };
+        if uses {
+            users.push(format!("volume {v:?}"));
+        }
+    }
+    if !users.is_empty() {
+        return Err(ConfigError::Reference {
+            kind,
+            name: name.into(),
+            reason: format!("still used by {}", users.join(", ")),
+        });
+    }
+    let mut t = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
+    if t.remove(name).map_err(|x| e(x.into()))?.is_none() {
+        return Err(ConfigError::NotFound { kind, name: name.into() });
+    }
+    Ok(())
+}
+
+/// Every entry that reads as its type, as the transaction sees them (entries that do not are
+/// skipped here: they are refused when they are set).
+pub(crate) fn snapshot(tx: &WriteTransaction, e: &dyn Fn(redb::Error) -> ConfigError) -> Result<validate::Snapshot> {
+    fn table<T: for<'de> Deserialize<'de>>(
+        tx: &WriteTransaction,
+        k: Kind,
+    ) -> std::result::Result<BTreeMap<String, T>, redb::Error> {
+        let t = tx.open_table(k.table())?;
+        let mut out = BTreeMap::new();
+        for row in t.iter()? {
+            let (n, v) = row?;
+            if let Ok(x) = serde_json::from_slice(v.value()) {
+                out.insert(n.value().to_owned(), x);
+            }
+        }
+        Ok(out)
+    }
+    Ok(validate::Snapshot {
+        endpoints: table(tx, Kind::Endpoint).map_err(e)?,
+        keys: table(tx, Kind::Key).map_err(e)?,
+        wrls: table(tx, Kind::Wrl).map_err(e)?,
+        volumes: table(tx, Kind::Volume).map_err(e)?,
+    })
+}
+
+/// The history after version `after`, oldest first, at most `limit` records.
+pub(crate) fn history(
+    tx: &redb::ReadTransaction,
+    after: u64,
+    limit: usize,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Vec<LogRecord>> {
+    let t = match tx.open_table(HISTORY) {
+        Ok(t) => t,
+        // A store written before there was a history.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(x) => return Err(e(x.into())),
+    };
+    let mut out = Vec::new();
+    for row in t.range(after.saturating_add(1)..).map_err(|x| e(x.into()))?.take(limit) {
+        let (v, bytes) = row.map_err(|x| e(x.into()))?;
+        out.push(decode_record(v.value(), bytes.value(), e)?);
+    }
+    Ok(out)
+}
+
+/// Everything a store holds: what a replicated store's snapshot carries, and what two stores
+/// are compared by.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tables {
+    /// Kind (`endpoint`, ...) to name to entry.
+    pub entries: BTreeMap<String, BTreeMap<String, Value>>,
+    pub counters: BTreeMap<String, u64>,
+    pub entry_versions: BTreeMap<String, u64>,
+    pub history: Vec<LogRecord>,
+    /// Request id (32 hex digits) to version.
+    pub requests: BTreeMap<String, u64>,
+}
+
+/// Reads every table (`iter` of a table that is not there yet: empty).
+fn rows<K: redb::Key + 'static, V: redb::Value + 'static, T>(
+    tx: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+    mut f: impl FnMut(redb::AccessGuard<'_, K>, redb::AccessGuard<'_, V>) -> Result<T>,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Vec<T>> {
+    let t = match tx.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(x) => return Err(e(x.into())),
+    };
+    let mut out = Vec::new();
+    for row in t.iter().map_err(|x| e(x.into()))? {
+        let (k, v) = row.map_err(|x| e(x.into()))?;
+        out.push(f(k, v)?);
+    }
+    Ok(out)
+}
+
+/// Everything the store holds, as of `tx`.
+pub fn dump(tx: &redb::ReadTransaction, e: &dyn Fn(redb::Error) -> ConfigError) -> Result<Tables> {
+    let mut t = Tables::default();
+    for k in Kind::ALL {
+        let entries = rows(
+            tx,
+            k.table(),
+            |n, v| Ok((n.value().to_owned(), serde_json::from_slice(v.value()).unwrap_or(Value::Null))),
+            e,
+        )?;
+        t.entries.insert(k.to_string(), entries.into_iter().collect());
+    }
+    t.counters = rows(tx, COUNTERS, |n, v| Ok((n.value().to_owned(), v.value())), e)?.into_iter().collect();
+    t.entry_versions = rows(tx, ENTRY_VERSIONS, |n, v| Ok((n.value().to_owned(), v.value())), e)?.into_iter().collect();
+    t.history = history(tx, 0, usize::MAX, e)?;
+    t.requests = rows(tx, REQUESTS, |id, v| Ok((format!("{:032x}", id.value()), v.value())), e)?.into_iter().collect();
+    Ok(t)
+}
+
+/// Replaces everything the store holds with `t` in `tx` (a snapshot installed). `t` is checked
+/// whole first: on an error nothing was changed.
+pub fn load(tx: &WriteTransaction, t: &Tables, e: &dyn Fn(redb::Error) -> ConfigError) -> Result<()> {
+    let bad = |why: String| e(redb::Error::Corrupted(format!("configuration tables: {why}")));
+    let mut requests = Vec::with_capacity(t.requests.len());
+    for (id, v) in &t.requests {
+        let id = u128::from_str_radix(id, 16).map_err(|x| bad(format!("request id {id:?}: {x}")))?;
+        requests.push((id, *v));
+    }
+    let mut kinds = Vec::new();
+    for (k, entries) in &t.entries {
+        let kind: Kind = k.parse().map_err(|_| bad(format!("unknown kind {k:?}")))?;
+        kinds.push((kind, entries));
+    }
+    let mut history = Vec::with_capacity(t.history.len());
+    for r in &t.history {
+        history.push((r.version, serde_json::to_vec(r).expect("JSON of a record")));
+    }
+    for k in Kind::ALL {
+        tx.open_table(k.table()).map_err(|x| e(x.into()))?.retain(|_, _| false).map_err(|x| e(x.into()))?;
+    }
+    for (kind, entries) in kinds {
+        let mut table = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
+        for (name, v) in entries {
+            table.insert(name.as_str(), serde_json::to_vec(v).expect("JSON").as_slice()).map_err(|x| e(x.into()))?;
+        }
+    }
+    let mut counters = tx.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+    counters.retain(|_, _| false).map_err(|x| e(x.into()))?;
+    for (n, v) in &t.counters {
+        counters.insert(n.as_str(), *v).map_err(|x| e(x.into()))?;
+    }
+    let mut versions = tx.open_table(ENTRY_VERSIONS).map_err(|x| e(x.into()))?;
+    versions.retain(|_, _| false).map_err(|x| e(x.into()))?;
+    for (n, v) in &t.entry_versions {
+        versions.insert(n.as_str(), *v).map_err(|x| e(x.into()))?;
+    }
+    let mut h = tx.open_table(HISTORY).map_err(|x| e(x.into()))?;
+    h.retain(|_, _| false).map_err(|x| e(x.into()))?;
+    for (v, bytes) in &history {
+        h.insert(*v, bytes.as_slice()).map_err(|x| e(x.into()))?;
+    }
+    let mut r = tx.open_table(REQUESTS).map_err(|x| e(x.into()))?;
+    r.retain(|_, _| false).map_err(|x| e(x.into()))?;
+    for (id, v) in requests {
+        r.insert(id, v).map_err(|x| e(x.into()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ConfigStore;
+    use proptest::prelude::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn set(kind: Kind, name: &str, a: &[&str]) -> Op {
+        Op::Set { kind, name: name.into(), assignments: s(a), if_version: None }
+    }
+
+    fn cmd(id: u128, ops: Vec<Op>) -> Command {
+        Command { request_id: id, author: "test".into(), time_unix_ms: 1_000 + id as u64, ops }
+    }
+
+    fn store() -> (tempfile::TempDir, ConfigStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let st = ConfigStore::open(&dir.path().join("c.redb")).unwrap();
+        (dir, st)
+    }
+
+    /// A base: two endpoints, a key and a WRL.
+    fn base() -> Vec<Op> {
+        vec![
+            set(Kind::Endpoint, "stg1", &["role=staging", "address=127.0.0.1:7001"]),
+            set(Kind::Endpoint, "rep1", &["role=replica", "address=127.0.0.1:7002"]),
+            set(Kind::Key, "k1", &["path=/etc/drv/k1.key"]),
+            set(Kind::Wrl, "w0", &["staging=stg1", "devices=[\"/dev/sdb\"]"]),
+        ]
+    }
+
+    /// Ops apply in order on what the earlier ones left, references are checked on the state the
+    /// whole command leaves, and one bad op leaves the store as it was.
+    #[test]
+    fn a_command_applies_whole_or_not_at_all() {
+        let (_d, st) = store();
+        // The volume comes before the WRL it names: checked at the end, it holds.
+        let mut ops = vec![set(Kind::Volume, "db", &["size_bytes=1G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"])];
+        ops.extend(base());
+        let w = st.apply(&cmd(1, ops)).unwrap();
+        assert_eq!((w.version, w.values.len(), w.replayed), (1, 5, false));
+        assert_eq!(w.values[0]["id"], 1, "the volume's id");
+        let before = st.dump().unwrap();
+        let bad = vec![
+            set(Kind::Endpoint, "rep2", &["role=replica", "address=127.0.0.1:7003"]),
+            set(Kind::Volume, "db", &["replicas=[\"rep1\",\"rep2\"]"]),
+            Op::Delete { kind: Kind::Key, name: "k1".into(), if_version: None },
+        ];
+        let e = st.apply(&cmd(2, bad)).unwrap_err();
+        assert!(e.to_string().contains("key \"k1\": still used by volume \"db\""), "{e}");
+        assert_eq!(st.dump().unwrap(), before, "nothing of the refused command stayed");
+        assert_eq!(st.version().unwrap(), 1);
+        // A delete and the set that would need it, in one command: the reference is named.
+        let e = st
+            .apply(&cmd(
+                3,
+                vec![
+                    set(Kind::Endpoint, "rep3", &["role=replica", "address=127.0.0.1:7004"]),
+                    set(Kind::Volume, "db", &["replicas=[\"rep9\"]"]),
+                ],
+            ))
+            .unwrap_err();
+        assert!(e.to_string().contains("rep9"), "{e}");
+        assert_eq!(st.dump().unwrap(), before);
+    }
+
+    /// `if_version` refuses a change to an entry that changed since it was read; a retry of an
+    /// applied command is answered with its first outcome and changes nothing.
+    #[test]
+    fn conditional_changes_and_retries() {
+        let (_d, st) = store();
+        st.apply(&cmd(1, base())).unwrap();
+        let cond = |v: u64| Op::Set {
+            kind: Kind::Key,
+            name: "k1".into(),
+            assignments: s(&["path=/etc/drv/k2.key"]),
+            if_version: Some(v),
+        };
+        let e = st.apply(&cmd(2, vec![cond(7)])).unwrap_err();
+        assert!(matches!(e, ConfigError::Stale { expected: 7, actual: 1, .. }), "{e}");
+        assert!(e.to_string().contains("key \"k1\" is at version 1, not 7"), "{e}");
+        let w = st.apply(&cmd(3, vec![cond(1)])).unwrap();
+        assert_eq!(w.version, 2);
+        // Only if it does not exist yet.
+        let new = |name: &str| Op::Set {
+            kind: Kind::Key,
+            name: name.into(),
+            assignments: s(&["path=/k"]),
+            if_version: Some(0),
+        };
+        assert!(matches!(st.apply(&cmd(4, vec![new("k1")])), Err(ConfigError::Stale { actual: 2, .. })));
+        st.apply(&cmd(5, vec![new("k3")])).unwrap();
+        // The retry of command 3.
+        let again = st.apply(&cmd(3, vec![cond(1)])).unwrap();
+        assert_eq!((again.version, again.replayed), (2, true));
+        assert_eq!(again.values, w.values);
+        assert_eq!(st.version().unwrap(), 3);
+        let log = st.log(0, 100).unwrap();
+        let versions: Vec<u64> = log.iter().map(|r| r.version).collect();
+        assert_eq!(versions, [1, 2, 3], "refused commands leave no history; a retry adds none");
+        assert_eq!((log[1].request_id, log[1].author.as_str(), log[1].time_unix_ms), (3, "test", 1_003));
+        assert_eq!(st.log(2, 100).unwrap().len(), 1);
+        // A delete forgets the entry's version: a new one starts again from "does not exist".
+        st.apply(&cmd(6, vec![Op::Delete { kind: Kind::Key, name: "k3".into(), if_version: Some(3) }])).unwrap();
+        st.apply(&cmd(7, vec![new("k3")])).unwrap();
+    }
+
+    /// A store written before there were versions: its entries are at version 1 when it is
+    /// opened, so "only if it does not exist" refuses them.
+    #[test]
+    fn entries_of_an_older_store_get_a_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(Kind::Key.table()).unwrap().insert("k1", br#"{"path":"/k"}"#.as_slice()).unwrap();
+            tx.open_table(COUNTERS).unwrap();
+            tx.commit().unwrap();
+        }
+        let st = ConfigStore::open(&path).unwrap();
+        assert_eq!(st.version().unwrap(), 1);
+        let op = Op::Set { kind: Kind::Key, name: "k1".into(), assignments: s(&["path=/j"]), if_version: Some(0) };
+        assert!(matches!(st.apply(&cmd(1, vec![op])), Err(ConfigError::Stale { actual: 1, .. })));
+        let op = Op::Set { kind: Kind::Key, name: "k1".into(), assignments: s(&["path=/j"]), if_version: Some(1) };
+        assert_eq!(st.apply(&cmd(2, vec![op])).unwrap().version, 2);
+    }
+
+    /// The history keeps the newest [`HISTORY_LIMIT`] commands, and their request ids only.
+    #[test]
+    fn the_history_is_bounded() {
+        let (_d, st) = store();
+        let db = st.writable().unwrap();
+        let tx = db.begin_write().unwrap();
+        let e = st.err();
+        let n = HISTORY_LIMIT + 5;
+        for i in 1..=n {
+            let name = format!("k{}", i % 7);
+            let op = set(Kind::Key, &name, &[&format!("path=/k/{i}")]);
+            apply(&tx, &cmd(u128::from(i), vec![op]), i, &e).unwrap();
+        }
+        tx.commit().unwrap();
+        let log = st.log(0, usize::MAX).unwrap();
+        assert_eq!(log.len() as u64, HISTORY_LIMIT);
+        assert_eq!(log[0].version, 6);
+        // The oldest request ids are forgotten with their records: a retry applies again.
+        let w = st.apply(&cmd(1, vec![set(Kind::Key, "k1", &["path=/again"])])).unwrap();
+        assert_eq!((w.version, w.replayed), (n + 1, false));
+        let w = st.apply(&cmd(u128::from(n), vec![set(Kind::Key, "k1", &["path=/again"])])).unwrap();
+        assert_eq!((w.version, w.replayed), (n, true));
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        let kind = prop_oneof![Just(Kind::Endpoint), Just(Kind::Key), Just(Kind::Wrl), Just(Kind::Volume)];
+        let name = prop_oneof![Just("a"), Just("b"), Just("c")];
+        let field = prop_oneof![
+            Just("role=staging"),
+            Just("role=replica"),
+            Just("address=127.0.0.1:7001"),
+            Just("path=/k"),
+            Just("staging=a"),
+            Just("devices=[\"/dev/sdb\"]"),
+            Just("size_bytes=1G"),
+            Just("wrl=b"),
+            Just("replicas=[\"a\"]"),
+            Just("key=c"),
+            Just("colour=blue"),
+        ];
+        let version = prop::option::of(0u64..4);
+        (kind, name, prop::collection::vec(field, 0..4), version, any::<bool>()).prop_map(
+            |(kind, name, a, if_version, del)| {
+                if del {
+                    Op::Delete { kind, name: name.into(), if_version }
+                } else {
+                    Op::Set {
+                        kind,
+                        name: name.into(),
+                        assignments: a.iter().map(|x| x.to_string()).collect(),
+                        if_version,
+                    }
+                }
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        /// Two stores given the same commands in the same order give the same outcomes and hold
+        /// the same bytes (apply reads nothing but the transaction), one of them reopened midway;
+        /// every entry has a version and every version an entry.
+        #[test]
+        fn the_same_commands_make_the_same_store(cmds in prop::collection::vec(prop::collection::vec(op_strategy(), 1..4), 1..12)) {
+            let dir = tempfile::tempdir().unwrap();
+            let (pa, pb) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+            let a = ConfigStore::open(&pa).unwrap();
+            let mut b = ConfigStore::open(&pb).unwrap();
+            for (i, ops) in cmds.into_iter().enumerate() {
+                let c = cmd(i as u128 + 1, ops);
+                let (x, y) = (a.apply(&c), b.apply(&c));
+                prop_assert_eq!(x.as_ref().map_err(|e| e.to_string()), y.as_ref().map_err(|e| e.to_string()));
+                if i == 5 {
+                    drop(b);
+                    b = ConfigStore::open(&pb).unwrap();
+                }
+            }
+            let (da, db) = (a.dump().unwrap(), b.dump().unwrap());
+            prop_assert_eq!(&da, &db);
+            let entries: std::collections::BTreeSet<String> =
+                da.entries.iter().flat_map(|(k, m)| m.keys().map(move |n| format!("{k}/{n}"))).collect();
+            let versioned: std::collections::BTreeSet<String> = da.entry_versions.keys().cloned().collect();
+            prop_assert_eq!(entries, versioned);
+            // What a snapshot carries makes the same store again.
+            let c = ConfigStore::open(&dir.path().join("c.redb")).unwrap();
+            c.load(&da).unwrap();
+            prop_assert_eq!(c.dump().unwrap(), da);
+        }
+    }
+}
