@@ -3,8 +3,9 @@
 //! server applies the same changes in the same order and holds the same configuration. The raft
 //! log and vote live in one redb file ([`log_store`]), the state machine (the configuration
 //! tables themselves, where the raft position is and the newest snapshot) in another
-//! ([`state`]); a snapshot's body is [`snapshot`]'s format. The network between servers, the
-//! JSON API and the command line build on this.
+//! ([`state`]); a snapshot's body is [`snapshot`]'s format. Servers talk HTTPS with mutual TLS
+//! ([`network`] sends the RPCs, [`server`] serves them and runs a node). The JSON API and the
+//! command line build on this.
 //!
 //! Layering: this crate links openraft; staging, replica and agent never do.
 
@@ -14,6 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 pub mod log_store;
+pub mod network;
+pub mod server;
 pub mod snapshot;
 pub mod state;
 

@@ -18,6 +18,8 @@ use crate::{Identity, Role, TransportError};
 
 /// Application protocol name, as on the QUIC endpoints.
 pub const ALPN: &[u8] = b"drv/1";
+/// The application protocol of the HTTPS listeners (the config servers').
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 fn cert_err(e: impl std::fmt::Display) -> TransportError {
     TransportError::Certificate(e.to_string())
@@ -227,5 +229,19 @@ pub fn client_config(id: &Identity, expect: Role) -> Result<Arc<ClientConfig>, T
         .map_err(cert_err)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// [`server_config`] for HTTPS (ALPN `http/1.1`): the same trust and role rules.
+pub fn https_server_config(id: &Identity, allowed: &[Role]) -> Result<Arc<ServerConfig>, TransportError> {
+    let mut cfg = (*server_config(id, allowed)?).clone();
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// [`client_config`] for HTTPS (ALPN `http/1.1`).
+pub fn https_client_config(id: &Identity, expect: Role) -> Result<Arc<ClientConfig>, TransportError> {
+    let mut cfg = (*client_config(id, expect)?).clone();
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     Ok(Arc::new(cfg))
 }
