@@ -363,12 +363,8 @@ pub(crate) fn history(
     limit: usize,
     e: &dyn Fn(redb::Error) -> ConfigError,
 ) -> Result<Vec<LogRecord>> {
-    let t = match tx.open_table(HISTORY) {
-        Ok(t) => t,
-        // A store written before there was a history.
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(x) => return Err(e(x.into())),
-    };
+    // A store written before there was a history has no table.
+    let Some(t) = open_if_there(tx, HISTORY, e)? else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for row in t.range(after.saturating_add(1)..).map_err(|x| e(x.into()))?.take(limit) {
         let (v, bytes) = row.map_err(|x| e(x.into()))?;
@@ -397,17 +393,74 @@ fn rows<K: redb::Key + 'static, V: redb::Value + 'static, T>(
     mut f: impl FnMut(redb::AccessGuard<'_, K>, redb::AccessGuard<'_, V>) -> Result<T>,
     e: &dyn Fn(redb::Error) -> ConfigError,
 ) -> Result<Vec<T>> {
-    let t = match tx.open_table(def) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(x) => return Err(e(x.into())),
-    };
+    let Some(t) = open_if_there(tx, def, e)? else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for row in t.iter().map_err(|x| e(x.into()))? {
         let (k, v) = row.map_err(|x| e(x.into()))?;
         out.push(f(k, v)?);
     }
     Ok(out)
+}
+
+/// A table for reading, or `None` if no transaction ever created it.
+fn open_if_there<K: redb::Key + 'static, V: redb::Value + 'static>(
+    tx: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match tx.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(x) => Err(e(x.into())),
+    }
+}
+
+/// One entry as a reader sees it: its value and the version that last changed it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntryRow {
+    pub kind: Kind,
+    pub name: String,
+    pub value: Value,
+    pub version: u64,
+}
+
+/// The entries of `kinds` (only `name`, if given), in name order, and the version they are at,
+/// all from one transaction.
+pub fn entries(
+    tx: &redb::ReadTransaction,
+    kinds: &[Kind],
+    name: Option<&str>,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<(u64, Vec<EntryRow>)> {
+    let version = match open_if_there(tx, COUNTERS, e)? {
+        Some(c) => c.get(VERSION).map_err(|x| e(x.into()))?.map_or(0, |v| v.value()),
+        None => 0,
+    };
+    let versions = open_if_there(tx, ENTRY_VERSIONS, e)?;
+    let mut out = Vec::new();
+    for &kind in kinds {
+        let Some(t) = open_if_there(tx, kind.table(), e)? else { continue };
+        let rows: Vec<(String, Value)> = match name {
+            Some(n) => match t.get(n).map_err(|x| e(x.into()))? {
+                Some(v) => vec![(n.to_owned(), serde_json::from_slice(v.value()).unwrap_or(Value::Null))],
+                None => Vec::new(),
+            },
+            None => rows(
+                tx,
+                kind.table(),
+                |n, v| Ok((n.value().to_owned(), serde_json::from_slice(v.value()).unwrap_or(Value::Null))),
+                e,
+            )?,
+        };
+        for (n, value) in rows {
+            let version = match &versions {
+                Some(t) => t.get(version_key(kind, &n).as_str()).map_err(|x| e(x.into()))?.map_or(0, |v| v.value()),
+                None => 0,
+            };
+            out.push(EntryRow { kind, name: n, value, version });
+        }
+    }
+    Ok((version, out))
 }
 
 /// Everything the store holds, as of `tx`.

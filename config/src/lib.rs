@@ -15,7 +15,7 @@ use std::path::Path;
 
 pub mod command;
 mod validate;
-pub use command::{Command, HISTORY_LIMIT, LogRecord, Op, Tables, Written};
+pub use command::{Command, EntryRow, HISTORY_LIMIT, LogRecord, Op, Tables, Written};
 pub use validate::{AddressError, MIN_FRAME_BYTES, check_address, human};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -485,6 +485,9 @@ pub(crate) fn typed_check(kind: Kind, name: &str, value: Value, raw: &BTreeMap<S
 enum Db {
     ReadWrite(Database),
     ReadOnly(redb::ReadOnlyDatabase),
+    /// Another owner's database (a config server's state machine), read here only: every
+    /// change goes through the owner.
+    Shared(std::sync::Arc<Database>),
 }
 
 /// The configuration store.
@@ -541,10 +544,16 @@ impl ConfigStore {
         }
     }
 
+    /// A reading view of `db`, a database someone else owns and changes (a config server's
+    /// state machine, which must have been prepared with [`command::prepare`]).
+    pub fn shared(db: std::sync::Arc<Database>, path: &str) -> ConfigStore {
+        ConfigStore { db: Db::Shared(db), path: path.to_owned() }
+    }
+
     fn writable(&self) -> Result<&Database> {
         match &self.db {
             Db::ReadWrite(db) => Ok(db),
-            Db::ReadOnly(_) => Err(ConfigError::Store {
+            Db::ReadOnly(_) | Db::Shared(_) => Err(ConfigError::Store {
                 path: self.path.clone(),
                 err: Box::new(redb::Error::Io(std::io::Error::other("opened read-only"))),
             }),
@@ -555,6 +564,7 @@ impl ConfigStore {
         match &self.db {
             Db::ReadWrite(db) => db.begin_read(),
             Db::ReadOnly(db) => db.begin_read(),
+            Db::Shared(db) => db.begin_read(),
         }
     }
 
@@ -622,6 +632,13 @@ impl ConfigStore {
         command::history(&tx, after, limit, &e)
     }
 
+    /// The entries of `kinds` (only `name`, if given) and the version they show, read together.
+    pub fn entries(&self, kinds: &[Kind], name: Option<&str>) -> Result<(u64, Vec<command::EntryRow>)> {
+        let e = self.err();
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
+        command::entries(&tx, kinds, name, &e)
+    }
+
     /// Everything the store holds (entries, counters, versions, history).
     pub fn dump(&self) -> Result<Tables> {
         let e = self.err();
@@ -684,7 +701,7 @@ impl ConfigStore {
 
 /// A request id no other command will have (std's hasher keys are random per process; the time
 /// and a counter tell this process's ids apart).
-fn random_id() -> u128 {
+pub fn random_id() -> u128 {
     use std::hash::{BuildHasher, Hasher};
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -701,7 +718,7 @@ fn local_author() -> String {
     format!("local:{}", user.as_deref().unwrap_or("unknown"))
 }
 
-fn now_unix_ms() -> u64 {
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -4,8 +4,8 @@
 //! log and vote live in one redb file ([`log_store`]), the state machine (the configuration
 //! tables themselves, where the raft position is and the newest snapshot) in another
 //! ([`state`]); a snapshot's body is [`snapshot`]'s format. Servers talk HTTPS with mutual TLS
-//! ([`network`] sends the RPCs, [`server`] serves them and runs a node). The JSON API and the
-//! command line build on this.
+//! ([`network`] sends the RPCs, [`server`] serves them and runs a node); the same listener
+//! serves the JSON [`api`], which [`client`] speaks for the command line.
 //!
 //! Layering: this crate links openraft; staging, replica and agent never do.
 
@@ -14,6 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod api;
+pub mod client;
 pub mod log_store;
 pub mod network;
 pub mod server;

@@ -47,7 +47,7 @@ pub struct Peer {
     target: NodeId,
     node: PeerNode,
     tls: Arc<rustls::ClientConfig>,
-    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    sender: Option<Sender>,
 }
 
 /// An error said in words.
@@ -62,20 +62,27 @@ pub(crate) struct SnapshotHeader {
     pub meta: SnapshotMeta<NodeId, PeerNode>,
 }
 
+/// A sender of HTTP/1.1 requests on one connection.
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Opens an HTTPS connection to `address` (`HOST:PORT`), the server presenting a certificate
+/// of the role `tls` expects; `server_name` goes in the handshake. Says what failed.
+pub async fn https_open(address: &str, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Result<Sender, String> {
+    let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 impl Peer {
     async fn connect(&mut self) -> Result<(), Unreachable> {
-        let unreachable = |e: String| Unreachable::new(&Said(format!("config server {}: {e}", self.node)));
-        let tcp = tokio::net::TcpStream::connect(&self.node.address).await.map_err(|e| unreachable(e.to_string()))?;
-        tcp.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
-        let name = rustls::pki_types::ServerName::try_from(format!("{}.config.drv", self.node.name))
-            .map_err(|e| unreachable(e.to_string()))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
+        let name = format!("{}.config.drv", self.node.name);
+        let sender = https_open(&self.node.address, &name, self.tls.clone())
             .await
-            .map_err(|e| unreachable(format!("TLS: {e}")))?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(conn);
+            .map_err(|e| Unreachable::new(&Said(format!("config server {}: {e}", self.node))))?;
         self.sender = Some(sender);
         Ok(())
     }
@@ -112,6 +119,22 @@ impl Peer {
         Ok(bytes)
     }
 
+    /// [`post`](Self::post) within `ttl`: a late answer drops the connection (`Err(Err(_))`).
+    async fn timed_post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<Bytes, Result<RPCError<NodeId, PeerNode, RaftError<NodeId>>, Said>> {
+        match tokio::time::timeout(ttl, self.post(path, body)).await {
+            Ok(r) => r.map_err(Ok),
+            Err(_) => {
+                self.sender = None;
+                Err(Err(Said(format!("{path} to {}: no answer within {ttl:?}", self.node))))
+            }
+        }
+    }
+
     async fn rpc<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
         &mut self,
         path: &str,
@@ -119,14 +142,10 @@ impl Peer {
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, PeerNode, E>> {
         let body = serde_json::to_vec(req).map_err(|e| NetworkError::new(&e))?;
-        let bytes = match tokio::time::timeout(option.hard_ttl(), self.post(path, body)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(narrow(e)),
-            Err(_) => {
-                self.sender = None;
-                let e = Said(format!("{path} to {}: no answer within {:?}", self.node, option.hard_ttl()));
-                return Err(NetworkError::new(&e).into());
-            }
+        let bytes = match self.timed_post(path, body, option.hard_ttl()).await {
+            Ok(b) => b,
+            Err(Ok(e)) => return Err(narrow(e)),
+            Err(Err(late)) => return Err(NetworkError::new(&late).into()),
         };
         let res: Result<Resp, E> = serde_json::from_slice(&bytes).map_err(|e| NetworkError::new(&e))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -182,16 +201,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         body.extend_from_slice(&(header.len() as u32).to_le_bytes());
         body.extend_from_slice(&header);
         body.extend_from_slice(&data);
-        let send = tokio::time::timeout(option.hard_ttl(), self.post("/raft/snapshot", body));
         let bytes = tokio::select! {
             closed = cancel => return Err(closed.into()),
-            r = send => match r {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => return Err(NetworkError::new(&Said(e.to_string())).into()),
-                Err(_) => {
-                    self.sender = None;
-                    return Err(NetworkError::new(&Said(format!("a snapshot to {}: no answer in time", self.node))).into());
-                }
+            r = self.timed_post("/raft/snapshot", body, option.hard_ttl()) => match r {
+                Ok(b) => b,
+                Err(Ok(e)) => return Err(NetworkError::new(&Said(e.to_string())).into()),
+                Err(Err(late)) => return Err(NetworkError::new(&late).into()),
             },
         };
         let res: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =

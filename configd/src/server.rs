@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::serve::IncomingStream;
 use bytes::Bytes;
 use drv_transport::tls::{https_client_config, https_server_config};
 use drv_transport::{Identity, Role};
@@ -21,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
+use crate::api::Peer;
 use crate::log_store::LogStore;
 use crate::network::{Network, SnapshotHeader};
 use crate::state::StateMachine;
@@ -106,10 +110,13 @@ impl ConfigNode {
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
         let addr = listener.local_addr()?;
-        let tls = TlsListener::spawn(listener, https_server_config(identity, &[Role::Config])?);
-        let app = router(raft.clone());
+        // Config servers (raft and API) and admins (API); each route checks the role it needs.
+        let tls = TlsListener::spawn(listener, https_server_config(identity, &[Role::Config, Role::Admin])?);
+        let api = crate::api::Api { raft: raft.clone(), state: state.clone(), name: identity.name.clone() };
+        let app = router(raft.clone()).merge(crate::api::router(api));
         let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(tls, app.into_make_service()).await {
+            let app = app.into_make_service_with_connect_info::<Peer>();
+            if let Err(e) = axum::serve(tls, app).await {
                 tracing::error!("config server listener: {e}");
             }
         });
@@ -131,26 +138,41 @@ impl ConfigNode {
 }
 
 type Shared = Raft<TypeConfig>;
+type Refused = (StatusCode, String);
+
+/// Raft RPCs come from config servers only (admins may use the API, not these).
+fn from_config_server(peer: &Peer) -> Result<(), Refused> {
+    match peer.role {
+        Some(Role::Config) => Ok(()),
+        _ => Err((StatusCode::FORBIDDEN, format!("{} may not send raft messages: only config servers do", peer.name))),
+    }
+}
 
 async fn append(
     State(raft): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(raft.append_entries(req).await)
+) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, Refused> {
+    from_config_server(&peer)?;
+    Ok(Json(raft.append_entries(req).await))
 }
 
 async fn vote(
     State(raft): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<VoteRequest<NodeId>>,
-) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
-    Json(raft.vote(req).await)
+) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, Refused> {
+    from_config_server(&peer)?;
+    Ok(Json(raft.vote(req).await))
 }
 
 async fn snapshot(
     State(raft): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     body: Bytes,
-) -> Result<Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>, (axum::http::StatusCode, String)> {
-    let bad = |m: &str| (axum::http::StatusCode::BAD_REQUEST, format!("a snapshot request: {m}"));
+) -> Result<Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>, Refused> {
+    from_config_server(&peer)?;
+    let bad = |m: &str| (StatusCode::BAD_REQUEST, format!("a snapshot request: {m}"));
     let n = body.get(..4).ok_or_else(|| bad("shorter than its header length"))?;
     let n = u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize;
     let header = body.get(4..4 + n).ok_or_else(|| bad("its header runs past the body"))?;
@@ -158,6 +180,18 @@ async fn snapshot(
     let data = body[4 + n..].to_vec();
     let snap = Snapshot { meta: h.meta, snapshot: Box::new(std::io::Cursor::new(data)) };
     Ok(Json(raft.install_full_snapshot(h.vote, snap).await))
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(s: IncomingStream<'_, TlsListener>) -> Peer {
+        let cert = s.io().get_ref().1.peer_certificates().and_then(|c| c.first());
+        let who = cert.and_then(|c| drv_transport::tls::peer_identity(c).ok());
+        let (name, role) = match who {
+            Some((n, r)) => (n, Some(r)),
+            None => ("(unnamed peer)".to_owned(), None),
+        };
+        Peer { addr: *s.remote_addr(), name, role }
+    }
 }
 
 fn router(raft: Shared) -> axum::Router {

@@ -81,6 +81,11 @@ impl StateMachine {
         Ok(StateMachine { db: Arc::new(db), path: path.display().to_string().into() })
     }
 
+    /// A reading view of the configuration (changes go through raft only).
+    pub fn store(&self) -> drv_config::ConfigStore {
+        drv_config::ConfigStore::shared(self.db.clone(), &self.path)
+    }
+
     /// Everything the configuration holds now (this server's view).
     pub fn tables(&self) -> std::result::Result<drv_config::Tables, ConfigError> {
         let e = config_err(&self.path);

@@ -1,16 +1,31 @@
-//! `drv config set|get|list|delete|log` on the local configuration store.
+//! `drv config set|get|list|delete|log`: on the config servers (`--config-server`), or on a
+//! local configuration store (the demo's and a single host's).
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use drv_config::{ConfigStore, Kind, Op};
+use drv_config::{ConfigError, ConfigStore, EntryRow, Kind, LogRecord, Op, Written};
+use drv_configd::client::ApiClient;
 
 #[derive(Args)]
 pub struct ConfigArgs {
-    /// The configuration store (redb file).
+    /// The local configuration store (redb file), when no config server is given.
     #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
     store: PathBuf,
+    /// The config servers (HOST:PORT,...): read and change the replicated configuration.
+    #[arg(long = "config-server", env = "DRV_CONFIG_SERVER", global = true)]
+    servers: Option<String>,
+    /// With --config-server: directory with ca.pem and the certificate to present.
+    #[arg(long, env = "DRV_CERTS", global = true)]
+    certs: Option<PathBuf>,
+    /// With --config-server: the certificate to present (an admin certificate).
+    #[arg(long, env = "DRV_CERT_NAME", default_value = "admin")]
+    cert_name: String,
+    /// With --config-server: read the answering server's state as it is, without asking the
+    /// leader (works while no majority is up; may be behind).
+    #[arg(long, global = true)]
+    local_read: bool,
     #[command(subcommand)]
     cmd: ConfigCommand,
 }
@@ -76,16 +91,71 @@ fn show(kind: Kind, name: &str, v: &serde_json::Value) {
     println!("{kind:<8} {name:<16} {}", fields.join(" "));
 }
 
+/// Where the configuration is.
+enum Source {
+    Local(ConfigStore),
+    Remote { client: ApiClient, local_read: bool },
+}
+
+impl Source {
+    fn open(a: &ConfigArgs) -> Result<Source> {
+        if let Some(servers) = &a.servers {
+            let Some(certs) = &a.certs else { bail!("--config-server needs --certs DIR (or DRV_CERTS)") };
+            let client = crate::configd_cmd::client(servers, certs, &a.cert_name)?;
+            return Ok(Source::Remote { client, local_read: a.local_read });
+        }
+        // Only `set` creates a store; reading or deleting from one that does not exist is an error.
+        Ok(Source::Local(match &a.cmd {
+            ConfigCommand::Set { .. } => ConfigStore::open(&a.store)?,
+            _ => ConfigStore::open_existing(&a.store)?,
+        }))
+    }
+
+    fn commit(&self, ops: Vec<Op>) -> Result<Written> {
+        match self {
+            Source::Local(s) => Ok(s.commit(ops)?),
+            Source::Remote { client, .. } => Ok(crate::configd_cmd::block_on(client.commit(ops))??),
+        }
+    }
+
+    /// Entries, the version they show, and (remote) the server that answered.
+    fn entries(&self, kinds: &[Kind], name: Option<&str>) -> Result<(u64, Vec<EntryRow>, Option<String>)> {
+        match self {
+            Source::Local(s) => {
+                let (v, rows) = s.entries(kinds, name)?;
+                Ok((v, rows, None))
+            }
+            Source::Remote { client, local_read } => {
+                let kind = if kinds.len() == 1 { Some(kinds[0]) } else { None };
+                let r = crate::configd_cmd::block_on(client.entries(kind, name, *local_read))??;
+                Ok((r.version, r.entries, Some(r.server)))
+            }
+        }
+    }
+
+    fn log(&self, after: u64) -> Result<Vec<LogRecord>> {
+        match self {
+            Source::Local(s) => Ok(s.log(after, usize::MAX)?),
+            Source::Remote { client, local_read } => {
+                let limit = drv_configd::api::LOG_LIMIT;
+                Ok(crate::configd_cmd::block_on(client.log(after, limit, *local_read))??.records)
+            }
+        }
+    }
+}
+
+fn header(version: u64, server: &Option<String>) {
+    if let Some(s) = server {
+        println!("# configuration version {version} (config server {s})");
+    }
+}
+
 pub fn run(a: ConfigArgs) -> Result<()> {
-    // Only `set` creates a store; reading or deleting from one that does not exist is an error.
-    let store = match &a.cmd {
-        ConfigCommand::Set { .. } => ConfigStore::open(&a.store)?,
-        _ => ConfigStore::open_existing(&a.store)?,
-    };
+    let src = Source::open(&a)?;
     match a.cmd {
         ConfigCommand::Set { kind, name, fields, if_version, json } => {
             let op = Op::Set { kind, name: name.clone(), assignments: fields, if_version };
-            let mut w = store.commit(vec![op])?;
+            let mut w = src.commit(vec![op])?;
             let v = w.values.swap_remove(0);
             if json {
                 println!("{}", serde_json::json!({"kind": kind, "name": name, "value": v, "version": w.version}));
@@ -94,32 +164,39 @@ pub fn run(a: ConfigArgs) -> Result<()> {
             }
         }
         ConfigCommand::Get { kind, name, json } => {
-            let v = store.get(kind, &name)?;
+            let (version, rows, server) = src.entries(&[kind], Some(&name))?;
+            let row = rows.into_iter().next().ok_or(ConfigError::NotFound { kind, name: name.clone() })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&row.value)?);
             } else {
-                show(kind, &name, &v);
+                header(version, &server);
+                show(kind, &name, &row.value);
             }
         }
         ConfigCommand::List { kind, json } => {
             let kinds = kind.map(|k| vec![k]).unwrap_or(Kind::ALL.to_vec());
-            let rows = store.list(&kinds)?;
+            let (version, rows, server) = src.entries(&kinds, None)?;
             if json {
-                let out: Vec<_> =
-                    rows.iter().map(|(k, n, v)| serde_json::json!({"kind": k, "name": n, "value": v})).collect();
+                let out: Vec<_> = rows
+                    .iter()
+                    .map(
+                        |r| serde_json::json!({"kind": r.kind, "name": r.name, "value": r.value, "version": r.version}),
+                    )
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                for (k, n, v) in &rows {
-                    show(*k, n, v);
+                header(version, &server);
+                for r in &rows {
+                    show(r.kind, &r.name, &r.value);
                 }
             }
         }
         ConfigCommand::Delete { kind, name, if_version } => {
-            let w = store.commit(vec![Op::Delete { kind, name: name.clone(), if_version }])?;
+            let w = src.commit(vec![Op::Delete { kind, name: name.clone(), if_version }])?;
             println!("deleted {kind} {name} (version {})", w.version);
         }
         ConfigCommand::Log { after, limit, json } => {
-            let mut rows = store.log(after, usize::MAX)?;
+            let mut rows = src.log(after).context("read the history of changes")?;
             rows.drain(..rows.len().saturating_sub(limit));
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -5,6 +5,7 @@
 
 mod agent_cmd;
 mod config_cmd;
+mod configd_cmd;
 mod demo;
 mod devbench;
 mod failover_cmd;
@@ -34,8 +35,11 @@ enum Command {
     /// Operate on a staging write log (WRL) offline.
     #[command(subcommand)]
     Wrl(wrl_cmd::WrlCommand),
-    /// Read and change the configuration store.
+    /// Read and change the configuration: on the config servers (--config-server) or a local store.
     Config(config_cmd::ConfigArgs),
+    /// The replicated configuration servers: run one, see the group, add or remove a server.
+    #[command(subcommand, name = "config-server")]
+    ConfigServer(configd_cmd::ConfigServerCommand),
     /// Manage data keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -153,6 +157,7 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Wrl(c) => wrl_cmd::run(c),
         Command::Config(c) => config_cmd::run(c),
+        Command::ConfigServer(c) => configd_cmd::run(c),
         Command::Ca(c) => servers::ca(c),
         Command::Staging(RunCommand::Run(n)) => servers::staging_run(n),
         Command::Staging(RunCommand::Recover(_)) => Err(anyhow::anyhow!("recover is a replica command")),

@@ -124,4 +124,15 @@ impl Identity {
             key_pem,
         })
     }
+
+    /// The role its certificate carries (`NAME.ROLE.drv`).
+    pub fn role(&self) -> Result<Role, TransportError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| TransportError::Certificate(format!("the certificate of {}: {e}", self.name)))?;
+        crate::tls::peer_identity(&cert)
+            .map(|(_, role)| role)
+            .map_err(|e| TransportError::Certificate(format!("the certificate of {}: {e}", self.name)))
+    }
 }

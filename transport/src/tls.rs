@@ -55,7 +55,7 @@ fn chain_and_key(id: &Identity) -> Result<(Vec<CertificateDer<'static>>, Private
 }
 
 /// The node name and role in a certificate's `NAME.ROLE.drv` subject alternative name.
-pub(crate) fn peer_identity(cert: &CertificateDer<'_>) -> Result<(String, Role), String> {
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<(String, Role), String> {
     let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
     let san = x

@@ -4,6 +4,7 @@
 //! `cargo xtask vm-test`.
 
 mod agent;
+mod configsrv;
 mod ebpf;
 mod operator;
 mod protocol;

@@ -1,0 +1,470 @@
+//! The config servers' JSON API, served on the same HTTPS listener as the raft RPCs (mutual TLS
+//! with the installation CA; who asks is the name and role of their certificate).
+//!
+//! | method | path                 | who          | what                                            |
+//! |--------|----------------------|--------------|-------------------------------------------------|
+//! | POST   | `/v1/commands`       | admin        | one change ([`CommandRequest`]) -> `Written`    |
+//! | GET    | `/v1/entries`        | admin        | `?kind=K&name=N&local=1` -> [`EntriesReply`]    |
+//! | GET    | `/v1/log`            | admin        | `?after=V&limit=N&local=1` -> [`LogReply`]      |
+//! | GET    | `/v1/watch`          | admin        | `?after=V&wait_ms=T`: waits for a newer version |
+//! | GET    | `/v1/status`         | admin        | this server's view of the group                 |
+//! | POST   | `/v1/members`        | admin        | adds a config server ([`MemberRequest`])        |
+//! | DELETE | `/v1/members/NAME`   | admin        | removes one                                     |
+//!
+//! Writes go to the leader: a follower answers `307` with the leader's address in `Location`
+//! and in the body (`ApiError::leader`). Reads are linearizable by default (the leader confirms
+//! it still leads, then reads; a follower redirects); `local=1` reads this server's state as it
+//! is, and every read says the version it shows. Errors are JSON [`ApiError`]s: a `code` a
+//! script can test and a `message` that names what was wrong. A change that is not committed
+//! within [`QUORUM_WAIT`] is answered `503 no_quorum`; it may still commit later, and a retry
+//! with the same request id is applied at most once (the store remembers request ids).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use drv_config::{Command, EntryRow, Kind, LogRecord, Op};
+use drv_transport::Role;
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use openraft::{ChangeMembers, Raft};
+use serde::{Deserialize, Serialize};
+
+use crate::state::StateMachine;
+use crate::{NodeId, PeerNode, TypeConfig};
+
+/// How long a change or a linearizable read waits for a majority before it is answered 503.
+pub const QUORUM_WAIT: Duration = Duration::from_secs(5);
+/// The largest API request body.
+pub const API_BODY_LIMIT: usize = 1 << 20;
+/// The longest a watch waits.
+pub const WATCH_MAX: Duration = Duration::from_secs(60);
+/// History records one log request returns at most.
+pub const LOG_LIMIT: usize = 10_000;
+
+/// Who is asking: the peer's address and its certificate's name and role.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// `None` if the certificate names no role (the handshake refuses those; kept for safety).
+    pub role: Option<Role>,
+}
+
+/// One change as a client sends it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// 32 hex digits chosen by the client, the same for every retry of this change; the server
+    /// picks one if absent.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub ops: Vec<Op>,
+}
+
+/// An error as the API says it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    /// The leader's address, when this server is not the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
+
+/// Entries and the committed version they show.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EntriesReply {
+    pub version: u64,
+    /// The server that answered.
+    pub server: String,
+    pub entries: Vec<EntryRow>,
+}
+
+/// History records and the version they were read at.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogReply {
+    pub version: u64,
+    pub server: String,
+    pub records: Vec<LogRecord>,
+}
+
+/// What a watch saw: the version this server has applied now (greater than `after` unless the
+/// wait ran out).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WatchReply {
+    pub version: u64,
+}
+
+/// A config server in the group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub address: String,
+    /// A voter (counts toward the majority), or a learner still catching up.
+    pub voter: bool,
+}
+
+/// One server's view of the group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub name: String,
+    /// leader, follower, candidate or learner.
+    pub state: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    /// The configuration version this server has applied.
+    pub version: u64,
+    pub last_log_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub members: Vec<Member>,
+}
+
+/// A server to add to the group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRequest {
+    pub name: String,
+    pub address: String,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Api {
+    pub raft: Raft<TypeConfig>,
+    pub state: StateMachine,
+    pub name: String,
+}
+
+/// An error answer.
+pub struct Failure(StatusCode, ApiError);
+
+impl Failure {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Failure {
+        Failure(status, ApiError { code: code.into(), message: message.into(), leader: None })
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let Failure(status, e) = self;
+        let mut headers = HeaderMap::new();
+        if let Some(l) = &e.leader
+            && let Ok(v) = l.parse()
+        {
+            headers.insert(header::LOCATION, v);
+        }
+        (status, headers, axum::Json(e)).into_response()
+    }
+}
+
+type Answer<T> = Result<axum::Json<T>, Failure>;
+
+/// The HTTP status of a refusal code (`drv_config::ConfigError::code`).
+pub fn status_of(code: &str) -> StatusCode {
+    match code {
+        "not_found" => StatusCode::NOT_FOUND,
+        "reference" => StatusCode::CONFLICT,
+        "stale" => StatusCode::PRECONDITION_FAILED,
+        "invalid" | "bad_assignment" | "unknown_kind" => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn require(peer: &Peer, roles: &[Role]) -> Result<(), Failure> {
+    if peer.role.is_some_and(|r| roles.contains(&r)) {
+        return Ok(());
+    }
+    let role = peer.role.map_or("(no role)", Role::as_str);
+    let m = format!("{role} {} may not do this (allowed: {roles:?})", peer.name);
+    Err(Failure::new(StatusCode::FORBIDDEN, "forbidden", m))
+}
+
+/// A follower's answer: go to the leader, at the same path.
+fn redirect(f: &ForwardToLeader<NodeId, PeerNode>, uri: &Uri) -> Failure {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    match &f.leader_node {
+        Some(n) => Failure(
+            StatusCode::TEMPORARY_REDIRECT,
+            ApiError {
+                code: "not_leader".into(),
+                message: format!("this server does not lead; the leader is {n}"),
+                leader: Some(format!("https://{}{path}", n.address)),
+            },
+        ),
+        None => Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no config server leads now (an election is under way, or fewer than a majority are up)",
+        ),
+    }
+}
+
+fn no_quorum(what: &str) -> Failure {
+    Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_quorum",
+        format!(
+            "{what} not confirmed by a majority of the config servers within {QUORUM_WAIT:?}: fewer than a \
+             majority answer (see `drv config-server status`); a change may still commit, and a retry with \
+             the same request id applies it at most once"
+        ),
+    )
+}
+
+fn internal(e: impl std::fmt::Display) -> Failure {
+    Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, PeerNode>>, uri: &Uri) -> Failure {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => redirect(&f, uri),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
+            Failure::new(StatusCode::CONFLICT, "membership", m.to_string())
+        }
+        RaftError::Fatal(f) => internal(format!("raft stopped: {f}")),
+    }
+}
+
+fn body<T: for<'de> Deserialize<'de>>(
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, Failure> {
+    let b = b.map_err(|e| {
+        let m = format!("the request body: {e} (at most {API_BODY_LIMIT} bytes)");
+        Failure::new(e.status(), "bad_request", m)
+    })?;
+    serde_json::from_slice(&b)
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, "bad_request", format!("the request body: {e}")))
+}
+
+async fn commands(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Answer<drv_config::Written> {
+    require(&peer, &[Role::Admin])?;
+    let req: CommandRequest = body(b)?;
+    let request_id = match &req.request_id {
+        Some(h) => u128::from_str_radix(h, 16)
+            .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, "bad_request", format!("request_id {h:?}: {e}")))?,
+        None => drv_config::random_id(),
+    };
+    if req.ops.is_empty() {
+        return Err(Failure::new(StatusCode::BAD_REQUEST, "bad_request", "a command needs at least one op"));
+    }
+    let author = format!("{}:{}", peer.role.map_or("?", Role::as_str), peer.name);
+    let cmd = Command { request_id, author, time_unix_ms: drv_config::now_unix_ms(), ops: req.ops };
+    let r =
+        tokio::time::timeout(QUORUM_WAIT, api.raft.client_write(cmd)).await.map_err(|_| no_quorum("the change was"))?;
+    let r = r.map_err(|e| write_error(e, &uri))?;
+    match r.data.outcome {
+        Some(Ok(w)) => Ok(axum::Json(w)),
+        Some(Err(refusal)) => Err(Failure::new(status_of(&refusal.code), &refusal.code, refusal.message)),
+        None => Err(internal("a command applied as a raft entry without an outcome")),
+    }
+}
+
+/// Waits until this server may answer a read: it leads and has applied all it committed, or the
+/// client asked for its local state.
+async fn readable(api: &Api, local: bool, uri: &Uri) -> Result<(), Failure> {
+    if local {
+        return Ok(());
+    }
+    let r =
+        tokio::time::timeout(QUORUM_WAIT, api.raft.ensure_linearizable()).await.map_err(|_| no_quorum("a read was"))?;
+    match r {
+        Ok(_) => Ok(()),
+        Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => Err(redirect(&f, uri)),
+        Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
+            Err(no_quorum("a read was"))
+        }
+        Err(RaftError::Fatal(f)) => Err(internal(format!("raft stopped: {f}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct EntriesQuery {
+    kind: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    local: u8,
+}
+
+async fn entries(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+    Query(q): Query<EntriesQuery>,
+) -> Answer<EntriesReply> {
+    require(&peer, &[Role::Admin, Role::Config])?;
+    let kinds = match &q.kind {
+        Some(k) => vec![
+            k.parse::<Kind>()
+                .map_err(|e| Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_kind", e.to_string()))?,
+        ],
+        None => Kind::ALL.to_vec(),
+    };
+    readable(&api, q.local != 0, &uri).await?;
+    let (version, entries) = api.state.store().entries(&kinds, q.name.as_deref()).map_err(internal)?;
+    if let (Some(n), true) = (&q.name, entries.is_empty()) {
+        let kind = q.kind.as_deref().unwrap_or("entry");
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {kind} named {n:?} (at version {version})"),
+        ));
+    }
+    Ok(axum::Json(EntriesReply { version, server: api.name.clone(), entries }))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+    #[serde(default)]
+    local: u8,
+}
+
+async fn log(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+    Query(q): Query<LogQuery>,
+) -> Answer<LogReply> {
+    require(&peer, &[Role::Admin, Role::Config])?;
+    readable(&api, q.local != 0, &uri).await?;
+    let store = api.state.store();
+    let records = store.log(q.after, q.limit.unwrap_or(LOG_LIMIT).min(LOG_LIMIT)).map_err(internal)?;
+    let version = store.version().map_err(internal)?;
+    Ok(axum::Json(LogReply { version, server: api.name.clone(), records }))
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    #[serde(default)]
+    after: u64,
+    wait_ms: Option<u64>,
+}
+
+/// Answers when this server has applied a version after `after`, or when the wait runs out.
+async fn watch(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Query(q): Query<WatchQuery>,
+) -> Answer<WatchReply> {
+    require(&peer, &[Role::Admin, Role::Config])?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(WATCH_MAX);
+    let mut applied = api.raft.metrics();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let version = api.state.store().version().map_err(internal)?;
+        if version > q.after {
+            return Ok(axum::Json(WatchReply { version }));
+        }
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return Err(internal("raft stopped")),
+            Err(_) => return Ok(axum::Json(WatchReply { version })),
+        }
+    }
+}
+
+async fn status(State(api): State<Api>, ConnectInfo(peer): ConnectInfo<Peer>) -> Answer<ServerStatus> {
+    require(&peer, &[Role::Admin, Role::Config])?;
+    let m = api.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, n)| Member { name: n.name.clone(), address: n.address.clone(), voter: voters.contains(id) })
+        .collect();
+    let leader = m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.name.clone());
+    let state = if voters.contains(&m.id) { format!("{:?}", m.state).to_lowercase() } else { "learner".into() };
+    Ok(axum::Json(ServerStatus {
+        name: api.name.clone(),
+        state,
+        leader,
+        term: m.current_term,
+        version: api.state.store().version().map_err(internal)?,
+        last_log_index: m.last_log_index,
+        snapshot_index: m.snapshot.map(|s| s.index),
+        members,
+    }))
+}
+
+/// Adds a config server: first as a learner that catches up (from a snapshot if the log was
+/// compacted), then as a voter.
+async fn add_member(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Answer<ServerStatus> {
+    require(&peer, &[Role::Admin])?;
+    let req: MemberRequest = body(b)?;
+    if req.address.parse::<SocketAddr>().is_err() && !req.address.contains(':') {
+        let m = format!("address {:?} is not HOST:PORT", req.address);
+        return Err(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m));
+    }
+    let id = crate::server::node_id(&req.name);
+    let node = PeerNode { name: req.name.clone(), address: req.address.clone() };
+    let learn = tokio::time::timeout(Duration::from_secs(60), api.raft.add_learner(id, node, true));
+    learn.await.map_err(|_| no_quorum("the new server's catch-up was"))?.map_err(|e| write_error(e, &uri))?;
+    let change = api.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false);
+    tokio::time::timeout(QUORUM_WAIT, change)
+        .await
+        .map_err(|_| no_quorum("the membership change was"))?
+        .map_err(|e| write_error(e, &uri))?;
+    status(State(api), ConnectInfo(peer)).await
+}
+
+async fn remove_member(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+    Path(name): Path<String>,
+) -> Answer<ServerStatus> {
+    require(&peer, &[Role::Admin])?;
+    let id = crate::server::node_id(&name);
+    let known = api.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some();
+    if !known {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no config server named {name:?} in the group"),
+        ));
+    }
+    let voters = api.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+    if voters <= 1 {
+        let m = format!("{name} is the last config server: the group cannot go on without one");
+        return Err(Failure::new(StatusCode::CONFLICT, "membership", m));
+    }
+    let voter = api.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+    // A voter stops voting and (retain = false) leaves; a learner just leaves.
+    let how = if voter { ChangeMembers::RemoveVoters([id].into()) } else { ChangeMembers::RemoveNodes([id].into()) };
+    let change = api.raft.change_membership(how, false);
+    tokio::time::timeout(QUORUM_WAIT, change)
+        .await
+        .map_err(|_| no_quorum("the membership change was"))?
+        .map_err(|e| write_error(e, &uri))?;
+    status(State(api), ConnectInfo(peer)).await
+}
+
+/// The API's routes.
+pub fn router(api: Api) -> axum::Router {
+    use axum::routing::{delete, get, post};
+    axum::Router::new()
+        .route("/v1/commands", post(commands))
+        .route("/v1/entries", get(entries))
+        .route("/v1/log", get(log))
+        .route("/v1/watch", get(watch))
+        .route("/v1/status", get(status))
+        .route("/v1/members", post(add_member))
+        .route("/v1/members/{name}", delete(remove_member))
+        .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
+        .with_state(api)
+}
