@@ -399,7 +399,10 @@ impl Agent {
         // Like a write: never while the last resync pass runs (it clears the map when done).
         let _gate = i.gate.read().await;
         let map = i.state_map("an initial sync")?;
-        i.bwlimit.store(bwlimit.unwrap_or(0), Ordering::Relaxed);
+        // None: the limit set before (the volume's configured one) stays.
+        if let Some(b) = bwlimit {
+            i.bwlimit.store(b, Ordering::Relaxed);
+        }
         let m = map.clone();
         blocking(0, move || m.mark_all()).await?;
         tracing::info!(volume = i.volume_id, bytes = map.dirty_bytes(), ?bwlimit, "initial sync started");

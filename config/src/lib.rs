@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub mod command;
+pub mod diff;
 mod validate;
 pub use command::{Command, EntryRow, HISTORY_LIMIT, LogRecord, Op, Tables, Written};
 pub use validate::{AddressError, MIN_FRAME_BYTES, check_address, human};
@@ -69,7 +70,7 @@ impl ConfigError {
     }
 }
 
-type Result<T, E = ConfigError> = std::result::Result<T, E>;
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 /// The kinds of configuration entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +277,10 @@ pub struct Volume {
     /// its image now, without a retention window) this often (`6h`; none: only when asked).
     #[serde(default, deserialize_with = "de_opt_duration", skip_serializing_if = "Option::is_none")]
     pub check_interval: Option<u64>,
+    /// Bytes per second a resync or an initial sync of the volume may send (none: no limit);
+    /// `drv sync start --bwlimit` sets another for one run. Changed live.
+    #[serde(default, deserialize_with = "de_opt_size", skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
 }
 
 /// Parses a duration: `3600`, `90s`, `15m`, `24h`, `7d`, `2w` (into seconds).
@@ -723,7 +728,7 @@ pub fn now_unix_ms() -> u64 {
 }
 
 /// Everything one volume involves, resolved by name.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeView {
     pub name: String,
     pub volume: Volume,
@@ -735,7 +740,7 @@ pub struct VolumeView {
 }
 
 /// What one node needs to run: its endpoint, the WRLs it hosts (staging) and the volumes it serves.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
     pub name: String,
     pub endpoint: Endpoint,

@@ -10,6 +10,15 @@
 //! | GET    | `/v1/status`         | admin        | this server's view of the group                 |
 //! | POST   | `/v1/members`        | admin        | adds a config server ([`MemberRequest`])        |
 //! | DELETE | `/v1/members/NAME`   | admin        | removes one                                     |
+//! | GET    | `/v1/node/NAME`      | that node    | a staging or replica server's [`Slice`]         |
+//! | GET    | `/v1/volume/NAME`    | agents       | a volume's [`Slice`] (what its agent needs)     |
+//! | POST   | `/v1/applied`        | components   | the version a component runs ([`Report`])       |
+//! | GET    | `/v1/components`     | admin        | every component's last [`ComponentState`]       |
+//!
+//! (`admin` routes also take config servers' certificates, except changes.) Components read
+//! their slice from whichever server they reach (its own state, so they keep working while no
+//! majority is up) and report back to it; each server keeps the reports it received in memory,
+//! at most [`COMPONENTS_LIMIT`], and `drv config status` merges every server's.
 //!
 //! Writes go to the leader: a follower answers `307` with the leader's address in `Location`
 //! and in the body (`ApiError::leader`). Reads are linearizable by default (the leader confirms
@@ -43,6 +52,8 @@ pub const API_BODY_LIMIT: usize = 1 << 20;
 pub const WATCH_MAX: Duration = Duration::from_secs(60);
 /// History records one log request returns at most.
 pub const LOG_LIMIT: usize = 10_000;
+/// Components whose reports one server keeps (the oldest report goes first).
+pub const COMPONENTS_LIMIT: usize = 10_000;
 
 /// Who is asking: the peer's address and its certificate's name and role.
 #[derive(Clone, Debug)]
@@ -130,12 +141,54 @@ pub struct MemberRequest {
     pub address: String,
 }
 
+/// What a component needs, and the configuration version it was read at.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Slice<T> {
+    pub version: u64,
+    pub value: T,
+}
+
+/// What a component reports: the version it runs, and the changes up to it that wait for its
+/// restart (each said in words), if any.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub version: u64,
+    /// An agent's volume (an agent host runs one agent per volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default)]
+    pub pending: Vec<String>,
+}
+
+/// A component as a config server last heard from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComponentState {
+    /// Its certificate's name (`NAME/VOLUME` for an agent).
+    pub component: String,
+    pub role: String,
+    pub version: u64,
+    pub pending: Vec<String>,
+    pub reported_unix_ms: u64,
+    /// The config server it reported to.
+    pub server: String,
+}
+
+type Reports = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, ComponentState>>>;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct Api {
     pub raft: Raft<TypeConfig>,
     pub state: StateMachine,
     pub name: String,
+    pub reports: Reports,
+}
+
+impl Api {
+    pub fn new(raft: Raft<TypeConfig>, state: StateMachine, name: String) -> Api {
+        Api { raft, state, name, reports: Reports::default() }
+    }
 }
 
 /// An error answer.
@@ -356,7 +409,7 @@ async fn watch(
     ConnectInfo(peer): ConnectInfo<Peer>,
     Query(q): Query<WatchQuery>,
 ) -> Answer<WatchReply> {
-    require(&peer, &[Role::Admin, Role::Config])?;
+    require(&peer, &[Role::Admin, Role::Config, Role::Staging, Role::Replica, Role::Agent])?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(WATCH_MAX);
     let mut applied = api.raft.metrics();
     let deadline = tokio::time::Instant::now() + wait;
@@ -454,6 +507,85 @@ async fn remove_member(
     status(State(api), ConnectInfo(peer)).await
 }
 
+fn refused(e: drv_config::ConfigError) -> Failure {
+    let code = e.code();
+    Failure::new(status_of(code), code, e.to_string())
+}
+
+/// Reads `read` and the version it shows, again if a change was applied meanwhile.
+fn at_one_version<T>(
+    api: &Api,
+    read: impl Fn(&drv_config::ConfigStore) -> drv_config::Result<T>,
+) -> Result<Slice<T>, Failure> {
+    let store = api.state.store();
+    for _ in 0..16 {
+        let before = store.version().map_err(internal)?;
+        let value = read(&store).map_err(refused)?;
+        if store.version().map_err(internal)? == before {
+            return Ok(Slice { version: before, value });
+        }
+    }
+    Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "the configuration changed during 16 reads in a row"))
+}
+
+/// A staging or replica server's slice (only its own), from this server's state.
+async fn node_slice(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Answer<Slice<drv_config::NodeConfig>> {
+    require(&peer, &[Role::Admin, Role::Config, Role::Staging, Role::Replica])?;
+    if matches!(peer.role, Some(Role::Staging | Role::Replica)) && peer.name != name {
+        let m = format!("{} may read its own configuration only, not {name}'s", peer.name);
+        return Err(Failure::new(StatusCode::FORBIDDEN, "forbidden", m));
+    }
+    Ok(axum::Json(at_one_version(&api, |s| s.node(&name))?))
+}
+
+/// A volume's slice, what its agent needs (key locations, never keys).
+async fn volume_slice(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Answer<Slice<drv_config::VolumeView>> {
+    require(&peer, &[Role::Admin, Role::Config, Role::Agent])?;
+    Ok(axum::Json(at_one_version(&api, |s| s.volume(&name))?))
+}
+
+async fn applied(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<StatusCode, Failure> {
+    require(&peer, &[Role::Staging, Role::Replica, Role::Agent])?;
+    let r: Report = body(b)?;
+    let role = peer.role.map_or("?", Role::as_str).to_owned();
+    let component = match &r.volume {
+        Some(v) => format!("{}/{v}", peer.name),
+        None => peer.name.clone(),
+    };
+    let state = ComponentState {
+        component: component.clone(),
+        role,
+        version: r.version,
+        pending: r.pending,
+        reported_unix_ms: drv_config::now_unix_ms(),
+        server: api.name.clone(),
+    };
+    let mut reports = api.reports.lock().expect("reports lock");
+    if !reports.contains_key(&component) && reports.len() >= COMPONENTS_LIMIT {
+        let oldest = reports.values().min_by_key(|c| c.reported_unix_ms).map(|c| c.component.clone());
+        oldest.and_then(|o| reports.remove(&o));
+    }
+    reports.insert(component, state);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn components(State(api): State<Api>, ConnectInfo(peer): ConnectInfo<Peer>) -> Answer<Vec<ComponentState>> {
+    require(&peer, &[Role::Admin, Role::Config])?;
+    Ok(axum::Json(api.reports.lock().expect("reports lock").values().cloned().collect()))
+}
+
 /// The API's routes.
 pub fn router(api: Api) -> axum::Router {
     use axum::routing::{delete, get, post};
@@ -465,6 +597,10 @@ pub fn router(api: Api) -> axum::Router {
         .route("/v1/status", get(status))
         .route("/v1/members", post(add_member))
         .route("/v1/members/{name}", delete(remove_member))
+        .route("/v1/node/{name}", get(node_slice))
+        .route("/v1/volume/{name}", get(volume_slice))
+        .route("/v1/applied", post(applied))
+        .route("/v1/components", get(components))
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
         .with_state(api)
 }

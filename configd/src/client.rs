@@ -14,7 +14,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::api::{ApiError, CommandRequest, EntriesReply, LogReply, MemberRequest, ServerStatus, WatchReply};
+pub use hyper::Method;
+
+use crate::api::{
+    ApiError, CommandRequest, ComponentState, EntriesReply, LogReply, MemberRequest, Report, ServerStatus, Slice,
+    WatchReply,
+};
 
 /// Redirects followed per attempt.
 pub const MAX_HOPS: usize = 3;
@@ -241,6 +246,41 @@ impl ApiClient {
             out.push((s.clone(), one.status().await));
         }
         out
+    }
+
+    /// Staging or replica server `name`'s configuration, from the first server that answers.
+    pub async fn node(&self, name: &str) -> Result<Slice<drv_config::NodeConfig>, ClientError> {
+        self.get(&format!("/v1/node/{}", encode(name))).await
+    }
+
+    /// Volume `name` with everything its agent needs.
+    pub async fn volume(&self, name: &str) -> Result<Slice<drv_config::VolumeView>, ClientError> {
+        self.get(&format!("/v1/volume/{}", encode(name))).await
+    }
+
+    /// Tells the config server the version this component runs.
+    pub async fn report(&self, r: &Report) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(r).expect("JSON of a report");
+        self.request(hyper::Method::POST, "/v1/applied", Some(body)).await.map(drop)
+    }
+
+    /// Every component one server heard from.
+    pub async fn components(&self) -> Result<Vec<ComponentState>, ClientError> {
+        self.get("/v1/components").await
+    }
+
+    /// Every component every server heard from: the newest report of each.
+    pub async fn components_everywhere(&self) -> Vec<ComponentState> {
+        let mut all: std::collections::BTreeMap<String, ComponentState> = Default::default();
+        for s in &self.servers {
+            let one = ApiClient { servers: vec![s.clone()], tls: self.tls.clone(), patience: Duration::ZERO };
+            for c in one.components().await.unwrap_or_default() {
+                if all.get(&c.component).is_none_or(|o| o.reported_unix_ms < c.reported_unix_ms) {
+                    all.insert(c.component.clone(), c);
+                }
+            }
+        }
+        all.into_values().collect()
     }
 
     /// Adds a config server to the group (it must be running with `--join`).

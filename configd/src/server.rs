@@ -110,9 +110,11 @@ impl ConfigNode {
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
         let addr = listener.local_addr()?;
-        // Config servers (raft and API) and admins (API); each route checks the role it needs.
-        let tls = TlsListener::spawn(listener, https_server_config(identity, &[Role::Config, Role::Admin])?);
-        let api = crate::api::Api { raft: raft.clone(), state: state.clone(), name: identity.name.clone() };
+        // Every role of the installation: each route checks the one it needs (raft: config
+        // servers; changes: admins; slices and reports: the components).
+        let roles = [Role::Config, Role::Admin, Role::Staging, Role::Replica, Role::Agent];
+        let tls = TlsListener::spawn(listener, https_server_config(identity, &roles)?);
+        let api = crate::api::Api::new(raft.clone(), state.clone(), identity.name.clone());
         let app = router(raft.clone()).merge(crate::api::router(api));
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Peer>();

@@ -104,12 +104,17 @@ async fn the_api_finds_the_leader_refuses_bad_requests_and_changes_membership() 
     let peer = client(&certs, "c3", &[follower]);
     let (s, code, m) = refusal(peer.commit(vec![set(Kind::Key, "k2", &["path=/k2"])]).await.unwrap_err());
     assert_eq!((s, code.as_str()), (403, "forbidden"), "{m}");
-    let agent = client(&certs, "host1", &[follower]).with_patience(Duration::ZERO);
-    match agent.commit(vec![set(Kind::Key, "k3", &["path=/k3"])]).await {
-        Err(ClientError::Handshake { message, .. }) => {
-            assert!(message.contains("refused this certificate"), "{message}")
-        }
-        other => panic!("an agent's certificate was not refused in the handshake: {other:?}"),
+    let agent = client(&certs, "host1", &[follower]);
+    let (s, code, m) = refusal(agent.commit(vec![set(Kind::Key, "k3", &["path=/k3"])]).await.unwrap_err());
+    assert_eq!((s, code.as_str()), (403, "forbidden"), "{m}");
+    // A certificate of another CA is refused in the handshake, at once.
+    let other = dir.path().join("other");
+    ca::init(&other).unwrap();
+    ca::issue(&other, Role::Admin, "admin").unwrap();
+    let stranger = client(&other, "admin", &[follower]);
+    match stranger.commit(vec![set(Kind::Key, "k3", &["path=/k3"])]).await {
+        Err(ClientError::Handshake { message, .. }) => assert!(message.contains("TLS"), "{message}"),
+        other => panic!("a certificate of another CA was not refused in the handshake: {other:?}"),
     }
     let after = admin.entries(None, None, false).await.unwrap();
     assert_eq!(after.version, w.version, "nothing changed");

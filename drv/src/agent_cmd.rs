@@ -16,7 +16,10 @@ use drv_agent::control::{self, Client, Request};
 use drv_agent::detach::{Orphan, detach_orphan};
 use drv_agent::{Agent, AgentOptions, AgentStatus, FileDisk, Mode, kmod, user};
 use drv_blocktrace::crosscheck::OrderCheck;
-use drv_config::ConfigStore;
+use drv_config::{ConfigStore, VolumeView};
+use drv_configd::api::Slice;
+
+use crate::follow::Follower;
 use drv_format::frame::{Frame, media_op};
 use drv_replica::media::{MediaReport, phase_name};
 use drv_transport::{Identity, Role, quic};
@@ -124,9 +127,13 @@ pub struct DetachArgs {
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// The configuration store.
+    /// The local configuration store (when no config server is given).
     #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
     pub(crate) config: PathBuf,
+    /// The config servers (HOST:PORT,...): the agent fetches its volume's configuration there,
+    /// caches it (in the state directory) and follows its changes.
+    #[arg(long = "config-server", env = "DRV_CONFIG_SERVER")]
+    pub(crate) servers: Option<String>,
     /// The local disk of the volume (a block device or an image file).
     #[arg(long)]
     pub(crate) device: PathBuf,
@@ -169,7 +176,7 @@ pub enum SyncCommand {
     /// --no-wait).
     Start {
         volume: String,
-        /// Bytes per second, e.g. 50M (binary units; default: unlimited).
+        /// Bytes per second, e.g. 50M (binary units; default: the volume's configured bwlimit, or the last one set; none: unlimited).
         #[arg(long, value_parser = parse_rate)]
         bwlimit: Option<u64>,
         /// Progress as JSON lines (the default when stdout is not a terminal).
@@ -486,11 +493,45 @@ async fn start_user(
     Ok((d, check))
 }
 
+/// Volume `volume`'s configuration: from the config servers (or the copy cached in the state
+/// directory while none answers), with the follower that keeps it current; or from the local store.
+fn load_volume(volume: &str, a: &AgentArgs, id: &Identity) -> Result<(VolumeView, Option<(Follower, u64)>)> {
+    let Some(servers) = &a.servers else {
+        let store = ConfigStore::open_read_only(&a.config)
+            .with_context(|| format!("open configuration {}", a.config.display()))?;
+        return Ok((store.volume(volume).with_context(|| format!("load volume {volume}"))?, None));
+    };
+    let client = drv_configd::client::ApiClient::new(servers, id)?;
+    let f = Follower::volume(client, volume, a.state_dir(volume).join("config-cache.redb"));
+    let s: Slice<VolumeView> =
+        crate::configd_cmd::block_on(f.start())?.with_context(|| format!("load volume {volume}"))?;
+    Ok((s.value, Some((f, s.version))))
+}
+
+/// Follows the volume's configuration: the resync bandwidth limit changes live; the rest waits
+/// for a restart of the agent (reported as such).
+fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<(Follower, u64)>) {
+    let Some((f, version)) = follow else { return };
+    let (agent, name) = (agent.clone(), view.name.clone());
+    let current = Slice { version, value: view.clone() };
+    tokio::spawn(f.follow(current, move |old: &VolumeView, new: &VolumeView| {
+        let mut pending = Vec::new();
+        for field in drv_config::diff::volume_fields(old, new) {
+            if field == "bwlimit" {
+                agent.set_bwlimit(new.volume.bwlimit);
+                tracing::info!("volume {name}: resync bandwidth limit now {:?} bytes/s", new.volume.bwlimit);
+            } else {
+                tracing::warn!("volume {name}: configuration changed: {field} (at the agent's next restart)");
+                pending.push(format!("volume {name}: {field} (at the agent's next restart)"));
+            }
+        }
+        pending
+    }));
+}
+
 fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check: bool) -> Result<()> {
-    let store =
-        ConfigStore::open_read_only(&a.config).with_context(|| format!("open configuration {}", a.config.display()))?;
-    let view = store.volume(volume).with_context(|| format!("load volume {volume}"))?;
     let id = Identity::load(&a.certs, &a.name).with_context(|| format!("load certificate {}", a.name))?;
+    let (view, follow) = load_volume(volume, a, &id)?;
     let staging = addr(&view.staging.1.address)?;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -549,6 +590,8 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
             let agent = Agent::start(&id, staging, view.volume.id, view.volume.size_bytes, disk, Some(&state), opts)
                 .await
                 .with_context(|| format!("start the agent of volume {volume}"))?;
+            agent.set_bwlimit(view.volume.bwlimit);
+            follow_volume(&agent, &view, follow);
             let (udev, check) = match image {
                 Some(image) => {
                     let (d, c) = start_user(volume, &agent, image, view.volume.size_bytes, &state, order_check).await?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drv_config::{ConfigError, ConfigStore, EntryRow, Kind, LogRecord, Op, Written};
+use drv_configd::api::ComponentState;
 use drv_configd::client::ApiClient;
 
 #[derive(Args)]
@@ -67,6 +68,15 @@ enum ConfigCommand {
         /// Only if the entry is still at this version.
         #[arg(long)]
         if_version: Option<u64>,
+    },
+    /// Config servers only: which components (staging, replica, agents) run which version, and
+    /// for each recent change, where it is in force and where it waits.
+    Status {
+        /// The newest this many changes.
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// The history of changes: version, time, author and what changed (the newest 10,000).
     Log {
@@ -195,6 +205,14 @@ pub fn run(a: ConfigArgs) -> Result<()> {
             let w = src.commit(vec![Op::Delete { kind, name: name.clone(), if_version }])?;
             println!("deleted {kind} {name} (version {})", w.version);
         }
+        ConfigCommand::Status { changes, json } => {
+            let Source::Remote { client, .. } = &src else {
+                bail!(
+                    "drv config status needs --config-server: components report to the config servers, not to a local store"
+                )
+            };
+            status(client, changes, json)?;
+        }
         ConfigCommand::Log { after, limit, json } => {
             let mut rows = src.log(after).context("read the history of changes")?;
             rows.drain(..rows.len().saturating_sub(limit));
@@ -212,6 +230,64 @@ pub fn run(a: ConfigArgs) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Where a change is in force: the components that run its version or a newer one with
+/// nothing waiting for a restart, and the others.
+fn in_force(version: u64, comps: &[ComponentState]) -> (Vec<String>, Vec<String>) {
+    let (mut yes, mut no) = (Vec::new(), Vec::new());
+    for c in comps {
+        if c.version >= version && c.pending.is_empty() {
+            yes.push(c.component.clone());
+        } else {
+            no.push(c.component.clone());
+        }
+    }
+    (yes, no)
+}
+
+fn status(client: &ApiClient, changes: usize, json: bool) -> Result<()> {
+    let (comps, log) = crate::configd_cmd::block_on(async {
+        let comps = client.components_everywhere().await;
+        let log = client.log(0, drv_configd::api::LOG_LIMIT, false).await;
+        (comps, log)
+    })?;
+    let mut log = log?.records;
+    log.drain(..log.len().saturating_sub(changes));
+    let now = drv_config::now_unix_ms();
+    if json {
+        let changes: Vec<_> = log
+            .iter()
+            .map(|r| {
+                let (yes, no) = in_force(r.version, &comps);
+                serde_json::json!({"version": r.version, "time_unix_ms": r.time_unix_ms, "author": r.author,
+                    "ops": r.ops, "in_force": yes, "waiting": no})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"components": comps, "changes": changes}))?);
+        return Ok(());
+    }
+    println!("components (as the config servers last heard from them):");
+    if comps.is_empty() {
+        println!("  none has reported yet");
+    }
+    for c in &comps {
+        let ago = now.saturating_sub(c.reported_unix_ms) / 1000;
+        let pending = if c.pending.is_empty() { "-".to_owned() } else { c.pending.join("; ") };
+        println!("  {:<20} {:<8} version {:>6}  {:>5} s ago  pending: {pending}", c.component, c.role, c.version, ago);
+    }
+    println!("changes (newest {}):", log.len());
+    for r in log.iter().rev() {
+        let (yes, no) = in_force(r.version, &comps);
+        let ops: Vec<String> = r.ops.iter().map(ToString::to_string).collect();
+        let where_ = if no.is_empty() {
+            format!("in force on all {}", yes.len())
+        } else {
+            format!("in force on {} of {} (waiting: {})", yes.len(), comps.len(), no.join(", "))
+        };
+        println!("  {:>6}  {:<14} {}  [{where_}]", r.version, r.author, ops.join("; "));
     }
     Ok(())
 }

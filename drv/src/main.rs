@@ -9,6 +9,7 @@ mod configd_cmd;
 mod demo;
 mod devbench;
 mod failover_cmd;
+mod follow;
 mod restore_cmd;
 mod servers;
 mod snapshot_cmd;

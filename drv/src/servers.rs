@@ -31,9 +31,17 @@ pub enum CaCommand {
 
 #[derive(Args)]
 pub struct NodeArgs {
-    /// The configuration store.
+    /// The local configuration store (when no config server is given).
     #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
     config: PathBuf,
+    /// The config servers (HOST:PORT,...): the node fetches its configuration there, caches it
+    /// and follows its changes.
+    #[arg(long = "config-server", env = "DRV_CONFIG_SERVER")]
+    servers: Option<String>,
+    /// With --config-server: the local copy of this node's configuration, used while no config
+    /// server answers (default: /var/lib/drv/NAME.config-cache.redb).
+    #[arg(long)]
+    config_cache: Option<PathBuf>,
     /// This node's name (its endpoint entry and certificate).
     #[arg(long)]
     name: String,
@@ -98,45 +106,120 @@ pub fn addr(a: &str) -> Result<SocketAddr> {
     found.next().with_context(|| format!("address {a:?} resolves to nothing"))
 }
 
-/// Loads node `n.name`'s configuration (which must have `role`), its certificate and its address.
-fn load(n: &NodeArgs, role: drv_config::Role) -> Result<(drv_config::NodeConfig, Identity, SocketAddr)> {
-    let store = ConfigStore::open_read_only(&n.config)?;
-    let node = store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?;
+/// A node's configuration, where it listens, and (with config servers) its follower and the
+/// version it was read at.
+struct Loaded {
+    node: drv_config::NodeConfig,
+    id: Identity,
+    addr: SocketAddr,
+    follow: Option<(crate::follow::Follower, u64)>,
+}
+
+/// Loads node `n.name`'s configuration (which must have `role`), its certificate and its
+/// address: from the config servers (or their cached copy), or from the local store.
+async fn load(n: &NodeArgs, role: drv_config::Role) -> Result<Loaded> {
+    let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load the certificate of {}", n.name))?;
+    let (node, follow) = match &n.servers {
+        Some(servers) => {
+            let client = drv_configd::client::ApiClient::new(servers, &id)?;
+            let cache = n
+                .config_cache
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("/var/lib/drv/{}.config-cache.redb", n.name)));
+            let f = crate::follow::Follower::node(client, &n.name, cache);
+            let s = f.start().await.with_context(|| format!("load the configuration of node {}", n.name))?;
+            (s.value, Some((f, s.version)))
+        }
+        None => {
+            let store = ConfigStore::open_read_only(&n.config)?;
+            (store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?, None)
+        }
+    };
     if node.endpoint.role != role {
         bail!("node {} has role {}, not {role}", n.name, node.endpoint.role);
     }
-    let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load the certificate of {}", n.name))?;
-    let a = addr(&node.endpoint.address).with_context(|| format!("endpoint {}", n.name))?;
-    Ok((node, id, a))
+    let addr = addr(&node.endpoint.address).with_context(|| format!("endpoint {}", n.name))?;
+    Ok(Loaded { node, id, addr, follow })
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start async runtime")
 }
 
+/// Volume fields a node of `role` does not use: a change of them is in force at once.
+fn unused_fields(role: drv_config::Role) -> &'static [&'static str] {
+    match role {
+        drv_config::Role::Staging => {
+            &["retention", "retention_bytes", "snapshot_bytes_limit", "check_interval", "bwlimit", "targets"]
+        }
+        _ => &["bwlimit", "staging"],
+    }
+}
+
+/// What of `old` -> `new` waits for a restart of a node of `role`, in words.
+fn waiting(role: drv_config::Role, old: &drv_config::NodeConfig, new: &drv_config::NodeConfig) -> Vec<String> {
+    use drv_config::diff::Change;
+    let unused = unused_fields(role);
+    let mut out = Vec::new();
+    for c in drv_config::diff::node_changes(old, new) {
+        let c = match c {
+            Change::VolumeChanged { name, fields } => {
+                let fields: Vec<String> = fields
+                    .into_iter()
+                    .filter(|f| !unused.contains(&f.as_str()))
+                    .filter(|f| role == drv_config::Role::Staging || !f.starts_with("wrl "))
+                    .collect();
+                if fields.is_empty() {
+                    continue;
+                }
+                Change::VolumeChanged { name, fields }
+            }
+            other => other,
+        };
+        out.push(format!("{c} (at the next restart)"));
+    }
+    out
+}
+
+/// Follows the node's configuration; what changed waits for a restart (reported as such).
+fn follow(l: &mut Loaded) {
+    let Some((f, version)) = l.follow.take() else { return };
+    let current = drv_configd::api::Slice { version, value: l.node.clone() };
+    let (name, role) = (l.node.name.clone(), l.node.endpoint.role);
+    tokio::spawn(f.follow(current, move |old: &drv_config::NodeConfig, new: &drv_config::NodeConfig| {
+        let changes = waiting(role, old, new);
+        for c in &changes {
+            tracing::warn!("{name}: configuration changed: {c}");
+        }
+        changes
+    }));
+}
+
 pub fn staging_run(n: NodeArgs) -> Result<()> {
-    let (node, id, a) = load(&n, drv_config::Role::Staging)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let st = drv_staging::server::Staging::new(&node, id).context("start staging server")?;
-        eprintln!("staging {} serving {} volume(s) on {a}", n.name, st.volumes.len());
-        st.run(a).await.context("staging server")
+        let mut l = load(&n, drv_config::Role::Staging).await?;
+        let st = drv_staging::server::Staging::new(&l.node, l.id.clone()).context("start staging server")?;
+        eprintln!("staging {} serving {} volume(s) on {}", n.name, st.volumes.len(), l.addr);
+        follow(&mut l);
+        st.run(l.addr).await.context("staging server")
     })
 }
 
 pub fn replica_run(n: NodeArgs) -> Result<()> {
-    let (node, id, a) = load(&n, drv_config::Role::Replica)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let r = drv_replica::ReplicaServer::new(&node, id).context("start replica server")?;
-        eprintln!("replica {} serving {} volume(s) on {a}", n.name, r.volumes.len());
-        r.run(a).await.context("replica server")
+        let mut l = load(&n, drv_config::Role::Replica).await?;
+        let r = drv_replica::ReplicaServer::new(&l.node, l.id.clone()).context("start replica server")?;
+        eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volumes.len(), l.addr);
+        follow(&mut l);
+        r.run(l.addr).await.context("replica server")
     })
 }
 
 pub fn replica_recover(n: NodeArgs) -> Result<()> {
-    let (node, id, _) = load(&n, drv_config::Role::Replica)?;
-    let r = drv_replica::ReplicaServer::new(&node, id).context("open replica")?;
+    let l = runtime()?.block_on(load(&n, drv_config::Role::Replica))?;
+    let r = drv_replica::ReplicaServer::new(&l.node, l.id).context("open replica")?;
     r.catch_up().context("apply complete epochs")?;
     println!("{}", r.status_json());
     Ok(())

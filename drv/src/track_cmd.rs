@@ -73,6 +73,7 @@ impl TrackerArgs {
     fn agent(self) -> Result<AgentArgs> {
         Ok(AgentArgs {
             config: self.config,
+            servers: None,
             device: self.device.context("--device is required")?,
             certs: self.certs.context("--certs is required")?,
             name: self.name.context("--name is required")?,

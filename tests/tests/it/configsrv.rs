@@ -187,3 +187,177 @@ fn config_servers_keep_every_acknowledged_change_across_kill_9_of_the_leader() {
     assert!(local.ok && local.stdout.contains("/keys/k3"), "{}{}", local.stdout, local.stderr);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// A component process run by the test, killed when it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Servers {
+    fn issue(&self, role: &str, name: &str) {
+        let c = self.certs.to_str().unwrap();
+        assert!(drv(&["ca", "issue", "--dir", c, "--role", role, "--name", name], &self.dir, &[]).ok);
+    }
+
+    fn set(&self, args: &[&str]) {
+        let mut a = vec!["config", "set"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a, &self.all());
+        assert!(out.ok, "{args:?}: {}", out.stderr);
+    }
+
+    /// `drv ARGS` as a component of this installation: its own state, the config servers, the
+    /// shared CA directory; stderr to `DIR/LOG.log`.
+    fn component(&self, args: &[&str], log: &str) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!("{log}.log"))).unwrap();
+        let child = Command::new(drv_bin())
+            .args(args)
+            .arg("--certs")
+            .arg(&self.certs)
+            .args(["--config-server", &self.addrs.join(",")])
+            .env_remove("DRV_CONFIG")
+            .env("DRV_LOG", "info")
+            .stderr(log)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
+    fn components(&self) -> serde_json::Value {
+        let out = self.cli(&["config", "status", "--json"], &self.all());
+        assert!(out.ok, "{}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+}
+
+/// Waits until the replica at `addr` applied everything before `next`, then compares images.
+fn replica_equals(s: &Servers, addr: &str, source: &Path, image: &Path, next: u64) {
+    until("the replica to apply everything", Duration::from_secs(60), || {
+        let c = s.certs.to_str().unwrap();
+        let out = drv(&["status", "--role", "replica", "--server", addr, "--certs", c, "--json"], &s.dir, &[]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        v["volumes"][0]["applied_seq"].as_u64().is_some_and(|a| a + 1 >= next)
+    });
+    assert!(std::fs::read(source).unwrap() == std::fs::read(image).unwrap(), "the replica differs from the source");
+}
+
+fn sync_and_next_seq(s: &Servers, run: &Path) -> u64 {
+    let run = run.to_str().unwrap();
+    let out = drv(&["sync", "start", "vol1", "--run-dir", run], &s.dir, &[]);
+    assert!(out.ok && out.stdout.contains("\"done\":true"), "{}{}", out.stdout, out.stderr);
+    let st = drv(&["agent", "status", "vol1", "--json", "--run-dir", run], &s.dir, &[]);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    v["next_seq"].as_u64().unwrap()
+}
+
+#[test]
+fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_without_config_servers() {
+    const VOLUME: usize = 8 << 20;
+    let mut s = Servers::new(1);
+    until("a leader", Duration::from_secs(30), || s.status(0).is_some_and(|v| v["leader"].is_string()));
+    for (role, name) in [("staging", "stg1"), ("replica", "rep1"), ("agent", "host1")] {
+        s.issue(role, name);
+    }
+    let d = s.dir.clone();
+    let key = d.join("vol1.key");
+    assert!(drv(&["key", "generate", key.to_str().unwrap()], &d, &[]).ok);
+    let (stg, rep) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (wrl, data) = (d.join("stg1/wrl0"), d.join("rep1"));
+    s.set(&["endpoint", "stg1", "role=staging", &format!("address={stg}")]);
+    s.set(&[
+        "endpoint",
+        "rep1",
+        "role=replica",
+        &format!("address={rep}"),
+        &format!("data_dir={}", data.display()),
+        "drlog_bytes=64M",
+    ]);
+    s.set(&["key", "k1", &format!("path={}", key.display())]);
+    s.set(&[
+        "wrl",
+        "w0",
+        "staging=stg1",
+        &format!("devices=[\"{}\"]", wrl.display()),
+        "segment_bytes=4M",
+        "device_bytes=64M",
+    ]);
+    s.set(&["volume", "vol1", &format!("size_bytes={VOLUME}"), "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
+    std::fs::create_dir_all(d.join("stg1")).unwrap();
+    let cache = |n: &str| d.join(n).join("config-cache.redb").display().to_string();
+    let _staging = s.component(&["staging", "run", "--name", "stg1", "--config-cache", &cache("stg1")], "stg1");
+    let _replica = s.component(&["replica", "run", "--name", "rep1", "--config-cache", &cache("rep1")], "rep1");
+    let source = d.join("source.img");
+    std::fs::write(&source, drv_format::pattern(0x51, VOLUME)).unwrap();
+    let run = d.join("run");
+    let agent_args = [
+        "agent",
+        "run",
+        "--volume",
+        "vol1",
+        "--name",
+        "host1",
+        "--device",
+        source.to_str().unwrap(),
+        "--state-dir",
+        &d.join("agent").display().to_string(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ];
+    let _agent = s.component(&agent_args, "agent");
+    until("the agent's control socket", Duration::from_secs(30), || run.join("vol1.sock").exists());
+    let next = sync_and_next_seq(&s, &run);
+    let image = data.join("vol1.img");
+    replica_equals(&s, &rep, &source, &image, next);
+    // Every component reported the version it runs.
+    until("three components reporting", Duration::from_secs(20), || {
+        s.components()["components"].as_array().is_some_and(|c| c.len() == 3)
+    });
+
+    // Every config server away: replication goes on.
+    let mut c = s.children[0].take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    std::fs::write(&source, drv_format::pattern(0x52, VOLUME)).unwrap();
+    let next = sync_and_next_seq(&s, &run);
+    replica_equals(&s, &rep, &source, &image, next);
+
+    // A config server comes back; a change made then reaches every component and is in force.
+    s.children[0] = Some(s.spawn(0));
+    until("a leader again", Duration::from_secs(30), || s.status(0).is_some_and(|v| v["leader"].is_string()));
+    let out = s.cli(&["config", "set", "volume", "vol1", "bwlimit=64M", "--json"], &s.all());
+    assert!(out.ok, "{}", out.stderr);
+    let version = serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["version"].as_u64().unwrap();
+    until("the change in force everywhere", Duration::from_secs(60), || {
+        let st = s.components();
+        let change = st["changes"].as_array().unwrap().iter().find(|c| c["version"] == version).cloned();
+        change.is_some_and(|c| {
+            c["in_force"].as_array().unwrap().len() == 3 && c["waiting"].as_array().unwrap().is_empty()
+        })
+    });
+    let text = s.cli(&["config", "status"], &s.all());
+    assert!(text.stdout.contains("in force on all 3"), "{}", text.stdout);
+    // A change the replica can apply only at its next restart is reported as waiting.
+    s.set(&[
+        "endpoint",
+        "rep1",
+        "role=replica",
+        &format!("address={rep}"),
+        &format!("data_dir={}", data.display()),
+        "drlog_bytes=64M",
+        "max_connections=64",
+    ]);
+    until("the replica's pending change reported", Duration::from_secs(60), || {
+        s.components()["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["component"] == "rep1" && c["pending"].to_string().contains("max_connections"))
+    });
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

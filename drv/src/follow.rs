@@ -1,0 +1,174 @@
+//! A component's configuration from the config servers (`--config-server`): its slice is fetched
+//! at start and kept in a local cache (redb), so the component starts and keeps running on the
+//! cached copy while every config server is away; then it watches for newer versions (long polls
+//! of [`WATCH_WAIT`], a backoff up to [`BACKOFF_MAX`] while no server answers: no polling storm),
+//! hands each changed slice to the component, and reports the version it runs and what waits for
+//! its restart.
+//!
+//! The cache (`--config-cache`, one redb file) holds one row per slice: key the API path
+//! (`/v1/node/NAME`), value the JSON of `{version, value}`; each fetch replaces it in one
+//! transaction, so a crash leaves the previous copy or the new one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use drv_configd::api::{Report, Slice};
+use drv_configd::client::ApiClient;
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+const SLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("slices");
+/// How long one watch waits for a change.
+pub const WATCH_WAIT: Duration = Duration::from_secs(30);
+/// The longest pause between tries while no config server answers.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a start waits for a config server before it uses the cached copy.
+const START_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Where a component's slice comes from and where it is cached.
+pub struct Follower {
+    client: ApiClient,
+    path: String,
+    cache: PathBuf,
+    /// An agent's volume, for its reports.
+    volume: Option<String>,
+}
+
+/// The cache file of one component.
+fn open_cache(path: &Path) -> Result<Database> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    Database::create(path).with_context(|| format!("open the configuration cache {}", path.display()))
+}
+
+impl Follower {
+    /// A staging or replica server's follower.
+    pub fn node(client: ApiClient, name: &str, cache: PathBuf) -> Follower {
+        Follower { client: client.with_patience(START_PATIENCE), path: format!("/v1/node/{name}"), cache, volume: None }
+    }
+
+    /// The follower of a volume's agent.
+    pub fn volume(client: ApiClient, name: &str, cache: PathBuf) -> Follower {
+        let path = format!("/v1/volume/{name}");
+        Follower { client: client.with_patience(START_PATIENCE), path, cache, volume: Some(name.to_owned()) }
+    }
+
+    async fn fetch<T: DeserializeOwned>(&self) -> Result<Slice<T>> {
+        let b = self.client.request(drv_configd::client::Method::GET, &self.path, None).await?;
+        serde_json::from_slice(&b).with_context(|| format!("decode the configuration at {}", self.path))
+    }
+
+    fn store<T: Serialize>(&self, s: &Slice<T>) -> Result<()> {
+        let db = open_cache(&self.cache)?;
+        let tx = db.begin_write()?;
+        tx.open_table(SLICES)?.insert(self.path.as_str(), serde_json::to_vec(s)?.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn cached<T: DeserializeOwned>(&self) -> Result<Option<Slice<T>>> {
+        if !self.cache.exists() {
+            return Ok(None);
+        }
+        let db = open_cache(&self.cache)?;
+        let tx = db.begin_read()?;
+        let t = match tx.open_table(SLICES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(v) = t.get(self.path.as_str())? else { return Ok(None) };
+        let s = serde_json::from_slice(v.value())
+            .with_context(|| format!("the cached configuration in {} does not decode", self.cache.display()))?;
+        Ok(Some(s))
+    }
+
+    /// The slice from a config server (cached for later), or, if none answers, the cached copy.
+    pub async fn start<T: Serialize + DeserializeOwned>(&self) -> Result<Slice<T>> {
+        match self.fetch().await {
+            Ok(s) => {
+                self.store(&s)?;
+                Ok(s)
+            }
+            Err(e) => {
+                let why = crate::report(e.as_ref());
+                match self.cached()? {
+                    Some(s) => {
+                        eprintln!(
+                            "no config server answered ({why}); running on the cached configuration (version {}) from {}",
+                            s.version,
+                            self.cache.display()
+                        );
+                        Ok(s)
+                    }
+                    None => bail!("{why}; and there is no cached configuration at {}", self.cache.display()),
+                }
+            }
+        }
+    }
+
+    /// Tells a config server what runs (a server that does not hear it now hears the next one).
+    async fn report(&self, version: u64, pending: &[String]) {
+        let r = Report { version, volume: self.volume.clone(), pending: pending.to_vec() };
+        if let Err(e) = self.client.report(&r).await {
+            tracing::debug!("{}: report of version {version}: {e}", self.path);
+        }
+    }
+
+    /// Follows the configuration from `current` on, forever: each newer slice that differs is
+    /// given to `apply` (the running one and the new one), which returns what waits for a
+    /// restart (nothing: every change is in force).
+    pub async fn follow<T, F>(self, mut current: Slice<T>, mut apply: F)
+    where
+        T: Serialize + DeserializeOwned + PartialEq + Send,
+        F: FnMut(&T, &T) -> Vec<String> + Send,
+    {
+        let mut pending = Vec::new();
+        self.report(current.version, &pending).await;
+        let mut backoff = Duration::from_secs(1);
+        let mut away = false;
+        loop {
+            let newer = match self.client.watch(current.version, WATCH_WAIT).await {
+                Ok(w) if w.version > current.version => self.fetch::<T>().await,
+                Ok(_) => {
+                    // Nothing new: say again what runs (a restarted config server forgot).
+                    self.report(current.version, &pending).await;
+                    continue;
+                }
+                Err(e) => Err(e.into()),
+            };
+            match newer {
+                Ok(s) => {
+                    if away {
+                        tracing::info!("{}: a config server answers again (version {})", self.path, s.version);
+                    }
+                    (away, backoff) = (false, Duration::from_secs(1));
+                    if s.value != current.value {
+                        pending = apply(&current.value, &s.value);
+                    }
+                    if let Err(e) = self.store(&s) {
+                        tracing::warn!("{}: {}", self.path, crate::report(e.as_ref()));
+                    }
+                    current = s;
+                    self.report(current.version, &pending).await;
+                }
+                Err(e) => {
+                    if !away {
+                        tracing::warn!(
+                            "{}: no newer configuration from the config servers ({}); running on version {} until then",
+                            self.path,
+                            crate::report(e.as_ref()),
+                            current.version
+                        );
+                    }
+                    away = true;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
