@@ -508,8 +508,9 @@ fn load_volume(volume: &str, a: &AgentArgs, id: &Identity) -> Result<(VolumeView
     Ok((s.value, Some((f, s.version))))
 }
 
-/// Follows the volume's configuration: the resync bandwidth limit changes live; the rest waits
-/// for a restart of the agent (reported as such).
+/// Follows the volume's configuration: the resync bandwidth limit changes live; the volume's
+/// id, size, change block size and staging server wait for a restart of the agent (reported as
+/// such); the rest the agent does not use.
 fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<(Follower, u64)>) {
     let Some((f, version)) = follow else { return };
     let (agent, name) = (agent.clone(), view.name.clone());
@@ -520,7 +521,7 @@ fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<(Follower, u64
             if field == "bwlimit" {
                 agent.set_bwlimit(new.volume.bwlimit);
                 tracing::info!("volume {name}: resync bandwidth limit now {:?} bytes/s", new.volume.bwlimit);
-            } else {
+            } else if ["id", "size_bytes", "block_bytes", "staging"].contains(&field.as_str()) {
                 tracing::warn!("volume {name}: configuration changed: {field} (at the agent's next restart)");
                 pending.push(format!("volume {name}: {field} (at the agent's next restart)"));
             }

@@ -118,9 +118,10 @@ struct Loaded {
 /// Loads node `n.name`'s configuration (which must have `role`), its certificate and its
 /// address: from the config servers (or their cached copy), or from the local store.
 async fn load(n: &NodeArgs, role: drv_config::Role) -> Result<Loaded> {
-    let id = Identity::load(&n.certs, &n.name).with_context(|| format!("load the certificate of {}", n.name))?;
-    let (node, follow) = match &n.servers {
+    let identity = || Identity::load(&n.certs, &n.name).with_context(|| format!("load the certificate of {}", n.name));
+    let (node, id, follow) = match &n.servers {
         Some(servers) => {
+            let id = identity()?;
             let client = drv_configd::client::ApiClient::new(servers, &id)?;
             let cache = n
                 .config_cache
@@ -128,11 +129,14 @@ async fn load(n: &NodeArgs, role: drv_config::Role) -> Result<Loaded> {
                 .unwrap_or_else(|| PathBuf::from(format!("/var/lib/drv/{}.config-cache.redb", n.name)));
             let f = crate::follow::Follower::node(client, &n.name, cache);
             let s = f.start().await.with_context(|| format!("load the configuration of node {}", n.name))?;
-            (s.value, Some((f, s.version)))
+            (s.value, id, Some((f, s.version)))
         }
         None => {
+            // The configuration first: a node that is not configured is said so, whatever its
+            // certificate.
             let store = ConfigStore::open_read_only(&n.config)?;
-            (store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?, None)
+            let node = store.node(&n.name).with_context(|| format!("load the configuration of node {}", n.name))?;
+            (node, identity()?, None)
         }
     };
     if node.endpoint.role != role {
@@ -146,48 +150,17 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start async runtime")
 }
 
-/// Volume fields a node of `role` does not use: a change of them is in force at once.
-fn unused_fields(role: drv_config::Role) -> &'static [&'static str] {
-    match role {
-        drv_config::Role::Staging => {
-            &["retention", "retention_bytes", "snapshot_bytes_limit", "check_interval", "bwlimit", "targets"]
-        }
-        _ => &["bwlimit", "staging"],
-    }
-}
-
-/// What of `old` -> `new` waits for a restart of a node of `role`, in words.
-fn waiting(role: drv_config::Role, old: &drv_config::NodeConfig, new: &drv_config::NodeConfig) -> Vec<String> {
-    use drv_config::diff::Change;
-    let unused = unused_fields(role);
-    let mut out = Vec::new();
-    for c in drv_config::diff::node_changes(old, new) {
-        let c = match c {
-            Change::VolumeChanged { name, fields } => {
-                let fields: Vec<String> = fields
-                    .into_iter()
-                    .filter(|f| !unused.contains(&f.as_str()))
-                    .filter(|f| role == drv_config::Role::Staging || !f.starts_with("wrl "))
-                    .collect();
-                if fields.is_empty() {
-                    continue;
-                }
-                Change::VolumeChanged { name, fields }
-            }
-            other => other,
-        };
-        out.push(format!("{c} (at the next restart)"));
-    }
-    out
-}
-
-/// Follows the node's configuration; what changed waits for a restart (reported as such).
-fn follow(l: &mut Loaded) {
+/// Follows the node's configuration: `apply` applies what it can live and returns what waits
+/// for a restart (reported as such).
+fn follow<F>(l: &mut Loaded, mut apply: F)
+where
+    F: FnMut(&drv_config::NodeConfig, &drv_config::NodeConfig) -> Vec<String> + Send + 'static,
+{
     let Some((f, version)) = l.follow.take() else { return };
     let current = drv_configd::api::Slice { version, value: l.node.clone() };
-    let (name, role) = (l.node.name.clone(), l.node.endpoint.role);
+    let name = l.node.name.clone();
     tokio::spawn(f.follow(current, move |old: &drv_config::NodeConfig, new: &drv_config::NodeConfig| {
-        let changes = waiting(role, old, new);
+        let changes = apply(old, new);
         for c in &changes {
             tracing::warn!("{name}: configuration changed: {c}");
         }
@@ -200,8 +173,9 @@ pub fn staging_run(n: NodeArgs) -> Result<()> {
     rt.block_on(async {
         let mut l = load(&n, drv_config::Role::Staging).await?;
         let st = drv_staging::server::Staging::new(&l.node, l.id.clone()).context("start staging server")?;
-        eprintln!("staging {} serving {} volume(s) on {}", n.name, st.volumes.len(), l.addr);
-        follow(&mut l);
+        eprintln!("staging {} serving {} volume(s) on {}", n.name, st.volume_list().len(), l.addr);
+        let live = st.clone();
+        follow(&mut l, move |old, new| live.apply_config(old, new));
         st.run(l.addr).await.context("staging server")
     })
 }
@@ -212,7 +186,8 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
         let mut l = load(&n, drv_config::Role::Replica).await?;
         let r = drv_replica::ReplicaServer::new(&l.node, l.id.clone()).context("start replica server")?;
         eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volumes.len(), l.addr);
-        follow(&mut l);
+        let live = r.clone();
+        follow(&mut l, move |old, new| live.apply_config(old, new));
         r.run(l.addr).await.context("replica server")
     })
 }

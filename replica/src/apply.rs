@@ -152,13 +152,10 @@ pub struct ApplyState {
     pub applied_units: u64,
 }
 
-/// One volume on the replica.
-pub struct ReplicaVolume {
-    pub id: u64,
-    pub name: String,
-    pub size_bytes: u64,
-    /// The volume's block size (change maps, snapshot stores).
-    pub block_bytes: u64,
+/// A volume's limits from its configuration: each read where it is used, so a change applies at
+/// the next use (the window's upkeep, about every second; the next check; the next snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
     /// Most bytes its snapshot store may hold (`None`: no limit).
     pub snapshot_bytes_limit: Option<u64>,
     /// The retention window (any point in time): how long, in seconds, and most bytes.
@@ -166,6 +163,28 @@ pub struct ReplicaVolume {
     pub retention_bytes: Option<u64>,
     /// Scheduled recovery checks, in seconds.
     pub check_interval_secs: Option<u64>,
+}
+
+impl Limits {
+    pub fn of(v: &drv_config::Volume) -> Limits {
+        Limits {
+            snapshot_bytes_limit: v.snapshot_bytes_limit,
+            retention_secs: v.retention,
+            retention_bytes: v.retention_bytes,
+            check_interval_secs: v.check_interval,
+        }
+    }
+}
+
+/// One volume on the replica.
+pub struct ReplicaVolume {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    /// The volume's block size (change maps, snapshot stores).
+    pub block_bytes: u64,
+    /// Its limits from the configuration, which change while it runs ([`ReplicaVolume::limits`]).
+    limits: Mutex<Limits>,
     /// Failed over: the apply step holds (records are still logged), the target does not change.
     pub held: std::sync::atomic::AtomicBool,
     pub key: VolumeKey,
@@ -184,6 +203,17 @@ pub struct ReplicaVolume {
 }
 
 impl ReplicaVolume {
+    /// Its limits now.
+    pub fn limits(&self) -> Limits {
+        *self.limits.lock().expect("limits")
+    }
+
+    /// Sets its limits (a configuration change); the snapshot store's own limit is set by
+    /// `Snapshots::set_limit`.
+    pub fn set_limits(&self, l: Limits) {
+        *self.limits.lock().expect("limits") = l;
+    }
+
     /// Opens volume `name` (configured as `vol`) with its target and its applied position.
     pub fn open(
         name: &str,
@@ -238,10 +268,7 @@ impl ReplicaVolume {
             name: name.to_owned(),
             size_bytes,
             block_bytes,
-            snapshot_bytes_limit: vol.snapshot_bytes_limit,
-            retention_secs: vol.retention,
-            retention_bytes: vol.retention_bytes,
-            check_interval_secs: vol.check_interval,
+            limits: Mutex::new(Limits::of(vol)),
             held: std::sync::atomic::AtomicBool::new(false),
             key,
             target_path,

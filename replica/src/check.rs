@@ -108,7 +108,7 @@ impl Checks {
 
     /// Whether the schedule wants a check of `v` now.
     pub fn due(&self, v: &ReplicaVolume, now: u64) -> bool {
-        let Some(every) = v.check_interval_secs else { return false };
+        let Some(every) = v.limits().check_interval_secs else { return false };
         let last = self.records.lock().expect("checks").get(&v.id).map_or(0, |r| r.last_scheduled_unix);
         now >= last.saturating_add(every)
     }

@@ -117,6 +117,11 @@ pub(crate) fn unix_now() -> u64 {
 
 impl CowStore {
     /// Opens (or creates) the store of volume `volume_id` (blocks of `slot_bytes`) in `dir`.
+    /// Sets the most bytes the store may hold (a configuration change; `None`: no limit).
+    pub fn set_limit(&mut self, limit_bytes: Option<u64>) {
+        self.limit_bytes = limit_bytes;
+    }
+
     pub fn open(dir: &Path, volume_id: u64, slot_bytes: u64, limit_bytes: Option<u64>) -> Result<CowStore, CowError> {
         assert!(slot_bytes > 0 && slot_bytes.is_multiple_of(512), "slot size {slot_bytes}");
         let db_path = dir.join("cow.redb").display().to_string();

@@ -165,6 +165,50 @@ impl ReplicaServer {
         }))
     }
 
+    /// Applies a newer configuration of this node while it runs: a volume's retention window,
+    /// snapshot store limit and check schedule. Returns what waits for a restart, in words
+    /// (volumes added or removed, a target, key or size, the endpoint).
+    pub fn apply_config(&self, old: &NodeConfig, new: &NodeConfig) -> Vec<String> {
+        use drv_config::diff::Change;
+        let mut pending = Vec::new();
+        for c in drv_config::diff::node_changes(old, new) {
+            let done = match &c {
+                Change::VolumeChanged { name, fields } => self.change_volume(old, new, name, fields),
+                _ => Err("at the next restart".to_owned()),
+            };
+            if let Err(why) = done {
+                pending.push(format!("{c} ({why})"));
+            }
+        }
+        pending
+    }
+
+    fn change_volume(&self, old: &NodeConfig, new: &NodeConfig, name: &str, fields: &[String]) -> Result<(), String> {
+        let find = |n: &NodeConfig| n.volumes.iter().find(|v| v.name == name).cloned();
+        let (Some(o), Some(n)) = (find(old), find(new)) else { return Ok(()) };
+        let mine = |v: &drv_config::VolumeView| v.volume.targets.get(&self.name).cloned();
+        let restart: Vec<&str> = fields
+            .iter()
+            .map(String::as_str)
+            .filter(|f| {
+                ["size_bytes", "key", "block_bytes", "id"].contains(f) || (*f == "targets" && mine(&o) != mine(&n))
+            })
+            .collect();
+        if !restart.is_empty() {
+            return Err(format!("{} at the next restart", restart.join(", ")));
+        }
+        let Some(v) = self.volumes.get(&n.volume.id) else { return Err("not served here; at the next restart".into()) };
+        let limits = apply::Limits::of(&n.volume);
+        if limits != v.limits() {
+            if limits.snapshot_bytes_limit != v.limits().snapshot_bytes_limit {
+                self.snapshots.set_limit(v, limits.snapshot_bytes_limit);
+            }
+            v.set_limits(limits);
+            tracing::info!(volume = %name, ?limits, "volume limits changed");
+        }
+        Ok(())
+    }
+
     /// Applies every complete epoch the DR log holds (replaying one a crash interrupted).
     pub fn catch_up(&self) -> Result<Vec<(u64, apply::Applier)>, ReplicaError> {
         let mut out = Vec::new();
@@ -566,7 +610,7 @@ impl ReplicaServer {
             snapshots: self.with_checks(v, self.snapshots.list(v, false).unwrap_or_default()),
             snapshot_store_bytes: self.snapshots.store_bytes(v),
             window: self.snapshots.window_summary(v),
-            check_interval_secs: v.check_interval_secs,
+            check_interval_secs: v.limits().check_interval_secs,
             last_check: self.checks.last(v),
             failover: self.failovers.status(v),
         }
@@ -583,9 +627,7 @@ impl ReplicaServer {
     /// Scheduled recovery checks (`check_interval`): a thread that looks every few seconds for a
     /// volume whose check is due, and runs it (one at a time).
     fn spawn_check_schedule(self: &Arc<Self>) -> Result<(), ReplicaError> {
-        if self.volumes.values().all(|v| v.check_interval_secs.is_none()) {
-            return Ok(());
-        }
+        // Always: a volume's check_interval may be set while the server runs.
         let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
         std::thread::Builder::new()
             .name("checks".into())

@@ -62,7 +62,7 @@ impl Snapshots {
         let mut stores = HashMap::new();
         let mut consistent = Vec::new();
         for v in volumes {
-            let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, v.snapshot_bytes_limit)?;
+            let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, v.limits().snapshot_bytes_limit)?;
             stores.insert(v.id, Arc::new(RwLock::new(store)));
             if !v.state.lock().expect("apply state").applied.partial_resync {
                 consistent.push(v);
@@ -74,6 +74,11 @@ impl Snapshots {
             s.release_consistent_point(v);
         }
         Ok(s)
+    }
+
+    /// Sets the limit of `v`'s snapshot store (its `snapshot_bytes_limit` changed).
+    pub fn set_limit(&self, v: &ReplicaVolume, limit: Option<u64>) {
+        self.store(v).write().expect("store").set_limit(limit);
     }
 
     fn store(&self, v: &ReplicaVolume) -> &Arc<RwLock<CowStore>> {
@@ -121,7 +126,7 @@ impl Snapshots {
                 (RecoveryPoint { seq: applied.seq, epoch: applied.epoch, capture_unix, ..Default::default() }, store)
             }
         };
-        if let Some(limit) = v.snapshot_bytes_limit {
+        if let Some(limit) = v.limits().snapshot_bytes_limit {
             let used = store.usage().map_err(SnapshotError::Store)?.used_bytes;
             // A window gives its space back first; refused once it has nothing left to give.
             let window_points = match store.window() {

@@ -28,7 +28,7 @@ const STEPS_PER_TICK: usize = 16;
 
 /// Opens, moves or closes `v`'s window as its configuration says.
 pub fn upkeep(v: &ReplicaVolume, store: &RwLock<CowStore>) -> Result<(), CowError> {
-    let wanted = v.retention_secs.is_some() || v.retention_bytes.is_some();
+    let wanted = v.limits().retention_secs.is_some() || v.limits().retention_bytes.is_some();
     let open = store.read().expect("store").window().is_some();
     match (wanted, open) {
         (false, false) => Ok(()),
@@ -69,14 +69,14 @@ fn expire(v: &ReplicaVolume, store: &RwLock<CowStore>) -> Result<(), CowError> {
     };
     let (Some(oldest), Some(newest)) = (info.oldest, info.newest) else { return Ok(()) };
     let now = unix_now();
-    let gone = |p: &RecoveryPoint| match v.retention_secs {
+    let gone = |p: &RecoveryPoint| match v.limits().retention_secs {
         Some(r) => {
             let by_agent = p.capture_unix == 0 || u64::from(p.capture_unix) + r <= u64::from(newest.capture_unix);
             by_agent && p.applied_unix + r <= now
         }
         None => false,
     };
-    let byte_limit = match (v.retention_bytes, v.snapshot_bytes_limit.map(|l| l / 10 * 9)) {
+    let byte_limit = match (v.limits().retention_bytes, v.limits().snapshot_bytes_limit.map(|l| l / 10 * 9)) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };

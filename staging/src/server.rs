@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use drv_config::{NodeConfig, VolumeView};
@@ -77,8 +77,10 @@ pub struct VolumeCtx {
     pub wrl: Arc<Wrl>,
     pub wrl_name: String,
     pub key: VolumeKey,
-    /// (name, address, the largest frame body it accepts).
-    pub replicas: Vec<(String, SocketAddr, u32)>,
+    /// (name, address, the largest frame body it accepts): the relays it has.
+    pub replicas: Mutex<Vec<(String, SocketAddr, u32)>>,
+    /// Removed from the configuration: writes are refused (a link may still hold it).
+    pub retired: std::sync::atomic::AtomicBool,
     /// The volume's sequence gate and positions (submitted in order, durable).
     pub seq: Mutex<Sequencer>,
     /// Durable sequence, for retried writes waiting on an in-flight original.
@@ -114,7 +116,10 @@ impl VolumeCtx {
 /// Shared server state.
 pub struct Staging {
     pub name: String,
-    pub volumes: HashMap<u64, Arc<VolumeCtx>>,
+    /// The volumes served now (the configuration adds and removes them while running).
+    pub volumes: RwLock<HashMap<u64, Arc<VolumeCtx>>>,
+    /// The relay task of each (volume, replica).
+    relays: Mutex<HashMap<(u64, String), tokio::task::AbortHandle>>,
     pub wrls: BTreeMap<String, Arc<Wrl>>,
     /// Signalled after every durable append, so relays wake up.
     pub appended: Arc<tokio::sync::Notify>,
@@ -213,7 +218,8 @@ impl Staging {
         }
         Ok(Arc::new(Staging {
             name: node.name.clone(),
-            volumes,
+            volumes: RwLock::new(volumes),
+            relays: Mutex::default(),
             wrls,
             appended: Arc::new(tokio::sync::Notify::new()),
             identity,
@@ -245,9 +251,9 @@ impl Staging {
             self.peers.clone(),
             move |mut r, link| me.serve_link(&mut r, &link, &rt),
         ));
-        for v in self.volumes.values() {
-            for (replica, raddr, limit) in &v.replicas {
-                tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), *raddr, *limit));
+        for v in self.volume_list() {
+            for r in v.replicas.lock().expect("replicas").clone() {
+                self.spawn_relay(&v, r);
             }
         }
         let me = self.clone();
@@ -290,7 +296,7 @@ impl Staging {
     /// The volume a connection opens, once every append of it in flight is durable (so the
     /// position reported is); `None` (and an `Error` frame) for a volume not configured here.
     async fn open_volume(&self, volume_id: u64, out: &Arc<Link>) -> Option<Arc<VolumeCtx>> {
-        let Some(v) = self.volumes.get(&volume_id) else {
+        let Some(v) = self.volume(volume_id) else {
             out.reply(Frame::Error {
                 code: code::UNKNOWN_VOLUME,
                 message: format!("volume {volume_id} is not configured on staging server {}", self.name),
@@ -415,6 +421,10 @@ impl Staging {
             None
         };
         let AppendRequest { volume_seq: seq, epoch, flags, data, .. } = req;
+        if v.retired.load(std::sync::atomic::Ordering::Acquire) {
+            let m = format!("volume {} was removed from the configuration of staging server {}", v.name, self.name);
+            return refuse(code::UNKNOWN_VOLUME, m);
+        }
         if flags.0 & !Flags::AGENT.0 != 0 {
             return refuse(code::INVALID, format!("volume {} seq {seq}: flags {:#x} are not a write's", v.id, flags.0));
         }
@@ -497,14 +507,112 @@ impl Staging {
         Some(submitted)
     }
 
+    /// Volume `id`, if it is served now.
+    pub fn volume(&self, id: u64) -> Option<Arc<VolumeCtx>> {
+        self.volumes.read().expect("volumes").get(&id).cloned()
+    }
+
+    /// The volumes served now, by id.
+    pub fn volume_list(&self) -> Vec<Arc<VolumeCtx>> {
+        let mut vs: Vec<_> = self.volumes.read().expect("volumes").values().cloned().collect();
+        vs.sort_by_key(|v| v.id);
+        vs
+    }
+
+    fn spawn_relay(self: &Arc<Self>, v: &Arc<VolumeCtx>, (replica, addr, limit): (String, SocketAddr, u32)) {
+        let task = tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), addr, limit));
+        if let Some(old) = self.relays.lock().expect("relays").insert((v.id, replica), task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    fn stop_relay(&self, v: &VolumeCtx, replica: &str) {
+        if let Some(t) = self.relays.lock().expect("relays").remove(&(v.id, replica.to_owned())) {
+            t.abort();
+        }
+    }
+
+    /// Applies a newer configuration of this node while it runs: volumes added and removed,
+    /// replicas added to and removed from a volume, a replica's address or frame limit. Returns
+    /// what waits for a restart, in words (the endpoint, WRLs, a volume's key, WRL or size).
+    pub fn apply_config(self: &Arc<Self>, old: &NodeConfig, new: &NodeConfig) -> Vec<String> {
+        use drv_config::diff::Change;
+        let mut pending = Vec::new();
+        for c in drv_config::diff::node_changes(old, new) {
+            let done = match &c {
+                Change::VolumeAdded(name) => self.add_volume(new, name),
+                Change::VolumeRemoved(name) => self.remove_volume(old, name),
+                Change::VolumeChanged { name, fields } => self.change_volume(new, name, fields),
+                _ => Err("at the next restart".to_owned()),
+            };
+            if let Err(why) = done {
+                pending.push(format!("{c} ({why})"));
+            }
+        }
+        pending
+    }
+
+    fn add_volume(self: &Arc<Self>, new: &NodeConfig, name: &str) -> Result<(), String> {
+        let view = new.volumes.iter().find(|v| v.name == name).expect("an added volume is in the new configuration");
+        let ctx = Arc::new(volume_ctx(view, &self.wrls).map_err(|e| format!("{e}; at the next restart"))?);
+        self.volumes.write().expect("volumes").insert(ctx.id, ctx.clone());
+        for r in ctx.replicas.lock().expect("replicas").clone() {
+            self.spawn_relay(&ctx, r);
+        }
+        tracing::info!(volume = %name, id = ctx.id, "volume added to the running staging server");
+        Ok(())
+    }
+
+    fn remove_volume(&self, old: &NodeConfig, name: &str) -> Result<(), String> {
+        let id = old.volumes.iter().find(|v| v.name == name).map(|v| v.volume.id).expect("a removed volume was there");
+        let Some(v) = self.volumes.write().expect("volumes").remove(&id) else { return Ok(()) };
+        v.retired.store(true, std::sync::atomic::Ordering::Release);
+        for (r, ..) in v.replicas.lock().expect("replicas").drain(..) {
+            self.stop_relay(&v, &r);
+        }
+        // Its records no longer hold the log back.
+        v.wrl.confirm(v.id, u64::MAX);
+        tracing::info!(volume = %name, id, "volume removed from the running staging server");
+        Ok(())
+    }
+
+    fn change_volume(self: &Arc<Self>, new: &NodeConfig, name: &str, fields: &[String]) -> Result<(), String> {
+        let restart: Vec<&str> = fields
+            .iter()
+            .map(String::as_str)
+            .filter(|f| {
+                ["size_bytes", "key", "wrl", "block_bytes", "id", "staging"].contains(f) || f.starts_with("wrl ")
+            })
+            .collect();
+        if !restart.is_empty() {
+            return Err(format!("{} at the next restart", restart.join(", ")));
+        }
+        let Some(n) = new.volumes.iter().find(|v| v.name == name) else { return Ok(()) };
+        let Some(v) = self.volume(n.volume.id) else { return Err("not served here; at the next restart".into()) };
+        let want = replica_targets(n).map_err(|e| e.to_string())?;
+        let have = v.replicas.lock().expect("replicas").clone();
+        for r in have.iter().filter(|r| !want.contains(r)) {
+            self.stop_relay(&v, &r.0);
+            if !want.iter().any(|w| w.0 == r.0) {
+                v.progress.lock().expect("progress").remove(&r.0);
+            }
+        }
+        for r in want.iter().filter(|r| !have.contains(r)) {
+            v.progress.lock().expect("progress").entry(r.0.clone()).or_default();
+            self.spawn_relay(&v, r.clone());
+        }
+        *v.replicas.lock().expect("replicas") = want;
+        v.confirm_replicated();
+        Ok(())
+    }
+
     /// The status document of `drv status`.
     pub fn status_json(&self) -> serde_json::Value {
         serde_json::to_value(self.status()).expect("status serializes")
     }
 
     pub fn status(&self) -> StagingStatus {
-        let mut vs: Vec<_> = self.volumes.values().collect();
-        vs.sort_by_key(|v| v.id);
+        let vs = self.volume_list();
         let wrls = self.wrls.iter().map(|(name, w)| wrl_summary(name, &w.status())).collect();
         StagingStatus {
             role: "staging".into(),
@@ -566,18 +674,22 @@ fn wrl_summary(name: &str, s: &wrl::WrlStatus) -> WrlSummary {
     }
 }
 
-fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<VolumeCtx, ServerError> {
-    let err = |reason: String| ServerError::Volume { name: v.name.clone(), reason };
-    let wrl = wrls.get(&v.wrl_name).ok_or_else(|| err(format!("its WRL {} is not on this node", v.wrl_name)))?.clone();
-    let key = VolumeKey::load(v.key.key_id, Path::new(&v.key.path)).map_err(|e| err(e.to_string()))?;
-    let replicas = v
-        .replicas
+/// Where a volume's records are relayed: (replica, address, the largest frame body it takes).
+fn replica_targets(v: &VolumeView) -> Result<Vec<(String, SocketAddr, u32)>, ServerError> {
+    v.replicas
         .iter()
         .map(|(n, ep)| {
             let limit = ep.frame_bytes_limit.min(drv_format::frame::MAX_FRAME_BODY as u64) as u32;
             parse_addr(n, &ep.address).map(|a| (n.clone(), a, limit))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<VolumeCtx, ServerError> {
+    let err = |reason: String| ServerError::Volume { name: v.name.clone(), reason };
+    let wrl = wrls.get(&v.wrl_name).ok_or_else(|| err(format!("its WRL {} is not on this node", v.wrl_name)))?.clone();
+    let key = VolumeKey::load(v.key.key_id, Path::new(&v.key.path)).map_err(|e| err(e.to_string()))?;
+    let replicas = replica_targets(v)?;
     // The durable position comes from the log itself (recovered at open); a volume the log holds
     // nothing of starts at 0, and its first write must be seq 1.
     let log = wrl.volume(v.volume.id).map(|s| s.log).unwrap_or_default();
@@ -590,7 +702,8 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         wrl_name: v.wrl_name.clone(),
         key,
         progress: Mutex::new(replicas.iter().map(|(n, ..)| (n.clone(), ReplicaProgress::default())).collect()),
-        replicas,
+        replicas: Mutex::new(replicas),
+        retired: Default::default(),
         seq: Mutex::new(Sequencer::new(log.last_seq, log.last_epoch)),
         durable_tx,
         unreplicated: Mutex::new(VecDeque::new()),

@@ -229,6 +229,27 @@ impl Servers {
         Proc(child)
     }
 
+    /// `drv config set ARGS`: the version of the change.
+    fn set_version(&self, args: &[&str]) -> u64 {
+        let mut a = vec!["config", "set"];
+        a.extend_from_slice(args);
+        a.push("--json");
+        let out = self.cli(&a, &self.all());
+        assert!(out.ok, "{args:?}: {}", out.stderr);
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["version"].as_u64().unwrap()
+    }
+
+    /// Waits until change `version` is in force on `n` components, and waits nowhere.
+    fn in_force_everywhere(&self, version: u64, n: usize) {
+        until("the change in force everywhere", Duration::from_secs(60), || {
+            let st = self.components();
+            let change = st["changes"].as_array().unwrap().iter().find(|c| c["version"] == version).cloned();
+            change.is_some_and(|c| {
+                c["in_force"].as_array().unwrap().len() == n && c["waiting"].as_array().unwrap().is_empty()
+            })
+        });
+    }
+
     fn components(&self) -> serde_json::Value {
         let out = self.cli(&["config", "status", "--json"], &self.all());
         assert!(out.ok, "{}", out.stderr);
@@ -239,12 +260,15 @@ impl Servers {
 /// Waits until the replica at `addr` applied everything before `next`, then compares images.
 fn replica_equals(s: &Servers, addr: &str, source: &Path, image: &Path, next: u64) {
     until("the replica to apply everything", Duration::from_secs(60), || {
-        let c = s.certs.to_str().unwrap();
-        let out = drv(&["status", "--role", "replica", "--server", addr, "--certs", c, "--json"], &s.dir, &[]);
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-        v["volumes"][0]["applied_seq"].as_u64().is_some_and(|a| a + 1 >= next)
+        replica_status(s, addr)["volumes"][0]["applied_seq"].as_u64().is_some_and(|a| a + 1 >= next)
     });
     assert!(std::fs::read(source).unwrap() == std::fs::read(image).unwrap(), "the replica differs from the source");
+}
+
+fn replica_status(s: &Servers, addr: &str) -> serde_json::Value {
+    let c = s.certs.to_str().unwrap();
+    let out = drv(&["status", "--role", "replica", "--server", addr, "--certs", c, "--json"], &s.dir, &[]);
+    serde_json::from_str(&out.stdout).unwrap_or_default()
 }
 
 fn sync_and_next_seq(s: &Servers, run: &Path) -> u64 {
@@ -330,18 +354,60 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     // A config server comes back; a change made then reaches every component and is in force.
     s.children[0] = Some(s.spawn(0));
     until("a leader again", Duration::from_secs(30), || s.status(0).is_some_and(|v| v["leader"].is_string()));
-    let out = s.cli(&["config", "set", "volume", "vol1", "bwlimit=64M", "--json"], &s.all());
-    assert!(out.ok, "{}", out.stderr);
-    let version = serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["version"].as_u64().unwrap();
-    until("the change in force everywhere", Duration::from_secs(60), || {
-        let st = s.components();
-        let change = st["changes"].as_array().unwrap().iter().find(|c| c["version"] == version).cloned();
-        change.is_some_and(|c| {
-            c["in_force"].as_array().unwrap().len() == 3 && c["waiting"].as_array().unwrap().is_empty()
-        })
-    });
+    let version = s.set_version(&["volume", "vol1", "bwlimit=64M"]);
+    s.in_force_everywhere(version, 3);
     let text = s.cli(&["config", "status"], &s.all());
     assert!(text.stdout.contains("in force on all 3"), "{}", text.stdout);
+
+    // The retention window opens on the running replica.
+    let version = s.set_version(&["volume", "vol1", "retention=1h"]);
+    s.in_force_everywhere(version, 3);
+    until("the replica's retention window", Duration::from_secs(30), || {
+        replica_status(&s, &rep)["volumes"][0]["window"].is_object()
+    });
+
+    // A second volume is added while staging runs; the replica takes it at its restart (reported
+    // as waiting until then), and it replicates.
+    s.set(&["volume", "vol2", &format!("size_bytes={VOLUME}"), "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
+    until("the replica's restart reported as pending", Duration::from_secs(60), || {
+        s.components()["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["component"] == "rep1" && c["pending"].to_string().contains("volume vol2 added"))
+    });
+    let st = drv(
+        &["status", "--role", "staging", "--server", &stg, "--certs", s.certs.to_str().unwrap(), "--json"],
+        &d,
+        &[],
+    );
+    assert!(st.stdout.contains("\"vol2\""), "staging took vol2 live: {}", st.stdout);
+    drop(_replica);
+    let _replica = s.component(&["replica", "run", "--name", "rep1", "--config-cache", &cache("rep1")], "rep1b");
+    let source2 = d.join("source2.img");
+    std::fs::write(&source2, drv_format::pattern(0x53, VOLUME)).unwrap();
+    let run2 = d.join("run2");
+    let agent2_args = [
+        "agent",
+        "run",
+        "--volume",
+        "vol2",
+        "--name",
+        "host1",
+        "--device",
+        source2.to_str().unwrap(),
+        "--state-dir",
+        &d.join("agent2").display().to_string(),
+        "--run-dir",
+        run2.to_str().unwrap(),
+    ];
+    let _agent2 = s.component(&agent2_args, "agent2");
+    until("the second agent's control socket", Duration::from_secs(30), || run2.join("vol2.sock").exists());
+    let out = drv(&["sync", "start", "vol2", "--run-dir", run2.to_str().unwrap()], &d, &[]);
+    assert!(out.ok && out.stdout.contains("\"done\":true"), "{}{}", out.stdout, out.stderr);
+    until("vol2 replicated", Duration::from_secs(60), || {
+        std::fs::read(data.join("vol2.img")).is_ok_and(|b| b == std::fs::read(&source2).unwrap())
+    });
     // A change the replica can apply only at its next restart is reported as waiting.
     s.set(&[
         "endpoint",
