@@ -20,6 +20,7 @@ use crate::api::{
     ApiError, CommandRequest, ComponentState, EntriesReply, LogReply, MemberRequest, Report, ServerStatus, Slice,
     WatchReply,
 };
+use crate::network::Sender;
 
 /// Redirects followed per attempt.
 pub const MAX_HOPS: usize = 3;
@@ -69,7 +70,12 @@ pub struct ApiClient {
     servers: Vec<String>,
     tls: Arc<rustls::ClientConfig>,
     patience: Duration,
+    /// Idle connections by server, kept for the next request (at most [`IDLE_PER_SERVER`]).
+    idle: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<Sender>>>>,
 }
+
+/// Idle connections kept per server.
+const IDLE_PER_SERVER: usize = 16;
 
 /// `https://HOST:PORT[/...]` or `HOST:PORT` to `HOST:PORT`.
 fn host_port(s: &str) -> &str {
@@ -88,7 +94,7 @@ impl ApiClient {
             return Err(ClientError::Protocol { server: "-".into(), message });
         }
         let tls = drv_transport::tls::https_client_config(identity, Role::Config)?;
-        Ok(ApiClient { servers, tls, patience: PATIENCE })
+        Ok(ApiClient { servers, tls, patience: PATIENCE, idle: Default::default() })
     }
 
     /// Keep trying this long while servers are away or have no majority.
@@ -97,7 +103,31 @@ impl ApiClient {
         self
     }
 
-    /// One exchange with `addr`: `Err` if it could not be had at all.
+    /// An idle connection to `addr`, or a new one (`true`: reused, it may have been closed by
+    /// the server meanwhile).
+    async fn connection(&self, addr: &str) -> Result<(Sender, bool), Failed> {
+        let kept = self.idle.lock().expect("idle connections").get_mut(addr).and_then(Vec::pop);
+        if let Some(s) = kept.filter(|s| !s.is_closed()) {
+            return Ok((s, true));
+        }
+        let s = crate::network::https_open(addr, "config.drv", self.tls.clone()).await.map_err(|e| {
+            // The server's certificate does not verify, or the handshake failed: retrying
+            // will not change that.
+            if e.starts_with("TLS") { Failed::Final(e) } else { Failed::Retry(e) }
+        })?;
+        Ok((s, false))
+    }
+
+    fn keep(&self, addr: &str, s: Sender) {
+        let mut idle = self.idle.lock().expect("idle connections");
+        let v = idle.entry(addr.to_owned()).or_default();
+        if v.len() < IDLE_PER_SERVER {
+            v.push(s);
+        }
+    }
+
+    /// One exchange with `addr` (on a kept connection if there is one): `Err` if it could not be
+    /// had at all.
     async fn once(
         &self,
         addr: &str,
@@ -106,33 +136,37 @@ impl ApiClient {
         body: &Option<Bytes>,
     ) -> Result<(StatusCode, Bytes), Failed> {
         let exchange = async {
-            let mut sender = crate::network::https_open(addr, "config.drv", self.tls.clone()).await.map_err(|e| {
-                // The server's certificate does not verify, or the handshake failed: retrying
-                // will not change that.
-                if e.starts_with("TLS") { Failed::Final(e) } else { Failed::Retry(e) }
-            })?;
-            let req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header(hyper::header::HOST, addr)
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone().unwrap_or_default()))
-                .map_err(|e| Failed::Final(e.to_string()))?;
-            let resp = sender.send_request(req).await.map_err(|e| {
-                let why = chain(&e);
-                // TLS 1.3: a refused client certificate shows only when the first answer is read.
-                if why.contains("received fatal alert") {
-                    Failed::Final(format!(
-                        "it refused this certificate ({why}): config servers take the config and admin \
-                         certificates of their installation CA"
-                    ))
-                } else {
-                    Failed::Retry(format!("no answer: {why}"))
-                }
-            })?;
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.map_err(|e| Failed::Retry(e.to_string()))?.to_bytes();
-            Ok((status, bytes))
+            loop {
+                let (mut sender, reused) = self.connection(addr).await?;
+                let req = hyper::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header(hyper::header::HOST, addr)
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(body.clone().unwrap_or_default()))
+                    .map_err(|e| Failed::Final(e.to_string()))?;
+                let resp = match sender.send_request(req).await {
+                    Ok(r) => r,
+                    // A kept connection the server closed meanwhile: a new one.
+                    Err(_) if reused => continue,
+                    Err(e) => {
+                        let why = chain(&e);
+                        // TLS 1.3: a refused client certificate shows only when the first answer is read.
+                        return Err(if why.contains("received fatal alert") {
+                            Failed::Final(format!(
+                                "it refused this certificate ({why}): config servers take the certificates of \
+                                 their installation CA"
+                            ))
+                        } else {
+                            Failed::Retry(format!("no answer: {why}"))
+                        });
+                    }
+                };
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.map_err(|e| Failed::Retry(e.to_string()))?.to_bytes();
+                self.keep(addr, sender);
+                return Ok((status, bytes));
+            }
         };
         tokio::time::timeout(REQUEST_DEADLINE, exchange)
             .await
@@ -242,7 +276,7 @@ impl ApiClient {
     pub async fn status_each(&self) -> Vec<(String, Result<ServerStatus, ClientError>)> {
         let mut out = Vec::new();
         for s in &self.servers {
-            let one = ApiClient { servers: vec![s.clone()], tls: self.tls.clone(), patience: Duration::ZERO };
+            let one = ApiClient { servers: vec![s.clone()], patience: Duration::ZERO, ..self.clone() };
             out.push((s.clone(), one.status().await));
         }
         out
@@ -273,7 +307,7 @@ impl ApiClient {
     pub async fn components_everywhere(&self) -> Vec<ComponentState> {
         let mut all: std::collections::BTreeMap<String, ComponentState> = Default::default();
         for s in &self.servers {
-            let one = ApiClient { servers: vec![s.clone()], tls: self.tls.clone(), patience: Duration::ZERO };
+            let one = ApiClient { servers: vec![s.clone()], patience: Duration::ZERO, ..self.clone() };
             for c in one.components().await.unwrap_or_default() {
                 if all.get(&c.component).is_none_or(|o| o.reported_unix_ms < c.reported_unix_ms) {
                     all.insert(c.component.clone(), c);

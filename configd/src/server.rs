@@ -150,21 +150,28 @@ fn from_config_server(peer: &Peer) -> Result<(), Refused> {
     }
 }
 
+/// A raft request's JSON body, read only once the peer is known to be a config server.
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
+    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("a raft request: {e}")))
+}
+
 async fn append(
     State(raft): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+    body: Bytes,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, Refused> {
     from_config_server(&peer)?;
+    let req: AppendEntriesRequest<TypeConfig> = decode(&body)?;
     Ok(Json(raft.append_entries(req).await))
 }
 
 async fn vote(
     State(raft): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<VoteRequest<NodeId>>,
+    body: Bytes,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, Refused> {
     from_config_server(&peer)?;
+    let req: VoteRequest<NodeId> = decode(&body)?;
     Ok(Json(raft.vote(req).await))
 }
 

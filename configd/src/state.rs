@@ -10,7 +10,9 @@
 //!
 //! Each entry is applied in one transaction with `applied`: a command's changes and the position
 //! commit together, so a crash leaves the store either before the entry (openraft applies it
-//! again from the log) or after it. A command `drv_config` refuses changes nothing: its
+//! again from the log) or after it. Those commits are not synced (the log is: an applied entry is
+//! on a majority's disks); a snapshot's commit is, so everything applied before it is durable
+//! before openraft purges the log up to it. A command `drv_config` refuses changes nothing: its
 //! transaction is dropped and `applied` moves on alone. The version of a change is its log
 //! index. A snapshot is built from one read transaction (a consistent view while apply goes on)
 //! and installed in one write transaction after its body was checked whole.
@@ -116,6 +118,11 @@ impl StateMachine {
             None => (tx, None),
         };
         put_meta(&tx, "applied", &entry.log_id)?;
+        // Not synced: the entry is durable in the raft log (on a majority), and a crash that
+        // loses this commit loses `applied` with it, so openraft applies the entry again. The
+        // next synced commit (a snapshot's) makes it durable before the log is purged below it.
+        let mut tx = tx;
+        tx.set_durability(redb::Durability::None).map_err(write_err)?;
         tx.commit().map_err(write_err)?;
         Ok(Applied { index, outcome })
     }

@@ -5,6 +5,7 @@
 
 mod agent_cmd;
 mod config_cmd;
+mod configbench;
 mod configd_cmd;
 mod demo;
 mod devbench;
@@ -78,6 +79,10 @@ enum Command {
     /// O_DIRECT writes to a device from N writers for a while, and the rate reached (overwrites
     /// its data).
     BenchDevice(devbench::BenchDeviceArgs),
+    /// The config servers against a local store: commit latency, throughput, propagation (run
+    /// by `cargo xtask bench config`).
+    #[command(hide = true)]
+    BenchConfig(configbench::ConfigBenchArgs),
     /// Remove a volume's capture device (refused while it is mounted or open) and stop its agent.
     Detach(agent_cmd::DetachArgs),
     /// Initial sync of a volume to its replicas.
@@ -174,6 +179,7 @@ fn main() {
         Command::Detach(a) => agent_cmd::detach(a),
         Command::Devices { json } => agent_cmd::devices(json),
         Command::BenchDevice(a) => devbench::run(a),
+        Command::BenchConfig(a) => configbench::run(a),
         Command::MediaResync(c) => agent_cmd::media(c),
         Command::Trace(a) => trace_cmd::trace(a),
         Command::Doctor(a) => trace_cmd::doctor(a),

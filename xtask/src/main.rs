@@ -131,9 +131,10 @@ fn main() -> Result<()> {
             "user" => bench_user(quick),
             "snapshots" => bench_snapshots(quick),
             "restore" => bench_restore(quick),
+            "config" => bench_config(quick),
             other => {
                 bail!(
-                    "unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots, restore)"
+                    "unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots, restore, config)"
                 )
             }
         },
@@ -427,6 +428,19 @@ fn bench_restore(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     restore::bench(&root().join("target/release/drv"), &dir, quick)
+}
+
+/// The config servers against a local store (`drv bench-config`, in the release build).
+fn bench_config(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-config");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cmd = Command::new(root().join("target/release/drv"));
+    cmd.arg("bench-config").arg("--dir").arg(&dir);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 fn bench_agent(quick: bool) -> Result<()> {
