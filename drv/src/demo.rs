@@ -123,7 +123,7 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let staging = drv_staging::server::Staging::new(&store.node("stg1")?, Identity::load(&certs, "stg1")?)
         .context("start staging")?;
     drop(store);
-    let target = replica.volumes.values().next().context("replica volume")?.target_path.clone();
+    let target = replica.volume_list().into_iter().next().context("replica volume")?.target_path.clone();
     {
         let r = replica.clone();
         tokio::spawn(async move { r.run(replica_addr).await });

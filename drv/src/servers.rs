@@ -185,7 +185,7 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
     rt.block_on(async {
         let mut l = load(&n, drv_config::Role::Replica).await?;
         let r = drv_replica::ReplicaServer::new(&l.node, l.id.clone()).context("start replica server")?;
-        eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volumes.len(), l.addr);
+        eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volume_list().len(), l.addr);
         let live = r.clone();
         follow(&mut l, move |old, new| live.apply_config(old, new));
         r.run(l.addr).await.context("replica server")

@@ -185,6 +185,8 @@ pub struct ReplicaVolume {
     pub block_bytes: u64,
     /// Its limits from the configuration, which change while it runs ([`ReplicaVolume::limits`]).
     limits: Mutex<Limits>,
+    /// Removed from the configuration: its apply thread ends.
+    retired: std::sync::atomic::AtomicBool,
     /// Failed over: the apply step holds (records are still logged), the target does not change.
     pub held: std::sync::atomic::AtomicBool,
     pub key: VolumeKey,
@@ -203,6 +205,16 @@ pub struct ReplicaVolume {
 }
 
 impl ReplicaVolume {
+    /// Ends its apply thread (it was removed from the configuration).
+    pub fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether it was removed from the configuration.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Its limits now.
     pub fn limits(&self) -> Limits {
         *self.limits.lock().expect("limits")
@@ -269,6 +281,7 @@ impl ReplicaVolume {
             size_bytes,
             block_bytes,
             limits: Mutex::new(Limits::of(vol)),
+            retired: Default::default(),
             held: std::sync::atomic::AtomicBool::new(false),
             key,
             target_path,
@@ -409,7 +422,7 @@ pub fn run(
     let mut last_step = std::time::Instant::now();
     let mut last_tick = std::time::Instant::now();
     let mut full_said = false;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && !v.is_retired() {
         if last_tick.elapsed() >= TICK_INTERVAL {
             observer.tick(&v);
             last_tick = std::time::Instant::now();

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use drv_config::NodeConfig;
@@ -67,7 +67,10 @@ pub struct ReplicaServer {
     pub name: String,
     pub identity: Identity,
     pub drlog: Arc<Wrl>,
-    pub volumes: HashMap<u64, Arc<ReplicaVolume>>,
+    /// The volumes served now (the configuration adds and removes them while running).
+    pub volumes: RwLock<HashMap<u64, Arc<ReplicaVolume>>>,
+    /// The node's name and data directory for volumes opened later: (name, dir).
+    open_args: (String, PathBuf),
     /// The volumes' snapshot stores (the apply step preserves through them).
     pub snapshots: Arc<Snapshots>,
     /// Snapshots served over NBD.
@@ -113,6 +116,20 @@ pub fn drlog_segment_bytes(bytes: u64) -> u64 {
     ((bytes / 8) >> 20).clamp(1, 64) << 20
 }
 
+/// Opens volume `v` of node `node` (its target, its applied position, its place in the DR log).
+fn open_volume(
+    node: &str,
+    dir: &Path,
+    v: &drv_config::VolumeView,
+    drlog: &Arc<Wrl>,
+) -> Result<ReplicaVolume, ReplicaError> {
+    let err = |reason: String| ReplicaError::Volume { name: v.name.clone(), reason };
+    let key = VolumeKey::load(v.key.key_id, Path::new(&v.key.path)).map_err(|e| err(e.to_string()))?;
+    let target = v.volume.targets.get(node).map(PathBuf::from).unwrap_or_else(|| dir.join(format!("{}.img", v.name)));
+    ReplicaVolume::open(&v.name, &v.volume, key, target, dir.join(format!("{}.applied", v.name)), drlog)
+        .map_err(|e| err(e.to_string()))
+}
+
 impl ReplicaServer {
     pub fn new(node: &NodeConfig, identity: Identity) -> Result<Arc<ReplicaServer>, ReplicaError> {
         let dir =
@@ -129,18 +146,7 @@ impl ReplicaServer {
         let drlog = open_drlog(&dir, node.endpoint.drlog_bytes)?;
         let mut volumes = HashMap::new();
         for v in &node.volumes {
-            let err = |reason: String| ReplicaError::Volume { name: v.name.clone(), reason };
-            let key = VolumeKey::load(v.key.key_id, Path::new(&v.key.path)).map_err(|e| err(e.to_string()))?;
-            let target = v
-                .volume
-                .targets
-                .get(&node.name)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| dir.join(format!("{}.img", v.name)));
-            let rv =
-                ReplicaVolume::open(&v.name, &v.volume, key, target, dir.join(format!("{}.applied", v.name)), &drlog)
-                    .map_err(|e| err(e.to_string()))?;
-            volumes.insert(v.volume.id, Arc::new(rv));
+            volumes.insert(v.volume.id, Arc::new(open_volume(&node.name, &dir, v, &drlog)?));
         }
         let snapshots = Snapshots::open(&dir, volumes.values().map(|v| v.as_ref()))
             .map_err(|e| ReplicaError::DataDir { path: dir.display().to_string(), reason: e.to_string() })?;
@@ -148,7 +154,8 @@ impl ReplicaServer {
             name: node.name.clone(),
             identity,
             drlog,
-            volumes,
+            volumes: RwLock::new(volumes),
+            open_args: (node.name.clone(), dir.clone()),
             snapshots: Arc::new(snapshots),
             exports: crate::export::Exports::default(),
             mounts: crate::mount::Mounts::open(&dir),
@@ -165,14 +172,70 @@ impl ReplicaServer {
         }))
     }
 
-    /// Applies a newer configuration of this node while it runs: a volume's retention window,
-    /// snapshot store limit and check schedule. Returns what waits for a restart, in words
-    /// (volumes added or removed, a target, key or size, the endpoint).
+    /// Volume `id`, if it is served now.
+    pub fn volume(&self, id: u64) -> Option<Arc<ReplicaVolume>> {
+        self.volumes.read().expect("volumes").get(&id).cloned()
+    }
+
+    /// The volumes served now, by id.
+    pub fn volume_list(&self) -> Vec<Arc<ReplicaVolume>> {
+        let mut vs: Vec<_> = self.volumes.read().expect("volumes").values().cloned().collect();
+        vs.sort_by_key(|v| v.id);
+        vs
+    }
+
+    /// The apply thread of `v`, until the server stops or the volume is removed.
+    fn spawn_apply(&self, v: Arc<ReplicaVolume>, applier: apply::Applier) -> Result<(), ReplicaError> {
+        let (log, stop, snapshots) = (self.drlog.clone(), self.stop.clone(), self.snapshots.clone());
+        std::thread::Builder::new()
+            .name(format!("apply-{}", v.name))
+            .spawn(move || apply::run(v, log, snapshots, stop, applier))
+            .map(drop)
+            .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })
+    }
+
+    /// A volume added to this replica while it runs: opened, its snapshot store too, caught up
+    /// from the DR log (a volume it served before keeps its image and position), applied from
+    /// then on.
+    fn add_volume(&self, new: &NodeConfig, name: &str) -> Result<(), String> {
+        let view = new.volumes.iter().find(|v| v.name == name).expect("an added volume is in the new configuration");
+        let (node, dir) = &self.open_args;
+        let v = Arc::new(open_volume(node, dir, view, &self.drlog).map_err(|e| format!("{e}; at the next restart"))?);
+        self.snapshots.add(dir, &v).map_err(|e| format!("its snapshot store: {e}; at the next restart"))?;
+        let applier = apply::catch_up(&v, &self.drlog, self.snapshots.as_ref()).map_err(|e| e.to_string())?;
+        self.volumes.write().expect("volumes").insert(v.id, v.clone());
+        self.spawn_apply(v, applier).map_err(|e| e.to_string())?;
+        tracing::info!(volume = %name, "volume added to the running replica");
+        Ok(())
+    }
+
+    /// A volume removed from this replica while it runs: its apply stops and staging's relay is
+    /// refused from now on; its image, snapshots and positions stay on disk. Refused while it is
+    /// failed over or one of its snapshots is exported or mounted.
+    fn remove_volume(&self, old: &NodeConfig, name: &str) -> Result<(), String> {
+        let id = old.volumes.iter().find(|v| v.name == name).map(|v| v.volume.id).expect("a removed volume was there");
+        let Some(v) = self.volume(id) else { return Ok(()) };
+        if self.failovers.status(&v).is_some() {
+            return Err("it is failed over (drv failover end first); at the next restart".into());
+        }
+        self.volumes.write().expect("volumes").remove(&id);
+        v.retire();
+        // Its records no longer hold the DR log back.
+        self.drlog.confirm(id, u64::MAX);
+        tracing::info!(volume = %name, "volume removed from the running replica (its files stay)");
+        Ok(())
+    }
+
+    /// Applies a newer configuration of this node while it runs: volumes added and removed, a
+    /// volume's retention window, snapshot store limit and check schedule. Returns what waits
+    /// for a restart, in words (a target, key or size, the endpoint).
     pub fn apply_config(&self, old: &NodeConfig, new: &NodeConfig) -> Vec<String> {
         use drv_config::diff::Change;
         let mut pending = Vec::new();
         for c in drv_config::diff::node_changes(old, new) {
             let done = match &c {
+                Change::VolumeAdded(name) => self.add_volume(new, name),
+                Change::VolumeRemoved(name) => self.remove_volume(old, name),
                 Change::VolumeChanged { name, fields } => self.change_volume(old, new, name, fields),
                 _ => Err("at the next restart".to_owned()),
             };
@@ -197,11 +260,11 @@ impl ReplicaServer {
         if !restart.is_empty() {
             return Err(format!("{} at the next restart", restart.join(", ")));
         }
-        let Some(v) = self.volumes.get(&n.volume.id) else { return Err("not served here; at the next restart".into()) };
+        let Some(v) = self.volume(n.volume.id) else { return Err("not served here; at the next restart".into()) };
         let limits = apply::Limits::of(&n.volume);
         if limits != v.limits() {
             if limits.snapshot_bytes_limit != v.limits().snapshot_bytes_limit {
-                self.snapshots.set_limit(v, limits.snapshot_bytes_limit);
+                self.snapshots.set_limit(&v, limits.snapshot_bytes_limit);
             }
             v.set_limits(limits);
             tracing::info!(volume = %name, ?limits, "volume limits changed");
@@ -212,8 +275,8 @@ impl ReplicaServer {
     /// Applies every complete epoch the DR log holds (replaying one a crash interrupted).
     pub fn catch_up(&self) -> Result<Vec<(u64, apply::Applier)>, ReplicaError> {
         let mut out = Vec::new();
-        for v in self.volumes.values() {
-            let a = apply::catch_up(v, &self.drlog, self.snapshots.as_ref())
+        for v in self.volume_list() {
+            let a = apply::catch_up(&v, &self.drlog, self.snapshots.as_ref())
                 .map_err(|err| ReplicaError::Apply { name: v.name.clone(), err: Box::new(err) })?;
             let s = v.state.lock().expect("apply state");
             tracing::info!(volume = %v.name, applied_seq = s.applied.seq, applied_epoch = s.applied.epoch, "caught up from the DR log");
@@ -225,16 +288,15 @@ impl ReplicaServer {
 
     pub async fn run(self: Arc<Self>, addr: SocketAddr) -> Result<(), ReplicaError> {
         let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
-        tokio::task::spawn_blocking(move || me.failovers.resume(&me.snapshots, &me.volumes, &rt))
-            .await
-            .map_err(|e| ReplicaError::Volume { name: "failover".into(), reason: e.to_string() })?;
+        tokio::task::spawn_blocking(move || {
+            let volumes = me.volumes.read().expect("volumes").clone();
+            me.failovers.resume(&me.snapshots, &volumes, &rt)
+        })
+        .await
+        .map_err(|e| ReplicaError::Volume { name: "failover".into(), reason: e.to_string() })?;
         for (id, applier) in self.catch_up()? {
-            let v = self.volumes[&id].clone();
-            let (log, stop, snapshots) = (self.drlog.clone(), self.stop.clone(), self.snapshots.clone());
-            std::thread::Builder::new()
-                .name(format!("apply-{}", v.name))
-                .spawn(move || apply::run(v, log, snapshots, stop, applier))
-                .map_err(|e| ReplicaError::Volume { name: "apply".into(), reason: e.to_string() })?;
+            let v = self.volume(id).expect("caught up");
+            self.spawn_apply(v, applier)?;
         }
         self.spawn_check_schedule()?;
         let server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
@@ -282,17 +344,22 @@ impl ReplicaServer {
                     let _ = out.send(self.media(volume_id, op, arg).await);
                 }
                 Frame::RelayOpen { volume_id } => {
-                    let Some(v) = self.volumes.get(&volume_id) else {
+                    let Some(v) = self.volume(volume_id) else {
                         let _ = out.send(self.unknown(volume_id));
                         continue;
                     };
-                    tasks.0.push(relay_open(v, out).await?);
-                    volume = Some(v.clone());
+                    tasks.0.push(relay_open(&v, out).await?);
+                    volume = Some(v);
                 }
                 Frame::Records { volume_id, count, bytes } => {
                     let Some(v) = volume.as_ref().filter(|v| v.id == volume_id) else {
                         return Err(StreamError::NoRelayOpen(volume_id));
                     };
+                    if v.is_retired() {
+                        // Removed from this replica's configuration while its relay was open.
+                        let _ = out.send(self.unknown(volume_id));
+                        return Ok(());
+                    }
                     self.wait_for_room(v, bytes.len() as u64).await?;
                     self.log_records(v, count, &bytes, out)?;
                 }
@@ -313,8 +380,8 @@ impl ReplicaServer {
     async fn snapshot(self: &Arc<Self>, volume_id: u64, op: u8, arg: u64, name: String) -> Frame {
         use drv_format::frame::snapshot_op;
         use snapshot::SnapshotError as E;
-        let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
-        let (v, snaps) = (v.clone(), self.snapshots.clone());
+        let Some(v) = self.volume(volume_id) else { return self.unknown(volume_id) };
+        let snaps = self.snapshots.clone();
         fn json<T: serde::Serialize>(x: &T) -> Vec<u8> {
             serde_json::to_vec(x).expect("serializable")
         }
@@ -423,7 +490,7 @@ impl ReplicaServer {
 
     /// A media-resync request: the reply.
     async fn media(&self, volume_id: u64, op: u8, arg: u64) -> Frame {
-        let Some(v) = self.volumes.get(&volume_id) else { return self.unknown(volume_id) };
+        let Some(v) = self.volume(volume_id) else { return self.unknown(volume_id) };
         let v = v.clone();
         // A backup copied onto the target passes by the apply step, and so by the snapshot store:
         // the snapshots would read the backup's blocks as theirs.
@@ -559,8 +626,7 @@ impl ReplicaServer {
     }
 
     pub fn status(&self) -> ReplicaStatus {
-        let mut vs: Vec<_> = self.volumes.values().collect();
-        vs.sort_by_key(|v| v.id);
+        let vs = self.volume_list();
         let d = self.drlog.status();
         ReplicaStatus {
             role: "replica".into(),
@@ -637,7 +703,7 @@ impl ReplicaServer {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0);
-                    for v in me.volumes.values().filter(|v| me.checks.due(v, now)) {
+                    for v in me.volume_list().iter().filter(|v| me.checks.due(v, now)) {
                         if let Some(Err(e)) = me.checks.scheduled(&me.snapshots, v, rt.clone()) {
                             tracing::error!(volume = %v.name, "scheduled recovery check: {e}");
                         }

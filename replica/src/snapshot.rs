@@ -52,7 +52,8 @@ fn valid_name(name: &str) -> bool {
 /// The snapshot stores of a replica's volumes.
 pub struct Snapshots {
     root: PathBuf,
-    stores: HashMap<u64, Arc<RwLock<CowStore>>>,
+    /// By volume id; volumes are added while the server runs.
+    stores: RwLock<HashMap<u64, Arc<RwLock<CowStore>>>>,
 }
 
 impl Snapshots {
@@ -68,7 +69,7 @@ impl Snapshots {
                 consistent.push(v);
             }
         }
-        let s = Snapshots { root: root.to_path_buf(), stores };
+        let s = Snapshots { root: root.to_path_buf(), stores: RwLock::new(stores) };
         // A run that ended just before a crash: its consistent point was not released yet.
         for v in consistent {
             s.release_consistent_point(v);
@@ -81,8 +82,22 @@ impl Snapshots {
         self.store(v).write().expect("store").set_limit(limit);
     }
 
-    fn store(&self, v: &ReplicaVolume) -> &Arc<RwLock<CowStore>> {
-        self.stores.get(&v.id).unwrap_or_else(|| panic!("volume {} has no snapshot store", v.id))
+    fn store(&self, v: &ReplicaVolume) -> Arc<RwLock<CowStore>> {
+        let stores = self.stores.read().expect("stores");
+        stores.get(&v.id).cloned().unwrap_or_else(|| panic!("volume {} has no snapshot store", v.id))
+    }
+
+    /// Opens the store of a volume added while the server runs (kept if it is there already).
+    pub fn add(&self, root: &Path, v: &ReplicaVolume) -> Result<(), CowError> {
+        if self.stores.read().expect("stores").contains_key(&v.id) {
+            return Ok(());
+        }
+        let store = CowStore::open(&volume_dir(root, v), v.id, v.block_bytes, v.limits().snapshot_bytes_limit)?;
+        self.stores.write().expect("stores").insert(v.id, Arc::new(RwLock::new(store)));
+        if !v.state.lock().expect("apply state").applied.partial_resync {
+            self.release_consistent_point(v);
+        }
+        Ok(())
     }
 
     fn info(&self, v: &ReplicaVolume, name: String, m: &SnapshotMeta, own_bytes: Option<u64>) -> SnapshotInfo {
@@ -111,16 +126,17 @@ impl Snapshots {
         }
         // Hold the apply step: the position read below does not move until the snapshot is in.
         let _gate = v.apply_gate.lock().expect("apply gate");
+        let held = self.store(v);
         let (point, mut store) = match at {
             Some(at) => {
                 let applied = v.state.lock().expect("apply state").applied.seq;
-                let store = self.store(v).write().expect("store");
+                let store = held.write().expect("store");
                 let p = store.resolve(at, applied).map_err(SnapshotError::Store)?;
                 (p, store)
             }
             None => {
                 let applied = self.current_point(v)?;
-                let store = self.store(v).write().expect("store");
+                let store = held.write().expect("store");
                 let capture_unix =
                     store.point(applied.seq).map_err(SnapshotError::Store)?.map_or(0, |p| p.capture_unix);
                 (RecoveryPoint { seq: applied.seq, epoch: applied.epoch, capture_unix, ..Default::default() }, store)
@@ -184,7 +200,8 @@ impl Snapshots {
             let s = v.state.lock().expect("apply state");
             (!media && !s.resyncing && !s.applied.partial_resync && s.error.is_none()).then_some(s.applied)
         };
-        let store = self.store(v).read().expect("store");
+        let held = self.store(v);
+        let store = held.read().expect("store");
         let current = match consistent {
             Some(a) => {
                 let capture_unix = store.point(a.seq).map_err(SnapshotError::Store)?.map_or(0, |p| p.capture_unix);
@@ -201,7 +218,8 @@ impl Snapshots {
 
     /// The window's summary for status (no flush points listed).
     pub fn window_summary(&self, v: &ReplicaVolume) -> Option<RecoveryWindow> {
-        let store = self.store(v).read().expect("store");
+        let held = self.store(v);
+        let store = held.read().expect("store");
         store.window()?;
         store.window_info(0).ok()
     }
@@ -256,7 +274,8 @@ impl Snapshots {
         if buf.is_empty() {
             return Ok(());
         }
-        let store = self.store(v).read().expect("store");
+        let held = self.store(v);
+        let store = held.read().expect("store");
         // Deletes hold the store for writing: pinned now, the image stays while this read lasts.
         if !store.pinned(seq) {
             return Err(CowError::NoPoint(format!("no snapshot of {} is at seq {seq} any more", v.name)));
@@ -266,7 +285,8 @@ impl Snapshots {
 
     /// The xxh3-128 digest of snapshot `name`'s image (read while replication goes on).
     pub fn digest(&self, v: &ReplicaVolume, name: &str) -> Result<SnapshotDigest, SnapshotError> {
-        let store = self.store(v).read().expect("store");
+        let held = self.store(v);
+        let store = held.read().expect("store");
         let meta = store.get(name).map_err(|e| self.not_found(v, name, e))?;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut buf = vec![0u8; v.block_bytes as usize];
@@ -287,7 +307,8 @@ impl Snapshots {
 
     /// The snapshots of `v`, oldest first; with the bytes each holds alone when `space`.
     pub fn list(&self, v: &ReplicaVolume, space: bool) -> Result<Vec<SnapshotInfo>, SnapshotError> {
-        let store = self.store(v).read().expect("store");
+        let held = self.store(v);
+        let store = held.read().expect("store");
         let own = if space { Some(store.own_bytes().map_err(SnapshotError::Store)?) } else { None };
         let mut out: Vec<SnapshotInfo> = store
             .list()
@@ -310,14 +331,16 @@ impl Snapshots {
 
 impl OverwriteObserver for Snapshots {
     fn before_apply(&self, volume_id: u64, target: &File, writes: &[Write], ends: &[UnitEnd]) -> Result<(), CowError> {
-        match self.stores.get(&volume_id) {
+        let s = self.stores.read().expect("stores").get(&volume_id).cloned();
+        match s {
             Some(s) => s.read().expect("store").preserve(target, writes, ends).map(|_| ()),
             None => Ok(()),
         }
     }
 
     fn pass_len(&self, volume_id: u64, writes: &[Write]) -> usize {
-        match self.stores.get(&volume_id) {
+        let s = self.stores.read().expect("stores").get(&volume_id).cloned();
+        match s {
             Some(s) => s.read().expect("store").pass_len(writes),
             None => writes.len(),
         }
@@ -325,7 +348,7 @@ impl OverwriteObserver for Snapshots {
 
     /// Opens, moves and closes the retention window as the volume's configuration says.
     fn tick(&self, v: &ReplicaVolume) {
-        if let Err(e) = crate::window::upkeep(v, self.store(v)) {
+        if let Err(e) = crate::window::upkeep(v, &self.store(v)) {
             tracing::error!(volume = %v.name, "retention window: {e}");
         }
     }
@@ -349,7 +372,8 @@ impl OverwriteObserver for Snapshots {
     }
 
     fn release_consistent_point(&self, v: &ReplicaVolume) {
-        let mut store = self.store(v).write().expect("store");
+        let held = self.store(v);
+        let mut store = held.write().expect("store");
         let autos: Vec<String> = match store.list() {
             Ok(l) => l.into_iter().map(|(n, _)| n).filter(|n| n.starts_with(AUTO_PREFIX)).collect(),
             Err(e) => return tracing::warn!(volume = %v.name, "list snapshots: {e}"),

@@ -366,24 +366,16 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
         replica_status(&s, &rep)["volumes"][0]["window"].is_object()
     });
 
-    // A second volume is added while staging runs; the replica takes it at its restart (reported
-    // as waiting until then), and it replicates.
-    s.set(&["volume", "vol2", &format!("size_bytes={VOLUME}"), "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
-    until("the replica's restart reported as pending", Duration::from_secs(60), || {
-        s.components()["components"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["component"] == "rep1" && c["pending"].to_string().contains("volume vol2 added"))
-    });
-    let st = drv(
-        &["status", "--role", "staging", "--server", &stg, "--certs", s.certs.to_str().unwrap(), "--json"],
-        &d,
-        &[],
-    );
-    assert!(st.stdout.contains("\"vol2\""), "staging took vol2 live: {}", st.stdout);
-    drop(_replica);
-    let _replica = s.component(&["replica", "run", "--name", "rep1", "--config-cache", &cache("rep1")], "rep1b");
+    // A second volume is added while everything runs: staging and the replica take it live.
+    let version =
+        s.set_version(&["volume", "vol2", &format!("size_bytes={VOLUME}"), "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
+    s.in_force_everywhere(version, 3);
+    let status = |role: &str, addr: &str| {
+        let c = s.certs.to_str().unwrap();
+        drv(&["status", "--role", role, "--server", addr, "--certs", c, "--json"], &d, &[]).stdout
+    };
+    assert!(status("staging", &stg).contains("\"vol2\""), "staging took vol2 live");
+    assert!(status("replica", &rep).contains("\"vol2\""), "the replica took vol2 live");
     let source2 = d.join("source2.img");
     std::fs::write(&source2, drv_format::pattern(0x53, VOLUME)).unwrap();
     let run2 = d.join("run2");
@@ -408,6 +400,15 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     until("vol2 replicated", Duration::from_secs(60), || {
         std::fs::read(data.join("vol2.img")).is_ok_and(|b| b == std::fs::read(&source2).unwrap())
     });
+
+    // And removed again: both stop serving it live; its image stays on the replica.
+    drop(_agent2);
+    let out = s.cli(&["config", "delete", "volume", "vol2"], &s.all());
+    assert!(out.ok, "{}", out.stderr);
+    until("vol2 gone from staging and the replica", Duration::from_secs(60), || {
+        !status("staging", &stg).contains("\"vol2\"") && !status("replica", &rep).contains("\"vol2\"")
+    });
+    assert!(data.join("vol2.img").exists(), "the removed volume's image stays");
     // A change the replica can apply only at its next restart is reported as waiting.
     s.set(&[
         "endpoint",
