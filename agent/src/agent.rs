@@ -181,6 +181,20 @@ pub(crate) fn epoch_end(volume_id: u64) -> impl FnOnce(Stamp) -> Frame {
     }
 }
 
+/// The `FULL` mark of an initial sync: the first RESYNC record sent after every block was marked
+/// carries `Flags::FULL` (a replica added later may start there). Exactly one record of a run
+/// carries it while it is in flight; if the pass stops before staging acknowledged it, the next
+/// record carries it again (a record sent before it, whose block staging acknowledged, would be
+/// missing for a replica that starts at a later mark).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FullMark {
+    None,
+    /// The next RESYNC record carries it.
+    Pending,
+    /// Carried by the record of this sequence, not yet acknowledged.
+    InFlight(u64),
+}
+
 pub(crate) struct Inner {
     pub volume_id: u64,
     pub volume_bytes: u64,
@@ -200,6 +214,8 @@ pub(crate) struct Inner {
     pub stats: AgentStats,
     /// Resync bandwidth limit in bytes per second (0: none).
     pub bwlimit: AtomicU64,
+    /// Where the `FULL` mark of an initial sync stands (see `FullMark`).
+    pub full: Mutex<FullMark>,
     /// The highest sequence number staging acknowledged, on any session: a staging server that
     /// comes back holding less lost acknowledged writes (`drv_proto::StagingLost`).
     pub acked: Arc<AtomicU64>,
@@ -273,6 +289,7 @@ impl Agent {
             stats: AgentStats::default(),
             tap: std::sync::OnceLock::new(),
             bwlimit: AtomicU64::new(0),
+            full: Mutex::new(FullMark::None),
             acked: Arc::default(),
             problem: Mutex::default(),
             _lock: lock,
@@ -405,6 +422,7 @@ impl Agent {
         }
         let m = map.clone();
         blocking(0, move || m.mark_all()).await?;
+        *i.full.lock().expect("full mark") = FullMark::Pending;
         tracing::info!(volume = i.volume_id, bytes = map.dirty_bytes(), ?bwlimit, "initial sync started");
         i.leave_sync("initial sync");
         Ok(())

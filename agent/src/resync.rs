@@ -16,7 +16,7 @@ use drv_format::record::Flags;
 use drv_proto::Mode;
 use drv_proto::agent::{last_pass, pace, resync_budget, staging_holds};
 
-use crate::agent::{AgentError, Inner, blocking, epoch_end, units};
+use crate::agent::{AgentError, FullMark, Inner, blocking, epoch_end, units};
 use crate::session::{AckWait, Opened, open_session, wait_ack};
 
 /// How one attempt of the reconnect task ended.
@@ -232,7 +232,7 @@ impl Inner {
             sent += len as u64;
             if waits.len() >= SHIP_WAITS_LIMIT {
                 let (b, (w, _permit)) = waits.pop_front().expect("not empty");
-                if let Err(e) = wait_ack(w, self.opts.ack_timeout).await {
+                if let Err(e) = self.acked(w).await {
                     result = Err(e);
                     waits.clear();
                     break;
@@ -244,7 +244,7 @@ impl Inner {
             }
         }
         for (b, (w, _permit)) in waits {
-            if let Err(e) = wait_ack(w, self.opts.ack_timeout).await {
+            if let Err(e) = self.acked(w).await {
                 result = result.and(Err(e));
                 break;
             }
@@ -253,7 +253,26 @@ impl Inner {
         // What staging acknowledged is durable there, even when the pass stops here: an
         // interrupted resync goes on from the rest.
         map.clear_shipped(&acked)?;
+        if result.is_err() {
+            // A FULL record staging did not acknowledge: the next record carries the mark.
+            let mut f = self.full.lock().expect("full mark");
+            if matches!(*f, FullMark::InFlight(_)) {
+                *f = FullMark::Pending;
+            }
+        }
         result
+    }
+
+    /// Waits for staging's acknowledgement of a RESYNC record; the FULL mark it carried (or an
+    /// earlier record carried: acknowledgements are cumulative) is done with.
+    async fn acked(&self, w: (u64, AckWait)) -> Result<(), AgentError> {
+        let seq = w.0;
+        wait_ack(w, self.opts.ack_timeout).await?;
+        let mut f = self.full.lock().expect("full mark");
+        if matches!(*f, FullMark::InFlight(s) if s <= seq) {
+            *f = FullMark::None;
+        }
+        Ok(())
     }
 
     /// Reads one block from the local disk and queues it as a RESYNC record.
@@ -272,13 +291,22 @@ impl Inner {
         let rx = {
             let mut o = self.order.lock().expect("order");
             let stamp = o.core.resync_record();
+            let flags = {
+                let mut f = self.full.lock().expect("full mark");
+                if *f == FullMark::Pending {
+                    *f = FullMark::InFlight(stamp.seq);
+                    Flags::RESYNC | Flags::FULL
+                } else {
+                    Flags::RESYNC
+                }
+            };
             let (volume_id, data) = (self.volume_id, Bytes::from(data));
             let frame = |s: drv_proto::Stamp| Frame::Write {
                 volume_id,
                 seq: s.seq,
                 epoch: s.epoch,
                 offset,
-                flags: Flags::RESYNC.0,
+                flags: flags.0,
                 capture_unix: drv_format::record::capture_clock(),
                 data,
             };

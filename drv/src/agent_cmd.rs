@@ -508,9 +508,9 @@ fn load_volume(volume: &str, a: &AgentArgs, id: &Identity) -> Result<(VolumeView
     Ok((s.value, Some((f, s.version))))
 }
 
-/// Follows the volume's configuration: the resync bandwidth limit changes live; the volume's
-/// id, size, change block size and staging server wait for a restart of the agent (reported as
-/// such); the rest the agent does not use.
+/// Follows the volume's configuration: the resync bandwidth limit changes live; a replica added
+/// starts an initial sync; the volume's id, size, change block size and staging server wait for
+/// a restart of the agent (reported as such); the rest the agent does not use.
 fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<(Follower, u64)>) {
     let Some((f, version)) = follow else { return };
     let (agent, name) = (agent.clone(), view.name.clone());
@@ -518,7 +518,18 @@ fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<(Follower, u64
     tokio::spawn(f.follow(current, move |old: &VolumeView, new: &VolumeView| {
         let mut pending = Vec::new();
         for field in drv_config::diff::volume_fields(old, new) {
-            if field == "bwlimit" {
+            let added: Vec<&String> = new.volume.replicas.iter().filter(|r| !old.volume.replicas.contains(r)).collect();
+            if field == "replicas" && !added.is_empty() {
+                // A new replica holds nothing: the whole volume goes to it (as to every replica:
+                // staging relays one log), and staging starts it at this run's first record.
+                tracing::warn!("volume {name}: replica {added:?} added: starting an initial sync");
+                let (agent, name) = (agent.clone(), name.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = agent.start_initial_sync(None).await {
+                        tracing::error!("volume {name}: the initial sync for a new replica did not start: {e} (drv sync start {name})");
+                    }
+                });
+            } else if field == "bwlimit" {
                 agent.set_bwlimit(new.volume.bwlimit);
                 tracing::info!("volume {name}: resync bandwidth limit now {:?} bytes/s", new.volume.bwlimit);
             } else if ["id", "size_bytes", "block_bytes", "staging"].contains(&field.as_str()) {

@@ -35,9 +35,14 @@ impl Flags {
     /// the segment holding the volume's last record is freed, so that its position survives the
     /// trim. Never relayed, applied or decrypted.
     pub const CHECKPOINT: Flags = Flags(16);
+    /// With `RESYNC`: the first record of a run that ships every block of the volume (an initial
+    /// sync, begun after every block was marked). Every block has a record at this sequence or
+    /// later in the run, so a replica that lacks the records before it (added after staging
+    /// trimmed them) may start from here: once the run is applied it holds the whole volume.
+    pub const FULL: Flags = Flags(32);
     /// The flags an agent may send.
-    pub const AGENT: Flags = Flags(15);
-    pub const ALL: Flags = Flags(31);
+    pub const AGENT: Flags = Flags(47);
+    pub const ALL: Flags = Flags(63);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -63,6 +68,7 @@ impl std::fmt::Display for Flags {
             (Flags::RESYNC, "RESYNC"),
             (Flags::EPOCH_END, "EPOCH_END"),
             (Flags::CHECKPOINT, "CHECKPOINT"),
+            (Flags::FULL, "FULL"),
         ] {
             if self.contains(flag) {
                 names.push(name);

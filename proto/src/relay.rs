@@ -29,6 +29,9 @@ pub struct Record {
     pub length: u64,
     /// The log's own record of a position (`Flags::CHECKPOINT`): never sent.
     pub checkpoint: bool,
+    /// The first record of a resync run that ships every block (`Flags::FULL`): a replica that
+    /// holds nothing of the volume may start here.
+    pub full: bool,
 }
 
 impl Record {
@@ -40,6 +43,7 @@ impl Record {
             lsn,
             length: d.length as u64,
             checkpoint: d.flags.contains(Flags::CHECKPOINT),
+            full: d.flags.contains(Flags::FULL) && !d.flags.contains(Flags::CHECKPOINT),
         }
     }
 }
@@ -82,6 +86,9 @@ pub struct RelayWindow {
     inflight_bytes: u64,
     limit_bytes: u64,
     confirmed_lsn: u64,
+    /// The replica holds nothing and the log no longer holds the volume's first records: the
+    /// window passes over records until a `FULL` one (see [`RelayWindow::offer`]).
+    seeking: bool,
 }
 
 impl RelayWindow {
@@ -104,6 +111,7 @@ impl RelayWindow {
             inflight_bytes: 0,
             limit_bytes,
             confirmed_lsn: 0,
+            seeking: false,
         })
     }
 
@@ -124,12 +132,22 @@ impl RelayWindow {
             self.confirmed_lsn = self.confirmed_lsn.max(r.lsn);
             return Ok(Offer::Held);
         }
-        if r.checkpoint {
-            // A position past the replica's: the records up to it are gone from this log.
-            return Err(RelayRefusal::Missing { need: self.sent_seq + 1, first: r.seq + 1 });
-        }
-        if r.seq != self.sent_seq + 1 {
-            return Err(RelayRefusal::Missing { need: self.sent_seq + 1, first: r.seq });
+        // A checkpoint past the replica's position: the records up to it are gone from this log.
+        if r.checkpoint || r.seq != self.sent_seq + 1 {
+            if self.sent_seq != 0 || self.durable_seq != 0 {
+                let first = if r.checkpoint { r.seq + 1 } else { r.seq };
+                return Err(RelayRefusal::Missing { need: self.sent_seq + 1, first });
+            }
+            // A replica that holds nothing (one added after the first records were trimmed)
+            // starts at a run that ships every block; until one comes, nothing is sent, and
+            // nothing passed over counts as confirmed for it.
+            if r.checkpoint || !r.full {
+                self.seeking = true;
+                return Ok(Offer::Other);
+            }
+            self.seeking = false;
+            self.sent_seq = r.seq - 1;
+            self.durable_seq = r.seq - 1;
         }
         self.sent_seq = r.seq;
         let bytes = r.length + RECORD_OVERHEAD_BYTES;
@@ -172,6 +190,12 @@ impl RelayWindow {
     pub fn inflight_bytes(&self) -> u64 {
         self.inflight_bytes
     }
+
+    /// The replica holds nothing and waits for a resync run that ships every block (an initial
+    /// sync started after it was added).
+    pub fn seeking(&self) -> bool {
+        self.seeking
+    }
 }
 
 #[cfg(test)]
@@ -179,7 +203,29 @@ mod tests {
     use super::*;
 
     fn rec(volume_id: u64, seq: u64, lsn: u64) -> Record {
-        Record { volume_id, seq, lsn, length: 4096, checkpoint: false }
+        Record { volume_id, seq, lsn, length: 4096, checkpoint: false, full: false }
+    }
+
+    /// A replica that holds nothing, on a log that no longer holds seq 1: records pass over it
+    /// (none confirmed) until a FULL one, from which it is sent everything in order.
+    #[test]
+    fn a_replica_with_nothing_starts_at_a_full_run() {
+        let mut w = RelayWindow::resume(1, 0, 20, 1 << 20).unwrap();
+        let cp = Record { checkpoint: true, ..rec(1, 9, 3) };
+        assert_eq!(w.offer(&cp), Ok(Offer::Other));
+        assert_eq!(w.offer(&rec(1, 10, 4)), Ok(Offer::Other));
+        assert!(w.seeking());
+        assert_eq!(w.confirmed_lsn(), 0, "nothing passed over is confirmed");
+        assert_eq!(w.offer(&Record { full: true, ..rec(1, 11, 5) }), Ok(Offer::Send));
+        assert!(!w.seeking());
+        assert_eq!(w.offer(&rec(1, 12, 6)), Ok(Offer::Send));
+        assert_eq!(w.offer(&rec(1, 14, 7)), Err(RelayRefusal::Missing { need: 13, first: 14 }));
+        w.acknowledged(12).unwrap();
+        assert_eq!((w.durable_seq(), w.confirmed_lsn()), (12, 6));
+        // A replica that holds something is never moved to a later run.
+        let mut w = RelayWindow::resume(1, 3, 20, 1 << 20).unwrap();
+        let r = Record { full: true, ..rec(1, 11, 5) };
+        assert_eq!(w.offer(&r), Err(RelayRefusal::Missing { need: 4, first: 11 }));
     }
 
     #[test]

@@ -103,6 +103,19 @@ impl Sequencer {
         }
     }
 
+    /// A volume that holds nothing starts after `base` instead of 0 (a replica added after its
+    /// staging server trimmed the first records starts at a full resync run, `Flags::FULL`).
+    pub fn rebase(&mut self, base: u64) {
+        assert!(
+            self.submitted == 0 && self.durable == 0 && self.pending.is_empty(),
+            "only a volume that holds nothing is rebased (submitted {}, durable {})",
+            self.submitted,
+            self.durable
+        );
+        self.submitted = base;
+        self.durable = base;
+    }
+
     /// The log failed to append `seq` (and so every later one): they count as not submitted, and
     /// the sender must resend from `seq`. Nothing at or before `durable` is ever taken back.
     pub fn failed(&mut self, seq: u64) {

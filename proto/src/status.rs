@@ -44,6 +44,10 @@ pub struct ReplicaLink {
     pub durable_seq: u64,
     pub applied_seq: u64,
     pub reconnects: u64,
+    /// The replica holds nothing of the volume and this log no longer holds its first records:
+    /// it waits for an initial sync from the agent (a run whose first record is `FULL`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_full_sync: bool,
 }
 
 /// One WRL at staging.

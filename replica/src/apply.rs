@@ -150,6 +150,9 @@ pub struct ApplyState {
     pub error: Option<String>,
     pub applied_records: u64,
     pub applied_units: u64,
+    /// The volume was rebased to start after this sequence (a full run); its apply thread
+    /// takes it before it reads on.
+    pub rebased: Option<u64>,
 }
 
 /// A volume's limits from its configuration: each read where it is used, so a change applies at
@@ -205,6 +208,25 @@ pub struct ReplicaVolume {
 }
 
 impl ReplicaVolume {
+    /// A volume that holds nothing (nothing applied, nothing logged) starts at record
+    /// `first`, the `FULL` record of a resync run that ships every block, instead of seq 1 (its
+    /// staging server trimmed the records before it). The position `first - 1` is stored first,
+    /// marked inside a run applied in part (the target shows no state of the source until the
+    /// run is applied), so a restart reads on from there. `st` is this volume's state, locked.
+    pub fn rebase(&self, st: &mut ApplyState, drlog: &Wrl, first: u64, epoch: u64) -> Result<(), String> {
+        if st.applied.seq != 0 || st.seq.submitted() != 0 {
+            return Err(format!("it holds the volume up to seq {}", st.applied.seq.max(st.seq.submitted())));
+        }
+        let base = Applied { seq: first - 1, epoch, partial_resync: true };
+        drlog.rebase_volume(self.id, base.seq)?;
+        base.store(&self.applied_path).map_err(|e| format!("{}: {e}", self.applied_path.display()))?;
+        st.applied = base;
+        st.seq.rebase(base.seq);
+        st.rebased = Some(base.seq);
+        tracing::warn!(volume = %self.name, seq = first, "this replica held nothing of the volume and its first records are gone from staging: it starts at the full resync run at seq {first}; consistent once the run is applied");
+        Ok(())
+    }
+
     /// Ends its apply thread (it was removed from the configuration).
     pub fn retire(&self) {
         self.retired.store(true, std::sync::atomic::Ordering::Release);
@@ -335,6 +357,12 @@ impl Applier {
         }
     }
 
+    /// Reads on after `base` (the volume was rebased, see [`ReplicaVolume::rebase`]).
+    pub fn rebase(&mut self, base: u64) {
+        assert!(self.units.last_seq() == 0 && self.units.pending_len() == 0, "only an empty volume is rebased");
+        self.units = Units::new(base);
+    }
+
     /// The last sequence read from the DR log.
     pub fn last_read_seq(&self) -> u64 {
         self.units.last_seq()
@@ -428,7 +456,10 @@ pub fn run(
             last_tick = std::time::Instant::now();
         }
         {
-            let s = v.state.lock().expect("apply state");
+            let mut s = v.state.lock().expect("apply state");
+            if let Some(base) = s.rebased.take() {
+                applier.rebase(base);
+            }
             let held = v.held.load(std::sync::atomic::Ordering::Acquire);
             if held || s.error.is_some() || s.seq.durable() <= applier.last_read_seq() {
                 let _ = v.changed.wait_timeout(s, Duration::from_millis(200)).expect("apply state");

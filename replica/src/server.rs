@@ -12,7 +12,7 @@ use std::time::Instant;
 use drv_config::NodeConfig;
 use drv_format::crypto::VolumeKey;
 use drv_format::frame::{Frame, code, media_op};
-use drv_format::record::{RECORD_HEADER_LEN, RecordHeader};
+use drv_format::record::{Flags, RECORD_HEADER_LEN, RecordHeader};
 use drv_proto::Admit;
 use drv_proto::status::{self, DrLogSummary, ReplicaStatus, VolumeState};
 use drv_transport::{FrameReader, Identity, Outbox, Role, quic, serve};
@@ -61,6 +61,8 @@ pub enum StreamError {
     BadRecord(drv_format::FormatError),
     #[error("volume {volume} record {refusal}")]
     Refused { volume: u64, refusal: drv_proto::Refusal },
+    #[error("volume {volume}: cannot start at the full resync run at seq {seq}: {why}")]
+    Rebase { volume: u64, seq: u64, why: String },
 }
 
 pub struct ReplicaServer {
@@ -571,6 +573,14 @@ impl ReplicaServer {
         let mut to_log = Vec::new();
         for (h, payload) in batch {
             let seq = h.desc.volume_seq;
+            if h.desc.flags.contains(Flags::FULL) && seq > st.seq.submitted() + 1 {
+                // Relayed only to a replica that reported holding nothing of the volume.
+                v.rebase(&mut st, &self.drlog, seq, h.desc.epoch).map_err(|why| StreamError::Rebase {
+                    volume: v.id,
+                    seq,
+                    why,
+                })?;
+            }
             match st.seq.admit(seq, h.desc.epoch) {
                 Ok(Admit::Append) => {}
                 Ok(Admit::Duplicate) => continue, // already logged (a resend after reconnect)

@@ -199,9 +199,9 @@ async fn pump(
             read_any = !recs.is_empty();
             pending.extend(recs);
         }
-        let confirmed = window.confirmed_lsn();
+        let (confirmed, seeking) = (window.confirmed_lsn(), window.seeking());
         let frame = fill_frame(v.id, &mut window, &mut pending, frame_limit)?;
-        if window.confirmed_lsn() > confirmed {
+        if window.confirmed_lsn() > confirmed || window.seeking() != seeking {
             // Records the replica held already (at resume) count as confirmed: an idle volume
             // never holds the log's trimming back.
             progress(v, replica, &window, None);
@@ -263,7 +263,16 @@ fn fill_frame(
             break;
         }
         let r = Record::of(&rec.header.desc, rec.header.lsn);
-        if window.offer(&r)? == Offer::Send {
+        let was_seeking = window.seeking();
+        let offer = window.offer(&r)?;
+        if window.seeking() && !was_seeking {
+            tracing::warn!(
+                volume = volume_id,
+                "a replica holds nothing of this volume and the log no longer holds its first records (seq {} is the oldest): it waits for an initial sync from the agent (started when the replica is added to the volume's configuration; else `drv sync start`)",
+                r.seq
+            );
+        }
+        if offer == Offer::Send {
             frame.push(&rec.header.encode(), &rec.payload);
             frame_payload += r.length;
         }
@@ -296,6 +305,7 @@ fn progress(v: &Arc<VolumeCtx>, replica: &str, window: &RelayWindow, applied: Op
             e.applied_seq = e.applied_seq.max(a);
         }
         e.durable_lsn = e.durable_lsn.max(window.confirmed_lsn());
+        e.waiting_full_sync = window.seeking();
     }
     v.confirm_replicated();
 }

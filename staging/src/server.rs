@@ -68,6 +68,8 @@ pub struct ReplicaProgress {
     /// WRL lsn of `durable_seq` (what may be trimmed for this replica).
     pub durable_lsn: u64,
     pub reconnects: u64,
+    /// It holds nothing and waits for a run that ships every block (`RelayWindow::seeking`).
+    pub waiting_full_sync: bool,
 }
 
 /// Per-volume state on the staging server.
@@ -640,6 +642,7 @@ fn volume_status(v: &VolumeCtx, now: Instant) -> StagingVolume {
             durable_seq: r.durable_seq,
             applied_seq: r.applied_seq,
             reconnects: r.reconnects,
+            waiting_full_sync: r.waiting_full_sync,
         })
         .collect();
     StagingVolume {

@@ -412,6 +412,21 @@ impl Wrl {
         v.next_seq.get_or_insert(last_seq + 1);
     }
 
+    /// A volume the log holds no record of goes on after `last_seq` (a replica that starts at a
+    /// full resync run); refused, naming why, if the log holds any record of it.
+    pub fn rebase_volume(&self, volume_id: u64, last_seq: u64) -> Result<(), String> {
+        let mut vols = self.shared.volumes.lock().expect("volumes");
+        let v = vols.entry(volume_id).or_default();
+        if v.log.records > 0 {
+            return Err(format!(
+                "the log holds {} records of volume {volume_id} (up to seq {})",
+                v.log.records, v.log.last_seq
+            ));
+        }
+        v.next_seq = Some(last_seq + 1);
+        Ok(())
+    }
+
     pub fn volume(&self, volume_id: u64) -> Option<VolumeState> {
         self.shared.volumes.lock().expect("volumes").get(&volume_id).copied()
     }

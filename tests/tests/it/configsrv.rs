@@ -428,3 +428,157 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     });
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// An attached user-mode device: detached (`drv detach`), then its agent killed, however the
+/// test ends.
+struct Attached {
+    _agent: Proc,
+    run: PathBuf,
+    state: PathBuf,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = Command::new(drv_bin())
+            .args(["detach", "vol1", "--run-dir"])
+            .arg(&self.run)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output();
+    }
+}
+
+/// `drv attach VOLUME --mode user` as a component: the process and its device.
+fn attach_user(s: &Servers, image: &Path, state: &Path, run: &Path) -> (Attached, String) {
+    use std::io::BufRead;
+    let log = std::fs::File::create(s.dir.join("agent.log")).unwrap();
+    let child = Command::new(drv_bin())
+        .args(["attach", "vol1", "--mode", "user", "--name", "host1", "--no-order-check"])
+        .arg("--device")
+        .arg(image)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--run-dir")
+        .arg(run)
+        .arg("--certs")
+        .arg(&s.certs)
+        .args(["--config-server", &s.addrs.join(",")])
+        .env_remove("DRV_CONFIG")
+        .env("DRV_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Killed and waited for however this ends.
+    let mut p = Proc(child);
+    let mut out = std::io::BufReader::new(p.0.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "drv attach ended before its DEVICE line");
+        if let Some(dev) = line.trim().strip_prefix("DEVICE ") {
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            return (Attached { _agent: p, run: run.to_owned(), state: state.to_owned() }, dev.to_owned());
+        }
+    }
+}
+
+/// Writes `count` MiB of the pattern `seed` at MiB `at` of `dev` with O_DIRECT.
+fn write_mib(dev: &str, at: u64, count: u64, seed: u64) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(dev).unwrap();
+    let data = drv_format::pattern(seed, 1 << 20);
+    let mut buf = vec![0u8; (1 << 20) + 4096];
+    let off = buf.as_ptr().align_offset(4096);
+    buf[off..off + (1 << 20)].copy_from_slice(&data);
+    for i in 0..count {
+        f.write_all_at(&buf[off..off + (1 << 20)], (at + i) << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_replica_added_after_staging_trimmed_the_log_gets_an_initial_sync_while_writes_go_on() {
+    if !crate::ebpf::root_or_skip("a_replica_added_after_staging_trimmed_the_log") {
+        return;
+    }
+    const VOLUME: u64 = 8 << 20;
+    let s = Servers::new(1);
+    until("a leader", Duration::from_secs(30), || s.status(0).is_some_and(|v| v["leader"].is_string()));
+    for (role, name) in [("staging", "stg1"), ("replica", "rep1"), ("replica", "rep2"), ("agent", "host1")] {
+        s.issue(role, name);
+    }
+    let d = s.dir.clone();
+    let key = d.join("vol1.key");
+    assert!(drv(&["key", "generate", key.to_str().unwrap()], &d, &[]).ok);
+    let stg = format!("127.0.0.1:{}", free_port());
+    let reps = [format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())];
+    s.set(&["endpoint", "stg1", "role=staging", &format!("address={stg}")]);
+    for (i, r) in reps.iter().enumerate() {
+        let data = format!("data_dir={}", d.join(format!("rep{}", i + 1)).display());
+        s.set(&[
+            "endpoint",
+            &format!("rep{}", i + 1),
+            "role=replica",
+            &format!("address={r}"),
+            &data,
+            "drlog_bytes=64M",
+        ]);
+    }
+    s.set(&["key", "k1", &format!("path={}", key.display())]);
+    let wrl = format!("devices=[\"{}\"]", d.join("stg1/wrl0").display());
+    s.set(&["wrl", "w0", "staging=stg1", &wrl, "segment_bytes=1M", "device_bytes=32M"]);
+    s.set(&["volume", "vol1", &format!("size_bytes={VOLUME}"), "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
+    std::fs::create_dir_all(d.join("stg1")).unwrap();
+    let cache = |n: &str| d.join(n).join("config-cache.redb").display().to_string();
+    let _staging = s.component(&["staging", "run", "--name", "stg1", "--config-cache", &cache("stg1")], "stg1");
+    let _rep1 = s.component(&["replica", "run", "--name", "rep1", "--config-cache", &cache("rep1")], "rep1");
+    let image = d.join("source.img");
+    std::fs::write(&image, vec![0u8; VOLUME as usize]).unwrap();
+    let (_agent, dev) = attach_user(&s, &image, &d.join("agent"), &d.join("run"));
+    // 24 MiB of writes over the 8 MiB volume: the log trims its first segments once rep1 has them.
+    for round in 0..3 {
+        write_mib(&dev, 0, 8, 100 + round);
+    }
+    let staging_status = || -> serde_json::Value {
+        let c = s.certs.to_str().unwrap();
+        let out = drv(&["status", "--role", "staging", "--server", &stg, "--certs", c, "--json"], &d, &[]);
+        serde_json::from_str(&out.stdout).unwrap_or_default()
+    };
+    until("the log trimmed its first records", Duration::from_secs(60), || {
+        staging_status()["wrls"][0]["first_lsn"].as_u64().is_some_and(|l| l > 1)
+    });
+
+    // rep2 is added while writes go on; it gets everything by an initial sync.
+    let _rep2 = s.component(&["replica", "run", "--name", "rep2", "--config-cache", &cache("rep2")], "rep2");
+    let writer = {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            for i in 0..16u64 {
+                write_mib(&dev, i % 8, 1, 200 + i);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let rep1_before = replica_status(&s, &reps[0])["volumes"][0]["applied_seq"].as_u64().unwrap();
+    s.set(&["volume", "vol1", "replicas=[\"rep1\",\"rep2\"]"]);
+    writer.join().unwrap();
+    let run = d.join("run");
+    until("the initial sync done", Duration::from_secs(120), || {
+        let st = drv(&["agent", "status", "vol1", "--json", "--run-dir", run.to_str().unwrap()], &d, &[]);
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+        v["mode"] == "sync" && v["dirty_bytes"] == 0 && v["resync_bytes"].as_u64().is_some_and(|b| b >= VOLUME)
+    });
+    let st = drv(&["agent", "status", "vol1", "--json", "--run-dir", run.to_str().unwrap()], &d, &[]);
+    let next = serde_json::from_str::<serde_json::Value>(&st.stdout).unwrap()["next_seq"].as_u64().unwrap();
+    for (i, r) in reps.iter().enumerate() {
+        let target = d.join(format!("rep{}/vol1.img", i + 1));
+        replica_equals(&s, r, &image, &target, next);
+    }
+    let rep1_after = replica_status(&s, &reps[0])["volumes"][0]["applied_seq"].as_u64().unwrap();
+    assert!(rep1_after > rep1_before, "rep1 went on applying ({rep1_before} -> {rep1_after})");
+    // rep2 started at the run's first record: the records before it were gone from staging.
+    let log = std::fs::read_to_string(d.join("rep2.log")).unwrap();
+    assert!(log.contains("starts at the full resync run"), "rep2 did not start at a full run:\n{log}");
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
