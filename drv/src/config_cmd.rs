@@ -14,15 +14,16 @@ pub struct ConfigArgs {
     /// The local configuration store (redb file), when no config server is given.
     #[arg(long, env = "DRV_CONFIG", default_value = "/var/lib/drv/config.redb")]
     store: PathBuf,
-    /// The config servers (HOST:PORT,...): read and change the replicated configuration.
+    /// The config servers (HOST:PORT,...): read and change the replicated configuration (also
+    /// `config_server` in /etc/drv/drv.toml).
     #[arg(long = "config-server", env = "DRV_CONFIG_SERVER", global = true)]
     servers: Option<String>,
     /// With --config-server: directory with ca.pem and the certificate to present.
     #[arg(long, env = "DRV_CERTS", global = true)]
     certs: Option<PathBuf>,
-    /// With --config-server: the certificate to present (an admin certificate).
-    #[arg(long, env = "DRV_CERT_NAME", default_value = "admin")]
-    cert_name: String,
+    /// With --config-server: the certificate to present (an admin certificate; default admin).
+    #[arg(long, env = "DRV_CERT_NAME")]
+    cert_name: Option<String>,
     /// With --config-server: read the answering server's state as it is, without asking the
     /// leader (works while no majority is up; may be behind).
     #[arg(long, global = true)]
@@ -109,9 +110,14 @@ enum Source {
 
 impl Source {
     fn open(a: &ConfigArgs) -> Result<Source> {
-        if let Some(servers) = &a.servers {
-            let Some(certs) = &a.certs else { bail!("--config-server needs --certs DIR (or DRV_CERTS)") };
-            let client = crate::configd_cmd::client(servers, certs, &a.cert_name)?;
+        // Flags and environment first, then the client file.
+        let file = if a.servers.is_some() { Default::default() } else { crate::client_file::load()? };
+        if let Some(servers) = a.servers.as_ref().or(file.config_server.as_ref()) {
+            let Some(certs) = a.certs.as_ref().or(file.certs.as_ref()) else {
+                bail!("--config-server needs --certs DIR (or DRV_CERTS, or certs in the client file)")
+            };
+            let name = a.cert_name.as_deref().or(file.cert_name.as_deref()).unwrap_or("admin");
+            let client = crate::configd_cmd::client(servers, certs, name)?;
             return Ok(Source::Remote { client, local_read: a.local_read });
         }
         // Only `set` creates a store; reading or deleting from one that does not exist is an error.

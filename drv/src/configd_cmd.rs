@@ -67,23 +67,34 @@ pub struct RunArgs {
     snapshot_every: u64,
 }
 
-/// How a command line reaches the config servers.
+/// How a command line reaches the config servers (flags, environment, then the client file
+/// /etc/drv/drv.toml).
 #[derive(Args, Clone)]
 pub struct Remote {
     /// The config servers: HOST:PORT,... (any of them; writes find the leader).
     #[arg(long = "config-server", env = "DRV_CONFIG_SERVER")]
-    pub servers: String,
+    pub servers: Option<String>,
     /// Directory with ca.pem and the certificate to present.
     #[arg(long, env = "DRV_CERTS")]
-    pub certs: PathBuf,
-    /// The certificate to present (an admin certificate).
-    #[arg(long, env = "DRV_CERT_NAME", default_value = "admin")]
-    pub cert_name: String,
+    pub certs: Option<PathBuf>,
+    /// The certificate to present (an admin certificate; default admin).
+    #[arg(long, env = "DRV_CERT_NAME")]
+    pub cert_name: Option<String>,
 }
 
 impl Remote {
     pub fn client(&self) -> Result<ApiClient> {
-        client(&self.servers, &self.certs, &self.cert_name)
+        let file = crate::client_file::load()?;
+        let Some(servers) = self.servers.as_ref().or(file.config_server.as_ref()) else {
+            bail!(
+                "no config server given: --config-server HOST:PORT,... (or DRV_CONFIG_SERVER, or config_server in /etc/drv/drv.toml)"
+            )
+        };
+        let Some(certs) = self.certs.as_ref().or(file.certs.as_ref()) else {
+            bail!("no certificate directory given: --certs DIR (or DRV_CERTS, or certs in /etc/drv/drv.toml)")
+        };
+        let name = self.cert_name.as_deref().or(file.cert_name.as_deref()).unwrap_or("admin");
+        client(servers, certs, name)
     }
 }
 

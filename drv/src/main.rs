@@ -4,6 +4,7 @@
 //! scripts). Errors carry context in verb phrases and exit non-zero.
 
 mod agent_cmd;
+mod client_file;
 mod config_cmd;
 mod configbench;
 mod configd_cmd;

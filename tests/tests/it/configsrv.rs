@@ -168,6 +168,13 @@ fn config_servers_keep_every_acknowledged_change_across_kill_9_of_the_leader() {
         s.status(killed).is_some_and(|v| v["version"].as_u64() >= Some(newest))
     });
 
+    // The client file names the servers and the certificate when no flag or variable does.
+    let file = s.dir.join("drv.toml");
+    let text = format!("config_server = \"{}\"\ncerts = \"{}\"\n", s.addrs.join(","), s.certs.display());
+    std::fs::write(&file, text).unwrap();
+    let out = drv(&["config", "get", "key", "k3"], &s.dir, &[("DRV_CLIENT_FILE", file.to_str().unwrap())]);
+    assert!(out.ok && out.stdout.contains("/keys/k3"), "{}{}", out.stdout, out.stderr);
+
     // Two of three down: a change is refused with a clear message; a local read still answers.
     let up = (killed + 1) % 3;
     for i in 0..3 {
