@@ -78,7 +78,8 @@ pub fn volume_fields(old: &VolumeView, new: &VolumeView) -> Vec<String> {
     out
 }
 
-/// Every difference between `old` and `new`, endpoint first, then WRLs, then volumes, by name.
+/// Every difference between `old` and `new`, endpoint first, then WRLs, then volumes, by name;
+/// [`in_order`] puts them in the order to apply them.
 pub fn node_changes(old: &NodeConfig, new: &NodeConfig) -> Vec<Change> {
     let mut out = Vec::new();
     let ep = fields(&old.endpoint, &new.endpoint);
@@ -110,6 +111,13 @@ pub fn node_changes(old: &NodeConfig, new: &NodeConfig) -> Vec<Change> {
     }
     out.extend(ov.keys().filter(|n| !nv.contains_key(*n)).map(|n| Change::VolumeRemoved((*n).clone())));
     out
+}
+
+/// `changes` in the order to apply them: removals first (a volume renamed keeps its id: the old
+/// name goes before the new one comes), then the rest.
+pub fn in_order(mut changes: Vec<Change>) -> Vec<Change> {
+    changes.sort_by_key(|c| !matches!(c, Change::VolumeRemoved(_) | Change::WrlRemoved(_)));
+    changes
 }
 
 #[cfg(test)]

@@ -54,6 +54,10 @@ pub const WATCH_MAX: Duration = Duration::from_secs(60);
 pub const LOG_LIMIT: usize = 10_000;
 /// Components whose reports one server keeps (the oldest report goes first).
 pub const COMPONENTS_LIMIT: usize = 10_000;
+/// Pending changes one report may list, and the longest text in it (the memory of the reports is
+/// bounded: `COMPONENTS_LIMIT` x this).
+pub const REPORT_PENDING_LIMIT: usize = 64;
+pub const REPORT_TEXT_LIMIT: usize = 512;
 
 /// Who is asking: the peer's address and its certificate's name and role.
 #[derive(Clone, Debug)]
@@ -559,6 +563,14 @@ async fn applied(
 ) -> Result<StatusCode, Failure> {
     require(&peer, &[Role::Staging, Role::Replica, Role::Agent])?;
     let r: Report = body(b)?;
+    let long = r.pending.len() > REPORT_PENDING_LIMIT
+        || r.pending.iter().any(|p| p.len() > REPORT_TEXT_LIMIT)
+        || r.volume.as_ref().is_some_and(|v| v.len() > REPORT_TEXT_LIMIT);
+    if long {
+        let m =
+            format!("a report holds at most {REPORT_PENDING_LIMIT} pending changes of {REPORT_TEXT_LIMIT} bytes each");
+        return Err(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m));
+    }
     let role = peer.role.map_or("?", Role::as_str).to_owned();
     let component = match &r.volume {
         Some(v) => format!("{}/{v}", peer.name),

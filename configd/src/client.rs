@@ -147,8 +147,9 @@ impl ApiClient {
                     .map_err(|e| Failed::Final(e.to_string()))?;
                 let resp = match sender.send_request(req).await {
                     Ok(r) => r,
-                    // A kept connection the server closed meanwhile: a new one.
-                    Err(_) if reused => continue,
+                    // A kept connection the server closed meanwhile: a new one, for a request that
+                    // may be sent twice (a read, or a change: its request id makes it apply once).
+                    Err(_) if reused && (*method == hyper::Method::GET || path == "/v1/commands") => continue,
                     Err(e) => {
                         let why = chain(&e);
                         // TLS 1.3: a refused client certificate shows only when the first answer is read.

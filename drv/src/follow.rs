@@ -112,7 +112,12 @@ impl Follower {
 
     /// Tells a config server what runs (a server that does not hear it now hears the next one).
     async fn report(&self, version: u64, pending: &[String]) {
-        let r = Report { version, volume: self.volume.clone(), pending: pending.to_vec() };
+        let limit = drv_configd::api::REPORT_PENDING_LIMIT;
+        let mut pending: Vec<String> = pending.iter().take(limit).map(|p| clip(p)).collect();
+        if pending.len() == limit {
+            pending[limit - 1] = "(and more: see the component's log)".into();
+        }
+        let r = Report { version, volume: self.volume.clone(), pending };
         if let Err(e) = self.client.report(&r).await {
             tracing::debug!("{}: report of version {version}: {e}", self.path);
         }
@@ -141,6 +146,8 @@ impl Follower {
                 Err(e) => Err(e.into()),
             };
             match newer {
+                // A server behind the one that answered the watch: nothing newer after all.
+                Ok(s) if s.version <= current.version => tokio::time::sleep(Duration::from_millis(100)).await,
                 Ok(s) => {
                     if away {
                         tracing::info!("{}: a config server answers again (version {})", self.path, s.version);
@@ -171,4 +178,17 @@ impl Follower {
             }
         }
     }
+}
+
+/// `text` cut to what a report carries.
+fn clip(text: &str) -> String {
+    let limit = drv_configd::api::REPORT_TEXT_LIMIT;
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut end = limit - 3;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }

@@ -152,20 +152,26 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Follows the node's configuration: `apply` applies what it can live and returns what waits
 /// for a restart (reported as such).
-fn follow<F>(l: &mut Loaded, mut apply: F)
+fn follow<F, R>(l: &mut Loaded, ready: R, mut apply: F)
 where
     F: FnMut(&drv_config::NodeConfig, &drv_config::NodeConfig) -> Vec<String> + Send + 'static,
+    R: std::future::Future<Output = ()> + Send + 'static,
 {
     let Some((f, version)) = l.follow.take() else { return };
     let current = drv_configd::api::Slice { version, value: l.node.clone() };
     let name = l.node.name.clone();
-    tokio::spawn(f.follow(current, move |old: &drv_config::NodeConfig, new: &drv_config::NodeConfig| {
-        let changes = apply(old, new);
-        for c in &changes {
-            tracing::warn!("{name}: configuration changed: {c}");
-        }
-        changes
-    }));
+    tokio::spawn(async move {
+        // Changes only once the node runs (its start-up reads the volumes it was given).
+        ready.await;
+        f.follow(current, move |old: &drv_config::NodeConfig, new: &drv_config::NodeConfig| {
+            let changes = apply(old, new);
+            for c in &changes {
+                tracing::warn!("{name}: configuration changed: {c}");
+            }
+            changes
+        })
+        .await
+    });
 }
 
 pub fn staging_run(n: NodeArgs) -> Result<()> {
@@ -175,7 +181,7 @@ pub fn staging_run(n: NodeArgs) -> Result<()> {
         let st = drv_staging::server::Staging::new(&l.node, l.id.clone()).context("start staging server")?;
         eprintln!("staging {} serving {} volume(s) on {}", n.name, st.volume_list().len(), l.addr);
         let live = st.clone();
-        follow(&mut l, move |old, new| live.apply_config(old, new));
+        follow(&mut l, std::future::ready(()), move |old, new| live.apply_config(old, new));
         st.run(l.addr).await.context("staging server")
     })
 }
@@ -186,8 +192,8 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
         let mut l = load(&n, drv_config::Role::Replica).await?;
         let r = drv_replica::ReplicaServer::new(&l.node, l.id.clone()).context("start replica server")?;
         eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volume_list().len(), l.addr);
-        let live = r.clone();
-        follow(&mut l, move |old, new| live.apply_config(old, new));
+        let (live, up) = (r.clone(), r.clone());
+        follow(&mut l, async move { up.running().await }, move |old, new| live.apply_config(old, new));
         r.run(l.addr).await.context("replica server")
     })
 }

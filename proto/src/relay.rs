@@ -140,9 +140,11 @@ impl RelayWindow {
             }
             // A replica that holds nothing (one added after the first records were trimmed)
             // starts at a run that ships every block; until one comes, nothing is sent, and
-            // nothing passed over counts as confirmed for it.
+            // what is passed over counts as confirmed for it: it will never need it (so the
+            // log's trimming is not held back by a replica that waits).
             if r.checkpoint || !r.full {
                 self.seeking = true;
+                self.confirmed_lsn = self.confirmed_lsn.max(r.lsn);
                 return Ok(Offer::Other);
             }
             self.seeking = false;
@@ -207,7 +209,7 @@ mod tests {
     }
 
     /// A replica that holds nothing, on a log that no longer holds seq 1: records pass over it
-    /// (none confirmed) until a FULL one, from which it is sent everything in order.
+    /// (confirmed: it never needs them) until a FULL one, from which it is sent everything in order.
     #[test]
     fn a_replica_with_nothing_starts_at_a_full_run() {
         let mut w = RelayWindow::resume(1, 0, 20, 1 << 20).unwrap();
@@ -215,7 +217,7 @@ mod tests {
         assert_eq!(w.offer(&cp), Ok(Offer::Other));
         assert_eq!(w.offer(&rec(1, 10, 4)), Ok(Offer::Other));
         assert!(w.seeking());
-        assert_eq!(w.confirmed_lsn(), 0, "nothing passed over is confirmed");
+        assert_eq!(w.confirmed_lsn(), 4, "what is passed over is never needed: confirmed");
         assert_eq!(w.offer(&Record { full: true, ..rec(1, 11, 5) }), Ok(Offer::Send));
         assert!(!w.seeking());
         assert_eq!(w.offer(&rec(1, 12, 6)), Ok(Offer::Send));

@@ -90,6 +90,9 @@ pub struct ReplicaServer {
     peers: Arc<serve::Peers>,
     stop: Arc<AtomicBool>,
     started: Instant,
+    /// Set once `run` has caught every volume up and started its apply thread: configuration
+    /// changes are applied only from then on.
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// Opens the DR log `DATA_DIR/drlog`, creating it (`bytes` long) if it does not exist yet.
@@ -171,7 +174,14 @@ impl ReplicaServer {
             peers: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
+            ready: tokio::sync::watch::Sender::new(false),
         }))
+    }
+
+    /// Resolves once `run` has started every volume's apply (configuration changes wait for it).
+    pub async fn running(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// Volume `id`, if it is served now.
@@ -213,17 +223,17 @@ impl ReplicaServer {
 
     /// A volume removed from this replica while it runs: its apply stops and staging's relay is
     /// refused from now on; its image, snapshots and positions stay on disk. Refused while it is
-    /// failed over or one of its snapshots is exported or mounted.
+    /// failed over.
     fn remove_volume(&self, old: &NodeConfig, name: &str) -> Result<(), String> {
         let id = old.volumes.iter().find(|v| v.name == name).map(|v| v.volume.id).expect("a removed volume was there");
-        let Some(v) = self.volume(id) else { return Ok(()) };
+        let Some(v) = self.volume(id).filter(|v| v.name == name) else { return Ok(()) };
         if self.failovers.status(&v).is_some() {
             return Err("it is failed over (drv failover end first); at the next restart".into());
         }
         self.volumes.write().expect("volumes").remove(&id);
         v.retire();
-        // Its records no longer hold the DR log back.
-        self.drlog.confirm(id, u64::MAX);
+        // Its records no longer hold the DR log back (nor do those of a relay frame in flight).
+        self.drlog.retire_volume(id);
         tracing::info!(volume = %name, "volume removed from the running replica (its files stay)");
         Ok(())
     }
@@ -234,7 +244,7 @@ impl ReplicaServer {
     pub fn apply_config(&self, old: &NodeConfig, new: &NodeConfig) -> Vec<String> {
         use drv_config::diff::Change;
         let mut pending = Vec::new();
-        for c in drv_config::diff::node_changes(old, new) {
+        for c in drv_config::diff::in_order(drv_config::diff::node_changes(old, new)) {
             let done = match &c {
                 Change::VolumeAdded(name) => self.add_volume(new, name),
                 Change::VolumeRemoved(name) => self.remove_volume(old, name),
@@ -300,6 +310,7 @@ impl ReplicaServer {
             let v = self.volume(id).expect("caught up");
             self.spawn_apply(v, applier)?;
         }
+        self.ready.send_replace(true);
         self.spawn_check_schedule()?;
         let server = quic::server_with(addr, &self.identity, &[Role::Staging, Role::Admin], &self.quic)?;
         tracing::info!(%addr, "replica server {} listening", self.name);

@@ -540,7 +540,7 @@ impl Staging {
     pub fn apply_config(self: &Arc<Self>, old: &NodeConfig, new: &NodeConfig) -> Vec<String> {
         use drv_config::diff::Change;
         let mut pending = Vec::new();
-        for c in drv_config::diff::node_changes(old, new) {
+        for c in drv_config::diff::in_order(drv_config::diff::node_changes(old, new)) {
             let done = match &c {
                 Change::VolumeAdded(name) => self.add_volume(new, name),
                 Change::VolumeRemoved(name) => self.remove_volume(old, name),
@@ -567,13 +567,20 @@ impl Staging {
 
     fn remove_volume(&self, old: &NodeConfig, name: &str) -> Result<(), String> {
         let id = old.volumes.iter().find(|v| v.name == name).map(|v| v.volume.id).expect("a removed volume was there");
-        let Some(v) = self.volumes.write().expect("volumes").remove(&id) else { return Ok(()) };
+        let v = {
+            let mut vols = self.volumes.write().expect("volumes");
+            // Only the volume of that name (a renamed one keeps its id and is served on).
+            if vols.get(&id).is_none_or(|v| v.name != name) {
+                return Ok(());
+            }
+            vols.remove(&id).expect("there")
+        };
         v.retired.store(true, std::sync::atomic::Ordering::Release);
         for (r, ..) in v.replicas.lock().expect("replicas").drain(..) {
             self.stop_relay(&v, &r);
         }
-        // Its records no longer hold the log back.
-        v.wrl.confirm(v.id, u64::MAX);
+        // Its records no longer hold the log back (nor do appends that were in flight).
+        v.wrl.retire_volume(v.id);
         tracing::info!(volume = %name, id, "volume removed from the running staging server");
         Ok(())
     }

@@ -91,6 +91,8 @@ pub struct VolumeState {
     /// The sequence number the volume's next record must have, once the log knows it (from a
     /// record of the volume, or [`Wrl::resume_volume`]): the log never holds a gap.
     pub next_seq: Option<u64>,
+    /// Removed from the configuration ([`Wrl::retire_volume`]): never holds trimming back.
+    pub retired: bool,
 }
 
 /// Counters for status and benchmarks.
@@ -191,7 +193,7 @@ impl Wrl {
             .iter()
             .map(|(id, log)| {
                 let next_seq = Some(log.last_seq + 1);
-                (*id, VolumeState { log: *log, confirmed_lsn: rec.meta.trim_lsn, next_seq })
+                (*id, VolumeState { log: *log, confirmed_lsn: rec.meta.trim_lsn, next_seq, retired: false })
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -391,7 +393,11 @@ impl Wrl {
             let v = vols.entry(volume_id).or_default();
             v.confirmed_lsn = v.confirmed_lsn.max(lsn.min(durable));
             // Every record up to `target` is confirmed by its volume.
-            vols.values().filter(|v| v.log.last_lsn > v.confirmed_lsn).map(|v| v.confirmed_lsn).min().unwrap_or(durable)
+            vols.values()
+                .filter(|v| !v.retired && v.log.last_lsn > v.confirmed_lsn)
+                .map(|v| v.confirmed_lsn)
+                .min()
+                .unwrap_or(durable)
         };
         sh.cache.lock().expect("cache").drop_through(target);
         let mut st = sh.state.lock().expect("wrl state");
@@ -409,7 +415,16 @@ impl Wrl {
     pub fn resume_volume(&self, volume_id: u64, last_seq: u64) {
         let mut vols = self.shared.volumes.lock().expect("volumes");
         let v = vols.entry(volume_id).or_default();
+        v.retired = false;
         v.next_seq.get_or_insert(last_seq + 1);
+    }
+
+    /// A volume removed from the configuration: its records, those in the log and those still
+    /// being appended, never hold trimming back again (until [`Wrl::resume_volume`] takes it
+    /// back).
+    pub fn retire_volume(&self, volume_id: u64) {
+        self.shared.volumes.lock().expect("volumes").entry(volume_id).or_default().retired = true;
+        self.confirm(volume_id, u64::MAX);
     }
 
     /// A volume the log holds no record of goes on after `last_seq` (a replica that starts at a
