@@ -272,6 +272,29 @@ fn replica_equals(s: &Servers, addr: &str, source: &Path, image: &Path, next: u6
     assert!(std::fs::read(source).unwrap() == std::fs::read(image).unwrap(), "the replica differs from the source");
 }
 
+/// `drv agent run` of `volume` on `source` (its state in `DIR/agent-VOLUME`, its control socket
+/// in `run`), once its control socket is there.
+fn run_agent(s: &Servers, volume: &str, source: &Path, run: &Path) -> Proc {
+    let state = s.dir.join(format!("agent-{volume}"));
+    let args = [
+        "agent",
+        "run",
+        "--volume",
+        volume,
+        "--name",
+        "host1",
+        "--device",
+        source.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ];
+    let p = s.component(&args, &format!("agent-{volume}"));
+    until("the agent's control socket", Duration::from_secs(30), || run.join(format!("{volume}.sock")).exists());
+    p
+}
+
 fn replica_status(s: &Servers, addr: &str) -> serde_json::Value {
     let c = s.certs.to_str().unwrap();
     let out = drv(&["status", "--role", "replica", "--server", addr, "--certs", c, "--json"], &s.dir, &[]);
@@ -326,22 +349,7 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     let source = d.join("source.img");
     std::fs::write(&source, drv_format::pattern(0x51, VOLUME)).unwrap();
     let run = d.join("run");
-    let agent_args = [
-        "agent",
-        "run",
-        "--volume",
-        "vol1",
-        "--name",
-        "host1",
-        "--device",
-        source.to_str().unwrap(),
-        "--state-dir",
-        &d.join("agent").display().to_string(),
-        "--run-dir",
-        run.to_str().unwrap(),
-    ];
-    let _agent = s.component(&agent_args, "agent");
-    until("the agent's control socket", Duration::from_secs(30), || run.join("vol1.sock").exists());
+    let _agent = run_agent(&s, "vol1", &source, &run);
     let next = sync_and_next_seq(&s, &run);
     let image = data.join("vol1.img");
     replica_equals(&s, &rep, &source, &image, next);
@@ -386,22 +394,7 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     let source2 = d.join("source2.img");
     std::fs::write(&source2, drv_format::pattern(0x53, VOLUME)).unwrap();
     let run2 = d.join("run2");
-    let agent2_args = [
-        "agent",
-        "run",
-        "--volume",
-        "vol2",
-        "--name",
-        "host1",
-        "--device",
-        source2.to_str().unwrap(),
-        "--state-dir",
-        &d.join("agent2").display().to_string(),
-        "--run-dir",
-        run2.to_str().unwrap(),
-    ];
-    let _agent2 = s.component(&agent2_args, "agent2");
-    until("the second agent's control socket", Duration::from_secs(30), || run2.join("vol2.sock").exists());
+    let _agent2 = run_agent(&s, "vol2", &source2, &run2);
     let out = drv(&["sync", "start", "vol2", "--run-dir", run2.to_str().unwrap()], &d, &[]);
     assert!(out.ok && out.stdout.contains("\"done\":true"), "{}{}", out.stdout, out.stderr);
     until("vol2 replicated", Duration::from_secs(60), || {
