@@ -273,12 +273,16 @@ impl ApiClient {
         self.get("/v1/status").await
     }
 
+    /// This client asking server `s` alone, once (its connections shared).
+    fn only(&self, s: &str) -> ApiClient {
+        ApiClient { servers: vec![s.to_owned()], patience: Duration::ZERO, ..self.clone() }
+    }
+
     /// Each server's own view, in the order given (an error for one that does not answer).
     pub async fn status_each(&self) -> Vec<(String, Result<ServerStatus, ClientError>)> {
         let mut out = Vec::new();
         for s in &self.servers {
-            let one = ApiClient { servers: vec![s.clone()], patience: Duration::ZERO, ..self.clone() };
-            out.push((s.clone(), one.status().await));
+            out.push((s.clone(), self.only(s).status().await));
         }
         out
     }
@@ -308,8 +312,7 @@ impl ApiClient {
     pub async fn components_everywhere(&self) -> Vec<ComponentState> {
         let mut all: std::collections::BTreeMap<String, ComponentState> = Default::default();
         for s in &self.servers {
-            let one = ApiClient { servers: vec![s.clone()], patience: Duration::ZERO, ..self.clone() };
-            for c in one.components().await.unwrap_or_default() {
+            for c in self.only(s).components().await.unwrap_or_default() {
                 if all.get(&c.component).is_none_or(|o| o.reported_unix_ms < c.reported_unix_ms) {
                     all.insert(c.component.clone(), c);
                 }
