@@ -463,6 +463,8 @@ async fn add_member(
 ) -> Answer<ServerStatus> {
     require(&peer, &[Role::Admin])?;
     let req: MemberRequest = body(b)?;
+    // The leader answers: a follower's view of the membership may lag by a heartbeat.
+    readable(&api, false, &uri).await?;
     if req.address.parse::<SocketAddr>().is_err() && !req.address.contains(':') {
         let m = format!("address {:?} is not HOST:PORT", req.address);
         return Err(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m));
@@ -486,6 +488,7 @@ async fn remove_member(
     Path(name): Path<String>,
 ) -> Answer<ServerStatus> {
     require(&peer, &[Role::Admin])?;
+    readable(&api, false, &uri).await?;
     let id = crate::server::node_id(&name);
     let known = api.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some();
     if !known {

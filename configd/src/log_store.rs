@@ -7,22 +7,34 @@
 //! |            | `committed`    | JSON of the last committed log id (may lag: see below)   |
 //! |            | `purged`       | JSON of the last purged log id                           |
 //!
+//! One thread writes the file, in the order the operations were called, and takes whatever
+//! is queued when it starts a transaction into that one transaction (group commit). `append`
+//! returns once its entries are queued: until they are in the file they are kept in memory and
+//! read from there, so a leader replicates them while they are being flushed (the vendored
+//! openraft's patch, `vendor/openraft/DRV-PATCH.md`); openraft hears they are durable from the
+//! callback, after the commit. Every other write (`save_vote`, `truncate`, `purge`) returns once
+//! it, and everything queued before it, is committed. `save_committed` is queued and not waited
+//! for.
+//!
 //! Crash analysis (a redb commit is atomic, and durable when `commit` returns):
-//! - `append`: the entries of one call in one transaction, committed before openraft is told
+//! - `append`: the entries of one call are in one transaction, committed before openraft is told
 //!   they are durable; a crash before leaves none of them, and nothing acknowledged them.
 //! - `save_vote`: committed before it returns: a vote is never given twice in a term.
 //! - `truncate` (delete from an index on) and `purge` (delete up to an index, and record it)
 //!   are one transaction each: `purged` and the first entry never disagree.
-//! - `committed` is committed without a sync (`Durability::None`): the next durable commit of this
-//!   file carries it; lost, it is only lower, and openraft learns it again from the leader.
+//! - `committed` is written in order after the entries it covers, with the next transaction the
+//!   writer makes for something else: lost, it is only lower, and openraft learns it again from
+//!   the leader. It is written at the end of a transaction, so it never names an entry the file
+//!   lacks.
 //!
 //! Reading an entry checks its format byte and that it is the entry of its key, and names the
 //! index when it is not.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -64,21 +76,49 @@ fn read_err<E: std::error::Error + 'static>(e: E) -> StorageError {
     StorageIOError::read_logs(&e).into()
 }
 
-/// The log store (cheap to clone: one database shared).
+/// Operations queued for the writer at most; `append` and the others wait for room.
+const JOBS_LIMIT: usize = 256;
+/// Queued operations one transaction takes at most.
+const BATCH_LIMIT: usize = 64;
+
+type WriteFn = Box<dyn FnOnce(&redb::WriteTransaction) -> std::result::Result<(), redb::Error> + Send>;
+
+/// One operation for the writer thread.
+enum Job {
+    /// Entries (index, log id, bytes) to add; the callback hears when they are durable.
+    Append { rows: Vec<(u64, LogId<NodeId>, Vec<u8>)>, flushed: LogFlushed<TypeConfig> },
+    /// The last committed log id (JSON); nobody waits for it.
+    Committed(Vec<u8>),
+    /// Any other change, answered once committed durably.
+    Write { f: WriteFn, done: tokio::sync::oneshot::Sender<std::result::Result<(), String>> },
+}
+
+/// The log store (cheap to clone: one database and one writer shared).
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Appended and not yet in the file, by index: what readers see on top of the file.
+    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    jobs: tokio::sync::mpsc::Sender<Job>,
 }
 
 impl LogStore {
-    /// Opens (or creates) the log at `path`.
+    /// Opens (or creates) the log at `path` and starts its writer thread (which ends when the
+    /// last clone of the store is dropped, after the queued operations).
     pub fn open(path: &Path) -> Result<LogStore> {
         let db = Database::create(path).map_err(write_err)?;
         let tx = db.begin_write().map_err(write_err)?;
         tx.open_table(LOG).map_err(write_err)?;
         tx.open_table(LOG_META).map_err(write_err)?;
         tx.commit().map_err(write_err)?;
-        Ok(LogStore { db: Arc::new(db) })
+        let (db, pending) = (Arc::new(db), Arc::new(Mutex::new(BTreeMap::new())));
+        let (jobs, queue) = tokio::sync::mpsc::channel(JOBS_LIMIT);
+        let writer = Writer { db: db.clone(), pending: pending.clone(), committed: None };
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(write_err)?;
+        Ok(LogStore { db, pending, jobs })
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>> {
@@ -88,23 +128,108 @@ impl LogStore {
         serde_json::from_slice(v.value()).map(Some).map_err(read_err)
     }
 
-    /// Runs `f` in one write transaction, committed (durably unless `durable` is false), off the
-    /// async threads: a commit syncs the file.
-    async fn write<F>(&self, durable: bool, f: F) -> Result<()>
+    async fn queue(&self, job: Job) -> Result<()> {
+        self.jobs.send(job).await.map_err(|_| write_err(std::io::Error::other("the raft log's writer has stopped")))
+    }
+
+    /// Runs `f` in the writer's next transaction and waits until it is committed durably.
+    async fn write<F>(&self, f: F) -> Result<()>
     where
         F: FnOnce(&redb::WriteTransaction) -> std::result::Result<(), redb::Error> + Send + 'static,
     {
-        let db = self.db.clone();
-        let done = tokio::task::spawn_blocking(move || -> std::result::Result<(), redb::Error> {
-            let mut tx = db.begin_write()?;
-            if !durable {
-                tx.set_durability(redb::Durability::None).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.queue(Job::Write { f: Box::new(f), done }).await?;
+        let stopped = || "the raft log's writer stopped before the commit".to_owned();
+        answer.await.unwrap_or_else(|_| Err(stopped())).map_err(|e| write_err(std::io::Error::other(e)))
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The thread that writes the log file.
+struct Writer {
+    db: Arc<Database>,
+    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    /// The newest committed log id queued and not yet written: it goes with the next transaction.
+    committed: Option<Vec<u8>>,
+}
+
+impl Writer {
+    fn run(mut self, mut queue: tokio::sync::mpsc::Receiver<Job>) {
+        while let Some(first) = queue.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH_LIMIT {
+                match queue.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
             }
-            f(&tx)?;
+            self.commit(batch);
+        }
+    }
+
+    /// One durable transaction for the whole batch, in order; then every job hears the outcome.
+    /// A batch of committed log ids alone writes nothing: the newest waits for the next one.
+    fn commit(&mut self, mut batch: Vec<Job>) {
+        for job in &mut batch {
+            if let Job::Committed(b) = job {
+                self.committed = Some(std::mem::take(b));
+            }
+        }
+        if batch.iter().all(|j| matches!(j, Job::Committed(_))) {
+            return;
+        }
+        let outcome = (|| -> std::result::Result<(), redb::Error> {
+            let tx = self.db.begin_write()?;
+            for job in &mut batch {
+                match job {
+                    Job::Append { rows, .. } => {
+                        let mut t = tx.open_table(LOG)?;
+                        for (i, _, b) in rows.iter() {
+                            t.insert(*i, b.as_slice())?;
+                        }
+                    }
+                    Job::Committed(_) => {}
+                    Job::Write { f, .. } => {
+                        let f = std::mem::replace(f, Box::new(|_| Ok(())));
+                        f(&tx)?;
+                    }
+                }
+            }
+            // After every entry of the batch: it never names an entry the file lacks.
+            if let Some(b) = &self.committed {
+                tx.open_table(LOG_META)?.insert("committed", b.as_slice())?;
+            }
             tx.commit()?;
             Ok(())
-        });
-        done.await.map_err(write_err)?.map_err(write_err)
+        })();
+        if outcome.is_ok() {
+            self.committed = None;
+        }
+        let said = outcome.as_ref().err().map(|e| e.to_string());
+        if let Some(e) = &said {
+            tracing::error!("the raft log: a write failed: {e}");
+        }
+        for job in batch {
+            match job {
+                Job::Append { rows, flushed } => {
+                    if said.is_none() {
+                        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        for (i, id, _) in &rows {
+                            if pending.get(i).is_some_and(|e| e.log_id == *id) {
+                                pending.remove(i);
+                            }
+                        }
+                    }
+                    // Durable (or failed) before openraft hears of it.
+                    flushed.log_io_completed(said.clone().map_or(Ok(()), |e| Err(std::io::Error::other(e))));
+                }
+                Job::Committed(_) => {}
+                Job::Write { done, .. } => drop(done.send(said.clone().map_or(Ok(()), Err))),
+            }
+        }
     }
 }
 
@@ -121,14 +246,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>> {
+        let r = (bound(range.start_bound()), bound(range.end_bound()));
+        // Pending first: an entry leaves it only once it is in the file, read after.
+        let pending: Vec<Entry<TypeConfig>> = self.pending().range(r).map(|(_, e)| e.clone()).collect();
         let tx = self.db.begin_read().map_err(read_err)?;
         let t = tx.open_table(LOG).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in t.range::<u64>((bound(range.start_bound()), bound(range.end_bound()))).map_err(read_err)? {
+        let mut out = BTreeMap::new();
+        for row in t.range::<u64>(r).map_err(read_err)? {
             let (k, v) = row.map_err(read_err)?;
-            out.push(decode(k.value(), v.value())?);
+            out.insert(k.value(), decode(k.value(), v.value())?);
         }
-        Ok(out)
+        out.extend(pending.into_iter().map(|e| (e.log_id.index, e)));
+        Ok(out.into_values().collect())
     }
 }
 
@@ -136,6 +265,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
+        let queued = self.pending().last_key_value().map(|(_, e)| e.log_id);
         let last = {
             let tx = self.db.begin_read().map_err(read_err)?;
             let t = tx.open_table(LOG).map_err(read_err)?;
@@ -145,7 +275,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         let purged: Option<LogId<NodeId>> = self.meta("purged")?;
-        Ok(LogState { last_purged_log_id: purged, last_log_id: last.or(purged) })
+        Ok(LogState { last_purged_log_id: purged, last_log_id: queued.max(last).or(purged) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -154,8 +284,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
         let b = serde_json::to_vec(vote).map_err(write_err)?;
-        self.write(true, move |tx| tx.open_table(LOG_META)?.insert("vote", b.as_slice()).map(drop).map_err(Into::into))
-            .await
+        self.write(move |tx| tx.open_table(LOG_META)?.insert("vote", b.as_slice()).map(drop).map_err(Into::into)).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>> {
@@ -164,44 +293,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
         let b = serde_json::to_vec(&committed).map_err(write_err)?;
-        self.write(false, move |tx| {
-            tx.open_table(LOG_META)?.insert("committed", b.as_slice()).map(drop).map_err(Into::into)
-        })
-        .await
+        // In order after the entries it covers; not waited for (see the crash analysis).
+        self.queue(Job::Committed(b)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
         Ok(self.meta::<Option<LogId<NodeId>>>("committed")?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
+    async fn append<I>(&mut self, entries: I, flushed: LogFlushed<TypeConfig>) -> Result<()>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let rows: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.log_id.index, encode(&e))).collect();
-        let done = self
-            .write(true, move |tx| {
-                let mut t = tx.open_table(LOG)?;
-                for (i, b) in &rows {
-                    t.insert(*i, b.as_slice())?;
-                }
-                Ok(())
-            })
-            .await;
-        // Durable (or failed) before openraft hears of it: the commit above synced.
-        callback.log_io_completed(done.as_ref().map(drop).map_err(|e| std::io::Error::other(e.to_string())));
-        done
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let rows = entries.iter().map(|e| (e.log_id.index, e.log_id, encode(e))).collect();
+        self.pending().extend(entries.into_iter().map(|e| (e.log_id.index, e)));
+        self.queue(Job::Append { rows, flushed }).await
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        self.write(true, move |tx| tx.open_table(LOG)?.retain_in(log_id.index.., |_, _| false).map_err(Into::into))
-            .await
+        self.pending().retain(|&i, _| i < log_id.index);
+        self.write(move |tx| tx.open_table(LOG)?.retain_in(log_id.index.., |_, _| false).map_err(Into::into)).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
         let b = serde_json::to_vec(&log_id).map_err(write_err)?;
-        self.write(true, move |tx| {
+        self.write(move |tx| {
             tx.open_table(LOG_META)?.insert("purged", b.as_slice())?;
             tx.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
             Ok(())

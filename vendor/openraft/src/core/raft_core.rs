@@ -730,6 +730,37 @@ where
         Ok(())
     }
 
+    /// drv patch: submits a leader's entries to the log store and returns once they are
+    /// submitted (readable by replication); a task waits for the flush and reports it with
+    /// `Notify::LocalLogFlushed`, on which the leader's own progress moves.
+    async fn submit_leader_append<I>(
+        &mut self,
+        entries: I,
+        vote: Vote<C::NodeId>,
+        last_log_id: LogId<C::NodeId>,
+    ) -> Result<(), StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (tx, rx) = C::AsyncRuntime::oneshot();
+        let callback = LogFlushed::new(LogIOId::new(vote.clone(), Some(last_log_id.clone())), tx);
+        self.log_store.append(entries, callback).await?;
+        let tx_notify = self.tx_notify.clone();
+        // False positive lint warning(`non-binding `let` on a future`): https://github.com/rust-lang/rust-clippy/issues/9932
+        #[allow(clippy::let_underscore_future)]
+        let _ = C::spawn(async move {
+            let result = match rx.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(StorageIOError::write_logs(AnyError::error(e)).into()),
+                Err(e) => Err(StorageIOError::write_logs(AnyError::error(e)).into()),
+            };
+            // The core may have stopped: nobody to tell.
+            let _ = tx_notify.send(Notify::LocalLogFlushed { vote, last_log_id, result });
+        });
+        Ok(())
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     pub(crate) async fn apply_to_state_machine(
         &mut self,
@@ -1278,6 +1309,16 @@ where
                 }
             }
 
+            Notify::LocalLogFlushed { vote, last_log_id, result } => {
+                result.map_err(Fatal::from)?;
+                // The leader may have changed: the flush of a former term moves nothing.
+                if self.does_vote_match(&vote, "LocalLogFlushed") {
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(Some(last_log_id));
+                    }
+                }
+            }
+
             Notify::Tick { i } => {
                 // check every timer
 
@@ -1636,6 +1677,15 @@ where
             Command::AppendInputEntries { vote, entries } => {
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
+
+                // drv patch: a leader does not wait for its own flush before replicating: the
+                // entries go to the followers while they are being flushed here, and the leader
+                // counts itself towards the quorum only once `Notify::LocalLogFlushed` says they
+                // are durable. A follower still acknowledges only flushed entries (the wait below).
+                if self.engine.leader_handler().is_ok() {
+                    self.submit_leader_append(entries, vote, last_log_id).await?;
+                    return Ok(None);
+                }
 
                 self.append_to_log(entries, vote, last_log_id.clone()).await?;
 

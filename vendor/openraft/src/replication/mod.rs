@@ -679,10 +679,10 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
-                }
+                // drv patch: no request of its own for a new commit index: the follower learns
+                // it with the next append or heartbeat (as etcd's raft does), so its apply does
+                // not compete with the leader's answer to the client.
+
             }
             Replicate::Heartbeat => {
                 // Never overwrite action with payload.
