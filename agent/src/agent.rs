@@ -73,6 +73,9 @@ pub enum AgentError {
     /// A resync used up the room staging reported for its session (it asks again; never shown).
     #[error("the room staging's log reported for this session is used up")]
     RoomUsed,
+    /// The file that keeps an initial sync's `FULL` mark across restarts (names it).
+    #[error("{path}: {err}")]
+    FullMarker { path: String, err: std::io::Error },
 }
 
 /// The local disk of a protected volume: where a write goes once staging has it.
@@ -181,6 +184,12 @@ pub(crate) fn epoch_end(volume_id: u64) -> impl FnOnce(Stamp) -> Frame {
     }
 }
 
+/// The file in the state directory that says an initial sync's `FULL` record is still owed. It is
+/// written (durably) before the blocks are marked and removed (durably) once staging acknowledged
+/// the record; an agent that starts and finds it marks every block again and owes the record, so
+/// a replica waiting for a `FULL` record gets one even if the agent died in between.
+pub const FULL_MARKER: &str = "full-sync";
+
 /// The `FULL` mark of an initial sync: the first RESYNC record sent after every block was marked
 /// carries `Flags::FULL` (a replica added later may start there). Exactly one record of a run
 /// carries it while it is in flight; if the pass stops before staging acknowledged it, the next
@@ -216,6 +225,9 @@ pub(crate) struct Inner {
     pub bwlimit: AtomicU64,
     /// Where the `FULL` mark of an initial sync stands (see `FullMark`).
     pub full: Mutex<FullMark>,
+    /// `STATE/full-sync`: present from the start of an initial sync until staging acknowledged
+    /// its `FULL` record, so a restart in between starts the sync again (see `FULL_MARKER`).
+    pub full_marker: Option<std::path::PathBuf>,
     /// The highest sequence number staging acknowledged, on any session: a staging server that
     /// comes back holding less lost acknowledged writes (`drv_proto::StagingLost`).
     pub acked: Arc<AtomicU64>,
@@ -270,6 +282,13 @@ impl Agent {
             Some(s) => (Some(s.map), Some(s.activity), Some(s.lock)),
             None => (None, None, None),
         };
+        let full_marker = state_dir.map(|d| d.join(FULL_MARKER));
+        let owed = full_marker.as_ref().is_some_and(|p| p.exists());
+        if let (Some(m), true) = (&map, owed) {
+            let m = m.clone();
+            blocking(0, move || m.mark_all()).await?;
+            tracing::warn!(volume = volume_id, "an initial sync did not finish its first record: starting it again");
+        }
         let dirty = map.as_ref().is_some_and(|m| m.dirty_bytes() > 0);
         let inner = Arc::new(Inner {
             volume_id,
@@ -289,7 +308,8 @@ impl Agent {
             stats: AgentStats::default(),
             tap: std::sync::OnceLock::new(),
             bwlimit: AtomicU64::new(0),
-            full: Mutex::new(FullMark::None),
+            full: Mutex::new(if owed { FullMark::Pending } else { FullMark::None }),
+            full_marker,
             acked: Arc::default(),
             problem: Mutex::default(),
             _lock: lock,
@@ -419,6 +439,12 @@ impl Agent {
         // None: the limit set before (the volume's configured one) stays.
         if let Some(b) = bwlimit {
             i.bwlimit.store(b, Ordering::Relaxed);
+        }
+        if let Some(p) = i.full_marker.clone() {
+            let path = p.display().to_string();
+            let text = b"an initial sync owes its FULL record\n";
+            blocking(0, move || drv_files::replace(&p, text).map_err(|err| AgentError::FullMarker { path, err }))
+                .await?;
         }
         let m = map.clone();
         blocking(0, move || m.mark_all()).await?;

@@ -33,6 +33,8 @@ mod session;
 mod state;
 pub mod user;
 
-pub use agent::{Agent, AgentDigest, AgentError, AgentOptions, AgentStatus, FileDisk, IssueTap, LocalDisk, Mode};
+pub use agent::{
+    Agent, AgentDigest, AgentError, AgentOptions, AgentStatus, FULL_MARKER, FileDisk, IssueTap, LocalDisk, Mode,
+};
 pub use changemap::ChangeMap;
 pub use drv_proto::EpochClock;

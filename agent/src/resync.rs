@@ -268,9 +268,21 @@ impl Inner {
     async fn acked(&self, w: (u64, AckWait)) -> Result<(), AgentError> {
         let seq = w.0;
         wait_ack(w, self.opts.ack_timeout).await?;
-        let mut f = self.full.lock().expect("full mark");
-        if matches!(*f, FullMark::InFlight(s) if s <= seq) {
-            *f = FullMark::None;
+        let done = {
+            let mut f = self.full.lock().expect("full mark");
+            let done = matches!(*f, FullMark::InFlight(s) if s <= seq);
+            if done {
+                *f = FullMark::None;
+            }
+            done
+        };
+        if let (true, Some(p)) = (done, self.full_marker.clone()) {
+            // Left behind, it costs the next start a whole initial sync again, nothing more.
+            let gone =
+                blocking(0, move || Ok::<_, AgentError>(drv_files::remove_durably(&p).map_err(|e| (p, e)))).await?;
+            if let Err((p, e)) = gone {
+                tracing::warn!("{}: {e} (the next start of the agent syncs the whole volume again)", p.display());
+            }
         }
         Ok(())
     }

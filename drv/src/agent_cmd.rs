@@ -493,42 +493,65 @@ async fn start_user(
     Ok((d, check))
 }
 
+/// What the agent follows: the config servers' client and the version it started on, and the
+/// volume as the last run knew it (from the cache, if there was one).
+struct Following {
+    follower: Follower,
+    version: u64,
+    before: Option<VolumeView>,
+}
+
 /// Volume `volume`'s configuration: from the config servers (or the copy cached in the state
 /// directory while none answers), with the follower that keeps it current; or from the local store.
-fn load_volume(volume: &str, a: &AgentArgs, id: &Identity) -> Result<(VolumeView, Option<(Follower, u64)>)> {
+fn load_volume(volume: &str, a: &AgentArgs, id: &Identity) -> Result<(VolumeView, Option<Following>)> {
     let Some(servers) = &a.servers else {
         let store = ConfigStore::open_read_only(&a.config)
             .with_context(|| format!("open configuration {}", a.config.display()))?;
         return Ok((store.volume(volume).with_context(|| format!("load volume {volume}"))?, None));
     };
     let client = drv_configd::client::ApiClient::new(servers, id)?;
-    let f = Follower::volume(client, volume, a.state_dir(volume).join("config-cache.redb"));
+    let follower = Follower::volume(client, volume, a.state_dir(volume).join("config-cache.redb"));
+    // Unreadable, it is only not compared: `start` says what is wrong with it if it needs it.
+    let before = follower.cached::<VolumeView>().ok().flatten().map(|s| s.value);
     let s: Slice<VolumeView> =
-        crate::configd_cmd::block_on(f.start())?.with_context(|| format!("load volume {volume}"))?;
-    Ok((s.value, Some((f, s.version))))
+        crate::configd_cmd::block_on(follower.start())?.with_context(|| format!("load volume {volume}"))?;
+    Ok((s.value, Some(Following { follower, version: s.version, before })))
+}
+
+/// A replica in `new` and not in `old` holds nothing: the whole volume goes to it (as to every
+/// replica: staging relays one log), and staging starts it at this run's first record.
+fn sync_added_replicas(agent: &Agent, name: &str, old: &[String], new: &[String]) {
+    let added: Vec<&String> = new.iter().filter(|r| !old.contains(r)).collect();
+    if added.is_empty() {
+        return;
+    }
+    tracing::warn!("volume {name}: replica {added:?} added: starting an initial sync");
+    let (agent, name) = (agent.clone(), name.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = agent.start_initial_sync(None).await {
+            tracing::error!(
+                "volume {name}: the initial sync for a new replica did not start: {e} (drv sync start {name})"
+            );
+        }
+    });
 }
 
 /// Follows the volume's configuration: the resync bandwidth limit changes live; a replica added
-/// starts an initial sync; the volume's id, size, change block size and staging server wait for
-/// a restart of the agent (reported as such); the rest the agent does not use.
-fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<(Follower, u64)>) {
-    let Some((f, version)) = follow else { return };
+/// (also while the agent was down: against the cached copy) starts an initial sync; the volume's
+/// id, size, change block size and staging server wait for a restart of the agent (reported as
+/// such); the rest the agent does not use.
+fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<Following>) {
+    let Some(Following { follower, version, before }) = follow else { return };
     let (agent, name) = (agent.clone(), view.name.clone());
+    if let Some(before) = before {
+        sync_added_replicas(&agent, &name, &before.volume.replicas, &view.volume.replicas);
+    }
     let current = Slice { version, value: view.clone() };
-    tokio::spawn(f.follow(current, move |old: &VolumeView, new: &VolumeView| {
+    tokio::spawn(follower.follow(current, move |old: &VolumeView, new: &VolumeView| {
         let mut pending = Vec::new();
         for field in drv_config::diff::volume_fields(old, new) {
-            let added: Vec<&String> = new.volume.replicas.iter().filter(|r| !old.volume.replicas.contains(r)).collect();
-            if field == "replicas" && !added.is_empty() {
-                // A new replica holds nothing: the whole volume goes to it (as to every replica:
-                // staging relays one log), and staging starts it at this run's first record.
-                tracing::warn!("volume {name}: replica {added:?} added: starting an initial sync");
-                let (agent, name) = (agent.clone(), name.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = agent.start_initial_sync(None).await {
-                        tracing::error!("volume {name}: the initial sync for a new replica did not start: {e} (drv sync start {name})");
-                    }
-                });
+            if field == "replicas" {
+                sync_added_replicas(&agent, &name, &old.volume.replicas, &new.volume.replicas);
             } else if field == "bwlimit" {
                 agent.set_bwlimit(new.volume.bwlimit);
                 tracing::info!("volume {name}: resync bandwidth limit now {:?} bytes/s", new.volume.bwlimit);

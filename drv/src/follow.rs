@@ -69,7 +69,8 @@ impl Follower {
         Ok(())
     }
 
-    fn cached<T: DeserializeOwned>(&self) -> Result<Option<Slice<T>>> {
+    /// The slice cached by the last run (or none).
+    pub fn cached<T: DeserializeOwned>(&self) -> Result<Option<Slice<T>>> {
         if !self.cache.exists() {
             return Ok(None);
         }
@@ -125,7 +126,9 @@ impl Follower {
 
     /// Follows the configuration from `current` on, forever: each newer slice that differs is
     /// given to `apply` (the running one and the new one), which returns what waits for a
-    /// restart (nothing: every change is in force).
+    /// restart (nothing: every change is in force). The report names everything that waited for
+    /// a restart since the component started (a change set back is still named: it is sure only
+    /// after the restart).
     pub async fn follow<T, F>(self, mut current: Slice<T>, mut apply: F)
     where
         T: Serialize + DeserializeOwned + PartialEq + Send,
@@ -154,7 +157,13 @@ impl Follower {
                     }
                     (away, backoff) = (false, Duration::from_secs(1));
                     if s.value != current.value {
-                        pending = apply(&current.value, &s.value);
+                        // What waits for a restart keeps waiting: the next change's diff no
+                        // longer shows it (it is against the configuration, not what runs).
+                        for p in blocking(|| apply(&current.value, &s.value)) {
+                            if !pending.contains(&p) {
+                                pending.push(p);
+                            }
+                        }
                     }
                     if let Err(e) = self.store(&s) {
                         tracing::warn!("{}: {}", self.path, crate::report(e.as_ref()));
@@ -177,6 +186,15 @@ impl Follower {
                 }
             }
         }
+    }
+}
+
+/// Runs `f`, which may do blocking I/O (opening a volume's files, retiring it from a log), without
+/// holding up the runtime's other tasks where the runtime allows it.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => f(),
+        _ => tokio::task::block_in_place(f),
     }
 }
 

@@ -452,6 +452,33 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
     kill_all([&mut staging, &mut replica]);
 }
 
+/// An agent that died before staging acknowledged its initial sync's FULL record left the marker
+/// in its state directory: the next start marks every block and sends the FULL record again, and
+/// removes the marker once staging has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_sync_cut_short_by_a_crash_starts_again_with_its_full_record() {
+    const VOLUME: u64 = 4 << 20;
+    let cl = Cluster::new(1, VOLUME);
+    let mut staging = staging_up(&cl).await;
+    let mut replica = cl.start("replica", "rep1");
+    // The source holds data the replica has never seen; the agent's state says a FULL is owed.
+    let source = cl.dir.path().join("source.img");
+    std::fs::write(&source, drv_format::pattern(0xf011, VOLUME as usize)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let state = cl.dir.path().join("agent-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let marker = state.join(drv_agent::FULL_MARKER);
+    std::fs::write(&marker, "an initial sync owes its FULL record\n").unwrap();
+    let (id, addr) = host1(&cl);
+    let opts = AgentOptions { reconnect_interval: Duration::from_millis(100), ..AgentOptions::default() };
+    let agent = Agent::start(&id, addr, cl.volume_id, VOLUME, Arc::new(FileDisk(f)), Some(&state), opts).await.unwrap();
+    assert!(agent.dirty_bytes() >= VOLUME, "every block marked again: {}", agent.dirty_bytes());
+    agent.write(0, Bytes::from(drv_format::pattern(2, 4096)), Flags::FLUSH).await.unwrap();
+    resynced_and_identical(&cl, &agent, &source).await;
+    assert!(!marker.exists(), "the marker outlived the acknowledged FULL record");
+    kill_all([&mut staging, &mut replica]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identical() {
     use drv_agent::Mode;
