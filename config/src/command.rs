@@ -373,6 +373,22 @@ pub(crate) fn history(
     Ok(out)
 }
 
+/// The newest `n` records of the history, oldest first.
+pub(crate) fn newest(
+    tx: &redb::ReadTransaction,
+    n: usize,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<Vec<LogRecord>> {
+    let Some(t) = open_if_there(tx, HISTORY, e)? else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for row in t.iter().map_err(|x| e(x.into()))?.rev().take(n) {
+        let (v, bytes) = row.map_err(|x| e(x.into()))?;
+        out.push(decode_record(v.value(), bytes.value(), e)?);
+    }
+    out.reverse();
+    Ok(out)
+}
+
 /// Everything a store holds: what a replicated store's snapshot carries, and what two stores
 /// are compared by.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -680,6 +696,8 @@ mod tests {
         let log = st.log(0, usize::MAX).unwrap();
         assert_eq!(log.len() as u64, HISTORY_LIMIT);
         assert_eq!(log[0].version, 6);
+        let newest: Vec<u64> = st.newest(3).unwrap().iter().map(|r| r.version).collect();
+        assert_eq!(newest, [n - 2, n - 1, n], "the newest, oldest first");
         // The oldest request ids are forgotten with their records: a retry applies again.
         let w = st.apply(&cmd(1, vec![set(Kind::Key, "k1", &["path=/again"])])).unwrap();
         assert_eq!((w.version, w.replayed), (n + 1, false));

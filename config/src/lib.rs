@@ -637,6 +637,13 @@ impl ConfigStore {
         command::history(&tx, after, limit, &e)
     }
 
+    /// The newest `n` records of the history, oldest first.
+    pub fn newest(&self, n: usize) -> Result<Vec<LogRecord>> {
+        let e = self.err();
+        let tx = self.begin_read().map_err(|x| e(x.into()))?;
+        command::newest(&tx, n, &e)
+    }
+
     /// The entries of `kinds` (only `name`, if given) and the version they show, read together.
     pub fn entries(&self, kinds: &[Kind], name: Option<&str>) -> Result<(u64, Vec<command::EntryRow>)> {
         let e = self.err();

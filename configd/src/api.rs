@@ -5,7 +5,7 @@
 //! |--------|----------------------|--------------|-------------------------------------------------|
 //! | POST   | `/v1/commands`       | admin        | one change ([`CommandRequest`]) -> `Written`    |
 //! | GET    | `/v1/entries`        | admin        | `?kind=K&name=N&local=1` -> [`EntriesReply`]    |
-//! | GET    | `/v1/log`            | admin        | `?after=V&limit=N&local=1` -> [`LogReply`]      |
+//! | GET    | `/v1/log`            | admin        | `?after=V&limit=N` or `?newest=N` (`&local=1`)  |
 //! | GET    | `/v1/watch`          | admin        | `?after=V&wait_ms=T`: waits for a newer version |
 //! | GET    | `/v1/status`         | admin        | this server's view of the group                 |
 //! | POST   | `/v1/members`        | admin        | adds a config server ([`MemberRequest`])        |
@@ -382,6 +382,8 @@ struct LogQuery {
     #[serde(default)]
     after: u64,
     limit: Option<usize>,
+    /// Instead of `after`: the newest this many records (at most `LOG_LIMIT`).
+    newest: Option<usize>,
     #[serde(default)]
     local: u8,
 }
@@ -395,7 +397,11 @@ async fn log(
     require(&peer, &[Role::Admin, Role::Config])?;
     readable(&api, q.local != 0, &uri).await?;
     let store = api.state.store();
-    let records = store.log(q.after, q.limit.unwrap_or(LOG_LIMIT).min(LOG_LIMIT)).map_err(internal)?;
+    let records = match q.newest {
+        Some(n) => store.newest(n.min(LOG_LIMIT)),
+        None => store.log(q.after, q.limit.unwrap_or(LOG_LIMIT).min(LOG_LIMIT)),
+    };
+    let records = records.map_err(internal)?;
     let version = store.version().map_err(internal)?;
     Ok(axum::Json(LogReply { version, server: api.name.clone(), records }))
 }

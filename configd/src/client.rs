@@ -263,6 +263,11 @@ impl ApiClient {
         self.get(&format!("/v1/log?after={after}&limit={limit}&local={}", u8::from(local))).await
     }
 
+    /// The newest `n` changes (at most [`crate::api::LOG_LIMIT`]), oldest first.
+    pub async fn log_newest(&self, n: usize) -> Result<LogReply, ClientError> {
+        self.get(&format!("/v1/log?newest={n}")).await
+    }
+
     /// Waits (at most `wait`) for a version after `after` on the server asked.
     pub async fn watch(&self, after: u64, wait: Duration) -> Result<WatchReply, ClientError> {
         self.get(&format!("/v1/watch?after={after}&wait_ms={}", wait.as_millis())).await

@@ -257,11 +257,10 @@ fn in_force(version: u64, comps: &[ComponentState]) -> (Vec<String>, Vec<String>
 fn status(client: &ApiClient, changes: usize, json: bool) -> Result<()> {
     let (comps, log) = crate::configd_cmd::block_on(async {
         let comps = client.components_everywhere().await;
-        let log = client.log(0, drv_configd::api::LOG_LIMIT, false).await;
+        let log = client.log_newest(changes).await;
         (comps, log)
     })?;
-    let mut log = log?.records;
-    log.drain(..log.len().saturating_sub(changes));
+    let log = log?.records;
     let now = drv_config::now_unix_ms();
     if json {
         let changes: Vec<_> = log
