@@ -1168,6 +1168,14 @@ where
     pub(super) fn handle_append_entries_request(&mut self, req: AppendEntriesRequest<C>, tx: AppendEntriesTx<C>) {
         tracing::debug!(req = display(req.summary()), func = func_name!());
 
+        // drv patch: what the log already held up to `prev_log_id` and the leader committed is
+        // committed first, as a heartbeat of this same leader would, so the follower applies it
+        // while it flushes the new entries (not after, when the leader applies those).
+        let held = req.prev_log_id.clone().filter(|p| self.engine.state.has_log_id(p));
+        if req.vote.is_committed() && self.engine.state.vote_ref() == &req.vote && held.is_some() {
+            self.engine.handle_commit_entries(std::cmp::min(req.leader_commit.clone(), held));
+        }
+
         let is_ok = self.engine.handle_append_entries(&req.vote, req.prev_log_id, req.entries, Some(tx));
 
         if is_ok {
