@@ -92,6 +92,14 @@ pub(crate) fn blank_image(cl: &Cluster) -> (std::path::PathBuf, std::fs::File) {
     (source, f)
 }
 
+/// A source image full of `pattern(seed)` (data the replica has never seen), opened for the agent.
+pub(crate) fn pattern_image(cl: &Cluster, seed: u64) -> (std::path::PathBuf, std::fs::File) {
+    let source = cl.dir.path().join("source.img");
+    std::fs::write(&source, drv_format::pattern(seed, cl.volume_bytes as usize)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    (source, f)
+}
+
 /// Waits until the replica applied every record before sequence `next` (the last epoch is closed
 /// by the agent when idle), then compares its image with `image` byte for byte.
 pub(crate) async fn assert_replica_equals(cl: &Cluster, image: &std::path::Path, next: u64) {
@@ -408,9 +416,7 @@ async fn initial_sync_under_concurrent_writes_is_byte_identical() {
     let mut staging = cl.start("staging", "stg1");
     let mut replica = cl.start("replica", "rep1");
     // The source already holds data the replica has never seen.
-    let source = cl.dir.path().join("source.img");
-    std::fs::write(&source, drv_format::pattern(0x5eed, VOLUME as usize)).unwrap();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let (source, f) = pattern_image(&cl, 0x5eed);
     let (id, addr) = host1(&cl);
     until("staging", Duration::from_secs(20), || cl.status(&cl.staging_addr, "staging", "admin").is_some()).await;
     let state = cl.dir.path().join("agent-state");
@@ -462,9 +468,7 @@ async fn an_initial_sync_cut_short_by_a_crash_starts_again_with_its_full_record(
     let mut staging = staging_up(&cl).await;
     let mut replica = cl.start("replica", "rep1");
     // The source holds data the replica has never seen; the agent's state says a FULL is owed.
-    let source = cl.dir.path().join("source.img");
-    std::fs::write(&source, drv_format::pattern(0xf011, VOLUME as usize)).unwrap();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let (source, f) = pattern_image(&cl, 0xf011);
     let state = cl.dir.path().join("agent-state");
     std::fs::create_dir_all(&state).unwrap();
     let marker = state.join(drv_agent::FULL_MARKER);
@@ -488,9 +492,7 @@ async fn an_initial_sync_larger_than_the_replicas_dr_log_completes_byte_identica
     let cl = Cluster::new(1, VOLUME);
     let mut staging = staging_up(&cl).await;
     let mut replica = cl.start("replica", "rep1");
-    let source = cl.dir.path().join("source.img");
-    std::fs::write(&source, drv_format::pattern(0xb16, VOLUME as usize)).unwrap();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&source).unwrap();
+    let (source, f) = pattern_image(&cl, 0xb16);
     let (id, addr) = host1(&cl);
     let state = cl.dir.path().join("agent-state");
     let agent =
