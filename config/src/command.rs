@@ -134,6 +134,34 @@ pub fn prepare(tx: &WriteTransaction) -> std::result::Result<(), redb::Error> {
     Ok(())
 }
 
+/// The entries decoded as the rules between them see them, as of one version of a store. A
+/// long-running store (a config server's state machine) keeps one between commands, so checking
+/// a command does not decode every entry again: [`apply_viewed`] updates it with what the
+/// command wrote and keeps it only if the command applied. It must be [`View::clear`]ed when the
+/// tables change any other way (a snapshot installed).
+#[derive(Default)]
+pub struct View(Option<(u64, validate::Snapshot)>);
+
+impl View {
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// The decoded entries of `tx`, at version `newest`: the kept ones if they are of that
+    /// version, else decoded afresh.
+    fn take(
+        &mut self,
+        tx: &WriteTransaction,
+        newest: u64,
+        e: &dyn Fn(redb::Error) -> ConfigError,
+    ) -> Result<validate::Snapshot> {
+        match self.0.take() {
+            Some((v, snap)) if v == newest => Ok(snap),
+            _ => snapshot(tx, e),
+        }
+    }
+}
+
 /// Applies `cmd` as version `version` (greater than every version applied before) in `tx`.
 /// On an error nothing must be committed: the caller aborts `tx`. `e` names the store in errors
 /// of the database itself.
@@ -143,12 +171,25 @@ pub fn apply(
     version: u64,
     e: &dyn Fn(redb::Error) -> ConfigError,
 ) -> Result<Written> {
+    apply_viewed(tx, cmd, version, e, &mut View::default())
+}
+
+/// [`apply`], with the decoded entries `view` kept from the command before (see [`View`]).
+pub fn apply_viewed(
+    tx: &WriteTransaction,
+    cmd: &Command,
+    version: u64,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+    view: &mut View,
+) -> Result<Written> {
     if let Some(first) = applied_before(tx, cmd.request_id, e)? {
         return Ok(Written { version: first.version, values: first.values, replayed: true });
     }
     let newest =
         tx.open_table(COUNTERS).map_err(|x| e(x.into()))?.get(VERSION).map_err(|x| e(x.into()))?.map(|v| v.value());
     assert!(newest.is_none_or(|n| n < version), "version {version} applied after version {newest:?}");
+    // Taken: on any error below it is dropped, as the caller drops the transaction.
+    let mut snap = view.take(tx, newest.unwrap_or(0), e)?;
     let mut values = Vec::with_capacity(cmd.ops.len());
     for op in &cmd.ops {
         let (kind, name, if_version) = op.entry();
@@ -157,14 +198,15 @@ pub fn apply(
         if let Some(want) = if_version.filter(|&w| w != at) {
             return Err(ConfigError::Stale { kind, name: name.into(), expected: want, actual: at });
         }
-        values.push(match op {
+        let value = match op {
             Op::Set { assignments, .. } => set(tx, kind, name, assignments, e)?,
-            Op::Delete { .. } => delete(tx, kind, name, e).map(|()| Value::Null)?,
-        });
+            Op::Delete { .. } => delete(tx, &snap, kind, name, e).map(|()| Value::Null)?,
+        };
+        update(&mut snap, kind, name, &value);
+        values.push(value);
         set_entry_version(tx, kind, name, matches!(op, Op::Set { .. }).then_some(version), e)?;
     }
     // The rules between entries, on the state the whole command leaves.
-    let snap = snapshot(tx, e)?;
     for op in &cmd.ops {
         if let Op::Set { kind, name, .. } = op {
             let problems = validate::cross_check(&snap, *kind, name);
@@ -174,7 +216,25 @@ pub fn apply(
         }
     }
     record(tx, cmd, version, &values, e)?;
+    *view = View(Some((version, snap)));
     Ok(Written { version, values, replayed: false })
+}
+
+/// `snap` after entry `kind name` was stored as `value` (null: deleted). An entry that does not
+/// read as its type is left out, as [`snapshot`] leaves it out.
+fn update(snap: &mut validate::Snapshot, kind: Kind, name: &str, value: &Value) {
+    fn put<T: for<'de> Deserialize<'de>>(m: &mut BTreeMap<String, T>, name: &str, value: &Value) {
+        match T::deserialize(value) {
+            Ok(x) if !value.is_null() => m.insert(name.to_owned(), x),
+            _ => m.remove(name),
+        };
+    }
+    match kind {
+        Kind::Endpoint => put(&mut snap.endpoints, name, value),
+        Kind::Key => put(&mut snap.keys, name, value),
+        Kind::Wrl => put(&mut snap.wrls, name, value),
+        Kind::Volume => put(&mut snap.volumes, name, value),
+    }
 }
 
 /// The first outcome of the command with this request id, while the history holds it.
@@ -298,8 +358,13 @@ fn set(
 }
 
 /// Deletes an entry that nothing refers to (as the transaction sees it).
-fn delete(tx: &WriteTransaction, kind: Kind, name: &str, e: &dyn Fn(redb::Error) -> ConfigError) -> Result<()> {
-    let snap = snapshot(tx, e)?;
+fn delete(
+    tx: &WriteTransaction,
+    snap: &validate::Snapshot,
+    kind: Kind,
+    name: &str,
+    e: &dyn Fn(redb::Error) -> ConfigError,
+) -> Result<()> {
     let mut users: Vec<String> = Vec::new();
     for (w, def) in &snap.wrls {
         if kind == Kind::Endpoint && def.staging == name {
@@ -768,6 +833,34 @@ mod tests {
             let c = ConfigStore::open(&dir.path().join("c.redb")).unwrap();
             c.load(&da).unwrap();
             prop_assert_eq!(c.dump().unwrap(), da);
+        }
+
+        /// A kept [`View`] gives the same outcomes as decoding every entry for each command, and
+        /// after each applied command it holds what decoding the store would give.
+        #[test]
+        fn a_kept_view_is_what_decoding_gives(cmds in prop::collection::vec(prop::collection::vec(op_strategy(), 1..4), 1..16)) {
+            let dir = tempfile::tempdir().unwrap();
+            let plain = ConfigStore::open(&dir.path().join("a.redb")).unwrap();
+            let viewed = ConfigStore::open(&dir.path().join("b.redb")).unwrap();
+            let (db, e) = (viewed.writable().unwrap(), viewed.err());
+            let mut view = View::default();
+            for (i, ops) in cmds.into_iter().enumerate() {
+                let c = cmd(i as u128 + 1, ops);
+                let x = plain.apply(&c);
+                let tx = db.begin_write().unwrap();
+                let version = viewed.version().unwrap() + 1;
+                let y = apply_viewed(&tx, &c, version, &e, &mut view);
+                prop_assert_eq!(x.as_ref().map_err(|e| e.to_string()), y.as_ref().map_err(|e| e.to_string()));
+                if y.is_ok() {
+                    tx.commit().unwrap();
+                    let tx = db.begin_write().unwrap();
+                    prop_assert_eq!(view.0.as_ref().map(|v| v.0), Some(version));
+                    prop_assert_eq!(&view.0.as_ref().unwrap().1, &snapshot(&tx, &e).unwrap());
+                } else {
+                    prop_assert!(view.0.is_none(), "a refused command leaves no view");
+                }
+            }
+            prop_assert_eq!(plain.dump().unwrap(), viewed.dump().unwrap());
         }
     }
 }

@@ -307,7 +307,7 @@ pub fn check_address(a: &str) -> Result<(), AddressError> {
 }
 
 /// The configuration as the rules between entries see it (typed, by name).
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub endpoints: BTreeMap<String, Endpoint>,
     pub keys: BTreeMap<String, KeyRef>,

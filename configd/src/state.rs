@@ -15,11 +15,13 @@
 //! before openraft purges the log up to it. A command `drv_config` refuses changes nothing: its
 //! transaction is dropped and `applied` moves on alone. The version of a change is its log
 //! index. A snapshot is built from one read transaction (a consistent view while apply goes on)
-//! and installed in one write transaction after its body was checked whole.
+//! and installed in one write transaction after its body was checked whole. The entries, decoded
+//! as the rules between them see them, stay in memory from one command to the next
+//! (`command::View`: used only while the store is at the version it was made for).
 
 use std::io::Cursor;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use drv_config::{ConfigError, command};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -55,6 +57,9 @@ fn config_err(path: &str) -> impl Fn(redb::Error) -> ConfigError + '_ {
 pub struct StateMachine {
     db: Arc<Database>,
     path: Arc<str>,
+    /// The entries decoded as of the newest applied command, kept so that checking the next
+    /// one does not decode them all again (cleared when a snapshot replaces the tables).
+    view: Arc<Mutex<command::View>>,
 }
 
 fn get_meta<T: for<'de> Deserialize<'de>>(
@@ -80,7 +85,8 @@ impl StateMachine {
         tx.open_table(SM_META).map_err(write_err)?;
         tx.open_table(SNAPSHOT).map_err(write_err)?;
         tx.commit().map_err(write_err)?;
-        Ok(StateMachine { db: Arc::new(db), path: path.display().to_string().into() })
+        let view = Arc::new(Mutex::new(command::View::default()));
+        Ok(StateMachine { db: Arc::new(db), path: path.display().to_string().into(), view })
     }
 
     /// A reading view of the configuration (changes go through raft only).
@@ -96,7 +102,7 @@ impl StateMachine {
     }
 
     /// Applies one entry, with its position, in one transaction.
-    fn apply_one(db: &Database, path: &str, entry: Entry<TypeConfig>) -> Result<Applied> {
+    fn apply_one(db: &Database, path: &str, view: &mut command::View, entry: Entry<TypeConfig>) -> Result<Applied> {
         let index = entry.log_id.index;
         let tx = db.begin_write().map_err(write_err)?;
         let outcome = match entry.payload {
@@ -105,7 +111,7 @@ impl StateMachine {
                 put_meta(&tx, "membership", &StoredMembership::new(Some(entry.log_id), m))?;
                 None
             }
-            EntryPayload::Normal(cmd) => Some(command::apply(&tx, &cmd, index, &config_err(path))),
+            EntryPayload::Normal(cmd) => Some(command::apply_viewed(&tx, &cmd, index, &config_err(path), view)),
         };
         let (tx, outcome) = match outcome {
             Some(Err(e)) => {
@@ -178,9 +184,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        let (db, path) = (self.db.clone(), self.path.clone());
+        let (db, path, view) = (self.db.clone(), self.path.clone(), self.view.clone());
         let applied = tokio::task::spawn_blocking(move || {
-            entries.into_iter().map(|e| Self::apply_one(&db, &path, e)).collect::<Result<Vec<_>>>()
+            let mut view = view.lock().expect("the state machine's view");
+            entries.into_iter().map(|e| Self::apply_one(&db, &path, &mut view, e)).collect::<Result<Vec<_>>>()
         });
         applied.await.map_err(write_err)?
     }
@@ -202,8 +209,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Checked whole before anything is replaced.
         let tables =
             crate::snapshot::decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let (meta, db, path) = (meta.clone(), self.db.clone(), self.path.clone());
+        let (meta, db, path, view) = (meta.clone(), self.db.clone(), self.path.clone(), self.view.clone());
         let installed = tokio::task::spawn_blocking(move || -> Result<()> {
+            view.lock().expect("the state machine's view").clear();
             let tx = db.begin_write().map_err(write_err)?;
             command::load(&tx, &tables, &config_err(&path)).map_err(write_err)?;
             put_meta(&tx, "applied", &meta.last_log_id)?;
