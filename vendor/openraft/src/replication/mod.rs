@@ -145,6 +145,10 @@ where
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
+
+    /// drv patch: when the last append with entries was answered, so a heartbeat right after
+    /// one is not sent (see `process_event`).
+    last_append: Option<InstantOf<C>>,
 }
 
 impl<C, N, LS> ReplicationCore<C, N, LS>
@@ -198,6 +202,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             entries_hint: Default::default(),
+            last_append: None,
         };
 
         let join_handle = C::AsyncRuntime::spawn(this.main().instrument(span));
@@ -236,7 +241,12 @@ where
                 }
                 Data::Logs(log) => {
                     log_data = Some(log.clone());
-                    self.send_log_entries(log).await
+                    let res = self.send_log_entries(log).await;
+                    if res.is_ok() {
+                        // drv patch: see `last_append`.
+                        self.last_append = Some(C::now());
+                    }
+                    res
                 }
                 Data::Snapshot(snap) => self.stream_snapshot(snap).await,
                 Data::SnapshotCallback(resp) => self.handle_snapshot_callback(resp),
@@ -685,6 +695,16 @@ where
 
             }
             Replicate::Heartbeat => {
+                // drv patch: an append answered within the last heartbeat interval did what
+                // this heartbeat would (the follower's election timer was reset, the commit
+                // index went with it), and a heartbeat in flight would hold up the next append
+                // on this stream for a round trip. The next tick sends one if no append came
+                // since, so a follower still hears from the leader at least every two intervals
+                // and learns the commit index within them.
+                let interval = Duration::from_millis(self.config.heartbeat_interval);
+                if self.last_append.is_some_and(|t| C::now() < t + interval) {
+                    return;
+                }
                 // Never overwrite action with payload.
                 if self.next_action.is_none() {
                     self.next_action = Some(Data::new_heartbeat());
