@@ -438,25 +438,37 @@ async fn watch(
 
 async fn status(State(api): State<Api>, ConnectInfo(peer): ConnectInfo<Peer>) -> Answer<ServerStatus> {
     require(&peer, &[Role::Admin, Role::Config])?;
-    let m = api.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let voters: Vec<NodeId> = membership.voter_ids().collect();
-    let members = membership
-        .nodes()
-        .map(|(id, n)| Member { name: n.name.clone(), address: n.address.clone(), voter: voters.contains(id) })
-        .collect();
-    let leader = m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.name.clone());
-    let state = if voters.contains(&m.id) { format!("{:?}", m.state).to_lowercase() } else { "learner".into() };
-    Ok(axum::Json(ServerStatus {
-        name: api.name.clone(),
-        state,
-        leader,
-        term: m.current_term,
-        version: api.state.store().version().map_err(internal)?,
-        last_log_index: m.last_log_index,
-        snapshot_index: m.snapshot.map(|s| s.index),
-        members,
-    }))
+    Ok(axum::Json(api.server_status().map_err(internal)?))
+}
+
+impl Api {
+    /// This server's view of the group.
+    pub fn server_status(&self) -> Result<ServerStatus, drv_config::ConfigError> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| Member { name: n.name.clone(), address: n.address.clone(), voter: voters.contains(id) })
+            .collect();
+        let leader = m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.name.clone());
+        let state = if voters.contains(&m.id) { format!("{:?}", m.state).to_lowercase() } else { "learner".into() };
+        Ok(ServerStatus {
+            name: self.name.clone(),
+            state,
+            leader,
+            term: m.current_term,
+            version: self.state.store().version()?,
+            last_log_index: m.last_log_index,
+            snapshot_index: m.snapshot.map(|s| s.index),
+            members,
+        })
+    }
+
+    /// The components that reported to this server, as they last did.
+    pub fn components(&self) -> Vec<ComponentState> {
+        self.reports.lock().expect("reports").values().cloned().collect()
+    }
 }
 
 /// Adds a config server: first as a learner that catches up (from a snapshot if the log was
@@ -604,7 +616,7 @@ async fn applied(
 
 async fn components(State(api): State<Api>, ConnectInfo(peer): ConnectInfo<Peer>) -> Answer<Vec<ComponentState>> {
     require(&peer, &[Role::Admin, Role::Config])?;
-    Ok(axum::Json(api.reports.lock().expect("reports lock").values().cloned().collect()))
+    Ok(axum::Json(api.components()))
 }
 
 /// The API's routes.

@@ -74,6 +74,8 @@ pub struct ConfigNode {
     pub raft: Raft<TypeConfig>,
     /// Its state machine, for reads.
     pub state: StateMachine,
+    /// What its API handlers share (its status, the components' reports).
+    pub api: crate::api::Api,
     addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
 }
@@ -115,14 +117,14 @@ impl ConfigNode {
         let roles = [Role::Config, Role::Admin, Role::Staging, Role::Replica, Role::Agent];
         let tls = TlsListener::spawn(listener, https_server_config(identity, &roles)?);
         let api = crate::api::Api::new(raft.clone(), state.clone(), identity.name.clone());
-        let app = router(raft.clone()).merge(crate::api::router(api));
+        let app = router(raft.clone()).merge(crate::api::router(api.clone()));
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Peer>();
             if let Err(e) = axum::serve(tls, app).await {
                 tracing::error!("config server listener: {e}");
             }
         });
-        Ok(ConfigNode { id, raft, state, addr, server })
+        Ok(ConfigNode { id, raft, state, api, addr, server })
     }
 
     /// Where it serves its peers.

@@ -151,6 +151,10 @@ pub struct AgentArgs {
     /// How long a write may wait for staging before the agent switches to its change map (ms).
     #[arg(long, default_value_t = 5000)]
     pub(crate) ack_timeout_ms: u64,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics (plain HTTP: loopback or a
+    /// management network).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metrics: Option<String>,
 }
 
 impl AgentArgs {
@@ -626,6 +630,11 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 .await
                 .with_context(|| format!("start the agent of volume {volume}"))?;
             agent.set_bwlimit(view.volume.bwlimit);
+            if let Some(m) = &a.metrics {
+                let (s, v) = (agent.clone(), volume.to_owned());
+                let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::agent(&v, &s.status()))).await?;
+                eprintln!("agent of volume {volume}: metrics on http://{at}/metrics");
+            }
             follow_volume(&agent, &view, follow);
             let (udev, check) = match image {
                 Some(image) => {

@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// Take a snapshot (and compact the raft log) every this many changes.
     #[arg(long, default_value_t = 1000)]
     snapshot_every: u64,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics (plain HTTP: loopback or a
+    /// management network).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 /// How a command line reaches the config servers (flags, environment, then the client file
@@ -216,6 +220,15 @@ fn serve(a: RunArgs) -> Result<()> {
         let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
         let tuning = Tuning { snapshot_every: a.snapshot_every.max(1) };
         let node = ConfigNode::start(&id, &a.data, tcp, tuning).await?;
+        if let Some(m) = &a.metrics {
+            let api = node.api.clone();
+            let render = move || match api.server_status() {
+                Ok(s) => crate::metrics::config(&s, &api.components()),
+                Err(e) => format!("# the configuration store: {e}\n"),
+            };
+            let at = crate::metrics::serve(m, std::sync::Arc::new(render)).await?;
+            eprintln!("config server {}: metrics on http://{at}/metrics", a.name);
+        }
         let formed = node.raft.is_initialized().await.map_err(|e| anyhow::anyhow!("raft: {e}"))?;
         let founder = first.keys().next() == Some(&a.name);
         if !formed && !a.join && founder {

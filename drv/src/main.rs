@@ -12,6 +12,7 @@ mod demo;
 mod devbench;
 mod failover_cmd;
 mod follow;
+mod metrics;
 mod restore_cmd;
 mod servers;
 mod snapshot_cmd;

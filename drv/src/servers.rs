@@ -2,6 +2,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -48,6 +49,10 @@ pub struct NodeArgs {
     /// Directory with ca.pem, NAME.pem and NAME.key.
     #[arg(long, env = "DRV_CERTS")]
     certs: PathBuf,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics (plain HTTP: loopback or a
+    /// management network).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 #[derive(Args)]
@@ -180,6 +185,11 @@ pub fn staging_run(n: NodeArgs) -> Result<()> {
         let mut l = load(&n, drv_config::Role::Staging).await?;
         let st = drv_staging::server::Staging::new(&l.node, l.id.clone()).context("start staging server")?;
         eprintln!("staging {} serving {} volume(s) on {}", n.name, st.volume_list().len(), l.addr);
+        if let Some(m) = &n.metrics {
+            let s = st.clone();
+            let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::staging(&s.status()))).await?;
+            eprintln!("staging {}: metrics on http://{at}/metrics", n.name);
+        }
         let live = st.clone();
         follow(&mut l, std::future::ready(()), move |old, new| live.apply_config(old, new));
         st.run(l.addr).await.context("staging server")
@@ -192,6 +202,11 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
         let mut l = load(&n, drv_config::Role::Replica).await?;
         let r = drv_replica::ReplicaServer::new(&l.node, l.id.clone()).context("start replica server")?;
         eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volume_list().len(), l.addr);
+        if let Some(m) = &n.metrics {
+            let s = r.clone();
+            let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::replica(&s.status()))).await?;
+            eprintln!("replica {}: metrics on http://{at}/metrics", n.name);
+        }
         let (live, up) = (r.clone(), r.clone());
         follow(&mut l, async move { up.running().await }, move |old, new| live.apply_config(old, new));
         r.run(l.addr).await.context("replica server")

@@ -80,6 +80,7 @@ impl TrackerArgs {
             state_dir: self.state_dir,
             control: self.control,
             ack_timeout_ms: self.ack_timeout_ms,
+            metrics: None,
         })
     }
 }

@@ -15,6 +15,8 @@ struct Servers {
     certs: PathBuf,
     names: Vec<String>,
     addrs: Vec<String>,
+    /// Where each serves its Prometheus metrics.
+    metrics: Vec<String>,
     children: Vec<Option<Child>>,
 }
 
@@ -59,7 +61,8 @@ impl Servers {
             assert!(drv(&["ca", "issue", "--dir", c, "--role", "config", "--name", name], &dir, &[]).ok);
         }
         let addrs = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut s = Servers { dir, certs, names, addrs, children: Vec::new() };
+        let metrics = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut s = Servers { dir, certs, names, addrs, metrics, children: Vec::new() };
         for i in 0..n {
             let child = s.spawn(i);
             s.children.push(Some(child));
@@ -80,7 +83,7 @@ impl Servers {
             .arg(&self.certs)
             .arg("--data")
             .arg(self.dir.join(&self.names[i]))
-            .args(["--peers", &peers.join(","), "--snapshot-every", "8"])
+            .args(["--peers", &peers.join(","), "--snapshot-every", "8", "--metrics", &self.metrics[i]])
             .env("DRV_LOG", "info")
             .stderr(log)
             .stdout(std::process::Stdio::null())
@@ -264,6 +267,64 @@ impl Servers {
     }
 }
 
+/// `GET http://ADDR/PATH`: the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return (code, unchunk(body));
+    }
+    (code, body.to_owned())
+}
+
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+}
+
+/// A daemon's `/metrics`, checked by Prometheus's own `promtool check metrics` (format and
+/// naming conventions) when it is installed (`.ci/run` installs it).
+fn scrape(addr: &str) -> String {
+    let (code, text) = http_get(addr, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    if let Ok(mut p) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = p.wait_with_output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool check metrics: {said}\n{text}");
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "promtool is not installed (.ci/run installs prometheus)");
+    }
+    text
+}
+
+/// The value of the sample `name{labels}` (labels as written, `""` for none) in `text`.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() { name.to_owned() } else { format!("{name}{{{labels}}}") };
+    text.lines().find_map(|l| l.strip_prefix(&key)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Waits until the replica at `addr` applied everything before `next`, then compares images.
 fn replica_equals(s: &Servers, addr: &str, source: &Path, image: &Path, next: u64) {
     until("the replica to apply everything", Duration::from_secs(60), || {
@@ -275,8 +336,12 @@ fn replica_equals(s: &Servers, addr: &str, source: &Path, image: &Path, next: u6
 /// `drv agent run` of `volume` on `source` (its state in `DIR/agent-VOLUME`, its control socket
 /// in `run`), once its control socket is there.
 fn run_agent(s: &Servers, volume: &str, source: &Path, run: &Path) -> Proc {
+    run_agent_with(s, volume, source, run, &[])
+}
+
+fn run_agent_with(s: &Servers, volume: &str, source: &Path, run: &Path, more: &[&str]) -> Proc {
     let state = s.dir.join(format!("agent-{volume}"));
-    let args = [
+    let mut args = vec![
         "agent",
         "run",
         "--volume",
@@ -290,6 +355,7 @@ fn run_agent(s: &Servers, volume: &str, source: &Path, run: &Path) -> Proc {
         "--run-dir",
         run.to_str().unwrap(),
     ];
+    args.extend_from_slice(more);
     let p = s.component(&args, &format!("agent-{volume}"));
     until("the agent's control socket", Duration::from_secs(30), || run.join(format!("{volume}.sock")).exists());
     p
@@ -344,12 +410,19 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     s.set(&["volume", "vol1", &format!("size_bytes={VOLUME}"), "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
     std::fs::create_dir_all(d.join("stg1")).unwrap();
     let cache = |n: &str| d.join(n).join("config-cache.redb").display().to_string();
-    let _staging = s.component(&["staging", "run", "--name", "stg1", "--config-cache", &cache("stg1")], "stg1");
-    let _replica = s.component(&["replica", "run", "--name", "rep1", "--config-cache", &cache("rep1")], "rep1");
+    let m: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let run_args = |role: &str, name: &str, metrics: &str| {
+        let a = [role, "run", "--name", name, "--config-cache", &cache(name), "--metrics", metrics];
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let stg_args = run_args("staging", "stg1", &m[0]);
+    let _staging = s.component(&stg_args.iter().map(String::as_str).collect::<Vec<_>>(), "stg1");
+    let rep_args = run_args("replica", "rep1", &m[1]);
+    let _replica = s.component(&rep_args.iter().map(String::as_str).collect::<Vec<_>>(), "rep1");
     let source = d.join("source.img");
     std::fs::write(&source, drv_format::pattern(0x51, VOLUME)).unwrap();
     let run = d.join("run");
-    let _agent = run_agent(&s, "vol1", &source, &run);
+    let _agent = run_agent_with(&s, "vol1", &source, &run, &["--metrics", &m[2]]);
     let next = sync_and_next_seq(&s, &run);
     let image = data.join("vol1.img");
     replica_equals(&s, &rep, &source, &image, next);
@@ -357,6 +430,23 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     until("three components reporting", Duration::from_secs(20), || {
         s.components()["components"].as_array().is_some_and(|c| c.len() == 3)
     });
+    // Each daemon's /metrics says the same as its status, in a format Prometheus takes.
+    let last = (next - 1) as f64;
+    let stg_m = scrape(&m[0]);
+    assert_eq!(sample(&stg_m, "drv_staging_durable_seq", "volume=\"vol1\""), Some(last), "{stg_m}");
+    assert_eq!(sample(&stg_m, "drv_staging_relay_connected", "volume=\"vol1\",replica=\"rep1\""), Some(1.0));
+    assert!(sample(&stg_m, "drv_wrl_used_ratio", "wrl=\"w0\"").is_some_and(|r| r > 0.0 && r <= 1.0), "{stg_m}");
+    let rep_m = scrape(&m[1]);
+    assert_eq!(sample(&rep_m, "drv_replica_applied_seq", "volume=\"vol1\""), Some(last), "{rep_m}");
+    assert_eq!(sample(&rep_m, "drv_replica_volume_state", "volume=\"vol1\",state=\"replicating\""), Some(1.0));
+    assert_eq!(sample(&rep_m, "drv_replica_volume_state", "volume=\"vol1\",state=\"error\""), Some(0.0));
+    let agent_m = scrape(&m[2]);
+    assert_eq!(sample(&agent_m, "drv_agent_mode", "volume=\"vol1\",mode=\"sync\""), Some(1.0), "{agent_m}");
+    assert_eq!(sample(&agent_m, "drv_agent_next_seq", "volume=\"vol1\""), Some(next as f64));
+    let cfg_m = scrape(&s.metrics[0]);
+    assert_eq!(sample(&cfg_m, "drv_config_leader", ""), Some(1.0), "{cfg_m}");
+    assert!(sample(&cfg_m, "drv_config_component_version", "component=\"rep1\",role=\"replica\"").is_some(), "{cfg_m}");
+    assert_eq!(http_get(&m[0], "/").0, 404, "only /metrics is served");
 
     // Every config server away: replication goes on.
     let mut c = s.children[0].take().unwrap();

@@ -1,0 +1,420 @@
+//! `/metrics` for Prometheus: every daemon (`drv staging run`, `drv replica run`, `drv agent run`,
+//! `drv config-server run`) given `--metrics HOST:PORT` serves its figures there in Prometheus's
+//! text format (version 0.0.4), rendered from the same status a `drv status` reads, at the
+//! moment of the scrape (nothing is kept between scrapes).
+//!
+//! The listener is plain HTTP, as Prometheus scrapes by default: bind it to loopback or to a
+//! management network. It answers `GET /metrics` and nothing else, at most
+//! [`CONCURRENT_LIMIT`] requests at a time, each within [`REQUEST_DEADLINE`].
+//!
+//! Names follow Prometheus's conventions: a `drv_` prefix, the role, base units in the name
+//! (`_bytes`, `_seconds`), `_total` for counters; sequence numbers and positions are gauges.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use drv_proto::status::{ReplicaStatus, StagingStatus, VolumeState};
+
+/// Scrapes served at once.
+pub const CONCURRENT_LIMIT: usize = 8;
+/// The longest one scrape may take.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The content type of the text format.
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What renders the figures at a scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `render` on `GET /metrics` at `addr` (bound before this returns: a port in use is an
+/// error here, not later), until the process ends.
+pub async fn serve(addr: &str, render: Render) -> Result<SocketAddr> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let addr: SocketAddr = addr.parse().with_context(|| format!("--metrics {addr}: not a HOST:PORT address"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics: listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let busy = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LIMIT));
+    let scrape = move || {
+        let (render, busy) = (render.clone(), busy.clone());
+        async move {
+            let Ok(_permit) = busy.try_acquire_owned() else {
+                return (StatusCode::SERVICE_UNAVAILABLE, "too many scrapes at once\n").into_response();
+            };
+            // Rendering takes locks the daemon's own paths take too: off the runtime's threads.
+            match tokio::time::timeout(REQUEST_DEADLINE, tokio::task::spawn_blocking(move || render())).await {
+                Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+                Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("rendering failed: {e}\n")).into_response(),
+                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "rendering took too long\n").into_response(),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics listener on {bound}: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+/// A page of the text format, one metric family after another.
+#[derive(Default)]
+pub struct Exposition {
+    out: String,
+}
+
+/// A metric's type.
+#[derive(Clone, Copy)]
+pub enum Type {
+    Gauge,
+    Counter,
+}
+
+/// One sample: its labels and value.
+pub type Sample = (Vec<(&'static str, String)>, f64);
+
+/// A family of per-volume samples: name, help, type and how to read the value.
+type PerVolume<V> = (&'static str, &'static str, Type, fn(&V) -> f64);
+
+impl Exposition {
+    /// A family of samples (written only if it has any).
+    pub fn family(&mut self, name: &str, t: Type, help: &str, samples: impl IntoIterator<Item = Sample>) -> &mut Self {
+        let mut samples = samples.into_iter().peekable();
+        if samples.peek().is_none() {
+            return self;
+        }
+        let t = match t {
+            Type::Gauge => "gauge",
+            Type::Counter => "counter",
+        };
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {t}");
+        for (labels, value) in samples {
+            self.out.push_str(name);
+            if !labels.is_empty() {
+                self.out.push('{');
+                for (i, (k, v)) in labels.iter().enumerate() {
+                    let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                    let _ = write!(self.out, "{}{k}=\"{v}\"", if i > 0 { "," } else { "" });
+                }
+                self.out.push('}');
+            }
+            let _ = writeln!(self.out, " {}", number(value));
+        }
+        self
+    }
+
+    /// A family of one sample without labels.
+    pub fn one(&mut self, name: &str, t: Type, help: &str, value: f64) -> &mut Self {
+        self.family(name, t, help, [(Vec::new(), value)])
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+    } else {
+        format!("{v}")
+    }
+}
+
+fn flag(b: bool) -> f64 {
+    if b { 1.0 } else { 0.0 }
+}
+
+use Type::{Counter, Gauge};
+
+/// A staging server's figures.
+pub fn staging(s: &StagingStatus) -> String {
+    let mut e = Exposition::default();
+    e.one("drv_staging_uptime_seconds", Gauge, "Seconds since the staging server started.", s.uptime_seconds);
+    e.one("drv_staging_peers", Gauge, "Peers connected now (replicas' relays, agents).", s.peers.len() as f64);
+    let vol = |v: &drv_proto::status::StagingVolume| vec![("volume", v.name.clone())];
+    let per_volume: [PerVolume<drv_proto::status::StagingVolume>; 6] = [
+        ("drv_staging_received_seq", "The last write of the volume taken.", Gauge, |v| v.received_seq as f64),
+        ("drv_staging_durable_seq", "The last write durable in the WRL (acknowledged to the agent).", Gauge, |v| {
+            v.durable_seq as f64
+        }),
+        ("drv_staging_replicated_seq", "The last write every replica holds durably.", Gauge, |v| {
+            v.replicated_seq as f64
+        }),
+        ("drv_staging_lag_records", "Writes not yet at every replica.", Gauge, |v| v.lag_records as f64),
+        ("drv_staging_lag_bytes", "Bytes not yet at every replica.", Gauge, |v| v.lag_bytes as f64),
+        ("drv_staging_lag_seconds", "Age of the oldest write not yet at every replica.", Gauge, |v| v.lag_seconds),
+    ];
+    for (name, help, _, f) in per_volume {
+        e.family(name, Gauge, help, s.volumes.iter().map(|v| (vol(v), f(v))));
+    }
+    let links = || s.volumes.iter().flat_map(|v| v.replicas.iter().map(move |r| (v, r)));
+    let link = |v: &drv_proto::status::StagingVolume, r: &drv_proto::status::ReplicaLink| {
+        vec![("volume", v.name.clone()), ("replica", r.replica.clone())]
+    };
+    e.family(
+        "drv_staging_relay_connected",
+        Gauge,
+        "1 while the relay of the volume to the replica is connected.",
+        links().map(|(v, r)| (link(v, r), flag(r.connected))),
+    );
+    e.family(
+        "drv_staging_relay_sent_seq",
+        Gauge,
+        "The last write sent to the replica.",
+        links().map(|(v, r)| (link(v, r), r.sent_seq as f64)),
+    );
+    e.family(
+        "drv_staging_relay_durable_seq",
+        Gauge,
+        "The last write the replica holds durably.",
+        links().map(|(v, r)| (link(v, r), r.durable_seq as f64)),
+    );
+    e.family(
+        "drv_staging_relay_applied_seq",
+        Gauge,
+        "The last write the replica applied to its image.",
+        links().map(|(v, r)| (link(v, r), r.applied_seq as f64)),
+    );
+    e.family(
+        "drv_staging_relay_reconnects_total",
+        Counter,
+        "Times the relay to the replica reconnected.",
+        links().map(|(v, r)| (link(v, r), r.reconnects as f64)),
+    );
+    e.family(
+        "drv_staging_relay_waiting_full_sync",
+        Gauge,
+        "1 while the replica holds nothing and waits for an initial sync from the agent.",
+        links().map(|(v, r)| (link(v, r), flag(r.waiting_full_sync))),
+    );
+    wrls(&mut e, s);
+    e.finish()
+}
+
+fn wrls(e: &mut Exposition, s: &StagingStatus) {
+    let w = |x: &drv_proto::status::WrlSummary| vec![("wrl", x.wrl.clone())];
+    let seg = |x: &drv_proto::status::WrlSummary| x.used_segments as f64;
+    e.family(
+        "drv_wrl_used_segments",
+        Gauge,
+        "Segments of the WRL holding records.",
+        s.wrls.iter().map(|x| (w(x), seg(x))),
+    );
+    e.family(
+        "drv_wrl_segments",
+        Gauge,
+        "Segments of the WRL in all.",
+        s.wrls.iter().map(|x| (w(x), x.total_segments as f64)),
+    );
+    e.family(
+        "drv_wrl_used_ratio",
+        Gauge,
+        "Fill of the WRL (used segments / segments).",
+        s.wrls.iter().map(|x| (w(x), seg(x) / (x.total_segments.max(1) as f64))),
+    );
+    e.family(
+        "drv_wrl_cache_bytes",
+        Gauge,
+        "Bytes of records the WRL keeps in memory for the relay.",
+        s.wrls.iter().map(|x| (w(x), x.cache_bytes as f64)),
+    );
+    e.family(
+        "drv_wrl_appends_total",
+        Counter,
+        "Records appended to the WRL.",
+        s.wrls.iter().map(|x| (w(x), x.appends as f64)),
+    );
+    e.family(
+        "drv_wrl_batches_total",
+        Counter,
+        "Batches written to the WRL (one durable write each).",
+        s.wrls.iter().map(|x| (w(x), x.batches as f64)),
+    );
+    e.family(
+        "drv_wrl_reads_total",
+        Counter,
+        "Records the relay read back, from memory or from the disk.",
+        s.wrls.iter().flat_map(|x| {
+            let at = |from: &str| vec![("wrl", x.wrl.clone()), ("from", from.to_owned())];
+            [(at("cache"), x.cache_reads as f64), (at("disk"), x.disk_reads as f64)]
+        }),
+    );
+    e.family(
+        "drv_wrl_failed",
+        Gauge,
+        "1 if the WRL stopped taking writes (see drv status).",
+        s.wrls.iter().map(|x| (w(x), flag(x.failed.is_some()))),
+    );
+}
+
+const STATES: [VolumeState; 5] = [
+    VolumeState::Replicating,
+    VolumeState::Resyncing,
+    VolumeState::MediaResync,
+    VolumeState::Error,
+    VolumeState::FailedOver,
+];
+
+/// A replica server's figures.
+pub fn replica(s: &ReplicaStatus) -> String {
+    type V = drv_proto::status::ReplicaVolume;
+    let mut e = Exposition::default();
+    e.one("drv_replica_uptime_seconds", Gauge, "Seconds since the replica server started.", s.uptime_seconds);
+    e.one("drv_replica_peers", Gauge, "Staging servers connected now.", s.peers.len() as f64);
+    let vol = |v: &V| vec![("volume", v.name.clone())];
+    e.family(
+        "drv_replica_volume_state",
+        Gauge,
+        "1 for the state the volume is in (replicating, resyncing, media-resync, error, failed-over).",
+        s.volumes.iter().flat_map(|v| {
+            STATES
+                .iter()
+                .map(move |st| (vec![("volume", v.name.clone()), ("state", st.to_string())], flag(v.state == *st)))
+        }),
+    );
+    let per_volume: [PerVolume<V>; 9] = [
+        ("drv_replica_received_seq", "The last write of the volume received.", Gauge, |v| v.received_seq as f64),
+        ("drv_replica_durable_seq", "The last write durable in the DR log.", Gauge, |v| v.durable_seq as f64),
+        ("drv_replica_applied_seq", "The last write applied to the image.", Gauge, |v| v.applied_seq as f64),
+        ("drv_replica_applied_epoch", "The last epoch applied whole.", Gauge, |v| v.applied_epoch as f64),
+        ("drv_replica_apply_lag_records", "Writes logged and not yet applied.", Gauge, |v| v.apply_lag_records as f64),
+        ("drv_replica_pending_records", "Writes waiting for their epoch to complete.", Gauge, |v| {
+            v.pending_records as f64
+        }),
+        ("drv_replica_applied_units_total", "Epochs applied.", Counter, |v| v.applied_units as f64),
+        ("drv_replica_snapshots", "Snapshots of the volume.", Gauge, |v| v.snapshots.len() as f64),
+        ("drv_replica_snapshot_store_bytes", "Bytes the snapshot store holds.", Gauge, |v| {
+            v.snapshot_store_bytes as f64
+        }),
+    ];
+    for (name, help, t, f) in per_volume {
+        e.family(name, t, help, s.volumes.iter().map(|v| (vol(v), f(v))));
+    }
+    e.family(
+        "drv_replica_recovery_check_ok",
+        Gauge,
+        "1 if the newest recovery check of the volume found every filesystem clean.",
+        s.volumes.iter().filter_map(|v| v.last_check.as_ref().map(|c| (vol(v), flag(c.ok)))),
+    );
+    e.family(
+        "drv_replica_recovery_check_timestamp_seconds",
+        Gauge,
+        "When the newest recovery check of the volume started (Unix time).",
+        s.volumes.iter().filter_map(|v| v.last_check.as_ref().map(|c| (vol(v), c.started_unix as f64))),
+    );
+    e.finish()
+}
+
+/// An agent's figures (one agent per volume).
+pub fn agent(volume: &str, s: &drv_agent::AgentStatus) -> String {
+    let mut e = Exposition::default();
+    let l = || vec![("volume", volume.to_owned())];
+    use drv_proto::agent::Mode;
+    e.family(
+        "drv_agent_mode",
+        Gauge,
+        "1 for the mode the agent is in (sync, change-map, resyncing).",
+        [Mode::Sync, Mode::ChangeMap, Mode::Resyncing]
+            .map(|m| (vec![("volume", volume.to_owned()), ("mode", m.to_string())], flag(s.mode == m))),
+    );
+    e.family(
+        "drv_agent_problem",
+        Gauge,
+        "1 while something needs the operator (see drv agent status).",
+        [(l(), flag(s.problem.is_some()))],
+    );
+    e.family("drv_agent_volume_bytes", Gauge, "Size of the volume.", [(l(), s.volume_bytes as f64)]);
+    e.family("drv_agent_next_seq", Gauge, "The sequence number the next write gets.", [(l(), s.next_seq as f64)]);
+    e.family("drv_agent_epoch", Gauge, "The current epoch.", [(l(), s.epoch as f64)]);
+    e.family(
+        "drv_agent_dirty_bytes",
+        Gauge,
+        "Bytes marked in the change map (to resync).",
+        [(l(), s.dirty_bytes as f64)],
+    );
+    e.family("drv_agent_writes_total", Counter, "Writes sent to staging.", [(l(), s.writes as f64)]);
+    e.family(
+        "drv_agent_mapped_writes_total",
+        Counter,
+        "Writes only marked in the change map.",
+        [(l(), s.mapped_writes as f64)],
+    );
+    e.family("drv_agent_resync_bytes_total", Counter, "Bytes sent by resyncs.", [(l(), s.resync_bytes as f64)]);
+    e.finish()
+}
+
+/// A config server's figures: its view of the group and the components that reported to it.
+pub fn config(s: &drv_configd::api::ServerStatus, components: &[drv_configd::api::ComponentState]) -> String {
+    let mut e = Exposition::default();
+    e.one("drv_config_version", Gauge, "The configuration version this server has applied.", s.version as f64);
+    e.one("drv_config_term", Gauge, "The raft term.", s.term as f64);
+    e.one("drv_config_leader", Gauge, "1 while this server is the leader.", flag(s.state == "leader"));
+    e.one("drv_config_has_leader", Gauge, "1 while this server knows a leader.", flag(s.leader.is_some()));
+    e.one("drv_config_last_log_index", Gauge, "The last raft log index.", s.last_log_index.unwrap_or(0) as f64);
+    e.one(
+        "drv_config_snapshot_index",
+        Gauge,
+        "The last log index in a snapshot.",
+        s.snapshot_index.unwrap_or(0) as f64,
+    );
+    e.family(
+        "drv_config_members",
+        Gauge,
+        "Servers of the group, voters and learners.",
+        [true, false].map(|v| {
+            (
+                vec![("kind", if v { "voter" } else { "learner" }.to_owned())],
+                s.members.iter().filter(|m| m.voter == v).count() as f64,
+            )
+        }),
+    );
+    let c = |x: &drv_configd::api::ComponentState| vec![("component", x.component.clone()), ("role", x.role.clone())];
+    e.family(
+        "drv_config_component_version",
+        Gauge,
+        "The configuration version a component reported it runs.",
+        components.iter().map(|x| (c(x), x.version as f64)),
+    );
+    e.family(
+        "drv_config_component_pending_changes",
+        Gauge,
+        "Changes a component reported waiting for its restart.",
+        components.iter().map(|x| (c(x), x.pending.len() as f64)),
+    );
+    e.family(
+        "drv_config_component_report_timestamp_seconds",
+        Gauge,
+        "When the component last reported to this server (Unix time).",
+        components.iter().map(|x| (c(x), x.reported_unix_ms as f64 / 1e3)),
+    );
+    e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Labels are escaped, families without samples are left out, numbers are written as
+    /// Prometheus reads them.
+    #[test]
+    fn the_text_format() {
+        let mut e = Exposition::default();
+        e.family("a_total", Counter, "A\\b\nc.", [(vec![("v", "x\"y\\z\nw".to_owned())], 3.0)]);
+        e.family("empty", Gauge, "never", std::iter::empty());
+        e.one("b", Gauge, "B.", 0.25);
+        e.one("c", Gauge, "C.", f64::INFINITY);
+        assert_eq!(
+            e.finish(),
+            "# HELP a_total A\\\\b\\nc.\n# TYPE a_total counter\na_total{v=\"x\\\"y\\\\z\\nw\"} 3\n\
+             # HELP b B.\n# TYPE b gauge\nb 0.25\n# HELP c C.\n# TYPE c gauge\nc +Inf\n"
+        );
+    }
+}
