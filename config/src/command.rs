@@ -234,6 +234,8 @@ fn update(snap: &mut validate::Snapshot, kind: Kind, name: &str, value: &Value) 
         Kind::Key => put(&mut snap.keys, name, value),
         Kind::Wrl => put(&mut snap.wrls, name, value),
         Kind::Volume => put(&mut snap.volumes, name, value),
+        Kind::Set => put(&mut snap.sets, name, value),
+        Kind::User => put(&mut snap.users, name, value),
     }
 }
 
@@ -376,10 +378,20 @@ fn delete(
             Kind::Endpoint => vol.replicas.iter().any(|r| r == name),
             Kind::Wrl => vol.wrl == name,
             Kind::Key => vol.key == name,
-            Kind::Volume => false,
+            Kind::Volume | Kind::Set | Kind::User => false,
         };
         if uses {
             users.push(format!("volume {v:?}"));
+        }
+    }
+    for (set, def) in &snap.sets {
+        if kind == Kind::Volume && def.volumes.iter().any(|v| v == name) {
+            users.push(format!("set {set:?}"));
+        }
+    }
+    for (user, u) in &snap.users {
+        if kind == Kind::Set && u.grants.contains_key(name) {
+            users.push(format!("user {user:?}"));
         }
     }
     if !users.is_empty() {
@@ -418,6 +430,8 @@ pub(crate) fn snapshot(tx: &WriteTransaction, e: &dyn Fn(redb::Error) -> ConfigE
         keys: table(tx, Kind::Key).map_err(e)?,
         wrls: table(tx, Kind::Wrl).map_err(e)?,
         volumes: table(tx, Kind::Volume).map_err(e)?,
+        sets: table(tx, Kind::Set).map_err(e)?,
+        users: table(tx, Kind::User).map_err(e)?,
     })
 }
 
@@ -680,6 +694,37 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("rep9"), "{e}");
         assert_eq!(st.dump().unwrap(), before);
+    }
+
+    /// Replication sets name volumes that exist, users name sets that exist, and neither a
+    /// volume in a set nor a set a user holds a role on can be deleted; a user's password is
+    /// stored as its hash only.
+    #[test]
+    fn sets_and_users_refer_to_what_exists() {
+        let (_d, st) = store();
+        let mut ops = base();
+        ops.push(set(Kind::Volume, "db", &["size_bytes=1G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]));
+        st.commit(ops).unwrap();
+        let e = st.commit(vec![set(Kind::Set, "prod", &["volumes=[\"db\",\"web\"]"])]).unwrap_err();
+        assert!(e.to_string().contains("volume \"web\" does not exist"), "{e}");
+        st.commit(vec![set(Kind::Set, "prod", &["volumes=[\"db\"]", "description=production"])]).unwrap();
+        let e = st.commit(vec![set(Kind::User, "ann", &["password=correct horse", "grants={\"dev\":\"viewer\"}"])]);
+        assert!(e.unwrap_err().to_string().contains("set \"dev\" does not exist"));
+        let e = st.commit(vec![set(Kind::User, "ann", &["password=correct horse", "grants={\"prod\":\"boss\"}"])]);
+        assert!(e.unwrap_err().to_string().contains("grants"), "an unknown role is refused");
+        st.commit(vec![set(Kind::User, "ann", &["password=correct horse", "grants={\"prod\":\"operator\"}"])]).unwrap();
+        let del = |k: Kind, n: &str| Op::Delete { kind: k, name: n.into(), if_version: None };
+        let e = st.commit(vec![del(Kind::Volume, "db")]).unwrap_err();
+        assert!(e.to_string().contains("still used by set \"prod\""), "{e}");
+        let e = st.commit(vec![del(Kind::Set, "prod")]).unwrap_err();
+        assert!(e.to_string().contains("still used by user \"ann\""), "{e}");
+        let dump = serde_json::to_string(&st.dump().unwrap()).unwrap();
+        assert!(dump.contains("$argon2id$") && !dump.contains("correct horse"), "only the hash is stored");
+        let e = st.commit(vec![set(Kind::User, "bob", &["password_hash=plain"])]).unwrap_err();
+        assert!(e.to_string().contains("password_hash"), "{e}");
+        // Taken apart in order: the user's grant, the set, then the volume.
+        st.commit(vec![set(Kind::User, "ann", &["grants={}"])]).unwrap();
+        st.commit(vec![del(Kind::Set, "prod"), del(Kind::Volume, "db")]).unwrap();
     }
 
     /// `if_version` refuses a change to an entry that changed since it was read; a retry of an

@@ -15,6 +15,7 @@ use std::path::Path;
 
 pub mod command;
 pub mod diff;
+pub mod users;
 mod validate;
 pub use command::{Command, EntryRow, HISTORY_LIMIT, LogRecord, Op, Tables, Written};
 pub use validate::{AddressError, MIN_FRAME_BYTES, check_address, human};
@@ -80,10 +81,14 @@ pub enum Kind {
     Key,
     Wrl,
     Volume,
+    /// A replication set: a named group of volumes whose operation is delegated to users.
+    Set,
+    /// A user of the web UI and the JSON API.
+    User,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Endpoint, Kind::Key, Kind::Wrl, Kind::Volume];
+    pub const ALL: [Kind; 6] = [Kind::Endpoint, Kind::Key, Kind::Wrl, Kind::Volume, Kind::Set, Kind::User];
 
     pub(crate) fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
@@ -91,6 +96,8 @@ impl Kind {
             Kind::Key => "keys",
             Kind::Wrl => "wrls",
             Kind::Volume => "volumes",
+            Kind::Set => "sets",
+            Kind::User => "users",
         })
     }
 }
@@ -102,6 +109,8 @@ impl std::fmt::Display for Kind {
             Kind::Key => "key",
             Kind::Wrl => "wrl",
             Kind::Volume => "volume",
+            Kind::Set => "set",
+            Kind::User => "user",
         })
     }
 }
@@ -114,6 +123,8 @@ impl std::str::FromStr for Kind {
             "key" | "keys" => Kind::Key,
             "wrl" | "wrls" => Kind::Wrl,
             "volume" | "volumes" => Kind::Volume,
+            "set" | "sets" => Kind::Set,
+            "user" | "users" => Kind::User,
             other => return Err(ConfigError::UnknownKind(other.to_owned())),
         })
     }
@@ -237,6 +248,44 @@ fn default_queue() -> u64 {
 }
 fn default_batch() -> u64 {
     8 << 20
+}
+
+/// A replication set: a named group of volumes. Users are given a role on a set (`User::grants`);
+/// a volume may be in several sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSet {
+    pub volumes: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// What a user may do on a replication set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetRole {
+    /// Sees the set's volumes, their status and history.
+    Viewer,
+    /// And changes them and runs operations on them (pause, resync, snapshots, checks).
+    Operator,
+}
+
+/// A user of the web UI and the JSON API. Set `password=SECRET` (or `password=-` to be asked):
+/// only its argon2id hash is stored (`users.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// argon2id, in the PHC string format.
+    pub password_hash: String,
+    /// May do everything, everywhere (users, endpoints, keys, WRLs, every set).
+    #[serde(default)]
+    pub admin: bool,
+    /// The user's role on each replication set, by set name.
+    #[serde(default)]
+    pub grants: BTreeMap<String, SetRole>,
+    /// Refused at login, its sessions ended.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 /// A protected volume.
@@ -483,6 +532,8 @@ pub(crate) fn typed_check(kind: Kind, name: &str, value: Value, raw: &BTreeMap<S
         Kind::Key => rt::<KeyRef>(value, raw),
         Kind::Wrl => rt::<WrlDef>(value, raw),
         Kind::Volume => rt::<Volume>(value, raw),
+        Kind::Set => rt::<ReplicationSet>(value, raw),
+        Kind::User => rt::<User>(value, raw),
     }
     .map_err(|reason| ConfigError::Invalid { kind, name: name.into(), reason })
 }
@@ -586,8 +637,9 @@ impl ConfigStore {
         Ok(self.commit(vec![op])?.values.swap_remove(0))
     }
 
-    /// Applies `ops` as one command of this host's user, now.
-    pub fn commit(&self, ops: Vec<Op>) -> Result<Written> {
+    /// Applies `ops` as one command of this host's user, now (users' passwords hashed first).
+    pub fn commit(&self, mut ops: Vec<Op>) -> Result<Written> {
+        users::hash_passwords(&mut ops)?;
         let cmd = Command { request_id: random_id(), author: local_author(), time_unix_ms: now_unix_ms(), ops };
         self.apply(&cmd)
     }

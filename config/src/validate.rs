@@ -129,6 +129,28 @@ impl Entry for Endpoint {
     }
 }
 
+impl Entry for crate::ReplicationSet {
+    fn check(&self, c: &mut Check<'_>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &self.volumes {
+            if !seen.insert(v) {
+                c.fail("volumes", &format!("{v:?}"), "is named twice", "each volume once");
+            }
+        }
+        if self.description.len() > 1024 {
+            c.fail("description", &self.description.len(), "characters is too long", "at most 1024 characters");
+        }
+    }
+}
+
+impl Entry for crate::User {
+    fn check(&self, c: &mut Check<'_>) {
+        if let Err(why) = crate::users::check_hash(&self.password_hash) {
+            c.fail("password_hash", &"(hidden)", &why, "an argon2id hash: give password=SECRET or password=-");
+        }
+    }
+}
+
 impl Entry for KeyRef {
     fn check(&self, c: &mut Check<'_>) {
         c.absolute_path("path", &self.path);
@@ -313,6 +335,8 @@ pub struct Snapshot {
     pub keys: BTreeMap<String, KeyRef>,
     pub wrls: BTreeMap<String, WrlDef>,
     pub volumes: BTreeMap<String, Volume>,
+    pub sets: BTreeMap<String, crate::ReplicationSet>,
+    pub users: BTreeMap<String, crate::User>,
 }
 
 /// What is wrong between entries, as seen from the entry `kind name` just set: its references
@@ -350,6 +374,20 @@ pub fn cross_check(s: &Snapshot, kind: crate::Kind, name: &str) -> Vec<String> {
             }
         }
         Kind::Key => {}
+        Kind::Set => {
+            for v in s.sets.get(name).map(|x| x.volumes.as_slice()).unwrap_or_default() {
+                if !s.volumes.contains_key(v) {
+                    out.push(format!("volume {v:?} does not exist"));
+                }
+            }
+        }
+        Kind::User => {
+            for set in s.users.get(name).map(|u| u.grants.keys().collect::<Vec<_>>()).unwrap_or_default() {
+                if !s.sets.contains_key(set) {
+                    out.push(format!("set {set:?} does not exist"));
+                }
+            }
+        }
     }
     out
 }

@@ -120,6 +120,18 @@ async fn the_api_finds_the_leader_refuses_bad_requests_and_changes_membership() 
     assert_eq!(after.version, w.version, "nothing changed");
     assert_eq!(after.entries.len(), 1);
 
+    // A user's password is hashed by the server that took the request: neither the entry nor
+    // the history holds it.
+    admin.commit(vec![set(Kind::User, "alice", &["password=correct horse", "admin=true"])]).await.unwrap();
+    let r = admin.entries(Some(Kind::User), Some("alice"), false).await.unwrap();
+    let stored = r.entries[0].value.to_string();
+    assert!(stored.contains("$argon2id$") && !stored.contains("correct horse"), "{stored}");
+    let log = admin.log(0, 100, false).await.unwrap();
+    assert!(!serde_json::to_string(&log).unwrap().contains("correct horse"), "the history holds no password");
+    let (s, code, m) = refusal(admin.commit(vec![set(Kind::User, "bob", &["password=short"])]).await.unwrap_err());
+    assert_eq!((s, code.as_str()), (422, "invalid"), "{m}");
+    assert!(m.contains("8 to 1024"), "{m}");
+
     // A fourth server joins by an API call, catches up, votes; then it is removed again.
     let n4 = node(&certs, dir.path(), "c4").await;
     let s = admin.add_member("c4", &n4.addr().to_string()).await.unwrap();

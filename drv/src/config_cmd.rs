@@ -36,10 +36,12 @@ pub struct ConfigArgs {
 enum ConfigCommand {
     /// Create or update an entry: `drv config set volume db1 size_bytes=10G wrl=w0 replicas='["r1"]' key=k1`.
     Set {
-        /// endpoint, key, wrl or volume.
+        /// endpoint, key, wrl, volume, set (a replication set) or user.
         kind: Kind,
         name: String,
-        /// FIELD=VALUE assignments (JSON values, or plain strings; sizes take K/M/G/T).
+        /// FIELD=VALUE assignments (JSON values, or plain strings; sizes take K/M/G/T). A
+        /// user's `password=-` reads the password from the terminal (without echo) or stdin;
+        /// only its argon2id hash is stored.
         #[arg(required = true)]
         fields: Vec<String>,
         /// Only if the entry is still at this version (0: only if it does not exist yet), as
@@ -169,7 +171,12 @@ fn header(version: u64, server: &Option<String>) {
 pub fn run(a: ConfigArgs) -> Result<()> {
     let src = Source::open(&a)?;
     match a.cmd {
-        ConfigCommand::Set { kind, name, fields, if_version, json } => {
+        ConfigCommand::Set { kind, name, mut fields, if_version, json } => {
+            if kind == Kind::User
+                && let Some(f) = fields.iter_mut().find(|f| f.as_str() == "password=-")
+            {
+                *f = format!("password={}", read_password(&name)?);
+            }
             let op = Op::Set { kind, name: name.clone(), assignments: fields, if_version };
             let mut w = src.commit(vec![op])?;
             let v = w.values.swap_remove(0);
@@ -295,4 +302,31 @@ fn status(client: &ApiClient, changes: usize, json: bool) -> Result<()> {
         println!("  {:>6}  {:<14} {}  [{where_}]", r.version, r.author, ops.join("; "));
     }
     Ok(())
+}
+
+/// A password from the terminal (asked on stderr, not echoed) or from stdin's first line.
+fn read_password(user: &str) -> Result<String> {
+    use std::io::BufRead;
+    // SAFETY: termios is plain data; all zeroes is a valid value.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 0 and a termios this function owns.
+    let quiet = unsafe { libc::isatty(0) == 1 && libc::tcgetattr(0, &mut saved) == 0 };
+    if quiet {
+        eprint!("password for user {user}: ");
+        let mut t = saved;
+        t.c_lflag &= !libc::ECHO;
+        // SAFETY: fd 0 and a termios this function owns.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if quiet {
+        // SAFETY: fd 0 and the termios tcgetattr filled.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &saved) };
+        eprintln!();
+    }
+    read.context("read the password")?;
+    let p = line.trim_end_matches(['\n', '\r']).to_owned();
+    anyhow::ensure!(!p.is_empty(), "no password given (password=- reads it from the terminal or stdin)");
+    Ok(p)
 }
