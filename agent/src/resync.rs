@@ -278,10 +278,13 @@ impl Inner {
         };
         if let (true, Some(p)) = (done, self.full_marker.clone()) {
             // Left behind, it costs the next start a whole initial sync again, nothing more.
-            let gone =
-                blocking(0, move || Ok::<_, AgentError>(drv_files::remove_durably(&p).map_err(|e| (p, e)))).await?;
-            if let Err((p, e)) = gone {
-                tracing::warn!("{}: {e} (the next start of the agent syncs the whole volume again)", p.display());
+            let path = p.clone();
+            let gone = match tokio::task::spawn_blocking(move || drv_files::remove_durably(&p)).await {
+                Ok(r) => r.err().map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = gone {
+                tracing::warn!("{}: {e} (the next start of the agent syncs the whole volume again)", path.display());
             }
         }
         Ok(())

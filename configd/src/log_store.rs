@@ -172,35 +172,43 @@ impl Writer {
 
     /// One durable transaction for the whole batch, in order; then every job hears the outcome.
     /// A batch of committed log ids alone writes nothing: the newest waits for the next one.
-    fn commit(&mut self, mut batch: Vec<Job>) {
-        for job in &mut batch {
-            if let Job::Committed(b) = job {
-                self.committed = Some(std::mem::take(b));
+    fn commit(&mut self, batch: Vec<Job>) {
+        // Taken apart: what goes into the transaction (consumed there), and who hears after.
+        let mut work: Vec<Work> = Vec::with_capacity(batch.len());
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        for job in batch {
+            match job {
+                Job::Committed(b) => self.committed = Some(b),
+                Job::Append { rows, flushed } => {
+                    replies.push(Reply::Appended(rows.iter().map(|(i, id, _)| (*i, *id)).collect(), flushed));
+                    work.push(Work::Rows(rows.into_iter().map(|(i, _, b)| (i, b)).collect()));
+                }
+                Job::Write { f, done } => {
+                    work.push(Work::Write(f));
+                    replies.push(Reply::Written(done));
+                }
             }
         }
-        if batch.iter().all(|j| matches!(j, Job::Committed(_))) {
+        if work.is_empty() {
             return;
         }
+        let committed = self.committed.as_deref();
         let outcome = (|| -> std::result::Result<(), redb::Error> {
             let tx = self.db.begin_write()?;
-            for job in &mut batch {
-                match job {
-                    Job::Append { rows, .. } => {
+            for w in work {
+                match w {
+                    Work::Rows(rows) => {
                         let mut t = tx.open_table(LOG)?;
-                        for (i, _, b) in rows.iter() {
+                        for (i, b) in &rows {
                             t.insert(*i, b.as_slice())?;
                         }
                     }
-                    Job::Committed(_) => {}
-                    Job::Write { f, .. } => {
-                        let f = std::mem::replace(f, Box::new(|_| Ok(())));
-                        f(&tx)?;
-                    }
+                    Work::Write(f) => f(&tx)?,
                 }
             }
             // After every entry of the batch: it never names an entry the file lacks.
-            if let Some(b) = &self.committed {
-                tx.open_table(LOG_META)?.insert("committed", b.as_slice())?;
+            if let Some(b) = committed {
+                tx.open_table(LOG_META)?.insert("committed", b)?;
             }
             tx.commit()?;
             Ok(())
@@ -212,12 +220,12 @@ impl Writer {
         if let Some(e) = &said {
             tracing::error!("the raft log: a write failed: {e}");
         }
-        for job in batch {
-            match job {
-                Job::Append { rows, flushed } => {
+        for r in replies {
+            match r {
+                Reply::Appended(ids, flushed) => {
                     if said.is_none() {
                         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                        for (i, id, _) in &rows {
+                        for (i, id) in &ids {
                             if pending.get(i).is_some_and(|e| e.log_id == *id) {
                                 pending.remove(i);
                             }
@@ -226,11 +234,22 @@ impl Writer {
                     // Durable (or failed) before openraft hears of it.
                     flushed.log_io_completed(said.clone().map_or(Ok(()), |e| Err(std::io::Error::other(e))));
                 }
-                Job::Committed(_) => {}
-                Job::Write { done, .. } => drop(done.send(said.clone().map_or(Ok(()), Err))),
+                Reply::Written(done) => drop(done.send(said.clone().map_or(Ok(()), Err))),
             }
         }
     }
+}
+
+/// What one job puts into the writer's transaction.
+enum Work {
+    Rows(Vec<(u64, Vec<u8>)>),
+    Write(WriteFn),
+}
+
+/// Who hears how the writer's transaction went.
+enum Reply {
+    Appended(Vec<(u64, LogId<NodeId>)>, LogFlushed<TypeConfig>),
+    Written(tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
 }
 
 fn bound(b: Bound<&u64>) -> Bound<u64> {
