@@ -269,8 +269,13 @@ impl Servers {
 
 /// `GET http://ADDR/PATH`: the status code and the body.
 fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|| panic!("nothing listens on {addr}"))
+}
+
+/// [`http_get`], `None` while nothing listens at `addr`.
+fn try_http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
     let mut reply = String::new();
@@ -278,9 +283,9 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     let (head, body) = reply.split_once("\r\n\r\n").unwrap();
     let code = head.split(' ').nth(1).unwrap().parse().unwrap();
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return (code, unchunk(body));
+        return Some((code, unchunk(body)));
     }
-    (code, body.to_owned())
+    Some((code, body.to_owned()))
 }
 
 fn unchunk(mut body: &str) -> String {
@@ -317,6 +322,67 @@ fn scrape(addr: &str) -> String {
         assert!(std::env::var_os("CI").is_none(), "promtool is not installed (.ci/run installs prometheus)");
     }
     text
+}
+
+/// A Prometheus server (Debian's) scraping `targets` every second, killed when dropped; `None`
+/// if it is not installed (`.ci/run` installs it).
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(dir: &Path, targets: &[&str]) -> Option<Prometheus> {
+        let config = dir.join("prometheus.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let yml = format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\nscrape_configs:\n  - job_name: drv\n    static_configs: [{{targets: [{}]}}]\n",
+            targets.join(", ")
+        );
+        std::fs::write(&config, yml).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("prometheus-data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn();
+        match child {
+            Ok(child) => Some(Prometheus { child, addr }),
+            Err(e) => {
+                assert!(std::env::var_os("CI").is_none(), "prometheus is not installed (.ci/run installs it): {e}");
+                None
+            }
+        }
+    }
+
+    /// The values of an instant query, by the `instance` label.
+    fn query(&self, q: &str) -> Vec<(String, f64)> {
+        let q: String = q
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let Some((200, body)) = try_http_get(&self.addr, &format!("/api/v1/query?query={q}")) else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let rows = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        rows.iter()
+            .map(|r| {
+                let at = r["metric"]["instance"].as_str().unwrap_or("").to_owned();
+                (at, r["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN))
+            })
+            .collect()
+    }
 }
 
 /// The value of the sample `name{labels}` (labels as written, `""` for none) in `text`.
@@ -447,6 +513,15 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
     assert_eq!(sample(&cfg_m, "drv_config_leader", ""), Some(1.0), "{cfg_m}");
     assert!(sample(&cfg_m, "drv_config_component_version", "component=\"rep1\",role=\"replica\"").is_some(), "{cfg_m}");
     assert_eq!(http_get(&m[0], "/").0, 404, "only /metrics is served");
+    // And Prometheus itself scrapes all four and reads the figures.
+    if let Some(p) = Prometheus::start(&d, &[&m[0], &m[1], &m[2], &s.metrics[0]]) {
+        until("Prometheus scraping all four daemons", Duration::from_secs(60), || {
+            let up = p.query("up");
+            up.len() == 4 && up.iter().all(|(_, v)| *v == 1.0)
+        });
+        let applied = p.query("drv_replica_applied_seq{volume=\"vol1\"}");
+        assert_eq!(applied, vec![(m[1].clone(), last)], "what Prometheus read");
+    }
 
     // Every config server away: replication goes on.
     let mut c = s.children[0].take().unwrap();
