@@ -12,7 +12,7 @@
 //! | DELETE | `/v1/members/NAME`   | admin        | removes one                                     |
 //! | GET    | `/v1/node/NAME`      | that node    | a staging or replica server's [`Slice`]         |
 //! | GET    | `/v1/volume/NAME`    | agents       | a volume's [`Slice`] (what its agent needs)     |
-//! | POST   | `/v1/applied`        | components   | the version a component runs ([`Report`])       |
+//! | POST   | `/v1/applied`        | components   | what a component runs, its figures ([`Report`])  |
 //! | GET    | `/v1/components`     | admin        | every component's last [`ComponentState`]       |
 //!
 //! (`admin` routes also take config servers' certificates, except changes.) Components read
@@ -152,8 +152,17 @@ pub struct Slice<T> {
     pub value: T,
 }
 
-/// What a component reports: the version it runs, and the changes up to it that wait for its
-/// restart (each said in words), if any.
+/// A component's figures when it reported: by volume (`""` for the component itself), named
+/// values (`lag_seconds`, `dirty_bytes`, ...; see `drv/src/metrics.rs`).
+pub type Figures = std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>;
+
+/// Figures one report may carry, and figures one server keeps for all components together (the
+/// memory of the reports is bounded: a report past it is kept without its figures).
+pub const REPORT_FIGURES_LIMIT: usize = 1 << 16;
+pub const FIGURES_TOTAL_LIMIT: usize = 1 << 20;
+
+/// What a component reports: the version it runs, the changes up to it that wait for its
+/// restart (each said in words), if any, and its figures now.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
@@ -163,6 +172,8 @@ pub struct Report {
     pub volume: Option<String>,
     #[serde(default)]
     pub pending: Vec<String>,
+    #[serde(default, skip_serializing_if = "Figures::is_empty")]
+    pub figures: Figures,
 }
 
 /// A component as a config server last heard from it.
@@ -176,6 +187,8 @@ pub struct ComponentState {
     pub reported_unix_ms: u64,
     /// The config server it reported to.
     pub server: String,
+    #[serde(default, skip_serializing_if = "Figures::is_empty")]
+    pub figures: Figures,
 }
 
 type Reports = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, ComponentState>>>;
@@ -583,6 +596,10 @@ async fn volume_slice(
     Ok(axum::Json(at_one_version(&api, |s| s.volume(&name))?))
 }
 
+fn figure_count(f: &Figures) -> usize {
+    f.values().map(|m| m.len()).sum()
+}
+
 async fn applied(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -598,6 +615,14 @@ async fn applied(
             format!("a report holds at most {REPORT_PENDING_LIMIT} pending changes of {REPORT_TEXT_LIMIT} bytes each");
         return Err(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m));
     }
+    let count = figure_count(&r.figures);
+    let names_long = r.figures.iter().any(|(v, m)| v.len() > REPORT_TEXT_LIMIT || m.keys().any(|k| k.len() > 64));
+    if count > REPORT_FIGURES_LIMIT || names_long {
+        let m = format!(
+            "a report holds at most {REPORT_FIGURES_LIMIT} figures, named in at most 64 bytes, by volume names of at most {REPORT_TEXT_LIMIT} bytes (this one: {count})"
+        );
+        return Err(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m));
+    }
     let role = peer.role.map_or("?", Role::as_str).to_owned();
     let component = match &r.volume {
         Some(v) => format!("{}/{v}", peer.name),
@@ -610,11 +635,20 @@ async fn applied(
         pending: r.pending,
         reported_unix_ms: drv_config::now_unix_ms(),
         server: api.name.clone(),
+        figures: r.figures,
     };
     let mut reports = api.reports.lock().expect("reports lock");
     if !reports.contains_key(&component) && reports.len() >= COMPONENTS_LIMIT {
         let oldest = reports.values().min_by_key(|c| c.reported_unix_ms).map(|c| c.component.clone());
         oldest.and_then(|o| reports.remove(&o));
+    }
+    let mut state = state;
+    let others: usize = reports.iter().filter(|(k, _)| **k != component).map(|(_, c)| figure_count(&c.figures)).sum();
+    if others + count > FIGURES_TOTAL_LIMIT {
+        tracing::warn!(
+            "{component}: its figures are not kept: this server keeps {FIGURES_TOTAL_LIMIT} for all components"
+        );
+        state.figures.clear();
     }
     reports.insert(component, state);
     Ok(StatusCode::NO_CONTENT)

@@ -107,6 +107,19 @@ async fn the_api_finds_the_leader_refuses_bad_requests_and_changes_membership() 
     let agent = client(&certs, "host1", &[follower]);
     let (s, code, m) = refusal(agent.commit(vec![set(Kind::Key, "k3", &["path=/k3"])]).await.unwrap_err());
     assert_eq!((s, code.as_str()), (403, "forbidden"), "{m}");
+    // A component's report carries its figures, within limits.
+    let mut figures = drv_configd::api::Figures::new();
+    figures.entry("v1".into()).or_default().insert("lag_seconds".into(), 1.5);
+    let report = drv_configd::api::Report { version: 1, volume: Some("v1".into()), pending: vec![], figures };
+    agent.report(&report).await.unwrap();
+    let seen = admin.components_everywhere().await;
+    assert_eq!(seen.iter().find(|c| c.component == "host1/v1").unwrap().figures["v1"]["lag_seconds"], 1.5);
+    let mut huge = report.clone();
+    let many = (0..=drv_configd::api::REPORT_FIGURES_LIMIT).map(|i| (format!("f{i}"), 0.0)).collect();
+    huge.figures.insert("v1".into(), many);
+    let (s, code, m) = refusal(agent.report(&huge).await.unwrap_err());
+    assert_eq!((s, code.as_str()), (422, "invalid"), "{m}");
+    assert!(m.contains("at most 65536 figures"), "{m}");
     // A certificate of another CA is refused in the handshake, at once.
     let other = dir.path().join("other");
     ca::init(&other).unwrap();

@@ -547,6 +547,9 @@ fn sync_added_replicas(agent: &Agent, name: &str, old: &[String], new: &[String]
 fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<Following>) {
     let Some(Following { follower, version, before }) = follow else { return };
     let (agent, name) = (agent.clone(), view.name.clone());
+    let (fig, volume) = (agent.clone(), name.clone());
+    let follower =
+        follower.with_figures(std::sync::Arc::new(move || crate::metrics::figures::agent(&volume, &fig.status())));
     if let Some(before) = before {
         sync_added_replicas(&agent, &name, &before.volume.replicas, &view.volume.replicas);
     }

@@ -2,8 +2,9 @@
 //! at start and kept in a local cache (redb), so the component starts and keeps running on the
 //! cached copy while every config server is away; then it watches for newer versions (long polls
 //! of [`WATCH_WAIT`], a backoff up to [`BACKOFF_MAX`] while no server answers: no polling storm),
-//! hands each changed slice to the component, and reports the version it runs and what waits for
-//! its restart.
+//! hands each changed slice to the component, and reports the version it runs, what waits for
+//! its restart and, if it has any, its figures (then at least every [`FIGURES_EVERY`]: the
+//! watch waits that long at most).
 //!
 //! The cache (`--config-cache`, one redb file) holds one row per slice: key the API path
 //! (`/v1/node/NAME`), value the JSON of `{version, value}`; each fetch replaces it in one
@@ -24,6 +25,10 @@ const SLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("slices");
 pub const WATCH_WAIT: Duration = Duration::from_secs(30);
 /// The longest pause between tries while no config server answers.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a component with figures reports them.
+pub const FIGURES_EVERY: Duration = Duration::from_secs(10);
+/// What a component says of itself at a report.
+pub type FiguresFn = std::sync::Arc<dyn Fn() -> drv_configd::api::Figures + Send + Sync>;
 /// How long a start waits for a config server before it uses the cached copy.
 const START_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -34,6 +39,7 @@ pub struct Follower {
     cache: PathBuf,
     /// An agent's volume, for its reports.
     volume: Option<String>,
+    figures: Option<FiguresFn>,
 }
 
 /// The cache file of one component.
@@ -47,13 +53,26 @@ fn open_cache(path: &Path) -> Result<Database> {
 impl Follower {
     /// A staging or replica server's follower.
     pub fn node(client: ApiClient, name: &str, cache: PathBuf) -> Follower {
-        Follower { client: client.with_patience(START_PATIENCE), path: format!("/v1/node/{name}"), cache, volume: None }
+        let path = format!("/v1/node/{name}");
+        Follower { client: client.with_patience(START_PATIENCE), path, cache, volume: None, figures: None }
+    }
+
+    /// Reports carry the component's figures (and come at least every [`FIGURES_EVERY`]).
+    pub fn with_figures(mut self, f: FiguresFn) -> Follower {
+        self.figures = Some(f);
+        self
     }
 
     /// The follower of a volume's agent.
     pub fn volume(client: ApiClient, name: &str, cache: PathBuf) -> Follower {
         let path = format!("/v1/volume/{name}");
-        Follower { client: client.with_patience(START_PATIENCE), path, cache, volume: Some(name.to_owned()) }
+        Follower {
+            client: client.with_patience(START_PATIENCE),
+            path,
+            cache,
+            volume: Some(name.to_owned()),
+            figures: None,
+        }
     }
 
     async fn fetch<T: DeserializeOwned>(&self) -> Result<Slice<T>> {
@@ -118,7 +137,8 @@ impl Follower {
         if pending.len() == limit {
             pending[limit - 1] = "(and more: see the component's log)".into();
         }
-        let r = Report { version, volume: self.volume.clone(), pending };
+        let figures = self.figures.as_ref().map(|f| blocking(|| f())).unwrap_or_default();
+        let r = Report { version, volume: self.volume.clone(), pending, figures };
         if let Err(e) = self.client.report(&r).await {
             tracing::debug!("{}: report of version {version}: {e}", self.path);
         }
@@ -139,7 +159,8 @@ impl Follower {
         let mut backoff = Duration::from_secs(1);
         let mut away = false;
         loop {
-            let newer = match self.client.watch(current.version, WATCH_WAIT).await {
+            let wait = if self.figures.is_some() { FIGURES_EVERY } else { WATCH_WAIT };
+            let newer = match self.client.watch(current.version, wait).await {
                 Ok(w) if w.version > current.version => self.fetch::<T>().await,
                 Ok(_) => {
                     // Nothing new: say again what runs (a restarted config server forgot).

@@ -398,6 +398,80 @@ pub fn config(s: &drv_configd::api::ServerStatus, components: &[drv_configd::api
     e.finish()
 }
 
+/// What a component reports of itself to the config servers (`follow.rs`): the figures the
+/// web UI's overview, graphs and alerts read, by volume (`""`: the component itself).
+pub mod figures {
+    use drv_configd::api::Figures;
+    use drv_proto::status::{ReplicaStatus, StagingStatus, VolumeState};
+
+    fn put(f: &mut Figures, volume: &str, name: &str, v: f64) {
+        f.entry(volume.to_owned()).or_default().insert(name.to_owned(), v);
+    }
+
+    pub fn staging(s: &StagingStatus) -> Figures {
+        let mut f = Figures::new();
+        for v in &s.volumes {
+            put(&mut f, &v.name, "received_seq", v.received_seq as f64);
+            put(&mut f, &v.name, "durable_seq", v.durable_seq as f64);
+            put(&mut f, &v.name, "replicated_seq", v.replicated_seq as f64);
+            put(&mut f, &v.name, "lag_records", v.lag_records as f64);
+            put(&mut f, &v.name, "lag_bytes", v.lag_bytes as f64);
+            put(&mut f, &v.name, "lag_seconds", v.lag_seconds);
+            let down = v.replicas.iter().filter(|r| !r.connected).count();
+            put(&mut f, &v.name, "replicas_disconnected", down as f64);
+        }
+        for w in &s.wrls {
+            put(
+                &mut f,
+                "",
+                &format!("wrl_used_ratio:{}", w.wrl),
+                w.used_segments as f64 / w.total_segments.max(1) as f64,
+            );
+            put(&mut f, "", &format!("wrl_failed:{}", w.wrl), if w.failed.is_some() { 1.0 } else { 0.0 });
+        }
+        f
+    }
+
+    pub fn replica(s: &ReplicaStatus) -> Figures {
+        let mut f = Figures::new();
+        for v in &s.volumes {
+            let state = match v.state {
+                VolumeState::Replicating => 0.0,
+                VolumeState::Resyncing => 1.0,
+                VolumeState::MediaResync => 2.0,
+                VolumeState::Error => 3.0,
+                VolumeState::FailedOver => 4.0,
+            };
+            put(&mut f, &v.name, "state", state);
+            put(&mut f, &v.name, "applied_seq", v.applied_seq as f64);
+            put(&mut f, &v.name, "apply_lag_records", v.apply_lag_records as f64);
+            put(&mut f, &v.name, "snapshot_store_bytes", v.snapshot_store_bytes as f64);
+            if let Some(c) = &v.last_check {
+                put(&mut f, &v.name, "check_ok", if c.ok { 1.0 } else { 0.0 });
+                put(&mut f, &v.name, "check_unix", c.started_unix as f64);
+            }
+        }
+        f
+    }
+
+    pub fn agent(volume: &str, s: &drv_agent::AgentStatus) -> Figures {
+        use drv_proto::agent::Mode;
+        let mut f = Figures::new();
+        let mode = match s.mode {
+            Mode::Sync => 0.0,
+            Mode::ChangeMap => 1.0,
+            Mode::Resyncing => 2.0,
+        };
+        put(&mut f, volume, "mode", mode);
+        put(&mut f, volume, "problem", if s.problem.is_some() { 1.0 } else { 0.0 });
+        put(&mut f, volume, "next_seq", s.next_seq as f64);
+        put(&mut f, volume, "dirty_bytes", s.dirty_bytes as f64);
+        put(&mut f, volume, "writes", s.writes as f64);
+        put(&mut f, volume, "resync_bytes", s.resync_bytes as f64);
+        f
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

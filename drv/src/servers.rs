@@ -156,13 +156,14 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Follows the node's configuration: `apply` applies what it can live and returns what waits
-/// for a restart (reported as such).
-fn follow<F, R>(l: &mut Loaded, ready: R, mut apply: F)
+/// for a restart (reported as such, with the node's `figures`).
+fn follow<F, R>(l: &mut Loaded, ready: R, figures: crate::follow::FiguresFn, mut apply: F)
 where
     F: FnMut(&drv_config::NodeConfig, &drv_config::NodeConfig) -> Vec<String> + Send + 'static,
     R: std::future::Future<Output = ()> + Send + 'static,
 {
     let Some((f, version)) = l.follow.take() else { return };
+    let f = f.with_figures(figures);
     let current = drv_configd::api::Slice { version, value: l.node.clone() };
     let name = l.node.name.clone();
     tokio::spawn(async move {
@@ -190,8 +191,9 @@ pub fn staging_run(n: NodeArgs) -> Result<()> {
             let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::staging(&s.status()))).await?;
             eprintln!("staging {}: metrics on http://{at}/metrics", n.name);
         }
-        let live = st.clone();
-        follow(&mut l, std::future::ready(()), move |old, new| live.apply_config(old, new));
+        let (live, fig) = (st.clone(), st.clone());
+        let figures = Arc::new(move || crate::metrics::figures::staging(&fig.status()));
+        follow(&mut l, std::future::ready(()), figures, move |old, new| live.apply_config(old, new));
         st.run(l.addr).await.context("staging server")
     })
 }
@@ -207,8 +209,9 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
             let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::replica(&s.status()))).await?;
             eprintln!("replica {}: metrics on http://{at}/metrics", n.name);
         }
-        let (live, up) = (r.clone(), r.clone());
-        follow(&mut l, async move { up.running().await }, move |old, new| live.apply_config(old, new));
+        let (live, up, fig) = (r.clone(), r.clone(), r.clone());
+        let figures = Arc::new(move || crate::metrics::figures::replica(&fig.status()));
+        follow(&mut l, async move { up.running().await }, figures, move |old, new| live.apply_config(old, new));
         r.run(l.addr).await.context("replica server")
     })
 }

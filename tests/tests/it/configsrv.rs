@@ -522,6 +522,18 @@ fn a_volume_set_up_by_config_calls_alone_replicates_and_keeps_replicating_withou
         let applied = p.query("drv_replica_applied_seq{volume=\"vol1\"}");
         assert_eq!(applied, vec![(m[1].clone(), last)], "what Prometheus read");
     }
+    // The components' figures reach the config servers with their reports.
+    until("the components' figures at the config server", Duration::from_secs(40), || {
+        let c = s.components();
+        let of = |name: &str| c["components"].as_array().unwrap().iter().find(|x| x["component"] == name).cloned();
+        let fig = |name: &str, vol: &str, f: &str| of(name).and_then(|x| x["figures"][vol][f].as_f64());
+        fig("stg1", "vol1", "durable_seq") == Some(last)
+            && fig("stg1", "vol1", "lag_seconds") == Some(0.0)
+            && fig("rep1", "vol1", "applied_seq") == Some(last)
+            && fig("rep1", "vol1", "state") == Some(0.0)
+            && fig("host1/vol1", "vol1", "mode") == Some(0.0)
+            && fig("host1/vol1", "vol1", "next_seq") == Some(next as f64)
+    });
 
     // Every config server away: replication goes on.
     let mut c = s.children[0].take().unwrap();
