@@ -22,11 +22,18 @@ pub const PASSWORD_MIN: usize = 8;
 /// The longest password taken (argon2 takes any length; a limit bounds the work of a login).
 pub const PASSWORD_MAX: usize = 1024;
 
+/// The fields of a volume an operator may change: how it is protected, not where its data goes.
+pub const OPERATOR_FIELDS: [&str; 5] =
+    ["bwlimit", "retention", "retention_bytes", "check_interval", "snapshot_bytes_limit"];
+
 /// Hashes `password` (argon2id, a random salt).
 pub fn hash(password: &str) -> Result<String, String> {
     let n = password.chars().count();
-    if !(PASSWORD_MIN..=PASSWORD_MAX).contains(&password.len()) || n < PASSWORD_MIN {
-        return Err(format!("a password has {PASSWORD_MIN} to {PASSWORD_MAX} bytes (this one has {})", password.len()));
+    if n < PASSWORD_MIN || password.len() > PASSWORD_MAX {
+        return Err(format!(
+            "a password has at least {PASSWORD_MIN} characters and at most {PASSWORD_MAX} bytes (this one: {n} characters, {} bytes)",
+            password.len()
+        ));
     }
     Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|e| e.to_string())
 }
@@ -55,7 +62,11 @@ pub fn hash_passwords(ops: &mut [Op]) -> Result<(), ConfigError> {
     for op in ops {
         let Op::Set { kind: Kind::User, name, assignments, .. } = op else { continue };
         for a in assignments.iter_mut() {
-            let Some(secret) = a.strip_prefix("password=") else { continue };
+            // The field name as `set` reads it (trimmed); the value exactly as given.
+            let Some((field, secret)) = a.split_once('=') else { continue };
+            if field.trim() != "password" {
+                continue;
+            }
             let h =
                 hash(secret).map_err(|reason| ConfigError::Invalid { kind: Kind::User, name: name.clone(), reason })?;
             *a = format!("password_hash={h}");
@@ -128,8 +139,11 @@ pub fn may_change(
         }
         for a in assignments {
             let field = a.split_once('=').map_or(a.as_str(), |(f, _)| f).trim();
-            if ["replicas", "wrl", "key", "id", "size_bytes", "block_bytes"].contains(&field) {
-                return Err(format!("{op}: only an admin may change {field}"));
+            if !OPERATOR_FIELDS.contains(&field) {
+                return Err(format!(
+                    "{op}: only an admin may change {field} (an operator may change {})",
+                    OPERATOR_FIELDS.join(", ")
+                ));
             }
         }
     }
@@ -163,7 +177,8 @@ mod tests {
         assert!(verify(&u, "correct horse"));
         assert!(!verify(&u, "correct hors"));
         assert!(!verify(&User { disabled: true, ..u.clone() }, "correct horse"), "disabled");
-        assert!(hash("short").unwrap_err().contains("8 to 1024"));
+        assert!(hash("short").unwrap_err().contains("at least 8 characters"));
+        assert!(hash("ééééé").unwrap_err().contains("5 characters, 10 bytes"));
         assert!(check_hash("plain").is_err());
         assert!(check_hash("$2b$12$abcdefghijklmnopqrstuv").is_err(), "bcrypt is refused");
         let mut ops = vec![Op::Set {
@@ -207,6 +222,18 @@ mod tests {
         assert!(may_change(&op_a, &s, &vols, &[set("v1", "bwlimit=10M")]).is_ok());
         assert!(may_change(&op_a, &s, &vols, &[set("v3", "bwlimit=10M")]).unwrap_err().contains("no set"));
         assert!(may_change(&op_a, &s, &vols, &[set("v1", "replicas=[\"r9\"]")]).unwrap_err().contains("replicas"));
+        let moved = may_change(&op_a, &s, &vols, &[set("v1", "targets={\"r1\":\"/dev/sda\"}")]);
+        assert!(moved.unwrap_err().contains("only an admin may change targets"));
+        assert!(may_change(&op_a, &s, &vols, &[set("v1", " retention = 1h")]).is_ok(), "as set() reads it");
+        let mut ops = vec![Op::Set {
+            kind: Kind::User,
+            name: "eve".into(),
+            assignments: vec![" password =correct horse".into()],
+            if_version: None,
+        }];
+        assert!(ops[0].to_string().contains("password=(hidden)") && !ops[0].to_string().contains("horse"));
+        hash_passwords(&mut ops).unwrap();
+        assert!(!format!("{ops:?}").contains("horse"), "a spaced field name is hashed too");
         assert!(may_change(&op_a, &s, &vols, &[set("v7", "size_bytes=1G")]).unwrap_err().contains("create"));
         let del = Op::Delete { kind: Kind::Volume, name: "v1".into(), if_version: None };
         assert!(may_change(&op_a, &s, &vols, std::slice::from_ref(&del)).unwrap_err().contains("only an admin"));

@@ -500,7 +500,7 @@ async fn add_member(
 ) -> Answer<ServerStatus> {
     require(&peer, &[Role::Admin])?;
     let req: MemberRequest = body(b)?;
-    // The leader answers: a follower's view of the membership may lag by a heartbeat.
+    // The leader answers: a follower's view of the membership may lag the leader's by up to about 250 ms.
     readable(&api, false, &uri).await?;
     if req.address.parse::<SocketAddr>().is_err() && !req.address.contains(':') {
         let m = format!("address {:?} is not HOST:PORT", req.address);

@@ -211,7 +211,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             crate::snapshot::decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let (meta, db, path, view) = (meta.clone(), self.db.clone(), self.path.clone(), self.view.clone());
         let installed = tokio::task::spawn_blocking(move || -> Result<()> {
-            view.lock().expect("the state machine's view").clear();
+            // Held until the new tables are in: no apply may use a view of the old ones.
+            let mut view = view.lock().expect("the state machine's view");
+            view.clear();
             let tx = db.begin_write().map_err(write_err)?;
             command::load(&tx, &tables, &config_err(&path)).map_err(write_err)?;
             put_meta(&tx, "applied", &meta.last_log_id)?;

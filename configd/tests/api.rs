@@ -143,7 +143,7 @@ async fn the_api_finds_the_leader_refuses_bad_requests_and_changes_membership() 
     assert!(!serde_json::to_string(&log).unwrap().contains("correct horse"), "the history holds no password");
     let (s, code, m) = refusal(admin.commit(vec![set(Kind::User, "bob", &["password=short"])]).await.unwrap_err());
     assert_eq!((s, code.as_str()), (422, "invalid"), "{m}");
-    assert!(m.contains("8 to 1024"), "{m}");
+    assert!(m.contains("at least 8 characters"), "{m}");
 
     // A fourth server joins by an API call, catches up, votes; then it is removed again.
     let n4 = node(&certs, dir.path(), "c4").await;

@@ -595,6 +595,10 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
     rt.block_on(async {
         // The socket first: a second agent for the volume stops here, before it touches anything.
         let listener = control::bind(&socket).context("control socket")?;
+        let metrics = match &a.metrics {
+            Some(m) => Some(crate::metrics::bind(m).await?),
+            None => None,
+        };
         let run = async {
             // The capture device first: from its creation on, no write to it goes unrecorded.
             let kdev = match mode {
@@ -633,9 +637,9 @@ fn run_agent(volume: &str, a: &AgentArgs, mode: Option<CaptureMode>, order_check
                 .await
                 .with_context(|| format!("start the agent of volume {volume}"))?;
             agent.set_bwlimit(view.volume.bwlimit);
-            if let Some(m) = &a.metrics {
+            if let Some(m) = metrics {
                 let (s, v) = (agent.clone(), volume.to_owned());
-                let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::agent(&v, &s.status()))).await?;
+                let at = crate::metrics::serve(m, Arc::new(move || Ok(crate::metrics::agent(&v, &s.status()))))?;
                 eprintln!("agent of volume {volume}: metrics on http://{at}/metrics");
             }
             follow_volume(&agent, &view, follow);

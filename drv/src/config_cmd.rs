@@ -304,28 +304,41 @@ fn status(client: &ApiClient, changes: usize, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A password from the terminal (asked on stderr, not echoed) or from stdin's first line.
+/// A password from the terminal (asked on stderr, not echoed; Ctrl-C there cancels) or from
+/// stdin's first line. Taken exactly as typed (no JSON reading, unlike other values).
 fn read_password(user: &str) -> Result<String> {
     use std::io::BufRead;
+    /// Puts the terminal back however the read ends.
+    struct Restore(libc::termios);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: fd 0 and the termios tcgetattr filled.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
+            eprintln!();
+        }
+    }
     // SAFETY: termios is plain data; all zeroes is a valid value.
     let mut saved: libc::termios = unsafe { std::mem::zeroed() };
     // SAFETY: fd 0 and a termios this function owns.
-    let quiet = unsafe { libc::isatty(0) == 1 && libc::tcgetattr(0, &mut saved) == 0 };
-    if quiet {
+    let tty = unsafe { libc::isatty(0) == 1 && libc::tcgetattr(0, &mut saved) == 0 };
+    let restore = if tty {
         eprint!("password for user {user}: ");
         let mut t = saved;
-        t.c_lflag &= !libc::ECHO;
+        // No echo; no signals either (Ctrl-C must not leave the terminal without echo).
+        t.c_lflag &= !(libc::ECHO | libc::ISIG);
         // SAFETY: fd 0 and a termios this function owns.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
-    }
+        if unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) } != 0 {
+            anyhow::bail!("cannot turn the terminal's echo off: give the password on stdin instead");
+        }
+        Some(Restore(saved))
+    } else {
+        None
+    };
     let mut line = String::new();
     let read = std::io::stdin().lock().read_line(&mut line);
-    if quiet {
-        // SAFETY: fd 0 and the termios tcgetattr filled.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &saved) };
-        eprintln!();
-    }
+    drop(restore);
     read.context("read the password")?;
+    anyhow::ensure!(!(tty && line.contains('\x03')), "cancelled");
     let p = line.trim_end_matches(['\n', '\r']).to_owned();
     anyhow::ensure!(!p.is_empty(), "no password given (password=- reads it from the terminal or stdin)");
     Ok(p)

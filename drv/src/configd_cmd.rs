@@ -218,15 +218,19 @@ fn serve(a: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+        let metrics = match &a.metrics {
+            Some(m) => Some(crate::metrics::bind(m).await?),
+            None => None,
+        };
         let tuning = Tuning { snapshot_every: a.snapshot_every.max(1) };
         let node = ConfigNode::start(&id, &a.data, tcp, tuning).await?;
-        if let Some(m) = &a.metrics {
+        if let Some(m) = metrics {
             let api = node.api.clone();
             let render = move || match api.server_status() {
-                Ok(s) => crate::metrics::config(&s, &api.components()),
-                Err(e) => format!("# the configuration store: {e}\n"),
+                Ok(s) => Ok(crate::metrics::config(&s, &api.components())),
+                Err(e) => Err(format!("the configuration store: {e}")),
             };
-            let at = crate::metrics::serve(m, std::sync::Arc::new(render)).await?;
+            let at = crate::metrics::serve(m, std::sync::Arc::new(render))?;
             eprintln!("config server {}: metrics on http://{at}/metrics", a.name);
         }
         let formed = node.raft.is_initialized().await.map_err(|e| anyhow::anyhow!("raft: {e}"))?;

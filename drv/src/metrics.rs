@@ -4,8 +4,12 @@
 //! moment of the scrape (nothing is kept between scrapes).
 //!
 //! The listener is plain HTTP, as Prometheus scrapes by default: bind it to loopback or to a
-//! management network. It answers `GET /metrics` and nothing else, at most
-//! [`CONCURRENT_LIMIT`] requests at a time, each within [`REQUEST_DEADLINE`].
+//! management network. It answers `GET /metrics` (404 for any other path), one request per
+//! connection, at most [`CONNECTIONS_LIMIT`] connections at once (more are closed at once), each
+//! done within [`CONNECTION_DEADLINE`] (a slow or idle client is cut off), and at most
+//! [`RENDER_LIMIT`] renderings at once (a rendering that outlives its connection still holds its
+//! place, so a stuck status cannot pile up threads). A rendering that fails answers 500, so
+//! Prometheus marks the target down.
 //!
 //! Names follow Prometheus's conventions: a `drv_` prefix, the role, base units in the name
 //! (`_bytes`, `_seconds`), `_total` for counters; sequence numbers and positions are gauges.
@@ -16,49 +20,95 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use drv_proto::status::{ReplicaStatus, StagingStatus, VolumeState};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-/// Scrapes served at once.
-pub const CONCURRENT_LIMIT: usize = 8;
-/// The longest one scrape may take.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections served at once.
+pub const CONNECTIONS_LIMIT: usize = 16;
+/// Renderings at once.
+pub const RENDER_LIMIT: usize = 4;
+/// The longest one connection may last, request and answer.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The content type of the text format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// What renders the figures at a scrape.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+/// What renders the figures at a scrape (an error: why they cannot be had now).
+pub type Render = Arc<dyn Fn() -> std::result::Result<String, String> + Send + Sync>;
 
-/// Serves `render` on `GET /metrics` at `addr` (bound before this returns: a port in use is an
-/// error here, not later), until the process ends.
-pub async fn serve(addr: &str, render: Render) -> Result<SocketAddr> {
-    use axum::http::{StatusCode, header};
-    use axum::response::IntoResponse;
-    let addr: SocketAddr = addr.parse().with_context(|| format!("--metrics {addr}: not a HOST:PORT address"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics: listen on {addr}"))?;
+/// Binds `addr` (`HOST:PORT`; a host name is resolved): done before a daemon starts its work, so
+/// a port in use stops it at once.
+pub async fn bind(addr: &str) -> Result<TcpListener> {
+    let at = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("--metrics {addr}: not a HOST:PORT address"))?
+        .next()
+        .with_context(|| format!("--metrics {addr}: the name resolves to no address"))?;
+    TcpListener::bind(at).await.with_context(|| format!("--metrics {addr}: listen on {at}"))
+}
+
+/// Serves `render` on `GET /metrics` on `listener`, until the process ends. Returns where.
+pub fn serve(listener: TcpListener, render: Render) -> Result<SocketAddr> {
     let bound = listener.local_addr()?;
-    let busy = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LIMIT));
-    let scrape = move || {
-        let (render, busy) = (render.clone(), busy.clone());
-        async move {
-            let Ok(_permit) = busy.try_acquire_owned() else {
-                return (StatusCode::SERVICE_UNAVAILABLE, "too many scrapes at once\n").into_response();
-            };
-            // Rendering takes locks the daemon's own paths take too: off the runtime's threads.
-            match tokio::time::timeout(REQUEST_DEADLINE, tokio::task::spawn_blocking(move || render())).await {
-                Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
-                Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("rendering failed: {e}\n")).into_response(),
-                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "rendering took too long\n").into_response(),
-            }
-        }
-    };
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    let (connections, renders) = (Arc::new(Semaphore::new(CONNECTIONS_LIMIT)), Arc::new(Semaphore::new(RENDER_LIMIT)));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("metrics listener on {bound}: {e}");
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            // Over the limit: closed at once, nothing read.
+            let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
+            let (render, renders) = (render.clone(), renders.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| answer(req, render.clone(), renders.clone()));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+                drop(permit);
+            });
         }
     });
     Ok(bound)
+}
+
+async fn answer<B>(
+    req: Request<B>,
+    render: Render,
+    renders: Arc<Semaphore>,
+) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let reply = |code: StatusCode, text: String| {
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        *r.status_mut() = code;
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(CONTENT_TYPE));
+        Ok(r)
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "only /metrics is served here\n".into());
+    }
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
+    }
+    let Ok(permit) = renders.try_acquire_owned() else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "too many scrapes at once\n".into());
+    };
+    // Rendering takes locks the daemon's own paths take too: off the runtime's threads, holding
+    // its place until it is done even if the connection is gone.
+    let done = tokio::task::spawn_blocking(move || {
+        let r = render();
+        drop(permit);
+        r
+    });
+    match done.await {
+        Ok(Ok(text)) => reply(StatusCode::OK, text),
+        Ok(Err(why)) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")),
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering failed: {e}\n")),
+    }
 }
 
 /// A page of the text format, one metric family after another.

@@ -180,15 +180,24 @@ where
     });
 }
 
+/// The `--metrics` listener, bound before the node starts its work.
+async fn bind_metrics(n: &NodeArgs) -> Result<Option<tokio::net::TcpListener>> {
+    match &n.metrics {
+        Some(m) => Ok(Some(crate::metrics::bind(m).await?)),
+        None => Ok(None),
+    }
+}
+
 pub fn staging_run(n: NodeArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let mut l = load(&n, drv_config::Role::Staging).await?;
+        let metrics = bind_metrics(&n).await?;
         let st = drv_staging::server::Staging::new(&l.node, l.id.clone()).context("start staging server")?;
         eprintln!("staging {} serving {} volume(s) on {}", n.name, st.volume_list().len(), l.addr);
-        if let Some(m) = &n.metrics {
+        if let Some(m) = metrics {
             let s = st.clone();
-            let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::staging(&s.status()))).await?;
+            let at = crate::metrics::serve(m, Arc::new(move || Ok(crate::metrics::staging(&s.status()))))?;
             eprintln!("staging {}: metrics on http://{at}/metrics", n.name);
         }
         let (live, fig) = (st.clone(), st.clone());
@@ -202,11 +211,12 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let mut l = load(&n, drv_config::Role::Replica).await?;
+        let metrics = bind_metrics(&n).await?;
         let r = drv_replica::ReplicaServer::new(&l.node, l.id.clone()).context("start replica server")?;
         eprintln!("replica {} serving {} volume(s) on {}", n.name, r.volume_list().len(), l.addr);
-        if let Some(m) = &n.metrics {
+        if let Some(m) = metrics {
             let s = r.clone();
-            let at = crate::metrics::serve(m, Arc::new(move || crate::metrics::replica(&s.status()))).await?;
+            let at = crate::metrics::serve(m, Arc::new(move || Ok(crate::metrics::replica(&s.status()))))?;
             eprintln!("replica {}: metrics on http://{at}/metrics", n.name);
         }
         let (live, up, fig) = (r.clone(), r.clone(), r.clone());

@@ -695,12 +695,12 @@ where
 
             }
             Replicate::Heartbeat => {
-                // drv patch: an append answered within the last heartbeat interval did what
-                // this heartbeat would (the follower's election timer was reset, the commit
-                // index went with it), and a heartbeat in flight would hold up the next append
-                // on this stream for a round trip. The next tick sends one if no append came
-                // since, so a follower still hears from the leader at least every two intervals
-                // and learns the commit index within them.
+                // drv patch: an append answered within the last heartbeat interval reset the
+                // follower's election timer as this heartbeat would, and a heartbeat in flight
+                // would hold up the next append on this stream for a round trip. The next tick
+                // (ticks come every 1.5 intervals) sends one if no append came since, so a
+                // follower hears from the leader at least every 2.5 intervals, and learns the
+                // commit index of the last append's own entries within them (DRV-PATCH.md, 4).
                 let interval = Duration::from_millis(self.config.heartbeat_interval);
                 if self.last_append.is_some_and(|t| C::now() < t + interval) {
                     return;
