@@ -86,10 +86,7 @@ impl std::fmt::Display for Op {
                 // may be shown before that, in a refusal).
                 let shown: Vec<String> = assignments
                     .iter()
-                    .map(|a| match a.split_once('=') {
-                        Some((k, _)) if k.trim() == "password" => "password=(hidden)".to_owned(),
-                        _ => a.clone(),
-                    })
+                    .map(|a| if crate::users::is_password(a) { "password=(hidden)".to_owned() } else { a.clone() })
                     .collect();
                 write!(f, "set {kind} {name} {}", shown.join(" "))
             }
@@ -340,8 +337,7 @@ fn set(
     e: &dyn Fn(redb::Error) -> ConfigError,
 ) -> Result<Value> {
     let mut table = tx.open_table(kind.table()).map_err(|x| e(x.into()))?;
-    if kind == Kind::User && assignments.iter().any(|a| a.split_once('=').is_some_and(|(k, _)| k.trim() == "password"))
-    {
+    if kind == Kind::User && assignments.iter().any(|a| crate::users::is_password(a)) {
         // Only reached by a command made without `users::hash_passwords`: refused without
         // repeating the value.
         let reason = "password: only its hash is stored, made where the change is asked (drv config set, the API)";

@@ -57,16 +57,26 @@ pub fn verify(user: &User, password: &str) -> bool {
         && Argon2::default().verify_password(password.as_bytes(), user.password_hash.as_str()).is_ok()
 }
 
+/// Whether `ops` set a user's password (what [`hash_passwords`] replaces).
+pub fn has_password(ops: &[Op]) -> bool {
+    ops.iter().any(|op| match op {
+        Op::Set { kind: Kind::User, assignments, .. } => assignments.iter().any(|a| is_password(a)),
+        _ => false,
+    })
+}
+
+/// A `password=...` assignment, its field name read as `set` reads it (trimmed).
+pub(crate) fn is_password(a: &str) -> bool {
+    a.split_once('=').is_some_and(|(k, _)| k.trim() == "password")
+}
+
 /// Replaces each `password=SECRET` of a user's `set` in `ops` by `password_hash=HASH`.
 pub fn hash_passwords(ops: &mut [Op]) -> Result<(), ConfigError> {
     for op in ops {
         let Op::Set { kind: Kind::User, name, assignments, .. } = op else { continue };
         for a in assignments.iter_mut() {
-            // The field name as `set` reads it (trimmed); the value exactly as given.
-            let Some((field, secret)) = a.split_once('=') else { continue };
-            if field.trim() != "password" {
-                continue;
-            }
+            // The value exactly as given.
+            let Some((_, secret)) = a.split_once('=').filter(|_| is_password(a)) else { continue };
             let h =
                 hash(secret).map_err(|reason| ConfigError::Invalid { kind: Kind::User, name: name.clone(), reason })?;
             *a = format!("password_hash={h}");
@@ -234,6 +244,7 @@ mod tests {
         assert!(ops[0].to_string().contains("password=(hidden)") && !ops[0].to_string().contains("horse"));
         hash_passwords(&mut ops).unwrap();
         assert!(!format!("{ops:?}").contains("horse"), "a spaced field name is hashed too");
+        assert!(!has_password(&ops), "nothing left to hash");
         assert!(may_change(&op_a, &s, &vols, &[set("v7", "size_bytes=1G")]).unwrap_err().contains("create"));
         let del = Op::Delete { kind: Kind::Volume, name: "v1".into(), if_version: None };
         assert!(may_change(&op_a, &s, &vols, std::slice::from_ref(&del)).unwrap_err().contains("only an admin"));

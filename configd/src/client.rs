@@ -107,8 +107,12 @@ impl ApiClient {
     /// the server meanwhile).
     async fn connection(&self, addr: &str) -> Result<(Sender, bool), Failed> {
         let kept = self.idle.lock().expect("idle connections").get_mut(addr).and_then(Vec::pop);
-        if let Some(s) = kept.filter(|s| !s.is_closed()) {
-            return Ok((s, true));
+        if let Some(mut s) = kept.filter(|s| !s.is_closed()) {
+            // Ready once the connection finished the previous exchange (an HTTP/1 sender used
+            // before that fails at once, and a new connection would cost a TLS handshake).
+            if s.ready().await.is_ok() {
+                return Ok((s, true));
+            }
         }
         let s = crate::network::https_open(addr, "config.drv", self.tls.clone()).await.map_err(|e| {
             // The server's certificate does not verify, or the handshake failed: retrying

@@ -99,6 +99,13 @@ impl Peer {
         }
         let net = |e: String| RPCError::Network(NetworkError::new(&Said(e)));
         let sender = self.sender.as_mut().expect("connected above");
+        // Ready once the connection finished the previous RPC (sent before that, a request
+        // fails at once and the connection would be dropped and opened again).
+        if let Err(e) = sender.ready().await {
+            self.sender = None;
+            return Err(net(format!("{path} to {}: {e}", self.node)));
+        }
+        let sender = self.sender.as_mut().expect("connected above");
         let req = hyper::Request::post(path)
             .header(hyper::header::HOST, "config.drv")
             .header(hyper::header::CONTENT_TYPE, "application/json")
