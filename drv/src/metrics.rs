@@ -375,29 +375,21 @@ pub fn agent(volume: &str, s: &drv_agent::AgentStatus) -> String {
         [Mode::Sync, Mode::ChangeMap, Mode::Resyncing]
             .map(|m| (vec![("volume", volume.to_owned()), ("mode", m.to_string())], flag(s.mode == m))),
     );
-    e.family(
-        "drv_agent_problem",
-        Gauge,
-        "1 while something needs the operator (see drv agent status).",
-        [(l(), flag(s.problem.is_some()))],
-    );
-    e.family("drv_agent_volume_bytes", Gauge, "Size of the volume.", [(l(), s.volume_bytes as f64)]);
-    e.family("drv_agent_next_seq", Gauge, "The sequence number the next write gets.", [(l(), s.next_seq as f64)]);
-    e.family("drv_agent_epoch", Gauge, "The current epoch.", [(l(), s.epoch as f64)]);
-    e.family(
-        "drv_agent_dirty_bytes",
-        Gauge,
-        "Bytes marked in the change map (to resync).",
-        [(l(), s.dirty_bytes as f64)],
-    );
-    e.family("drv_agent_writes_total", Counter, "Writes sent to staging.", [(l(), s.writes as f64)]);
-    e.family(
-        "drv_agent_mapped_writes_total",
-        Counter,
-        "Writes only marked in the change map.",
-        [(l(), s.mapped_writes as f64)],
-    );
-    e.family("drv_agent_resync_bytes_total", Counter, "Bytes sent by resyncs.", [(l(), s.resync_bytes as f64)]);
+    let per_volume: [PerVolume<drv_agent::AgentStatus>; 8] = [
+        ("drv_agent_problem", "1 while something needs the operator (see drv agent status).", Gauge, |s| {
+            flag(s.problem.is_some())
+        }),
+        ("drv_agent_volume_bytes", "Size of the volume.", Gauge, |s| s.volume_bytes as f64),
+        ("drv_agent_next_seq", "The sequence number the next write gets.", Gauge, |s| s.next_seq as f64),
+        ("drv_agent_epoch", "The current epoch.", Gauge, |s| s.epoch as f64),
+        ("drv_agent_dirty_bytes", "Bytes marked in the change map (to resync).", Gauge, |s| s.dirty_bytes as f64),
+        ("drv_agent_writes_total", "Writes sent to staging.", Counter, |s| s.writes as f64),
+        ("drv_agent_mapped_writes_total", "Writes only marked in the change map.", Counter, |s| s.mapped_writes as f64),
+        ("drv_agent_resync_bytes_total", "Bytes sent by resyncs.", Counter, |s| s.resync_bytes as f64),
+    ];
+    for (name, help, t, f) in per_volume {
+        e.family(name, t, help, [(l(), f(s))]);
+    }
     e.finish()
 }
 
