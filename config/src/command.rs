@@ -45,6 +45,12 @@ pub struct Command {
     /// When the client asked, in milliseconds since 1970.
     pub time_unix_ms: u64,
     pub ops: Vec<Op>,
+    /// The user of the web UI or the JSON API who asked (none: an admin's certificate or the
+    /// local store). Checked as the command applies, against the users and sets it applies to
+    /// ([`users::may_change`](crate::users::may_change)), so a role taken away by an earlier
+    /// command is never used by a later one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +204,9 @@ pub fn apply_viewed(
     assert!(newest.is_none_or(|n| n < version), "version {version} applied after version {newest:?}");
     // Taken: on any error below it is dropped, as the caller drops the transaction.
     let mut snap = view.take(tx, newest.unwrap_or(0), e)?;
+    if let Some(user) = &cmd.user {
+        authorise(&snap, user, &cmd.ops)?;
+    }
     let mut values = Vec::with_capacity(cmd.ops.len());
     for op in &cmd.ops {
         let (kind, name, if_version) = op.entry();
@@ -226,6 +235,14 @@ pub fn apply_viewed(
     record(tx, cmd, version, &values, e)?;
     *view = View(Some((version, snap)));
     Ok(Written { version, values, replayed: false })
+}
+
+/// Whether `user` may make the change `ops` on the state `snap` shows.
+fn authorise(snap: &validate::Snapshot, user: &str, ops: &[Op]) -> Result<()> {
+    let forbidden = |reason: String| ConfigError::Forbidden { user: user.to_owned(), reason };
+    let u = snap.users.get(user).ok_or_else(|| forbidden("no such user (any more)".into()))?;
+    let volumes = snap.volumes.keys().cloned().collect();
+    crate::users::may_change(u, &snap.sets, &volumes, ops).map_err(forbidden)
 }
 
 /// `snap` after entry `kind name` was stored as `value` (null: deleted). An entry that does not
@@ -656,7 +673,7 @@ mod tests {
     }
 
     fn cmd(id: u128, ops: Vec<Op>) -> Command {
-        Command { request_id: id, author: "test".into(), time_unix_ms: 1_000 + id as u64, ops }
+        Command { request_id: id, author: "test".into(), time_unix_ms: 1_000 + id as u64, ops, user: None }
     }
 
     fn store() -> (tempfile::TempDir, ConfigStore) {
@@ -739,6 +756,37 @@ mod tests {
         // Taken apart in order: the user's grant, the set, then the volume.
         st.commit(vec![set(Kind::User, "ann", &["grants={}"])]).unwrap();
         st.commit(vec![del(Kind::Set, "prod"), del(Kind::Volume, "db")]).unwrap();
+    }
+
+    /// A user's command is checked as it applies: against the roles and sets of that moment, so a
+    /// grant taken away by an earlier command is not used by a later one.
+    #[test]
+    fn a_users_change_is_authorised_as_it_applies() {
+        let (_d, st) = store();
+        let mut ops = base();
+        ops.push(set(Kind::Volume, "db", &["size_bytes=1G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]));
+        ops.push(set(Kind::Volume, "web", &["size_bytes=1G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]));
+        ops.push(set(Kind::Set, "a", &["volumes=[\"db\"]"]));
+        ops.push(set(Kind::Set, "b", &["volumes=[\"web\"]"]));
+        ops.push(set(Kind::User, "op", &["password=correct horse", "grants={\"a\":\"operator\",\"b\":\"viewer\"}"]));
+        st.commit(ops).unwrap();
+        let as_op = |id: u128, ops: Vec<Op>| Command { user: Some("op".into()), ..cmd(id, ops) };
+        let w = st.apply(&as_op(100, vec![set(Kind::Volume, "db", &["bwlimit=10M"])])).unwrap();
+        assert!(!w.replayed);
+        let e = st.apply(&as_op(101, vec![set(Kind::Volume, "web", &["bwlimit=10M"])])).unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        assert!(e.to_string().contains("user \"op\" may not") && e.to_string().contains("web"), "{e}");
+        let e = st.apply(&as_op(102, vec![set(Kind::User, "op", &["admin=true"])])).unwrap_err();
+        assert_eq!(e.code(), "forbidden", "no user raises their own role");
+        st.commit(vec![set(Kind::User, "op", &["grants={\"b\":\"viewer\"}"])]).unwrap();
+        let before = st.dump().unwrap();
+        let e = st.apply(&as_op(103, vec![set(Kind::Volume, "db", &["bwlimit=20M"])])).unwrap_err();
+        assert_eq!(e.code(), "forbidden", "the grant is gone: {e}");
+        let ghost = Command { user: Some("ghost".into()), ..cmd(104, vec![set(Kind::Volume, "db", &["bwlimit=1M"])]) };
+        assert!(st.apply(&ghost).unwrap_err().to_string().contains("no such user"));
+        assert_eq!(st.dump().unwrap(), before, "refusals change nothing");
+        // A replay of the first, allowed change is answered as it was.
+        assert!(st.apply(&as_op(100, vec![set(Kind::Volume, "db", &["bwlimit=10M"])])).unwrap().replayed);
     }
 
     /// `if_version` refuses a change to an entry that changed since it was read; a retry of an

@@ -48,11 +48,14 @@ pub enum ConfigError {
     #[error("configuration store {0} does not exist (drv config set creates it; --store or DRV_CONFIG names another)")]
     Missing(String),
     /// An unknown kind was named.
-    #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key)")]
+    #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key, set, user)")]
     UnknownKind(String),
     /// A conditional change found the entry at another version (0: the entry does not exist).
     #[error("{kind} {name:?} is at version {actual}, not {expected}: it changed since it was read (read it again)")]
     Stale { kind: Kind, name: String, expected: u64, actual: u64 },
+    /// A user asked for a change their roles do not allow.
+    #[error("user {user:?} may not make this change: {reason}")]
+    Forbidden { user: String, reason: String },
 }
 
 impl ConfigError {
@@ -67,6 +70,7 @@ impl ConfigError {
             ConfigError::Missing(_) => "missing",
             ConfigError::UnknownKind(_) => "unknown_kind",
             ConfigError::Stale { .. } => "stale",
+            ConfigError::Forbidden { .. } => "forbidden",
         }
     }
 }
@@ -640,7 +644,8 @@ impl ConfigStore {
     /// Applies `ops` as one command of this host's user, now (users' passwords hashed first).
     pub fn commit(&self, mut ops: Vec<Op>) -> Result<Written> {
         users::hash_passwords(&mut ops)?;
-        let cmd = Command { request_id: random_id(), author: local_author(), time_unix_ms: now_unix_ms(), ops };
+        let cmd =
+            Command { request_id: random_id(), author: local_author(), time_unix_ms: now_unix_ms(), ops, user: None };
         self.apply(&cmd)
     }
 

@@ -1,24 +1,34 @@
 //! The config servers' JSON API, served on the same HTTPS listener as the raft RPCs (mutual TLS
-//! with the installation CA; who asks is the name and role of their certificate).
+//! with the installation CA; who asks is the name and role of their certificate), and on the
+//! web listener for users (`drv config-server run --web`).
 //!
-//! | method | path                 | who          | what                                            |
-//! |--------|----------------------|--------------|-------------------------------------------------|
-//! | POST   | `/v1/commands`       | admin        | one change ([`CommandRequest`]) -> `Written`    |
-//! | GET    | `/v1/entries`        | admin        | `?kind=K&name=N&local=1` -> [`EntriesReply`]    |
-//! | GET    | `/v1/log`            | admin        | `?after=V&limit=N` or `?newest=N` (`&local=1`)  |
-//! | GET    | `/v1/watch`          | admin        | `?after=V&wait_ms=T`: waits for a newer version |
-//! | GET    | `/v1/status`         | admin        | this server's view of the group                 |
-//! | POST   | `/v1/members`        | admin        | adds a config server ([`MemberRequest`])        |
-//! | DELETE | `/v1/members/NAME`   | admin        | removes one                                     |
-//! | GET    | `/v1/node/NAME`      | that node    | a staging or replica server's [`Slice`]         |
-//! | GET    | `/v1/volume/NAME`    | agents       | a volume's [`Slice`] (what its agent needs)     |
-//! | POST   | `/v1/applied`        | components   | what a component runs, its figures ([`Report`])  |
-//! | GET    | `/v1/components`     | admin        | every component's last [`ComponentState`]       |
+//! | method | path                 | who                | what                                      |
+//! |--------|----------------------|--------------------|-------------------------------------------|
+//! | POST   | `/v1/commands`       | admin, users       | one change ([`CommandRequest`]) -> `Written` |
+//! | GET    | `/v1/entries`        | admin, users       | `?kind=K&name=N&local=1` -> [`EntriesReply`] |
+//! | GET    | `/v1/log`            | admin, users       | `?after=V&limit=N` or `?newest=N` (`&local=1`) |
+//! | GET    | `/v1/watch`          | all, users         | `?after=V&wait_ms=T`: waits for a newer version |
+//! | GET    | `/v1/status`         | admin, users       | this server's view of the group           |
+//! | POST   | `/v1/members`        | admin, admin users | adds a config server ([`MemberRequest`])  |
+//! | DELETE | `/v1/members/NAME`   | admin, admin users | removes one                               |
+//! | GET    | `/v1/node/NAME`      | that node          | a staging or replica server's [`Slice`]   |
+//! | GET    | `/v1/volume/NAME`    | agents             | a volume's [`Slice`] (what its agent needs) |
+//! | POST   | `/v1/applied`        | components         | what a component runs, its figures ([`Report`]) |
+//! | GET    | `/v1/components`     | admin, users       | every component's last [`ComponentState`] |
+//! | POST   | `/v1/forward`        | config servers     | a user's change a follower took ([`Command`]) |
 //!
-//! (`admin` routes also take config servers' certificates, except changes.) Components read
-//! their slice from whichever server they reach (its own state, so they keep working while no
-//! majority is up) and report back to it; each server keeps the reports it received in memory,
-//! at most [`COMPONENTS_LIMIT`], and `drv config status` merges every server's.
+//! (`admin` routes also take config servers' certificates, except changes.) **Users** (the web
+//! listener, `auth.rs`; its routes `/v1/login`, `/v1/logout`, `/v1/whoami`, `/v1/activity`)
+//! see only what their roles show: entries, history records and components' figures are
+//! filtered, password hashes hidden; their changes are checked here and again as they apply.
+//! A user reads this server's state (`local`), and a change a follower takes from a user goes
+//! on to the leader from the follower (the browser's session is the follower's). Every change
+//! and every refusal of a user goes to the server's activity log (`sessions.rs`).
+//!
+//! Components read their slice from whichever server they reach (its own state, so they keep
+//! working while no majority is up) and report back to it; each server keeps the reports it
+//! received in memory, at most [`COMPONENTS_LIMIT`], and `drv config status` merges every
+//! server's.
 //!
 //! Writes go to the leader: a follower answers `307` with the leader's address in `Location`
 //! and in the body (`ApiError::leader`). Reads are linearizable by default (the leader confirms
@@ -29,9 +39,10 @@
 //! with the same request id is applied at most once (the store remembers request ids).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -41,6 +52,8 @@ use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{ChangeMembers, Raft};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Who;
+use crate::sessions::{Event, Sessions};
 use crate::state::StateMachine;
 use crate::{NodeId, PeerNode, TypeConfig};
 
@@ -200,31 +213,38 @@ pub struct Api {
     pub state: StateMachine,
     pub name: String,
     pub reports: Reports,
-}
-
-impl Api {
-    pub fn new(raft: Raft<TypeConfig>, state: StateMachine, name: String) -> Api {
-        Api { raft, state, name, reports: Reports::default() }
-    }
+    /// This server's users' sessions and activity log.
+    pub sessions: Arc<Sessions>,
+    /// How this server reaches the leader to forward a user's change (its config certificate).
+    pub forward_tls: Arc<rustls::ClientConfig>,
 }
 
 /// An error answer.
-pub struct Failure(StatusCode, ApiError);
+pub struct Failure {
+    pub status: StatusCode,
+    pub error: ApiError,
+    /// Seconds, for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
 
 impl Failure {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Failure {
-        Failure(status, ApiError { code: code.into(), message: message.into(), leader: None })
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Failure {
+        let error = ApiError { code: code.into(), message: message.into(), leader: None };
+        Failure { status, error, retry_after: None }
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let Failure(status, e) = self;
+        let Failure { status, error: e, retry_after } = self;
         let mut headers = HeaderMap::new();
         if let Some(l) = &e.leader
             && let Ok(v) = l.parse()
         {
             headers.insert(header::LOCATION, v);
+        }
+        if let Some(s) = retry_after {
+            headers.insert(header::RETRY_AFTER, s.into());
         }
         (status, headers, axum::Json(e)).into_response()
     }
@@ -238,32 +258,25 @@ pub fn status_of(code: &str) -> StatusCode {
         "not_found" => StatusCode::NOT_FOUND,
         "reference" => StatusCode::CONFLICT,
         "stale" => StatusCode::PRECONDITION_FAILED,
+        "forbidden" => StatusCode::FORBIDDEN,
         "invalid" | "bad_assignment" | "unknown_kind" => StatusCode::UNPROCESSABLE_ENTITY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
-}
-
-fn require(peer: &Peer, roles: &[Role]) -> Result<(), Failure> {
-    if peer.role.is_some_and(|r| roles.contains(&r)) {
-        return Ok(());
-    }
-    let role = peer.role.map_or("(no role)", Role::as_str);
-    let m = format!("{role} {} may not do this (allowed: {roles:?})", peer.name);
-    Err(Failure::new(StatusCode::FORBIDDEN, "forbidden", m))
 }
 
 /// A follower's answer: go to the leader, at the same path.
 fn redirect(f: &ForwardToLeader<NodeId, PeerNode>, uri: &Uri) -> Failure {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     match &f.leader_node {
-        Some(n) => Failure(
-            StatusCode::TEMPORARY_REDIRECT,
-            ApiError {
+        Some(n) => Failure {
+            status: StatusCode::TEMPORARY_REDIRECT,
+            error: ApiError {
                 code: "not_leader".into(),
                 message: format!("this server does not lead; the leader is {n}"),
                 leader: Some(format!("https://{}{path}", n.address)),
             },
-        ),
+            retry_after: None,
+        },
         None => Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_leader",
@@ -284,7 +297,7 @@ fn no_quorum(what: &str) -> Failure {
     )
 }
 
-fn internal(e: impl std::fmt::Display) -> Failure {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Failure {
     Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
 }
 
@@ -298,7 +311,7 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, PeerNode>>, uri: &U
     }
 }
 
-fn body<T: for<'de> Deserialize<'de>>(
+pub(crate) fn body<T: for<'de> Deserialize<'de>>(
     b: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, Failure> {
     let b = b.map_err(|e| {
@@ -311,11 +324,13 @@ fn body<T: for<'de> Deserialize<'de>>(
 
 async fn commands(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    who: Who,
     uri: Uri,
     b: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Answer<drv_config::Written> {
-    require(&peer, &[Role::Admin])?;
+    if let Who::Cert(_) = &who {
+        who.cert(&api, &[Role::Admin])?;
+    }
     let req: CommandRequest = body(b)?;
     let request_id = match &req.request_id {
         Some(h) => u128::from_str_radix(h, 16)
@@ -325,7 +340,13 @@ async fn commands(
     if req.ops.is_empty() {
         return Err(Failure::new(StatusCode::BAD_REQUEST, "bad_request", "a command needs at least one op"));
     }
-    let author = format!("{}:{}", peer.role.map_or("?", Role::as_str), peer.name);
+    let user = match &who {
+        Who::User(u) => {
+            precheck(&api, &who, u, &req.ops)?;
+            Some(u.name.clone())
+        }
+        Who::Cert(_) => None,
+    };
     // Users' passwords become hashes here: the log and the history never hold them (argon2 on
     // the blocking pool, only for a command that has one).
     let mut ops = req.ops;
@@ -335,15 +356,92 @@ async fn commands(
             .map_err(internal)?
             .map_err(refused)?;
     }
-    let cmd = Command { request_id, author, time_unix_ms: drv_config::now_unix_ms(), ops };
-    let r =
-        tokio::time::timeout(QUORUM_WAIT, api.raft.client_write(cmd)).await.map_err(|_| no_quorum("the change was"))?;
-    let r = r.map_err(|e| write_error(e, &uri))?;
+    let what = ops.iter().map(|o| o.to_string()).collect::<Vec<_>>().join("; ");
+    let cmd = Command { request_id, author: who.label(), time_unix_ms: drv_config::now_unix_ms(), ops, user };
+    let outcome = propose(&api, cmd, &uri, matches!(who, Who::User(_))).await;
+    let (kind, detail) = match &outcome {
+        Ok(w) => ("change", format!("version {}: {what}", w.version)),
+        Err(f) => ("refused", format!("{what}: {} ({})", f.error.message, f.error.code)),
+    };
+    api.sessions.record(Event { who: who.label(), addr: who.addr().to_string(), what: kind, detail });
+    outcome.map(axum::Json)
+}
+
+/// A quick refusal of a user's change their roles cannot allow, read from this server's state
+/// (the check that counts is made again as the command applies: `Command::user`).
+fn precheck(api: &Api, who: &Who, u: &crate::auth::SessionUser, ops: &[Op]) -> Result<(), Failure> {
+    let sight = who.sight(api)?.expect("a user has a sight");
+    let volumes = api.state.store().list(&[Kind::Volume]).map_err(internal)?.into_iter().map(|(_, n, _)| n).collect();
+    drv_config::users::may_change(&u.user, &sight.sets, &volumes, ops).map_err(|why| who.forbid(api, &why))
+}
+
+/// Proposes `cmd` and waits for its outcome. A user's change that reaches a follower goes on to
+/// the leader from here (`forward`: a browser's session is this server's only); a certificate
+/// holder is redirected.
+async fn propose(api: &Api, cmd: Command, uri: &Uri, forward: bool) -> Result<drv_config::Written, Failure> {
+    let write = tokio::time::timeout(QUORUM_WAIT, api.raft.client_write(cmd.clone()));
+    let r = match write.await.map_err(|_| no_quorum("the change was"))? {
+        Ok(r) => r,
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if forward && f.leader_node.is_some() => {
+            let leader = f.leader_node.expect("checked");
+            return forward_to(api, &leader, &cmd).await;
+        }
+        Err(e) => return Err(write_error(e, uri)),
+    };
     match r.data.outcome {
-        Some(Ok(w)) => Ok(axum::Json(w)),
+        Some(Ok(w)) => Ok(w),
         Some(Err(refusal)) => Err(Failure::new(status_of(&refusal.code), &refusal.code, refusal.message)),
         None => Err(internal("a command applied as a raft entry without an outcome")),
     }
+}
+
+/// Sends `cmd` to the leader's `/v1/forward` (this server's config certificate) and gives its
+/// outcome as the leader said it.
+async fn forward_to(api: &Api, leader: &PeerNode, cmd: &Command) -> Result<drv_config::Written, Failure> {
+    use http_body_util::BodyExt;
+    let unreachable = |e: String| {
+        let m = format!("the change could not be forwarded to the leader {leader}: {e}; try again");
+        Failure::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", m)
+    };
+    let name = format!("{}.config.drv", leader.name);
+    let exchange = async {
+        let mut sender = crate::network::https_open(&leader.address, &name, api.forward_tls.clone()).await?;
+        let body = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
+        let req = hyper::Request::post("/v1/forward")
+            .header(header::HOST, "config.drv")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(QUORUM_WAIT, exchange)
+        .await
+        .map_err(|_| unreachable("no answer in time".into()))?
+        .map_err(unreachable)?;
+    if status == StatusCode::TEMPORARY_REDIRECT {
+        return Err(unreachable(format!("{} no longer leads", leader.name)));
+    }
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| internal(format!("the leader's answer: {e}")));
+    }
+    let error: ApiError =
+        serde_json::from_slice(&bytes).map_err(|e| internal(format!("the leader's answer (HTTP {status}): {e}")))?;
+    Err(Failure { status, error, retry_after: None })
+}
+
+/// A change a follower forwards for one of its users (authorised as it applies).
+async fn forwarded(
+    State(api): State<Api>,
+    who: Who,
+    uri: Uri,
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Answer<drv_config::Written> {
+    who.cert(&api, &[Role::Config])?;
+    let cmd: Command = body(b)?;
+    propose(&api, cmd, &uri, false).await.map(axum::Json)
 }
 
 /// Waits until this server may answer a read: it leads and has applied all it committed, or the
@@ -372,13 +470,10 @@ struct EntriesQuery {
     local: u8,
 }
 
-async fn entries(
-    State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    uri: Uri,
-    Query(q): Query<EntriesQuery>,
-) -> Answer<EntriesReply> {
-    require(&peer, &[Role::Admin, Role::Config])?;
+async fn entries(State(api): State<Api>, who: Who, uri: Uri, Query(q): Query<EntriesQuery>) -> Answer<EntriesReply> {
+    if let Who::Cert(_) = &who {
+        who.cert(&api, &[Role::Admin, Role::Config])?;
+    }
     let kinds = match &q.kind {
         Some(k) => vec![
             k.parse::<Kind>()
@@ -386,8 +481,12 @@ async fn entries(
         ],
         None => Kind::ALL.to_vec(),
     };
-    readable(&api, q.local != 0, &uri).await?;
-    let (version, entries) = api.state.store().entries(&kinds, q.name.as_deref()).map_err(internal)?;
+    // A user's session is this server's only: a user reads this server's state.
+    readable(&api, q.local != 0 || matches!(who, Who::User(_)), &uri).await?;
+    let (version, mut entries) = api.state.store().entries(&kinds, q.name.as_deref()).map_err(internal)?;
+    if let Some(sight) = who.sight(&api)? {
+        entries = sight.entries(entries);
+    }
     if let (Some(n), true) = (&q.name, entries.is_empty()) {
         let kind = q.kind.as_deref().unwrap_or("entry");
         return Err(Failure::new(
@@ -410,20 +509,20 @@ struct LogQuery {
     local: u8,
 }
 
-async fn log(
-    State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    uri: Uri,
-    Query(q): Query<LogQuery>,
-) -> Answer<LogReply> {
-    require(&peer, &[Role::Admin, Role::Config])?;
-    readable(&api, q.local != 0, &uri).await?;
+async fn log(State(api): State<Api>, who: Who, uri: Uri, Query(q): Query<LogQuery>) -> Answer<LogReply> {
+    if let Who::Cert(_) = &who {
+        who.cert(&api, &[Role::Admin, Role::Config])?;
+    }
+    readable(&api, q.local != 0 || matches!(who, Who::User(_)), &uri).await?;
     let store = api.state.store();
     let records = match q.newest {
         Some(n) => store.newest(n.min(LOG_LIMIT)),
         None => store.log(q.after, q.limit.unwrap_or(LOG_LIMIT).min(LOG_LIMIT)),
     };
-    let records = records.map_err(internal)?;
+    let mut records = records.map_err(internal)?;
+    if let Some(sight) = who.sight(&api)? {
+        records = sight.records(records);
+    }
     let version = store.version().map_err(internal)?;
     Ok(axum::Json(LogReply { version, server: api.name.clone(), records }))
 }
@@ -436,12 +535,10 @@ struct WatchQuery {
 }
 
 /// Answers when this server has applied a version after `after`, or when the wait runs out.
-async fn watch(
-    State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Query(q): Query<WatchQuery>,
-) -> Answer<WatchReply> {
-    require(&peer, &[Role::Admin, Role::Config, Role::Staging, Role::Replica, Role::Agent])?;
+async fn watch(State(api): State<Api>, who: Who, Query(q): Query<WatchQuery>) -> Answer<WatchReply> {
+    if let Who::Cert(_) = &who {
+        who.cert(&api, &[Role::Admin, Role::Config, Role::Staging, Role::Replica, Role::Agent])?;
+    }
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(WATCH_MAX);
     let mut applied = api.raft.metrics();
     let deadline = tokio::time::Instant::now() + wait;
@@ -458,8 +555,10 @@ async fn watch(
     }
 }
 
-async fn status(State(api): State<Api>, ConnectInfo(peer): ConnectInfo<Peer>) -> Answer<ServerStatus> {
-    require(&peer, &[Role::Admin, Role::Config])?;
+async fn status(State(api): State<Api>, who: Who) -> Answer<ServerStatus> {
+    if let Who::Cert(_) = &who {
+        who.cert(&api, &[Role::Admin, Role::Config])?;
+    }
     Ok(axum::Json(api.server_status().map_err(internal)?))
 }
 
@@ -497,11 +596,11 @@ impl Api {
 /// compacted), then as a voter.
 async fn add_member(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    who: Who,
     uri: Uri,
     b: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Answer<ServerStatus> {
-    require(&peer, &[Role::Admin])?;
+    who.admin(&api, &[Role::Admin])?;
     let req: MemberRequest = body(b)?;
     // The leader answers: a follower's view of the membership may lag the leader's by up to about 250 ms.
     readable(&api, false, &uri).await?;
@@ -518,16 +617,11 @@ async fn add_member(
         .await
         .map_err(|_| no_quorum("the membership change was"))?
         .map_err(|e| write_error(e, &uri))?;
-    status(State(api), ConnectInfo(peer)).await
+    status(State(api), who).await
 }
 
-async fn remove_member(
-    State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    uri: Uri,
-    Path(name): Path<String>,
-) -> Answer<ServerStatus> {
-    require(&peer, &[Role::Admin])?;
+async fn remove_member(State(api): State<Api>, who: Who, uri: Uri, Path(name): Path<String>) -> Answer<ServerStatus> {
+    who.admin(&api, &[Role::Admin])?;
     readable(&api, false, &uri).await?;
     let id = crate::server::node_id(&name);
     let known = api.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some();
@@ -551,7 +645,7 @@ async fn remove_member(
         .await
         .map_err(|_| no_quorum("the membership change was"))?
         .map_err(|e| write_error(e, &uri))?;
-    status(State(api), ConnectInfo(peer)).await
+    status(State(api), who).await
 }
 
 fn refused(e: drv_config::ConfigError) -> Failure {
@@ -578,10 +672,10 @@ fn at_one_version<T>(
 /// A staging or replica server's slice (only its own), from this server's state.
 async fn node_slice(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    who: Who,
     Path(name): Path<String>,
 ) -> Answer<Slice<drv_config::NodeConfig>> {
-    require(&peer, &[Role::Admin, Role::Config, Role::Staging, Role::Replica])?;
+    let peer = who.cert(&api, &[Role::Admin, Role::Config, Role::Staging, Role::Replica])?;
     if matches!(peer.role, Some(Role::Staging | Role::Replica)) && peer.name != name {
         let m = format!("{} may read its own configuration only, not {name}'s", peer.name);
         return Err(Failure::new(StatusCode::FORBIDDEN, "forbidden", m));
@@ -592,10 +686,10 @@ async fn node_slice(
 /// A volume's slice, what its agent needs (key locations, never keys).
 async fn volume_slice(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    who: Who,
     Path(name): Path<String>,
 ) -> Answer<Slice<drv_config::VolumeView>> {
-    require(&peer, &[Role::Admin, Role::Config, Role::Agent])?;
+    who.cert(&api, &[Role::Admin, Role::Config, Role::Agent])?;
     Ok(axum::Json(at_one_version(&api, |s| s.volume(&name))?))
 }
 
@@ -605,10 +699,10 @@ fn figure_count(f: &Figures) -> usize {
 
 async fn applied(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    who: Who,
     b: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<StatusCode, Failure> {
-    require(&peer, &[Role::Staging, Role::Replica, Role::Agent])?;
+    let peer = who.cert(&api, &[Role::Staging, Role::Replica, Role::Agent])?;
     let r: Report = body(b)?;
     let long = r.pending.len() > REPORT_PENDING_LIMIT
         || r.pending.iter().any(|p| p.len() > REPORT_TEXT_LIMIT)
@@ -657,9 +751,22 @@ async fn applied(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn components(State(api): State<Api>, ConnectInfo(peer): ConnectInfo<Peer>) -> Answer<Vec<ComponentState>> {
-    require(&peer, &[Role::Admin, Role::Config])?;
-    Ok(axum::Json(api.components()))
+async fn components(State(api): State<Api>, who: Who) -> Answer<Vec<ComponentState>> {
+    let Some(sight) = who.sight(&api)? else {
+        who.cert(&api, &[Role::Admin, Role::Config])?;
+        return Ok(axum::Json(api.components()));
+    };
+    // A user sees the components that carry a volume of theirs, with those volumes' figures.
+    let mut mine = Vec::new();
+    for mut c in api.components() {
+        let agent_of = c.component.split_once('/').map(|(_, v)| v.to_owned());
+        let had = !c.figures.is_empty();
+        c.figures.retain(|v, _| sight.volume(v));
+        if agent_of.as_deref().is_some_and(|v| sight.volume(v)) || (had && !c.figures.is_empty()) || sight.user.admin {
+            mine.push(c);
+        }
+    }
+    Ok(axum::Json(mine))
 }
 
 /// The API's routes.
@@ -677,6 +784,8 @@ pub fn router(api: Api) -> axum::Router {
         .route("/v1/volume/{name}", get(volume_slice))
         .route("/v1/applied", post(applied))
         .route("/v1/components", get(components))
+        .route("/v1/forward", post(forwarded))
+        .merge(crate::auth::router())
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
         .with_state(api)
 }

@@ -15,10 +15,12 @@
 use serde::{Deserialize, Serialize};
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod log_store;
 pub mod network;
 pub mod server;
+pub mod sessions;
 pub mod snapshot;
 pub mod state;
 

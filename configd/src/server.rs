@@ -48,6 +48,8 @@ pub enum ServerError {
     Raft(String),
     #[error("config server listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("config server: {0}")]
+    Sessions(#[from] crate::sessions::SessionError),
 }
 
 /// A server's id in the raft group: a hash of its name (its certificate's).
@@ -78,6 +80,7 @@ pub struct ConfigNode {
     pub api: crate::api::Api,
     addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
+    web: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ConfigNode {
@@ -116,7 +119,14 @@ impl ConfigNode {
         // servers; changes: admins; slices and reports: the components).
         let roles = [Role::Config, Role::Admin, Role::Staging, Role::Replica, Role::Agent];
         let tls = TlsListener::spawn(listener, https_server_config(identity, &roles)?);
-        let api = crate::api::Api::new(raft.clone(), state.clone(), identity.name.clone());
+        let api = crate::api::Api {
+            raft: raft.clone(),
+            state: state.clone(),
+            name: identity.name.clone(),
+            reports: Default::default(),
+            sessions: crate::sessions::Sessions::open(&data.join("web.redb"), &identity.name)?,
+            forward_tls: https_client_config(identity, Role::Config)?,
+        };
         let app = router(raft.clone()).merge(crate::api::router(api.clone()));
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Peer>();
@@ -124,7 +134,7 @@ impl ConfigNode {
                 tracing::error!("config server listener: {e}");
             }
         });
-        Ok(ConfigNode { id, raft, state, api, addr, server })
+        Ok(ConfigNode { id, raft, state, api, addr, server, web: Vec::new() })
     }
 
     /// Where it serves its peers.
@@ -132,9 +142,26 @@ impl ConfigNode {
         self.addr
     }
 
+    /// Serves users on `listener` too: HTTPS with this server's certificate, no client
+    /// certificates (users log in; `auth.rs`). Stops with the server.
+    pub fn serve_web(&mut self, identity: &Identity, listener: TcpListener) -> Result<SocketAddr, ServerError> {
+        let addr = listener.local_addr()?;
+        let tls = TlsListener::spawn(listener, drv_transport::tls::https_public_server_config(identity)?);
+        let app = crate::api::router(self.api.clone());
+        let web = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<Peer>();
+            if let Err(e) = axum::serve(tls, app).await {
+                tracing::error!("config server web listener: {e}");
+            }
+        });
+        self.web.push(web);
+        Ok(addr)
+    }
+
     /// Stops serving and stops raft.
     pub async fn shutdown(self) {
         self.server.abort();
+        self.web.iter().for_each(|w| w.abort());
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("config server {}: raft did not stop cleanly: {e}", self.id);
         }

@@ -262,7 +262,8 @@ mod tests {
     }
 
     fn entry(index: u64, ops: Vec<Op>) -> Entry<TypeConfig> {
-        let cmd = drv_config::Command { request_id: u128::from(index), author: "t".into(), time_unix_ms: 1, ops };
+        let cmd =
+            drv_config::Command { request_id: u128::from(index), author: "t".into(), time_unix_ms: 1, ops, user: None };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 0), index), payload: EntryPayload::Normal(cmd) }
     }
 

@@ -28,7 +28,7 @@ fn set_key(i: u64) -> Command {
         assignments: vec![format!("path=/k/{i}")],
         if_version: None,
     };
-    Command { request_id: u128::from(i), author: "test".into(), time_unix_ms: i, ops: vec![op] }
+    Command { request_id: u128::from(i), author: "test".into(), time_unix_ms: i, ops: vec![op], user: None }
 }
 
 async fn leader_of(nodes: &[&ConfigNode]) -> NodeId {
@@ -75,7 +75,7 @@ async fn three_servers_replicate_changes_catch_up_and_survive_their_leader() {
         Op::Set { kind: Kind::Key, name: "k1".into(), assignments: vec!["path=/x".into()], if_version: Some(1) };
     let r = l
         .raft
-        .client_write(Command { request_id: 99, author: "t".into(), time_unix_ms: 0, ops: vec![stale] })
+        .client_write(Command { request_id: 99, author: "t".into(), time_unix_ms: 0, ops: vec![stale], user: None })
         .await
         .unwrap();
     let refused = r.data.outcome.unwrap().unwrap_err();

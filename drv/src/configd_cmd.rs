@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// management network).
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Serve users on https://HOST:PORT: the JSON API with logins and sessions (no client
+    /// certificates; users are `drv config set user NAME password=- ...`).
+    #[arg(long, value_name = "HOST:PORT")]
+    web: Option<String>,
 }
 
 /// How a command line reaches the config servers (flags, environment, then the client file
@@ -222,8 +226,19 @@ fn serve(a: RunArgs) -> Result<()> {
             Some(m) => Some(crate::metrics::bind(m).await?),
             None => None,
         };
+        let web = match &a.web {
+            Some(w) => {
+                let at = crate::servers::addr(w)?;
+                Some(tokio::net::TcpListener::bind(at).await.with_context(|| format!("--web: listen on {at}"))?)
+            }
+            None => None,
+        };
         let tuning = Tuning { snapshot_every: a.snapshot_every.max(1) };
-        let node = ConfigNode::start(&id, &a.data, tcp, tuning).await?;
+        let mut node = ConfigNode::start(&id, &a.data, tcp, tuning).await?;
+        if let Some(w) = web {
+            let at = node.serve_web(&id, w)?;
+            eprintln!("config server {}: users on https://{at}/", a.name);
+        }
         if let Some(m) = metrics {
             let api = node.api.clone();
             let render = move || match api.server_status() {

@@ -239,6 +239,21 @@ pub fn https_server_config(id: &Identity, allowed: &[Role]) -> Result<Arc<Server
     Ok(Arc::new(cfg))
 }
 
+/// The configuration of an HTTPS server presenting `id` to clients without certificates
+/// (browsers): who they are is for the application to find out (the config servers' web
+/// listener, where users log in).
+pub fn https_public_server_config(id: &Identity) -> Result<Arc<ServerConfig>, TransportError> {
+    let (chain, key) = chain_and_key(id)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(cert_err)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(cert_err)?;
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// [`client_config`] for HTTPS (ALPN `http/1.1`).
 pub fn https_client_config(id: &Identity, expect: Role) -> Result<Arc<ClientConfig>, TransportError> {
     let mut cfg = (*client_config(id, expect)?).clone();
