@@ -217,6 +217,10 @@ pub struct Api {
     pub sessions: Arc<Sessions>,
     /// How this server reaches the leader to forward a user's change (its config certificate).
     pub forward_tls: Arc<rustls::ClientConfig>,
+    /// The volumes' figures over time.
+    pub series: crate::series::Series,
+    /// The newest overview of the installation (`monitor.rs`).
+    pub overview: tokio::sync::watch::Receiver<Arc<crate::monitor::Overview>>,
 }
 
 /// An error answer.

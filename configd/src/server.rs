@@ -50,6 +50,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("config server: {0}")]
     Sessions(#[from] crate::sessions::SessionError),
+    #[error("config server: {0}")]
+    Series(#[from] crate::series::SeriesError),
 }
 
 /// A server's id in the raft group: a hash of its name (its certificate's).
@@ -80,6 +82,7 @@ pub struct ConfigNode {
     pub api: crate::api::Api,
     addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
+    /// Its tasks besides the listener: the monitor, the web listeners.
     web: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -119,6 +122,7 @@ impl ConfigNode {
         // servers; changes: admins; slices and reports: the components).
         let roles = [Role::Config, Role::Admin, Role::Staging, Role::Replica, Role::Agent];
         let tls = TlsListener::spawn(listener, https_server_config(identity, &roles)?);
+        let (overview_tx, overview_rx) = tokio::sync::watch::channel(Default::default());
         let api = crate::api::Api {
             raft: raft.clone(),
             state: state.clone(),
@@ -126,7 +130,10 @@ impl ConfigNode {
             reports: Default::default(),
             sessions: crate::sessions::Sessions::open(&data.join("web.redb"), &identity.name)?,
             forward_tls: https_client_config(identity, Role::Config)?,
+            series: crate::series::Series::open(&data.join("series.redb"))?,
+            overview: overview_rx,
         };
+        let monitor = crate::monitor::spawn(api.clone(), overview_tx);
         let app = router(raft.clone()).merge(crate::api::router(api.clone()));
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Peer>();
@@ -134,7 +141,7 @@ impl ConfigNode {
                 tracing::error!("config server listener: {e}");
             }
         });
-        Ok(ConfigNode { id, raft, state, api, addr, server, web: Vec::new() })
+        Ok(ConfigNode { id, raft, state, api, addr, server, web: vec![monitor] })
     }
 
     /// Where it serves its peers.

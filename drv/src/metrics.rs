@@ -190,7 +190,7 @@ pub fn staging(s: &StagingStatus) -> String {
     e.one("drv_staging_uptime_seconds", Gauge, "Seconds since the staging server started.", s.uptime_seconds);
     e.one("drv_staging_peers", Gauge, "Peers connected now (replicas' relays, agents).", s.peers.len() as f64);
     let vol = |v: &drv_proto::status::StagingVolume| vec![("volume", v.name.clone())];
-    let per_volume: [PerVolume<drv_proto::status::StagingVolume>; 6] = [
+    let per_volume: [PerVolume<drv_proto::status::StagingVolume>; 8] = [
         ("drv_staging_received_seq", "The last write of the volume taken.", Gauge, |v| v.received_seq as f64),
         ("drv_staging_durable_seq", "The last write durable in the WRL (acknowledged to the agent).", Gauge, |v| {
             v.durable_seq as f64
@@ -201,9 +201,18 @@ pub fn staging(s: &StagingStatus) -> String {
         ("drv_staging_lag_records", "Writes not yet at every replica.", Gauge, |v| v.lag_records as f64),
         ("drv_staging_lag_bytes", "Bytes not yet at every replica.", Gauge, |v| v.lag_bytes as f64),
         ("drv_staging_lag_seconds", "Age of the oldest write not yet at every replica.", Gauge, |v| v.lag_seconds),
+        ("drv_staging_written_bytes_total", "Payload bytes made durable in the WRL since start.", Counter, |v| {
+            v.written_bytes as f64
+        }),
+        (
+            "drv_staging_replicated_bytes_total",
+            "Payload bytes made durable on every replica since start.",
+            Counter,
+            |v| v.replicated_bytes as f64,
+        ),
     ];
-    for (name, help, _, f) in per_volume {
-        e.family(name, Gauge, help, s.volumes.iter().map(|v| (vol(v), f(v))));
+    for (name, help, kind, f) in per_volume {
+        e.family(name, kind, help, s.volumes.iter().map(|v| (vol(v), f(v))));
     }
     let links = || s.volumes.iter().flat_map(|v| v.replicas.iter().map(move |r| (v, r)));
     let link = |v: &drv_proto::status::StagingVolume, r: &drv_proto::status::ReplicaLink| {
@@ -459,6 +468,8 @@ pub mod figures {
             put(&mut f, &v.name, "lag_records", v.lag_records as f64);
             put(&mut f, &v.name, "lag_bytes", v.lag_bytes as f64);
             put(&mut f, &v.name, "lag_seconds", v.lag_seconds);
+            put(&mut f, &v.name, "written_bytes", v.written_bytes as f64);
+            put(&mut f, &v.name, "replicated_bytes", v.replicated_bytes as f64);
             let down = v.replicas.iter().filter(|r| !r.connected).count();
             put(&mut f, &v.name, "replicas_disconnected", down as f64);
         }

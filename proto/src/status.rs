@@ -32,6 +32,12 @@ pub struct StagingVolume {
     pub lag_bytes: u64,
     /// Age of the oldest write not yet at every replica.
     pub lag_seconds: f64,
+    /// Payload bytes durable in the WRL since staging started, and durable on every replica
+    /// (records replicated before a restart are not counted again).
+    #[serde(default)]
+    pub written_bytes: u64,
+    #[serde(default)]
+    pub replicated_bytes: u64,
     pub replicas: Vec<ReplicaLink>,
 }
 

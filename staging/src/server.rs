@@ -90,6 +90,9 @@ pub struct VolumeCtx {
     pub progress: Mutex<BTreeMap<String, ReplicaProgress>>,
     /// (seq, payload bytes, time acknowledged) of records not yet durable on every replica.
     pub unreplicated: Mutex<VecDeque<(u64, u64, Instant)>>,
+    /// Payload bytes made durable in the WRL, and made durable on every replica, since start.
+    pub written_bytes: std::sync::atomic::AtomicU64,
+    pub replicated_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Caps the lag bookkeeping (entries); beyond it the oldest entries are dropped and lag in
@@ -109,9 +112,11 @@ impl VolumeCtx {
             self.wrl.confirm(self.id, min_lsn);
         }
         let mut u = self.unreplicated.lock().expect("unreplicated");
+        let mut done = 0;
         while u.front().is_some_and(|e| e.0 <= min_seq) {
-            u.pop_front();
+            done += u.pop_front().map_or(0, |e| e.1);
         }
+        self.replicated_bytes.fetch_add(done, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -476,6 +481,7 @@ impl Staging {
             Box::new(move |r| {
                 match r {
                     Ok(a) => {
+                        ctx.written_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                         let mut u = ctx.unreplicated.lock().expect("unreplicated");
                         if u.len() < UNREPLICATED_ENTRIES_LIMIT {
                             u.push_back((seq, len, Instant::now()));
@@ -663,6 +669,8 @@ fn volume_status(v: &VolumeCtx, now: Instant) -> StagingVolume {
         lag_records: s.durable().saturating_sub(min_durable),
         lag_bytes: u.iter().map(|e| e.1).sum(),
         lag_seconds: u.front().map(|e| now.duration_since(e.2).as_secs_f64()).unwrap_or(0.0),
+        written_bytes: v.written_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        replicated_bytes: v.replicated_bytes.load(std::sync::atomic::Ordering::Relaxed),
         replicas,
     }
 }
@@ -717,5 +725,7 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         seq: Mutex::new(Sequencer::new(log.last_seq, log.last_epoch)),
         durable_tx,
         unreplicated: Mutex::new(VecDeque::new()),
+        written_bytes: Default::default(),
+        replicated_bytes: Default::default(),
     })
 }
