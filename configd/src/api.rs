@@ -344,16 +344,28 @@ async fn commands(
     if req.ops.is_empty() {
         return Err(Failure::new(StatusCode::BAD_REQUEST, "bad_request", "a command needs at least one op"));
     }
-    let user = match &who {
+    change(&api, &who, request_id, req.ops, &uri).await.map(axum::Json)
+}
+
+/// Makes the change `ops` for `who` (checked first for a user, and again as it applies),
+/// passwords hashed, and says it in the activity log.
+pub(crate) async fn change(
+    api: &Api,
+    who: &Who,
+    request_id: u128,
+    ops: Vec<Op>,
+    uri: &Uri,
+) -> Result<drv_config::Written, Failure> {
+    let user = match who {
         Who::User(u) => {
-            precheck(&api, &who, u, &req.ops)?;
+            precheck(api, who, u, &ops)?;
             Some(u.name.clone())
         }
         Who::Cert(_) => None,
     };
     // Users' passwords become hashes here: the log and the history never hold them (argon2 on
     // the blocking pool, only for a command that has one).
-    let mut ops = req.ops;
+    let mut ops = ops;
     if drv_config::users::has_password(&ops) {
         ops = tokio::task::spawn_blocking(move || drv_config::users::hash_passwords(&mut ops).map(|()| ops))
             .await
@@ -362,13 +374,13 @@ async fn commands(
     }
     let what = ops.iter().map(|o| o.to_string()).collect::<Vec<_>>().join("; ");
     let cmd = Command { request_id, author: who.label(), time_unix_ms: drv_config::now_unix_ms(), ops, user };
-    let outcome = propose(&api, cmd, &uri, matches!(who, Who::User(_))).await;
+    let outcome = propose(api, cmd, uri, matches!(who, Who::User(_))).await;
     let (kind, detail) = match &outcome {
         Ok(w) => ("change", format!("version {}: {what}", w.version)),
         Err(f) => ("refused", format!("{what}: {} ({})", f.error.message, f.error.code)),
     };
     api.sessions.record(Event { who: who.label(), addr: who.addr().to_string(), what: kind, detail });
-    outcome.map(axum::Json)
+    outcome
 }
 
 /// A quick refusal of a user's change their roles cannot allow, read from this server's state

@@ -189,6 +189,10 @@ pub struct Sight {
 }
 
 impl Sight {
+    pub fn is_admin(&self) -> bool {
+        self.user.admin && !self.user.disabled
+    }
+
     pub fn volume(&self, v: &str) -> bool {
         users::may(&self.user, &self.sets, Action::View, Some(v))
     }
@@ -233,6 +237,13 @@ impl Sight {
             .filter(|r| r.ops.iter().all(sees))
             .map(|mut r| {
                 r.values.iter_mut().for_each(hide_hash);
+                for op in &mut r.ops {
+                    if let Op::Set { assignments, .. } = op {
+                        for a in assignments.iter_mut().filter(|a| a.trim_start().starts_with("password_hash")) {
+                            *a = "password_hash=(hidden)".into();
+                        }
+                    }
+                }
                 r
             })
             .collect()

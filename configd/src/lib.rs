@@ -25,6 +25,7 @@ pub mod server;
 pub mod sessions;
 pub mod snapshot;
 pub mod state;
+pub mod web;
 
 pub use drv_config::{Command, Written};
 

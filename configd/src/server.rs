@@ -154,7 +154,7 @@ impl ConfigNode {
     pub fn serve_web(&mut self, identity: &Identity, listener: TcpListener) -> Result<SocketAddr, ServerError> {
         let addr = listener.local_addr()?;
         let tls = TlsListener::spawn(listener, drv_transport::tls::https_public_server_config(identity)?);
-        let app = crate::api::router(self.api.clone());
+        let app = crate::api::router(self.api.clone()).merge(crate::web::router(self.api.clone()));
         let web = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Peer>();
             if let Err(e) = axum::serve(tls, app).await {

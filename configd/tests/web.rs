@@ -46,6 +46,7 @@ struct Answer {
     status: StatusCode,
     headers: hyper::HeaderMap,
     body: Value,
+    text: String,
 }
 
 impl Web {
@@ -67,6 +68,10 @@ impl Web {
     }
 
     async fn send(&self, method: Method, path: &str, body: Vec<u8>, csrf: Option<&str>) -> Answer {
+        self.send_as(method, path, body, csrf, "application/json").await
+    }
+
+    async fn send_as(&self, method: Method, path: &str, body: Vec<u8>, csrf: Option<&str>, ctype: &str) -> Answer {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from(self.server.clone()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.unwrap();
@@ -80,13 +85,14 @@ impl Web {
         if let Some(t) = csrf {
             req = req.header("x-csrf-token", t);
         }
-        let req = req.header("content-type", "application/json").body(Full::new(Bytes::from(body))).unwrap();
+        let req = req.header("content-type", ctype).body(Full::new(Bytes::from(body))).unwrap();
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer { status, headers, body }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Answer { status, headers, body, text }
     }
 
     async fn get(&self, path: &str) -> Answer {
@@ -111,9 +117,46 @@ impl Web {
         (a, me)
     }
 
+    /// The first `n` events of a stream of server-sent events.
+    async fn events(&self, path: &str, n: usize) -> Vec<String> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(self.server.clone()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header("host", "config.drv")
+            .header("cookie", self.cookie.clone().unwrap_or_default())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let mut body = resp.into_body();
+        let mut text = String::new();
+        while text.matches("\n\n").count() < n {
+            let frame = tokio::time::timeout(Duration::from_secs(30), body.frame()).await.unwrap().unwrap().unwrap();
+            if let Some(d) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(d));
+            }
+        }
+        text.split("\n\n").filter(|e| !e.is_empty()).map(String::from).collect()
+    }
+
+    /// A form, as a browser posts it.
+    async fn form(&self, path: &str, fields: &[(&str, &str)]) -> Answer {
+        let body: Vec<String> = fields.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+        let ctype = "application/x-www-form-urlencoded";
+        self.send_as(Method::POST, path, body.join("&").into_bytes(), None, ctype).await
+    }
+
     async fn change(&self, ops: Vec<Op>) -> Answer {
         self.post("/v1/commands", json!({ "ops": ops })).await
     }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 async fn wait_leader(n: &ConfigNode) -> u64 {
@@ -280,6 +323,9 @@ async fn users_log_in_and_may_do_what_their_roles_allow() {
     let (_, root) = web.login("root", "correct horse").await;
     let users = root.get("/v1/entries?kind=user").await;
     assert!(!users.body.to_string().contains("argon2"), "{}", users.body);
+    let history = root.get("/v1/log?newest=100").await;
+    assert!(history.body["records"].as_array().unwrap().len() > 1);
+    assert!(!history.body.to_string().contains("argon2"), "{}", history.body);
     assert_eq!(users.body["entries"].as_array().unwrap().len(), 5);
     let me = opa.get("/v1/entries?kind=user").await;
     assert_eq!(me.body["entries"].as_array().unwrap().len(), 1, "a user sees only themselves: {}", me.body);
@@ -432,4 +478,106 @@ async fn a_followers_user_changes_go_to_the_leader() {
     for (n, _) in nodes {
         n.shutdown().await;
     }
+}
+
+/// The pages: a login through the form, the overview, a volume page with its settings form for
+/// an operator and none for a viewer, a form without its CSRF token refused, HTML escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_show_each_user_what_they_may_see_and_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    ca::init(&certs).unwrap();
+    ca::issue(&certs, Role::Admin, "admin").unwrap();
+    let (c1, web1) = node(&certs, dir.path(), "c1").await;
+    let members = [(
+        drv_configd::server::node_id("c1"),
+        drv_configd::PeerNode { name: "c1".into(), address: c1.addr().to_string() },
+    )];
+    c1.raft.initialize(members.into_iter().collect::<std::collections::BTreeMap<_, _>>()).await.unwrap();
+    wait_leader(&c1).await;
+    let admin = ApiClient::new(&c1.addr().to_string(), &Identity::load(&certs, "admin").unwrap())
+        .unwrap()
+        .with_patience(Duration::from_secs(10));
+    installation(&admin).await;
+    admin.commit(vec![set(Kind::Set, "a", &["description=<script>alert(1)</script>"])]).await.unwrap();
+    let web = Web::new(&certs, "c1", web1);
+
+    let a = web.get("/volume/v1").await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.headers["location"], "/login?next=/volume/v1");
+    let a = web.get("/login?next=//evil.example/").await;
+    assert!(a.text.contains(r#"name="next" value="/""#), "no open redirect: {}", a.text);
+    assert_eq!(a.headers["x-frame-options"], "DENY");
+    assert!(a.headers["content-security-policy"].to_str().unwrap().contains("default-src 'self'"));
+
+    let login = |user: &'static str| {
+        let web = web.clone();
+        async move {
+            let a = web.form("/login", &[("user", user), ("password", "correct horse"), ("next", "/volume/v1")]).await;
+            assert_eq!(a.status, StatusCode::SEE_OTHER, "{user}: {}", a.text);
+            assert_eq!(a.headers["location"], "/volume/v1");
+            let c = a.headers["set-cookie"].to_str().unwrap();
+            Web { cookie: Some(c.split(';').next().unwrap().to_owned()), ..web }
+        }
+    };
+    let a = web.form("/login", &[("user", "opa"), ("password", "nope nope")]).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(a.text.contains("wrong user name or password"), "{}", a.text);
+
+    let opa = login("opa").await;
+    let page = opa.get("/volume/v1").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+    assert!(page.text.contains("Save settings") && page.text.contains("drv snapshot create v1"), "{}", page.text);
+    let csrf = page.text.split(r#"name="csrf" value=""#).nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let a = opa
+        .form(
+            "/ui/set",
+            &[("csrf", "forged"), ("kind", "volume"), ("name", "v1"), ("operator", "1"), ("bwlimit", "9M")],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    let fields = [("csrf", csrf.as_str()), ("kind", "volume"), ("name", "v1"), ("operator", "1"), ("bwlimit", "9M")];
+    let a = opa.form("/ui/set", &fields).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert!(a.text.contains("Done: configuration version"), "{}", a.text);
+    let v = admin.entries(Some(Kind::Volume), Some("v1"), false).await.unwrap();
+    assert_eq!(v.entries[0].value["bwlimit"], 9 << 20);
+    // Another set's volume: invisible (404), and a forged form for it is refused.
+    assert_eq!(opa.get("/volume/v3").await.status, StatusCode::NOT_FOUND);
+    let fields = [("csrf", csrf.as_str()), ("kind", "volume"), ("name", "v2"), ("operator", "1"), ("bwlimit", "9M")];
+    let a = opa.form("/ui/set", &fields).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    assert_eq!(opa.get("/config").await.status, StatusCode::FORBIDDEN);
+    // An oversized form.
+    let big = "x".repeat(100 << 10);
+    let a = opa
+        .form("/ui/set", &[("csrf", csrf.as_str()), ("kind", "volume"), ("name", "v1"), ("assignments", &big)])
+        .await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let viewa = login("viewa").await;
+    let page = viewa.get("/volume/v1").await;
+    assert!(page.text.contains("You may view this volume") && !page.text.contains("Save settings"), "{}", page.text);
+    let overview = viewa.get("/").await;
+    assert!(overview.text.contains("Overview") && overview.text.contains("data-events"), "{}", overview.text);
+    // The live fragments: the first at once, the next at the monitor's next overview (10 s).
+    let ev = viewa.events("/events?page=overview", 4).await;
+    assert!(ev[0].starts_with("event: fragment") && ev[0].contains(r#""id":"volumes""#), "{ev:?}");
+    let last = &ev[3];
+    assert!(last.contains(r#""id":"volumes""#), "an update: {ev:?}");
+    assert!(last.contains("/volume/v1") && !last.contains("/volume/v2"), "only their volumes: {last}");
+    assert!(last.contains("staging stg1 has not reported"), "and why it is at risk: {last}");
+
+    let root = login("root").await;
+    let page = root.get("/config").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.text.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && !page.text.contains("<script>alert"),
+        "escaped"
+    );
+    assert!(!page.text.contains("argon2"), "no password hash on a page");
+    let act = root.get("/activity").await;
+    assert!(act.text.contains("login_failed") && act.text.contains("user:opa"), "{}", act.text);
+    let hist = root.get("/history").await;
+    assert!(hist.text.contains("bwlimit=9M") && hist.text.contains("user:opa"), "{}", hist.text);
 }

@@ -1,0 +1,527 @@
+//! The pages of the web UI (see `mod.rs` for the list).
+
+use std::sync::Arc;
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use drv_config::{Kind, Op, Volume};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::html::{self, bytes, secs, utc};
+use super::{EVENT_STREAMS, EventResult, PageUser, error_page};
+use crate::api::Api;
+use crate::auth::{Sight, Who};
+use crate::monitor::{ComponentRow, Overview, VolumeRow};
+use crate::series::TIERS;
+
+/// The volumes `sight` may see, at risk first.
+fn visible<'a>(o: &'a Overview, sight: &Sight) -> Vec<&'a VolumeRow> {
+    let mut rows: Vec<&VolumeRow> = o.volumes.iter().filter(|v| sight.volume(&v.name)).collect();
+    rows.sort_by(|a, b| b.health.cmp(&a.health).then_with(|| a.name.cmp(&b.name)));
+    rows
+}
+
+/// The components `sight` may see: all for an admin, else those that serve a visible volume.
+fn visible_components<'a>(o: &'a Overview, sight: &Sight, rows: &[&VolumeRow]) -> Vec<&'a ComponentRow> {
+    o.components
+        .iter()
+        .filter(|c| {
+            sight.is_admin()
+                || rows.iter().any(|v| {
+                    v.staging == c.name
+                        || v.replicas.iter().any(|r| r.name == c.name)
+                        || c.name.rsplit_once('/').is_some_and(|(_, vol)| vol == v.name)
+                })
+        })
+        .collect()
+}
+
+pub async fn overview(State(api): State<Api>, page: PageUser) -> Markup {
+    let o = api.overview.borrow().clone();
+    let rows = visible(&o, &page.sight);
+    let comps = visible_components(&o, &page.sight, &rows);
+    let count = |h| rows.iter().filter(|v| v.health == h).count();
+    use crate::monitor::Health;
+    let body = html! {
+        div data-events="/events?page=overview" {
+            h1 { "Overview" }
+            div.summary {
+                div { strong { (count(Health::Bad)) } " at risk" }
+                div { strong { (count(Health::Warn)) } " warnings" }
+                div { strong { (count(Health::Ok)) } " ok" }
+                div.live #live {
+                    @if o.time_unix_ms == 0 { "the first overview comes within 10 s" }
+                    @else { "as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" }
+                }
+            }
+            h2 { "Volumes" }
+            table { thead { (html::volume_head()) } tbody #volumes { (html::volume_rows(&rows)) } }
+            h2 { "Components" }
+            table {
+                thead { tr { th { "Component" } th { "Role" } th { "Last heard" } th { "Config version" } th { "Waiting for a restart" } th { "Reports to" } } }
+                tbody #components { (html::component_rows(&comps, o.time_unix_ms)) }
+            }
+        }
+    };
+    html::layout("Overview", Some(&page.viewer()), body)
+}
+
+/// A graph range: its name, its length in seconds and the tier it reads.
+fn range_of(r: Option<&str>) -> (&'static str, u64, usize) {
+    match r {
+        Some("day") => ("day", 86_400, 0),
+        Some("week") => ("week", 7 * 86_400, 1),
+        _ => ("hour", 3600, 0),
+    }
+}
+
+/// At most this many points per line: a finer series is thinned to the largest of each bucket.
+const POINTS: usize = 720;
+
+fn thin(p: Vec<(u64, f64)>) -> Vec<(u64, f64)> {
+    if p.len() <= POINTS {
+        return p;
+    }
+    let per = p.len().div_ceil(POINTS);
+    p.chunks(per).map(|c| (c[0].0, c.iter().map(|x| x.1).fold(f64::MIN, f64::max))).collect()
+}
+
+fn charts(api: &Api, volume: &str, range: Option<&str>, now: u64) -> Markup {
+    let (name, len, tier) = range_of(range);
+    let from = now.saturating_sub(len);
+    let read = |s: &str| thin(api.series.read(&format!("{volume}/{s}"), tier, from, now).unwrap_or_default());
+    let rate = |v: f64| format!("{}/s", bytes(v));
+    html! {
+        p {
+            "Range: "
+            @for r in ["hour", "day", "week"] {
+                @if r == name { strong { (r) } } @else { a href={"?range=" (r)} { (r) } }
+                " "
+            }
+            span.muted { "(" (TIERS[tier].step) " s steps)" }
+        }
+        div.charts {
+            (html::chart("Write and relay rate", &[("written", read("write_bps")), ("relayed", read("relay_bps"))], from, now, rate))
+            (html::chart("Replica lag and RPO", &[("lag", read("lag_seconds")), ("RPO", read("rpo_seconds"))], from, now, secs))
+            (html::chart("Dirty bytes (change map)", &[("dirty", read("dirty_bytes"))], from, now, bytes))
+            (html::chart("Bytes not yet at every replica", &[("lag", read("lag_bytes"))], from, now, bytes))
+        }
+    }
+}
+
+fn status_table(v: &VolumeRow) -> Markup {
+    html! {
+        table {
+            thead { (html::volume_head()) }
+            tbody { (html::volume_rows(&[v])) }
+        }
+        p.muted {
+            "Write rate " (v.write_bps.map_or("-".into(), |b| format!("{}/s", bytes(b))))
+            ", relay rate " (v.relay_bps.map_or("-".into(), |b| format!("{}/s", bytes(b))))
+            ", bytes not yet at every replica " (v.lag_bytes.map_or("-".into(), bytes))
+            ", WRL " (v.wrl) " at staging " (v.staging) "."
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct VolumeQuery {
+    range: Option<String>,
+}
+
+/// The fields of a volume an operator may change, as the form shows them.
+fn setting(v: &Volume, field: &str) -> String {
+    let size = |b: Option<u64>| b.map(|b| b.to_string()).unwrap_or_default();
+    let dur = |d: Option<u64>| d.map(|d| format!("{d}s")).unwrap_or_default();
+    match field {
+        "bwlimit" => size(v.bwlimit),
+        "retention" => dur(v.retention),
+        "retention_bytes" => size(v.retention_bytes),
+        "check_interval" => dur(v.check_interval),
+        "snapshot_bytes_limit" => size(v.snapshot_bytes_limit),
+        _ => String::new(),
+    }
+}
+
+pub async fn volume(
+    State(api): State<Api>,
+    page: PageUser,
+    Path(name): Path<String>,
+    Query(q): Query<VolumeQuery>,
+) -> Response {
+    // A volume the user may not see does not exist for them.
+    let v: Volume = match api.state.store().get_typed(Kind::Volume, &name) {
+        Ok(v) if page.sight.volume(&name) => v,
+        _ => return error_page(StatusCode::NOT_FOUND, Some(&page), &format!("no volume named {name:?}")),
+    };
+    let o = api.overview.borrow().clone();
+    let row = o.volumes.iter().find(|r| r.name == name).cloned();
+    let now = drv_config::now_unix_ms() / 1000;
+    let history: Vec<drv_config::LogRecord> = api
+        .state
+        .store()
+        .newest(2000)
+        .map(|r| page.sight.records(r))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.ops.iter().any(|op| matches!(op, Op::Set { kind: Kind::Volume, name: n, .. } | Op::Delete { kind: Kind::Volume, name: n, .. } if *n == name)))
+        .rev()
+        .take(50)
+        .collect();
+    let events = format!("/events?page=volume&volume={name}&range={}", range_of(q.range.as_deref()).0);
+    let replica = v.replicas.first().cloned().unwrap_or_default();
+    let body = html! {
+        div data-events=(events) {
+            h1 { "Volume " (name) }
+            div.live #live { "as of " (utc(o.time_unix_ms / 1000)) }
+            div #status {
+                @if let Some(r) = &row { (status_table(r)) } @else { p { "Not in the overview yet (it comes within 10 s)." } }
+            }
+            h2 { "Graphs" }
+            div #charts { (charts(&api, &name, q.range.as_deref(), now)) }
+        }
+        h2 { "Snapshots and points in time" }
+        p { "Run these on the replica host (" (v.replicas.join(", ")) "):" }
+        pre {
+            "drv snapshot points " (name) "                       # what can be brought back\n"
+            "drv snapshot create " (name) " SNAP [--at -15m]      # copy-on-write, costs nothing until overwritten\n"
+            "drv snapshot check " (name) " SNAP                   # prove it mounts (fsck on a private overlay)\n"
+            "drv snapshot mount " (name) " SNAP [--writable]      # a block device on the replica host\n"
+            "drv snapshot export " (name) " SNAP --listen 127.0.0.1:10809   # nbd://HOST:10809/SNAP\n"
+            "drv restore " (name) " SNAP --to /dev/sdX            # onto a local disk, usable at once\n"
+            "drv failover " (name) " --test                       # a drill: a writable copy, replication goes on"
+        }
+        p.muted { "Replica " (replica) " keeps the snapshots; " code { "drv snapshot list " (name) } " lists them." }
+        h2 { "Settings" }
+        @if page.sight.may_operate(&name) {
+            form method="post" action="/ui/set" {
+                input type="hidden" name="csrf" value=(page.user.session.csrf);
+                input type="hidden" name="kind" value="volume";
+                input type="hidden" name="name" value=(name);
+                input type="hidden" name="operator" value="1";
+                table {
+                    @for f in drv_config::users::OPERATOR_FIELDS {
+                        tr {
+                            td { label for=(f) { (f) } }
+                            td { input type="text" id=(f) name=(f) value=(setting(&v, f)) placeholder="none"; }
+                        }
+                    }
+                }
+                p { button type="submit" { "Save settings" } " " span.muted { "(empty: none; sizes like 50M, durations like 24h)" } }
+            }
+        } @else {
+            table {
+                @for f in drv_config::users::OPERATOR_FIELDS {
+                    tr { td { (f) } td { (setting(&v, f)) } }
+                }
+            }
+            p.muted { "You may view this volume; an operator of one of its sets may change these." }
+        }
+        h2 { "Changes to this volume" }
+        (history_table(&history))
+    };
+    html::layout(&format!("Volume {name}"), Some(&page.viewer()), body).into_response()
+}
+
+fn history_table(records: &[drv_config::LogRecord]) -> Markup {
+    html! {
+        table {
+            thead { tr { th { "Version" } th { "When" } th { "Who" } th { "Change" } } }
+            tbody {
+                @for r in records {
+                    tr {
+                        td.num { (r.version) }
+                        td { (utc(r.time_unix_ms / 1000)) }
+                        td { (r.author) }
+                        td { @for op in &r.ops { code { (op) } br; } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn activity(State(api): State<Api>, page: PageUser) -> Response {
+    let me = format!("user:{}", page.user.name);
+    let login = format!("login:{}", page.user.name);
+    let all = page.sight.is_admin();
+    let rows = match api.sessions.activity(500, |r| all || r.who == me || r.who == login) {
+        Ok(r) => r,
+        Err(e) => return error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&page), &e.to_string()),
+    };
+    let body = html! {
+        h1 { "Activity" }
+        p.muted {
+            "Logins, changes and refusals seen by this config server (" (api.name) ")"
+            @if !all { ", yours only" } ", newest first."
+        }
+        table {
+            thead { tr { th { "When" } th { "Who" } th { "From" } th { "What" } th { "Detail" } } }
+            tbody {
+                @for r in rows.iter().rev() {
+                    tr class=(if r.what == "refused" || r.what == "login_failed" { "warn" } else { "" }) {
+                        td { (utc(r.time_unix_ms / 1000)) }
+                        td { (r.who) }
+                        td { (r.addr) }
+                        td { (r.what) }
+                        td { (r.detail) }
+                    }
+                }
+            }
+        }
+    };
+    html::layout("Activity", Some(&page.viewer()), body).into_response()
+}
+
+pub async fn history(State(api): State<Api>, page: PageUser) -> Response {
+    let records = match api.state.store().newest(2000) {
+        Ok(r) => page.sight.records(r),
+        Err(e) => return error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&page), &e.to_string()),
+    };
+    let shown: Vec<_> = records.into_iter().rev().take(200).collect();
+    let body = html! {
+        h1 { "Change history" }
+        p.muted { "The newest changes you may see (every config server holds the same history)." }
+        (history_table(&shown))
+    };
+    html::layout("History", Some(&page.viewer()), body).into_response()
+}
+
+/// An entry as `FIELD=VALUE` lines, as `drv config set` takes them (a user's password hash
+/// left out: a new password is typed as `password=...`).
+fn assignments(v: &serde_json::Value) -> String {
+    let Some(obj) = v.as_object() else { return String::new() };
+    obj.iter()
+        .filter(|(k, _)| k.as_str() != "password_hash")
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub async fn config(State(api): State<Api>, page: PageUser) -> Response {
+    if !page.sight.is_admin() {
+        return error_page(StatusCode::FORBIDDEN, Some(&page), "only an admin may see the whole configuration");
+    }
+    let (version, rows) = match api.state.store().entries(&Kind::ALL, None) {
+        Ok(x) => x,
+        Err(e) => return error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&page), &e.to_string()),
+    };
+    let rows = page.sight.entries(rows);
+    let csrf = &page.user.session.csrf;
+    let body = html! {
+        h1 { "Configuration" }
+        p.muted { "Version " (version) ". Each entry is a list of FIELD=VALUE lines, as " code { "drv config set" } " takes them." }
+        @for kind in Kind::ALL {
+            h2 { (kind) "s" }
+            table {
+                thead { tr { th { "Name" } th { "Version" } th { "Fields" } th {} } }
+                tbody {
+                    @for r in rows.iter().filter(|r| r.kind == kind) {
+                        tr {
+                            td { (r.name) }
+                            td.num { (r.version) }
+                            td {
+                                form method="post" action="/ui/set" {
+                                    input type="hidden" name="csrf" value=(csrf);
+                                    input type="hidden" name="kind" value=(kind);
+                                    input type="hidden" name="name" value=(r.name);
+                                    input type="hidden" name="if_version" value=(r.version);
+                                    textarea name="assignments" aria-label={"fields of " (kind) " " (r.name)} { (assignments(&r.value)) }
+                                    button type="submit" { "Save" }
+                                }
+                            }
+                            td {
+                                form method="post" action="/ui/delete" {
+                                    input type="hidden" name="csrf" value=(csrf);
+                                    input type="hidden" name="kind" value=(kind);
+                                    input type="hidden" name="name" value=(r.name);
+                                    button type="submit" { "Delete" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "New entry" }
+        form method="post" action="/ui/set" {
+            input type="hidden" name="csrf" value=(csrf);
+            input type="hidden" name="if_version" value="0";
+            p {
+                select name="kind" aria-label="kind" { @for k in Kind::ALL { option value=(k) { (k) } } }
+                " "
+                input type="text" name="name" placeholder="name" aria-label="name" required;
+            }
+            textarea name="assignments" aria-label="fields" placeholder="size_bytes=10G\nwrl=w0\nreplicas=[\"rep1\"]\nkey=k1" {}
+            button type="submit" { "Create" }
+        }
+    };
+    html::layout("Configuration", Some(&page.viewer()), body).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct SetForm {
+    csrf: String,
+    kind: String,
+    name: String,
+    #[serde(default)]
+    assignments: String,
+    /// (Text: a flattened form reads every field as text.)
+    if_version: Option<String>,
+    /// The operator form of a volume page: its fields, each its own input.
+    operator: Option<String>,
+    #[serde(flatten)]
+    fields: std::collections::BTreeMap<String, String>,
+}
+
+/// What a form's change did, as a page.
+async fn outcome(api: &Api, page: PageUser, ops: Vec<Op>, back: String) -> Response {
+    let who = Who::User(page.user.clone());
+    let uri = Uri::from_static("/ui/set");
+    let r = crate::api::change(api, &who, drv_config::random_id(), ops, &uri).await;
+    let (status, body) = match r {
+        Ok(w) => (StatusCode::OK, html! { div.msg.done { "Done: configuration version " (w.version) "." } }),
+        Err(f) => (f.status, html! { div.msg.error { "Refused: " (f.error.message) } }),
+    };
+    let body = html! { h1 { "Change" } (body) p { a href=(back) { "Back" } } };
+    (status, html::layout("Change", Some(&page.viewer()), body)).into_response()
+}
+
+pub async fn set(State(api): State<Api>, page: PageUser, Form(f): Form<SetForm>) -> Response {
+    if !page.csrf_ok(&f.csrf) {
+        return error_page(StatusCode::FORBIDDEN, Some(&page), "the form did not carry this session's CSRF token");
+    }
+    let kind: Kind = match f.kind.parse() {
+        Ok(k) => k,
+        Err(e) => return error_page(StatusCode::UNPROCESSABLE_ENTITY, Some(&page), &e.to_string()),
+    };
+    let (assignments, back) = if f.operator.is_some() {
+        // Only what changed: an empty field that was set becomes none.
+        let current: Option<Volume> = api.state.store().get_typed(Kind::Volume, &f.name).ok();
+        let mut a = Vec::new();
+        for field in drv_config::users::OPERATOR_FIELDS {
+            let new = f.fields.get(field).map(|s| s.trim().to_owned()).unwrap_or_default();
+            let old = current.as_ref().map(|v| setting(v, field)).unwrap_or_default();
+            if new != old {
+                a.push(if new.is_empty() { format!("{field}=null") } else { format!("{field}={new}") });
+            }
+        }
+        (a, format!("/volume/{}", f.name))
+    } else {
+        let a = f.assignments.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        (a, "/config".to_owned())
+    };
+    if assignments.is_empty() {
+        let body = html! { h1 { "Change" } div.msg.done { "Nothing changed." } p { a href=(back) { "Back" } } };
+        return html::layout("Change", Some(&page.viewer()), body).into_response();
+    }
+    let if_version = match f.if_version.as_deref().map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => return error_page(StatusCode::UNPROCESSABLE_ENTITY, Some(&page), &format!("if_version: {e}")),
+    };
+    let ops = vec![Op::Set { kind, name: f.name, assignments, if_version }];
+    outcome(&api, page, ops, back).await
+}
+
+#[derive(Deserialize)]
+pub struct DeleteForm {
+    csrf: String,
+    kind: String,
+    name: String,
+}
+
+pub async fn delete(State(api): State<Api>, page: PageUser, Form(f): Form<DeleteForm>) -> Response {
+    if !page.csrf_ok(&f.csrf) {
+        return error_page(StatusCode::FORBIDDEN, Some(&page), "the form did not carry this session's CSRF token");
+    }
+    let kind: Kind = match f.kind.parse() {
+        Ok(k) => k,
+        Err(e) => return error_page(StatusCode::UNPROCESSABLE_ENTITY, Some(&page), &e.to_string()),
+    };
+    let ops = vec![Op::Delete { kind, name: f.name, if_version: None }];
+    outcome(&api, page, ops, "/config".into()).await
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    page: Option<String>,
+    volume: Option<String>,
+    range: Option<String>,
+}
+
+/// Live-update streams now (at most [`EVENT_STREAMS`]).
+static STREAMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(EVENT_STREAMS);
+
+fn fragment(id: &str, html: Markup) -> EventResult {
+    let data = serde_json::json!({ "id": id, "html": html.into_string() }).to_string();
+    Ok(Event::default().event("fragment").data(data))
+}
+
+/// The fragments of a page for `sight`, from the overview `o`.
+pub fn fragments(api: &Api, sight: &Sight, q: &EventsQuery, o: &Overview) -> Vec<EventResult> {
+    match (q.page.as_deref(), &q.volume) {
+        (Some("volume"), Some(v)) if sight.volume(v) => {
+            let now = o.time_unix_ms / 1000;
+            let mut out = vec![fragment("charts", charts(api, v, q.range.as_deref(), now))];
+            if let Some(row) = o.volumes.iter().find(|r| &r.name == v) {
+                out.push(fragment("status", status_table(row)));
+            }
+            out.push(fragment("live", html! { "live, as of " (utc(now)) }));
+            out
+        }
+        _ => {
+            let rows = visible(o, sight);
+            let comps = visible_components(o, sight, &rows);
+            vec![
+                fragment("volumes", html::volume_rows(&rows)),
+                fragment("components", html::component_rows(&comps, o.time_unix_ms)),
+                fragment(
+                    "live",
+                    html! { "live, as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" },
+                ),
+            ]
+        }
+    }
+}
+
+pub async fn events(State(api): State<Api>, page: PageUser, Query(q): Query<EventsQuery>) -> Response {
+    let Ok(permit) = STREAMS.try_acquire() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many live-update streams on this server; reload later")
+            .into_response();
+    };
+    let token = page.token.clone();
+    let addr = page.user.addr;
+    let rx = api.overview.clone();
+    // Each update: the session is checked again (logged out, disabled: the stream ends) and the
+    // user's sight read again (a grant taken away shows at once).
+    let state = (api, rx, q, token, addr, Some(permit), true);
+    let stream = futures_util::stream::unfold(state, |(api, mut rx, q, token, addr, permit, first)| async move {
+        permit.as_ref()?;
+        if !first && rx.changed().await.is_err() {
+            return None;
+        }
+        let o: Arc<Overview> = rx.borrow_and_update().clone();
+        let user = match crate::auth::session_user(&api, &token, addr).await {
+            Ok(u) => u,
+            Err(_) => {
+                let end = vec![Ok(Event::default().event("ended").data("the session ended"))];
+                return Some((futures_util::stream::iter(end), (api, rx, q, token, addr, None, false)));
+            }
+        };
+        let sight = match Who::User(user).sight(&api) {
+            Ok(Some(s)) => s,
+            _ => return None,
+        };
+        let frags = fragments(&api, &sight, &q, &o);
+        Some((futures_util::stream::iter(frags), (api, rx, q, token, addr, permit, false)))
+    });
+    use futures_util::StreamExt;
+    Sse::new(stream.flatten()).keep_alive(KeepAlive::default()).into_response()
+}
