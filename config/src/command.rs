@@ -261,6 +261,8 @@ fn update(snap: &mut validate::Snapshot, kind: Kind, name: &str, value: &Value) 
         Kind::Volume => put(&mut snap.volumes, name, value),
         Kind::Set => put(&mut snap.sets, name, value),
         Kind::User => put(&mut snap.users, name, value),
+        Kind::Alert => put(&mut snap.alerts, name, value),
+        Kind::Mail => put(&mut snap.mail, name, value),
     }
 }
 
@@ -409,10 +411,20 @@ fn delete(
             Kind::Endpoint => vol.replicas.iter().any(|r| r == name),
             Kind::Wrl => vol.wrl == name,
             Kind::Key => vol.key == name,
-            Kind::Volume | Kind::Set | Kind::User => false,
+            Kind::Volume | Kind::Set | Kind::User | Kind::Alert | Kind::Mail => false,
         };
         if uses {
             users.push(format!("volume {v:?}"));
+        }
+    }
+    for (rule, def) in &snap.alerts {
+        let uses = match kind {
+            Kind::Volume => def.volumes.iter().any(|v| v == name),
+            Kind::Mail => def.mail.as_deref() == Some(name) || (def.mail.is_none() && !def.email.is_empty()),
+            _ => false,
+        };
+        if uses {
+            users.push(format!("alert {rule:?}"));
         }
     }
     for (set, def) in &snap.sets {
@@ -463,6 +475,8 @@ pub(crate) fn snapshot(tx: &WriteTransaction, e: &dyn Fn(redb::Error) -> ConfigE
         volumes: table(tx, Kind::Volume).map_err(e)?,
         sets: table(tx, Kind::Set).map_err(e)?,
         users: table(tx, Kind::User).map_err(e)?,
+        alerts: table(tx, Kind::Alert).map_err(e)?,
+        mail: table(tx, Kind::Mail).map_err(e)?,
     })
 }
 
@@ -756,6 +770,48 @@ mod tests {
         // Taken apart in order: the user's grant, the set, then the volume.
         st.commit(vec![set(Kind::User, "ann", &["grants={}"])]).unwrap();
         st.commit(vec![del(Kind::Set, "prod"), del(Kind::Volume, "db")]).unwrap();
+    }
+
+    /// Alert rules name volumes and a mail server that exist; neither goes while a rule uses it.
+    #[test]
+    fn alert_rules_refer_to_what_exists() {
+        let (_d, st) = store();
+        let mut ops = base();
+        ops.push(set(Kind::Volume, "db", &["size_bytes=1G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]));
+        st.commit(ops).unwrap();
+        let rule = |a: &[&str]| set(Kind::Alert, "lag", a);
+        let e = st.commit(vec![rule(&["when=lag_seconds", "over=60", "volumes=[\"web\"]"])]).unwrap_err();
+        assert!(e.to_string().contains("volume \"web\" does not exist"), "{e}");
+        let e = st.commit(vec![rule(&["when=lag_seconds", "over=60", "email=[\"ops@example.com\"]"])]).unwrap_err();
+        assert!(e.to_string().contains("names no mail server"), "{e}");
+        let e = st.commit(vec![rule(&["when=wrl_fill_percent", "over=150"])]).unwrap_err();
+        assert!(e.to_string().contains("more than 100 percent"), "{e}");
+        let e = st.commit(vec![rule(&["when=lag_seconds", "email=[\"not an address\"]"])]).unwrap_err();
+        assert!(e.to_string().contains("not a mail address"), "{e}");
+        let e = st.commit(vec![rule(&["when=sometimes"])]).unwrap_err();
+        assert!(e.to_string().contains("when"), "{e}");
+        st.commit(vec![set(
+            Kind::Mail,
+            "smtp",
+            &["address=127.0.0.1:25", "security=none", "from=drv <drv@localhost>"],
+        )])
+        .unwrap();
+        let w = st
+            .commit(vec![rule(&[
+                "when=lag_seconds",
+                "over=60",
+                "volumes=[\"db\"]",
+                "email=[\"ops@example.com\"]",
+                "mail_every=15m",
+            ])])
+            .unwrap();
+        assert_eq!(w.values[0]["mail_every"], 900);
+        let del = |k: Kind, n: &str| Op::Delete { kind: k, name: n.into(), if_version: None };
+        let e = st.commit(vec![del(Kind::Volume, "db")]).unwrap_err();
+        assert!(e.to_string().contains("still used by alert \"lag\""), "{e}");
+        let e = st.commit(vec![del(Kind::Mail, "smtp")]).unwrap_err();
+        assert!(e.to_string().contains("still used by alert \"lag\""), "{e}");
+        st.commit(vec![del(Kind::Alert, "lag"), del(Kind::Mail, "smtp")]).unwrap();
     }
 
     /// A user's command is checked as it applies: against the roles and sets of that moment, so a

@@ -48,7 +48,7 @@ pub enum ConfigError {
     #[error("configuration store {0} does not exist (drv config set creates it; --store or DRV_CONFIG names another)")]
     Missing(String),
     /// An unknown kind was named.
-    #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key, set, user)")]
+    #[error("unknown kind {0:?} (kinds: volume, wrl, endpoint, key, set, user, alert, mail)")]
     UnknownKind(String),
     /// A conditional change found the entry at another version (0: the entry does not exist).
     #[error("{kind} {name:?} is at version {actual}, not {expected}: it changed since it was read (read it again)")]
@@ -89,10 +89,15 @@ pub enum Kind {
     Set,
     /// A user of the web UI and the JSON API.
     User,
+    /// An alert rule: what the config servers watch, and whom they tell.
+    Alert,
+    /// An SMTP server alerts and digests are sent through.
+    Mail,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Endpoint, Kind::Key, Kind::Wrl, Kind::Volume, Kind::Set, Kind::User];
+    pub const ALL: [Kind; 8] =
+        [Kind::Endpoint, Kind::Key, Kind::Wrl, Kind::Volume, Kind::Set, Kind::User, Kind::Alert, Kind::Mail];
 
     pub(crate) fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
@@ -102,6 +107,8 @@ impl Kind {
             Kind::Volume => "volumes",
             Kind::Set => "sets",
             Kind::User => "users",
+            Kind::Alert => "alerts",
+            Kind::Mail => "mail_servers",
         })
     }
 }
@@ -115,6 +122,8 @@ impl std::fmt::Display for Kind {
             Kind::Volume => "volume",
             Kind::Set => "set",
             Kind::User => "user",
+            Kind::Alert => "alert",
+            Kind::Mail => "mail",
         })
     }
 }
@@ -128,6 +137,8 @@ impl std::str::FromStr for Kind {
             "wrl" | "wrls" => Kind::Wrl,
             "volume" | "volumes" => Kind::Volume,
             "set" | "sets" => Kind::Set,
+            "alert" | "alerts" => Kind::Alert,
+            "mail" => Kind::Mail,
             "user" | "users" => Kind::User,
             other => return Err(ConfigError::UnknownKind(other.to_owned())),
         })
@@ -292,6 +303,102 @@ pub struct User {
     pub disabled: bool,
 }
 
+/// What an alert rule watches (`over` is its threshold, in the unit its name says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertCondition {
+    /// The age of the oldest write not yet at every replica, over `over` seconds.
+    LagSeconds,
+    /// What a disaster now would lose, over `over` seconds (the lag, or out of sync mode the
+    /// time since the volume left it).
+    RpoSeconds,
+    /// The volume in change-map mode for more than `over` minutes.
+    ChangeMapMinutes,
+    /// The volume's WRL fuller than `over` percent.
+    WrlFillPercent,
+    /// A component (staging, replica, agent) of the volume not heard from for `over` seconds.
+    SilentSeconds,
+    /// A recovery check of the volume failed.
+    CheckFailed,
+    /// The volume's snapshot store fuller than `over` percent of its `snapshot_bytes_limit`.
+    SnapshotStorePercent,
+}
+
+/// An alert rule: it fires for each volume (of `volumes`, or every volume) where its
+/// condition holds, and resolves when it no longer does. Each firing and resolution goes to
+/// the activity log and, if `email` names anyone, to them through the mail server `mail`, for
+/// one volume at most once per `mail_every` (a flapping link does not send a mail per flap).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    pub when: AlertCondition,
+    #[serde(default)]
+    pub over: f64,
+    /// The volumes it watches (none: every volume).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Who is mailed.
+    #[serde(default)]
+    pub email: Vec<String>,
+    /// The mail server entry (none: the only one there is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail: Option<String>,
+    /// At most one mail per volume this often (`1h`, `15m`, or seconds).
+    #[serde(default = "default_mail_every", deserialize_with = "de_duration")]
+    pub mail_every: u64,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+fn default_mail_every() -> u64 {
+    3600
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    use serde::de::Error;
+    d.deserialize_any(DurationVisitor)?.ok_or_else(|| D::Error::custom("a duration is needed, not null"))
+}
+
+/// How a mail server is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailSecurity {
+    /// Plain SMTP (a relay on the same host or network).
+    None,
+    /// SMTP upgraded with STARTTLS (refused if the server does not offer it).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (SMTPS, port 465).
+    Tls,
+}
+
+/// An SMTP server the config servers send alerts and digests through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailServer {
+    /// `host:port`.
+    pub address: String,
+    #[serde(default)]
+    pub security: MailSecurity,
+    /// The sender, e.g. `drv <drv@example.com>`.
+    pub from: String,
+    /// Log in as this user (with the password in `password_file` on each config server host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// A PEM file of the CA that signed the server's certificate (besides the public ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Mails sent through it per hour at most, by each config server (all rules together).
+    #[serde(default = "default_per_hour")]
+    pub per_hour: u32,
+}
+
+fn default_per_hour() -> u32 {
+    60
+}
+
 /// A protected volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,6 +441,19 @@ pub struct Volume {
     /// `drv sync start --bwlimit` sets another for one run. Changed live.
     #[serde(default, deserialize_with = "de_opt_size", skip_serializing_if = "Option::is_none")]
     pub bwlimit: Option<u64>,
+    /// Replication paused by an operator: staging keeps logging the volume's writes (the agent
+    /// stays in sync mode) but relays none to the replicas until it is set back to false. A
+    /// long pause fills the WRL; the agent then falls back to its change map.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Full resyncs asked for: raising it makes the agent resync the whole volume once more
+    /// (also when it was down meanwhile: it compares with the copy it keeps).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resync: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Parses a duration: `3600`, `90s`, `15m`, `24h`, `7d`, `2w` (into seconds).
@@ -538,6 +658,8 @@ pub(crate) fn typed_check(kind: Kind, name: &str, value: Value, raw: &BTreeMap<S
         Kind::Volume => rt::<Volume>(value, raw),
         Kind::Set => rt::<ReplicationSet>(value, raw),
         Kind::User => rt::<User>(value, raw),
+        Kind::Alert => rt::<AlertRule>(value, raw),
+        Kind::Mail => rt::<MailServer>(value, raw),
     }
     .map_err(|reason| ConfigError::Invalid { kind, name: name.into(), reason })
 }

@@ -23,8 +23,8 @@ pub const PASSWORD_MIN: usize = 8;
 pub const PASSWORD_MAX: usize = 1024;
 
 /// The fields of a volume an operator may change: how it is protected, not where its data goes.
-pub const OPERATOR_FIELDS: [&str; 5] =
-    ["bwlimit", "retention", "retention_bytes", "check_interval", "snapshot_bytes_limit"];
+pub const OPERATOR_FIELDS: [&str; 7] =
+    ["bwlimit", "retention", "retention_bytes", "check_interval", "snapshot_bytes_limit", "paused", "resync"];
 
 /// Hashes `password` (argon2id, a random salt).
 pub fn hash(password: &str) -> Result<String, String> {

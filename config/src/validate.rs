@@ -151,6 +151,65 @@ impl Entry for crate::User {
     }
 }
 
+impl Entry for crate::AlertRule {
+    fn check(&self, c: &mut Check<'_>) {
+        use crate::AlertCondition::*;
+        if !self.over.is_finite() || self.over < 0.0 {
+            c.fail("over", &self.over, "is not a threshold", "a number, 0 or more");
+        }
+        let percent = matches!(self.when, WrlFillPercent | SnapshotStorePercent);
+        if percent && self.over > 100.0 {
+            c.fail("over", &self.over, "is more than 100 percent", "0 to 100");
+        }
+        for a in &self.email {
+            if !is_mail_address(a) {
+                c.fail("email", &format!("{a:?}"), "is not a mail address", "NAME@DOMAIN");
+            }
+        }
+        if self.email.len() > 32 {
+            c.fail("email", &self.email.len(), "addresses are too many", "at most 32");
+        }
+        if self.mail_every < 60 {
+            c.fail("mail_every", &self.mail_every, "seconds is too often", "60 s or more");
+        }
+    }
+}
+
+/// `NAME@DOMAIN`, without spaces or angle brackets (the SMTP library checks it again).
+pub fn is_mail_address(a: &str) -> bool {
+    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && !b"<>(),;:\\\"[]@".contains(&b));
+    let domain = |d: &str| ok(d) && (d.contains('.') || d == "localhost");
+    a.len() <= 254 && a.split_once('@').is_some_and(|(l, d)| ok(l) && domain(d))
+}
+
+impl Entry for crate::MailServer {
+    fn check(&self, c: &mut Check<'_>) {
+        if let Err(problem) = check_address(&self.address) {
+            c.fail(
+                "address",
+                &format!("{:?}", self.address),
+                &problem.to_string(),
+                "HOST:PORT, e.g. mail.example.com:587",
+            );
+        }
+        let from = self.from.rsplit_once('<').map_or(self.from.as_str(), |(_, a)| a.trim_end_matches('>'));
+        if !is_mail_address(from) {
+            c.fail("from", &format!("{:?}", self.from), "is not a mail address", "NAME@DOMAIN or Name <NAME@DOMAIN>");
+        }
+        for (field, p) in [("password_file", &self.password_file), ("ca_file", &self.ca_file)] {
+            if let Some(p) = p {
+                c.absolute_path(field, p);
+            }
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            c.fail("user", &format!("{:?}", self.user), "and password_file go together", "both or neither");
+        }
+        if self.per_hour == 0 {
+            c.fail("per_hour", &0, "would send nothing", "1 or more");
+        }
+    }
+}
+
 impl Entry for KeyRef {
     fn check(&self, c: &mut Check<'_>) {
         c.absolute_path("path", &self.path);
@@ -337,6 +396,8 @@ pub struct Snapshot {
     pub volumes: BTreeMap<String, Volume>,
     pub sets: BTreeMap<String, crate::ReplicationSet>,
     pub users: BTreeMap<String, crate::User>,
+    pub alerts: BTreeMap<String, crate::AlertRule>,
+    pub mail: BTreeMap<String, crate::MailServer>,
 }
 
 /// What is wrong between entries, as seen from the entry `kind name` just set: its references
@@ -388,6 +449,23 @@ pub fn cross_check(s: &Snapshot, kind: crate::Kind, name: &str) -> Vec<String> {
                 }
             }
         }
+        Kind::Alert => {
+            if let Some(a) = s.alerts.get(name) {
+                for v in a.volumes.iter().filter(|v| !s.volumes.contains_key(*v)) {
+                    out.push(format!("volume {v:?} does not exist"));
+                }
+                match &a.mail {
+                    Some(m) if !s.mail.contains_key(m) => out.push(format!("mail server {m:?} does not exist")),
+                    None if !a.email.is_empty() && s.mail.len() != 1 => out.push(format!(
+                        "it mails {} but names no mail server, and there are {} (name one: mail=NAME)",
+                        a.email.join(", "),
+                        s.mail.len()
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        Kind::Mail => {}
     }
     out
 }

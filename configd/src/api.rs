@@ -221,6 +221,10 @@ pub struct Api {
     pub series: crate::series::Series,
     /// The newest overview of the installation (`monitor.rs`).
     pub overview: tokio::sync::watch::Receiver<Arc<crate::monitor::Overview>>,
+    /// This server's alerts, and the queue of mails to send.
+    pub alerts: Arc<crate::alerts::Alerts>,
+    pub mails: tokio::sync::mpsc::Sender<crate::alerts::Queued>,
+    pub mail_budget: Arc<crate::mail::Budget>,
 }
 
 /// An error answer.
@@ -802,6 +806,7 @@ pub fn router(api: Api) -> axum::Router {
         .route("/v1/components", get(components))
         .route("/v1/forward", post(forwarded))
         .merge(crate::auth::router())
+        .merge(crate::alerts::router())
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
         .with_state(api)
 }

@@ -210,7 +210,7 @@ impl Sight {
             Kind::Volume => self.volume(name),
             Kind::Set => self.user.grants.contains_key(name),
             Kind::User => name == self.name,
-            Kind::Endpoint | Kind::Key | Kind::Wrl => false,
+            Kind::Endpoint | Kind::Key | Kind::Wrl | Kind::Alert | Kind::Mail => false,
         }
     }
 

@@ -14,10 +14,12 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod client;
 pub mod log_store;
+pub mod mail;
 pub mod monitor;
 pub mod network;
 pub mod series;

@@ -64,6 +64,13 @@ pub struct VolumeRow {
     pub write_bps: Option<f64>,
     pub relay_bps: Option<f64>,
     pub snapshot_bytes_limit: Option<u64>,
+    /// Seconds since the volume left sync mode (none: in sync mode, or its mode is unknown).
+    pub out_of_sync_seconds: Option<f64>,
+    /// Replication paused by an operator (the configuration's `paused`).
+    pub paused: bool,
+    /// The longest any of its components (staging, replicas, agent) has not been heard from;
+    /// one that never reported counts from when this server started watching.
+    pub unheard_seconds: f64,
     pub replicas: Vec<ReplicaRow>,
     pub health: Health,
     /// Why it is not green, in words.
@@ -100,6 +107,8 @@ pub type Configured = BTreeMap<String, (Volume, String)>;
 pub struct Memory {
     counters: HashMap<(String, String), (f64, u64)>,
     out_of_sync: HashMap<String, u64>,
+    /// When this server started watching (ms).
+    started: Option<u64>,
 }
 
 /// The series of a volume: (name, how a coarser tier sums it up).
@@ -143,6 +152,7 @@ pub fn overview(
     memory: &mut Memory,
     now_ms: u64,
 ) -> Overview {
+    memory.started.get_or_insert(now_ms);
     let silent = |c: &ComponentState| now_ms.saturating_sub(c.reported_unix_ms) > SILENT_AFTER.as_millis() as u64;
     let by_name: HashMap<&str, &ComponentState> = components.iter().map(|c| (c.component.as_str(), c)).collect();
     let mut rows = Vec::with_capacity(volumes.len());
@@ -183,6 +193,9 @@ fn volume_row(
         health = health.max(h);
         problems.push(p);
     };
+    if v.paused {
+        flag(Health::Warn, "replication paused by an operator (writes are logged at staging, not relayed)".into());
+    }
     let heard = |c: &ComponentState| {
         let s = now_ms.saturating_sub(c.reported_unix_ms) / 1000;
         format!("not heard from for {s} s")
@@ -246,6 +259,13 @@ fn volume_row(
     };
     let replicas: Vec<ReplicaRow> =
         v.replicas.iter().map(|r| replica_row(r, name, by_name.get(r.as_str()).copied(), silent)).collect();
+    let watched = memory.started.unwrap_or(now_ms);
+    let heard_at = |c: Option<&ComponentState>| c.map_or(watched, |c| c.reported_unix_ms);
+    let mut oldest = heard_at(stg).min(heard_at(agent));
+    for r in &v.replicas {
+        oldest = oldest.min(heard_at(by_name.get(r.as_str()).copied()));
+    }
+    let unheard_seconds = now_ms.saturating_sub(oldest) as f64 / 1000.0;
     for r in &replicas {
         match r.state.as_str() {
             "replicating" => {}
@@ -270,6 +290,9 @@ fn volume_row(
         write_bps,
         relay_bps,
         snapshot_bytes_limit: v.snapshot_bytes_limit,
+        out_of_sync_seconds: since.map(|s| now_s.saturating_sub(s) as f64),
+        paused: v.paused,
+        unheard_seconds,
         replicas,
         health,
         problems,
@@ -333,25 +356,39 @@ pub fn samples(o: &Overview) -> Vec<(String, Agg, f64)> {
     out
 }
 
-/// The volumes of the configuration as the overview needs them: (volume, its WRL's staging).
-pub fn configured(api: &Api) -> Result<(u64, Configured), drv_config::ConfigError> {
+/// What the monitor reads of the configuration.
+pub struct Watched {
+    pub version: u64,
+    pub volumes: Configured,
+    pub alerts: BTreeMap<String, drv_config::AlertRule>,
+    pub mail: BTreeMap<String, drv_config::MailServer>,
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    store: &drv_config::ConfigStore,
+    kind: Kind,
+) -> Result<BTreeMap<String, T>, drv_config::ConfigError> {
+    Ok(store
+        .list(&[kind])?
+        .into_iter()
+        .filter_map(|(_, n, v)| serde_json::from_value(v).ok().map(|x| (n, x)))
+        .collect())
+}
+
+/// The volumes of the configuration as the overview needs them, the alert rules and the mail
+/// servers.
+pub fn configured(api: &Api) -> Result<Watched, drv_config::ConfigError> {
     let store = api.state.store();
     let version = store.version()?;
-    let wrls: BTreeMap<String, drv_config::WrlDef> = store
-        .list(&[Kind::Wrl])?
+    let wrls: BTreeMap<String, drv_config::WrlDef> = typed(&store, Kind::Wrl)?;
+    let volumes = typed::<Volume>(&store, Kind::Volume)?
         .into_iter()
-        .filter_map(|(_, n, v)| serde_json::from_value(v).ok().map(|w| (n, w)))
-        .collect();
-    let volumes = store
-        .list(&[Kind::Volume])?
-        .into_iter()
-        .filter_map(|(_, n, v)| {
-            let v: Volume = serde_json::from_value(v).ok()?;
+        .map(|(n, v)| {
             let staging = wrls.get(&v.wrl).map(|w| w.staging.clone()).unwrap_or_default();
-            Some((n, (v, staging)))
+            (n, (v, staging))
         })
         .collect();
-    Ok((version, volumes))
+    Ok(Watched { version, volumes, alerts: typed(&store, Kind::Alert)?, mail: typed(&store, Kind::Mail)? })
 }
 
 /// Every component's newest report, from this server and its peers (asked at once).
@@ -416,7 +453,7 @@ pub fn spawn(api: Api, tx: tokio::sync::watch::Sender<Arc<Overview>>) -> tokio::
         loop {
             tick.tick().await;
             let components = all_components(&api).await;
-            let (version, volumes) = match configured(&api) {
+            let w = match configured(&api) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("monitor: the configuration: {e}");
@@ -424,12 +461,25 @@ pub fn spawn(api: Api, tx: tokio::sync::watch::Sender<Arc<Overview>>) -> tokio::
                 }
             };
             let now = drv_config::now_unix_ms();
-            let o = Arc::new(overview(version, &volumes, &components, &mut memory, now));
-            let series = api.series.clone();
-            let s = samples(&o);
-            match tokio::task::spawn_blocking(move || series.record(now / 1000, &s)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("monitor: {e}"),
+            let o = Arc::new(overview(w.version, &w.volumes, &components, &mut memory, now));
+            let (series, alerts, s, o2) = (api.series.clone(), api.alerts.clone(), samples(&o), o.clone());
+            let leader = api.raft.metrics().borrow().current_leader == Some(crate::server::node_id(&api.name));
+            let done = tokio::task::spawn_blocking(move || {
+                let recorded = series.record(now / 1000, &s).map_err(|e| e.to_string());
+                let t = alerts.evaluate(&w.alerts, &w.mail, &o2, leader, now).map_err(|e| e.to_string());
+                (recorded, t)
+            })
+            .await;
+            match done {
+                Ok((recorded, transitions)) => {
+                    if let Err(e) = recorded {
+                        tracing::warn!("monitor: {e}");
+                    }
+                    match transitions {
+                        Ok(t) => crate::alerts::tell(&api, t),
+                        Err(e) => tracing::warn!("monitor: {e}"),
+                    }
+                }
                 Err(e) => tracing::warn!("monitor: {e}"),
             }
             tx.send_replace(o);

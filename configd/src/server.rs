@@ -52,6 +52,8 @@ pub enum ServerError {
     Sessions(#[from] crate::sessions::SessionError),
     #[error("config server: {0}")]
     Series(#[from] crate::series::SeriesError),
+    #[error("config server: {0}")]
+    Alerts(#[from] crate::alerts::AlertsError),
 }
 
 /// A server's id in the raft group: a hash of its name (its certificate's).
@@ -123,6 +125,7 @@ impl ConfigNode {
         let roles = [Role::Config, Role::Admin, Role::Staging, Role::Replica, Role::Agent];
         let tls = TlsListener::spawn(listener, https_server_config(identity, &roles)?);
         let (overview_tx, overview_rx) = tokio::sync::watch::channel(Default::default());
+        let (mails_tx, mails_rx) = tokio::sync::mpsc::channel(crate::alerts::MAIL_QUEUE);
         let api = crate::api::Api {
             raft: raft.clone(),
             state: state.clone(),
@@ -132,8 +135,12 @@ impl ConfigNode {
             forward_tls: https_client_config(identity, Role::Config)?,
             series: crate::series::Series::open(&data.join("series.redb"))?,
             overview: overview_rx,
+            alerts: crate::alerts::Alerts::open(&data.join("alerts.redb"))?,
+            mails: mails_tx,
+            mail_budget: Default::default(),
         };
         let monitor = crate::monitor::spawn(api.clone(), overview_tx);
+        let mailer = crate::alerts::spawn_mailer(api.sessions.clone(), api.mail_budget.clone(), mails_rx);
         let app = router(raft.clone()).merge(crate::api::router(api.clone()));
         let server = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Peer>();
@@ -141,7 +148,7 @@ impl ConfigNode {
                 tracing::error!("config server listener: {e}");
             }
         });
-        Ok(ConfigNode { id, raft, state, api, addr, server, web: vec![monitor] })
+        Ok(ConfigNode { id, raft, state, api, addr, server, web: vec![monitor, mailer] })
     }
 
     /// Where it serves its peers.

@@ -540,8 +540,21 @@ fn sync_added_replicas(agent: &Agent, name: &str, old: &[String], new: &[String]
     });
 }
 
+/// A full resync asked for by the configuration (`resync` raised): every block is marked and
+/// sent again, as `drv sync start` does.
+fn resync_all(agent: &Agent, name: &str, generation: u64) {
+    let (agent, name) = (agent.clone(), name.to_owned());
+    tokio::spawn(async move {
+        tracing::info!("volume {name}: a full resync was asked for (resync={generation})");
+        if let Err(e) = agent.start_initial_sync(None).await {
+            tracing::error!("volume {name}: the resync asked for did not start: {e} (drv sync start {name})");
+        }
+    });
+}
+
 /// Follows the volume's configuration: the resync bandwidth limit changes live; a replica added
-/// (also while the agent was down: against the cached copy) starts an initial sync; the volume's
+/// or `resync` raised (also while the agent was down: against the cached copy) starts an
+/// initial sync; the volume's
 /// id, size, change block size and staging server wait for a restart of the agent (reported as
 /// such); the rest the agent does not use.
 fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<Following>) {
@@ -552,6 +565,9 @@ fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<Following>) {
         follower.with_figures(std::sync::Arc::new(move || crate::metrics::figures::agent(&volume, &fig.status())));
     if let Some(before) = before {
         sync_added_replicas(&agent, &name, &before.volume.replicas, &view.volume.replicas);
+        if view.volume.resync > before.volume.resync {
+            resync_all(&agent, &name, view.volume.resync);
+        }
     }
     let current = Slice { version, value: view.clone() };
     tokio::spawn(follower.follow(current, move |old: &VolumeView, new: &VolumeView| {
@@ -559,6 +575,8 @@ fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<Following>) {
         for field in drv_config::diff::volume_fields(old, new) {
             if field == "replicas" {
                 sync_added_replicas(&agent, &name, &old.volume.replicas, &new.volume.replicas);
+            } else if field == "resync" && new.volume.resync > old.volume.resync {
+                resync_all(&agent, &name, new.volume.resync);
             } else if field == "bwlimit" {
                 agent.set_bwlimit(new.volume.bwlimit);
                 tracing::info!("volume {name}: resync bandwidth limit now {:?} bytes/s", new.volume.bwlimit);

@@ -469,6 +469,7 @@ pub mod figures {
             put(&mut f, &v.name, "lag_bytes", v.lag_bytes as f64);
             put(&mut f, &v.name, "lag_seconds", v.lag_seconds);
             put(&mut f, &v.name, "written_bytes", v.written_bytes as f64);
+            put(&mut f, &v.name, "paused", if v.paused { 1.0 } else { 0.0 });
             put(&mut f, &v.name, "replicated_bytes", v.replicated_bytes as f64);
             let down = v.replicas.iter().filter(|r| !r.connected).count();
             put(&mut f, &v.name, "replicas_disconnected", down as f64);

@@ -34,6 +34,9 @@ pub struct StagingVolume {
     pub lag_seconds: f64,
     /// Payload bytes durable in the WRL since staging started, and durable on every replica
     /// (records replicated before a restart are not counted again).
+    /// Replication paused by the configuration (writes logged, none relayed).
+    #[serde(default)]
+    pub paused: bool,
     #[serde(default)]
     pub written_bytes: u64,
     #[serde(default)]

@@ -93,6 +93,8 @@ pub struct VolumeCtx {
     /// Payload bytes made durable in the WRL, and made durable on every replica, since start.
     pub written_bytes: std::sync::atomic::AtomicU64,
     pub replicated_bytes: std::sync::atomic::AtomicU64,
+    /// Replication paused by the configuration: writes are logged, none relayed.
+    pub paused: std::sync::atomic::AtomicBool,
 }
 
 /// Caps the lag bookkeeping (entries); beyond it the oldest entries are dropped and lag in
@@ -527,7 +529,11 @@ impl Staging {
         vs
     }
 
+    /// Starts the relay of `v` to a replica (none while the volume is paused).
     fn spawn_relay(self: &Arc<Self>, v: &Arc<VolumeCtx>, (replica, addr, limit): (String, SocketAddr, u32)) {
+        if v.paused.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let task = tokio::spawn(crate::relay::run(self.clone(), v.clone(), replica.clone(), addr, limit));
         if let Some(old) = self.relays.lock().expect("relays").insert((v.id, replica), task.abort_handle()) {
             old.abort();
@@ -616,7 +622,18 @@ impl Staging {
             v.progress.lock().expect("progress").entry(r.0.clone()).or_default();
             self.spawn_relay(&v, r.clone());
         }
-        *v.replicas.lock().expect("replicas") = want;
+        *v.replicas.lock().expect("replicas") = want.clone();
+        if fields.iter().any(|f| f == "paused") {
+            v.paused.store(n.volume.paused, std::sync::atomic::Ordering::Release);
+            for r in &want {
+                if n.volume.paused {
+                    self.stop_relay(&v, &r.0);
+                } else {
+                    self.spawn_relay(&v, r.clone());
+                }
+            }
+            tracing::info!(volume = %name, "replication {}", if n.volume.paused { "paused" } else { "resumed" });
+        }
         v.confirm_replicated();
         Ok(())
     }
@@ -669,6 +686,7 @@ fn volume_status(v: &VolumeCtx, now: Instant) -> StagingVolume {
         lag_records: s.durable().saturating_sub(min_durable),
         lag_bytes: u.iter().map(|e| e.1).sum(),
         lag_seconds: u.front().map(|e| now.duration_since(e.2).as_secs_f64()).unwrap_or(0.0),
+        paused: v.paused.load(std::sync::atomic::Ordering::Relaxed),
         written_bytes: v.written_bytes.load(std::sync::atomic::Ordering::Relaxed),
         replicated_bytes: v.replicated_bytes.load(std::sync::atomic::Ordering::Relaxed),
         replicas,
@@ -727,5 +745,6 @@ fn volume_ctx(v: &VolumeView, wrls: &BTreeMap<String, Arc<Wrl>>) -> Result<Volum
         unreplicated: Mutex::new(VecDeque::new()),
         written_bytes: Default::default(),
         replicated_bytes: Default::default(),
+        paused: std::sync::atomic::AtomicBool::new(v.volume.paused),
     })
 }

@@ -30,6 +30,7 @@ pub fn layout(title: &str, who: Option<&Viewer>, body: Markup) -> Markup {
                     strong { "drv" }
                     @if let Some(w) = who {
                         a href="/" { "Overview" }
+                        a href="/alerts" { "Alerts" }
                         a href="/activity" { "Activity" }
                         a href="/history" { "History" }
                         @if w.admin { a href="/config" { "Configuration" } }
@@ -227,7 +228,7 @@ mod tests {
     #[test]
     fn figures_in_words() {
         assert_eq!(utc(0), "1970-01-01 00:00:00Z");
-        assert_eq!(utc(1_796_680_510), "2026-12-07 22:35:10Z");
+        assert_eq!(utc(1_796_682_910), "2026-12-07 22:35:10Z");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(bytes(0.0), "0 B");
         assert_eq!(bytes(1536.0), "1.5 KiB");

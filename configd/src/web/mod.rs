@@ -14,6 +14,7 @@
 //! | `/login`, `/logout`     | the login form; ending the session                           |
 //! | `/`                     | overview: every volume (at risk first, and why), components   |
 //! | `/volume/NAME`          | a volume: status, replicas, graphs (`?range=hour|day|week`), recovery commands, its settings, its history |
+//! | `/alerts`               | alerts: open, acknowledged, resolved (acknowledge: operators) |
 //! | `/activity`, `/history` | this server's activity log; the change history               |
 //! | `/config`               | (admins) every entry, with forms to change, add and delete   |
 //! | `/events?page=P`        | server-sent events: the live fragments of page P             |
@@ -227,6 +228,8 @@ pub fn router(api: Api) -> axum::Router {
         .route("/activity", get(pages::activity))
         .route("/history", get(pages::history))
         .route("/config", get(pages::config))
+        .route("/alerts", get(pages::alerts))
+        .route("/ui/ack", post(pages::ack))
         .route("/events", get(pages::events))
         .route("/ui/set", post(pages::set))
         .route("/ui/delete", post(pages::delete))

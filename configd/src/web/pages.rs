@@ -44,11 +44,16 @@ pub async fn overview(State(api): State<Api>, page: PageUser) -> Markup {
     let rows = visible(&o, &page.sight);
     let comps = visible_components(&o, &page.sight, &rows);
     let count = |h| rows.iter().filter(|v| v.health == h).count();
+    let open_alerts = api
+        .alerts
+        .list(|r| r.resolved_unix_ms.is_none() && r.acked_by.is_none() && page.sight.volume(&r.volume), 10_000)
+        .map_or(0, |a| a.len());
     use crate::monitor::Health;
     let body = html! {
         div data-events="/events?page=overview" {
             h1 { "Overview" }
             div.summary {
+                div { a href="/alerts" { strong { (open_alerts) } " open alerts" } }
                 div { strong { (count(Health::Bad)) } " at risk" }
                 div { strong { (count(Health::Warn)) } " warnings" }
                 div { strong { (count(Health::Ok)) } " ok" }
@@ -132,6 +137,10 @@ pub struct VolumeQuery {
     range: Option<String>,
 }
 
+/// The settings of a volume on its page's form (an operator may change them; `paused` and
+/// `resync` are the operations' buttons).
+const SETTINGS: [&str; 5] = ["bwlimit", "retention", "retention_bytes", "check_interval", "snapshot_bytes_limit"];
+
 /// The fields of a volume an operator may change, as the form shows them.
 fn setting(v: &Volume, field: &str) -> String {
     let size = |b: Option<u64>| b.map(|b| b.to_string()).unwrap_or_default();
@@ -157,6 +166,13 @@ pub async fn volume(
         Ok(v) if page.sight.volume(&name) => v,
         _ => return error_page(StatusCode::NOT_FOUND, Some(&page), &format!("no volume named {name:?}")),
     };
+    let version = api
+        .state
+        .store()
+        .entries(&[Kind::Volume], Some(&name))
+        .ok()
+        .and_then(|(_, rows)| rows.first().map(|r| r.version))
+        .unwrap_or(0);
     let o = api.overview.borrow().clone();
     let row = o.volumes.iter().find(|r| r.name == name).cloned();
     let now = drv_config::now_unix_ms() / 1000;
@@ -195,6 +211,18 @@ pub async fn volume(
             "drv failover " (name) " --test                       # a drill: a writable copy, replication goes on"
         }
         p.muted { "Replica " (replica) " keeps the snapshots; " code { "drv snapshot list " (name) } " lists them." }
+        h2 { "Operations" }
+        @if page.sight.may_operate(&name) {
+            p {
+                (op_form(&page, &name, version, if v.paused { "paused=false" } else { "paused=true" },
+                    if v.paused { "Resume replication" } else { "Pause replication" }))
+                " "
+                (op_form(&page, &name, version, &format!("resync={}", v.resync + 1), "Resync the whole volume"))
+            }
+            p.muted { "Pause: staging keeps logging writes but relays none until resumed. Resync: the agent sends every block again." }
+        } @else {
+            p.muted { @if v.paused { "Replication is paused. " } "You may view this volume; an operator of one of its sets may pause, resume or resync it." }
+        }
         h2 { "Settings" }
         @if page.sight.may_operate(&name) {
             form method="post" action="/ui/set" {
@@ -203,7 +231,7 @@ pub async fn volume(
                 input type="hidden" name="name" value=(name);
                 input type="hidden" name="operator" value="1";
                 table {
-                    @for f in drv_config::users::OPERATOR_FIELDS {
+                    @for f in SETTINGS {
                         tr {
                             td { label for=(f) { (f) } }
                             td { input type="text" id=(f) name=(f) value=(setting(&v, f)) placeholder="none"; }
@@ -214,7 +242,7 @@ pub async fn volume(
             }
         } @else {
             table {
-                @for f in drv_config::users::OPERATOR_FIELDS {
+                @for f in SETTINGS {
                     tr { td { (f) } td { (setting(&v, f)) } }
                 }
             }
@@ -224,6 +252,22 @@ pub async fn volume(
         (history_table(&history))
     };
     html::layout(&format!("Volume {name}"), Some(&page.viewer()), body).into_response()
+}
+
+/// A one-button form that makes the change `assignment` to volume `name` (at `version`: a
+/// second click after someone else's change is refused as stale, not applied twice).
+fn op_form(page: &PageUser, name: &str, version: u64, assignment: &str, label: &str) -> Markup {
+    html! {
+        form.inline method="post" action="/ui/set" {
+            input type="hidden" name="csrf" value=(page.user.session.csrf);
+            input type="hidden" name="kind" value="volume";
+            input type="hidden" name="name" value=(name);
+            input type="hidden" name="if_version" value=(version);
+            input type="hidden" name="assignments" value=(assignment);
+            input type="hidden" name="back" value={"/volume/" (name)};
+            button type="submit" { (label) }
+        }
+    }
 }
 
 fn history_table(records: &[drv_config::LogRecord]) -> Markup {
@@ -288,6 +332,75 @@ pub async fn history(State(api): State<Api>, page: PageUser) -> Response {
         (history_table(&shown))
     };
     html::layout("History", Some(&page.viewer()), body).into_response()
+}
+
+pub async fn alerts(State(api): State<Api>, page: PageUser) -> Response {
+    let sight = &page.sight;
+    let rows = match api.alerts.list(|r| sight.volume(&r.volume), 500) {
+        Ok(r) => r,
+        Err(e) => return error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(&page), &e.to_string()),
+    };
+    let table = |state: &str| {
+        let mine: Vec<&crate::alerts::AlertRecord> = rows.iter().filter(|r| r.state() == state).collect();
+        html! {
+            @if mine.is_empty() { p.muted { "None." } } @else {
+                table {
+                    thead { tr { th { "Alert" } th { "Volume" } th { "Rule" } th { "What" } th { "Fired" } th { "Acknowledged" } th { "Resolved" } th {} } }
+                    tbody {
+                        @for r in mine {
+                            tr class=(match state { "open" => "bad", "acknowledged" => "warn", _ => "" }) {
+                                td.num { (r.id) }
+                                td { a href={"/volume/" (r.volume)} { (r.volume) } }
+                                td { (r.rule) }
+                                td { (r.message) }
+                                td { (utc(r.fired_unix_ms / 1000)) }
+                                td { @if let Some(by) = &r.acked_by { (by) } }
+                                td { @if let Some(t) = r.resolved_unix_ms { (utc(t / 1000)) } }
+                                td {
+                                    @if state == "open" && sight.may_operate(&r.volume) {
+                                        form.inline method="post" action="/ui/ack" {
+                                            input type="hidden" name="csrf" value=(page.user.session.csrf);
+                                            input type="hidden" name="id" value=(r.id);
+                                            button type="submit" { "Acknowledge" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let body = html! {
+        h1 { "Alerts" }
+        p.muted { "As this config server (" (api.name) ") saw them; rules are entries of kind alert." }
+        h2 { "Open" } (table("open"))
+        h2 { "Acknowledged" } (table("acknowledged"))
+        h2 { "Resolved" } (table("resolved"))
+    };
+    html::layout("Alerts", Some(&page.viewer()), body).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct AckForm {
+    csrf: String,
+    id: u64,
+}
+
+pub async fn ack(State(api): State<Api>, page: PageUser, Form(f): Form<AckForm>) -> Response {
+    if !page.csrf_ok(&f.csrf) {
+        return error_page(StatusCode::FORBIDDEN, Some(&page), "the form did not carry this session's CSRF token");
+    }
+    let who = Who::User(page.user.clone());
+    match crate::alerts::acknowledge(&api, &who, f.id).await {
+        Ok(r) => {
+            let body =
+                html! { h1 { "Alert " (r.id) } div.msg.done { "Acknowledged." } p { a href="/alerts" { "Back" } } };
+            html::layout("Alert", Some(&page.viewer()), body).into_response()
+        }
+        Err(e) => error_page(e.status, Some(&page), &e.error.message),
+    }
 }
 
 /// An entry as `FIELD=VALUE` lines, as `drv config set` takes them (a user's password hash
@@ -376,6 +489,8 @@ pub struct SetForm {
     if_version: Option<String>,
     /// The operator form of a volume page: its fields, each its own input.
     operator: Option<String>,
+    /// Where the result page links back to.
+    back: Option<String>,
     #[serde(flatten)]
     fields: std::collections::BTreeMap<String, String>,
 }
@@ -405,7 +520,7 @@ pub async fn set(State(api): State<Api>, page: PageUser, Form(f): Form<SetForm>)
         // Only what changed: an empty field that was set becomes none.
         let current: Option<Volume> = api.state.store().get_typed(Kind::Volume, &f.name).ok();
         let mut a = Vec::new();
-        for field in drv_config::users::OPERATOR_FIELDS {
+        for field in SETTINGS {
             let new = f.fields.get(field).map(|s| s.trim().to_owned()).unwrap_or_default();
             let old = current.as_ref().map(|v| setting(v, field)).unwrap_or_default();
             if new != old {
@@ -415,7 +530,7 @@ pub async fn set(State(api): State<Api>, page: PageUser, Form(f): Form<SetForm>)
         (a, format!("/volume/{}", f.name))
     } else {
         let a = f.assignments.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-        (a, "/config".to_owned())
+        (a, super::safe_next(f.back.as_deref().or(Some("/config"))))
     };
     if assignments.is_empty() {
         let body = html! { h1 { "Change" } div.msg.done { "Nothing changed." } p { a href=(back) { "Back" } } };
