@@ -561,9 +561,9 @@ async fn pages_show_each_user_what_they_may_see_and_do() {
     let overview = viewa.get("/").await;
     assert!(overview.text.contains("Overview") && overview.text.contains("data-events"), "{}", overview.text);
     // The live fragments: the first at once, the next at the monitor's next overview (10 s).
-    let ev = viewa.events("/events?page=overview", 4).await;
-    assert!(ev[0].starts_with("event: fragment") && ev[0].contains(r#""id":"volumes""#), "{ev:?}");
-    let last = &ev[3];
+    let ev = viewa.events("/events?page=overview", 6).await;
+    assert!(ev[0].starts_with("event: fragment") && ev[0].contains(r#""id":"summary""#), "{ev:?}");
+    let last = &ev[5];
     assert!(last.contains(r#""id":"volumes""#), "an update: {ev:?}");
     assert!(last.contains("/volume/v1") && !last.contains("/volume/v2"), "only their volumes: {last}");
     assert!(last.contains("staging stg1 has not reported"), "and why it is at risk: {last}");

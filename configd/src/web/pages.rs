@@ -39,28 +39,33 @@ fn visible_components<'a>(o: &'a Overview, sight: &Sight, rows: &[&VolumeRow]) -
         .collect()
 }
 
+/// The overview's counts: open alerts, volumes at risk, with warnings, fine.
+fn summary(api: &Api, sight: &Sight, rows: &[&VolumeRow]) -> Markup {
+    use crate::monitor::Health;
+    let count = |h| rows.iter().filter(|v| v.health == h).count();
+    let open_alerts = api
+        .alerts
+        .list(|r| r.resolved_unix_ms.is_none() && r.acked_by.is_none() && sight.volume(&r.volume), 10_000)
+        .map_or(0, |a| a.len());
+    html! {
+        div { a href="/alerts" { strong { (open_alerts) } " open alerts" } }
+        div { strong { (count(Health::Bad)) } " at risk" }
+        div { strong { (count(Health::Warn)) } " warnings" }
+        div { strong { (count(Health::Ok)) } " ok" }
+    }
+}
+
 pub async fn overview(State(api): State<Api>, page: PageUser) -> Markup {
     let o = api.overview.borrow().clone();
     let rows = visible(&o, &page.sight);
     let comps = visible_components(&o, &page.sight, &rows);
-    let count = |h| rows.iter().filter(|v| v.health == h).count();
-    let open_alerts = api
-        .alerts
-        .list(|r| r.resolved_unix_ms.is_none() && r.acked_by.is_none() && page.sight.volume(&r.volume), 10_000)
-        .map_or(0, |a| a.len());
-    use crate::monitor::Health;
     let body = html! {
         div data-events="/events?page=overview" {
             h1 { "Overview" }
-            div.summary {
-                div { a href="/alerts" { strong { (open_alerts) } " open alerts" } }
-                div { strong { (count(Health::Bad)) } " at risk" }
-                div { strong { (count(Health::Warn)) } " warnings" }
-                div { strong { (count(Health::Ok)) } " ok" }
-                div.live #live {
-                    @if o.time_unix_ms == 0 { "the first overview comes within 10 s" }
-                    @else { "as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" }
-                }
+            div.summary #summary { (summary(&api, &page.sight, &rows)) }
+            p.live #live {
+                @if o.time_unix_ms == 0 { "the first overview comes within 10 s" }
+                @else { "as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" }
             }
             h2 { "Volumes" }
             table { thead { (html::volume_head()) } tbody #volumes { (html::volume_rows(&rows)) } }
@@ -595,6 +600,7 @@ pub fn fragments(api: &Api, sight: &Sight, q: &EventsQuery, o: &Overview) -> Vec
             let rows = visible(o, sight);
             let comps = visible_components(o, sight, &rows);
             vec![
+                fragment("summary", summary(api, sight, &rows)),
                 fragment("volumes", html::volume_rows(&rows)),
                 fragment("components", html::component_rows(&comps, o.time_unix_ms)),
                 fragment(

@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 use drv_tests::{drv_bin, free_port};
 
 /// The config server processes, killed when the test ends however it ends.
-struct Servers {
-    dir: PathBuf,
-    certs: PathBuf,
+pub(crate) struct Servers {
+    pub(crate) dir: PathBuf,
+    pub(crate) certs: PathBuf,
     names: Vec<String>,
-    addrs: Vec<String>,
-    /// Where each serves its Prometheus metrics.
+    pub(crate) addrs: Vec<String>,
+    /// Where each serves its Prometheus metrics, and its users (the web UI).
     metrics: Vec<String>,
-    children: Vec<Option<Child>>,
+    pub(crate) web: Vec<String>,
+    pub(crate) children: Vec<Option<Child>>,
 }
 
 impl Drop for Servers {
@@ -29,13 +30,13 @@ impl Drop for Servers {
     }
 }
 
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub(crate) ok: bool,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-fn drv(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Out {
+pub(crate) fn drv(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Out {
     let mut c = Command::new(drv_bin());
     c.args(args).current_dir(dir).env_remove("DRV_CONFIG").env_remove("DRV_CONFIG_SERVER");
     for (k, v) in env {
@@ -50,7 +51,7 @@ fn drv(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Out {
 }
 
 impl Servers {
-    fn new(n: usize) -> Servers {
+    pub(crate) fn new(n: usize) -> Servers {
         let dir = tempfile::tempdir().unwrap().keep();
         let certs = dir.join("certs");
         let c = certs.to_str().unwrap();
@@ -62,7 +63,8 @@ impl Servers {
         }
         let addrs = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let metrics = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut s = Servers { dir, certs, names, addrs, metrics, children: Vec::new() };
+        let web = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut s = Servers { dir, certs, names, addrs, metrics, web, children: Vec::new() };
         for i in 0..n {
             let child = s.spawn(i);
             s.children.push(Some(child));
@@ -84,6 +86,7 @@ impl Servers {
             .arg("--data")
             .arg(self.dir.join(&self.names[i]))
             .args(["--peers", &peers.join(","), "--snapshot-every", "8", "--metrics", &self.metrics[i]])
+            .args(["--web", &self.web[i]])
             .env("DRV_LOG", "info")
             .stderr(log)
             .stdout(std::process::Stdio::null())
@@ -92,17 +95,17 @@ impl Servers {
     }
 
     /// `drv ARGS` against the servers at `addrs`.
-    fn cli(&self, args: &[&str], addrs: &[String]) -> Out {
+    pub(crate) fn cli(&self, args: &[&str], addrs: &[String]) -> Out {
         let servers = addrs.join(",");
         let env = [("DRV_CONFIG_SERVER", servers.as_str()), ("DRV_CERTS", self.certs.to_str().unwrap())];
         drv(args, &self.dir, &env)
     }
 
-    fn all(&self) -> Vec<String> {
+    pub(crate) fn all(&self) -> Vec<String> {
         self.addrs.clone()
     }
 
-    fn status(&self, i: usize) -> Option<serde_json::Value> {
+    pub(crate) fn status(&self, i: usize) -> Option<serde_json::Value> {
         let out = self.cli(&["config-server", "status", "--json"], &[self.addrs[i].clone()]);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
         v[0].get("status").cloned()
@@ -116,7 +119,7 @@ impl Servers {
     }
 }
 
-fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
@@ -199,7 +202,7 @@ fn config_servers_keep_every_acknowledged_change_across_kill_9_of_the_leader() {
 }
 
 /// A component process run by the test, killed when it ends.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -209,12 +212,12 @@ impl Drop for Proc {
 }
 
 impl Servers {
-    fn issue(&self, role: &str, name: &str) {
+    pub(crate) fn issue(&self, role: &str, name: &str) {
         let c = self.certs.to_str().unwrap();
         assert!(drv(&["ca", "issue", "--dir", c, "--role", role, "--name", name], &self.dir, &[]).ok);
     }
 
-    fn set(&self, args: &[&str]) {
+    pub(crate) fn set(&self, args: &[&str]) {
         let mut a = vec!["config", "set"];
         a.extend_from_slice(args);
         let out = self.cli(&a, &self.all());
@@ -223,7 +226,7 @@ impl Servers {
 
     /// `drv ARGS` as a component of this installation: its own state, the config servers, the
     /// shared CA directory; stderr to `DIR/LOG.log`.
-    fn component(&self, args: &[&str], log: &str) -> Proc {
+    pub(crate) fn component(&self, args: &[&str], log: &str) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!("{log}.log"))).unwrap();
         let child = Command::new(drv_bin())
             .args(args)
@@ -401,11 +404,11 @@ fn replica_equals(s: &Servers, addr: &str, source: &Path, image: &Path, next: u6
 
 /// `drv agent run` of `volume` on `source` (its state in `DIR/agent-VOLUME`, its control socket
 /// in `run`), once its control socket is there.
-fn run_agent(s: &Servers, volume: &str, source: &Path, run: &Path) -> Proc {
+pub(crate) fn run_agent(s: &Servers, volume: &str, source: &Path, run: &Path) -> Proc {
     run_agent_with(s, volume, source, run, &[])
 }
 
-fn run_agent_with(s: &Servers, volume: &str, source: &Path, run: &Path, more: &[&str]) -> Proc {
+pub(crate) fn run_agent_with(s: &Servers, volume: &str, source: &Path, run: &Path, more: &[&str]) -> Proc {
     let state = s.dir.join(format!("agent-{volume}"));
     let mut args = vec![
         "agent",
@@ -427,7 +430,7 @@ fn run_agent_with(s: &Servers, volume: &str, source: &Path, run: &Path, more: &[
     p
 }
 
-fn replica_status(s: &Servers, addr: &str) -> serde_json::Value {
+pub(crate) fn replica_status(s: &Servers, addr: &str) -> serde_json::Value {
     let c = s.certs.to_str().unwrap();
     let out = drv(&["status", "--role", "replica", "--server", addr, "--certs", c, "--json"], &s.dir, &[]);
     serde_json::from_str(&out.stdout).unwrap_or_default()

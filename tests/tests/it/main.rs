@@ -12,6 +12,7 @@ mod recovery;
 mod relay;
 mod snapshots;
 mod user;
+mod webui;
 mod wrl;
 mod wrl_crash;
 mod wrl_kill;
