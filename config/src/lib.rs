@@ -17,7 +17,9 @@ pub mod command;
 pub mod diff;
 pub mod users;
 mod validate;
+
 pub use command::{Command, EntryRow, HISTORY_LIMIT, LogRecord, Op, Tables, Written};
+pub use validate::is_mail_address;
 pub use validate::{AddressError, MIN_FRAME_BYTES, check_address, human};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};

@@ -807,6 +807,7 @@ pub fn router(api: Api) -> axum::Router {
         .route("/v1/forward", post(forwarded))
         .merge(crate::auth::router())
         .merge(crate::alerts::router())
+        .merge(crate::digest::router())
         .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
         .with_state(api)
 }

@@ -18,6 +18,7 @@ pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod digest;
 pub mod log_store;
 pub mod mail;
 pub mod monitor;

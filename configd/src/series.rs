@@ -239,6 +239,20 @@ impl Series {
         Ok(out)
     }
 
+    /// Stores whole chunks as they are (for the benchmark: what a month of samples leaves,
+    /// without a month of calls to [`record`](Self::record)).
+    #[doc(hidden)]
+    pub fn store_chunks(&self, chunks: &[(String, u8, u64, Vec<f32>)]) -> Result<(), SeriesError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = tx.open_table(CHUNKS).map_err(|e| self.err(e))?;
+            for (name, tier, n, values) in chunks {
+                t.insert((name.as_str(), *tier, *n), encode(values).as_slice()).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// Bytes of the store's file.
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())

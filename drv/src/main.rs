@@ -10,6 +10,7 @@ mod configbench;
 mod configd_cmd;
 mod demo;
 mod devbench;
+mod digest_cmd;
 mod failover_cmd;
 mod follow;
 mod metrics;
@@ -18,6 +19,7 @@ mod servers;
 mod snapshot_cmd;
 mod trace_cmd;
 mod track_cmd;
+mod uibench;
 mod wrl_cmd;
 
 use std::path::PathBuf;
@@ -41,6 +43,10 @@ enum Command {
     Wrl(wrl_cmd::WrlCommand),
     /// Read and change the configuration: on the config servers (--config-server) or a local store.
     Config(config_cmd::ConfigArgs),
+    /// The weekly (or daily) digest: bytes written and replicated, peak and p99 lag and RPO per
+    /// volume, status, recovery checks, alerts and activity; printed, or mailed with --send (run
+    /// it from cron or the systemd timer in dist/).
+    Digest(digest_cmd::DigestArgs),
     /// The replicated configuration servers: run one, see the group, add or remove a server.
     #[command(subcommand, name = "config-server")]
     ConfigServer(configd_cmd::ConfigServerCommand),
@@ -85,6 +91,10 @@ enum Command {
     /// by `cargo xtask bench config`).
     #[command(hide = true)]
     BenchConfig(configbench::ConfigBenchArgs),
+    /// The web UI's costs for 1,000 volumes: the overview page, a live update, the time
+    /// series' bytes (run by `cargo xtask bench ui`).
+    #[command(hide = true)]
+    BenchUi(uibench::UiBenchArgs),
     /// Remove a volume's capture device (refused while it is mounted or open) and stop its agent.
     Detach(agent_cmd::DetachArgs),
     /// Initial sync of a volume to its replicas.
@@ -165,6 +175,7 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Wrl(c) => wrl_cmd::run(c),
         Command::Config(c) => config_cmd::run(c),
+        Command::Digest(a) => digest_cmd::run(a),
         Command::ConfigServer(c) => configd_cmd::run(c),
         Command::Ca(c) => servers::ca(c),
         Command::Staging(RunCommand::Run(n)) => servers::staging_run(n),
@@ -182,6 +193,7 @@ fn main() {
         Command::Devices { json } => agent_cmd::devices(json),
         Command::BenchDevice(a) => devbench::run(a),
         Command::BenchConfig(a) => configbench::run(a),
+        Command::BenchUi(a) => uibench::run(a),
         Command::MediaResync(c) => agent_cmd::media(c),
         Command::Trace(a) => trace_cmd::trace(a),
         Command::Doctor(a) => trace_cmd::doctor(a),

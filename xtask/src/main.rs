@@ -132,9 +132,10 @@ fn main() -> Result<()> {
             "snapshots" => bench_snapshots(quick),
             "restore" => bench_restore(quick),
             "config" => bench_config(quick),
+            "ui" => bench_ui(quick),
             other => {
                 bail!(
-                    "unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots, restore, config)"
+                    "unknown benchmark {other:?} (available: wrl, relay, agent, kmod, ebpf, user, snapshots, restore, config, ui)"
                 )
             }
         },
@@ -437,6 +438,18 @@ fn bench_config(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let mut cmd = Command::new(root().join("target/release/drv"));
     cmd.arg("bench-config").arg("--dir").arg(&dir);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
+}
+
+fn bench_ui(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "drv"]))?;
+    let dir = root().join("target/bench-ui");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cmd = Command::new(root().join("target/release/drv"));
+    cmd.arg("bench-ui").arg("--dir").arg(&dir);
     if quick {
         cmd.arg("--quick");
     }

@@ -35,7 +35,8 @@ use crate::api::{Api, Peer};
 use crate::auth::{LoginRequest, SessionUser, Sight, Who};
 use crate::sessions;
 
-pub use html::{bytes, secs, utc};
+pub use html::{Viewer, bytes, secs, utc};
+pub use pages::{overview_fragments, overview_page};
 
 /// The largest form a page sends.
 pub const FORM_LIMIT: usize = 64 << 10;

@@ -40,13 +40,16 @@ fn visible_components<'a>(o: &'a Overview, sight: &Sight, rows: &[&VolumeRow]) -
 }
 
 /// The overview's counts: open alerts, volumes at risk, with warnings, fine.
-fn summary(api: &Api, sight: &Sight, rows: &[&VolumeRow]) -> Markup {
+/// The open alerts (not acknowledged) of the volumes `sight` may see.
+fn open_alerts(api: &Api, sight: &Sight) -> usize {
+    api.alerts
+        .list(|r| r.resolved_unix_ms.is_none() && r.acked_by.is_none() && sight.volume(&r.volume), 10_000)
+        .map_or(0, |a| a.len())
+}
+
+fn summary(open_alerts: usize, rows: &[&VolumeRow]) -> Markup {
     use crate::monitor::Health;
     let count = |h| rows.iter().filter(|v| v.health == h).count();
-    let open_alerts = api
-        .alerts
-        .list(|r| r.resolved_unix_ms.is_none() && r.acked_by.is_none() && sight.volume(&r.volume), 10_000)
-        .map_or(0, |a| a.len());
     html! {
         div { a href="/alerts" { strong { (open_alerts) } " open alerts" } }
         div { strong { (count(Health::Bad)) } " at risk" }
@@ -57,12 +60,17 @@ fn summary(api: &Api, sight: &Sight, rows: &[&VolumeRow]) -> Markup {
 
 pub async fn overview(State(api): State<Api>, page: PageUser) -> Markup {
     let o = api.overview.borrow().clone();
-    let rows = visible(&o, &page.sight);
-    let comps = visible_components(&o, &page.sight, &rows);
+    overview_page(&o, &page.sight, open_alerts(&api, &page.sight), &page.viewer())
+}
+
+/// The overview page of `o` as `sight` sees it (the handler's, and the benchmark's).
+pub fn overview_page(o: &Overview, sight: &Sight, open_alerts: usize, viewer: &html::Viewer) -> Markup {
+    let rows = visible(o, sight);
+    let comps = visible_components(o, sight, &rows);
     let body = html! {
         div data-events="/events?page=overview" {
             h1 { "Overview" }
-            div.summary #summary { (summary(&api, &page.sight, &rows)) }
+            div.summary #summary { (summary(open_alerts, &rows)) }
             p.live #live {
                 @if o.time_unix_ms == 0 { "the first overview comes within 10 s" }
                 @else { "as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" }
@@ -76,7 +84,7 @@ pub async fn overview(State(api): State<Api>, page: PageUser) -> Markup {
             }
         }
     };
-    html::layout("Overview", Some(&page.viewer()), body)
+    html::layout("Overview", Some(viewer), body)
 }
 
 /// A graph range: its name, its length in seconds and the tier it reads.
@@ -596,20 +604,23 @@ pub fn fragments(api: &Api, sight: &Sight, q: &EventsQuery, o: &Overview) -> Vec
             out.push(fragment("live", html! { "live, as of " (utc(now)) }));
             out
         }
-        _ => {
-            let rows = visible(o, sight);
-            let comps = visible_components(o, sight, &rows);
-            vec![
-                fragment("summary", summary(api, sight, &rows)),
-                fragment("volumes", html::volume_rows(&rows)),
-                fragment("components", html::component_rows(&comps, o.time_unix_ms)),
-                fragment(
-                    "live",
-                    html! { "live, as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" },
-                ),
-            ]
-        }
+        _ => overview_fragments(o, sight, open_alerts(api, sight)),
     }
+}
+
+/// One live update of the overview: its fragments, as the event stream sends them.
+pub fn overview_fragments(o: &Overview, sight: &Sight, open_alerts: usize) -> Vec<EventResult> {
+    let rows = visible(o, sight);
+    let comps = visible_components(o, sight, &rows);
+    vec![
+        fragment("summary", summary(open_alerts, &rows)),
+        fragment("volumes", html::volume_rows(&rows)),
+        fragment("components", html::component_rows(&comps, o.time_unix_ms)),
+        fragment(
+            "live",
+            html! { "live, as of " (utc(o.time_unix_ms / 1000)) " (configuration version " (o.version) ")" },
+        ),
+    ]
 }
 
 pub async fn events(State(api): State<Api>, page: PageUser, Query(q): Query<EventsQuery>) -> Response {

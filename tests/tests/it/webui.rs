@@ -198,6 +198,28 @@ impl Browser {
     }
 }
 
+/// A mail's quoted-printable text as it was (soft line breaks joined, `=XX` decoded).
+fn unquote(qp: &str) -> String {
+    let joined = qp.replace("=\r\n", "").replace("=\n", "");
+    let b = joined.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (b[i], hex) {
+            (b'=', Some(x)) => {
+                out.push(x);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn staging_volume(s: &Servers, addr: &str, volume: &str) -> Value {
     let c = s.certs.to_str().unwrap();
     let out = drv(&["status", "--role", "staging", "--server", addr, "--certs", c, "--json"], &s.dir, &[]);
@@ -366,6 +388,30 @@ fn the_web_ui_in_a_browser_shows_each_role_its_volumes_and_tells_of_trouble_by_m
         assert!(act.contains("login_failed") || act.contains("login"), "{act}");
         b.c.clone().close().await.ok();
     });
+
+    // The digest: printed, then mailed (text and HTML) and read back from the mailbox.
+    let out = s.cli(&["digest", "--period", "day"], &s.all());
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("USAGE") && out.stdout.contains("vol1") && out.stdout.contains("vol2"),
+        "{}",
+        out.stdout
+    );
+    let out = s.cli(&["digest", "--period", "week", "--send", "--to", "ops@example.com"], &s.all());
+    assert!(out.ok && out.stdout.contains("sent"), "{}{}", out.stdout, out.stderr);
+    let digest = unquote(&smtp.wait_for("weekly digest", Duration::from_secs(30)));
+    assert!(digest.contains("multipart/alternative") && digest.contains("text/html"), "{digest}");
+    let usage =
+        digest.lines().find(|l| l.starts_with("vol1 ") && l.contains("iB")).unwrap_or_else(|| panic!("{digest}"));
+    // vol1 was written whole twice (the initial sync, the resync) and copied to rep2.
+    let written = usage.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap();
+    assert!(usage.contains("MiB") && written >= 64.0, "bytes written: {usage}");
+    assert!(digest.contains("ALERTS") && digest.contains("silent"), "the week's alerts: {digest}");
+    assert!(digest.contains("mail_sent"), "the activity: {digest}");
+    let out = s.cli(&["digest", "--period", "month"], &s.all());
+    assert!(!out.ok && out.stderr.contains("use week or day"), "{}", out.stderr);
+    let out = s.cli(&["digest", "--send", "--to", "not an address"], &s.all());
+    assert!(!out.ok && out.stderr.contains("not a mail address"), "{}", out.stderr);
     drop(staging);
     drop(agents);
     let _ = std::fs::remove_dir_all(&s.dir);
