@@ -92,7 +92,11 @@ impl std::fmt::Display for Op {
                 // may be shown before that, in a refusal).
                 let shown: Vec<String> = assignments
                     .iter()
-                    .map(|a| if crate::users::is_password(a) { "password=(hidden)".to_owned() } else { a.clone() })
+                    .map(|a| match a.split_once('=').map(|(k, _)| k.trim()) {
+                        Some("password") => "password=(hidden)".to_owned(),
+                        Some("password_hash") => "password_hash=(hidden)".to_owned(),
+                        _ => a.clone(),
+                    })
                     .collect();
                 write!(f, "set {kind} {name} {}", shown.join(" "))
             }

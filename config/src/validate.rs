@@ -465,7 +465,16 @@ pub fn cross_check(s: &Snapshot, kind: crate::Kind, name: &str) -> Vec<String> {
                 }
             }
         }
-        Kind::Mail => {}
+        Kind::Mail => {
+            // Rules that name no mail server use the only one: a second would silence them.
+            if s.mail.len() > 1 {
+                for (rule, _) in s.alerts.iter().filter(|(_, a)| a.mail.is_none() && !a.email.is_empty()) {
+                    out.push(format!(
+                        "alert {rule:?} mails through the only mail server there is; name one in it first (mail=NAME)"
+                    ));
+                }
+            }
+        }
     }
     out
 }

@@ -91,43 +91,57 @@ pub struct Alerts {
     mailed: Mutex<HashMap<(String, String), u64>>,
 }
 
-/// Whether `rule` holds for volume row `v`: what it saw, in words.
-pub fn holds(rule: &AlertRule, v: &VolumeRow) -> Option<String> {
+/// What a rule says of a volume now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// It holds: what it saw, in words.
+    Holds(String),
+    Clear,
+    /// Its figures are not known now (their component is silent): an open alert stays open.
+    Unknown,
+}
+
+/// Whether `rule` holds for volume row `v`.
+pub fn holds(rule: &AlertRule, v: &VolumeRow) -> Verdict {
     use AlertCondition::*;
+    use Verdict::*;
     let over = rule.over;
     let f = |x: f64| format!("{x:.1}");
+    let judge = |x: Option<f64>, say: &dyn Fn(f64) -> String| match x {
+        None => Unknown,
+        Some(x) if x > over => Holds(say(x)),
+        Some(_) => Clear,
+    };
     match rule.when {
-        LagSeconds => {
-            v.lag_seconds.filter(|l| *l > over).map(|l| format!("replica lag {} s, over {} s", f(l), f(over)))
+        LagSeconds => judge(v.lag_seconds, &|l| format!("replica lag {} s, over {} s", f(l), f(over))),
+        RpoSeconds => judge(v.rpo_seconds, &|r| format!("RPO {} s, over {} s", f(r), f(over))),
+        ChangeMapMinutes if v.mode == "unknown" => Unknown,
+        ChangeMapMinutes => {
+            judge(Some(if v.mode == "change-map" { v.out_of_sync_seconds.unwrap_or(0.0) / 60.0 } else { 0.0 }), &|m| {
+                format!("in change-map mode for {} min, over {} min", f(m), f(over))
+            })
         }
-        RpoSeconds => v.rpo_seconds.filter(|r| *r > over).map(|r| format!("RPO {} s, over {} s", f(r), f(over))),
-        ChangeMapMinutes => v
-            .out_of_sync_seconds
-            .filter(|s| v.mode == "change-map" && *s > over * 60.0)
-            .map(|s| format!("in change-map mode for {} min, over {} min", f(s / 60.0), f(over))),
-        WrlFillPercent => v
-            .wrl_fill
-            .map(|x| x * 100.0)
-            .filter(|p| *p > over)
-            .map(|p| format!("WRL {} {}% full, over {}%", v.wrl, f(p), f(over))),
-        SilentSeconds => (v.unheard_seconds > over).then(|| {
-            format!(
-                "a component not heard from for {} s, over {} s: {}",
-                f(v.unheard_seconds),
-                f(over),
-                v.problems.join("; ")
-            )
+        WrlFillPercent => {
+            judge(v.wrl_fill.map(|x| x * 100.0), &|p| format!("WRL {} {}% full, over {}%", v.wrl, f(p), f(over)))
+        }
+        SilentSeconds => judge(Some(v.unheard_seconds), &|s| {
+            format!("a component not heard from for {} s, over {} s: {}", f(s), f(over), v.problems.join("; "))
         }),
         CheckFailed => {
             let failed: Vec<&str> =
                 v.replicas.iter().filter(|r| r.check_ok == Some(false)).map(|r| r.name.as_str()).collect();
-            (!failed.is_empty()).then(|| format!("the last recovery check failed on {}", failed.join(", ")))
+            if failed.is_empty() {
+                Clear
+            } else {
+                Holds(format!("the last recovery check failed on {}", failed.join(", ")))
+            }
         }
         SnapshotStorePercent => {
-            let limit = v.snapshot_bytes_limit? as f64;
-            let used = v.replicas.iter().filter_map(|r| r.snapshot_store_bytes).fold(0.0, f64::max);
-            let p = used / limit.max(1.0) * 100.0;
-            (p > over).then(|| format!("snapshot store {}% of its limit, over {}%", f(p), f(over)))
+            let Some(limit) = v.snapshot_bytes_limit else { return Clear };
+            let used = v.replicas.iter().filter_map(|r| r.snapshot_store_bytes).reduce(f64::max);
+            judge(used.map(|u| u / (limit as f64).max(1.0) * 100.0), &|p| {
+                format!("snapshot store {}% of its limit, over {}%", f(p), f(over))
+            })
         }
     }
 }
@@ -183,10 +197,17 @@ impl Alerts {
         now_ms: u64,
     ) -> Result<Vec<Transition>, AlertsError> {
         let mut firing: BTreeMap<(String, String), (&AlertRule, String)> = BTreeMap::new();
+        let mut unknown: std::collections::BTreeSet<(String, String)> = Default::default();
         for (name, rule) in rules.iter().filter(|(_, r)| !r.disabled) {
             for v in o.volumes.iter().filter(|v| rule.volumes.is_empty() || rule.volumes.contains(&v.name)) {
-                if let Some(m) = holds(rule, v) {
-                    firing.insert((name.clone(), v.name.clone()), (rule, m));
+                match holds(rule, v) {
+                    Verdict::Holds(m) => {
+                        firing.insert((name.clone(), v.name.clone()), (rule, m));
+                    }
+                    Verdict::Unknown => {
+                        unknown.insert((name.clone(), v.name.clone()));
+                    }
+                    Verdict::Clear => {}
                 }
             }
         }
@@ -201,9 +222,12 @@ impl Alerts {
             let mut t = tx.open_table(ALERTS).map_err(|e| self.err(e))?;
             let mut open = self.open.lock().expect("alerts");
             let mut mailed = self.mailed.lock().expect("alerts");
-            // Resolved: open, and no longer firing (or its rule or volume is gone).
-            let done: Vec<((String, String), u64)> =
-                open.iter().filter(|(k, _)| !firing.contains_key(*k)).map(|(k, id)| (k.clone(), *id)).collect();
+            // Resolved: open, and known to hold no more (or its rule or volume is gone).
+            let done: Vec<((String, String), u64)> = open
+                .iter()
+                .filter(|(k, _)| !firing.contains_key(*k) && !unknown.contains(*k))
+                .map(|(k, id)| (k.clone(), *id))
+                .collect();
             for (key, id) in done {
                 open.remove(&key);
                 let Some(v) = t.get(id).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()) else { continue };
@@ -223,7 +247,21 @@ impl Alerts {
             // Fired: firing, and not open.
             let mut next = t.last().map_err(|e| self.err(e))?.map_or(0, |(k, _)| k.value());
             for (key, (rule, message)) in &firing {
-                if open.contains_key(key) {
+                if let Some(&id) = open.get(key) {
+                    // Still firing: its mail, if it had none yet and one is due now (a firing
+                    // within `mail_every` of the last, or one a former leader kept).
+                    let due = mailed.get(key).is_none_or(|t| now_ms.saturating_sub(*t) >= rule.mail_every * 1000);
+                    if !(leader && due && !rule.email.is_empty()) {
+                        continue;
+                    }
+                    let Some(v) = t.get(id).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()) else { continue };
+                    let Ok(mut r) = serde_json::from_slice::<AlertRecord>(&v) else { continue };
+                    let Some((n, m)) = server_of(rule).filter(|_| !r.mailed) else { continue };
+                    r.mailed = true;
+                    mailed.insert(key.clone(), now_ms);
+                    t.insert(id, serde_json::to_vec(&r).expect("a record serializes").as_slice())
+                        .map_err(|e| self.err(e))?;
+                    out.push(Transition { record: r, fired: true, mail: Some((n, m, rule.email.clone())) });
                     continue;
                 }
                 next += 1;
@@ -265,14 +303,20 @@ impl Alerts {
             return Ok(());
         }
         let keep: std::collections::HashSet<u64> = open.values().copied().collect();
-        let mut over = len - ALERTS_LIMIT;
-        let first = t.first().map_err(|e| self.err(e))?.map_or(0, |(k, _)| k.value());
-        let mut id = first;
-        while over > 0 {
-            if !keep.contains(&id) && t.remove(id).map_err(|e| self.err(e))?.is_some() {
-                over -= 1;
+        let over = (len - ALERTS_LIMIT) as usize;
+        // The oldest resolved ones (open ones stay, however many there are).
+        let mut gone = Vec::with_capacity(over);
+        for kv in t.iter().map_err(|e| self.err(e))? {
+            let id = kv.map_err(|e| self.err(e))?.0.value();
+            if !keep.contains(&id) {
+                gone.push(id);
+                if gone.len() >= over {
+                    break;
+                }
             }
-            id += 1;
+        }
+        for id in gone {
+            t.remove(id).map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -426,8 +470,19 @@ mod tests {
         assert_eq!(all.len(), 10);
         assert!(all.iter().all(|r| r.resolved_unix_ms.is_some()));
         assert!(all[0].message.contains("replica lag 90.0 s, over 60.0 s"), "{:?}", all[0]);
-        // An hour later it may mail again; a follower never does.
-        let later = t0 + 3_700_000;
+        // A figure that is not known (staging silent) leaves an open alert open.
+        let blind = Overview { volumes: vec![VolumeRow { lag_seconds: None, ..row(0.0) }], ..o(0.0) };
+        let t = a.evaluate(&rules, &mail(), &o(90.0), true, t0 + 300_000).unwrap();
+        assert!(t[0].fired && t[0].mail.is_none(), "within mail_every of the last mail");
+        assert!(a.evaluate(&rules, &mail(), &blind, true, t0 + 310_000).unwrap().is_empty(), "still open");
+        // Still firing when mail_every has passed: its firing is mailed then.
+        let late = a.evaluate(&rules, &mail(), &o(90.0), true, t0 + 3_600_000).unwrap();
+        assert!(late.len() == 1 && late[0].fired && late[0].mail.is_some(), "{late:?}");
+        assert!(a.evaluate(&rules, &mail(), &o(90.0), true, t0 + 3_610_000).unwrap().is_empty(), "once");
+        let r = a.evaluate(&rules, &mail(), &o(1.0), true, t0 + 3_620_000).unwrap();
+        assert!(!r[0].fired && r[0].mail.is_some(), "and its resolution");
+        // Two hours later it may mail again; a follower never does.
+        let later = t0 + 7_300_000;
         assert!(a.evaluate(&rules, &mail(), &o(90.0), true, later).unwrap()[0].mail.is_some());
         let id = a.open_of("lag", "db").unwrap();
         assert_eq!(a.ack(id, "user:ann").unwrap().unwrap().state(), "acknowledged");

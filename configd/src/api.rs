@@ -377,8 +377,22 @@ pub(crate) async fn change(
             .map_err(refused)?;
     }
     let what = ops.iter().map(|o| o.to_string()).collect::<Vec<_>>().join("; ");
+    let kinds: Vec<Kind> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Set { kind, .. } | Op::Delete { kind, .. } => *kind,
+        })
+        .collect();
     let cmd = Command { request_id, author: who.label(), time_unix_ms: drv_config::now_unix_ms(), ops, user };
-    let outcome = propose(api, cmd, uri, matches!(who, Who::User(_))).await;
+    let mut outcome = propose(api, cmd, uri, matches!(who, Who::User(_))).await;
+    // A user is never shown a password hash, not even the one they just set.
+    if let (Who::User(_), Ok(w)) = (who, &mut outcome) {
+        for (v, k) in w.values.iter_mut().zip(&kinds) {
+            if *k == Kind::User {
+                crate::auth::hide_hash(v);
+            }
+        }
+    }
     let (kind, detail) = match &outcome {
         Ok(w) => ("change", format!("version {}: {what}", w.version)),
         Err(f) => ("refused", format!("{what}: {} ({})", f.error.message, f.error.code)),

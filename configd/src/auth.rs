@@ -315,6 +315,14 @@ pub async fn check_login(
         Err(drv_config::ConfigError::NotFound { .. }) => None,
         Err(e) => return Err(internal(e)),
     };
+    // Counted as failed before the check (parallel tries cannot slip past the limit), and
+    // only so many wait for a check at once.
+    let Some(_waiting) = s.waiting() else {
+        let m =
+            format!("{} logins wait for a check on this server already: try again shortly", sessions::LOGINS_WAITING);
+        return Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, "busy", m));
+    };
+    let locked = s.failed(&name, addr.ip());
     let permit = s.checks.acquire().await.map_err(internal)?;
     let (password, u) = (req.password.clone(), user.clone());
     let ok = tokio::task::spawn_blocking(move || match &u {
@@ -329,7 +337,6 @@ pub async fn check_login(
     .map_err(internal)?;
     drop(permit);
     let Some(user) = user.filter(|_| ok) else {
-        let locked = s.failed(&name, addr.ip());
         log(
             "login_failed",
             if locked {
@@ -340,7 +347,7 @@ pub async fn check_login(
         );
         return Err(Failure::new(StatusCode::UNAUTHORIZED, "unauthenticated", "wrong user name or password"));
     };
-    s.succeeded(&name);
+    s.succeeded(&name, addr.ip());
     let (token, row) = s.create(&name, &user.password_hash, &addr.to_string()).map_err(|e| match e {
         sessions::SessionError::Full => Failure::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string()),
         e => internal(e),

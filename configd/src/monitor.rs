@@ -246,11 +246,14 @@ fn volume_row(
     }
     let dirty_bytes = agent.filter(|c| !silent(c)).and_then(|c| figure(c, name, "dirty_bytes"));
     let now_s = now_ms / 1000;
+    // Out of sync mode since when: forgotten only in sync mode (an agent not heard from keeps
+    // the time it left sync mode, if it had).
     let since = match mode {
-        "sync" | "unknown" => {
+        "sync" => {
             memory.out_of_sync.remove(name);
             None
         }
+        "unknown" => memory.out_of_sync.get(name).copied(),
         _ => Some(*memory.out_of_sync.entry(name.to_owned()).or_insert(now_s)),
     };
     let rpo_seconds = match (since, lag_seconds) {

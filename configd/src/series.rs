@@ -79,6 +79,9 @@ impl Open {
     }
 }
 
+/// Reads a chunk (series, tier, number) as stored.
+type Stored<'a> = &'a dyn Fn((&str, u8, u64)) -> Option<Vec<f32>>;
+
 /// The samples of the coarser tier's current step: (step, sum, count, max).
 type Acc = (u64, f64, u32, f64);
 
@@ -159,7 +162,7 @@ impl Series {
         {
             let mut m = self.mem.lock().expect("series");
             for (name, agg, v) in samples {
-                m.put(name, *agg, now, *v as f32);
+                m.put(name, *agg, now, *v as f32, &|k| self.stored(k));
             }
         }
         let due = {
@@ -185,6 +188,13 @@ impl Series {
             let expire = now >= m.last_expiry + 3600;
             if expire {
                 m.last_expiry = now;
+                // Chunks in memory go too once expired, and with them the series no longer
+                // sampled (a deleted volume's), which then no longer count toward the limit.
+                m.open.retain(|(_, tier), o| {
+                    TIERS.get(*tier as usize).is_some_and(|t| (o.number + 1) * CHUNK * t.step + t.keep > now)
+                });
+                let live: std::collections::HashSet<String> = m.open.keys().map(|(n, _)| n.clone()).collect();
+                m.acc.retain(|n, _| live.contains(n));
             }
             (w, expire)
         };
@@ -253,6 +263,22 @@ impl Series {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// A chunk as stored, if it is.
+    fn stored(&self, (name, tier, n): (&str, u8, u64)) -> Option<Vec<f32>> {
+        let tx = self.db.begin_read().ok()?;
+        let t = tx.open_table(CHUNKS).ok()?;
+        let v = t.get((name, tier, n)).ok()??;
+        Some(decode(v.value()))
+    }
+
+    /// Compacts the file (only when nothing else holds the store: the benchmark's figure of
+    /// the live data); whether it could.
+    #[doc(hidden)]
+    pub fn compact(&mut self) -> Result<bool, SeriesError> {
+        let Some(db) = Arc::get_mut(&mut self.db) else { return Ok(false) };
+        db.compact().map_err(|e| SeriesError { path: self.path.clone(), err: Box::new(e.into()) })
+    }
+
     /// Bytes of the store's file.
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -260,7 +286,9 @@ impl Series {
 }
 
 impl Mem {
-    fn put(&mut self, name: &str, agg: Agg, now: u64, v: f32) {
+    /// `stored` reads a chunk from the file: a chunk opened after a restart starts from what
+    /// was flushed of it, not empty.
+    fn put(&mut self, name: &str, agg: Agg, now: u64, v: f32, stored: Stored<'_>) {
         let known = self.acc.contains_key(name);
         if !known && self.acc.len() >= SERIES_LIMIT {
             if !self.refused {
@@ -269,7 +297,7 @@ impl Mem {
             }
             return;
         }
-        self.sample(name, 0, now / TIERS[0].step, v);
+        self.sample(name, 0, now / TIERS[0].step, v, stored);
         let coarse = now / TIERS[1].step;
         let (_, acc) = self.acc.entry(name.to_owned()).or_insert((agg, (coarse, 0.0, 0, f64::MIN)));
         if acc.0 != coarse {
@@ -280,7 +308,7 @@ impl Mem {
                     Agg::Mean => done.1 / f64::from(done.2),
                     Agg::Max => done.3,
                 };
-                self.sample(name, 1, done.0, value as f32);
+                self.sample(name, 1, done.0, value as f32, stored);
             }
         }
         let (_, acc) = self.acc.get_mut(name).expect("just put");
@@ -292,10 +320,13 @@ impl Mem {
     }
 
     /// Puts `v` at step `step` of tier `tier`.
-    fn sample(&mut self, name: &str, tier: u8, step: u64, v: f32) {
+    fn sample(&mut self, name: &str, tier: u8, step: u64, v: f32, stored: Stored<'_>) {
         let number = step / CHUNK;
         let key = (name.to_owned(), tier);
-        let o = self.open.entry(key.clone()).or_insert_with(|| Open::new(number));
+        let o = self.open.entry(key.clone()).or_insert_with(|| {
+            let values = stored((name, tier, number)).unwrap_or_else(|| vec![f32::NAN; CHUNK as usize]);
+            Open { number, values, dirty: false }
+        });
         if o.number != number {
             if number < o.number {
                 return; // the clock went back: later samples are kept, not this one
@@ -334,11 +365,16 @@ mod tests {
         let level = s.read("v/level", 1, t0, t0 + 7200).unwrap();
         assert_eq!(level[3].1, 50.0, "the largest of the step (sample 100 is in step 3)");
         assert_eq!(level[4].1, 5.0);
-        // A reopened store has what was flushed (every minute).
+        // A reopened store has what was flushed (every minute), and keeps it when the chunk
+        // being filled goes on.
         s.flush(t0 + 7200).unwrap();
         drop(s);
         let s = Series::open(&d.path().join("series.redb")).unwrap();
         assert_eq!(s.read("v/rate", 0, t0, t0 + 7200).unwrap().len(), 720);
+        s.record(t0 + 7195, &[("v/rate".to_owned(), Agg::Mean, 999.0)]).unwrap();
+        s.flush(t0 + 7200).unwrap();
+        let r = s.read("v/rate", 0, t0, t0 + 7200).unwrap();
+        assert_eq!((r.len(), r[719].1, r[400].1), (720, 999.0, 400.0), "nothing of the open chunk lost at the restart");
         // Expired chunks go.
         s.flush(t0 + 2 * 86_400).unwrap();
         assert!(s.read("v/rate", 0, t0, t0 + 7200).unwrap().is_empty());

@@ -64,6 +64,8 @@ pub const LOGIN_WINDOW: Duration = Duration::from_secs(300);
 pub const ATTEMPTS_LIMIT: usize = 10_000;
 /// Password checks (argon2: about 19 MiB and tens of milliseconds each) running at once.
 pub const CHECKS_AT_ONCE: usize = 4;
+/// Logins waiting for a check at most (more are answered 503 at once).
+pub const LOGINS_WAITING: usize = 32;
 
 /// What can go wrong with this server's sessions and activity.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +126,8 @@ pub struct Sessions {
     attempts: Mutex<Attempts>,
     /// Password checks at once.
     pub checks: tokio::sync::Semaphore,
+    /// Logins waiting for a check (or in one).
+    waiting: Arc<tokio::sync::Semaphore>,
 }
 
 /// Hex of SHA-256 of `bytes`.
@@ -186,6 +190,7 @@ impl Sessions {
             dropped: Default::default(),
             attempts: Mutex::new(Attempts::default()),
             checks: tokio::sync::Semaphore::new(CHECKS_AT_ONCE),
+            waiting: Arc::new(tokio::sync::Semaphore::new(LOGINS_WAITING)),
         });
         let writer = Writer { db: s.db.clone(), path: s.path.clone(), server: s.server.clone() };
         tokio::spawn(writer.run(rx, s.dropped.clone()));
@@ -319,9 +324,19 @@ impl Sessions {
         u || i
     }
 
-    /// A successful login forgets the name's failures.
-    pub fn succeeded(&self, user: &str) {
-        self.attempts.lock().expect("attempts").map.remove(&format!("user:{user}"));
+    /// A place among the logins waiting for a check, if there is one.
+    pub fn waiting(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.waiting.clone().try_acquire_owned().ok()
+    }
+
+    /// A successful login forgets the name's failures, and takes back the one counted for the
+    /// address before the check.
+    pub fn succeeded(&self, user: &str, ip: IpAddr) {
+        let mut a = self.attempts.lock().expect("attempts");
+        a.map.remove(&format!("user:{user}"));
+        if let Some(e) = a.map.get_mut(&format!("addr:{ip}")) {
+            e.0 = e.0.saturating_sub(1);
+        }
     }
 }
 

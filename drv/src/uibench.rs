@@ -157,6 +157,9 @@ pub fn run(a: UiBenchArgs) -> Result<()> {
     // A day of expiry later, the store holds what the retention keeps and no more.
     series.flush(now)?;
     let bytes = series.file_bytes();
+    let mut series = series;
+    series.compact()?;
+    let compacted = series.file_bytes();
     let n = names.len() as u64;
     println!(
         "time series, {volumes} volumes x {} series, full retention ({} s and {} s steps), filled in {:.1} s:",
@@ -165,8 +168,14 @@ pub fn run(a: UiBenchArgs) -> Result<()> {
         TIERS[1].step,
         t.elapsed().as_secs_f64()
     );
-    println!("  samples' bound {} MB, file {} MB", bytes_bound(n) / 1_000_000, bytes / 1_000_000);
-    println!("  file bytes per series {} (goal <= {})", bytes / n, bytes_bound(1) * 2);
+    println!(
+        "  samples' bound {} MB, file {} MB, compacted {} MB",
+        bytes_bound(n) / 1_000_000,
+        bytes / 1_000_000,
+        compacted / 1_000_000
+    );
+    println!("  file bytes per series {} (goal <= {})", bytes / n, bytes_bound(1) * 4);
+    println!("  compacted bytes per series {} (goal <= {})", compacted / n, bytes_bound(1) * 2);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

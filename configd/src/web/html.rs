@@ -158,7 +158,7 @@ pub fn volume_head() -> Markup {
 }
 
 /// The rows of the overview's component table (the live fragment `components`).
-pub fn component_rows(rows: &[&ComponentRow], now_ms: u64) -> Markup {
+pub fn component_rows(rows: &[ComponentRow], now_ms: u64) -> Markup {
     html! {
         @for c in rows {
             tr class=(if c.silent { "bad" } else { "ok" }) {

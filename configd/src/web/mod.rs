@@ -121,7 +121,13 @@ struct LoginQuery {
 /// Only a path of this site (no `//host`, no scheme): where a login may send the browser.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._~?=&%-".contains(&b)) =>
+        {
+            n.to_owned()
+        }
         _ => "/".to_owned(),
     }
 }

@@ -24,8 +24,9 @@ fn visible<'a>(o: &'a Overview, sight: &Sight) -> Vec<&'a VolumeRow> {
     rows
 }
 
-/// The components `sight` may see: all for an admin, else those that serve a visible volume.
-fn visible_components<'a>(o: &'a Overview, sight: &Sight, rows: &[&VolumeRow]) -> Vec<&'a ComponentRow> {
+/// The components `sight` may see: all for an admin, else those that serve a visible volume
+/// (without their changes waiting for a restart, which may name other volumes).
+fn visible_components(o: &Overview, sight: &Sight, rows: &[&VolumeRow]) -> Vec<ComponentRow> {
     o.components
         .iter()
         .filter(|c| {
@@ -36,6 +37,7 @@ fn visible_components<'a>(o: &'a Overview, sight: &Sight, rows: &[&VolumeRow]) -
                         || c.name.rsplit_once('/').is_some_and(|(_, vol)| vol == v.name)
                 })
         })
+        .map(|c| ComponentRow { pending: if sight.is_admin() { c.pending.clone() } else { Vec::new() }, ..c.clone() })
         .collect()
 }
 
@@ -442,7 +444,10 @@ pub async fn config(State(api): State<Api>, page: PageUser) -> Response {
     let csrf = &page.user.session.csrf;
     let body = html! {
         h1 { "Configuration" }
-        p.muted { "Version " (version) ". Each entry is a list of FIELD=VALUE lines, as " code { "drv config set" } " takes them." }
+        p.muted {
+            "Version " (version) ". Each entry is a list of FIELD=VALUE lines, as " code { "drv config set" } " takes them. "
+            "A line taken out keeps its value: write FIELD=null to clear a field."
+        }
         @for kind in Kind::ALL {
             h2 { (kind) "s" }
             table {
@@ -623,11 +628,52 @@ pub fn overview_fragments(o: &Overview, sight: &Sight, open_alerts: usize) -> Ve
     ]
 }
 
+/// Live-update streams one user has open at most (so that one user cannot take them all).
+pub const STREAMS_PER_USER: usize = 8;
+
+/// Streams by user.
+static USER_STREAMS: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> = std::sync::Mutex::new(None);
+
+/// One of a user's streams: given back when the stream ends.
+struct UserStream(String);
+
+impl UserStream {
+    fn take(user: &str) -> Option<UserStream> {
+        let mut m = USER_STREAMS.lock().expect("streams");
+        let n = m.get_or_insert_with(Default::default).entry(user.to_owned()).or_default();
+        if *n >= STREAMS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(UserStream(user.to_owned()))
+    }
+}
+
+impl Drop for UserStream {
+    fn drop(&mut self) {
+        let mut m = USER_STREAMS.lock().expect("streams");
+        if let Some(map) = m.as_mut()
+            && let Some(n) = map.get_mut(&self.0)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.0);
+            }
+        }
+    }
+}
+
 pub async fn events(State(api): State<Api>, page: PageUser, Query(q): Query<EventsQuery>) -> Response {
+    let Some(mine) = UserStream::take(&page.user.name) else {
+        let m =
+            format!("{STREAMS_PER_USER} live-update streams of this user are open already (other tabs); close some");
+        return (StatusCode::TOO_MANY_REQUESTS, m).into_response();
+    };
     let Ok(permit) = STREAMS.try_acquire() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many live-update streams on this server; reload later")
             .into_response();
     };
+    let permit = (permit, mine);
     let token = page.token.clone();
     let addr = page.user.addr;
     let rx = api.overview.clone();
