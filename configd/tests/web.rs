@@ -206,6 +206,9 @@ async fn try_op(w: &Web, me: &str, op: &str) -> bool {
         "bwlimit v1" => ok(&w.change(vec![set(Kind::Volume, "v1", &["bwlimit=10M"])]).await),
         "bwlimit v2" => ok(&w.change(vec![set(Kind::Volume, "v2", &["bwlimit=10M"])]).await),
         "bwlimit v3" => ok(&w.change(vec![set(Kind::Volume, "v3", &["bwlimit=10M"])]).await),
+        "pause v1" => ok(&w.change(vec![set(Kind::Volume, "v1", &["paused=true"])]).await),
+        "pause v2" => ok(&w.change(vec![set(Kind::Volume, "v2", &["paused=true"])]).await),
+        "resync v1" => ok(&w.change(vec![set(Kind::Volume, "v1", &["resync=7"])]).await),
         "retarget v1" => ok(&w.change(vec![set(Kind::Volume, "v1", &["targets={\"rep1\":\"/srv/v1.img\"}"])]).await),
         "new volume" => {
             let a =
@@ -268,6 +271,9 @@ async fn users_log_in_and_may_do_what_their_roles_allow() {
         "bwlimit v1",
         "bwlimit v2",
         "bwlimit v3",
+        "pause v1",
+        "pause v2",
+        "resync v1",
         "retarget v1",
         "new volume",
         "grant self",
@@ -288,6 +294,9 @@ async fn users_log_in_and_may_do_what_their_roles_allow() {
                 "bwlimit v1",
                 "bwlimit v2",
                 "bwlimit v3",
+                "pause v1",
+                "pause v2",
+                "resync v1",
                 "retarget v1",
                 "new volume",
                 "grant self",
@@ -296,7 +305,7 @@ async fn users_log_in_and_may_do_what_their_roles_allow() {
                 "remove member",
             ],
         ),
-        ("opa", &["see v1", "see v2", "bwlimit v1", "history v1", "components"]),
+        ("opa", &["see v1", "see v2", "bwlimit v1", "pause v1", "resync v1", "history v1", "components"]),
         ("viewa", &["see v1", "history v1", "components"]),
         ("nobody", &["components"]),
     ];
@@ -374,6 +383,10 @@ async fn bad_logins_forged_sessions_and_missing_tokens_are_refused() {
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", a.body);
     let a = root.post("/v1/commands", json!({"ops": [], "sudo": true})).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    // HTML in a name is refused.
+    let html = set(Kind::Volume, "<b>x</b>", &["size_bytes=1G", "wrl=w0", "replicas=[\"rep1\"]", "key=k1"]);
+    let a = root.change(vec![html]).await;
+    assert_eq!((a.status, a.body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid")), "{}", a.body);
     assert_eq!(admin.entries(None, None, false).await.unwrap().version, before, "nothing changed");
     // A certless peer is not a component.
     assert_eq!(web.post("/v1/applied", json!({"version": 1})).await.status, StatusCode::UNAUTHORIZED);
@@ -562,9 +575,9 @@ async fn pages_show_each_user_what_they_may_see_and_do() {
     assert!(overview.text.contains("Overview") && overview.text.contains("data-events"), "{}", overview.text);
     // The live fragments: the first at once, the next at the monitor's next overview (10 s).
     let ev = viewa.events("/events?page=overview", 6).await;
-    assert!(ev[0].starts_with("event: fragment") && ev[0].contains(r#""id":"summary""#), "{ev:?}");
+    assert!(ev[0].starts_with("event: fragment\ndata: summary\n"), "{ev:?}");
     let last = &ev[5];
-    assert!(last.contains(r#""id":"volumes""#), "an update: {ev:?}");
+    assert!(last.contains("data: volumes\n"), "an update: {ev:?}");
     assert!(last.contains("/volume/v1") && !last.contains("/volume/v2"), "only their volumes: {last}");
     assert!(last.contains("staging stg1 has not reported"), "and why it is at risk: {last}");
 

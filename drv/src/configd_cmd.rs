@@ -73,6 +73,13 @@ pub struct RunArgs {
     /// certificates; users are `drv config set user NAME password=- ...`).
     #[arg(long, value_name = "HOST:PORT")]
     web: Option<String>,
+    /// The web listener's certificate chain (PEM) for browsers, e.g. one for the host's DNS name
+    /// from the site's CA (default: the server's own, of the installation CA).
+    #[arg(long, value_name = "PEM", requires_all = ["web", "web_key"])]
+    web_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["web", "web_cert"])]
+    web_key: Option<PathBuf>,
 }
 
 /// How a command line reaches the config servers (flags, environment, then the client file
@@ -236,7 +243,16 @@ fn serve(a: RunArgs) -> Result<()> {
         let tuning = Tuning { snapshot_every: a.snapshot_every.max(1) };
         let mut node = ConfigNode::start(&id, &a.data, tcp, tuning).await?;
         if let Some(w) = web {
-            let at = node.serve_web(&id, w)?;
+            let web_id = match (&a.web_cert, &a.web_key) {
+                (Some(c), Some(k)) => Identity {
+                    name: a.name.clone(),
+                    ca_pem: String::new(),
+                    cert_pem: std::fs::read_to_string(c).with_context(|| format!("--web-cert {}", c.display()))?,
+                    key_pem: std::fs::read_to_string(k).with_context(|| format!("--web-key {}", k.display()))?,
+                },
+                _ => id.clone(),
+            };
+            let at = node.serve_web(&web_id, w)?;
             eprintln!("config server {}: users on https://{at}/", a.name);
         }
         if let Some(m) = metrics {

@@ -6,10 +6,12 @@
   if (!live || !window.EventSource) { return; }
   var status = document.getElementById("live");
   var source = new EventSource(live.getAttribute("data-events"));
+  // Each event: the id of the element to fill, a line break, the HTML the server rendered.
   source.addEventListener("fragment", function (e) {
-    var msg = JSON.parse(e.data);
-    var el = document.getElementById(msg.id);
-    if (el) { el.innerHTML = msg.html; }
+    var cut = e.data.indexOf("\n");
+    if (cut < 0) { return; }
+    var el = document.getElementById(e.data.slice(0, cut));
+    if (el) { el.innerHTML = e.data.slice(cut + 1); }
     if (status) { status.textContent = "live, updated " + new Date().toLocaleTimeString(); }
   });
   source.addEventListener("ended", function () {

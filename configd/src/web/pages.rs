@@ -592,8 +592,14 @@ pub struct EventsQuery {
 /// Live-update streams now (at most [`EVENT_STREAMS`]).
 static STREAMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(EVENT_STREAMS);
 
+/// An event that replaces the inside of element `id` with `html`: its data is the id, a line
+/// break, then the HTML (no second encoding of a large fragment; a carriage return, which an
+/// event cannot carry, becomes a space).
 fn fragment(id: &str, html: Markup) -> EventResult {
-    let data = serde_json::json!({ "id": id, "html": html.into_string() }).to_string();
+    let mut data = String::with_capacity(id.len() + 1 + 4096);
+    data.push_str(id);
+    data.push('\n');
+    data.push_str(&html.into_string().replace('\r', " "));
     Ok(Event::default().event("fragment").data(data))
 }
 
