@@ -2,6 +2,7 @@
 //! the login rate limit, and every role x operation x own/other replication set over the JSON
 //! API, against three real servers (a follower's users' changes go on to the leader).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -159,6 +160,26 @@ fn enc(s: &str) -> String {
     s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
+/// One config server with its web listener, formed alone, with [`installation`] in it: the
+/// server (kept alive by the caller), an admin's API client, and a browser's view of it.
+async fn one_server(dir: &Path) -> (ConfigNode, ApiClient, Web) {
+    let certs = dir.join("certs");
+    ca::init(&certs).unwrap();
+    ca::issue(&certs, Role::Admin, "admin").unwrap();
+    let (c1, web1) = node(&certs, dir, "c1").await;
+    let me = drv_configd::PeerNode { name: "c1".into(), address: c1.addr().to_string() };
+    c1.raft
+        .initialize([(drv_configd::server::node_id("c1"), me)].into_iter().collect::<BTreeMap<_, _>>())
+        .await
+        .unwrap();
+    wait_leader(&c1).await;
+    let admin = ApiClient::new(&c1.addr().to_string(), &Identity::load(&certs, "admin").unwrap())
+        .unwrap()
+        .with_patience(Duration::from_secs(10));
+    installation(&admin).await;
+    (c1, admin, Web::new(&certs, "c1", web1))
+}
+
 async fn wait_leader(n: &ConfigNode) -> u64 {
     let m = n
         .raft
@@ -240,27 +261,7 @@ async fn try_op(w: &Web, me: &str, op: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_log_in_and_may_do_what_their_roles_allow() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    ca::init(&certs).unwrap();
-    ca::issue(&certs, Role::Admin, "admin").unwrap();
-    let (c1, web1) = node(&certs, dir.path(), "c1").await;
-    c1.raft
-        .initialize(
-            [(
-                drv_configd::server::node_id("c1"),
-                drv_configd::PeerNode { name: "c1".into(), address: c1.addr().to_string() },
-            )]
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>(),
-        )
-        .await
-        .unwrap();
-    wait_leader(&c1).await;
-    let admin = ApiClient::new(&c1.addr().to_string(), &Identity::load(&certs, "admin").unwrap())
-        .unwrap()
-        .with_patience(Duration::from_secs(10));
-    installation(&admin).await;
-    let web = Web::new(&certs, "c1", web1);
+    let (_c1, admin, web) = one_server(dir.path()).await;
 
     // Every role x operation x own/other set.
     let ops = [
@@ -343,21 +344,7 @@ async fn users_log_in_and_may_do_what_their_roles_allow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_logins_forged_sessions_and_missing_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    ca::init(&certs).unwrap();
-    ca::issue(&certs, Role::Admin, "admin").unwrap();
-    let (c1, web1) = node(&certs, dir.path(), "c1").await;
-    let members = [(
-        drv_configd::server::node_id("c1"),
-        drv_configd::PeerNode { name: "c1".into(), address: c1.addr().to_string() },
-    )];
-    c1.raft.initialize(members.into_iter().collect::<std::collections::BTreeMap<_, _>>()).await.unwrap();
-    wait_leader(&c1).await;
-    let admin = ApiClient::new(&c1.addr().to_string(), &Identity::load(&certs, "admin").unwrap())
-        .unwrap()
-        .with_patience(Duration::from_secs(10));
-    installation(&admin).await;
-    let web = Web::new(&certs, "c1", web1);
+    let (_c1, admin, web) = one_server(dir.path()).await;
 
     // No session, a forged one, a disabled user.
     let a = web.get("/v1/entries").await;
@@ -498,22 +485,8 @@ async fn a_followers_user_changes_go_to_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_show_each_user_what_they_may_see_and_do() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    ca::init(&certs).unwrap();
-    ca::issue(&certs, Role::Admin, "admin").unwrap();
-    let (c1, web1) = node(&certs, dir.path(), "c1").await;
-    let members = [(
-        drv_configd::server::node_id("c1"),
-        drv_configd::PeerNode { name: "c1".into(), address: c1.addr().to_string() },
-    )];
-    c1.raft.initialize(members.into_iter().collect::<std::collections::BTreeMap<_, _>>()).await.unwrap();
-    wait_leader(&c1).await;
-    let admin = ApiClient::new(&c1.addr().to_string(), &Identity::load(&certs, "admin").unwrap())
-        .unwrap()
-        .with_patience(Duration::from_secs(10));
-    installation(&admin).await;
+    let (_c1, admin, web) = one_server(dir.path()).await;
     admin.commit(vec![set(Kind::Set, "a", &["description=<script>alert(1)</script>"])]).await.unwrap();
-    let web = Web::new(&certs, "c1", web1);
 
     let a = web.get("/volume/v1").await;
     assert_eq!(a.status, StatusCode::SEE_OTHER);
