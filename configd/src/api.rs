@@ -169,6 +169,15 @@ pub struct Slice<T> {
 /// values (`lag_seconds`, `dirty_bytes`, ...; see `drv/src/metrics.rs`).
 pub type Figures = std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>;
 
+/// What a component says of each volume besides figures (`""`: of itself), as JSON: a
+/// replica's snapshots and retention window. Shown on the volume's page.
+pub type Details = std::collections::BTreeMap<String, serde_json::Value>;
+
+/// The bytes of details one report may carry, and one server keeps for all components together
+/// (beyond either, a report is kept without its details).
+pub const REPORT_DETAILS_LIMIT: usize = 256 << 10;
+pub const DETAILS_TOTAL_LIMIT: usize = 32 << 20;
+
 /// Figures one report may carry, and figures one server keeps for all components together (the
 /// memory of the reports is bounded: a report past it is kept without its figures).
 pub const REPORT_FIGURES_LIMIT: usize = 1 << 16;
@@ -187,6 +196,8 @@ pub struct Report {
     pub pending: Vec<String>,
     #[serde(default, skip_serializing_if = "Figures::is_empty")]
     pub figures: Figures,
+    #[serde(default, skip_serializing_if = "Details::is_empty")]
+    pub details: Details,
 }
 
 /// A component as a config server last heard from it.
@@ -202,6 +213,11 @@ pub struct ComponentState {
     pub server: String,
     #[serde(default, skip_serializing_if = "Figures::is_empty")]
     pub figures: Figures,
+    #[serde(default, skip_serializing_if = "Details::is_empty")]
+    pub details: Details,
+    /// The bytes of `details` as JSON (what counts toward [`DETAILS_TOTAL_LIMIT`]).
+    #[serde(skip)]
+    pub details_bytes: usize,
 }
 
 type Reports = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, ComponentState>>>;
@@ -759,6 +775,12 @@ async fn applied(
         Some(v) => format!("{}/{v}", peer.name),
         None => peer.name.clone(),
     };
+    let mut details_bytes = serde_json::to_vec(&r.details).map_or(usize::MAX, |b| b.len());
+    let mut details = r.details;
+    if details_bytes > REPORT_DETAILS_LIMIT {
+        tracing::warn!("{component}: its details ({details_bytes} bytes) are not kept: at most {REPORT_DETAILS_LIMIT}");
+        (details, details_bytes) = (Details::new(), 0);
+    }
     let state = ComponentState {
         component: component.clone(),
         role,
@@ -767,6 +789,8 @@ async fn applied(
         reported_unix_ms: drv_config::now_unix_ms(),
         server: api.name.clone(),
         figures: r.figures,
+        details,
+        details_bytes,
     };
     let mut reports = api.reports.lock().expect("reports lock");
     if !reports.contains_key(&component) && reports.len() >= COMPONENTS_LIMIT {
@@ -780,6 +804,11 @@ async fn applied(
             "{component}: its figures are not kept: this server keeps {FIGURES_TOTAL_LIMIT} for all components"
         );
         state.figures.clear();
+    }
+    let others: usize = reports.iter().filter(|(k, _)| **k != component).map(|(_, c)| c.details_bytes).sum();
+    if others + state.details_bytes > DETAILS_TOTAL_LIMIT {
+        tracing::warn!("{component}: its details are not kept: this server keeps {DETAILS_TOTAL_LIMIT} bytes of them");
+        (state.details, state.details_bytes) = (Details::new(), 0);
     }
     reports.insert(component, state);
     Ok(StatusCode::NO_CONTENT)

@@ -46,6 +46,10 @@ pub struct ReplicaRow {
     pub snapshot_store_bytes: Option<f64>,
     pub check_ok: Option<bool>,
     pub check_unix: Option<u64>,
+    /// What the replica said of the volume besides figures: its snapshots and retention window
+    /// (`snapshots`, `window`), as it reported them.
+    #[serde(default)]
+    pub details: serde_json::Value,
 }
 
 /// One volume, as the overview shows it.
@@ -325,6 +329,7 @@ fn replica_row(
         snapshot_store_bytes: live.and_then(|c| figure(c, volume, "snapshot_store_bytes")),
         check_ok: live.and_then(|c| figure(c, volume, "check_ok")).map(|x| x > 0.0),
         check_unix: live.and_then(|c| figure(c, volume, "check_unix")).map(|x| x as u64),
+        details: c.and_then(|c| c.details.get(volume)).cloned().unwrap_or_default(),
     }
 }
 
@@ -507,6 +512,8 @@ mod tests {
             reported_unix_ms: at,
             server: "c1".into(),
             figures: f,
+            details: Default::default(),
+            details_bytes: 0,
         }
     }
 

@@ -110,7 +110,13 @@ async fn the_api_finds_the_leader_refuses_bad_requests_and_changes_membership() 
     // A component's report carries its figures, within limits.
     let mut figures = drv_configd::api::Figures::new();
     figures.entry("v1".into()).or_default().insert("lag_seconds".into(), 1.5);
-    let report = drv_configd::api::Report { version: 1, volume: Some("v1".into()), pending: vec![], figures };
+    let report = drv_configd::api::Report {
+        version: 1,
+        volume: Some("v1".into()),
+        pending: vec![],
+        figures,
+        details: Default::default(),
+    };
     agent.report(&report).await.unwrap();
     let seen = admin.components_everywhere().await;
     assert_eq!(seen.iter().find(|c| c.component == "host1/v1").unwrap().figures["v1"]["lag_seconds"], 1.5);

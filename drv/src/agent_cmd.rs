@@ -561,8 +561,9 @@ fn follow_volume(agent: &Agent, view: &VolumeView, follow: Option<Following>) {
     let Some(Following { follower, version, before }) = follow else { return };
     let (agent, name) = (agent.clone(), view.name.clone());
     let (fig, volume) = (agent.clone(), name.clone());
-    let follower =
-        follower.with_figures(std::sync::Arc::new(move || crate::metrics::figures::agent(&volume, &fig.status())));
+    let follower = follower.with_figures(std::sync::Arc::new(move || {
+        (crate::metrics::figures::agent(&volume, &fig.status()), Default::default())
+    }));
     if let Some(before) = before {
         sync_added_replicas(&agent, &name, &before.volume.replicas, &view.volume.replicas);
         if view.volume.resync > before.volume.resync {

@@ -28,7 +28,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often a component with figures reports them.
 pub const FIGURES_EVERY: Duration = Duration::from_secs(10);
 /// What a component says of itself at a report.
-pub type FiguresFn = std::sync::Arc<dyn Fn() -> drv_configd::api::Figures + Send + Sync>;
+pub type FiguresFn = std::sync::Arc<dyn Fn() -> (drv_configd::api::Figures, drv_configd::api::Details) + Send + Sync>;
 /// How long a start waits for a config server before it uses the cached copy.
 const START_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -137,8 +137,8 @@ impl Follower {
         if pending.len() == limit {
             pending[limit - 1] = "(and more: see the component's log)".into();
         }
-        let figures = self.figures.as_ref().map(|f| blocking(|| f())).unwrap_or_default();
-        let r = Report { version, volume: self.volume.clone(), pending, figures };
+        let (figures, details) = self.figures.as_ref().map(|f| blocking(|| f())).unwrap_or_default();
+        let r = Report { version, volume: self.volume.clone(), pending, figures, details };
         if let Err(e) = self.client.report(&r).await {
             tracing::debug!("{}: report of version {version}: {e}", self.path);
         }

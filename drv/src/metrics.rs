@@ -508,6 +508,36 @@ pub mod figures {
         f
     }
 
+    /// A replica's snapshots and retention window by volume (the newest 100 snapshots; the
+    /// window without its list of flush points), for the volume pages.
+    pub fn replica_details(s: &ReplicaStatus) -> drv_configd::api::Details {
+        s.volumes
+            .iter()
+            .map(|v| {
+                let snaps: Vec<serde_json::Value> = v
+                    .snapshots
+                    .iter()
+                    .rev()
+                    .take(100)
+                    .map(|x| {
+                        serde_json::json!({
+                            "name": x.name, "seq": x.seq, "created_unix": x.created_unix,
+                            "capture_unix": x.capture_unix,
+                            "check_ok": x.check.as_ref().map(|c| c.ok),
+                            "check_unix": x.check.as_ref().map(|c| c.started_unix),
+                        })
+                    })
+                    .collect();
+                let window = v.window.as_ref().map(|w| {
+                    serde_json::json!({
+                        "oldest": w.oldest, "newest": w.newest, "points": w.points, "flush_points": w.flush_count,
+                    })
+                });
+                (v.name.clone(), serde_json::json!({ "snapshots": snaps, "window": window }))
+            })
+            .collect()
+    }
+
     pub fn agent(volume: &str, s: &drv_agent::AgentStatus) -> Figures {
         use drv_proto::agent::Mode;
         let mut f = Figures::new();

@@ -201,7 +201,7 @@ pub fn staging_run(n: NodeArgs) -> Result<()> {
             eprintln!("staging {}: metrics on http://{at}/metrics", n.name);
         }
         let (live, fig) = (st.clone(), st.clone());
-        let figures = Arc::new(move || crate::metrics::figures::staging(&fig.status()));
+        let figures = Arc::new(move || (crate::metrics::figures::staging(&fig.status()), Default::default()));
         follow(&mut l, std::future::ready(()), figures, move |old, new| live.apply_config(old, new));
         st.run(l.addr).await.context("staging server")
     })
@@ -220,7 +220,10 @@ pub fn replica_run(n: NodeArgs) -> Result<()> {
             eprintln!("replica {}: metrics on http://{at}/metrics", n.name);
         }
         let (live, up, fig) = (r.clone(), r.clone(), r.clone());
-        let figures = Arc::new(move || crate::metrics::figures::replica(&fig.status()));
+        let figures = Arc::new(move || {
+            let s = fig.status();
+            (crate::metrics::figures::replica(&s), crate::metrics::figures::replica_details(&s))
+        });
         follow(&mut l, async move { up.running().await }, figures, move |old, new| live.apply_config(old, new));
         r.run(l.addr).await.context("replica server")
     })

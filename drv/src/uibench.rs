@@ -54,6 +54,7 @@ fn overview() -> Overview {
                         snapshot_store_bytes: Some(1e9),
                         check_ok: Some(true),
                         check_unix: Some(now / 1000 - 3600),
+                        details: serde_json::Value::Null,
                     })
                     .collect(),
                 health: if bad { Health::Bad } else { Health::Ok },

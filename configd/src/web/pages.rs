@@ -215,6 +215,7 @@ pub async fn volume(
             div #charts { (charts(&api, &name, q.range.as_deref(), now)) }
         }
         h2 { "Snapshots and points in time" }
+        @if let Some(r) = &row { (recovery(r)) }
         p { "Run these on the replica host (" (v.replicas.join(", ")) "):" }
         pre {
             "drv snapshot points " (name) "                       # what can be brought back\n"
@@ -267,6 +268,48 @@ pub async fn volume(
         (history_table(&history))
     };
     html::layout(&format!("Volume {name}"), Some(&page.viewer()), body).into_response()
+}
+
+/// What each replica of a volume can bring back, as it reported: its retention window's oldest
+/// and newest points, and its snapshots (newest first) with their recovery checks.
+fn recovery(v: &VolumeRow) -> Markup {
+    let when = |x: &serde_json::Value| x.as_u64().filter(|t| *t > 0).map_or("-".to_owned(), utc);
+    html! {
+        @for r in &v.replicas {
+            h3 { "On " (r.name) }
+            @let w = &r.details["window"];
+            @if w.is_object() {
+                p {
+                    "Any point from seq " (w["oldest"]["seq"]) " (captured " (when(&w["oldest"]["capture_unix"])) ")"
+                    " to seq " (w["newest"]["seq"]) " (captured " (when(&w["newest"]["capture_unix"])) "): "
+                    (w["points"]) " points, " (w["flush_points"]) " of them after a cache flush."
+                }
+            } @else { p.muted { "No retention window (set the volume's retention for any point in time)." } }
+            @let snaps = r.details["snapshots"].as_array().cloned().unwrap_or_default();
+            @if snaps.is_empty() { p.muted { "No snapshots." } } @else {
+                table {
+                    thead { tr { th { "Snapshot" } th { "Point (seq)" } th { "Captured" } th { "Taken" } th { "Recovery check" } } }
+                    tbody {
+                        @for s in &snaps {
+                            tr {
+                                td { (s["name"].as_str().unwrap_or("?")) }
+                                td.num { (s["seq"]) }
+                                td { (when(&s["capture_unix"])) }
+                                td { (when(&s["created_unix"])) }
+                                td {
+                                    @match s["check_ok"].as_bool() {
+                                        Some(true) => { "clean " span.muted { (when(&s["check_unix"])) } }
+                                        Some(false) => { strong { "FAILED " } span.muted { (when(&s["check_unix"])) } }
+                                        None => { span.muted { "not checked" } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A one-button form that makes the change `assignment` to volume `name` (at `version`: a

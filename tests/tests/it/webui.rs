@@ -353,6 +353,21 @@ fn the_web_ui_in_a_browser_shows_each_role_its_volumes_and_tells_of_trouble_by_m
         let status = replica_status(&s, &rep2);
         assert!(status["volumes"][0]["name"] == "vol1", "{status}");
         b.shot("volume-admin").await;
+        // A snapshot taken on rep1 shows on the volume's page with the replica's next report.
+        let c = s.certs.to_str().unwrap();
+        let out = drv(&["snapshot", "create", "vol1", "before-upgrade", "--server", &rep1, "--certs", c], &d, &[]);
+        assert!(out.ok, "{}", out.stderr);
+        let begun = Instant::now();
+        loop {
+            b.goto("/volume/vol1").await;
+            let page = b.source().await;
+            if page.contains("before-upgrade") && page.contains("not checked") {
+                break;
+            }
+            assert!(begun.elapsed() < Duration::from_secs(40), "the snapshot never showed: {page}");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        b.shot("volume-snapshots").await;
 
         // Staging stops: the row turns red (the page is not reloaded) and a mail arrives.
         b.goto("/").await;
